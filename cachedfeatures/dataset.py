@@ -1,0 +1,340 @@
+"""``CachedFeatureDataset``: a map-style dataset that serves a frozen module's features from
+a Zarr store, and computes (in batches) and stores the ones it does not have yet."""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+from cachedfeatures import _hashing
+from cachedfeatures.compute import Collate, FeatureComputer
+from cachedfeatures.errors import CacheError, TrainingModeError
+from cachedfeatures.fingerprint import (
+    dataset_fingerprint,
+    entry_id,
+    module_fingerprint,
+    probe_indices,
+    qualified_name,
+)
+from cachedfeatures.layout import ArraySpec, InputKey, OutputLayout, SampleLayout
+from cachedfeatures.store import Compressor, Entry, FeatureStore, StoreLike, default_chunk_rows
+
+__all__ = ["CachedFeatureDataset"]
+
+logger = logging.getLogger(__name__)
+
+
+class CachedFeatureDataset(Dataset[Any]):
+    """A dataset whose samples carry a frozen module's features instead of its raw input.
+
+    ``cached[i]`` has the structure of ``dataset[i]`` with the ``input_key`` field replaced by
+    ``module(input)``. Hits come from the store without calling ``dataset[i]``: the sample's
+    other fields (labels, ids, ...) are stored beside the features. Misses are loaded, run
+    through the module in batches of ``batch_size`` on ``device``, stored, and served.
+
+    Args:
+        dataset: any map-style dataset (``len`` and ``__getitem__``) of tensors, tuples,
+            lists or dicts.
+        module: the frozen feature module, in eval mode, called on a collated batch.
+        store: a local path, a ``zarr`` Store, or ``None`` for an in-memory store.
+        input_key: the field that feeds the module: an index, a dict key, or a callable
+            ``sample -> input``. Default ``0`` (a bare tensor sample is its own input).
+        batch_size: misses go through the module in batches of at most this many. Default 256.
+        device: where the module runs (``"cpu"``, ``"cuda"``, ``torch.device``). Default CPU.
+        dtype: storage dtype for floating-point outputs (e.g. ``torch.float16``); default the
+            module's output dtype.
+        compressor: a Zarr bytes-to-bytes codec, ``"default"`` (Blosc zstd with byte shuffle)
+            or ``None`` for raw chunks. Used when the entry is created.
+        chunk_rows: rows per chunk; default gives chunks of about 2 MiB.
+        collate_fn: turns a list of inputs into the module's argument; default stacks them.
+        module_version / dataset_version: strings that stand in for hashing the module's
+            weights / probing the dataset; change them whenever the module / data change.
+        allow_nondeterministic: cache a dataset whose inputs change from load to load (random
+            augmentation), freezing one draw. Default ``False``, which raises instead.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset[Any],
+        module: Callable[..., Any],
+        store: StoreLike = None,
+        *,
+        input_key: InputKey = 0,
+        batch_size: int = 256,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        compressor: Compressor = "default",
+        chunk_rows: int | None = None,
+        collate_fn: Collate | None = None,
+        module_version: str | None = None,
+        dataset_version: str | None = None,
+        allow_nondeterministic: bool = False,
+    ) -> None:
+        self.dataset = dataset
+        self.module = module
+        self.input_key = parse_input_key(input_key)
+        self.batch_size = parse_positive_int("batch_size", batch_size)
+        self.device = parse_device(device)
+        self.dtype = parse_dtype(dtype)
+        if chunk_rows is not None:
+            chunk_rows = parse_positive_int("chunk_rows", chunk_rows)
+        if isinstance(module, torch.nn.Module) and module.training:
+            raise TrainingModeError(
+                f"{type(module).__name__} is in training mode, so dropout and batch norm would "
+                "make its features depend on the batch and change from call to call. Call "
+                "module.eval() before wrapping it."
+            )
+        self._length = len(dataset)  # type: ignore[arg-type]
+        self._computer = FeatureComputer(module, self.device, self.dtype, collate_fn)
+        self._feature_store = FeatureStore.open(store, mode="a")
+        self.module_fingerprint = module_fingerprint(module, module_version)
+
+        probes: dict[int, Any] = {}
+        if dataset_version is None:
+            probes = {i: dataset[i] for i in probe_indices(self._length)}
+        self.dataset_fingerprint = dataset_fingerprint(
+            dataset,
+            list(probes.items()),
+            self._extract_input_unchecked,
+            version=dataset_version,
+            allow_nondeterministic=allow_nondeterministic,
+            reload=dataset.__getitem__,
+        )
+        self.options = {
+            "dtype": None if self.dtype is None else str(self.dtype),
+            "input_key": _describe_callable(self.input_key),
+            "collate_fn": None if collate_fn is None else _describe_callable(collate_fn),
+        }
+        key = entry_id(self.module_fingerprint, self.dataset_fingerprint, self.options)
+        self.entry_name = f"{type(module).__name__}-{key}"
+        self._entry: Entry | None = None
+        if self._length > 0:
+            self._entry = self._feature_store.entry(self.entry_name) or self._create_entry(
+                probes, chunk_rows, compressor
+            )
+        self._load_layouts()
+
+    # -- construction helpers -------------------------------------------------------------------
+
+    def _extract_input_unchecked(self, sample: Any) -> Any:
+        return SampleLayout.from_sample(sample, self.input_key).extract_input(sample)
+
+    def _create_entry(self, probes: dict[int, Any], chunk_rows: int | None, compressor: Compressor) -> Entry:
+        index = next(iter(probes), 0)
+        sample = probes[index] if probes else self.dataset[index]
+        sample_layout = SampleLayout.from_sample(sample, self.input_key)
+        fields = sample_layout.field_values([sample])
+        raw = self._computer.run([sample_layout.extract_input(sample)])
+        output_layout = OutputLayout.from_output(raw, 1, self.dtype)
+        outputs = output_layout.split(raw, 1, self.dtype)
+        specs: list[ArraySpec] = [*output_layout.arrays, *sample_layout.fields]
+        if chunk_rows is None:
+            chunk_rows = default_chunk_rows(sum(spec.row_nbytes for spec in specs), self._length)
+        meta = {
+            "module": self.module_fingerprint.to_json(),
+            "dataset": self.dataset_fingerprint.to_json(),
+            "options": self.options,
+            "sample": {
+                "template": sample_layout.template,
+                "fields": [spec.name for spec in sample_layout.fields],
+                "field_paths": [list(path) for path in sample_layout.field_paths],
+            },
+            "outputs": output_layout.to_json(),
+            "library_version": _version(),
+        }
+        entry = self._feature_store.create_entry(
+            self.entry_name,
+            meta,
+            specs,
+            num_rows=self._length,
+            chunk_rows=chunk_rows,
+            compressor=compressor,
+        )
+        columns = {spec.name: spec.tensor_batch_to_numpy(outputs[spec.name]) for spec in output_layout.arrays}
+        entry.write([index], {**columns, **fields})  # the probe's features are already paid for
+        return entry
+
+    def _load_layouts(self) -> None:
+        self._sample_layout: SampleLayout | None = None
+        self._output_layout: OutputLayout | None = None
+        if self._entry is None:
+            return
+        meta = self._entry.meta
+        specs = {spec.name: spec for spec in self._entry.specs}
+        self._output_layout = OutputLayout.from_json(meta["outputs"])
+        self._sample_layout = SampleLayout(
+            template=meta["sample"]["template"],
+            fields=tuple(specs[name] for name in meta["sample"]["fields"]),
+            field_paths=tuple(tuple(path) for path in meta["sample"]["field_paths"]),
+            input_key=self.input_key,
+        )
+
+    # -- the map-style API -----------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> Any:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        """The samples at ``indices``: hits read from the store, misses computed in batches."""
+        rows = self._normalize(indices)
+        if len(rows) == 0:
+            return []
+        entry, layout = self._entry, self._sample_layout
+        if entry is None or layout is None:  # only an empty dataset has no entry
+            raise AssertionError("unreachable: non-empty index into an empty dataset")
+        self._warn_if_private_store_in_worker()
+        read = entry.read(rows)
+        columns = {
+            name: np.empty((len(rows), *spec.shape), dtype=spec.numpy_dtype)
+            for name, spec in ((s.name, s) for s in entry.specs)
+        }
+        for name, column in read.arrays.items():
+            columns[name][read.hit] = column
+        missing = ~read.hit
+        if missing.any():
+            miss_rows, where = np.unique(rows[missing], return_inverse=True)
+            computed = self.compute(miss_rows)
+            for name, column in computed.items():
+                columns[name][missing] = column[where]
+        return [self._assemble(columns, position) for position in range(len(rows))]
+
+    def compute(self, rows: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
+        """Load, compute and store ``rows`` (whether cached or not), in batches.
+
+        Returns the stored columns, one row per requested row, exactly as a later hit reads them.
+        """
+        entry, layout, outputs = self._entry, self._sample_layout, self._output_layout
+        if entry is None or layout is None or outputs is None:
+            raise AssertionError("unreachable: compute on an empty dataset")
+        rows = np.asarray(rows, dtype=np.int64)
+        parts: list[dict[str, np.ndarray]] = []
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start : start + self.batch_size]
+            samples = [self.dataset[int(i)] for i in batch]
+            fields = layout.field_values(samples)
+            inputs = [layout.extract_input(sample) for sample in samples]
+            try:
+                tensors = self._computer(inputs, outputs)
+            except CacheError:
+                raise
+            except Exception as error:
+                error.add_note(
+                    f"cachedfeatures: while computing features for rows {batch[:8].tolist()}"
+                    f"{'...' if len(batch) > 8 else ''}; nothing from this batch was stored."
+                )
+                raise
+            columns = {spec.name: spec.tensor_batch_to_numpy(tensors[spec.name]) for spec in outputs.arrays}
+            columns.update(fields)
+            entry.write(batch, columns)
+            parts.append(columns)
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+    def _assemble(self, columns: Mapping[str, np.ndarray], position: int) -> Any:
+        layout, outputs = self._sample_layout, self._output_layout
+        if layout is None or outputs is None:
+            raise AssertionError("unreachable")
+        features = outputs.join(
+            {spec.name: spec.numpy_to_tensor(columns[spec.name][position]) for spec in outputs.arrays}
+        )
+        return layout.build(features, {spec.name: columns[spec.name][position] for spec in layout.fields})
+
+    def _normalize(self, indices: Sequence[int]) -> np.ndarray:
+        rows = np.empty(len(indices), dtype=np.int64)
+        for position, index in enumerate(indices):
+            try:
+                value = operator.index(index)
+            except TypeError:
+                raise TypeError(
+                    f"dataset indices must be integers; got {type(index).__name__}. "
+                    "Index with an int, or use __getitems__ for several."
+                ) from None
+            if not -self._length <= value < self._length:
+                raise IndexError(f"index {value} is out of range for a dataset of {self._length} samples.")
+            rows[position] = value % self._length
+        return rows
+
+    def _warn_if_private_store_in_worker(self) -> None:
+        private = get_worker_info() is not None and self._feature_store.location == "<memory>"
+        if private and not getattr(self, "_warned_memory_worker", False):
+            self._warned_memory_worker = True
+            logger.warning(
+                "cachedfeatures: an in-memory store inside a DataLoader worker caches only "
+                "in that worker's copy; pass store='features.zarr' to share the cache."
+            )
+
+    # -- introspection -------------------------------------------------------------------------
+
+    @property
+    def entry(self) -> Entry | None:
+        """The store entry this dataset reads and writes (``None`` for an empty dataset)."""
+        return self._entry
+
+    @property
+    def store(self) -> FeatureStore:
+        return self._feature_store
+
+    @property
+    def module_calls(self) -> int:
+        """How many batches this process has run through the module."""
+        return self._computer.calls
+
+    def __repr__(self) -> str:
+        valid = int(self._entry.valid_mask().sum()) if self._entry is not None else 0
+        return (
+            f"CachedFeatureDataset({qualified_name(self.dataset)}, {type(self.module).__name__}, "
+            f"store={self._feature_store.location!r}, entry={self.entry_name!r}, "
+            f"{valid}/{self._length} rows cached)"
+        )
+
+
+# -- argument parsing ---------------------------------------------------------------------------
+
+
+def parse_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"Expected {name} to be a positive int. Got {value!r}.")
+    return int(value)
+
+
+def parse_device(device: object) -> torch.device:
+    try:
+        return torch.device(device)  # type: ignore[call-overload,no-any-return]
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Expected device to be like 'cpu', 'cuda' or 'cuda:1'. Got {device!r}.") from None
+
+
+def parse_dtype(dtype: object) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    raise TypeError(f"Expected dtype to be a torch.dtype (e.g. torch.float16) or None. Got {dtype!r}.")
+
+
+def parse_input_key(input_key: object) -> InputKey:
+    if callable(input_key) or (isinstance(input_key, (int, str)) and not isinstance(input_key, bool)):
+        return input_key  # type: ignore[return-value]
+    raise TypeError(
+        "Expected input_key to be an int index, a dict key (str) or a callable sample -> input. "
+        f"Got {input_key!r}."
+    )
+
+
+def _describe_callable(value: object) -> str:
+    if callable(value):
+        name = getattr(value, "__qualname__", type(value).__qualname__)
+        return f"{name}:{_hashing.code_fingerprint(value)[:16]}"
+    return repr(value)
+
+
+def _version() -> str:
+    from cachedfeatures import __version__
+
+    return __version__

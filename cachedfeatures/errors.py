@@ -1,0 +1,59 @@
+"""Exceptions raised by cachedfeatures.
+
+Every error derives from :class:`CacheError`, and most also from the matching built-in
+(``InputKeyError`` is a ``KeyError``), so callers can catch the family or one case.
+Each message says what happened and what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CacheError",
+    "FieldNotStorableError",
+    "InputKeyError",
+    "ModuleOutputError",
+    "NonDeterministicDatasetError",
+    "NotAFeatureStoreError",
+    "OutputShapeError",
+    "StorePathError",
+    "TrainingModeError",
+]
+
+
+class CacheError(Exception):
+    """Base class of every error raised by cachedfeatures."""
+
+
+class InputKeyError(CacheError, KeyError):
+    """``input_key`` does not name a field of the dataset's samples."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it readable.
+        return str(self.args[0]) if self.args else ""
+
+
+class FieldNotStorableError(CacheError, TypeError):
+    """A sample field cannot be stored beside the features."""
+
+
+class ModuleOutputError(CacheError, TypeError):
+    """The module returned something that is not a tensor, or a tuple/dict of tensors."""
+
+
+class OutputShapeError(CacheError, ValueError):
+    """The module's output (or a field) changed shape or dtype between batches."""
+
+
+class NonDeterministicDatasetError(CacheError, RuntimeError):
+    """The same sample loaded twice gave different inputs (random augmentation)."""
+
+
+class TrainingModeError(CacheError, RuntimeError):
+    """The module is in training mode, so its outputs would depend on the batch."""
+
+
+class StorePathError(CacheError, NotADirectoryError):
+    """The store path cannot hold a Zarr store (it is a file, or a non-Zarr directory)."""
+
+
+class NotAFeatureStoreError(CacheError, ValueError):
+    """The Zarr store exists but was not written by cachedfeatures."""

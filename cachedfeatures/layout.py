@@ -1,0 +1,502 @@
+"""How samples and module outputs map onto arrays in the store.
+
+A :class:`SampleLayout` is learnt from one probe sample. It knows which field feeds the
+module (``input_key``), which other leaves are passthrough fields stored beside the
+features, and how to rebuild a sample of the same structure from stored rows, so a hit
+never needs the wrapped dataset. An :class:`OutputLayout` does the same for what the module
+returns: one tensor, or a tuple or dict of tensors, each stored in its own array.
+
+Both are plain data that serialise to JSON, so they live in the entry's Zarr attributes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from cachedfeatures.errors import (
+    FieldNotStorableError,
+    InputKeyError,
+    ModuleOutputError,
+    OutputShapeError,
+)
+
+InputKey = int | str | Callable[[Any], Any]
+Kind = Literal["tensor", "ndarray", "npscalar", "int", "float", "bool", "str"]
+Path = tuple[Hashable, ...]
+
+FEATURES = "features"
+RESERVED = frozenset({"valid", "access"})
+_STRING_DTYPE = "str"
+
+
+# ---------------------------------------------------------------------------------------
+# One stored array
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of an entry: its name, per-row shape and dtypes, and how rows convert.
+
+    ``dtype`` is the NumPy dtype stored in Zarr. ``torch_dtype`` names the tensor dtype
+    served back for tensors; bfloat16, which NumPy lacks, is stored as its raw uint16 bits.
+    """
+
+    name: str
+    kind: Kind
+    dtype: str
+    shape: tuple[int, ...]
+    torch_dtype: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "torch_dtype": self.torch_dtype,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ArraySpec:
+        return cls(
+            name=data["name"],
+            kind=data["kind"],
+            dtype=data["dtype"],
+            shape=tuple(data["shape"]),
+            torch_dtype=data.get("torch_dtype"),
+        )
+
+    @property
+    def numpy_dtype(self) -> np.dtype[Any]:
+        if self.dtype == _STRING_DTYPE:
+            return np.dtypes.StringDType()  # type: ignore[no-any-return]
+        return np.dtype(self.dtype)
+
+    @property
+    def row_nbytes(self) -> int:
+        itemsize = 16 if self.dtype == _STRING_DTYPE else self.numpy_dtype.itemsize
+        return int(np.prod(self.shape, dtype=np.int64)) * itemsize
+
+    # -- tensors (module outputs and tensor fields) -----------------------------------------
+
+    def tensor_batch_to_numpy(self, batch: torch.Tensor) -> np.ndarray:
+        """A (k, *shape) CPU tensor, already in the storage dtype, as the array to store."""
+        if tuple(batch.shape[1:]) != self.shape or str(batch.dtype) != f"torch.{self.torch_dtype}":
+            raise OutputShapeError(
+                f"{self.name!r} has per-row shape {tuple(batch.shape[1:])} and dtype {batch.dtype}, "
+                f"but this entry stores shape {self.shape} and dtype torch.{self.torch_dtype}. "
+                "The module's output shape must not depend on the batch: pad or pool inputs to "
+                "a fixed size, or pass a collate_fn that does."
+            )
+        batch = batch.detach().to("cpu").contiguous()
+        if batch.dtype == torch.bfloat16:
+            return batch.view(torch.int16).numpy().view(np.uint16)
+        return batch.numpy()
+
+    def numpy_to_tensor(self, rows: np.ndarray) -> torch.Tensor:
+        rows = np.ascontiguousarray(rows)
+        if self.torch_dtype == "bfloat16":
+            return torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(rows)
+
+    # -- passthrough fields -------------------------------------------------------------------
+
+    def values_to_numpy(self, values: Sequence[Any]) -> np.ndarray:
+        """Stack one field's values from k samples into a (k, *shape) array."""
+        if self.kind == "tensor":
+            for value in values:
+                self._check_field_value(value, isinstance(value, torch.Tensor))
+            return self.tensor_batch_to_numpy(torch.stack(list(values)))
+        if self.kind == "str":
+            for value in values:
+                self._check_field_value(value, isinstance(value, str))
+            return np.array(list(values), dtype=self.numpy_dtype)
+        python_type = {"int": int, "float": float, "bool": bool}.get(self.kind)
+        checked = []
+        for value in values:
+            if python_type is not None:
+                ok = type(value) is python_type or (python_type is float and type(value) is int)
+            else:
+                ok = isinstance(value, (np.ndarray, np.generic)) and value.dtype == self.numpy_dtype
+                ok = ok and tuple(np.shape(value)) == self.shape
+            self._check_field_value(value, ok)
+            checked.append(value)
+        return np.asarray(checked, dtype=self.numpy_dtype)
+
+    def _check_field_value(self, value: Any, ok: bool) -> None:
+        if not ok:
+            raise OutputShapeError(
+                f"field {self.name!r} holds {_describe(value)} in one sample but {self.describe()} "
+                "in the first; every sample must give a field the same type, dtype and shape."
+            )
+
+    def row_to_value(self, row: Any) -> Any:
+        """One stored row back as the value the dataset returned."""
+        if self.kind == "tensor":
+            return self.numpy_to_tensor(np.asarray(row))
+        if self.kind == "ndarray":
+            return np.array(row, dtype=self.numpy_dtype)
+        if self.kind == "npscalar":
+            return self.numpy_dtype.type(row)
+        if self.kind == "str":
+            return str(row)
+        return {"int": int, "float": float, "bool": bool}[self.kind](row)
+
+    def describe(self) -> str:
+        if self.kind in ("tensor", "ndarray"):
+            dtype = f"torch.{self.torch_dtype}" if self.kind == "tensor" else self.dtype
+            return f"a {self.kind} of shape {self.shape} and dtype {dtype}"
+        return f"a {self.kind}" + (f" ({self.dtype})" if self.kind == "npscalar" else "")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    if isinstance(value, np.ndarray):
+        return f"an ndarray of shape {value.shape} and dtype {value.dtype}"
+    return f"a {type(value).__name__}"
+
+
+def _tensor_spec(name: str, kind: Kind, tensor: torch.Tensor) -> ArraySpec:
+    torch_dtype = str(tensor.dtype).removeprefix("torch.")
+    if tensor.dtype == torch.bfloat16:
+        dtype = "uint16"
+    else:
+        dtype = torch.empty((), dtype=tensor.dtype).numpy().dtype.str
+    return ArraySpec(name, kind, dtype, tuple(tensor.shape), torch_dtype)
+
+
+def _field_spec(name: str, path: Path, value: Any) -> ArraySpec:
+    """The spec of a passthrough field, or a clear error if it cannot be stored."""
+    if isinstance(value, torch.Tensor):
+        if value.is_sparse or value.is_nested:
+            raise _unstorable(path, value, "sparse and nested tensors are not supported")
+        return _tensor_spec(name, "tensor", value)
+    if isinstance(value, bool):
+        return ArraySpec(name, "bool", "|b1", ())
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise _unstorable(path, value, "integers must fit in int64")
+        return ArraySpec(name, "int", "<i8", ())
+    if isinstance(value, float):
+        return ArraySpec(name, "float", "<f8", ())
+    if isinstance(value, str):
+        return ArraySpec(name, "str", _STRING_DTYPE, ())
+    if isinstance(value, (np.ndarray, np.generic)) and value.dtype.kind in "biufc":
+        kind: Kind = "ndarray" if isinstance(value, np.ndarray) else "npscalar"
+        return ArraySpec(name, kind, value.dtype.str, tuple(np.shape(value)))
+    raise _unstorable(path, value, "")
+
+
+def _unstorable(path: Path, value: Any, why: str) -> FieldNotStorableError:
+    where = "".join(f"[{key!r}]" for key in path)
+    return FieldNotStorableError(
+        f"sample{where} is {_describe(value)}{': ' + why if why else ''}, which cannot be "
+        "stored beside the features. Passthrough fields must be numbers, bools, strings, or "
+        "tensors/arrays of a fixed shape. Convert it in the dataset, or wrap the dataset so "
+        "that the sample leaves it out."
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The sample's structure
+
+
+@dataclass(frozen=True)
+class SampleLayout:
+    """Where the input and the passthrough fields sit in a sample, and how to rebuild one.
+
+    ``template`` is a JSON tree: ``{"kind": "input"}``, ``{"kind": "field", "name": ...}``,
+    ``{"kind": "tuple"|"list", "items": [...]}`` or ``{"kind": "dict", "keys": [...],
+    "items": [...]}``. Fields read by a callable ``input_key`` other than the first are left
+    out of the rebuilt sample: their content is folded into the features.
+    """
+
+    template: dict[str, Any]
+    fields: tuple[ArraySpec, ...]
+    field_paths: tuple[Path, ...]
+    input_key: InputKey
+
+    @classmethod
+    def from_sample(cls, sample: Any, input_key: InputKey) -> SampleLayout:
+        input_paths = _input_paths(sample, input_key)
+        fields: list[ArraySpec] = []
+        paths: list[Path] = []
+        taken: set[str] = set(RESERVED)
+
+        def walk(value: Any, path: Path) -> dict[str, Any] | None:
+            if path in input_paths:
+                return {"kind": "input"} if path == input_paths[0] else None
+            if isinstance(value, Mapping):
+                keys = list(value.keys())
+                for key in keys:
+                    if not isinstance(key, (str, int)) or isinstance(key, bool):
+                        raise _unstorable(path, value, "dict keys must be strings or ints")
+                pairs = [(key, walk(value[key], (*path, key))) for key in keys]
+                kept = [(key, item) for key, item in pairs if item is not None]
+                return {
+                    "kind": "dict",
+                    "keys": [key for key, _ in kept],
+                    "items": [item for _, item in kept],
+                }
+            if isinstance(value, (tuple, list)):
+                nodes = [walk(item, (*path, i)) for i, item in enumerate(value)]
+                return {
+                    "kind": "list" if isinstance(value, list) else "tuple",
+                    "items": [node for node in nodes if node is not None],
+                }
+            name = _unique_name(_field_name(path), taken)
+            fields.append(_field_spec(name, path, value))
+            paths.append(path)
+            return {"kind": "field", "name": name}
+
+        template = walk(sample, ())
+        if template is None:  # unreachable: the root is either the input or a container
+            raise AssertionError("empty sample template")
+        return cls(template, tuple(fields), tuple(paths), input_key)
+
+    def extract_input(self, sample: Any) -> Any:
+        """The value that feeds the module."""
+        if callable(self.input_key):
+            return self.input_key(sample)
+        if isinstance(sample, torch.Tensor):
+            return sample
+        return _lookup(sample, self.input_key)
+
+    def field_values(self, samples: Sequence[Any]) -> dict[str, np.ndarray]:
+        """Each passthrough field of ``samples``, stacked into the array to store."""
+        columns: dict[str, np.ndarray] = {}
+        for spec, path in zip(self.fields, self.field_paths, strict=True):
+            values = []
+            for sample in samples:
+                value = sample
+                for key in path:
+                    value = value[key]
+                values.append(value)
+            columns[spec.name] = spec.values_to_numpy(values)
+        return columns
+
+    def build(self, features: Any, fields: Mapping[str, Any]) -> Any:
+        """A sample shaped like the dataset's, with the input replaced by ``features``."""
+        return _build(self.template, features, fields, {s.name: s for s in self.fields})
+
+    def describe_input_key(self) -> str:
+        if callable(self.input_key):
+            return getattr(self.input_key, "__qualname__", repr(self.input_key))
+        return repr(self.input_key)
+
+
+def _build(
+    node: Mapping[str, Any], features: Any, fields: Mapping[str, Any], specs: Mapping[str, ArraySpec]
+) -> Any:
+    kind = node["kind"]
+    if kind == "input":
+        return features
+    if kind == "field":
+        return specs[node["name"]].row_to_value(fields[node["name"]])
+    items = [_build(item, features, fields, specs) for item in node["items"]]
+    if kind == "dict":
+        return dict(zip(node["keys"], items, strict=True))
+    return items if kind == "list" else tuple(items)
+
+
+def _lookup(sample: Any, key: int | str) -> Any:
+    if isinstance(sample, Mapping):
+        if key in sample:
+            return sample[key]
+        keys = list(sample.keys())
+        hint = f"pass input_key={keys[0]!r}" if keys else "return a non-empty sample"
+        raise InputKeyError(f"input_key {key!r} not in sample keys {keys}; {hint}")
+    if isinstance(sample, (tuple, list)):
+        if isinstance(key, int) and -len(sample) <= key < len(sample):
+            return sample[key]
+        raise InputKeyError(
+            f"input_key {key!r} does not index a sample of {len(sample)} items; pass an int "
+            f"from 0 to {len(sample) - 1}, or a callable that picks the input."
+        )
+    raise InputKeyError(
+        f"input_key {key!r} cannot index a sample of type {type(sample).__name__}; samples must "
+        "be tensors, tuples, lists or dicts, or pass a callable input_key."
+    )
+
+
+def _input_paths(sample: Any, input_key: InputKey) -> tuple[Path, ...]:
+    """The top-level fields that hold the input, in the order they are read."""
+    if isinstance(sample, torch.Tensor) and not callable(input_key):
+        return ((),)
+    if not callable(input_key):
+        _lookup(sample, input_key)
+        if isinstance(sample, (tuple, list)) and isinstance(input_key, int):
+            return ((input_key % len(sample),),)
+        return ((input_key,),)
+    read: list[Hashable] = []
+    traced: Any = sample
+    if isinstance(sample, Mapping):
+        traced = _TracingDict(sample, read)
+    elif isinstance(sample, (tuple, list)):
+        traced = _TracingTuple(sample, read)
+    input_key(traced)
+    paths: list[Path] = []
+    for key in read:
+        if isinstance(key, int) and isinstance(sample, (tuple, list)):
+            key %= len(sample)
+        if (key,) not in paths:
+            paths.append((key,))
+    return tuple(paths) or ((),)
+
+
+class _TracingDict(dict[Any, Any]):
+    """A dict that records which keys a callable ``input_key`` reads."""
+
+    def __init__(self, data: Mapping[Any, Any], read: list[Hashable]) -> None:
+        super().__init__(data)
+        self._read = read
+
+    def __getitem__(self, key: Any) -> Any:
+        self._read.append(key)
+        return super().__getitem__(key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if key in self:
+            self._read.append(key)
+        return super().get(key, default)
+
+
+class _TracingTuple(tuple[Any, ...]):
+    """A tuple that records which indices a callable ``input_key`` reads."""
+
+    _read: list[Hashable]
+
+    def __new__(cls, data: Sequence[Any], read: list[Hashable]) -> _TracingTuple:
+        self = super().__new__(cls, data)
+        self._read = read
+        return self
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, int):
+            self._read.append(index)
+        return super().__getitem__(index)
+
+
+def _sanitize(name: str) -> str:
+    """A Zarr node name: no slashes, nothing that needs quoting in a path."""
+    return re.sub(r"[^0-9A-Za-z_.\-]", "_", name)
+
+
+def _field_name(path: Path) -> str:
+    name = _sanitize(".".join(str(key) for key in path) or "value")
+    if name[0].isdigit() or name.startswith((FEATURES, "_", ".")):
+        name = f"field_{name}"
+    return name
+
+
+def _unique_name(name: str, taken: set[str]) -> str:
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}_{n}"
+    taken.add(candidate)
+    return candidate
+
+
+# ---------------------------------------------------------------------------------------
+# The module's outputs
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """The structure of the module's output: one tensor, or a tuple or dict of tensors."""
+
+    kind: Literal["tensor", "tuple", "dict"]
+    keys: tuple[str | int, ...]
+    arrays: tuple[ArraySpec, ...]
+
+    @classmethod
+    def from_output(cls, output: Any, batch_size: int, dtype: torch.dtype | None) -> OutputLayout:
+        """Learn the layout from one batch of module output (before storage casting)."""
+        kind, items = _output_items(output)
+        arrays = []
+        for key, tensor in items:
+            name = FEATURES if kind == "tensor" else f"{FEATURES}_{_sanitize(str(key))}"
+            _check_batch_dim(name, tensor, batch_size)
+            arrays.append(_tensor_spec(name, "tensor", cast_for_storage(tensor[0], dtype)))
+        return cls(kind, tuple(key for key, _ in items), tuple(arrays))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "keys": list(self.keys), "arrays": [a.to_json() for a in self.arrays]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> OutputLayout:
+        return cls(data["kind"], tuple(data["keys"]), tuple(ArraySpec.from_json(a) for a in data["arrays"]))
+
+    def split(self, output: Any, batch_size: int, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """The module's output as one CPU tensor per array, cast to the storage dtype."""
+        kind, items = _output_items(output)
+        if kind != self.kind or tuple(key for key, _ in items) != self.keys:
+            raise OutputShapeError(
+                f"the module returned a {kind} with keys {[k for k, _ in items]} but this entry "
+                f"stores a {self.kind} with keys {list(self.keys)}; the module must return the "
+                "same structure for every batch."
+            )
+        split = {}
+        for spec, (_, tensor) in zip(self.arrays, items, strict=True):
+            _check_batch_dim(spec.name, tensor, batch_size)
+            split[spec.name] = cast_for_storage(tensor, dtype).to("cpu")
+        return split
+
+    def join(self, tensors: Mapping[str, torch.Tensor]) -> Any:
+        """Per-array tensors (one row or a batch) back in the module's output structure."""
+        values = [tensors[spec.name] for spec in self.arrays]
+        if self.kind == "tensor":
+            return values[0]
+        if self.kind == "tuple":
+            return tuple(values)
+        return dict(zip(self.keys, values, strict=True))
+
+
+def _output_items(output: Any) -> tuple[Literal["tensor", "tuple", "dict"], list[tuple[Any, torch.Tensor]]]:
+    if isinstance(output, torch.Tensor):
+        return "tensor", [(0, output)]
+    if isinstance(output, (tuple, list)) and output and all(isinstance(t, torch.Tensor) for t in output):
+        return "tuple", list(enumerate(output))
+    if (
+        isinstance(output, Mapping)
+        and output
+        and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in output.items())
+    ):
+        return "dict", list(output.items())
+    raise ModuleOutputError(
+        f"the module returned {_describe_output(output)}; it must return a tensor, or a tuple or "
+        "dict (with string keys) of tensors, each with the batch as its first dimension. Wrap the "
+        "module in one whose forward picks the tensors to cache."
+    )
+
+
+def _describe_output(output: Any) -> str:
+    if isinstance(output, (tuple, list, Mapping)):
+        inner = output.values() if isinstance(output, Mapping) else output
+        return f"a {type(output).__name__} of {[type(v).__name__ for v in inner]}"
+    return f"a {type(output).__name__}"
+
+
+def _check_batch_dim(name: str, tensor: torch.Tensor, batch_size: int) -> None:
+    if tensor.ndim == 0 or tensor.shape[0] != batch_size:
+        raise ModuleOutputError(
+            f"module output {name!r} has shape {tuple(tensor.shape)} for a batch of {batch_size} "
+            "inputs; its first dimension must be the batch. If the module works on single "
+            "samples, wrap it so that it maps over the batch."
+        )
+
+
+def cast_for_storage(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Cast floating-point outputs to the storage dtype; other dtypes are kept as they are."""
+    tensor = tensor.detach()
+    if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+        return tensor.to(dtype)
+    return tensor

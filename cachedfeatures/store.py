@@ -1,0 +1,305 @@
+"""The Zarr store: a root group of entries, one entry per (module, dataset, options).
+
+Layout (plain Zarr v3, readable with ``zarr`` and ``xarray`` alone)::
+
+    features.zarr/              root group; attrs["cachedfeatures"] names the format
+      <Module>-<entry id>/      one group per entry; attrs describe the fingerprints
+        features                (N, *out_shape), or features_<key> per module output
+        <field>                 passthrough fields (labels, ids, ...), (N, *shape)
+        valid                   (N,) bool: a row is served only where it is set
+
+All arrays share one chunking along the sample dimension. A row becomes valid only after
+its bytes are written: features first, then ``valid``, each chunk under its lock. A crash
+in between costs a recompute, never a wrong answer.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import zarr
+import zarr.codecs
+from zarr.abc.codec import BytesBytesCodec
+from zarr.abc.store import Store
+from zarr.storage import LocalStore, MemoryStore
+
+from cachedfeatures.errors import NotAFeatureStoreError, StorePathError
+from cachedfeatures.layout import ArraySpec
+from cachedfeatures.locks import FileLocks, Locks, ThreadLocks
+
+__all__ = ["Entry", "FeatureStore", "StoreLike", "default_chunk_rows", "default_compressor"]
+
+StoreLike = str | os.PathLike[str] | Store | None
+Compressor = BytesBytesCodec | Literal["default"] | None
+
+ATTRS_KEY = "cachedfeatures"
+FORMAT_VERSION = 1
+VALID = "valid"
+SAMPLE_DIM = "sample"
+TARGET_CHUNK_BYTES = 2 * 1024 * 1024
+
+
+def default_compressor() -> BytesBytesCodec:
+    """Blosc with zstd and byte shuffle: fast to decode, good on float features."""
+    return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+def default_chunk_rows(row_nbytes: int, num_rows: int) -> int:
+    """Rows per chunk: a power of two giving chunks of about 2 MiB, between 16 and 65536."""
+    rows = max(1, TARGET_CHUNK_BYTES // max(1, row_nbytes))
+    rows = 1 << (rows.bit_length() - 1)
+    rows = min(max(rows, 16), 65536)
+    while rows > 16 and rows // 2 >= num_rows:  # no chunk much larger than the dataset
+        rows //= 2
+    return rows
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class RowsRead:
+    """What a read found: ``hit[i]`` for each requested row, and the arrays of the hits.
+
+    ``arrays[name]`` holds one row per hit, in the order of the requested indices.
+    """
+
+    hit: np.ndarray
+    arrays: Mapping[str, np.ndarray]
+
+
+class Entry:
+    """One cached (module, dataset, options) combination: its arrays and its metadata."""
+
+    def __init__(self, group: zarr.Group, locks: Locks) -> None:
+        self.group = group
+        self.locks = locks
+        self.name = group.basename
+        self.meta: dict[str, Any] = dict(group.attrs[ATTRS_KEY])  # type: ignore[arg-type]
+        self.num_rows: int = self.meta["num_rows"]
+        self.chunk_rows: int = self.meta["chunk_rows"]
+        self.specs = [ArraySpec.from_json(spec) for spec in self.meta["arrays"]]
+        self._arrays: dict[str, zarr.Array[Any]] | None = None
+        self._valid: zarr.Array[Any] | None = None
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_rows // self.chunk_rows)
+
+    @property
+    def arrays(self) -> dict[str, zarr.Array[Any]]:
+        if self._arrays is None:
+            self._arrays = {spec.name: self.group[spec.name] for spec in self.specs}  # type: ignore[misc]
+        return self._arrays
+
+    @property
+    def valid(self) -> zarr.Array[Any]:
+        if self._valid is None:
+            self._valid = self.group[VALID]  # type: ignore[assignment]
+        return self._valid  # type: ignore[return-value]
+
+    def valid_mask(self) -> np.ndarray:
+        """The whole ``valid`` mask, as read now."""
+        return np.asarray(self.valid[:], dtype=bool)
+
+    def read(self, indices: Sequence[int] | np.ndarray) -> RowsRead:
+        """Read the rows at ``indices``; a row is a hit only if it is valid before and after.
+
+        Checking ``valid`` again after reading the bytes makes a read that races a pruner (which
+        clears ``valid`` before deleting bytes) a miss instead of wrong data.
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        unique, inverse = np.unique(indices, return_inverse=True)
+        hit_unique = np.asarray(self.valid.oindex[unique], dtype=bool) if len(unique) else unique.astype(bool)
+        if not hit_unique.any():
+            return RowsRead(np.zeros(len(indices), dtype=bool), {})
+        rows = unique[hit_unique]
+        data = {name: np.asarray(array.oindex[rows]) for name, array in self.arrays.items()}
+        still = np.asarray(self.valid.oindex[rows], dtype=bool)
+        if not still.all():
+            hit_unique[np.flatnonzero(hit_unique)[~still]] = False
+            data = {name: column[still] for name, column in data.items()}
+        hit = hit_unique[inverse]
+        # Map each requested hit onto its row in ``data`` (repeated indices share a row).
+        position = np.cumsum(hit_unique) - 1
+        take = position[inverse[hit]]
+        return RowsRead(hit, {name: column[take] for name, column in data.items()})
+
+    def write(self, indices: Sequence[int] | np.ndarray, columns: Mapping[str, np.ndarray]) -> None:
+        """Store rows and mark them valid, chunk by chunk, each chunk under its lock."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) == 0:
+            return
+        unique, first = np.unique(indices, return_index=True)
+        chunks = unique // self.chunk_rows
+        for chunk in np.unique(chunks):
+            in_chunk = chunks == chunk
+            rows, source = unique[in_chunk], first[in_chunk]
+            with self.locks.chunk(self.name, int(chunk)):
+                for name, array in self.arrays.items():
+                    array.oindex[rows] = columns[name][source]
+                self.valid.oindex[rows] = True
+
+    def describe(self) -> str:
+        module = self.meta["module"]["description"]
+        dataset = self.meta["dataset"]["description"]
+        return f"{self.name}: {module}; {dataset}"
+
+
+class FeatureStore:
+    """A cachedfeatures Zarr store: a root group whose child groups are entries."""
+
+    def __init__(self, root: zarr.Group, locks: Locks, location: str) -> None:
+        self.root = root
+        self.locks = locks
+        self.location = location
+
+    @classmethod
+    def open(cls, store: StoreLike, *, mode: Literal["r", "a"] = "r") -> FeatureStore:
+        """Open (``mode="r"``) or open-or-create (``mode="a"``) a store.
+
+        ``store`` is a local path, a ``zarr`` Store, or ``None`` for a new in-memory store.
+        """
+        zarr_store, locks, location = _resolve(store, mode)
+        try:
+            root = zarr.open_group(zarr_store, mode="r" if mode == "r" else "a")
+        except (zarr.errors.ContainsArrayError, zarr.errors.NodeTypeValidationError) as error:
+            raise NotAFeatureStoreError(
+                f"{location} holds a Zarr array, not a cachedfeatures store; pass a new path."
+            ) from error
+        except FileNotFoundError as error:
+            raise StorePathError(f"no cachedfeatures store at {location}; check the path.") from error
+        meta: Any = root.attrs.get(ATTRS_KEY)
+        if meta is None:
+            if mode == "r" or any(True for _ in root):
+                raise NotAFeatureStoreError(
+                    f"{location} is a Zarr store that cachedfeatures did not write (no "
+                    f"'{ATTRS_KEY}' attribute); pass a new path for the cache."
+                )
+            root.attrs[ATTRS_KEY] = {"format_version": FORMAT_VERSION, "created": _now()}
+        elif int(meta.get("format_version", 0)) > FORMAT_VERSION:
+            raise NotAFeatureStoreError(
+                f"{location} was written by a newer cachedfeatures (format "
+                f"{meta['format_version']}); upgrade cachedfeatures to read it."
+            )
+        return cls(root, locks, location)
+
+    @property
+    def entries(self) -> list[Entry]:
+        found = []
+        for _name, group in sorted(self.root.groups(), key=lambda item: item[0]):
+            if ATTRS_KEY in group.attrs and "arrays" in group.attrs[ATTRS_KEY]:  # type: ignore[operator]
+                found.append(Entry(group, self.locks))
+        return found
+
+    def entry(self, name: str) -> Entry | None:
+        """The entry called ``name``, or ``None`` if it does not exist (or is incomplete)."""
+        try:
+            group = self.root[name]
+        except KeyError:
+            return None
+        if not isinstance(group, zarr.Group) or "arrays" not in group.attrs.get(ATTRS_KEY, {}):  # type: ignore[operator]
+            return None
+        return Entry(group, self.locks)
+
+    def create_entry(
+        self,
+        name: str,
+        meta: Mapping[str, Any],
+        specs: Sequence[ArraySpec],
+        *,
+        num_rows: int,
+        chunk_rows: int,
+        compressor: Compressor,
+    ) -> Entry:
+        """Create an entry's arrays, or return it if another process created it first.
+
+        The group's attrs, which mark it complete, are written last, under the entry lock.
+        """
+        with self.locks.entry(name):
+            existing = self.entry(name)
+            if existing is not None:
+                return existing
+            group = self.root.require_group(name)
+            codec = default_compressor() if compressor == "default" else compressor
+            for spec in specs:
+                _create_array(group, spec, num_rows, chunk_rows, codec)
+            group.create_array(
+                VALID,
+                shape=(num_rows,),
+                chunks=(chunk_rows,),
+                dtype="bool",
+                fill_value=False,
+                compressors=default_compressor(),
+                dimension_names=(SAMPLE_DIM,),
+                overwrite=True,
+            )
+            group.attrs[ATTRS_KEY] = {
+                **meta,
+                "format_version": FORMAT_VERSION,
+                "entry": name,
+                "num_rows": num_rows,
+                "chunk_rows": chunk_rows,
+                "arrays": [spec.to_json() for spec in specs],
+                "compressor": repr(codec),
+                "created": _now(),
+            }
+            return Entry(group, self.locks)
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(self.entries)
+
+
+def _create_array(
+    group: zarr.Group, spec: ArraySpec, num_rows: int, chunk_rows: int, codec: BytesBytesCodec | None
+) -> None:
+    dims = (SAMPLE_DIM, *(f"{spec.name}_dim{i}" for i in range(1, len(spec.shape) + 1)))
+    is_string = spec.dtype == "str"
+    fill: Any = "" if is_string else (np.nan if np.dtype(spec.dtype).kind in "fc" else 0)
+    group.create_array(
+        spec.name,
+        shape=(num_rows, *spec.shape),
+        chunks=(chunk_rows, *spec.shape),
+        dtype=spec.numpy_dtype if not is_string else str,
+        fill_value=fill,
+        compressors=codec if codec is not None else None,
+        dimension_names=dims,
+        attributes={"torch_dtype": spec.torch_dtype} if spec.torch_dtype else {},
+        config={"write_empty_chunks": True},
+        overwrite=True,
+    )
+
+
+def _resolve(store: StoreLike, mode: Literal["r", "a"]) -> tuple[Store, Locks, str]:
+    """The zarr Store, the locks that go with it, and a readable location."""
+    if store is None:
+        return MemoryStore(), ThreadLocks(), "<memory>"
+    if isinstance(store, LocalStore):
+        return store, FileLocks(store.root), str(store.root)
+    if isinstance(store, Store):
+        return store, ThreadLocks(), repr(store)
+    if isinstance(store, (str, os.PathLike)):
+        path = Path(store).expanduser()
+        if path.is_file():
+            raise StorePathError(
+                f"store path {str(path)!r} is a file; pass a directory path (for example "
+                f"{str(path.with_suffix('.zarr'))!r}) where the cache can live."
+            )
+        if path.is_dir() and not (path / "zarr.json").exists() and any(path.iterdir()):
+            raise StorePathError(
+                f"store path {str(path)!r} is a non-empty directory that is not a Zarr store; "
+                "pass a new path (for example 'features.zarr') or an existing cache."
+            )
+        if mode == "r" and not path.exists():
+            raise StorePathError(f"no cachedfeatures store at {str(path)!r}; check the path.")
+        if mode == "a":
+            path.mkdir(parents=True, exist_ok=True)
+        return LocalStore(path, read_only=mode == "r"), FileLocks(path), str(path)
+    raise TypeError(f"store must be a path, a zarr Store or None; got {type(store).__name__}.")

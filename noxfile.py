@@ -1,0 +1,49 @@
+"""Sessions: tests, lint, typecheck, demo (and, as they land, notebooks and bench).
+
+Torch is installed first from ``CACHEDFEATURES_TORCH_SPEC`` (default ``torch==2.13.0``, a
+CPU wheel), so the package's own ``torch>=2.2`` range never pulls a multi-GB CUDA build.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+
+TORCH = os.environ.get("CACHEDFEATURES_TORCH_SPEC", "torch==2.13.0")
+
+
+def install(session: nox.Session, *extras: str) -> None:
+    session.install(TORCH)
+    session.install("-e", f".[{','.join(extras)}]" if extras else ".")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole test suite, slow tests included."""
+    install(session, "test")
+    session.run("pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", "cachedfeatures", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "cachedfeatures", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    install(session)
+    session.install("mypy>=1.11")
+    session.run("mypy")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Train a linear head on cached features of a small conv backbone, on a local store."""
+    install(session)
+    session.run("python", "-m", "cachedfeatures.demo", *session.posargs)

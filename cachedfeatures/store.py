@@ -41,6 +41,9 @@ Compressor = BytesBytesCodec | Literal["default"] | None
 ATTRS_KEY = "cachedfeatures"
 FORMAT_VERSION = 1
 VALID = "valid"
+# (num_chunks, 2) float64: last access (unix seconds) and access count per chunk. Written by
+# the pruning layer; absent in entries that were never read under a budget.
+ACCESS = "access"
 SAMPLE_DIM = "sample"
 TARGET_CHUNK_BYTES = 2 * 1024 * 1024
 
@@ -146,6 +149,37 @@ class Entry:
                 for name, array in self.arrays.items():
                     array.oindex[rows] = columns[name][source]
                 self.valid.oindex[rows] = True
+
+    # -- statistics (shared by the CLI, pruning and notebook display) --------------------------
+
+    @property
+    def module_description(self) -> str:
+        return str(self.meta["module"]["description"])
+
+    @property
+    def dataset_description(self) -> str:
+        return str(self.meta["dataset"]["description"])
+
+    @property
+    def created(self) -> str:
+        return str(self.meta["created"])
+
+    def coverage(self) -> np.ndarray:
+        """Valid rows per chunk, shape ``(num_chunks,)``."""
+        mask = self.valid_mask()
+        padded = np.zeros(self.num_chunks * self.chunk_rows, dtype=bool)
+        padded[: len(mask)] = mask
+        return padded.reshape(self.num_chunks, self.chunk_rows).sum(axis=1)
+
+    def nbytes_logical(self) -> int:
+        """Uncompressed bytes of all rows of every array (features and fields)."""
+        return sum(spec.row_nbytes for spec in self.specs) * self.num_rows
+
+    def nbytes_stored(self) -> int:
+        """Bytes this entry occupies in the store (chunks and metadata, all arrays)."""
+        store = self.group.store
+        prefix = self.group.path
+        return int(zarr.core.sync.sync(store.getsize_prefix(prefix)))
 
     def describe(self) -> str:
         module = self.meta["module"]["description"]

@@ -1,0 +1,114 @@
+"""Datasets and modules for tests: they count what they do, so tests can assert on it.
+
+Importable from subprocesses and spawned DataLoader workers (``tests.helpers``), unlike
+fixtures defined inside test files.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+SHAPES = ("tensor", "tuple", "dict")
+
+
+class Samples(Dataset[Any]):
+    """Deterministic samples of a 3x8x8 'image' and a label, as a tensor, tuple or dict.
+
+    ``loads`` counts ``__getitem__`` calls in this process; ``load_log``, if given a
+    directory, records every load from any process (one file per pid).
+    """
+
+    def __init__(
+        self, n: int = 100, shape: str = "tuple", offset: float = 0.0, log_dir: str | None = None
+    ) -> None:
+        self.n = n
+        self.shape = shape
+        self.offset = offset
+        self.log_dir = log_dir
+        self.loads = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def image(self, index: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(index)
+        return torch.randn(3, 8, 8, generator=generator) + self.offset
+
+    def __getitem__(self, index: int) -> Any:
+        self.loads += 1
+        if self.log_dir is not None:
+            with open(os.path.join(self.log_dir, f"loads-{os.getpid()}"), "a") as log:
+                log.write(f"{index}\n")
+        image = self.image(index)
+        if self.shape == "tensor":
+            return image
+        if self.shape == "tuple":
+            return (image, index % 7)
+        return {"image": image, "label": index % 7, "name": f"sample-{index}"}
+
+
+class Backbone(nn.Module):
+    """A small conv net whose output is independent of batch composition per row.
+
+    Only per-sample ops (conv, relu, mean-pool, linear applied row by row) so that a row's
+    features are bit-identical whatever batch it is computed in: the tests compare exactly.
+    ``calls`` counts forward calls; ``seen_devices`` and ``seen_grad_modes`` record the
+    device of inputs and whether inference mode was on.
+    """
+
+    def __init__(self, out: int = 16, seed: int = 0, outputs: str = "tensor") -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.head = nn.Linear(4, out)
+        self.outputs = outputs
+        self.calls = 0
+        self.batch_sizes: list[int] = []
+        self.inference_modes: list[bool] = []
+        self.devices: list[str] = []
+        self.pids: list[int] = []
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> Any:
+        self.calls += 1
+        self.batch_sizes.append(len(x))
+        self.inference_modes.append(torch.is_inference_mode_enabled())
+        self.devices.append(str(x.device))
+        self.pids.append(os.getpid())
+        pooled = torch.relu(self.conv(x)).mean(dim=(2, 3))
+        features = torch.stack([self.head(row) for row in pooled])
+        if self.outputs == "tuple":
+            return features, pooled
+        if self.outputs == "dict":
+            return {"cls": features, "pooled": pooled}
+        return features
+
+
+def reference(module: Backbone, dataset: Samples, index: int) -> Any:
+    """``module``'s output for sample ``index``, computed directly, without the cache."""
+    with torch.inference_mode():
+        out = module.__class__.forward(module, dataset.image(index)[None])
+    module.calls -= 1
+    if isinstance(out, tuple):
+        return tuple(t[0] for t in out)
+    if isinstance(out, dict):
+        return {k: t[0] for k, t in out.items()}
+    return out[0]
+
+
+def features_of(sample: Any, shape: str) -> Any:
+    if shape == "tensor":
+        return sample
+    if shape == "tuple":
+        return sample[0]
+    return sample["image"]
+
+
+def worker_pid_is_main() -> bool:
+    return multiprocessing.parent_process() is None

@@ -81,7 +81,7 @@ class Backbone(nn.Module):
         self.inference_modes.append(torch.is_inference_mode_enabled())
         self.devices.append(str(x.device))
         self.pids.append(os.getpid())
-        pooled = torch.relu(self.conv(x)).mean(dim=(2, 3))
+        pooled = torch.stack([torch.relu(self.conv(image[None]))[0].mean(dim=(1, 2)) for image in x])
         features = torch.stack([self.head(row) for row in pooled])
         if self.outputs == "tuple":
             return features, pooled

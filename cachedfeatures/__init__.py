@@ -7,6 +7,7 @@ computed once, stored chunked in a Zarr store, and served from it on every later
 from cachedfeatures.dataset import CachedFeatureDataset
 from cachedfeatures.errors import (
     CacheError,
+    DeviceInWorkerError,
     FieldNotStorableError,
     InputKeyError,
     ModuleOutputError,
@@ -15,7 +16,10 @@ from cachedfeatures.errors import (
     OutputShapeError,
     StorePathError,
     TrainingModeError,
+    WriterError,
 )
+from cachedfeatures.pipeline import Loader
+from cachedfeatures.prefill import PrefillResult
 from cachedfeatures.store import Entry, FeatureStore
 
 __version__ = "0.1.0"
@@ -23,15 +27,19 @@ __version__ = "0.1.0"
 __all__ = [
     "CacheError",
     "CachedFeatureDataset",
+    "DeviceInWorkerError",
     "Entry",
     "FeatureStore",
     "FieldNotStorableError",
     "InputKeyError",
+    "Loader",
     "ModuleOutputError",
     "NonDeterministicDatasetError",
     "NotAFeatureStoreError",
     "OutputShapeError",
+    "PrefillResult",
     "StorePathError",
     "TrainingModeError",
+    "WriterError",
     "__version__",
 ]

@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from cachedfeatures import _hashing
 from cachedfeatures.compute import Collate, FeatureComputer
-from cachedfeatures.errors import CacheError, TrainingModeError
+from cachedfeatures.errors import DeviceInWorkerError, TrainingModeError
 from cachedfeatures.fingerprint import (
     dataset_fingerprint,
     entry_id,
@@ -23,6 +23,9 @@ from cachedfeatures.fingerprint import (
     qualified_name,
 )
 from cachedfeatures.layout import ArraySpec, InputKey, OutputLayout, SampleLayout
+from cachedfeatures.pipeline import Loader, WorkerMethod
+from cachedfeatures.prefill import PrefillResult, prefill
+from cachedfeatures.steps import LoadedRows, RowLoader, compute_loaded
 from cachedfeatures.store import Compressor, Entry, FeatureStore, StoreLike, default_chunk_rows
 
 __all__ = ["CachedFeatureDataset"]
@@ -57,6 +60,13 @@ class CachedFeatureDataset(Dataset[Any]):
             weights / probing the dataset; change them whenever the module / data change.
         allow_nondeterministic: cache a dataset whose inputs change from load to load (random
             augmentation), freezing one draw. Default ``False``, which raises instead.
+        autocast_dtype: run the module under ``torch.autocast`` with this dtype (for example
+            ``torch.bfloat16``). It changes the stored values, so it is part of the entry key.
+            Default ``None``: no autocast.
+
+    With ``device="cuda"``, compute misses through :meth:`loader` (workers do I/O, the module
+    runs in this process) or fill the cache first with :meth:`prefill`; a plain DataLoader
+    worker cannot use CUDA.
     """
 
     def __init__(
@@ -75,6 +85,7 @@ class CachedFeatureDataset(Dataset[Any]):
         module_version: str | None = None,
         dataset_version: str | None = None,
         allow_nondeterministic: bool = False,
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
         self.dataset = dataset
         self.module = module
@@ -82,6 +93,7 @@ class CachedFeatureDataset(Dataset[Any]):
         self.batch_size = parse_positive_int("batch_size", batch_size)
         self.device = parse_device(device)
         self.dtype = parse_dtype(dtype)
+        self.autocast_dtype = parse_dtype(autocast_dtype)
         if chunk_rows is not None:
             chunk_rows = parse_positive_int("chunk_rows", chunk_rows)
         if isinstance(module, torch.nn.Module) and module.training:
@@ -91,7 +103,7 @@ class CachedFeatureDataset(Dataset[Any]):
                 "module.eval() before wrapping it."
             )
         self._length = len(dataset)  # type: ignore[arg-type]
-        self._computer = FeatureComputer(module, self.device, self.dtype, collate_fn)
+        self._computer = FeatureComputer(module, self.device, self.dtype, collate_fn, self.autocast_dtype)
         self._feature_store = FeatureStore.open(store, mode="a")
         self.module_fingerprint = module_fingerprint(module, module_version)
 
@@ -111,6 +123,8 @@ class CachedFeatureDataset(Dataset[Any]):
             "input_key": _describe_callable(self.input_key),
             "collate_fn": None if collate_fn is None else _describe_callable(collate_fn),
         }
+        if self.autocast_dtype is not None:  # only when set, so entries without it keep their key
+            self.options["autocast"] = str(self.autocast_dtype)
         key = entry_id(self.module_fingerprint, self.dataset_fingerprint, self.options)
         self.entry_name = f"{type(module).__name__}-{key}"
         self._entry: Entry | None = None
@@ -201,6 +215,7 @@ class CachedFeatureDataset(Dataset[Any]):
             columns[name][read.hit] = column
         missing = ~read.hit
         if missing.any():
+            self._check_can_compute_here()
             miss_rows, where = np.unique(rows[missing], return_inverse=True)
             computed = self.compute(miss_rows)
             for name, column in computed.items():
@@ -212,31 +227,46 @@ class CachedFeatureDataset(Dataset[Any]):
 
         Returns the stored columns, one row per requested row, exactly as a later hit reads them.
         """
-        entry, layout, outputs = self._entry, self._sample_layout, self._output_layout
-        if entry is None or layout is None or outputs is None:
+        entry = self._entry
+        if entry is None:
             raise AssertionError("unreachable: compute on an empty dataset")
         rows = np.asarray(rows, dtype=np.int64)
         parts: list[dict[str, np.ndarray]] = []
         for start in range(0, len(rows), self.batch_size):
             batch = rows[start : start + self.batch_size]
-            samples = [self.dataset[int(i)] for i in batch]
-            fields = layout.field_values(samples)
-            inputs = [layout.extract_input(sample) for sample in samples]
-            try:
-                tensors = self._computer(inputs, outputs)
-            except CacheError:
-                raise
-            except Exception as error:
-                error.add_note(
-                    f"cachedfeatures: while computing features for rows {batch[:8].tolist()}"
-                    f"{'...' if len(batch) > 8 else ''}; nothing from this batch was stored."
-                )
-                raise
-            columns = {spec.name: spec.tensor_batch_to_numpy(tensors[spec.name]) for spec in outputs.arrays}
-            columns.update(fields)
+            columns = self.compute_loaded(self.load(batch))
             entry.write(batch, columns)
             parts.append(columns)
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+    def load(self, rows: Sequence[int] | np.ndarray) -> LoadedRows:
+        """The raw samples of ``rows`` (module inputs and fields to store); no module call."""
+        return self.row_loader()(rows)
+
+    def row_loader(self) -> RowLoader:
+        """A picklable, module-free loader of raw samples, for worker processes."""
+        if self._sample_layout is None:
+            raise AssertionError("unreachable: load on an empty dataset")
+        return RowLoader(self.dataset, self._sample_layout)
+
+    def compute_loaded(self, loaded: LoadedRows, *, pin_memory: bool = False) -> dict[str, np.ndarray]:
+        """Run the module on loaded rows (in batches of ``batch_size``); the columns to store."""
+        if self._output_layout is None:
+            raise AssertionError("unreachable: compute on an empty dataset")
+        self._check_can_compute_here()
+        return compute_loaded(
+            self._computer, self._output_layout, loaded, self.batch_size, pin_memory=pin_memory
+        )
+
+    def _check_can_compute_here(self) -> None:
+        if self.device.type == "cuda" and get_worker_info() is not None:
+            raise DeviceInWorkerError(
+                f"a DataLoader worker needs to compute features on {self.device}, but CUDA cannot "
+                "run in DataLoader worker processes (and each worker would hold its own copy of "
+                "the module). Iterate over cached.loader(batch_size=..., num_workers=...) instead, "
+                "which runs the module in this process and only I/O in workers, or call "
+                "cached.prefill() before training so that workers only read hits."
+            )
 
     def _assemble(self, columns: Mapping[str, np.ndarray], position: int) -> Any:
         layout, outputs = self._sample_layout, self._output_layout
@@ -270,6 +300,61 @@ class CachedFeatureDataset(Dataset[Any]):
                 "cachedfeatures: an in-memory store inside a DataLoader worker caches only "
                 "in that worker's copy; pass store='features.zarr' to share the cache."
             )
+
+    # -- the pipeline ------------------------------------------------------------------------------
+
+    def loader(
+        self,
+        batch_size: int | None = None,
+        *,
+        shuffle: bool = False,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        sampler: Sampler[int] | None = None,
+        collate_fn: Collate | None = None,
+        worker_method: WorkerMethod = "thread",
+        prefetch_factor: int = 2,
+    ) -> Loader:
+        """A resumable batch loader: workers do I/O, the module runs in this process.
+
+        See :class:`cachedfeatures.pipeline.Loader` for the arguments; ``batch_size`` defaults
+        to this dataset's ``batch_size``.
+        """
+        return Loader(
+            self,
+            batch_size=self.batch_size if batch_size is None else batch_size,
+            shuffle=shuffle,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            seed=seed,
+            drop_last=drop_last,
+            sampler=sampler,
+            collate_fn=collate_fn,
+            worker_method=worker_method,
+            prefetch_factor=prefetch_factor,
+        )
+
+    def prefill(
+        self,
+        num_workers: int = 0,
+        progress: bool = True,
+        *,
+        worker_method: WorkerMethod = "thread",
+        distributed: bool | None = None,
+    ) -> PrefillResult:
+        """Compute and store every missing row, with a progress bar; resumable.
+
+        See :func:`cachedfeatures.prefill.prefill`.
+        """
+        return prefill(
+            self,
+            num_workers=num_workers,
+            progress=progress,
+            worker_method=worker_method,
+            distributed=distributed,
+        )
 
     # -- introspection -------------------------------------------------------------------------
 

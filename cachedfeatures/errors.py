@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "CacheError",
+    "DeviceInWorkerError",
     "FieldNotStorableError",
     "InputKeyError",
     "ModuleOutputError",
@@ -17,6 +18,7 @@ __all__ = [
     "OutputShapeError",
     "StorePathError",
     "TrainingModeError",
+    "WriterError",
 ]
 
 
@@ -57,3 +59,11 @@ class StorePathError(CacheError, NotADirectoryError):
 
 class NotAFeatureStoreError(CacheError, ValueError):
     """The Zarr store exists but was not written by cachedfeatures."""
+
+
+class DeviceInWorkerError(CacheError, RuntimeError):
+    """A DataLoader worker would have to run the module on a CUDA device."""
+
+
+class WriterError(CacheError, RuntimeError):
+    """The background writer failed to store computed rows (the cause is chained)."""

@@ -17,6 +17,7 @@ the end of every epoch; a writer error is raised at the next batch.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
@@ -103,6 +104,33 @@ class Indices(tn.BaseNode[int]):  # type: ignore[misc]
 
     def get_state(self) -> dict[str, Any]:
         return {self.EPOCH_KEY: self._epoch, self.OFFSET_KEY: self._offset}
+
+
+class CollectBeforeFork(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
+    """Passes ``source`` through; its ``reset`` first collects garbage.
+
+    ``ParallelMapper(method="process")`` resets its source just before it forks the workers of
+    a new epoch, while the previous epoch's iterator may still be waiting for the cycle
+    collector. Collecting it here keeps the forked workers from inheriting it (torchdata 0.11
+    would then run its ``__del__`` in the child, which fails noisily).
+    """
+
+    SOURCE_KEY = "source"
+
+    def __init__(self, source: tn.BaseNode[T]) -> None:
+        super().__init__()
+        self.source = source
+
+    def reset(self, initial_state: dict[str, Any] | None = None) -> None:
+        super().reset(initial_state)
+        gc.collect()
+        self.source.reset(None if initial_state is None else initial_state[self.SOURCE_KEY])
+
+    def next(self) -> T:
+        return next(self.source)  # type: ignore[no-any-return]
+
+    def get_state(self) -> dict[str, Any]:
+        return {self.SOURCE_KEY: self.source.state_dict()}
 
 
 @dataclass
@@ -299,7 +327,9 @@ class Loader:
         source: tn.BaseNode[int] = (
             tn.SamplerWrapper(sampler) if sampler is not None else Indices(len(cached), shuffle, seed)
         )
-        batches = tn.Batcher(source, self.batch_size, drop_last=self.drop_last)
+        batches: tn.BaseNode[list[int]] = tn.Batcher(source, self.batch_size, drop_last=self.drop_last)
+        if self.num_workers > 0 and self.worker_method == "process":
+            batches = CollectBeforeFork(batches)
         io = ReadOrLoad(entry, cached.row_loader())
         read: tn.BaseNode[IOBatch] = (
             tn.ParallelMapper(batches, io, num_workers=self.num_workers, method=self.worker_method)

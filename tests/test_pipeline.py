@@ -184,17 +184,20 @@ def test_cuda_device_in_plain_dataloader_worker_says_what_to_do(store_path: Path
 
 
 def test_autocast_dtype_is_part_of_the_entry_and_applied(store_path: Path) -> None:
-    dataset, backbone = Samples(20, "tuple"), Backbone()
-    plain = CachedFeatureDataset(dataset, backbone, store_path)
-    mixed = CachedFeatureDataset(dataset, backbone, store_path, autocast_dtype=torch.bfloat16)
+    dataset, backbone = Samples(8, "tuple"), Backbone()
+    plain = CachedFeatureDataset(dataset, backbone, store_path, dataset_version="v")
+    mixed = CachedFeatureDataset(
+        dataset, backbone, store_path, dataset_version="v", autocast_dtype=torch.bfloat16
+    )
     assert mixed.entry_name != plain.entry_name
     assert mixed.entry is not None and mixed.entry.meta["options"]["autocast"] == "torch.bfloat16"
-    features = torch.stack([batch for batch, _ in mixed.loader(batch_size=1)]).squeeze(1)
+    features = torch.cat([batch for batch, _ in mixed.loader(batch_size=4)])
+    images = torch.stack([dataset.image(i) for i in range(8)])
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = torch.cat([Backbone.forward(backbone, dataset.image(i)[None]) for i in range(20)])
+        expected = Backbone.forward(backbone, images)
     assert features.dtype == torch.bfloat16
     assert torch.equal(features, expected)
-    full_precision = torch.stack([plain[i][0] for i in range(20)])
+    full_precision = torch.cat([batch for batch, _ in plain.loader(batch_size=4)])
     assert full_precision.dtype == torch.float32
     assert not torch.equal(features.float(), full_precision)  # autocast changed the values
 

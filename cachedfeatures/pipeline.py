@@ -204,7 +204,8 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
     """The compute stage: run the module on the misses of each I/O batch, in this process.
 
     Computed rows go to ``writer``; the writer is flushed when the source is exhausted (end of
-    an epoch), and a writer error is raised at the next batch.
+    an epoch) and on every reset (an epoch left early), and a writer error is raised at the
+    next batch.
 
     Args:
         source: a node of :class:`IOBatch`.
@@ -233,6 +234,7 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
+        self.writer.flush()  # rows of an epoch left early are stored before the next one starts
         self.source.reset(None if initial_state is None else initial_state[self.SOURCE_KEY])
 
     def next(self) -> T:

@@ -96,6 +96,22 @@ def test_module_runs_only_in_this_process_and_workers_do_io(
     assert len([row for rows in logged_loads(log_dir).values() for row in rows]) == 63
 
 
+def test_rows_served_before_leaving_an_epoch_early_are_stored(store_path: Path) -> None:
+    cached = CachedFeatureDataset(
+        Samples(64, "dict"), Backbone(), store_path, input_key="image", chunk_rows=16
+    )
+    loader = cached.loader(batch_size=8, shuffle=True)
+    served = []
+    for batch in loader:
+        served += names_of(batch)
+        if len(served) == 16:
+            break
+    iter(loader)  # the next epoch (or a resume) starts by storing what was computed
+    assert cached.entry is not None
+    assert cached.entry.valid_mask()[served].all()
+    loader.close()
+
+
 def test_writer_error_is_raised_in_the_training_loop(store_path: Path) -> None:
     cached = CachedFeatureDataset(Samples(64, "tuple"), Backbone(), store_path, chunk_rows=16)
     assert cached.entry is not None

@@ -347,7 +347,9 @@ class Loader:
         self._loader: tn.Loader[Any] = tn.Loader(node)
 
     def __iter__(self) -> Iterator[Any]:
-        iterator = iter(self._loader)
+        return self._batches(iter(self._loader))  # iter() resets now: a new epoch or the resume
+
+    def _batches(self, iterator: Iterator[Any]) -> Iterator[Any]:
         while True:
             self.writer.check()  # a writer error surfaces here, at the next batch
             try:

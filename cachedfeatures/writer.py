@@ -13,10 +13,11 @@ by the next :meth:`Writer.submit`, :meth:`Writer.check` or :meth:`Writer.flush`:
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -169,11 +170,11 @@ class Writer:
                 continue
             if self._error is not None:
                 continue  # drop: these rows stay missing, the error is reported
-            self._guarded(lambda item=item: self._add(*item))
+            self._guarded(functools.partial(self._add, *item))
 
-    def _guarded(self, action: object) -> None:
+    def _guarded(self, action: Callable[[], None]) -> None:
         try:
-            action()  # type: ignore[operator]
+            action()
         except BaseException as error:  # kept for the caller; the thread keeps draining
             self._error = error
             self._buffer.clear()

@@ -66,6 +66,22 @@ def test_epochs_follow_the_seeded_permutation(store_path: Path) -> None:
     assert [row for batch in unshuffled for row in names_of(batch)] == list(range(50))
 
 
+def test_loader_takes_any_sampler(store_path: Path) -> None:
+    cached = CachedFeatureDataset(
+        Samples(50, "dict"), Backbone(), store_path, input_key="image", chunk_rows=16
+    )
+    rows = [41, 3, 17, 8, 29]
+
+    def sampler() -> torch.utils.data.Sampler[int]:
+        return torch.utils.data.SubsetRandomSampler(rows, generator=torch.Generator().manual_seed(0))
+
+    loader = cached.loader(batch_size=2, sampler=sampler())
+    assert len(loader) == 3
+    served = [row for batch in loader for row in names_of(batch)]
+    assert served == list(sampler())
+    assert sorted(served) == sorted(rows)
+
+
 @pytest.mark.parametrize("method", ["thread", "process"])
 def test_module_runs_only_in_this_process_and_workers_do_io(
     store_path: Path, tmp_path: Path, method: str

@@ -161,7 +161,8 @@ def main() -> None:
         f"rows={args.rows} image=3x{args.size}x{args.size} features={args.out} batch={args.batch_size} "
         f"workers={args.workers} torch threads={torch.get_num_threads()} rounds={args.rounds}"
     )
-    print(f"no-cache setup: DataLoader(num_workers={setup[0]}), loop in the {setup[1]} thread (fastest of 4)")
+    where = "the main thread" if setup[1] == "main" else "another thread"
+    print(f"no-cache setup: DataLoader(num_workers={setup[0]}), loop in {where} (fastest of 4)")
     for method, rounds in results.items():
         baseline = statistics.median(times[0] for times in rounds)
         print(f"[{method} workers] no cache: {baseline:7.3f} s/epoch (median)")

@@ -210,9 +210,13 @@ def test_cuda_device_in_plain_dataloader_worker_says_what_to_do(store_path: Path
     hits = DataLoader(torch.utils.data.Subset(on_cuda, range(20)), batch_size=10, num_workers=2)
     assert sum(len(batch[0]) for batch in hits) == 20  # hits in workers are fine
 
-    misses = DataLoader(on_cuda, batch_size=10, num_workers=2)
+    batches = iter(DataLoader(on_cuda, batch_size=10, num_workers=2))
     with pytest.raises(DeviceInWorkerError, match=r"cached\.loader\(.*prefill\(\)"):
-        list(misses)
+        for _ in batches:
+            pass
+    # An iterator that raised is only shut down by the cycle collector, which stalls ~5 s per
+    # worker in torch's DataLoader; shut it down now instead (torch's own method).
+    batches._shutdown_workers()  # type: ignore[attr-defined]
 
 
 def test_autocast_dtype_is_part_of_the_entry_and_applied(store_path: Path) -> None:

@@ -67,9 +67,9 @@ class EntryInfo:
     """A snapshot of what an entry holds, for display and for scripts.
 
     ``nbytes_stored`` is the entry's size on disk (chunks and metadata); ``nbytes_logical`` the
-    uncompressed size of all its rows once full. ``compression_ratio`` compares the chunks that
-    exist with the uncompressed size of the rows they span, so a half-filled entry is not
-    mistaken for a well-compressed one.
+    uncompressed size of all its rows once full. ``compression_ratio`` is the uncompressed size
+    of the cached rows over the bytes their chunks take (see :func:`compression_ratio`), so a
+    half-filled entry is not mistaken for a well-compressed one.
     """
 
     name: str
@@ -253,17 +253,18 @@ def describe_codecs(array: zarr.Array[Any]) -> str:
 
 
 def compression_ratio(entry: Entry, per_chunk: np.ndarray | None = None) -> float:
-    """Uncompressed bytes of the chunks on disk over their size on disk; ``nan`` if none exist.
+    """Uncompressed bytes of the cached rows over the bytes of the chunks on disk.
 
-    Every array of the entry (features, fields, ``valid``) counts; metadata does not.
+    Every array of the entry (features, fields, ``valid``) counts; metadata does not. A chunk
+    only partly filled still costs its whole compressed size, so the ratio is what a cached
+    row really costs; ``nan`` while no chunk exists.
     """
     per_chunk = chunk_nbytes(entry) if per_chunk is None else per_chunk
-    row_nbytes = sum(spec.row_nbytes for spec in entry.specs) + 1  # + 1: the valid flag
-    present = np.flatnonzero(per_chunk)
-    if len(present) == 0:
+    stored = int(per_chunk.sum())
+    if stored == 0:
         return float("nan")
-    rows = np.minimum(entry.chunk_rows, entry.num_rows - present * entry.chunk_rows)
-    return float(rows.sum() * row_nbytes / per_chunk[present].sum())
+    row_nbytes = sum(spec.row_nbytes for spec in entry.specs) + 1  # + 1: the valid flag
+    return float(int(entry.valid_mask().sum()) * row_nbytes / stored)
 
 
 def entry_info(entry: Entry) -> EntryInfo:
@@ -385,34 +386,44 @@ _CELL = "padding:1px 8px;text-align:left;vertical-align:top"
 _MAX_BARS = 120
 
 
-def coverage_svg(coverage: np.ndarray, chunk_rows: int, num_rows: int, width: int = 180) -> str:
-    """A small bar, one cell per chunk (chunks grouped when many), shaded by the share cached.
+def coverage_svg(mask: np.ndarray, chunk_rows: int, width: int = 180) -> str:
+    """A small bar chart of the ``valid`` mask: rows left to right, filled where cached.
 
-    Plain inline SVG, no script: each cell has a tooltip (``<title>``) with its chunks and rows.
+    Rows are grouped into at most 120 cells; each cell is filled to the share of its rows that
+    are cached, with a tooltip (``<title>``) giving the counts. Thin white lines mark chunk
+    boundaries when chunks are few enough to see. Plain inline SVG, no script.
     """
-    num_chunks = len(coverage)
-    if num_chunks == 0:
+    num_rows = len(mask)
+    if num_rows == 0:
         return ""
-    per_cell = -(-num_chunks // _MAX_BARS)
-    cells = -(-num_chunks // per_cell)
-    cell_width = width / cells
-    height = 12
+    height = 14
+    cells = min(num_rows, _MAX_BARS)
+    edges = np.linspace(0, num_rows, cells + 1).round().astype(np.int64)
+    cached = np.add.reduceat(mask.astype(np.int64), edges[:-1])
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'role="img" style="vertical-align:middle">',
-        f'<rect width="{width}" height="{height}" fill="#e5e5e5"/>',
+        f'<rect width="{width}" height="{height}" fill="#e0e0e0"/>',
     ]
-    for cell in range(cells):
-        first, last = cell * per_cell, min(num_chunks, (cell + 1) * per_cell)
-        rows = min(num_rows, last * chunk_rows) - first * chunk_rows
-        cached = int(coverage[first:last].sum())
-        share = cached / rows if rows else 0.0
-        label = f"chunk {first}" if last - first == 1 else f"chunks {first}-{last - 1}"
-        x = cell * cell_width
+    scale = width / num_rows
+    for first, end, count in zip(edges[:-1], edges[1:], cached, strict=True):
+        rows = int(end - first)
+        label = f"row {first}" if rows == 1 else f"rows {first}-{end - 1}"
+        filled = height * int(count) / rows
+        x, cell_width = f"{first * scale:.2f}", f"{rows * scale:.2f}"
         parts.append(
-            f'<rect x="{x:.2f}" width="{cell_width:.2f}" height="{height}" fill="#2a7ab9" '
-            f'fill-opacity="{share:.3f}"><title>{label}: {cached}/{rows} rows cached</title></rect>'
+            f"<g><title>{label}: {count}/{rows} cached</title>"
+            f'<rect x="{x}" y="0" width="{cell_width}" height="{height}" fill-opacity="0"/>'
+            f'<rect x="{x}" y="{height - filled:.2f}" width="{cell_width}" height="{filled:.2f}" '
+            f'fill="#2a7ab9"/></g>'
         )
+    num_chunks = -(-num_rows // chunk_rows)
+    if 1 < num_chunks <= width // 4:
+        for chunk in range(1, num_chunks):
+            boundary = chunk * chunk_rows * scale
+            parts.append(
+                f'<line x1="{boundary:.2f}" x2="{boundary:.2f}" y1="0" y2="{height}" stroke="white"/>'
+            )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -432,8 +443,9 @@ def _esc(value: object) -> str:
     return html.escape(str(value))
 
 
-def entry_html(info: EntryInfo, coverage: np.ndarray) -> str:
-    bar = coverage_svg(coverage, info.chunk_rows, info.num_rows)
+def entry_html(info: EntryInfo, mask: np.ndarray) -> str:
+    """An entry as HTML: a summary table with a coverage bar, and a table of its arrays."""
+    bar = coverage_svg(mask, info.chunk_rows)
     summary = _table(
         [
             ["<b>module</b>", f"{_esc(info.module)}<br><code>{_esc(info.module_digest)}</code>"],
@@ -460,21 +472,21 @@ def entry_html(info: EntryInfo, coverage: np.ndarray) -> str:
 
 
 def store_html(store: FeatureStore, entries: Sequence[tuple[EntryInfo, np.ndarray]]) -> str:
+    """A store as HTML: one table row per entry (``entries`` pairs its info with its valid mask)."""
     total = sum(info.nbytes_stored for info, _ in entries)
     rows = [
         [
             f"<code>{_esc(info.name)}</code>",
             _esc(info.module.split(",")[0]),
             _esc(info.dataset.split(",")[0]),
-            f"{coverage_svg(coverage, info.chunk_rows, info.num_rows, width=120)} "
-            f"{info.valid_rows}/{info.num_rows}",
+            f"{coverage_svg(mask, info.chunk_rows, width=120)} {info.valid_rows}/{info.num_rows}",
             _esc(format_bytes(info.nbytes_stored)),
             _esc(_ratio(info)),
             _esc(", ".join(f"{a.name} {a.dtype}{a.shape}" for a in info.arrays if a.role == "feature")),
             _esc(_when(info.created)),
             _esc(_when(info.last_used)),
         ]
-        for info, coverage in entries
+        for info, mask in entries
     ]
     table = _table(
         rows,

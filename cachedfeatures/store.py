@@ -279,7 +279,7 @@ class Entry:
         return explore.last_used(self)
 
     def compression_ratio(self) -> float:
-        """Uncompressed over on-disk bytes of the chunks that exist; ``nan`` if none exist."""
+        """Uncompressed bytes of the cached rows over their chunks' bytes on disk (``nan``: none)."""
         from cachedfeatures import explore
 
         return explore.compression_ratio(self)
@@ -298,7 +298,7 @@ class Entry:
     def _repr_html_(self) -> str:
         from cachedfeatures import explore
 
-        return explore.entry_html(explore.entry_info(self), self.coverage())
+        return explore.entry_html(explore.entry_info(self), self.valid_mask())
 
 
 class FeatureStore:
@@ -438,7 +438,7 @@ class FeatureStore:
     def _repr_html_(self) -> str:
         from cachedfeatures import explore
 
-        return explore.store_html(self, [(entry.info(), entry.coverage()) for entry in self.entries])
+        return explore.store_html(self, [(entry.info(), entry.valid_mask()) for entry in self.entries])
 
 
 def _create_array(

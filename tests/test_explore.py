@@ -223,6 +223,11 @@ def test_compression_ratio_reflects_the_codec_not_how_full_the_entry_is(tmp_path
     zeros = FeatureStore.open(tmp_path / "zeros.zarr")[0]
     # Only the first (of 7) chunks is written: a ratio against the full entry would read ~7x.
     assert 0.9 < raw.compression_ratio() < 1.2
+    fill(
+        tmp_path / "half.zarr", shape="tuple", compressor=None, module=Backbone(out=256), rows=list(range(8))
+    )
+    # Half a chunk cached still costs a whole chunk on disk.
+    assert 0.45 < FeatureStore.open(tmp_path / "half.zarr")[0].compression_ratio() < 0.6
     assert zeros.compression_ratio() > 20
     assert zeros.info().compression_ratio == pytest.approx(zeros.compression_ratio())
 
@@ -282,34 +287,51 @@ def test_repr_reads_well_in_a_terminal(store_path: Path, filled: CachedFeatureDa
     assert f"{entry.name}  {valid}/100 rows" in store_text
 
 
-def test_html_shows_a_coverage_bar_with_one_cell_per_chunk(
-    store_path: Path, filled: CachedFeatureDataset
-) -> None:
+CELL = re.compile(
+    r"<title>rows? (\d+)(?:-(\d+))?: (\d+)/(\d+) cached</title>.*?"
+    r'<rect x="[0-9.]+" y="[0-9.]+" width="[0-9.]+" height="([0-9.]+)" fill="#2a7ab9"/>'
+)
+
+
+def bar_cells(page: str) -> list[tuple[int, int, int, int, float]]:
+    """(first row, last row, cached, rows, filled height) of each cell of the coverage bar."""
+    return [
+        (int(first), int(last or first), int(cached), int(rows), float(height))
+        for first, last, cached, rows, height in CELL.findall(page)
+    ]
+
+
+def test_html_shows_a_coverage_bar_of_the_valid_rows(store_path: Path, filled: CachedFeatureDataset) -> None:
     store = FeatureStore.open(store_path)
     entry = store[0]
     page = entry._repr_html_()
     assert "<script" not in page and page.count("<svg") == 1
-    cells = re.findall(r'fill-opacity="([0-9.]+)"><title>chunk (\d+): (\d+)/(\d+) rows cached', page)
-    assert [int(chunk) for _, chunk, _, _ in cells] == list(range(7))
-    coverage = entry.coverage()
-    assert [int(cached) for _, _, cached, _ in cells] == coverage.tolist()
-    assert [int(rows) for _, _, _, rows in cells] == [16] * 6 + [4]  # the last chunk holds 4 rows
-    assert float(cells[0][0]) == 1.0 and float(cells[3][0]) == 0.0
-    assert entry.module_description.split(",")[0] in page
+    cells = bar_cells(page)
+    mask = entry.valid_mask()
+    assert [first for first, *_ in cells] == list(range(100))  # 100 rows: one cell each
+    assert [cached for _, _, cached, _, _ in cells] == mask.astype(int).tolist()
+    assert [height for *_, height in cells] == [14.0 if cached else 0.0 for cached in mask]
+    assert page.count('stroke="white"') == 6  # 7 chunks, 6 boundaries
+    assert entry.module_description.split(",")[0] in page and "40 / 100" not in page
+    assert f"{len(entry.valid_rows())} / 100 valid" in page
     store_page = store._repr_html_()
     assert entry.name in store_page and store_page.count("<svg") == 1
+    assert bar_cells(store_page) == cells
 
 
-def test_html_groups_chunks_when_there_are_many_and_escapes_text(store_path: Path) -> None:
+def test_html_groups_rows_when_there_are_many_and_escapes_text(store_path: Path) -> None:
     dataset = Samples(2000, "tuple")
     cached = CachedFeatureDataset(dataset, Backbone(), store=store_path, chunk_rows=4)
     cached.__getitems__(list(range(40)))
     entry = FeatureStore.open(store_path)[0]
     page = entry._repr_html_()
-    titles = re.findall(r"<title>chunks (\d+)-(\d+): (\d+)/(\d+) rows cached", page)
-    assert 0 < len(titles) <= 120
-    assert sum(int(rows) for *_, rows in titles) == 2000
-    assert sum(int(cached) for _, _, cached, _ in titles) == len(entry.valid_rows())
+    cells = bar_cells(page)
+    assert len(cells) == 120
+    assert sum(rows for _, _, _, rows, _ in cells) == 2000
+    assert sum(cached for _, _, cached, _, _ in cells) == len(entry.valid_rows())
+    first_rows, first_cached = cells[0][3], cells[0][2]
+    assert cells[0][4] == pytest.approx(14 * first_cached / first_rows, abs=0.01)
+    assert 'stroke="white"' not in page  # 500 chunks: too many boundaries to draw
     assert "<Conv2d" not in page  # text from the store is escaped
 
 

@@ -120,31 +120,52 @@ def read_arrays(
     """
     specs = [spec_of(entry, name) for name in names]
     if rows is None:
-        wanted = np.flatnonzero(entry.valid_mask())
-    else:
-        wanted = np.asarray(rows, dtype=np.int64).reshape(-1)
-        out_of_range = wanted[(wanted < 0) | (wanted >= entry.num_rows)]
-        if len(out_of_range):
-            raise IndexError(
-                f"rows {out_of_range[:5].tolist()} are out of range for entry {entry.name!r} of "
-                f"{entry.num_rows} rows; pass rows from 0 to {entry.num_rows - 1}."
-            )
+        return _read_valid(entry, specs)
+    wanted = np.asarray(rows, dtype=np.int64).reshape(-1)
+    out_of_range = wanted[(wanted < 0) | (wanted >= entry.num_rows)]
+    if len(out_of_range):
+        raise IndexError(
+            f"rows {out_of_range[:5].tolist()} are out of range for entry {entry.name!r} of "
+            f"{entry.num_rows} rows; pass rows from 0 to {entry.num_rows - 1}."
+        )
     if len(wanted) == 0:
         return wanted, {spec.name: _empty(spec) for spec in specs}
     found = entry.read(wanted)
     if not found.hit.all():
         missing = wanted[~found.hit]
-        why = (
-            "they were pruned while being read; call again"
-            if rows is None
-            else "they were never computed or have been pruned"
-        )
         raise RowsNotCachedError(
             f"{len(missing)} of the {len(wanted)} rows asked for (e.g. {missing[:5].tolist()}) are not "
-            f"cached in entry {entry.name!r}: {why}. Pass rows=entry.valid_rows() to read only "
-            "cached rows, or fill the cache first (one pass over the CachedFeatureDataset)."
+            f"cached in entry {entry.name!r}: they were never computed or have been pruned. Pass "
+            "rows=entry.valid_rows() to read only cached rows, or fill the cache first (one pass "
+            "over the CachedFeatureDataset)."
         )
     return wanted, {spec.name: found.arrays[spec.name] for spec in specs}
+
+
+def _read_valid(entry: Entry, specs: Sequence[ArraySpec]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Every valid row: whole runs of chunks are read with slices (much faster than fancy
+    indexing), and a row counts only if it is valid before and after its bytes are read."""
+    before = entry.valid_mask()
+    has_rows = np.zeros(entry.num_chunks + 2, dtype=np.int8)
+    if len(before):
+        has_rows[1:-1] = np.add.reduceat(before, np.arange(0, entry.num_rows, entry.chunk_rows)) > 0
+    edges = np.flatnonzero(np.diff(has_rows))  # runs of chunks that hold valid rows: [start, stop)
+    spans = [
+        (start * entry.chunk_rows, min(stop * entry.chunk_rows, entry.num_rows))
+        for start, stop in zip(edges[::2], edges[1::2], strict=True)
+    ]
+    if not spans:
+        return np.zeros(0, dtype=np.int64), {spec.name: _empty(spec) for spec in specs}
+    columns = {
+        spec.name: np.concatenate([np.asarray(entry.arrays[spec.name][a:b]) for a, b in spans])
+        for spec in specs
+    }
+    after = entry.valid_mask()
+    candidates = np.concatenate([np.arange(a, b) for a, b in spans])
+    keep = before[candidates] & after[candidates]
+    if keep.all():
+        return candidates, columns
+    return candidates[keep], {name: column[keep] for name, column in columns.items()}
 
 
 def _empty(spec: ArraySpec) -> np.ndarray:
@@ -189,7 +210,9 @@ def to_xarray(entry: Entry, valid_only: bool = True) -> xarray.Dataset:
     dataset = dataset.set_coords([name for name in entry.field_names if name in dataset])
     mask = entry.valid_mask()
     if valid_only:
-        selected: xarray.Dataset = dataset.drop_vars(VALID).isel(sample=np.flatnonzero(mask))
+        selected: xarray.Dataset = dataset.drop_vars(VALID)
+        if not mask.all():  # (fancy indexing is slow in zarr; skip it when every row is valid)
+            selected = selected.isel(sample=np.flatnonzero(mask))
         return selected
     dataset = dataset.set_coords(VALID)
     valid = xr.DataArray(mask, dims=("sample",))

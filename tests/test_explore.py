@@ -102,19 +102,22 @@ def test_bytes_written_without_the_valid_flag_are_never_returned(
     store_path: Path, filled: CachedFeatureDataset
 ) -> None:
     # A writer that died after writing a row's bytes but before setting ``valid``.
+    # Row 50 sits in a chunk with no valid row, row 71 between valid rows 70 and 75.
     group = zarr.open_group(store_path, path=FeatureStore.open(store_path)[0].name, mode="a")
-    group["features"][50] = np.full(16, 123.0, dtype=np.float32)
-    group["label"][50] = 123
+    for row in (50, 71):
+        group["features"][row] = np.full(16, 123.0, dtype=np.float32)
+        group["label"][row] = 123
     entry = FeatureStore.open(store_path)[0]
-    assert 50 not in entry.valid_rows()
+    assert {50, 71}.isdisjoint(entry.valid_rows().tolist())
     assert not (entry.features() == 123.0).any()
     assert 123 not in entry.fields["label"]
     with pytest.raises(RowsNotCachedError):
-        entry.read_fields([50])
-    assert 50 not in entry.to_xarray()["sample"].values
+        entry.read_fields([71])
+    assert {50, 71}.isdisjoint(entry.to_xarray()["sample"].values.tolist())
     everything = entry.to_xarray(valid_only=False)
-    assert not bool(everything["valid"][50])
-    assert np.isnan(everything["features"][50].values).all()
+    for row in (50, 71):
+        assert not bool(everything["valid"][row])
+        assert np.isnan(everything["features"][row].values).all()
 
 
 def test_fields_line_up_with_features(store_path: Path, filled: CachedFeatureDataset) -> None:
@@ -355,3 +358,15 @@ def test_empty_entry_reads_as_empty(store_path: Path) -> None:
     assert entry.fields["field_1"].shape == (0,)
     assert entry.to_xarray().sizes["sample"] == 0
     assert "0 / 40 valid" in repr(entry)
+
+
+def test_an_in_memory_store_can_be_explored_too() -> None:
+    cached = CachedFeatureDataset(
+        Samples(40, "dict"), Backbone(), store=None, input_key="image", chunk_rows=8
+    )
+    cached.__getitems__(list(range(20)))
+    entry = cached.store[0]
+    np.testing.assert_array_equal(entry.valid_rows(), np.arange(20))
+    np.testing.assert_array_equal(entry.to_xarray()["features"].values, entry.features())
+    assert (entry.nbytes_per_chunk()[:2] > 0).all() and (entry.nbytes_per_chunk()[3:] == 0).all()
+    assert "<memory>" in repr(cached.store)

@@ -293,7 +293,10 @@ class Entry:
     def __repr__(self) -> str:
         from cachedfeatures import explore
 
-        return explore.entry_repr(explore.entry_info(self))
+        try:
+            return explore.entry_repr(explore.entry_info(self))
+        except Exception as error:  # a repr must not raise (debuggers, logs): say what failed
+            return f"<Entry {self.name} (unreadable: {type(error).__name__}: {error})>"
 
     def _repr_html_(self) -> str:
         from cachedfeatures import explore
@@ -433,7 +436,10 @@ class FeatureStore:
     def __repr__(self) -> str:
         from cachedfeatures import explore
 
-        return explore.store_repr(self, [entry.info() for entry in self.entries])
+        try:
+            return explore.store_repr(self, [entry.info() for entry in self.entries])
+        except Exception as error:  # a repr must not raise (debuggers, logs): say what failed
+            return f"<FeatureStore {self.location} (unreadable: {type(error).__name__}: {error})>"
 
     def _repr_html_(self) -> str:
         from cachedfeatures import explore

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -370,3 +371,11 @@ def test_an_in_memory_store_can_be_explored_too() -> None:
     np.testing.assert_array_equal(entry.to_xarray()["features"].values, entry.features())
     assert (entry.nbytes_per_chunk()[:2] > 0).all() and (entry.nbytes_per_chunk()[3:] == 0).all()
     assert "<memory>" in repr(cached.store)
+
+
+def test_repr_of_an_entry_whose_store_is_gone_says_so_instead_of_raising(
+    store_path: Path, filled: CachedFeatureDataset
+) -> None:
+    entry = FeatureStore.open(store_path)[0]
+    shutil.rmtree(store_path / entry.name / "valid")
+    assert repr(entry).startswith(f"<Entry {entry.name} (unreadable: ")

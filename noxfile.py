@@ -31,8 +31,9 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "cachedfeatures", "tests", "benchmarks", "noxfile.py")
-    session.run("ruff", "format", "--check", "cachedfeatures", "tests", "benchmarks", "noxfile.py")
+    paths = ["cachedfeatures", "tests", "benchmarks", "notebooks", "noxfile.py"]
+    session.run("ruff", "check", *paths)
+    session.run("ruff", "format", "--check", *paths)
 
 
 @nox.session
@@ -47,3 +48,14 @@ def demo(session: nox.Session) -> None:
     """Train a linear head on cached features of a small conv backbone, on a local store."""
     install(session)
     session.run("python", "-m", "cachedfeatures.demo", *session.posargs)
+
+
+@nox.session
+def notebooks(session: nox.Session) -> None:
+    """Execute every notebook in notebooks/ (each builds its own small store); any error fails.
+
+    ``nox -s notebooks -- --out build/notebooks`` also keeps the executed notebooks and their
+    figures as PNG files.
+    """
+    install(session, "notebooks")
+    session.run("python", "notebooks/execute.py", *session.posargs)

@@ -13,8 +13,11 @@ from cachedfeatures.errors import (
     NonDeterministicDatasetError,
     NotAFeatureStoreError,
     OutputShapeError,
+    RowsNotCachedError,
     StorePathError,
     TrainingModeError,
+    UnknownArrayError,
+    UnknownEntryError,
 )
 from cachedfeatures.store import Entry, FeatureStore
 
@@ -31,7 +34,10 @@ __all__ = [
     "NonDeterministicDatasetError",
     "NotAFeatureStoreError",
     "OutputShapeError",
+    "RowsNotCachedError",
     "StorePathError",
     "TrainingModeError",
+    "UnknownArrayError",
+    "UnknownEntryError",
     "__version__",
 ]

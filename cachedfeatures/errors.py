@@ -15,8 +15,11 @@ __all__ = [
     "NonDeterministicDatasetError",
     "NotAFeatureStoreError",
     "OutputShapeError",
+    "RowsNotCachedError",
     "StorePathError",
     "TrainingModeError",
+    "UnknownArrayError",
+    "UnknownEntryError",
 ]
 
 
@@ -57,3 +60,21 @@ class StorePathError(CacheError, NotADirectoryError):
 
 class NotAFeatureStoreError(CacheError, ValueError):
     """The Zarr store exists but was not written by cachedfeatures."""
+
+
+class RowsNotCachedError(CacheError, LookupError):
+    """Rows asked of a store entry are not valid there (never computed, or pruned)."""
+
+
+class UnknownArrayError(CacheError, KeyError):
+    """A store entry has no array of the given name."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it readable.
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownEntryError(CacheError, KeyError):
+    """A store has no entry of the given name."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it readable.
+        return str(self.args[0]) if self.args else ""

@@ -10,7 +10,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "lint", "typecheck", "notebooks"]
 nox.options.reuse_existing_virtualenvs = True
 
 TORCH = os.environ.get("CACHEDFEATURES_TORCH_SPEC", "torch==2.13.0")

@@ -37,8 +37,15 @@ out = {{
     "label5": int(entry["label"][5]),
     "name5": str(entry["name"][5]),
     "valid": int(entry["valid"][:].sum()),
-    "imported": "cachedfeatures" in sys.modules,
 }}
+import xarray
+ds = xarray.open_zarr({str(store_path)!r}, group={cached.entry_name!r}, consolidated=False)
+out.update({{
+    "xr_dims": list(ds["features"].dims),
+    "xr_row5": ds["features"][5].values.tolist(),
+    "xr_label5": int(ds["label"][5]),
+    "imported": "cachedfeatures" in sys.modules,
+}})
 print(json.dumps(out))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
@@ -51,6 +58,9 @@ print(json.dumps(out))
     assert np.array_equal(np.array(out["row5"], dtype=np.float32), expected)
     assert out["label5"] == 5 and out["name5"] == "sample-5"
     assert out["valid"] == 40
+    assert out["xr_dims"] == ["sample", "features_dim1"]
+    assert np.array_equal(np.array(out["xr_row5"], dtype=np.float32), expected)
+    assert out["xr_label5"] == 5
     meta = out["attrs"]["cachedfeatures"]
     assert "Backbone" in meta["module"]["description"]
     assert "Samples of 40 samples" in meta["dataset"]["description"]

@@ -8,7 +8,9 @@ Each message says what happened and what to do about it.
 from __future__ import annotations
 
 __all__ = [
+    "BudgetError",
     "CacheError",
+    "EntryNotFoundError",
     "FieldNotStorableError",
     "InputKeyError",
     "ModuleOutputError",
@@ -57,3 +59,14 @@ class StorePathError(CacheError, NotADirectoryError):
 
 class NotAFeatureStoreError(CacheError, ValueError):
     """The Zarr store exists but was not written by cachedfeatures."""
+
+
+class BudgetError(CacheError, ValueError):
+    """The size budget cannot work: ``max_bytes`` is smaller than one chunk."""
+
+
+class EntryNotFoundError(CacheError, KeyError):
+    """No entry of that name in the store."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

@@ -156,9 +156,10 @@ def _create_access_array(entry: Entry) -> zarr.Array[Any]:
 
 
 # -- flushing at process exit ------------------------------------------------------------------
-# One hook per process flushes every live log. atexit runs it in the main process (before
-# zarr's own exit cleanup, which was registered earlier at import); multiprocessing's
-# finalizers run it in worker processes, which leave through os._exit and skip atexit.
+# One hook per process flushes every live log. Zarr's local I/O goes through a thread pool
+# that shuts down in threading's exit hooks, before ``atexit`` handlers run, so the hook is
+# a threading exit hook (registered after the pool's, so it runs first). Worker processes
+# leave through os._exit after multiprocessing's finalizers, so it is one of those too.
 
 _live: weakref.WeakSet[AccessLog] = weakref.WeakSet()
 _hooked_pid: int | None = None
@@ -169,7 +170,11 @@ def _register_for_exit(log: AccessLog) -> None:
     _live.add(log)
     if _hooked_pid != os.getpid():
         _hooked_pid = os.getpid()
-        atexit.register(_flush_all)
+        register = getattr(threading, "_register_atexit", atexit.register)
+        try:
+            register(_flush_all)
+        except RuntimeError:  # already shutting down
+            return
         multiprocessing.util.Finalize(None, _flush_all, exitpriority=100)
 
 

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 import numpy as np
 from zarr.abc.store import Store
@@ -36,6 +36,7 @@ from zarr.storage import LocalStore
 
 from cachedfeatures.access import LAST, AccessLog, read_access
 from cachedfeatures.errors import BudgetError
+from cachedfeatures.layout import OutputLayout
 from cachedfeatures.store import ACCESS, Entry, FeatureStore, RowsRead
 from cachedfeatures.units import format_bytes, parse_bytes
 
@@ -91,18 +92,17 @@ def parse_policy(value: object) -> Policy:
 class StoreUsage:
     """Bytes of a store as found on disk (or in the store) now.
 
-    ``total`` counts every key except ``*.partial`` temporaries; ``chunks[entry][chunk]`` is
-    the bytes of one row-chunk across the entry's arrays (``valid`` included, ``access``
-    excluded), which is what dropping it frees; ``orphans`` are the ``*.partial`` keys.
+    ``total`` counts every key except ``*.partial`` temporaries; ``entries[name]`` the part
+    under one entry (metadata included); ``chunks[name][chunk]`` the bytes of one row-chunk
+    across the entry's arrays (``valid`` included, ``access`` excluded), which is what
+    dropping it frees; ``orphans`` are the ``*.partial`` keys.
     """
 
     total: int = 0
+    entries: dict[str, int] = field(default_factory=dict)
     chunks: dict[str, dict[int, int]] = field(default_factory=dict)
     orphans: list[str] = field(default_factory=list)
     measured_at: float = field(default_factory=time.monotonic)
-
-    def entry_bytes(self, name: str) -> int:
-        return sum(self.chunks.get(name, {}).values())
 
 
 def measure(store: FeatureStore) -> StoreUsage:
@@ -114,6 +114,8 @@ def measure(store: FeatureStore) -> StoreUsage:
             continue
         usage.total += size
         parts = key.split("/")
+        if len(parts) > 1:
+            usage.entries[parts[0]] = usage.entries.get(parts[0], 0) + size
         # <entry>/<array>/c/<row chunk>[/<other dims>...]
         if len(parts) >= 4 and parts[2] == "c" and parts[1] != ACCESS and parts[3].isdigit():
             per_entry = usage.chunks.setdefault(parts[0], {})
@@ -266,38 +268,25 @@ def plan(
 def drop_chunk(entry: Entry, chunk: int) -> None:
     """Make ``chunk``'s rows misses, then delete its bytes in every array.
 
-    Both steps run under the chunk's lock, so no writer can mark rows valid in between.
+    Deleting the chunk's key in ``valid`` clears all its rows at once (the fill value is
+    ``False``); the data keys go after it. Both run under the chunk's lock, so no writer can
+    mark rows valid in between.
     """
-    start = chunk * entry.chunk_rows
-    stop = min(start + entry.chunk_rows, entry.num_rows)
     with entry.locks.chunk(entry.name, chunk):
-        entry.valid[start:stop] = False
         delete_chunk_bytes(entry, chunk)
 
 
 def delete_chunk_bytes(entry: Entry, chunk: int) -> None:
-    """Delete ``chunk``'s key in every data array and in ``valid`` (caller holds the lock)."""
+    """Delete ``chunk``'s key in ``valid``, then in every data array (caller holds the lock)."""
     store = entry.group.store
-    keys = _all_chunk_keys(entry, chunk)
+    valid = f"{entry.valid.path}/{entry.valid.metadata.encode_chunk_key((chunk,))}"
+    data = list(chunk_keys(entry, chunk).values())
 
     async def delete_all() -> None:
-        await asyncio.gather(*(store.delete(key) for key in keys))
+        await store.delete(valid)
+        await asyncio.gather(*(store.delete(key) for key in data))
 
     sync(delete_all())
-
-
-def chunk_keys(entry: Entry, chunk: int) -> dict[str, str]:
-    """The store key of ``chunk`` in each data array of ``entry`` (``valid`` excluded)."""
-    keys = {}
-    for name, array in entry.arrays.items():
-        coords = (chunk, *(0 for _ in array.shape[1:]))
-        keys[name] = f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
-    return keys
-
-
-def _all_chunk_keys(entry: Entry, chunk: int) -> list[str]:
-    valid = f"{entry.valid.path}/{entry.valid.metadata.encode_chunk_key((chunk,))}"
-    return [*chunk_keys(entry, chunk).values(), valid]
 
 
 def prune(
@@ -322,14 +311,11 @@ def prune(
         usage = measure(store)
         entries = store.entries
         chosen = plan(entries, usage, budget, policy, in_use)
-        freed = 0
         if not dry_run:
             by_name = {entry.name: entry for entry in entries}
             for item in chosen:
                 drop_chunk(by_name[item.entry], item.chunk)
-                freed += item.nbytes
-        else:
-            freed = sum(item.nbytes for item in chosen)
+    freed = sum(item.nbytes for item in chosen)
     return PruneReport(budget, usage.total, usage.total - freed, chosen, dry_run)
 
 
@@ -339,10 +325,11 @@ def prune(
 class Budget:
     """Keeps ``store`` under ``max_bytes`` while ``entry`` is being filled.
 
-    Call :meth:`after_write` after each chunk written: it adds the chunk's bytes to the size
-    last measured and, when that estimate passes the budget (or is older than
-    ``remeasure_every`` seconds), measures the store again and prunes. So the store exceeds
-    its budget by at most the chunk just written, which MRU then drops first.
+    Call :meth:`after_write` after each chunk written: it measures the whole store (every
+    process's writes count) and prunes if it is over. So the store exceeds its budget by at
+    most the chunks being written at that moment (one per writing process), and MRU drops
+    the chunk just written first. Measuring lists the store once per chunk written: small
+    next to computing a chunk of features (about 2 MiB by default).
     """
 
     def __init__(
@@ -352,14 +339,12 @@ class Budget:
         max_bytes: int | float | str,
         policy: Policy = "mru",
         log: AccessLog | None = None,
-        remeasure_every: float = 2.0,
     ) -> None:
         self.store = store
         self.entry = entry
         self.max_bytes = parse_bytes(max_bytes)
         self.policy = parse_policy(policy)
         self.log = log
-        self.remeasure_every = remeasure_every
         chunk_bytes = entry.chunk_rows * sum(spec.row_nbytes for spec in entry.specs)
         if self.max_bytes < chunk_bytes:
             raise BudgetError(
@@ -368,8 +353,6 @@ class Budget:
                 f"{format_bytes(chunk_bytes // entry.chunk_rows)}), so nothing could stay cached. "
                 "Raise max_bytes or pass a smaller chunk_rows."
             )
-        self._estimate = 0
-        self._measured_at = -float("inf")
         self._others: dict[str, Entry] = {}
 
     def enforce(self) -> PruneReport | None:
@@ -377,7 +360,6 @@ class Budget:
         with self.store.locks.lock("prune"):
             usage = measure(self.store)
             if usage.total <= self.max_bytes:
-                self._remember(usage.total)
                 return None
             stats = {self.entry.name: self.log.stats()} if self.log is not None else None
             entries = self._entries(usage)
@@ -385,8 +367,7 @@ class Budget:
             by_name = {entry.name: entry for entry in entries}
             for item in chosen:
                 drop_chunk(by_name[item.entry], item.chunk)
-            after = usage.total - sum(item.nbytes for item in chosen)
-        self._remember(after)
+        after = usage.total - sum(item.nbytes for item in chosen)
         logger.debug(
             "cachedfeatures: pruned %d chunks (%s) to stay under %s",
             len(chosen),
@@ -396,12 +377,8 @@ class Budget:
         return PruneReport(self.max_bytes, usage.total, after, chosen)
 
     def after_write(self, chunk: int) -> PruneReport | None:
-        """Account for ``chunk`` just written; prune if the store is now over budget."""
-        self._estimate += _chunk_nbytes(self.entry, chunk)
-        stale = time.monotonic() - self._measured_at >= self.remeasure_every
-        if self._estimate > self.max_bytes or stale:
-            return self.enforce()
-        return None
+        """Call after writing ``chunk``: prunes if the store is now over budget."""
+        return self.enforce()
 
     def _entries(self, usage: StoreUsage) -> list[Entry]:
         """The entry in use and every entry with chunks on disk (opened once, then reused)."""
@@ -417,48 +394,37 @@ class Budget:
             found.append(self._others[name])
         return found
 
-    def _remember(self, total: int) -> None:
-        self._estimate = total
-        self._measured_at = time.monotonic()
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_measured_at"] = -float("inf")  # a copy in another process measures first
-        return state
+# -- rows whose bytes are gone -----------------------------------------------------------------
 
 
-def _chunk_nbytes(entry: Entry, chunk: int) -> int:
-    """Bytes of ``chunk`` in every array of ``entry`` (an over-estimate when rewritten)."""
-    store = entry.group.store
-    keys = _all_chunk_keys(entry, chunk)
-    if isinstance(store, LocalStore):
-        total = 0
-        for key in keys:
-            try:
-                total += os.stat(Path(store.root) / key).st_size
-            except FileNotFoundError:
-                continue
-        return total
+def chunk_keys(entry: Entry, chunk: int) -> dict[str, str]:
+    """The store key of ``chunk`` in each data array of ``entry`` (``valid`` excluded)."""
+    keys = {}
+    for name, array in entry.arrays.items():
+        coords = (chunk, *(0 for _ in array.shape[1:]))
+        keys[name] = f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
+    return keys
 
-    async def sizes() -> list[int]:
-        async def size(key: str) -> int:
-            try:
-                return await store.getsize(key)
-            except FileNotFoundError:
-                return 0
 
-        return await asyncio.gather(*(size(key) for key in keys))
-
-    return sum(sync(sizes()))
+def output_names(entry: Entry) -> list[str]:
+    """The arrays holding the module's outputs (the passthrough fields excluded)."""
+    return [spec.name for spec in OutputLayout.from_json(entry.meta["outputs"]).arrays]
 
 
 def missing_chunks(entry: Entry, chunks: Iterable[int]) -> list[int]:
-    """The chunks among ``chunks`` whose key is absent in at least one data array."""
+    """The chunks among ``chunks`` whose key is absent in one of the module's output arrays.
+
+    Only output arrays are checked: Zarr may skip writing a chunk that equals the fill
+    value, which is common for fields (a chunk of labels that are all 0) and which a real
+    feature chunk (float, fill NaN) never is.
+    """
     chunks = [int(chunk) for chunk in chunks]
     if not chunks:
         return []
     store = entry.group.store
-    per_chunk = [list(chunk_keys(entry, chunk).values()) for chunk in chunks]
+    names = output_names(entry)
+    per_chunk = [[keys[name] for name in names] for keys in (chunk_keys(entry, chunk) for chunk in chunks)]
     if isinstance(store, LocalStore):
         root = Path(store.root)
         return [
@@ -469,7 +435,7 @@ def missing_chunks(entry: Entry, chunks: Iterable[int]) -> list[int]:
 
     async def check() -> list[bool]:
         found = await asyncio.gather(*(store.exists(key) for keys in per_chunk for key in keys))
-        width = len(per_chunk[0])
+        width = len(names)
         return [all(found[i * width : (i + 1) * width]) for i in range(len(chunks))]
 
     return [chunk for chunk, present in zip(chunks, sync(check()), strict=True) if not present]
@@ -488,7 +454,6 @@ def repair_missing(entry: Entry, chunk: int) -> bool:
             return False
         if not missing_chunks(entry, [chunk]):
             return False
-        entry.valid[start:stop] = False
         delete_chunk_bytes(entry, chunk)
         return True
 

@@ -459,17 +459,17 @@ def repair_missing(entry: Entry, chunk: int) -> bool:
 
 
 def serve_backed_rows(entry: Entry, rows: np.ndarray, read: RowsRead) -> RowsRead:
-    """``read`` less the hits whose chunk lacks bytes in some array (valid bit, no file).
+    """``read`` less the hits that would serve fill values instead of stored features.
 
-    Such rows would read as fill values. Their chunks are cleared so they are recomputed
-    (a chunk a pruner emptied meanwhile is left alone), and the damage is logged once.
+    Two cases: a chunk marked valid whose output bytes are missing (damage: its rows are
+    cleared so they are recomputed, logged once), and hits whose floating-point outputs
+    are all NaN, the fill value, which is what a read that raced a pruner and a rewrite of
+    the same rows sees. Both become misses.
     """
     if not read.hit.any():
         return read
-    hit_chunks = np.unique(rows[read.hit] // entry.chunk_rows)
-    missing = missing_chunks(entry, hit_chunks)
-    if not missing:
-        return read
+    hit_rows = rows[read.hit]
+    missing = missing_chunks(entry, np.unique(hit_rows // entry.chunk_rows))
     for chunk in missing:
         if repair_missing(entry, chunk) and (entry.name, chunk) not in _warned:
             _warned.add((entry.name, chunk))
@@ -479,9 +479,16 @@ def serve_backed_rows(entry: Entry, rows: np.ndarray, read: RowsRead) -> RowsRea
                 chunk,
                 entry.name,
             )
-    bad = np.isin(rows // entry.chunk_rows, missing) & read.hit
-    keep = ~bad[read.hit]
-    return RowsRead(read.hit & ~bad, {name: column[keep] for name, column in read.arrays.items()})
+    bad = np.isin(hit_rows // entry.chunk_rows, missing)
+    for name in output_names(entry):
+        column = read.arrays.get(name)
+        if column is not None and column.dtype.kind in "fc" and column.size:
+            bad |= np.isnan(column.reshape(len(column), -1)).all(axis=1)
+    if not bad.any():
+        return read
+    hit = read.hit.copy()
+    hit[np.flatnonzero(read.hit)[bad]] = False
+    return RowsRead(hit, {name: column[~bad] for name, column in read.arrays.items()})
 
 
 _warned: set[tuple[str, int]] = set()

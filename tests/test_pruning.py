@@ -14,22 +14,9 @@ from cachedfeatures import BudgetError, CachedFeatureDataset, FeatureStore
 from cachedfeatures.access import read_access
 from cachedfeatures.pruning import drop_chunk, measure, parse_policy, plan
 from cachedfeatures.units import format_bytes, parse_bytes
-from tests.helpers import Samples
+from tests.helpers import Samples, Tile
 
 ROWS, CHUNK_ROWS, BATCH = 256, 8, 32
-
-
-class Tile(torch.nn.Module):
-    """A cheap, batch-invariant module (element-wise): 256 float32 features per sample."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows_computed = 0
-        self.eval()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.rows_computed += len(x)
-        return torch.tanh(x.flatten(1)).repeat(1, 2)[:, :256]
 
 
 def full_reference(tmp_path: Path) -> tuple[np.ndarray, int, int]:

@@ -49,6 +49,9 @@ def simulate(store_path: Path, max_bytes: int, policy: str, orders: list[np.ndar
             np.testing.assert_array_equal(np.stack([s.numpy() for s in samples]), expected[batch])
             peak = max(peak, measure(store).total)
         hits.append(1 - (module.rows_computed - computed_before) / ROWS)
+    print(
+        f"{policy}: hits per pass {[round(h, 3) for h in hits]}; peak {peak} B for a budget of {max_bytes} B"
+    )
     return hits, peak
 
 

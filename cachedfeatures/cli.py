@@ -135,6 +135,8 @@ def _info(args: argparse.Namespace, out: TextIO) -> int:
             f"  {report['orphans']} leftover temporary file(s) (*.partial) from interrupted writes; "
             "'cachedfeatures verify --repair' removes stale ones\n"
         )
+    for broken in report["broken"]:
+        out.write(f"  {broken['name']}: {broken['problem']}; run 'cachedfeatures verify'\n")
     for entry in entries:
         ratio = f"{entry['compression_ratio']:.2f}x" if entry["compression_ratio"] else "n/a"
         arrays = ", ".join(
@@ -210,9 +212,11 @@ def _ranges(chunks: list[int]) -> str:
 
 def _rm(args: argparse.Namespace, out: TextIO) -> int:
     from cachedfeatures.maintenance import remove_entry
+    from cachedfeatures.pruning import open_entries
 
     store = _open(args.store, write=True)
-    names = [entry.name for entry in store.entries]
+    entries, broken = open_entries(store)
+    names = [entry.name for entry in entries] + list(broken)
     unknown = [name for name in args.entries if name not in names]
     if unknown:
         raise EntryNotFoundError(

@@ -22,6 +22,7 @@ from cachedfeatures.pruning import (
     chunk_keys,
     delete_chunk_bytes,
     measure,
+    open_entries,
     output_names,
     remove_orphans,
 )
@@ -33,8 +34,9 @@ __all__ = ["describe_store", "remove_entry", "verify_store"]
 def describe_store(store: FeatureStore) -> dict[str, Any]:
     """Every entry with its descriptions, rows valid, bytes, compression, layout and use."""
     usage = measure(store)
+    readable, broken = open_entries(store)
     entries = []
-    for entry in store.entries:
+    for entry in readable:
         stored = usage.chunks.get(entry.name, {})
         row_bytes = sum(spec.row_nbytes for spec in entry.specs) + 1  # + the valid flag
         logical = sum(_rows_in(entry, chunk) for chunk in stored) * row_bytes
@@ -69,6 +71,7 @@ def describe_store(store: FeatureStore) -> dict[str, Any]:
         "bytes": usage.total,
         "orphans": len(usage.orphans),
         "entries": entries,
+        "broken": [{"name": name, "problem": why} for name, why in broken.items()],
     }
 
 
@@ -102,18 +105,11 @@ def verify_store(store: FeatureStore, *, repair: bool = False) -> dict[str, Any]
     """
     problems: list[dict[str, Any]] = []
     checked = 0
-    names = _child_groups(store)
-    for name in names:
-        try:
-            entry = store.entry(name)
-        except Exception as error:
-            problems.append(_problem("metadata", name, None, f"metadata unreadable: {error}"))
-            continue
-        if entry is None:
-            problems.append(
-                _problem("incomplete", name, None, "not a complete entry (its creator died?); 'rm' it")
-            )
-            continue
+    entries, broken = open_entries(store)
+    for name, why in broken.items():
+        kind = "metadata" if why.startswith("metadata") else "incomplete"
+        problems.append(_problem(kind, name, None, f"{why}; 'rm' it"))
+    for entry in entries:
         layout = _layout_problems(entry)
         problems.extend(layout)
         if layout:
@@ -135,7 +131,7 @@ def verify_store(store: FeatureStore, *, repair: bool = False) -> dict[str, Any]
         )
     return {
         "store": store.location,
-        "entries": len(names),
+        "entries": len(entries) + len(broken),
         "chunks_checked": checked,
         "ok": not problems,
         "problems": problems,
@@ -155,6 +151,9 @@ def _layout_problems(entry: Entry) -> list[dict[str, Any]]:
         except KeyError:
             problems.append(_problem("layout", entry.name, None, f"array {name!r} is missing"))
             continue
+        except Exception as error:
+            problems.append(_problem("layout", entry.name, None, f"array {name!r} unreadable: {error}"))
+            continue
         if not isinstance(array, zarr.Array):
             problems.append(_problem("layout", entry.name, None, f"{name!r} is not an array"))
             continue
@@ -170,14 +169,13 @@ def _layout_problems(entry: Entry) -> list[dict[str, Any]]:
             )
     try:
         access = entry.group[ACCESS]
-    except KeyError:
-        return problems
-    if not isinstance(access, zarr.Array) or access.shape != (entry.num_chunks, 2):
-        problems.append(
-            _problem("layout", entry.name, None, f"access statistics should be ({entry.num_chunks}, 2)")
-        )
-    else:
+        if not isinstance(access, zarr.Array) or access.shape != (entry.num_chunks, 2):
+            raise ValueError(f"expected a ({entry.num_chunks}, 2) array")
         read_access(entry)
+    except KeyError:
+        pass  # never recorded
+    except Exception as error:
+        problems.append(_problem("layout", entry.name, None, f"access statistics unreadable: {error}"))
     return problems
 
 
@@ -240,18 +238,6 @@ def _same_dtype(actual: Any, expected: str) -> bool:
 
 def _problem(kind: str, entry: str, chunk: int | None, detail: str, repaired: bool = False) -> dict[str, Any]:
     return {"kind": kind, "entry": entry, "chunk": chunk, "detail": detail, "repaired": repaired}
-
-
-def _child_groups(store: FeatureStore) -> list[str]:
-    """Names of the root's child nodes, listed without decoding their metadata."""
-    zarr_store = store.root.store
-    prefix = f"{store.root.path}/" if store.root.path else ""
-
-    async def listing() -> list[str]:
-        return [name async for name in zarr_store.list_dir(prefix) if name != "zarr.json"]
-
-    names = sorted(sync(listing()))
-    return [name for name in names if not name.endswith(".partial")]
 
 
 def _rows_in(entry: Entry, chunk: int) -> int:

@@ -179,6 +179,33 @@ def remove_orphans(store: FeatureStore, older_than: float = STALE_PARTIAL_SECOND
     return removed
 
 
+def open_entries(store: FeatureStore) -> tuple[list[Entry], dict[str, str]]:
+    """The store's entries, and the child groups that cannot be opened as one (name -> why).
+
+    Unlike ``FeatureStore.entries``, one damaged entry does not hide the others.
+    """
+    zarr_store = store.root.store
+    prefix = f"{store.root.path}/" if store.root.path else ""
+
+    async def listing() -> list[str]:
+        return [name async for name in zarr_store.list_dir(prefix)]
+
+    entries, broken = [], {}
+    for name in sorted(sync(listing())):
+        if name == "zarr.json" or name.endswith(PARTIAL_SUFFIX):
+            continue
+        try:
+            entry = store.entry(name)
+        except Exception as error:
+            broken[name] = f"metadata unreadable: {error}"
+            continue
+        if entry is None:
+            broken[name] = "not a complete entry (its creator died?)"
+        else:
+            entries.append(entry)
+    return entries, broken
+
+
 # -- choosing and dropping ---------------------------------------------------------------------
 
 
@@ -309,7 +336,7 @@ def prune(
         for log in logs:
             log.flush()
         usage = measure(store)
-        entries = store.entries
+        entries, _ = open_entries(store)
         chosen = plan(entries, usage, budget, policy, in_use)
         if not dry_run:
             by_name = {entry.name: entry for entry in entries}

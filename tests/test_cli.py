@@ -262,3 +262,23 @@ def test_verify_finds_and_repairs_damage(
     expected = np.tile(np.tanh(images.reshape(40, -1)), 2)[:, :256]
     np.testing.assert_allclose(np.stack([s["image"].numpy() for s in samples]), expected, rtol=1e-6)
     assert [s["label"] for s in samples] == [i % 7 for i in range(40)]
+
+
+def test_a_damaged_entry_does_not_hide_the_others(
+    store_path: Path, two_entries: tuple[CachedFeatureDataset, ...]
+) -> None:
+    full, partial = two_entries
+    (store_path / full.entry_name / "zarr.json").write_text("{not json")
+    info = cli("info", str(store_path), "--json")
+    assert info.returncode == 0, info.stderr
+    report = json.loads(info.stdout)
+    assert [entry["name"] for entry in report["entries"]] == [partial.entry_name]
+    assert [broken["name"] for broken in report["broken"]] == [full.entry_name]
+    verify = cli("verify", str(store_path), "--json")
+    assert verify.returncode == 1
+    assert [(p["kind"], p["entry"]) for p in json.loads(verify.stdout)["problems"]] == [
+        ("metadata", full.entry_name)
+    ]
+    assert cli("rm", str(store_path), full.entry_name).returncode == 0
+    assert not (store_path / full.entry_name).exists()
+    assert [entry.name for entry in FeatureStore.open(store_path).entries] == [partial.entry_name]

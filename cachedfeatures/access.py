@@ -5,9 +5,9 @@ column 0 the last access (unix seconds), column 1 the access count. Pruning read
 choose what to drop, and ``cachedfeatures info`` shows when an entry was last used.
 
 Recording sits on the hot read path, so an :class:`AccessLog` counts in memory and writes
-to the store only now and then (every ``flush_every`` seconds, before pruning, at
-:meth:`AccessLog.flush` and at process exit), merging with what other processes wrote
-(latest time wins, counts add) under a lock.
+to the store only now and then: every ``flush_every`` seconds, at :meth:`AccessLog.flush`
+and at process exit, merging with what other processes wrote (latest time wins, counts
+add) under a lock. A pruner in the same process merges in what is still pending.
 """
 
 from __future__ import annotations

@@ -262,7 +262,7 @@ class CachedFeatureDataset(Dataset[Any]):
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     def _checked_read(self, entry: Entry, rows: np.ndarray) -> RowsRead:
-        """``entry.read``, less rows whose chunk bytes are missing; records the chunks hit."""
+        """``entry.read``, less hits that would serve fill values; records the chunks hit."""
         read = serve_backed_rows(entry, rows, entry.read(rows))
         if self._access is not None:
             self._access.record(rows[read.hit] // entry.chunk_rows)
@@ -343,7 +343,7 @@ class CachedFeatureDataset(Dataset[Any]):
     def flush_access(self) -> None:
         """Write this process's pending chunk access statistics to the store now.
 
-        They are also written every few seconds while reading, before pruning, and at exit.
+        They are also written every few seconds while reading, and when the process exits.
         """
         if self._access is not None:
             self._access.flush()

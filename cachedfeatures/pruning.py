@@ -9,12 +9,13 @@ first; then chunks of the entry in use. Within an entry the policy orders the ch
 - ``"lru"`` drops the least recently used chunk first: right for access that is not cyclic,
   and useless for repeated sequential passes (each pass evicts what the next one needs).
 
-Dropping a chunk clears its rows' ``valid`` bits under the chunk's lock *before* deleting its
-bytes in every array, so a concurrent reader gets either the right features or a miss
-(``Entry.read`` checks ``valid`` again after reading the bytes), and a crash in between leaves
-bytes that nothing serves. The budget counts the store's actual bytes (every process's
-writes, earlier sessions included), ignoring the ``*.partial`` temporary files that Zarr's
-local store leaves behind when killed mid-write.
+Dropping a chunk clears its rows' ``valid`` bits under the chunk's lock (by deleting the
+chunk's key in ``valid``, whose fill value is ``False``) *before* deleting its bytes in every
+array, so a concurrent reader gets either the right features or a miss (``Entry.read``
+checks ``valid`` again after reading the bytes), and a crash in between leaves bytes that
+nothing serves. The budget counts the store's actual bytes (every process's writes, earlier
+sessions included), ignoring the ``*.partial`` temporary files that Zarr's local store leaves
+behind when killed mid-write.
 """
 
 from __future__ import annotations
@@ -47,12 +48,18 @@ __all__ = [
     "Policy",
     "PruneReport",
     "StoreUsage",
+    "chunk_keys",
+    "delete_chunk_bytes",
     "drop_chunk",
     "measure",
+    "missing_chunks",
+    "open_entries",
+    "output_names",
     "parse_policy",
     "plan",
     "prune",
     "remove_orphans",
+    "serve_backed_rows",
 ]
 
 logger = logging.getLogger(__name__)

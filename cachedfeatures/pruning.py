@@ -457,19 +457,24 @@ def missing_chunks(entry: Entry, chunks: Iterable[int]) -> list[int]:
     if not chunks:
         return []
     store = entry.group.store
-    names = output_names(entry)
-    per_chunk = [[keys[name] for name in names] for keys in (chunk_keys(entry, chunk) for chunk in chunks)]
-    if isinstance(store, LocalStore):
-        root = Path(store.root)
+    arrays = [
+        (entry.arrays[name], (0,) * (len(entry.arrays[name].shape) - 1)) for name in output_names(entry)
+    ]
+    per_chunk = [
+        [f"{array.path}/{array.metadata.encode_chunk_key((chunk, *rest))}" for array, rest in arrays]
+        for chunk in chunks
+    ]
+    if isinstance(store, LocalStore):  # the hot read path: plain stat calls
+        root = f"{store.root}/"
         return [
             chunk
             for chunk, keys in zip(chunks, per_chunk, strict=True)
-            if not all(os.path.exists(root / key) for key in keys)
+            if not all(os.path.exists(root + key) for key in keys)
         ]
 
     async def check() -> list[bool]:
         found = await asyncio.gather(*(store.exists(key) for keys in per_chunk for key in keys))
-        width = len(names)
+        width = len(arrays)
         return [all(found[i * width : (i + 1) * width]) for i in range(len(chunks))]
 
     return [chunk for chunk, present in zip(chunks, sync(check()), strict=True) if not present]

@@ -45,6 +45,10 @@ def describe_store(store: FeatureStore) -> dict[str, Any]:
             rows_valid: int | None = int(entry.valid_mask().sum())
         except Exception:  # a damaged valid chunk: verify says which
             rows_valid = None
+        try:
+            used = _iso(last_used(entry))
+        except Exception:  # damaged statistics: verify says so
+            used = None
         entries.append(
             {
                 "name": entry.name,
@@ -63,7 +67,7 @@ def describe_store(store: FeatureStore) -> dict[str, Any]:
                 "chunks": entry.num_chunks,
                 "chunks_stored": len(stored),
                 "created": entry.created,
-                "last_used": _iso(last_used(entry)),
+                "last_used": used,
             }
         )
     return {

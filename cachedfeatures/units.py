@@ -51,7 +51,10 @@ def parse_bytes(value: object, name: str = "max_bytes") -> int:
                 f"Expected {name} to be a number of bytes like {_EXAMPLES} (units: "
                 f"{', '.join(_display_units())}). Got {value!r}."
             )
-        number = float(match.group(1)) * _UNITS[unit or "b"]
+        digits, scale = match.group(1), _UNITS[unit or "b"]
+        if digits.isdigit():  # exact for integers of any size
+            return int(digits) * scale
+        number = float(digits) * scale
     else:
         raise TypeError(
             f"Expected {name} to be a number of bytes like {_EXAMPLES}. Got {type(value).__name__} {value!r}."

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cachedfeatures import BudgetError, CachedFeatureDataset, FeatureStore
 from cachedfeatures.access import read_access
@@ -364,6 +366,25 @@ def test_parse_bytes(text: str, value: int) -> None:
 def test_parse_bytes_rejects(bad: object) -> None:
     with pytest.raises((ValueError, TypeError), match="Expected max_bytes"):
         parse_bytes(bad)
+
+
+@given(
+    number=st.integers(min_value=0, max_value=10**6),
+    unit=st.sampled_from(["B", "kB", "KB", "MB", "GB", "KiB", "MiB", "GiB", "tib"]),
+    space=st.sampled_from(["", " "]),
+)
+def test_parse_bytes_is_number_times_unit(number: int, unit: str, space: str) -> None:
+    scale = {
+        "b": 1,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+        "tib": 2**40,
+    }
+    assert parse_bytes(f"{number}{space}{unit}") == number * scale[unit.lower()]
 
 
 def test_format_bytes() -> None:

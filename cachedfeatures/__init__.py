@@ -6,7 +6,9 @@ computed once, stored chunked in a Zarr store, and served from it on every later
 
 from cachedfeatures.dataset import CachedFeatureDataset
 from cachedfeatures.errors import (
+    BudgetError,
     CacheError,
+    EntryNotFoundError,
     FieldNotStorableError,
     InputKeyError,
     ModuleOutputError,
@@ -17,16 +19,17 @@ from cachedfeatures.errors import (
     StorePathError,
     TrainingModeError,
     UnknownArrayError,
-    UnknownEntryError,
 )
 from cachedfeatures.store import Entry, FeatureStore
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BudgetError",
     "CacheError",
     "CachedFeatureDataset",
     "Entry",
+    "EntryNotFoundError",
     "FeatureStore",
     "FieldNotStorableError",
     "InputKeyError",
@@ -38,6 +41,5 @@ __all__ = [
     "StorePathError",
     "TrainingModeError",
     "UnknownArrayError",
-    "UnknownEntryError",
     "__version__",
 ]

@@ -8,7 +8,9 @@ Each message says what happened and what to do about it.
 from __future__ import annotations
 
 __all__ = [
+    "BudgetError",
     "CacheError",
+    "EntryNotFoundError",
     "FieldNotStorableError",
     "InputKeyError",
     "ModuleOutputError",
@@ -19,7 +21,6 @@ __all__ = [
     "StorePathError",
     "TrainingModeError",
     "UnknownArrayError",
-    "UnknownEntryError",
 ]
 
 
@@ -73,7 +74,11 @@ class UnknownArrayError(CacheError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class UnknownEntryError(CacheError, KeyError):
+class BudgetError(CacheError, ValueError):
+    """The size budget cannot work: ``max_bytes`` is smaller than one chunk."""
+
+
+class EntryNotFoundError(CacheError, KeyError):
     """A store has no entry of the given name."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it readable.

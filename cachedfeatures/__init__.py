@@ -8,14 +8,18 @@ from cachedfeatures.dataset import CachedFeatureDataset
 from cachedfeatures.errors import (
     CacheError,
     FieldNotStorableError,
+    InputBatchError,
     InputKeyError,
     ModuleOutputError,
     NonDeterministicDatasetError,
     NotAFeatureStoreError,
     OutputShapeError,
+    RequiresGradError,
     StorePathError,
     TrainingModeError,
+    UnhashableArgumentError,
 )
+from cachedfeatures.module_cache import ModuleCache, cached_module
 from cachedfeatures.store import Entry, FeatureStore
 
 __version__ = "0.1.0"
@@ -26,12 +30,17 @@ __all__ = [
     "Entry",
     "FeatureStore",
     "FieldNotStorableError",
+    "InputBatchError",
     "InputKeyError",
+    "ModuleCache",
     "ModuleOutputError",
     "NonDeterministicDatasetError",
     "NotAFeatureStoreError",
     "OutputShapeError",
+    "RequiresGradError",
     "StorePathError",
     "TrainingModeError",
+    "UnhashableArgumentError",
     "__version__",
+    "cached_module",
 ]

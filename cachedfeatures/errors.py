@@ -10,13 +10,16 @@ from __future__ import annotations
 __all__ = [
     "CacheError",
     "FieldNotStorableError",
+    "InputBatchError",
     "InputKeyError",
     "ModuleOutputError",
     "NonDeterministicDatasetError",
     "NotAFeatureStoreError",
     "OutputShapeError",
+    "RequiresGradError",
     "StorePathError",
     "TrainingModeError",
+    "UnhashableArgumentError",
 ]
 
 
@@ -57,3 +60,15 @@ class StorePathError(CacheError, NotADirectoryError):
 
 class NotAFeatureStoreError(CacheError, ValueError):
     """The Zarr store exists but was not written by cachedfeatures."""
+
+
+class RequiresGradError(CacheError, RuntimeError):
+    """A cached module has parameters that require grad: cached outputs cannot carry gradients."""
+
+
+class UnhashableArgumentError(CacheError, TypeError):
+    """A cached call got a non-tensor argument that is not an int, float, str, bool or None."""
+
+
+class InputBatchError(CacheError, ValueError):
+    """A cached call's tensor inputs do not share one batch dimension (or there are none)."""

@@ -169,17 +169,16 @@ def cached_module(
 
 def _decorate_class(cls: type[nn.Module], options: CacheOptions) -> type[nn.Module]:
     class Cached(cls):  # type: ignore[valid-type,misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # Created here, so that DataParallel replicas (shallow copies of __dict__) share
+            # it; configured from cachedfeatures_<option> attributes on its first call.
+            self.__dict__[_ATTRIBUTE] = ModuleCache(options, cls.__name__)
+
         @property
         def module_cache(self) -> ModuleCache:
             """This instance's cache: statistics, tiers, and ``enabled`` to switch it."""
-            existing = self.__dict__.get(_ATTRIBUTE)
-            if existing is None:
-                with _CREATE_LOCK:
-                    existing = self.__dict__.get(_ATTRIBUTE)
-                    if existing is None:
-                        existing = ModuleCache(options.overridden_by(self), cls.__name__)
-                        self.__dict__[_ATTRIBUTE] = existing
-            return cast(ModuleCache, existing)
+            return cast(ModuleCache, self.__dict__[_ATTRIBUTE])
 
         @torch.compiler.disable  # type: ignore[untyped-decorator]
         def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -194,7 +193,7 @@ def _decorate_class(cls: type[nn.Module], options: CacheOptions) -> type[nn.Modu
 
 
 def _decorate_function(function: Callable[..., Any], options: CacheOptions) -> Callable[..., Any]:
-    cache = ModuleCache(options.overridden_by(function), function.__name__)
+    cache = ModuleCache(options, function.__name__)
 
     @functools.wraps(function)
     @torch.compiler.disable  # type: ignore[untyped-decorator]
@@ -206,7 +205,6 @@ def _decorate_function(function: Callable[..., Any], options: CacheOptions) -> C
 
 
 _ATTRIBUTE = "_cachedfeatures_module_cache"
-_CREATE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -232,7 +230,20 @@ class ModuleCache:
         self.module_calls = 0
         self.hit_rows = 0
         self.miss_rows = 0
+        self._configured = False
         self._init_state()
+
+    def _configure(self, owner: object) -> None:
+        """Apply ``owner``'s ``cachedfeatures_<option>`` attributes, once, at the first call."""
+        with self._lock:
+            if self._configured:
+                return
+            options = self.options.overridden_by(owner)
+            if options != self.options:
+                self.options = options
+                self.enabled = options.enabled
+                self._init_state()
+            self._configured = True
 
     def _init_state(self) -> None:
         limit = self.options.max_memory_bytes
@@ -271,6 +282,8 @@ class ModuleCache:
         kwargs: dict[str, Any],
     ) -> Any:
         """``forward(*args, **kwargs)``, served row by row from the cache where possible."""
+        if not self._configured:
+            self._configure(module)
         if not self.enabled:
             return forward(*args, **kwargs)
         fingerprint = self._fingerprint(module)

@@ -20,6 +20,7 @@ after reading, so a race costs a recompute, never a wrong row.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from collections.abc import Mapping, Sequence
@@ -33,7 +34,7 @@ from cachedfeatures.layout import ArraySpec
 from cachedfeatures.row_keys import KEY_BYTES
 from cachedfeatures.store import ATTRS_KEY, VALID, Compressor, Entry, FeatureStore
 
-__all__ = ["KEY", "NEXT_ROW", "KeyedEntry"]
+__all__ = ["KEY", "NEXT_ROW", "KeyedEntry", "keyed_chunk_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,18 @@ KEY = "key"
 NEXT_ROW = "next_row"
 KEY_SPEC = ArraySpec(KEY, "ndarray", np.dtype(np.uint8).str, (KEY_BYTES,))
 _MEASURE_EVERY = 64  # appends between measurements of the stored bytes under a budget
+TARGET_CHUNK_BYTES = 256 * 1024
+
+
+def keyed_chunk_rows(row_nbytes: int) -> int:
+    """Rows per chunk: a power of two giving chunks of about 256 KiB, between 16 and 4096.
+
+    Smaller than a dataset entry's 2 MiB: a batch finds its rows by content, scattered over
+    the entry in the order they were first computed, and each row read decodes its chunk.
+    """
+    rows = max(1, TARGET_CHUNK_BYTES // max(1, row_nbytes))
+    rows = 1 << (rows.bit_length() - 1)
+    return min(max(rows, 16), 4096)
 
 
 class KeyedEntry:
@@ -105,26 +118,24 @@ class KeyedEntry:
     def read(self, rows: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Read rows (no -1): a hit mask, and each output's rows for the hits, in order.
 
-        ``valid`` is read before and after the bytes; a row cleared in between (a pruner at
-        work) is a miss and leaves the index.
+        The bytes are read first and ``valid`` after them. A row is indexed only once valid,
+        and an indexed row never holds other bytes (rows are not reused); its ``valid`` bit
+        can only be cleared, by a pruner, before its bytes go. So a row still valid after its
+        bytes were read was valid throughout; a row found invalid is a miss and leaves the
+        index. Both reads run in one trip to zarr's I/O loop.
         """
         if len(rows) == 0:
             return np.zeros(0, dtype=bool), {}
         if rows.max() >= self.entry.num_rows:
             self._reload()
         unique, inverse = np.unique(rows, return_inverse=True)
-        valid = self.entry.valid
-        ok = np.asarray(valid.oindex[unique], dtype=bool)
-        data: dict[str, np.ndarray] = {}
-        if ok.any():
-            wanted = unique[ok]
-            arrays = self.entry.arrays
-            data = {spec.name: np.asarray(arrays[spec.name].oindex[wanted]) for spec in self.output_specs}
-            still = np.asarray(valid.oindex[wanted], dtype=bool)
-            if not still.all():
-                ok[np.flatnonzero(ok)[~still]] = False
-                data = {name: column[still] for name, column in data.items()}
-            self._touch(wanted)
+        arrays = [self.entry.arrays[spec.name] for spec in self.output_specs]
+        *columns, valid = zarr.core.sync.sync(_read_then_check(arrays, self.entry.valid, unique))
+        ok = np.asarray(valid, dtype=bool)
+        data = {
+            spec.name: np.asarray(column)[ok] for spec, column in zip(self.output_specs, columns, strict=True)
+        }
+        self._touch(unique[ok])
         gone = set(unique[~ok].tolist())
         if gone:
             self._index = {key: row for key, row in self._index.items() if row not in gone}
@@ -271,3 +282,13 @@ class KeyedEntry:
         keys = np.asarray(self.entry.arrays[KEY].oindex[rows])
         for row, key in zip(rows.tolist(), keys, strict=True):
             self._index[key.tobytes()] = row
+
+
+async def _read_then_check(
+    arrays: Sequence[zarr.Array[Any]], valid: zarr.Array[Any], rows: np.ndarray
+) -> list[Any]:
+    """The rows of every array (concurrently), then the rows of ``valid`` (strictly after)."""
+    columns = await asyncio.gather(
+        *(array._async_array.get_orthogonal_selection((rows,)) for array in arrays)
+    )
+    return [*columns, await valid._async_array.get_orthogonal_selection((rows,))]

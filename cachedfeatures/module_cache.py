@@ -40,11 +40,11 @@ from zarr.abc.store import Store
 from cachedfeatures import _hashing
 from cachedfeatures.errors import RequiresGradError, TrainingModeError
 from cachedfeatures.fingerprint import Fingerprint, module_fingerprint, options_json
-from cachedfeatures.keyed_entry import KeyedEntry
+from cachedfeatures.keyed_entry import KeyedEntry, keyed_chunk_rows
 from cachedfeatures.layout import OutputLayout, cast_for_storage
 from cachedfeatures.memory_tier import MemoryTier, Row
 from cachedfeatures.row_keys import KEY_ALGORITHM, CallInputs, gather_inputs, row_keys
-from cachedfeatures.store import Compressor, FeatureStore, StoreLike, default_chunk_rows
+from cachedfeatures.store import Compressor, FeatureStore, StoreLike
 
 __all__ = ["OPTION_PREFIX", "CacheOptions", "ModuleCache", "cached_module"]
 
@@ -138,7 +138,8 @@ def cached_module(
         version: a string that stands in for hashing the module's weights and code; change
             it whenever they change. Default: hash them (on the first call, and again
             whenever a parameter or buffer is replaced or modified in place).
-        chunk_rows: rows per chunk of the persistent entry; default gives about 2 MiB.
+        chunk_rows: rows per chunk of the persistent entry; default gives about 256 KiB,
+            smaller than a dataset entry's, since rows are found by content in any order.
         compressor: a Zarr bytes-to-bytes codec, ``"default"`` (Blosc zstd) or ``None``.
 
     Each tensor argument must have the batch as its first dimension; other arguments must be
@@ -401,11 +402,12 @@ class ModuleCache:
         layout = self._layouts[context]
         positions = [i for i, ok in zip(np.asarray(missing)[known].tolist(), hit.tolist(), strict=True) if ok]
         tensors = [spec.numpy_to_tensor(columns[spec.name]) for spec in layout.arrays]
-        loaded: list[Row] = [tuple(t[j].clone() for t in tensors) for j in range(len(positions))]
+        # Views of freshly read arrays; the memory tier gets its own compact copies.
+        loaded: list[Row] = [tuple(t[j] for t in tensors) for j in range(len(positions))]
         for i, row in zip(positions, loaded, strict=True):
             rows[i] = row
         if self.memory is not None and loaded:
-            self.memory.put([keys[i] for i in positions], loaded)
+            self.memory.put([keys[i] for i in positions], [tuple(t.clone() for t in row) for row in loaded])
         return rows
 
     def _store_rows(
@@ -451,7 +453,7 @@ class ModuleCache:
     def _create_entry(self, context: str, layout: OutputLayout) -> KeyedEntry:
         store = self._open_store()
         row_nbytes = sum(spec.row_nbytes for spec in layout.arrays) + 16
-        chunk_rows = self.options.chunk_rows or default_chunk_rows(row_nbytes, 1 << 30)
+        chunk_rows = self.options.chunk_rows or keyed_chunk_rows(row_nbytes)
         fingerprint, call = self._contexts[context]
         meta = {
             "kind": "module_cache",

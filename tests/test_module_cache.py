@@ -290,9 +290,9 @@ def test_memory_budget_bounds_the_module_cache() -> None:
 
 
 def test_persistent_budget_drops_chunks_and_keeps_a_stable_subset(store_path: Path) -> None:
-    cls = cached_module(store=store_path, max_bytes=60_000, chunk_rows=16, max_memory_bytes=0, compressor=None)(
-        Backbone
-    )
+    cls = cached_module(
+        store=store_path, max_bytes=60_000, chunk_rows=16, max_memory_bytes=0, compressor=None
+    )(Backbone)
     module = frozen(cls, out=256)  # 1 KiB rows: a chunk is 16 KiB of features
     data = images(160)
     entry_bytes = []
@@ -446,7 +446,9 @@ def test_outputs_are_detached_and_train_a_head(mode: str) -> None:
     backbone = frozen(cached_module()(Backbone))
     head = nn.Linear(16, 2)
     x = images(4)
-    context = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
+    context = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[
+        mode
+    ]
     with context():
         first = backbone(x)
     assert not first.requires_grad
@@ -481,6 +483,8 @@ class Probe(nn.Module):
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+# Importing inductor scripts torch.utils.mkldnn, which warns about torch.jit (torch's own code).
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_torch_compile_of_a_surrounding_model(backend: str, store_path: Path) -> None:
     backbone = frozen(cached_module(store=store_path)(Backbone))
     model = Probe(backbone)
@@ -500,7 +504,7 @@ def test_torch_compile_of_a_surrounding_model(backend: str, store_path: Path) ->
 def test_fullgraph_compile_is_a_documented_limitation() -> None:
     model = Probe(frozen(cached_module()(Backbone)))
     compiled = torch.compile(model, backend="eager", fullgraph=True)
-    with pytest.raises(Exception, match="(?i)skip|disable"):
+    with pytest.raises(Exception, match=r"(?i)skip|disable"):
         compiled(images(2))
 
 

@@ -43,6 +43,7 @@ NEXT_ROW = "next_row"
 KEY_SPEC = ArraySpec(KEY, "ndarray", np.dtype(np.uint8).str, (KEY_BYTES,))
 _MEASURE_EVERY = 64  # appends between measurements of the stored bytes under a budget
 TARGET_CHUNK_BYTES = 256 * 1024
+CHUNK_CACHE_BYTES = 64 * 1024 * 1024
 
 
 def keyed_chunk_rows(row_nbytes: int) -> int:
@@ -64,9 +65,16 @@ class KeyedEntry:
         entry: the entry (created by :meth:`open`).
         max_bytes: budget for this entry's stored bytes, or ``None``. Over it, whole chunks
             are dropped, most recently used first.
+        chunk_cache_bytes: budget for decoded chunks kept in memory. Default 64 MiB.
     """
 
-    def __init__(self, store: FeatureStore, entry: Entry, max_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        store: FeatureStore,
+        entry: Entry,
+        max_bytes: int | None = None,
+        chunk_cache_bytes: int = CHUNK_CACHE_BYTES,
+    ) -> None:
         self.store = store
         self.entry = entry
         self.name = entry.name
@@ -80,6 +88,22 @@ class KeyedEntry:
         self._measured = 0  # stored bytes at the last measurement
         self._written = 0  # raw bytes appended since
         self._appends = 0
+        self.chunk_cache_bytes = chunk_cache_bytes
+        self._chunks: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}  # chunk -> columns, valid rows
+        self._chunk_bytes = 0
+        self._uncached: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}  # this read's, over budget
+
+    def _keep(self, chunk: int, columns: list[np.ndarray], valid: np.ndarray) -> None:
+        """Keep a decoded chunk; over the budget it serves this read only (the first kept stay)."""
+        old = self._chunks.pop(chunk, None)
+        if old is not None:
+            self._chunk_bytes -= sum(column.nbytes for column in old[0])
+        size = sum(column.nbytes for column in columns)
+        if self._chunk_bytes + size <= self.chunk_cache_bytes:
+            self._chunks[chunk] = (columns, valid)
+            self._chunk_bytes += size
+        else:
+            self._uncached[chunk] = (columns, valid)
 
     @classmethod
     def open(
@@ -118,30 +142,55 @@ class KeyedEntry:
     def read(self, rows: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Read rows (no -1): a hit mask, and each output's rows for the hits, in order.
 
-        The bytes are read first and ``valid`` after them. A row is indexed only once valid,
-        and an indexed row never holds other bytes (rows are not reused); its ``valid`` bit
-        can only be cleared, by a pruner, before its bytes go. So a row still valid after its
-        bytes were read was valid throughout; a row found invalid is a miss and leaves the
-        index. Both reads run in one trip to zarr's I/O loop.
+        Whole chunks are read (a batch found by content is scattered over the entry, and
+        zarr's cost is per chunk) and kept decoded within ``chunk_cache_bytes``, each with
+        the mask of its rows that were valid when it was read. ``valid`` is read after the
+        bytes, in the same trip to zarr's I/O loop. A row is indexed only once valid, an
+        indexed row never holds other bytes (rows are not reused), and its ``valid`` bit can
+        only be cleared, by a pruner, before its bytes go: so a row valid after its bytes were
+        read was valid throughout, and those bytes stay its key's output for good (a decoded
+        chunk needs no second look). A row found invalid is a miss and leaves the index.
         """
         if len(rows) == 0:
             return np.zeros(0, dtype=bool), {}
         if rows.max() >= self.entry.num_rows:
             self._reload()
         unique, inverse = np.unique(rows, return_inverse=True)
-        arrays = [self.entry.arrays[spec.name] for spec in self.output_specs]
-        *columns, valid = zarr.core.sync.sync(_read_then_check(arrays, self.entry.valid, unique))
-        ok = np.asarray(valid, dtype=bool)
+        size = self.entry.chunk_rows
+        chunks, where = np.unique(unique // size, return_inverse=True)
+        offsets = unique - chunks[where] * size
+        stale = []
+        for position, chunk in enumerate(chunks.tolist()):
+            cached = self._chunks.get(chunk)
+            if cached is None or not cached[1][offsets[where == position]].all():
+                stale.append(chunk)
+        if stale:
+            arrays = [self.entry.arrays[spec.name] for spec in self.output_specs]
+            spans = [(chunk * size, min((chunk + 1) * size, self.entry.num_rows)) for chunk in stale]
+            fetched, valid = zarr.core.sync.sync(_read_then_check(arrays, self.entry.valid, spans))
+            for index, chunk in enumerate(stale):
+                self._keep(chunk, fetched[index], valid[index])
+        ok = np.zeros(len(unique), dtype=bool)
         data = {
-            spec.name: np.asarray(column)[ok] for spec, column in zip(self.output_specs, columns, strict=True)
+            spec.name: np.empty((len(unique), *spec.shape), dtype=spec.numpy_dtype)
+            for spec in self.output_specs
         }
+        for position, chunk in enumerate(chunks.tolist()):
+            mine = np.flatnonzero(where == position)
+            columns, mask = self._chunks.get(chunk) or self._uncached[chunk]
+            good = mine[mask[offsets[mine]]]
+            ok[good] = True
+            for spec, column in zip(self.output_specs, columns, strict=True):
+                data[spec.name][good] = column[offsets[good]]
+        self._uncached.clear()
+        data = {name: column[ok] for name, column in data.items()}
         self._touch(unique[ok])
         gone = set(unique[~ok].tolist())
         if gone:
             self._index = {key: row for key, row in self._index.items() if row not in gone}
         hit = ok[inverse]
-        position = np.cumsum(ok) - 1
-        take = position[inverse[hit]]
+        packed = np.cumsum(ok) - 1
+        take = packed[inverse[hit]]
         return hit, {name: column[take] for name, column in data.items()}
 
     # -- writing rows --------------------------------------------------------------------------
@@ -175,7 +224,8 @@ class KeyedEntry:
             meta = cast(dict[str, Any], group.attrs[ATTRS_KEY])
             capacity = int(meta["num_rows"])
             if start + count > capacity:
-                self._grow(group, max(2 * capacity, start + count))
+                size = self.entry.chunk_rows
+                self._grow(group, max(2 * capacity, -(-(start + count) // size) * size))
             counter[0] = start + count
         if start + count > self.entry.num_rows:
             self._reload()
@@ -227,6 +277,9 @@ class KeyedEntry:
                 path = f"{array.path}/{array.metadata.encode_chunk_key((chunk,) + (0,) * len(spec.shape))}"
                 zarr.core.sync.sync(array.store.delete(path))
         self._access.pop(chunk, None)
+        cached = self._chunks.pop(chunk, None)
+        if cached is not None:
+            self._chunk_bytes -= sum(column.nbytes for column in cached[0])
         gone = range(start, stop)
         self._index = {key: row for key, row in self._index.items() if row not in gone}
 
@@ -285,10 +338,15 @@ class KeyedEntry:
 
 
 async def _read_then_check(
-    arrays: Sequence[zarr.Array[Any]], valid: zarr.Array[Any], rows: np.ndarray
-) -> list[Any]:
-    """The rows of every array (concurrently), then the rows of ``valid`` (strictly after)."""
-    columns = await asyncio.gather(
-        *(array._async_array.get_orthogonal_selection((rows,)) for array in arrays)
-    )
-    return [*columns, await valid._async_array.get_orthogonal_selection((rows,))]
+    arrays: Sequence[zarr.Array[Any]], valid: zarr.Array[Any], spans: Sequence[tuple[int, int]]
+) -> tuple[list[list[np.ndarray]], list[np.ndarray]]:
+    """Row ``spans`` of every array (concurrently), then the same spans of ``valid``.
+
+    The ``valid`` reads start only after every byte read finished: that order is what makes
+    a row found valid safe to serve.
+    """
+    reads = [array._async_array.getitem(slice(*span)) for span in spans for array in arrays]
+    flat = [np.asarray(column) for column in await asyncio.gather(*reads)]
+    per_chunk = [flat[i : i + len(arrays)] for i in range(0, len(flat), len(arrays))]
+    masks = await asyncio.gather(*(valid._async_array.getitem(slice(*span)) for span in spans))
+    return per_chunk, [np.asarray(mask, dtype=bool) for mask in masks]

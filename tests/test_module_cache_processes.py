@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from cachedfeatures import FeatureStore, cached_module
@@ -59,6 +60,7 @@ def reference(x: torch.Tensor) -> torch.Tensor:
         return module(x)  # type: ignore[no-any-return]
 
 
+@pytest.mark.slow  # fresh interpreters importing torch
 def test_rows_written_by_another_process_are_hits(store_path: Path) -> None:
     assert finish(launch(store_path, 0, 40, 8)) == 40
     module = cached_module(store=store_path, chunk_rows=4)(Backbone)().requires_grad_(False)
@@ -67,6 +69,7 @@ def test_rows_written_by_another_process_are_hits(store_path: Path) -> None:
     assert torch.equal(out, reference(images()[:40]))
 
 
+@pytest.mark.slow  # fresh interpreters importing torch
 def test_concurrent_writers_lose_no_row(store_path: Path) -> None:
     # Two processes append overlapping ranges at once: rows are reserved under the entry
     # lock and chunks written under chunk locks, so every row of both lands intact.
@@ -82,6 +85,7 @@ def test_concurrent_writers_lose_no_row(store_path: Path) -> None:
     assert int(entry.group["next_row"][0]) == sum(computed)  # duplicates allowed, losses not
 
 
+@pytest.mark.slow  # fresh interpreters importing torch
 def test_a_reader_catches_up_with_a_writer_between_calls(store_path: Path) -> None:
     module = cached_module(store=store_path, chunk_rows=4, max_memory_bytes=0)(Backbone)()
     module.requires_grad_(False)

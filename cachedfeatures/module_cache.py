@@ -376,7 +376,7 @@ class ModuleCache:
         layout = self._layouts.get(context) or OutputLayout.from_output(output, len(unique), dtype)
         split = layout.split(output, len(unique), dtype)  # CPU copies for storage
         on_device = _output_tensors(layout, output, dtype)
-        self._store_rows(context, [keys[i] for i in unique], layout, split, on_device)
+        self._store_rows(context, [keys[i] for i in unique], layout, split)
         return layout, on_device, first
 
     # -- the tiers -------------------------------------------------------------------------------
@@ -416,16 +416,12 @@ class ModuleCache:
         keys: Sequence[bytes],
         layout: OutputLayout,
         split: Mapping[str, torch.Tensor],
-        on_device: Mapping[str, torch.Tensor],
     ) -> None:
         if self.memory is not None:
-            with torch.inference_mode(False):  # rows must outlive an inference_mode block
-                columns = [
-                    split[spec.name].clone()
-                    if _shares(split[spec.name], on_device[spec.name])
-                    else split[spec.name]
-                    for spec in layout.arrays
-                ]
+            # Private copies (never views of what the caller gets), made outside inference
+            # mode so that rows cached in an inference_mode block serve autograd callers.
+            with torch.inference_mode(False):
+                columns = [split[spec.name] for spec in layout.arrays]
                 rows = [tuple(column[j].clone() for column in columns) for j in range(len(keys))]
             self.memory.put(keys, rows)
         if self.options.store is None:
@@ -525,10 +521,6 @@ def _output_tensors(layout: OutputLayout, output: Any, dtype: torch.dtype | None
     else:
         values = list(output)
     return {spec.name: cast_for_storage(v, dtype) for spec, v in zip(layout.arrays, values, strict=True)}
-
-
-def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 _STATEFUL_IN_TRAINING = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)

@@ -28,6 +28,7 @@ import inspect
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar, cast
@@ -252,6 +253,7 @@ class ModuleCache:
         self.store: FeatureStore | None = None
         self._lock = threading.RLock()
         self._scopes: dict[int, _Scope] = {}
+        self._owner: weakref.ref[nn.Module] | None = None  # the module replicas are made from
         self._memory_digest: str | None = None
         self._entries: dict[str, KeyedEntry] = {}
         self._layouts: dict[str, OutputLayout] = {}
@@ -332,9 +334,8 @@ class ModuleCache:
             if hits:
                 stacked = torch.stack([cast(Row, rows[i])[position] for i in hits]).to(device)
                 result[torch.tensor(hits, device=device)] = stacked
-            result[torch.tensor(missing, device=device)] = computed[spec.name][
-                torch.tensor(first, device=device)
-            ]
+            fresh = computed[spec.name].to(device)
+            result[torch.tensor(missing, device=device)] = fresh[torch.tensor(first, device=device)]
             out[spec.name] = result
         return out
 
@@ -484,13 +485,26 @@ class ModuleCache:
     # -- scoping: fingerprints and contexts -----------------------------------------------------
 
     def _fingerprint(self, module: Callable[..., Any]) -> Fingerprint:
-        """The module's fingerprint, taken again whenever a parameter or buffer changed."""
-        token = _check_frozen(module)
+        """The module's fingerprint, taken again whenever a parameter or buffer changed.
+
+        DataParallel builds fresh replicas (fresh weight tensors) on every forward; they share
+        this cache, and their weights are copies of the original module's. So a replica is
+        checked for being frozen, but fingerprinted through the original: the weights are
+        hashed once, not once per replica per step, and a new checkpoint loaded into the
+        original is still seen.
+        """
+        _check_frozen(module)
+        subject = module
+        if getattr(module, "_is_replica", False) and self._owner is not None:
+            subject = self._owner() or module
+        elif isinstance(module, nn.Module):
+            self._owner = weakref.ref(module)
+        token = _weights_token(subject)
         with self._lock:
-            scope = self._scopes.get(id(module))
+            scope = self._scopes.get(id(subject))
             if scope is None or scope.token != token:
-                scope = _Scope(token, module_fingerprint(module, self.options.version))
-                self._scopes[id(module)] = scope
+                scope = _Scope(token, module_fingerprint(subject, self.options.version))
+                self._scopes[id(subject)] = scope
             if scope.fingerprint.digest != self._memory_digest:
                 if self._memory_digest is not None and self.memory is not None:
                     self.memory.clear()  # new weights: the old rows are stale
@@ -526,14 +540,11 @@ def _output_tensors(layout: OutputLayout, output: Any, dtype: torch.dtype | None
 _STATEFUL_IN_TRAINING = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
-def _check_frozen(module: Callable[..., Any]) -> tuple[Any, ...]:
-    """Check ``module`` is frozen; return a cheap token of the state of its weights.
-
-    The token changes when a parameter or buffer is replaced (``load_state_dict`` with
-    ``assign``, ``.to()``) or modified in place (``copy_`` bumps the version counter).
-    """
+def _check_frozen(module: Callable[..., Any]) -> None:
+    """Raise unless ``module`` is frozen: no parameter requires grad, no dropout or batch
+    norm active in training mode."""
     if not isinstance(module, nn.Module):
-        return ()
+        return
     trainable = [name for name, p in module.named_parameters() if p.requires_grad]
     if trainable:
         raise RequiresGradError(
@@ -557,6 +568,16 @@ def _check_frozen(module: Callable[..., Any]) -> tuple[Any, ...]:
             f"({', '.join(active[:4])}), so its outputs are random or depend on the batch and "
             "cannot be cached. Call .eval() on the cached module (again after model.train())."
         )
+
+
+def _weights_token(module: Callable[..., Any]) -> tuple[Any, ...]:
+    """A cheap token of the state of ``module``'s weights.
+
+    It changes when a parameter or buffer is replaced (``load_state_dict`` with ``assign``,
+    ``.to()``) or modified in place (``copy_`` bumps the version counter).
+    """
+    if not isinstance(module, nn.Module):
+        return ()
     token: list[Any] = []
     for tensor in [*module.parameters(), *module.buffers()]:
         try:

@@ -175,7 +175,9 @@ def _decorate_class(cls: type[nn.Module], options: CacheOptions) -> type[nn.Modu
             super().__init__(*args, **kwargs)
             # Created here, so that DataParallel replicas (shallow copies of __dict__) share
             # it; configured from cachedfeatures_<option> attributes on its first call.
-            self.__dict__[_ATTRIBUTE] = ModuleCache(options, cls.__name__)
+            cache = ModuleCache(options, cls.__name__)
+            cache._owner = weakref.ref(self)
+            self.__dict__[_ATTRIBUTE] = cache
 
         @property
         def module_cache(self) -> ModuleCache:
@@ -233,6 +235,7 @@ class ModuleCache:
         self.hit_rows = 0
         self.miss_rows = 0
         self._configured = False
+        self._owner: weakref.ref[nn.Module] | None = None  # the module replicas are made from
         self._init_state()
 
     def _configure(self, owner: object) -> None:
@@ -253,7 +256,6 @@ class ModuleCache:
         self.store: FeatureStore | None = None
         self._lock = threading.RLock()
         self._scopes: dict[int, _Scope] = {}
-        self._owner: weakref.ref[nn.Module] | None = None  # the module replicas are made from
         self._memory_digest: str | None = None
         self._entries: dict[str, KeyedEntry] = {}
         self._layouts: dict[str, OutputLayout] = {}
@@ -495,9 +497,9 @@ class ModuleCache:
         """
         _check_frozen(module)
         subject = module
-        if getattr(module, "_is_replica", False) and self._owner is not None:
-            subject = self._owner() or module
-        elif isinstance(module, nn.Module):
+        if getattr(module, "_is_replica", False):
+            subject = (self._owner() if self._owner is not None else None) or module
+        elif isinstance(module, nn.Module) and (self._owner is None or self._owner() is not module):
             self._owner = weakref.ref(module)
         token = _weights_token(subject)
         with self._lock:

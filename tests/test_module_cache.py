@@ -545,6 +545,17 @@ def test_sub_batches_from_threads_share_one_cache() -> None:
     assert module.module_cache.hit_rows == 64
 
 
+def test_replicas_see_a_checkpoint_loaded_into_the_original() -> None:
+    module = frozen(cached_module()(Backbone), seed=0)
+    module.cachedfeatures_max_memory_bytes = 4096  # an override, read at the first call
+    x = images(4)
+    old = module._replicate_for_data_parallel()(x)
+    module.load_state_dict(Backbone(seed=1).state_dict())
+    new = module._replicate_for_data_parallel()(x)  # a fresh replica, as on every DataParallel step
+    assert not torch.equal(new, old)
+    assert torch.equal(new, direct(module, x))
+
+
 def test_data_parallel_wrapper() -> None:
     module = frozen(cached_module()(Backbone))
     parallel = nn.DataParallel(module)

@@ -7,9 +7,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from torch import nn
 
 from cachedfeatures import (
@@ -127,6 +131,21 @@ def test_keys_equal_exactly_when_rows_equal() -> None:
     assert keys_of(x[:2]) == keys[:2]  # a row's key does not depend on its batch
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    arrays(
+        dtype=st.sampled_from([np.uint8, np.int16, np.float32, np.float64, np.bool_]),
+        shape=st.tuples(st.integers(1, 6), st.integers(0, 5)),
+    )
+)
+def test_two_rows_share_a_key_exactly_when_their_bytes_match(batch: np.ndarray) -> None:
+    keys = keys_of(torch.from_numpy(batch.copy()))
+    raw = [row.tobytes() for row in batch]
+    for i in range(len(batch)):
+        for j in range(len(batch)):
+            assert (keys[i] == keys[j]) == (raw[i] == raw[j])
+
+
 @pytest.mark.parametrize("value", [[1, 2], {"a": 1}, object(), (1,)])
 def test_unhashable_argument_is_a_clear_error(value: Any) -> None:
     @cached_module()
@@ -225,6 +244,41 @@ def test_cache_dtype_applies_to_hits_and_misses(store_path: Path) -> None:
     assert torch.equal(miss, hit)
     assert torch.equal(miss, direct(module, x).to(torch.float16))
     assert zarr.open_group(store_path).attrs  # a real store on disk
+
+
+def test_bfloat16_cache_round_trips_through_the_store(store_path: Path) -> None:
+    cls = cached_module(store=store_path, cache_dtype=torch.bfloat16, max_memory_bytes=0)(Backbone)
+    x = images(5)
+    miss = frozen(cls)(x)
+    reader = frozen(cls)
+    hit = reader(x)
+    assert reader.calls == 0
+    assert hit.dtype == torch.bfloat16 and torch.equal(hit, miss)
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"max_bytes": -1}, ValueError),
+        ({"max_memory_bytes": 1.5}, ValueError),
+        ({"chunk_rows": 0}, ValueError),
+        ({"cache_dtype": "float16"}, TypeError),
+        ({"enabled": "yes"}, TypeError),
+        ({"version": 3}, TypeError),
+        ({"store": 3}, TypeError),
+    ],
+)
+def test_bad_options_say_what_was_expected(options: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error, match="Expected"):
+        cached_module(**options)
+
+
+def test_only_modules_and_functions_can_be_decorated() -> None:
+    with pytest.raises(TypeError, match=r"nn\.Module subclasses and plain functions"):
+        cached_module()(int)
+    with pytest.raises(TypeError, match="above the class or function"):
+        cached_module()(Backbone())  # an instance, not its class
+    assert callable(cached_module()(lambda x: x))
 
 
 def test_outputs_keep_the_module_dtype_without_cache_dtype() -> None:

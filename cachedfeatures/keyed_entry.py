@@ -44,6 +44,7 @@ KEY_SPEC = ArraySpec(KEY, "ndarray", np.dtype(np.uint8).str, (KEY_BYTES,))
 _MEASURE_EVERY = 64  # appends between measurements of the stored bytes under a budget
 TARGET_CHUNK_BYTES = 256 * 1024
 CHUNK_CACHE_BYTES = 64 * 1024 * 1024
+READAHEAD = 4  # chunks fetched beyond the last one a read needs (see KeyedEntry._readahead)
 
 
 def keyed_chunk_rows(row_nbytes: int) -> int:
@@ -80,6 +81,7 @@ class KeyedEntry:
         self.name = entry.name
         self.max_bytes = max_bytes
         self.output_specs = [spec for spec in entry.specs if spec.name != KEY]
+        self._row_nbytes = sum(spec.row_nbytes for spec in self.output_specs)
         self._index: dict[bytes, int] = {}
         self._scanned = 0  # rows [0, _scanned) have been read into the index (or pending)
         self._pending: set[int] = set()  # scanned rows that were not valid yet
@@ -92,6 +94,17 @@ class KeyedEntry:
         self._chunks: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}  # chunk -> columns, valid rows
         self._chunk_bytes = 0
         self._uncached: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}  # this read's, over budget
+
+    def _readahead(self, last: int, size: int) -> list[int]:
+        """Up to READAHEAD chunks after ``last`` worth fetching in the same trip to zarr.
+
+        Rows are stored in the order they were first computed, so a later pass in the same
+        order wants the following chunks next. Only chunks with indexed rows, not decoded
+        yet, and only while the chunk cache has room for them.
+        """
+        room = (self.chunk_cache_bytes - self._chunk_bytes) // max(1, size * self._row_nbytes)
+        chunks = range(last + 1, min(last + 1 + READAHEAD, -(-self._scanned // size)))
+        return [chunk for chunk in chunks if chunk not in self._chunks][: max(0, room - 1)]
 
     def _keep(self, chunk: int, columns: list[np.ndarray], valid: np.ndarray) -> None:
         """Keep a decoded chunk; over the budget it serves this read only (the first kept stay)."""
@@ -165,6 +178,7 @@ class KeyedEntry:
             if cached is None or not cached[1][offsets[where == position]].all():
                 stale.append(chunk)
         if stale:
+            stale += self._readahead(max(stale), size)
             arrays = [self.entry.arrays[spec.name] for spec in self.output_specs]
             spans = [(chunk * size, min((chunk + 1) * size, self.entry.num_rows)) for chunk in stale]
             fetched, valid = zarr.core.sync.sync(_read_then_check(arrays, self.entry.valid, spans))
@@ -323,10 +337,13 @@ class KeyedEntry:
                 added = True
         if total > self._scanned:
             rows = np.arange(self._scanned, total, dtype=np.int64)
-            valid = np.asarray(self.entry.valid[self._scanned : total], dtype=bool)
+            # valid first, keys after (one trip): a key is written before its valid bit.
+            valid, keys = zarr.core.sync.sync(
+                _valid_then_keys(self.entry.valid, self.entry.arrays[KEY], self._scanned, total)
+            )
             self._pending.update(rows[~valid].tolist())
-            if valid.any():
-                self._add(rows[valid])
+            for row, key in zip(rows[valid].tolist(), keys[valid], strict=True):
+                self._index[key.tobytes()] = row
                 added = True
             self._scanned = total
         return added
@@ -350,3 +367,12 @@ async def _read_then_check(
     per_chunk = [flat[i : i + len(arrays)] for i in range(0, len(flat), len(arrays))]
     masks = await asyncio.gather(*(valid._async_array.getitem(slice(*span)) for span in spans))
     return per_chunk, [np.asarray(mask, dtype=bool) for mask in masks]
+
+
+async def _valid_then_keys(
+    valid: zarr.Array[Any], keys: zarr.Array[Any], start: int, stop: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [start, stop) of ``valid``, then of ``keys``: a key read after its valid bit is set
+    is the durable one."""
+    mask = np.asarray(await valid._async_array.getitem(slice(start, stop)), dtype=bool)
+    return mask, np.asarray(await keys._async_array.getitem(slice(start, stop)))

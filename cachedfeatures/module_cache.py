@@ -175,14 +175,17 @@ def _decorate_class(cls: type[nn.Module], options: CacheOptions) -> type[nn.Modu
             super().__init__(*args, **kwargs)
             # Created here, so that DataParallel replicas (shallow copies of __dict__) share
             # it; configured from cachedfeatures_<option> attributes on its first call.
-            cache = ModuleCache(options, cls.__name__)
-            cache._owner = weakref.ref(self)
-            self.__dict__[_ATTRIBUTE] = cache
+            self.module_cache  # noqa: B018
 
         @property
         def module_cache(self) -> ModuleCache:
             """This instance's cache: statistics, tiers, and ``enabled`` to switch it."""
-            return cast(ModuleCache, self.__dict__[_ATTRIBUTE])
+            cache = self.__dict__.get(_ATTRIBUTE)
+            if cache is None:  # first use, possibly a call from inside the class's __init__
+                cache = ModuleCache(options, cls.__name__)
+                cache._owner = weakref.ref(self)
+                self.__dict__[_ATTRIBUTE] = cache
+            return cast(ModuleCache, cache)
 
         @torch.compiler.disable  # type: ignore[untyped-decorator]
         def forward(self, *args: Any, **kwargs: Any) -> Any:

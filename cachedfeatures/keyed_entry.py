@@ -93,7 +93,41 @@ class KeyedEntry:
         self.chunk_cache_bytes = chunk_cache_bytes
         self._chunks: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}  # chunk -> columns, valid rows
         self._chunk_bytes = 0
+        self._broken: set[int] = set()  # chunks that failed to decode (logged once each)
         self._uncached: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}  # this read's, over budget
+
+    def _read_chunks_one_by_one(
+        self, arrays: Sequence[zarr.Array[Any]], spans: Sequence[tuple[int, int]]
+    ) -> tuple[list[list[np.ndarray]], list[np.ndarray]]:
+        """Read each span alone; one that fails (torn, truncated, garbage) is all misses.
+
+        Its rows are recomputed into new rows; an index maps a key to its newest row, so
+        other processes find the new copies, not the broken chunk. Logged once per chunk.
+        """
+        fetched: list[list[np.ndarray]] = []
+        valid: list[np.ndarray] = []
+        for span in spans:
+            try:
+                columns, masks = zarr.core.sync.sync(_read_then_check(arrays, self.entry.valid, [span]))
+                fetched.append(columns[0])
+                valid.append(masks[0])
+            except Exception as error:
+                chunk = span[0] // self.entry.chunk_rows
+                if chunk not in self._broken:
+                    self._broken.add(chunk)
+                    logger.warning(
+                        "cachedfeatures: chunk %d of %s cannot be read (%s: %s); its rows are recomputed.",
+                        chunk,
+                        self.name,
+                        type(error).__name__,
+                        error,
+                    )
+                length = span[1] - span[0]
+                fetched.append(
+                    [np.zeros((length, *spec.shape), spec.numpy_dtype) for spec in self.output_specs]
+                )
+                valid.append(np.zeros(length, dtype=bool))
+        return fetched, valid
 
     def _readahead(self, last: int, size: int) -> list[int]:
         """Up to READAHEAD chunks after ``last`` worth fetching in the same trip to zarr.
@@ -181,7 +215,10 @@ class KeyedEntry:
             stale += self._readahead(max(stale), size)
             arrays = [self.entry.arrays[spec.name] for spec in self.output_specs]
             spans = [(chunk * size, min((chunk + 1) * size, self.entry.num_rows)) for chunk in stale]
-            fetched, valid = zarr.core.sync.sync(_read_then_check(arrays, self.entry.valid, spans))
+            try:
+                fetched, valid = zarr.core.sync.sync(_read_then_check(arrays, self.entry.valid, spans))
+            except Exception:  # a chunk that does not decode: find it, the others still serve
+                fetched, valid = self._read_chunks_one_by_one(arrays, spans)
             for index, chunk in enumerate(stale):
                 self._keep(chunk, fetched[index], valid[index])
         ok = np.zeros(len(unique), dtype=bool)

@@ -391,6 +391,25 @@ def test_a_cached_chunk_that_grew_is_read_again(store_path: Path) -> None:
     assert torch.equal(out, direct(reader, data))
 
 
+def test_a_chunk_that_does_not_decode_is_recomputed(
+    store_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cls = cached_module(store=store_path, chunk_rows=4, max_memory_bytes=0)(Backbone)
+    data = images(8)
+    frozen(cls)(data)
+    (entry,) = FeatureStore.open(store_path).entries
+    chunk_file = store_path / entry.name / "features" / "c" / "1" / "0"
+    chunk_file.write_bytes(b"garbage, not a blosc frame")
+    reader = frozen(cls)
+    out = reader(data)
+    assert reader.batch_sizes == [4]  # chunk 0 served, chunk 1's rows recomputed
+    assert torch.equal(out, direct(reader, data))
+    assert "cannot be read" in caplog.text
+    again = frozen(cls)
+    assert torch.equal(again(data), out)  # the recomputed rows were stored again ...
+    assert again.calls == 0  # ... and a key's newest row wins: the broken chunk is not read
+
+
 def test_store_is_plain_zarr_and_listed_as_an_entry(store_path: Path) -> None:
     module = frozen(cached_module(store=store_path)(Backbone))
     x = images(5)

@@ -296,6 +296,13 @@ class ModuleCache:
             return forward(*args, **kwargs)
         fingerprint = self._fingerprint(module)
         inputs = gather_inputs(args, kwargs)
+        if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs.tensors):
+            raise RequiresGradError(
+                f"an input of the cached {self.name} requires grad, but cached outputs carry no "
+                "gradient: the layers that made the input would silently stop training. Cache a "
+                "module whose inputs come from frozen layers or data, or pass input.detach() if "
+                "cutting the graph there is intended."
+            )
         if inputs.batch_size == 0:
             return forward(*args, **kwargs)
         keys = row_keys(inputs)

@@ -287,6 +287,17 @@ def test_outputs_keep_the_module_dtype_without_cache_dtype() -> None:
     assert module(x).dtype == module(x).dtype == torch.float64
 
 
+def test_integer_inputs_keep_float_outputs_on_hits() -> None:
+    @cached_module()
+    def normalise(x: torch.Tensor) -> torch.Tensor:
+        return x.float() / 255.0 * 10.0
+
+    x = torch.randint(0, 256, (3, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    miss, hit = normalise(x), normalise(x)
+    assert miss.dtype == hit.dtype == torch.float32  # torchcache returns uint8 on the hit
+    assert torch.equal(miss, hit)
+
+
 def test_function_of_several_tensors_and_numbers() -> None:
     calls = []
 
@@ -508,6 +519,17 @@ def test_parameters_that_require_grad_are_an_error() -> None:
     module = cached_module()(Backbone)()
     with pytest.raises(RequiresGradError, match="requires_grad_\\(False\\)"):
         module(images(2))
+
+
+def test_inputs_that_require_grad_are_an_error_while_grad_is_on() -> None:
+    module = frozen(cached_module()(Backbone))
+    trainable = nn.Conv2d(3, 3, 1)
+    x = trainable(images(2))  # the output of a layer being trained
+    with pytest.raises(RequiresGradError, match="detach"):
+        module(x)
+    assert module(x.detach()).shape == (2, 16)
+    with torch.no_grad():
+        assert module(trainable(images(2))).shape == (2, 16)
 
 
 def test_training_mode_with_dropout_is_an_error_but_plain_training_mode_is_not() -> None:

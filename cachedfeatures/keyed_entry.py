@@ -87,7 +87,7 @@ class KeyedEntry:
         self._pending: set[int] = set()  # scanned rows that were not valid yet
         self._access: dict[int, int] = {}  # chunk -> tick of its last use in this process
         self._ticks = itertools.count()
-        self._measured = 0  # stored bytes at the last measurement
+        self._measured = -1  # stored bytes at the last measurement (-1: not measured yet)
         self._written = 0  # raw bytes appended since
         self._appends = 0
         self.chunk_cache_bytes = chunk_cache_bytes
@@ -95,62 +95,6 @@ class KeyedEntry:
         self._chunk_bytes = 0
         self._broken: set[int] = set()  # chunks that failed to decode (logged once each)
         self._uncached: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}  # this read's, over budget
-
-    def _read_chunks_one_by_one(
-        self, arrays: Sequence[zarr.Array[Any]], spans: Sequence[tuple[int, int]]
-    ) -> tuple[list[list[np.ndarray]], list[np.ndarray]]:
-        """Read each span alone; one that fails (torn, truncated, garbage) is all misses.
-
-        Its rows are recomputed into new rows; an index maps a key to its newest row, so
-        other processes find the new copies, not the broken chunk. Logged once per chunk.
-        """
-        fetched: list[list[np.ndarray]] = []
-        valid: list[np.ndarray] = []
-        for span in spans:
-            try:
-                columns, masks = zarr.core.sync.sync(_read_then_check(arrays, self.entry.valid, [span]))
-                fetched.append(columns[0])
-                valid.append(masks[0])
-            except Exception as error:
-                chunk = span[0] // self.entry.chunk_rows
-                if chunk not in self._broken:
-                    self._broken.add(chunk)
-                    logger.warning(
-                        "cachedfeatures: chunk %d of %s cannot be read (%s: %s); its rows are recomputed.",
-                        chunk,
-                        self.name,
-                        type(error).__name__,
-                        error,
-                    )
-                length = span[1] - span[0]
-                fetched.append(
-                    [np.zeros((length, *spec.shape), spec.numpy_dtype) for spec in self.output_specs]
-                )
-                valid.append(np.zeros(length, dtype=bool))
-        return fetched, valid
-
-    def _readahead(self, last: int, size: int) -> list[int]:
-        """Up to READAHEAD chunks after ``last`` worth fetching in the same trip to zarr.
-
-        Rows are stored in the order they were first computed, so a later pass in the same
-        order wants the following chunks next. Only chunks with indexed rows, not decoded
-        yet, and only while the chunk cache has room for them.
-        """
-        room = (self.chunk_cache_bytes - self._chunk_bytes) // max(1, size * self._row_nbytes)
-        chunks = range(last + 1, min(last + 1 + READAHEAD, -(-self._scanned // size)))
-        return [chunk for chunk in chunks if chunk not in self._chunks][: max(0, room - 1)]
-
-    def _keep(self, chunk: int, columns: list[np.ndarray], valid: np.ndarray) -> None:
-        """Keep a decoded chunk; over the budget it serves this read only (the first kept stay)."""
-        old = self._chunks.pop(chunk, None)
-        if old is not None:
-            self._chunk_bytes -= sum(column.nbytes for column in old[0])
-        size = sum(column.nbytes for column in columns)
-        if self._chunk_bytes + size <= self.chunk_cache_bytes:
-            self._chunks[chunk] = (columns, valid)
-            self._chunk_bytes += size
-        else:
-            self._uncached[chunk] = (columns, valid)
 
     @classmethod
     def open(
@@ -244,6 +188,62 @@ class KeyedEntry:
         take = packed[inverse[hit]]
         return hit, {name: column[take] for name, column in data.items()}
 
+    def _read_chunks_one_by_one(
+        self, arrays: Sequence[zarr.Array[Any]], spans: Sequence[tuple[int, int]]
+    ) -> tuple[list[list[np.ndarray]], list[np.ndarray]]:
+        """Read each span alone; one that fails (torn, truncated, garbage) is all misses.
+
+        Its rows are recomputed into new rows; an index maps a key to its newest row, so
+        other processes find the new copies, not the broken chunk. Logged once per chunk.
+        """
+        fetched: list[list[np.ndarray]] = []
+        valid: list[np.ndarray] = []
+        for span in spans:
+            try:
+                columns, masks = zarr.core.sync.sync(_read_then_check(arrays, self.entry.valid, [span]))
+                fetched.append(columns[0])
+                valid.append(masks[0])
+            except Exception as error:
+                chunk = span[0] // self.entry.chunk_rows
+                if chunk not in self._broken:
+                    self._broken.add(chunk)
+                    logger.warning(
+                        "cachedfeatures: chunk %d of %s cannot be read (%s: %s); its rows are recomputed.",
+                        chunk,
+                        self.name,
+                        type(error).__name__,
+                        error,
+                    )
+                length = span[1] - span[0]
+                fetched.append(
+                    [np.zeros((length, *spec.shape), spec.numpy_dtype) for spec in self.output_specs]
+                )
+                valid.append(np.zeros(length, dtype=bool))
+        return fetched, valid
+
+    def _readahead(self, last: int, size: int) -> list[int]:
+        """Up to READAHEAD chunks after ``last`` worth fetching in the same trip to zarr.
+
+        Rows are stored in the order they were first computed, so a later pass in the same
+        order wants the following chunks next. Only chunks with indexed rows, not decoded
+        yet, and only while the chunk cache has room for them.
+        """
+        room = (self.chunk_cache_bytes - self._chunk_bytes) // max(1, size * self._row_nbytes)
+        chunks = range(last + 1, min(last + 1 + READAHEAD, -(-self._scanned // size)))
+        return [chunk for chunk in chunks if chunk not in self._chunks][: max(0, room - 1)]
+
+    def _keep(self, chunk: int, columns: list[np.ndarray], valid: np.ndarray) -> None:
+        """Keep a decoded chunk; over the budget it serves this read only (the first kept stay)."""
+        old = self._chunks.pop(chunk, None)
+        if old is not None:
+            self._chunk_bytes -= sum(column.nbytes for column in old[0])
+        size = sum(column.nbytes for column in columns)
+        if self._chunk_bytes + size <= self.chunk_cache_bytes:
+            self._chunks[chunk] = (columns, valid)
+            self._chunk_bytes += size
+        else:
+            self._uncached[chunk] = (columns, valid)
+
     # -- writing rows --------------------------------------------------------------------------
 
     def append(self, keys: Sequence[bytes], columns: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -297,7 +297,7 @@ class KeyedEntry:
         return self.entry.nbytes_stored()
 
     def _enforce_budget(self, max_bytes: int) -> None:
-        due = self._appends % _MEASURE_EVERY == 0
+        due = self._measured < 0 or self._appends % _MEASURE_EVERY == 0
         if not due and self._measured + self._written <= max_bytes:
             return
         self._measured, self._written = self.nbytes_stored(), 0

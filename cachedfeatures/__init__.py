@@ -10,16 +10,20 @@ from cachedfeatures.errors import (
     CacheError,
     EntryNotFoundError,
     FieldNotStorableError,
+    InputBatchError,
     InputKeyError,
     ModuleOutputError,
     NonDeterministicDatasetError,
     NotAFeatureStoreError,
     OutputShapeError,
+    RequiresGradError,
     RowsNotCachedError,
     StorePathError,
     TrainingModeError,
+    UnhashableArgumentError,
     UnknownArrayError,
 )
+from cachedfeatures.module_cache import ModuleCache, cached_module
 from cachedfeatures.store import Entry, FeatureStore
 
 __version__ = "0.1.0"
@@ -32,14 +36,19 @@ __all__ = [
     "EntryNotFoundError",
     "FeatureStore",
     "FieldNotStorableError",
+    "InputBatchError",
     "InputKeyError",
+    "ModuleCache",
     "ModuleOutputError",
     "NonDeterministicDatasetError",
     "NotAFeatureStoreError",
     "OutputShapeError",
+    "RequiresGradError",
     "RowsNotCachedError",
     "StorePathError",
     "TrainingModeError",
+    "UnhashableArgumentError",
     "UnknownArrayError",
     "__version__",
+    "cached_module",
 ]

@@ -12,14 +12,17 @@ __all__ = [
     "CacheError",
     "EntryNotFoundError",
     "FieldNotStorableError",
+    "InputBatchError",
     "InputKeyError",
     "ModuleOutputError",
     "NonDeterministicDatasetError",
     "NotAFeatureStoreError",
     "OutputShapeError",
+    "RequiresGradError",
     "RowsNotCachedError",
     "StorePathError",
     "TrainingModeError",
+    "UnhashableArgumentError",
     "UnknownArrayError",
 ]
 
@@ -83,3 +86,15 @@ class EntryNotFoundError(CacheError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it readable.
         return str(self.args[0]) if self.args else ""
+
+
+class RequiresGradError(CacheError, RuntimeError):
+    """A cached module has parameters that require grad: cached outputs cannot carry gradients."""
+
+
+class UnhashableArgumentError(CacheError, TypeError):
+    """A cached call got a non-tensor argument that is not an int, float, str, bool or None."""
+
+
+class InputBatchError(CacheError, ValueError):
+    """A cached call's tensor inputs do not share one batch dimension (or there are none)."""

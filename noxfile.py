@@ -10,7 +10,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "lint", "typecheck", "notebooks"]
 nox.options.reuse_existing_virtualenvs = True
 
 TORCH = os.environ.get("CACHEDFEATURES_TORCH_SPEC", "torch==2.13.0")
@@ -31,8 +31,11 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "cachedfeatures", "tests", "benchmarks", "noxfile.py")
-    session.run("ruff", "format", "--check", "cachedfeatures", "tests", "benchmarks", "noxfile.py")
+    paths = [
+        p for p in ("cachedfeatures", "tests", "benchmarks", "notebooks", "noxfile.py") if os.path.exists(p)
+    ]
+    session.run("ruff", "check", *paths)
+    session.run("ruff", "format", "--check", *paths)
 
 
 @nox.session
@@ -47,3 +50,14 @@ def demo(session: nox.Session) -> None:
     """Train a linear head on cached features of a small conv backbone, on a local store."""
     install(session)
     session.run("python", "-m", "cachedfeatures.demo", *session.posargs)
+
+
+@nox.session
+def notebooks(session: nox.Session) -> None:
+    """Execute every notebook in notebooks/ (each builds its own small store); any error fails.
+
+    ``nox -s notebooks -- --out build/notebooks`` also keeps the executed notebooks and their
+    figures as PNG files.
+    """
+    install(session, "notebooks")
+    session.run("python", "notebooks/execute.py", *session.posargs)

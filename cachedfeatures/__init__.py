@@ -6,18 +6,26 @@ computed once, stored chunked in a Zarr store, and served from it on every later
 
 from cachedfeatures.dataset import CachedFeatureDataset
 from cachedfeatures.errors import (
+    BudgetError,
     CacheError,
     DeviceInWorkerError,
+    EntryNotFoundError,
     FieldNotStorableError,
+    InputBatchError,
     InputKeyError,
     ModuleOutputError,
     NonDeterministicDatasetError,
     NotAFeatureStoreError,
     OutputShapeError,
+    RequiresGradError,
+    RowsNotCachedError,
     StorePathError,
     TrainingModeError,
+    UnhashableArgumentError,
+    UnknownArrayError,
     WriterError,
 )
+from cachedfeatures.module_cache import ModuleCache, cached_module
 from cachedfeatures.pipeline import Loader
 from cachedfeatures.prefill import PrefillResult
 from cachedfeatures.store import Entry, FeatureStore
@@ -25,21 +33,30 @@ from cachedfeatures.store import Entry, FeatureStore
 __version__ = "0.1.0"
 
 __all__ = [
+    "BudgetError",
     "CacheError",
     "CachedFeatureDataset",
     "DeviceInWorkerError",
     "Entry",
+    "EntryNotFoundError",
     "FeatureStore",
     "FieldNotStorableError",
+    "InputBatchError",
     "InputKeyError",
     "Loader",
+    "ModuleCache",
     "ModuleOutputError",
     "NonDeterministicDatasetError",
     "NotAFeatureStoreError",
     "OutputShapeError",
     "PrefillResult",
+    "RequiresGradError",
+    "RowsNotCachedError",
     "StorePathError",
     "TrainingModeError",
+    "UnhashableArgumentError",
+    "UnknownArrayError",
     "WriterError",
     "__version__",
+    "cached_module",
 ]

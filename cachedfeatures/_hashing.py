@@ -87,10 +87,7 @@ def code_fingerprint(obj: Callable[..., Any] | type) -> str:
         source = textwrap.dedent(inspect.getsource(obj))
         tree = ast.parse(source)
     except (OSError, TypeError, SyntaxError, IndentationError):
-        code = getattr(obj, "__code__", None)
-        if code is None:
-            return hash_strings(getattr(obj, "__qualname__", repr(type(obj))))
-        return hash_strings(*_code_parts(code))
+        return hash_strings(*_compiled_parts(obj))
     if getattr(obj, "__name__", None) == "<lambda>":
         # getsource gives the whole statement around a lambda; keep only the lambdas.
         lambdas = [node for node in ast.walk(tree) if isinstance(node, ast.Lambda)]
@@ -106,6 +103,20 @@ def code_fingerprint(obj: Callable[..., Any] | type) -> str:
         ):
             del body[0]
     return hash_strings(ast.dump(tree))
+
+
+def _compiled_parts(obj: Any) -> list[str]:
+    """The compiled code of a function, or of every function defined in a class body."""
+    code = getattr(obj, "__code__", None)
+    if code is not None:
+        return _code_parts(code)
+    parts = [getattr(obj, "__qualname__", repr(type(obj)))]
+    if isinstance(obj, type):
+        for name, member in sorted(vars(obj).items()):
+            function = getattr(member, "__func__", member)  # staticmethod/classmethod
+            if hasattr(function, "__code__"):
+                parts += [name, *_code_parts(function.__code__)]
+    return parts
 
 
 def _code_parts(code: Any) -> list[str]:

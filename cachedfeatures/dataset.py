@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from cachedfeatures import _hashing
+from cachedfeatures.access import AccessLog
 from cachedfeatures.compute import Collate, FeatureComputer
 from cachedfeatures.errors import DeviceInWorkerError, TrainingModeError
 from cachedfeatures.fingerprint import (
@@ -25,8 +26,10 @@ from cachedfeatures.fingerprint import (
 from cachedfeatures.layout import ArraySpec, InputKey, OutputLayout, SampleLayout
 from cachedfeatures.pipeline import Loader, WorkerMethod
 from cachedfeatures.prefill import PrefillResult, prefill
+from cachedfeatures.pruning import Budget, Policy, parse_policy, serve_backed_rows
 from cachedfeatures.steps import LoadedRows, RowLoader, compute_loaded
-from cachedfeatures.store import Compressor, Entry, FeatureStore, StoreLike, default_chunk_rows
+from cachedfeatures.store import Compressor, Entry, FeatureStore, RowsRead, StoreLike, default_chunk_rows
+from cachedfeatures.units import parse_bytes
 
 __all__ = ["CachedFeatureDataset"]
 
@@ -60,6 +63,13 @@ class CachedFeatureDataset(Dataset[Any]):
             weights / probing the dataset; change them whenever the module / data change.
         allow_nondeterministic: cache a dataset whose inputs change from load to load (random
             augmentation), freezing one draw. Default ``False``, which raises instead.
+        max_bytes: a size budget for the whole store on disk (all entries, all processes),
+            as bytes or a string like ``"10GB"`` / ``"512MiB"``; checked after every chunk
+            written, dropping whole chunks (see ``policy``). Default ``None``: no budget.
+        policy: which chunks of this entry go first when over budget, after those of other
+            entries (least recently used entry first): ``"mru"`` (default) the most recently
+            used, which keeps a stable subset cached across repeated passes; ``"lru"`` the
+            least recently used, for access that is not cyclic.
         autocast_dtype: run the module under ``torch.autocast`` with this dtype (for example
             ``torch.bfloat16``). It changes the stored values, so it is part of the entry key.
             Default ``None``: no autocast.
@@ -85,6 +95,8 @@ class CachedFeatureDataset(Dataset[Any]):
         module_version: str | None = None,
         dataset_version: str | None = None,
         allow_nondeterministic: bool = False,
+        max_bytes: int | float | str | None = None,
+        policy: Policy = "mru",
         autocast_dtype: torch.dtype | None = None,
     ) -> None:
         self.dataset = dataset
@@ -96,6 +108,8 @@ class CachedFeatureDataset(Dataset[Any]):
         self.autocast_dtype = parse_dtype(autocast_dtype)
         if chunk_rows is not None:
             chunk_rows = parse_positive_int("chunk_rows", chunk_rows)
+        self.max_bytes = None if max_bytes is None else parse_bytes(max_bytes)
+        self.policy = parse_policy(policy)
         if isinstance(module, torch.nn.Module) and module.training:
             raise TrainingModeError(
                 f"{type(module).__name__} is in training mode, so dropout and batch norm would "
@@ -133,6 +147,15 @@ class CachedFeatureDataset(Dataset[Any]):
                 probes, chunk_rows, compressor
             )
         self._load_layouts()
+        self._access: AccessLog | None = None
+        self._budget: Budget | None = None
+        if self._entry is not None:
+            self._access = AccessLog(self._entry)
+            if self.max_bytes is not None:
+                self._budget = Budget(
+                    self._feature_store, self._entry, self.max_bytes, self.policy, self._access
+                )
+                self._budget.enforce()  # a store left over budget by an earlier session
 
     # -- construction helpers -------------------------------------------------------------------
 
@@ -206,7 +229,7 @@ class CachedFeatureDataset(Dataset[Any]):
         if entry is None or layout is None:  # only an empty dataset has no entry
             raise AssertionError("unreachable: non-empty index into an empty dataset")
         self._warn_if_private_store_in_worker()
-        read = entry.read(rows)
+        read = self._checked_read(entry, rows)
         columns = {
             name: np.empty((len(rows), *spec.shape), dtype=spec.numpy_dtype)
             for name, spec in ((s.name, s) for s in entry.specs)
@@ -235,7 +258,7 @@ class CachedFeatureDataset(Dataset[Any]):
         for start in range(0, len(rows), self.batch_size):
             batch = rows[start : start + self.batch_size]
             columns = self.compute_loaded(self.load(batch))
-            entry.write(batch, columns)
+            self._write(entry, batch, columns)
             parts.append(columns)
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
@@ -267,6 +290,42 @@ class CachedFeatureDataset(Dataset[Any]):
                 "which runs the module in this process and only I/O in workers, or call "
                 "cached.prefill() before training so that workers only read hits."
             )
+
+    def write(self, rows: Sequence[int] | np.ndarray, columns: Mapping[str, np.ndarray]) -> None:
+        """Store computed ``columns`` for ``rows``: under the size budget, recording access.
+
+        The pipeline's background writer stores through this, like :meth:`compute` does.
+        """
+        if self._entry is None:
+            raise AssertionError("unreachable: write to an empty dataset")
+        self._write(self._entry, np.asarray(rows, dtype=np.int64), columns)
+
+    def _record_hits(self, rows: np.ndarray) -> None:
+        """Count reads of ``rows`` that the pipeline's workers served from the store."""
+        if self._access is not None and self._entry is not None and len(rows):
+            self._access.record(rows // self._entry.chunk_rows)
+
+    def _checked_read(self, entry: Entry, rows: np.ndarray) -> RowsRead:
+        """``entry.read``, less hits that would serve fill values; records the chunks hit."""
+        read = serve_backed_rows(entry, rows, entry.read(rows))
+        if self._access is not None:
+            self._access.record(rows[read.hit] // entry.chunk_rows)
+        return read
+
+    def _write(self, entry: Entry, rows: np.ndarray, columns: Mapping[str, np.ndarray]) -> None:
+        """``entry.write``, chunk by chunk under a budget, so pruning follows every chunk."""
+        chunks = rows // entry.chunk_rows
+        if self._budget is None:
+            entry.write(rows, columns)
+            if self._access is not None:
+                self._access.record(chunks)
+            return
+        for chunk in np.unique(chunks):
+            pick = chunks == chunk
+            entry.write(rows[pick], {name: column[pick] for name, column in columns.items()})
+            if self._access is not None:
+                self._access.record([chunk])
+            self._budget.after_write(int(chunk))
 
     def _assemble(self, columns: Mapping[str, np.ndarray], position: int) -> Any:
         layout, outputs = self._sample_layout, self._output_layout
@@ -379,6 +438,14 @@ class CachedFeatureDataset(Dataset[Any]):
             f"store={self._feature_store.location!r}, entry={self.entry_name!r}, "
             f"{valid}/{self._length} rows cached)"
         )
+
+    def flush_access(self) -> None:
+        """Write this process's pending chunk access statistics to the store now.
+
+        They are also written every few seconds while reading, and when the process exits.
+        """
+        if self._access is not None:
+            self._access.flush()
 
 
 # -- argument parsing ---------------------------------------------------------------------------

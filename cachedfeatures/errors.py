@@ -8,16 +8,23 @@ Each message says what happened and what to do about it.
 from __future__ import annotations
 
 __all__ = [
+    "BudgetError",
     "CacheError",
     "DeviceInWorkerError",
+    "EntryNotFoundError",
     "FieldNotStorableError",
+    "InputBatchError",
     "InputKeyError",
     "ModuleOutputError",
     "NonDeterministicDatasetError",
     "NotAFeatureStoreError",
     "OutputShapeError",
+    "RequiresGradError",
+    "RowsNotCachedError",
     "StorePathError",
     "TrainingModeError",
+    "UnhashableArgumentError",
+    "UnknownArrayError",
     "WriterError",
 ]
 
@@ -59,6 +66,40 @@ class StorePathError(CacheError, NotADirectoryError):
 
 class NotAFeatureStoreError(CacheError, ValueError):
     """The Zarr store exists but was not written by cachedfeatures."""
+
+
+class RowsNotCachedError(CacheError, LookupError):
+    """Rows asked of a store entry are not valid there (never computed, or pruned)."""
+
+
+class UnknownArrayError(CacheError, KeyError):
+    """A store entry has no array of the given name."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it readable.
+        return str(self.args[0]) if self.args else ""
+
+
+class BudgetError(CacheError, ValueError):
+    """The size budget cannot work: ``max_bytes`` is smaller than one chunk."""
+
+
+class EntryNotFoundError(CacheError, KeyError):
+    """A store has no entry of the given name."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it readable.
+        return str(self.args[0]) if self.args else ""
+
+
+class RequiresGradError(CacheError, RuntimeError):
+    """A cached module has parameters that require grad: cached outputs cannot carry gradients."""
+
+
+class UnhashableArgumentError(CacheError, TypeError):
+    """A cached call got a non-tensor argument that is not an int, float, str, bool or None."""
+
+
+class InputBatchError(CacheError, ValueError):
+    """A cached call's tensor inputs do not share one batch dimension (or there are none)."""
 
 
 class DeviceInWorkerError(CacheError, RuntimeError):

@@ -111,7 +111,8 @@ class ArraySpec:
         """Stack one field's values from k samples into a (k, *shape) array."""
         if self.kind == "tensor":
             for value in values:
-                self._check_field_value(value, isinstance(value, torch.Tensor))
+                ok = isinstance(value, torch.Tensor) and tuple(value.shape) == self.shape
+                self._check_field_value(value, ok and str(value.dtype) == f"torch.{self.torch_dtype}")
             return self.tensor_batch_to_numpy(torch.stack(list(values)))
         if self.kind == "str":
             for value in values:
@@ -133,7 +134,8 @@ class ArraySpec:
         if not ok:
             raise OutputShapeError(
                 f"field {self.name!r} holds {_describe(value)} in one sample but {self.describe()} "
-                "in the first; every sample must give a field the same type, dtype and shape."
+                "in the first; every sample must give a field the same type, dtype and shape. Pad it "
+                "to a fixed shape in the dataset, or wrap the dataset so that the sample leaves it out."
             )
 
     def row_to_value(self, row: Any) -> Any:

@@ -28,6 +28,7 @@ import torchdata.nodes as tn
 from torch.utils.data import Sampler, default_collate
 
 from cachedfeatures.errors import CacheError, WriterError
+from cachedfeatures.pruning import serve_backed_rows
 from cachedfeatures.steps import LoadedRows, RowLoader
 from cachedfeatures.store import Entry
 from cachedfeatures.writer import Writer
@@ -178,7 +179,7 @@ class ReadOrLoad:
         }
         hit = np.zeros(len(rows), dtype=bool)
         if self.read_hits:
-            read = self.entry.read(rows)
+            read = serve_backed_rows(self.entry, rows, self.entry.read(rows))
             hit = read.hit
             for name, column in read.arrays.items():
                 columns[name][hit] = column
@@ -244,6 +245,7 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
         except StopIteration:
             self.writer.flush()
             raise
+        self.cached._record_hits(batch.rows[batch.hit])
         computed = 0
         if batch.misses is not None:
             values = self.cached.compute_loaded(batch.misses, pin_memory=self.pin_memory)
@@ -324,7 +326,7 @@ class Loader:
         self.drop_last = bool(drop_last)
         self.sampler = sampler
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
-        self.writer = Writer(entry)
+        self.writer = Writer(entry, write=cached.write)
 
         source: tn.BaseNode[int] = (
             tn.SamplerWrapper(sampler) if sampler is not None else Indices(len(cached), shuffle, seed)

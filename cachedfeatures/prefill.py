@@ -129,7 +129,7 @@ def prefill(
 
     computed = 0
     if len(rows):
-        writer = Writer(entry)
+        writer = Writer(entry, write=cached.write)
         batches = tn.Batcher(tn.IterableWrapper(rows.tolist()), cached.batch_size, drop_last=False)
         io = ReadOrLoad(entry, cached.row_loader(), read_hits=False)
         read: tn.BaseNode[IOBatch] = (

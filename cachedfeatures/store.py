@@ -29,7 +29,7 @@ from zarr.abc.codec import BytesBytesCodec
 from zarr.abc.store import Store
 from zarr.storage import LocalStore, MemoryStore
 
-from cachedfeatures.errors import NotAFeatureStoreError, StorePathError
+from cachedfeatures.errors import EntryNotFoundError, NotAFeatureStoreError, StorePathError
 from cachedfeatures.layout import ArraySpec
 from cachedfeatures.locks import FileLocks, Locks, ThreadLocks
 
@@ -169,7 +169,8 @@ class Entry:
         mask = self.valid_mask()
         padded = np.zeros(self.num_chunks * self.chunk_rows, dtype=bool)
         padded[: len(mask)] = mask
-        return padded.reshape(self.num_chunks, self.chunk_rows).sum(axis=1)
+        counts: np.ndarray = padded.reshape(self.num_chunks, self.chunk_rows).sum(axis=1)
+        return counts
 
     def nbytes_logical(self) -> int:
         """Uncompressed bytes of all rows of every array (features and fields)."""
@@ -185,6 +186,122 @@ class Entry:
         module = self.meta["module"]["description"]
         dataset = self.meta["dataset"]["description"]
         return f"{self.name}: {module}; {dataset}"
+
+    # -- exploring (notebooks); the logic lives in cachedfeatures.explore ----------------------
+
+    @property
+    def feature_names(self) -> list[str]:
+        """The arrays that hold module outputs (``["features"]`` for a module returning a tensor)."""
+        outputs = self.meta.get("outputs")
+        if outputs is None:
+            return [spec.name for spec in self.specs if spec.name.startswith("features")]
+        return [array["name"] for array in outputs["arrays"]]
+
+    @property
+    def field_names(self) -> list[str]:
+        """The passthrough fields stored beside the features (labels, ids, ...)."""
+        features = set(self.feature_names)
+        return [spec.name for spec in self.specs if spec.name not in features]
+
+    def valid_rows(self) -> np.ndarray:
+        """Indices of the rows cached now (valid), ascending."""
+        return np.flatnonzero(self.valid_mask())
+
+    def features(
+        self,
+        name: str | None = None,
+        rows: Sequence[int] | np.ndarray | None = None,
+        *,
+        as_: Literal["numpy", "torch"] = "numpy",
+    ) -> Any:
+        """Stored module outputs: the valid rows (``rows=None``) or the given rows, in order.
+
+        Reads only the chunks that hold the rows. ``name`` picks one output of a module that
+        returns several (see ``feature_names``). A requested row that is not cached raises
+        ``RowsNotCachedError``: rows that are not valid are never returned as data. For a lazy
+        view of everything, use ``to_xarray()`` or the Zarr array ``arrays[name]``.
+        """
+        from cachedfeatures import explore
+
+        as_ = explore.parse_as(as_)
+        if name is None:
+            name = self.feature_names[0]
+        spec = explore.spec_of(self, name)
+        _, columns = explore.read_arrays(self, [name], rows)
+        return explore.convert(spec, columns[name], as_)
+
+    @property
+    def fields(self) -> dict[str, np.ndarray]:
+        """Each passthrough field over the valid rows, read together with ``valid_rows()``.
+
+        To line fields up with features while another process fills the store, pass the same
+        ``rows`` to ``features(rows=...)`` and ``read_fields(rows)``, or use ``to_xarray()``.
+        """
+        return self.read_fields()
+
+    def read_fields(self, rows: Sequence[int] | np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Each passthrough field at ``rows`` (default: the valid rows), as NumPy arrays."""
+        from cachedfeatures import explore
+
+        _, columns = explore.read_arrays(self, self.field_names, rows)
+        return {
+            spec.name: explore.convert(spec, columns[spec.name], "numpy")
+            for spec in self.specs
+            if spec.name in columns
+        }
+
+    def to_xarray(self, valid_only: bool = True) -> Any:
+        """The entry as a lazily read ``xarray.Dataset``: features as variables, fields as coords.
+
+        See :func:`cachedfeatures.explore.to_xarray`; needs ``xarray`` installed.
+        """
+        from cachedfeatures import explore
+
+        return explore.to_xarray(self, valid_only)
+
+    def nbytes_per_chunk(self) -> np.ndarray:
+        """Bytes on disk of each chunk (all arrays), shape ``(num_chunks,)``."""
+        from cachedfeatures import explore
+
+        return explore.chunk_nbytes(self)
+
+    def access_stats(self) -> np.ndarray | None:
+        """Per-chunk ``[last access unix time, count]`` recorded by pruning, or ``None``."""
+        from cachedfeatures import explore
+
+        return explore.access_stats(self)
+
+    @property
+    def last_used(self) -> _dt.datetime | None:
+        """When a chunk was last read (recorded by pruning), or ``None`` if never recorded."""
+        from cachedfeatures import explore
+
+        return explore.last_used(self)
+
+    def compression_ratio(self) -> float:
+        """Uncompressed bytes of the cached rows over their chunks' bytes on disk (``nan``: none)."""
+        from cachedfeatures import explore
+
+        return explore.compression_ratio(self)
+
+    def info(self) -> Any:
+        """An :class:`cachedfeatures.explore.EntryInfo` snapshot: sizes, rows, dtypes, dates."""
+        from cachedfeatures import explore
+
+        return explore.entry_info(self)
+
+    def __repr__(self) -> str:
+        from cachedfeatures import explore
+
+        try:
+            return explore.entry_repr(explore.entry_info(self))
+        except Exception as error:  # a repr must not raise (debuggers, logs): say what failed
+            return f"<Entry {self.name} (unreadable: {type(error).__name__}: {error})>"
+
+    def _repr_html_(self) -> str:
+        from cachedfeatures import explore
+
+        return explore.entry_html(explore.entry_info(self), self.valid_mask())
 
 
 class FeatureStore:
@@ -289,6 +406,45 @@ class FeatureStore:
 
     def __iter__(self) -> Iterator[Entry]:
         return iter(self.entries)
+
+    # -- exploring (notebooks) -------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, key: str | int) -> Entry:
+        """An entry by name, or by position in ``entries`` (``store[0]``)."""
+        if isinstance(key, int) and not isinstance(key, bool):
+            entries = self.entries
+            if not -len(entries) <= key < len(entries):
+                from cachedfeatures.explore import plural
+
+                raise IndexError(
+                    f"store {self.location} has {plural(len(entries), 'entry')}; got index {key}."
+                )
+            return entries[key]
+        entry = self.entry(str(key))
+        if entry is None:
+            names = [e.name for e in self.entries]
+            raise EntryNotFoundError(f"store {self.location} has no entry {key!r}; its entries are {names}.")
+        return entry
+
+    def nbytes_stored(self) -> int:
+        """Bytes the entries occupy in the store."""
+        return sum(entry.nbytes_stored() for entry in self.entries)
+
+    def __repr__(self) -> str:
+        from cachedfeatures import explore
+
+        try:
+            return explore.store_repr(self, [entry.info() for entry in self.entries])
+        except Exception as error:  # a repr must not raise (debuggers, logs): say what failed
+            return f"<FeatureStore {self.location} (unreadable: {type(error).__name__}: {error})>"
+
+    def _repr_html_(self) -> str:
+        from cachedfeatures import explore
+
+        return explore.store_html(self, [(entry.info(), entry.valid_mask()) for entry in self.entries])
 
 
 def _create_array(

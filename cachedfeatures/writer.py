@@ -57,6 +57,8 @@ class Writer:
             Default 8.
         max_buffer_bytes: bytes of rows held back for coalescing before the fullest chunk is
             written early. Default 256 MiB; ``0`` writes every batch as it comes.
+        write: stores the rows of one chunk; default ``entry.write``. The pipeline passes
+            ``CachedFeatureDataset.write``, which also enforces the size budget.
     """
 
     def __init__(
@@ -65,8 +67,10 @@ class Writer:
         *,
         max_pending: int = DEFAULT_MAX_PENDING,
         max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
+        write: Callable[[np.ndarray, Mapping[str, np.ndarray]], None] | None = None,
     ) -> None:
         self.entry = entry
+        self._store_rows = write or entry.write
         self.max_buffer_bytes = max_buffer_bytes
         self._queue: queue.Queue[tuple[np.ndarray, dict[str, np.ndarray]] | _Flush | None] = queue.Queue(
             maxsize=max_pending
@@ -219,7 +223,7 @@ class Writer:
         columns = {
             name: np.concatenate([part[name] for part in pending.columns]) for name in pending.columns[0]
         }
-        self.entry.write(rows, columns)
+        self._store_rows(rows, columns)
         if self._missing is not None:
             self._missing[chunk] = max(0, int(self._missing[chunk]) - len(np.unique(rows)))
         self.rows_written += len(rows)

@@ -252,3 +252,24 @@ def test_cuda_loader_with_pinned_memory_and_process_workers(store_path: Path) ->
         if epoch == 0:
             assert set(backbone.devices) == {"cuda:0"}
             assert set(backbone.pids) == {os.getpid()}
+
+
+def test_loader_writes_within_the_size_budget(store_path: Path) -> None:
+    dataset, backbone = Samples(256, "tuple"), Backbone()
+    full = CachedFeatureDataset(
+        dataset, backbone, store_path.with_name("full.zarr"), chunk_rows=16, dataset_version="v"
+    )
+    full.prefill(progress=False)
+    budget = full.store.nbytes_stored() // 2
+    cached = CachedFeatureDataset(
+        dataset, backbone, store_path, chunk_rows=16, dataset_version="v", max_bytes=budget
+    )
+    loader = cached.loader(batch_size=32, shuffle=True, num_workers=2)
+    expected = torch.stack([reference(backbone, dataset, i) for i in range(256)])
+    for epoch in range(2):
+        order = Indices(256, True, 0).order(epoch)
+        features = torch.cat([batch[0] for batch in loader])
+        assert torch.equal(features, expected[order])  # served right, cached or recomputed
+    assert cached.store.nbytes_stored() <= budget
+    assert cached.entry is not None
+    assert 0 < cached.entry.valid_mask().sum() < 256  # part of the entry kept, within budget

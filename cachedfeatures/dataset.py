@@ -23,6 +23,7 @@ from cachedfeatures.fingerprint import (
     qualified_name,
 )
 from cachedfeatures.layout import ArraySpec, InputKey, OutputLayout, SampleLayout
+from cachedfeatures.reader import ChunkReader, ReadRoute
 from cachedfeatures.store import Compressor, Entry, FeatureStore, StoreLike, default_chunk_rows
 
 __all__ = ["CachedFeatureDataset"]
@@ -57,6 +58,11 @@ class CachedFeatureDataset(Dataset[Any]):
             weights / probing the dataset; change them whenever the module / data change.
         allow_nondeterministic: cache a dataset whose inputs change from load to load (random
             augmentation), freezing one draw. Default ``False``, which raises instead.
+        chunk_cache_bytes: the most bytes of decoded chunks each process keeps in memory
+            (``0``: none). Default ``None``: an eighth of physical memory, split between
+            DataLoader workers. Raw chunks of a local store are memory-mapped instead.
+        read_route: ``"auto"`` reads plain local chunk files directly; ``"zarr"`` reads
+            every chunk through zarr. See :mod:`cachedfeatures.reader`.
     """
 
     def __init__(
@@ -75,6 +81,8 @@ class CachedFeatureDataset(Dataset[Any]):
         module_version: str | None = None,
         dataset_version: str | None = None,
         allow_nondeterministic: bool = False,
+        chunk_cache_bytes: int | None = None,
+        read_route: ReadRoute = "auto",
     ) -> None:
         self.dataset = dataset
         self.module = module
@@ -118,6 +126,8 @@ class CachedFeatureDataset(Dataset[Any]):
             self._entry = self._feature_store.entry(self.entry_name) or self._create_entry(
                 probes, chunk_rows, compressor
             )
+        if self._entry is not None:
+            self._entry.reader = ChunkReader(self._entry, cache_bytes=chunk_cache_bytes, route=read_route)
         self._load_layouts()
 
     # -- construction helpers -------------------------------------------------------------------
@@ -193,6 +203,8 @@ class CachedFeatureDataset(Dataset[Any]):
             raise AssertionError("unreachable: non-empty index into an empty dataset")
         self._warn_if_private_store_in_worker()
         read = entry.read(rows)
+        if read.hit.all():
+            return self._assemble_all(read.arrays)
         columns = {
             name: np.empty((len(rows), *spec.shape), dtype=spec.numpy_dtype)
             for name, spec in ((s.name, s) for s in entry.specs)
@@ -205,7 +217,7 @@ class CachedFeatureDataset(Dataset[Any]):
             computed = self.compute(miss_rows)
             for name, column in computed.items():
                 columns[name][missing] = column[where]
-        return [self._assemble(columns, position) for position in range(len(rows))]
+        return self._assemble_all(columns)
 
     def compute(self, rows: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
         """Load, compute and store ``rows`` (whether cached or not), in batches.
@@ -238,14 +250,13 @@ class CachedFeatureDataset(Dataset[Any]):
             parts.append(columns)
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
-    def _assemble(self, columns: Mapping[str, np.ndarray], position: int) -> Any:
+    def _assemble_all(self, columns: Mapping[str, np.ndarray]) -> list[Any]:
+        """One sample per row of ``columns``; each output array becomes one tensor first."""
         layout, outputs = self._sample_layout, self._output_layout
         if layout is None or outputs is None:
             raise AssertionError("unreachable")
-        features = outputs.join(
-            {spec.name: spec.numpy_to_tensor(columns[spec.name][position]) for spec in outputs.arrays}
-        )
-        return layout.build(features, {spec.name: columns[spec.name][position] for spec in layout.fields})
+        tensors = {spec.name: spec.numpy_to_tensor(columns[spec.name]) for spec in outputs.arrays}
+        return layout.build_many(outputs.unbind(tensors), columns)
 
     def _normalize(self, indices: Sequence[int]) -> np.ndarray:
         rows = np.empty(len(indices), dtype=np.int64)

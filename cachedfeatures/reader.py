@@ -17,16 +17,20 @@ Two routes read a chunk:
 Correctness follows the entry's protocol: a row is served only if ``valid`` is set and the
 bytes served were read while it was. Each cached chunk carries a *signature* of its ``valid``
 chunk taken before and after its bytes were read (for a local store: the chunk file's inode,
-size and modification time; zarr's ``LocalStore`` replaces a chunk file by renaming a new one
-into place, so every write changes it; elsewhere: the encoded bytes of the ``valid`` chunk).
-Every batch takes the signature again, and a chunk whose signature changed (a write, a prune)
-is read again. A cached chunk is therefore only ever served for rows whose ``valid`` bit is set
-now, with the bytes that were there when it was set.
+size and times; zarr's ``LocalStore`` replaces a chunk file by renaming a new one into place,
+so every write changes it; elsewhere: the encoded bytes of the ``valid`` chunk). Every batch
+takes the signature again, and a chunk whose signature changed (a write, a prune) is read
+again. A cached chunk is therefore only ever served for rows whose ``valid`` bit is set now.
+On a local store the bytes served are also the ones written when it was set; on other stores
+a chunk pruned and refilled between two reads, leaving ``valid`` as it was, may be served from
+the cache as first read: the same entry (same fingerprints) refills the same features, so this
+only shows with a nondeterministic module.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import resource
@@ -261,14 +265,17 @@ class _ChunkFile:
             path = self._paths[chunk] = os.path.join(self.root, self.array.path, key)
         return path
 
-    def read(self, chunk: int) -> np.ndarray | None:
-        """The whole chunk (a read-only map for raw chunks), or ``None`` if it was never written."""
+    def read(self, chunk: int) -> np.ndarray:
+        """The whole chunk: a read-only map of a raw chunk file, else a decoded array.
+
+        A missing chunk file holds only the fill value (zarr deletes such chunks).
+        """
         path = self.path(chunk)
         if self.decoder is None:
             try:
                 size = os.stat(path).st_size
             except FileNotFoundError:
-                return None
+                return self._filled()
             if size != self.nbytes:
                 raise ValueError(f"raw chunk {path} holds {size} bytes; expected {self.nbytes}")
             return np.memmap(path, dtype=self.dtype, mode="r", shape=self.chunk_shape)
@@ -276,15 +283,15 @@ class _ChunkFile:
             with open(path, "rb") as file:
                 encoded = file.read()
         except FileNotFoundError:
-            return None
+            return self._filled()
         decoded = self.decoder.decode(encoded)
         data = np.frombuffer(decoded, dtype=self.dtype)
         if data.size * self.dtype.itemsize != self.nbytes:
             raise ValueError(f"chunk {path} decodes to {data.nbytes} bytes; expected {self.nbytes}")
         return data.reshape(self.chunk_shape)
 
-
-_NONE_VALID = np.zeros(0, dtype=bool)
+    def _filled(self) -> np.ndarray:
+        return np.full(self.chunk_shape, self.array.fill_value, dtype=self.dtype)
 
 
 def _stat_signature(path: str) -> Hashable:
@@ -377,56 +384,43 @@ class ChunkReader:
         starts = np.flatnonzero(np.diff(sorted_chunks, prepend=-1))
         bounds = [*starts.tolist(), n]
         ids: list[int] = sorted_chunks[starts].tolist()
-        chunks = self._chunks(ids)
-
-        # Which rows are valid: one gather over the chunks' masks laid end to end.
-        masks = [chunk.valid if chunk is not None else _NONE_VALID for chunk in chunks]
-        if all(len(mask) == rows_per_chunk for mask in masks):
-            group = np.repeat(np.arange(len(ids)), np.diff(bounds))
-            valid = np.concatenate(masks)[group * rows_per_chunk + local]
-        else:  # a short last chunk, or a chunk that could not be read
-            valid = np.concatenate(
-                [
-                    mask[local[lo:hi]] if len(mask) else np.zeros(hi - lo, dtype=bool)
-                    for mask, lo, hi in zip(masks, bounds, bounds[1:], strict=False)
-                ]
-            )
+        valid = np.zeros(n, dtype=bool)  # in sorted order
+        out = {spec.name: np.empty((n, *spec.shape), dtype=spec.numpy_dtype) for spec in entry.specs}
+        # One chunk at a time, so a batch holds at most one chunk beyond the cache's budget.
+        for k, (chunk_id, signature) in enumerate(zip(ids, self._signatures(ids), strict=True)):
+            chunk = self._chunk(chunk_id, signature)
+            if chunk is None or not chunk.arrays:
+                continue
+            lo, hi = bounds[k], bounds[k + 1]
+            rows = local[lo:hi]
+            valid[lo:hi] = chunk.valid[rows]
+            where = order[lo:hi]
+            for name, column in chunk.arrays.items():
+                out[name][where] = column[rows]  # a copy: callers never see cached buffers
         hit = np.empty(n, dtype=bool)
         hit[order] = valid
         if not valid.any():
             return RowsRead(hit, {})
-        out = {spec.name: np.empty((n, *spec.shape), dtype=spec.numpy_dtype) for spec in entry.specs}
-        for k, chunk in enumerate(chunks):
-            if chunk is None or not chunk.arrays:
-                continue
-            lo, hi = bounds[k], bounds[k + 1]
-            where, rows = order[lo:hi], local[lo:hi]
-            for name, column in chunk.arrays.items():
-                out[name][where] = column[rows]  # a copy: callers never see cached buffers
         if not valid.all():
             out = {name: column[hit] for name, column in out.items()}
         return RowsRead(hit, out)
 
-    def _chunks(self, ids: list[int]) -> list[_Chunk | None]:
-        """Each chunk as it is now: from the cache if its signature still holds, else read."""
+    def _chunk(self, chunk_id: int, signature: Hashable) -> _Chunk | None:
+        """The chunk as it is now: from the cache if its signature still holds, else read."""
+        if signature is None:  # no valid chunk: nothing in it was ever written
+            return None
         cache = self.cache
-        found: list[_Chunk | None] = []
-        for chunk_id, signature in zip(ids, self._signatures(ids), strict=True):
-            if signature is None:  # no valid chunk: nothing in it was ever written
-                found.append(None)
-                continue
-            chunk = cache.get(chunk_id)
-            if chunk is not None and chunk.signature == signature:
-                cache.hits += 1
-            else:
-                cache.misses += 1
-                chunk = self._load(chunk_id, signature)
-                if chunk is None:
-                    cache.discard(chunk_id)
-                else:
-                    cache.put(chunk_id, chunk)
-            found.append(chunk)
-        return found
+        chunk = cache.get(chunk_id)
+        if chunk is not None and chunk.signature == signature:
+            cache.hits += 1
+            return chunk
+        cache.misses += 1
+        chunk = self._load(chunk_id, signature)
+        if chunk is None:
+            cache.discard(chunk_id)
+        else:
+            cache.put(chunk_id, chunk)
+        return chunk
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -440,19 +434,45 @@ class ChunkReader:
         return self._files
 
     def _signatures(self, chunks: list[int]) -> list[Hashable]:
-        """Each chunk's ``valid`` signature now; ``None`` where the ``valid`` chunk is absent."""
-        self._sources()
-        if self._valid_file is not None:
-            return [_stat_signature(self._valid_file.path(chunk)) for chunk in chunks]
+        """Each chunk's ``valid`` signature now; ``None`` where the ``valid`` chunk is absent.
+
+        On a local store (either route) it is the ``valid`` chunk file's identity and times,
+        which every rewrite changes; elsewhere it is the ``valid`` chunk's encoded bytes.
+        """
+        paths = self._signature_paths
+        if paths is not None:
+            return [_stat_signature(paths(chunk)) for chunk in chunks]
         valid = self.entry.valid
         store = valid.store
-        keys = [f"{valid.path}/{valid.metadata.encode_chunk_key((chunk,))}" for chunk in chunks]
+        keys = [f"{valid.path}/{self._valid_key(chunk)}" for chunk in chunks]
         prototype = default_buffer_prototype()
 
         async def fetch() -> list[Any]:
             return await asyncio.gather(*(store.get(key, prototype=prototype) for key in keys))
 
         return [None if buffer is None else buffer.to_bytes() for buffer in sync(fetch())]
+
+    def _valid_key(self, chunk: int) -> str:
+        """The store key of the ``valid`` chunk (or shard) holding entry chunk ``chunk``."""
+        valid = self.entry.valid
+        grid_rows = valid.metadata.chunk_grid.chunk_shape[0]
+        return str(valid.metadata.encode_chunk_key((chunk * self.entry.chunk_rows // grid_rows,)))
+
+    @functools.cached_property
+    def _signature_paths(self) -> Callable[[int], str] | None:
+        valid = self.entry.valid
+        if not isinstance(valid.store, LocalStore):
+            return None
+        base = os.path.join(str(valid.store.root), valid.path)
+        cache: dict[int, str] = {}
+
+        def path(chunk: int) -> str:
+            found = cache.get(chunk)
+            if found is None:
+                found = cache[chunk] = os.path.join(base, self._valid_key(chunk))
+            return found
+
+        return path
 
     def _load(self, chunk: int, signature: Hashable) -> _Chunk | None:
         """Chunk ``chunk`` of every array; ``None`` if unreadable or ``valid`` changed meanwhile."""
@@ -468,8 +488,6 @@ class ChunkReader:
                 for name, array in entry.arrays.items():
                     source = files[name]
                     data = source.read(chunk) if source is not None else np.asarray(array[start:stop])
-                    if data is None:  # never written: none of its rows can be valid
-                        return None
                     if isinstance(data, np.memmap):
                         maps += 1
                     else:
@@ -486,10 +504,7 @@ class ChunkReader:
         source = self._valid_file
         if source is None:
             return np.asarray(self.entry.valid[start:stop], dtype=bool)
-        data = source.read(chunk)
-        if data is None:
-            return np.zeros(stop - start, dtype=bool)
-        return np.array(data[: stop - start], dtype=bool)  # a copy, never a map
+        return np.array(source.read(chunk)[: stop - start], dtype=bool)  # a copy, never a map
 
     def _report(self, chunk: int, error: Exception) -> None:
         key = (self.entry.name, chunk)

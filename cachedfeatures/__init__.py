@@ -16,6 +16,8 @@ from cachedfeatures.errors import (
     StorePathError,
     TrainingModeError,
 )
+from cachedfeatures.reader import ChunkReader
+from cachedfeatures.sampler import ChunkShuffleSampler
 from cachedfeatures.store import Entry, FeatureStore
 
 __version__ = "0.1.0"
@@ -23,6 +25,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CacheError",
     "CachedFeatureDataset",
+    "ChunkReader",
+    "ChunkShuffleSampler",
     "Entry",
     "FeatureStore",
     "FieldNotStorableError",

@@ -47,3 +47,11 @@ def demo(session: nox.Session) -> None:
     """Train a linear head on cached features of a small conv backbone, on a local store."""
     install(session)
     session.run("python", "-m", "cachedfeatures.demo", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Read throughput against a memmap, no cache and torchcache; ``-- --quick`` for < 1 min."""
+    install(session)
+    session.install("torchcache==0.6.*")
+    session.run("python", "benchmarks/bench_read.py", *session.posargs)

@@ -259,6 +259,10 @@ class CachedFeatureDataset(Dataset[Any]):
         return layout.build_many(outputs.unbind(tensors), columns)
 
     def _normalize(self, indices: Sequence[int]) -> np.ndarray:
+        if type(indices) is list and all(type(index) is int for index in indices):
+            fast = np.asarray(indices, dtype=np.int64)  # the common case, checked in one pass
+            if len(fast) == 0 or (-self._length <= fast.min() and fast.max() < self._length):
+                return fast % max(self._length, 1)
         rows = np.empty(len(indices), dtype=np.int64)
         for position, index in enumerate(indices):
             try:

@@ -299,7 +299,19 @@ class SampleLayout:
     def build_many(self, features: Sequence[Any], fields: Mapping[str, np.ndarray]) -> list[Any]:
         """One sample per row: ``features[i]`` with row ``i`` of each stored field."""
         values = {spec.name: spec.rows_to_values(fields[spec.name]) for spec in self.fields}
-        row = _row_builder(self.template, features, values)
+        node = self.template
+        if node["kind"] == "input":
+            return list(features)
+        items = node.get("items", [])
+        if items and all(item["kind"] in ("input", "field") for item in items):  # flat: zip in C
+            columns = [features if item["kind"] == "input" else values[item["name"]] for item in items]
+            rows = zip(*columns, strict=True)
+            if node["kind"] == "tuple":
+                return list(rows)
+            if node["kind"] == "list":
+                return [list(row) for row in rows]
+            return [dict(zip(node["keys"], row, strict=True)) for row in rows]
+        row = _row_builder(node, features, values)
         return [row(i) for i in range(len(features))]
 
     def describe_input_key(self) -> str:

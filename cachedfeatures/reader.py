@@ -395,8 +395,8 @@ class ChunkReader:
         starts = np.flatnonzero(np.diff(sorted_chunks, prepend=-1))
         bounds = [*starts.tolist(), n]
         ids: list[int] = sorted_chunks[starts].tolist()
-        valid = np.zeros(n, dtype=bool)  # in sorted order
-        out = {spec.name: np.empty((n, *spec.shape), dtype=spec.numpy_dtype) for spec in entry.specs}
+        valid = np.zeros(n, dtype=bool)  # rows in chunk order, as ``local``
+        gathered = {spec.name: np.empty((n, *spec.shape), dtype=spec.numpy_dtype) for spec in entry.specs}
         # One chunk at a time, so a batch holds at most one chunk beyond the cache's budget.
         for k, (chunk_id, signature) in enumerate(zip(ids, self._signatures(ids), strict=True)):
             chunk = self._chunk(chunk_id, signature)
@@ -405,16 +405,19 @@ class ChunkReader:
             lo, hi = bounds[k], bounds[k + 1]
             rows = local[lo:hi]
             valid[lo:hi] = chunk.valid[rows]
-            where = order[lo:hi]
             for name, column in chunk.arrays.items():
-                out[name][where] = column[rows]  # a copy: callers never see cached buffers
+                # a copy into our own buffer: callers never see cached buffers
+                column.take(rows, axis=0, out=gathered[name][lo:hi])
         hit = np.empty(n, dtype=bool)
         hit[order] = valid
         if not valid.any():
             return RowsRead(hit, {})
+        # Back to the requested order, keeping only the hits.
+        back = np.empty(n, dtype=np.int64)
+        back[order] = np.arange(n)
         if not valid.all():
-            out = {name: column[hit] for name, column in out.items()}
-        return RowsRead(hit, out)
+            back = back[hit]
+        return RowsRead(hit, {name: column.take(back, axis=0) for name, column in gathered.items()})
 
     def _chunk(self, chunk_id: int, signature: Hashable) -> _Chunk | None:
         """The chunk as it is now: from the cache if its signature still holds, else read."""

@@ -317,8 +317,52 @@ def _stat_signature(path: str) -> Hashable:
 # The reader
 
 
+_UNREAD = object()  # a chunk the dense copy does not hold
+
+
+class _Dense:
+    """The whole entry decoded into one array per column, filled chunk by chunk as read.
+
+    Used when the entry fits the cache budget: a batch then costs one gather per array,
+    however many chunks it touches. ``signatures[c]`` is the ``valid`` signature chunk ``c``
+    was copied under; rows of chunks not (or no longer) held are marked not valid.
+    """
+
+    def __init__(self, entry: Entry) -> None:
+        self.arrays = {s.name: np.empty((entry.num_rows, *s.shape), dtype=s.numpy_dtype) for s in entry.specs}
+        self.valid = np.zeros(entry.num_rows, dtype=bool)
+        self.signatures: list[Hashable] = [_UNREAD] * entry.num_chunks
+        self.row_nbytes = sum(spec.row_nbytes for spec in entry.specs) + 1
+        self.chunk_rows = entry.chunk_rows
+        self.held = 0  # rows of chunks held
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def fits(entry: Entry, budget: int) -> bool:
+        numeric = all(spec.dtype != "str" for spec in entry.specs)
+        return numeric and (sum(spec.row_nbytes for spec in entry.specs) + 1) * entry.num_rows <= budget
+
+    def hold(self, chunk: int, start: int, stop: int, read: _Chunk | None, signature: Hashable) -> None:
+        """Copy ``read`` in as chunk ``chunk``; ``None``: its ``valid`` chunk is absent
+        (``signature is None``) or it could not be read (tried again next time)."""
+        before = self.signatures[chunk]
+        self.held -= (stop - start) * (before is not _UNREAD and before is not None)
+        self.valid[start:stop] = False
+        if read is None:
+            self.signatures[chunk] = None if signature is None else _UNREAD
+            return
+        for name, column in read.arrays.items():
+            self.arrays[name][start:stop] = column[: stop - start]
+        self.valid[start:stop] = read.valid
+        self.signatures[chunk] = signature
+        self.held += stop - start
+
+
 class ChunkReader:
     """Reads rows of an entry chunk by chunk, through a bounded cache of decoded chunks.
+
+    When the whole entry fits the budget, decoded chunks are kept in one array per column
+    (filled as chunks are first read), so a batch is one gather per array, like a memmap.
 
     Args:
         entry: the entry to read.
@@ -345,6 +389,7 @@ class ChunkReader:
 
     def _setup(self) -> None:
         self._cache: ChunkCache | None = None
+        self._dense: _Dense | bool | None = False  # False: not decided yet
         self._files: dict[str, _ChunkFile | None] | None = None
         self._valid_file: _ChunkFile | None = None
         self._reported: set[tuple[str, int]] = set()
@@ -374,11 +419,18 @@ class ChunkReader:
 
     def cache_info(self) -> CacheInfo:
         cache = self.cache
+        dense = self._dense
+        if isinstance(dense, _Dense):
+            chunks = sum(s is not _UNREAD and s is not None for s in dense.signatures)
+            return CacheInfo(
+                cache.hits, cache.misses, chunks, dense.held * dense.row_nbytes, cache.max_bytes, 0
+            )
         return CacheInfo(cache.hits, cache.misses, len(cache), cache.nbytes, cache.max_bytes, cache.maps)
 
     def clear(self) -> None:
         """Forget every cached chunk (the next read of each chunk goes to the store)."""
         self.cache.clear()
+        self._dense = False
 
     def read(self, indices: Sequence[int] | np.ndarray) -> RowsRead:
         """Read the rows at ``indices``; each needed chunk is read at most once."""
@@ -388,6 +440,10 @@ class ChunkReader:
         n = len(indices)
         if n == 0:
             return RowsRead(np.zeros(0, dtype=bool), {})
+        if self._dense is False:
+            self._dense = _Dense(entry) if _Dense.fits(entry, self.cache.max_bytes) else None
+        if isinstance(self._dense, _Dense):
+            return self._read_dense(self._dense, indices)
         chunk_of = indices // rows_per_chunk
         order = np.argsort(chunk_of, kind="stable")
         sorted_chunks = chunk_of[order]
@@ -418,6 +474,25 @@ class ChunkReader:
         if not valid.all():
             back = back[hit]
         return RowsRead(hit, {name: column.take(back, axis=0) for name, column in gathered.items()})
+
+    def _read_dense(self, dense: _Dense, indices: np.ndarray) -> RowsRead:
+        entry, cache = self.entry, self.cache
+        ids: list[int] = np.unique(indices // entry.chunk_rows).tolist()
+        with dense.lock:
+            for chunk_id, signature in zip(ids, self._signatures(ids), strict=True):
+                if signature == dense.signatures[chunk_id]:
+                    cache.hits += 1
+                    continue
+                cache.misses += 1
+                start = chunk_id * entry.chunk_rows
+                stop = min(start + entry.chunk_rows, entry.num_rows)
+                read = None if signature is None else self._load(chunk_id, signature)
+                dense.hold(chunk_id, start, stop, read, signature)
+            hit = dense.valid[indices]
+            if not hit.any():
+                return RowsRead(hit, {})
+            rows = indices if hit.all() else indices[hit]
+            return RowsRead(hit, {name: column.take(rows, axis=0) for name, column in dense.arrays.items()})
 
     def _chunk(self, chunk_id: int, signature: Hashable) -> _Chunk | None:
         """The chunk as it is now: from the cache if its signature still holds, else read."""

@@ -104,7 +104,7 @@ class ChunkShuffleSampler(Sampler[int]):
         if self.shuffle:  # rows within each window of this rank's share
             keys = rng.random(total)[self.rank * self.num_samples : (self.rank + 1) * self.num_samples]
             block = np.arange(len(share), dtype=np.int64) // (self.window * per_chunk)
-            share = share[np.lexsort((keys, block))]
+            share = np.asarray(share[np.lexsort((keys, block))], dtype=np.int64)
         return share
 
     def __repr__(self) -> str:

@@ -29,6 +29,13 @@ def route(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture(params=[None, 600], ids=["whole-entry", "two-chunks"])
+def budget(request: pytest.FixtureRequest) -> int | None:
+    """Cache budgets: the default holds the whole entry (one dense copy); 600 bytes hold
+    one chunk of ``make_entry``'s (16 rows of 4 float32, an int64 label and valid: 400 bytes)."""
+    return request.param  # type: ignore[no-any-return]
+
+
 @pytest.fixture(params=COMPRESSORS, ids=["raw", "blosc"])
 def compressor(request: pytest.FixtureRequest) -> Any:
     return request.param
@@ -59,10 +66,12 @@ def fill(entry: Any, rows: Any, dtype: str = "<f4") -> None:
 # -- agreeing with plain zarr -------------------------------------------------------------------
 
 
-def test_read_agrees_with_plain_zarr(store_path: Path, route: str, compressor: Any) -> None:
+def test_read_agrees_with_plain_zarr(
+    store_path: Path, route: str, compressor: Any, budget: int | None
+) -> None:
     entry = make_entry(store_path, compressor=compressor)
     fill(entry, np.arange(0, 100, 3))
-    reader = ChunkReader(entry, route=route)  # type: ignore[arg-type]
+    reader = ChunkReader(entry, route=route, cache_bytes=budget)  # type: ignore[arg-type]
     rng = np.random.default_rng(0)
     for _ in range(5):
         indices = rng.integers(0, 100, size=40)  # repeats included
@@ -135,10 +144,10 @@ def test_memory_store_serves_hits_and_follows_valid() -> None:
 # -- never handing out internal buffers ---------------------------------------------------------
 
 
-def test_returned_rows_are_copies(store_path: Path, route: str, compressor: Any) -> None:
+def test_returned_rows_are_copies(store_path: Path, route: str, compressor: Any, budget: int | None) -> None:
     entry = make_entry(store_path, compressor=compressor)
     fill(entry, np.arange(100))
-    reader = ChunkReader(entry, route=route)  # type: ignore[arg-type]
+    reader = ChunkReader(entry, route=route, cache_bytes=budget)  # type: ignore[arg-type]
     first = reader.read([3, 4, 40])
     first.arrays["features"][:] = -1  # a caller scribbling on what it got
     assert first.arrays["features"].flags.writeable
@@ -159,11 +168,11 @@ def test_dataset_tensors_survive_in_place_edits(store_path: Path, route: str) ->
 
 
 def test_cleared_valid_bits_are_misses_even_when_chunk_is_cached(
-    store_path: Path, route: str, compressor: Any
+    store_path: Path, route: str, compressor: Any, budget: int | None
 ) -> None:
     entry = make_entry(store_path, compressor=compressor)
     fill(entry, np.arange(100))
-    reader = ChunkReader(entry, route=route)  # type: ignore[arg-type]
+    reader = ChunkReader(entry, route=route, cache_bytes=budget)  # type: ignore[arg-type]
     assert reader.read(np.arange(32)).hit.all()  # chunks 0 and 1 now cached
     # Another process's pruner: clear valid first (through its own zarr handle).
     other = zarr.open_group(store_path, mode="a")["e"]
@@ -175,11 +184,11 @@ def test_cleared_valid_bits_are_misses_even_when_chunk_is_cached(
 
 
 def test_rows_rewritten_by_another_writer_are_read_again(
-    store_path: Path, route: str, compressor: Any
+    store_path: Path, route: str, compressor: Any, budget: int | None
 ) -> None:
     entry = make_entry(store_path, compressor=compressor)
     fill(entry, np.arange(50))
-    reader = ChunkReader(entry, route=route)  # type: ignore[arg-type]
+    reader = ChunkReader(entry, route=route, cache_bytes=budget)  # type: ignore[arg-type]
     assert not reader.read([60]).hit.any()
     reader.read(np.arange(16))
     # Another writer prunes chunk 0 and refills it with new values, then fills row 60.
@@ -195,13 +204,13 @@ def test_rows_rewritten_by_another_writer_are_read_again(
 
 
 def test_garbled_chunk_is_a_miss_logged_once(
-    store_path: Path, compressor: Any, caplog: pytest.LogCaptureFixture
+    store_path: Path, compressor: Any, caplog: pytest.LogCaptureFixture, budget: int | None
 ) -> None:
     entry = make_entry(store_path, compressor=compressor)
     fill(entry, np.arange(100))
     chunk = store_path / "e" / "features" / "c" / "1" / "0"
     chunk.write_bytes(b"not a chunk")
-    reader = ChunkReader(entry)
+    reader = ChunkReader(entry, cache_bytes=budget)
     with caplog.at_level(logging.WARNING, logger="cachedfeatures.reader"):
         for _ in range(3):
             read = reader.read(np.arange(10, 40))
@@ -270,7 +279,7 @@ def test_process_memory_stays_within_budget(store_path: Path) -> None:
 def test_raw_local_chunks_are_mapped_within_the_map_limit(store_path: Path) -> None:
     entry = make_entry(store_path, compressor=None)
     fill(entry, np.arange(100))
-    reader = ChunkReader(entry, max_maps=4)  # two arrays per chunk: at most two chunks
+    reader = ChunkReader(entry, max_maps=4, cache_bytes=2000)  # two arrays a chunk: two chunks
     for _ in range(3):
         assert reader.read(np.arange(100)).hit.all()
         assert reader.cache_info().maps <= 4
@@ -323,3 +332,27 @@ def test_workers_read_through_their_own_reader(store_path: Path, route: str, con
             seen.append(index)
     assert sorted(seen) == list(range(64))
     assert data.loads == loads
+
+
+def test_sharded_arrays_fall_back_to_zarr_reads(store_path: Path) -> None:
+    entry = make_entry(store_path, n=100, chunk_rows=16)
+    group = zarr.open_group(store_path, mode="a")["e"]
+    group.create_array(  # the same array, with 4 chunks per shard file
+        "features",
+        shape=(100, 4),
+        chunks=(16, 4),
+        shards=(64, 4),
+        dtype="<f4",
+        fill_value=np.nan,
+        overwrite=True,
+    )
+    data = columns(np.arange(100))
+    group["features"][:] = data["features"]  # written with plain zarr, as a user might
+    group["label"][:] = data["label"]
+    group["valid"][:] = True
+    entry = FeatureStore.open(store_path, mode="a").entry("e")
+    assert entry is not None
+    assert len(list((store_path / "e" / "features" / "c").iterdir())) == 2  # two shard files
+    read = ChunkReader(entry).read([99, 0, 63, 64])
+    assert read.hit.all()
+    np.testing.assert_array_equal(read.arrays["features"], columns(np.array([99, 0, 63, 64]))["features"])

@@ -100,11 +100,11 @@ class ChunkShuffleSampler(Sampler[int]):
         total = self.num_samples * self.world_size
         if total > n:  # even the shares out with rows from the start of the epoch
             rows = np.concatenate([rows, np.resize(rows, total - n)])
-        share = rows[self.rank * self.num_samples : (self.rank + 1) * self.num_samples]
+        share: np.ndarray = rows[self.rank * self.num_samples : (self.rank + 1) * self.num_samples]
         if self.shuffle:  # rows within each window of this rank's share
             keys = rng.random(total)[self.rank * self.num_samples : (self.rank + 1) * self.num_samples]
             block = np.arange(len(share), dtype=np.int64) // (self.window * per_chunk)
-            share = np.asarray(share[np.lexsort((keys, block))], dtype=np.int64)
+            share = share[np.lexsort((keys, block))]
         return share
 
     def __repr__(self) -> str:

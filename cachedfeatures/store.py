@@ -146,7 +146,8 @@ class Entry:
         mask = self.valid_mask()
         padded = np.zeros(self.num_chunks * self.chunk_rows, dtype=bool)
         padded[: len(mask)] = mask
-        return padded.reshape(self.num_chunks, self.chunk_rows).sum(axis=1)
+        counts: np.ndarray = padded.reshape(self.num_chunks, self.chunk_rows).sum(axis=1)
+        return counts
 
     def nbytes_logical(self) -> int:
         """Uncompressed bytes of all rows of every array (features and fields)."""

@@ -388,6 +388,7 @@ class ChunkReader:
         self._setup()
 
     def _setup(self) -> None:
+        self._owner = os.getpid()
         self._cache: ChunkCache | None = None
         self._dense: _Dense | bool | None = False  # False: not decided yet
         self._files: dict[str, _ChunkFile | None] | None = None
@@ -412,6 +413,8 @@ class ChunkReader:
     @property
     def cache(self) -> ChunkCache:
         """This process's cache (created on first use, so workers size their own budget)."""
+        if self._owner != os.getpid():  # a forked worker starts afresh, with its own budget
+            self._setup()
         if self._cache is None:
             budget = self.cache_bytes if self.cache_bytes is not None else default_chunk_cache_bytes()
             self._cache = ChunkCache(budget, self.max_maps)
@@ -440,6 +443,8 @@ class ChunkReader:
         n = len(indices)
         if n == 0:
             return RowsRead(np.zeros(0, dtype=bool), {})
+        if self._owner != os.getpid():  # forked: the parent's copies are not ours to extend
+            self._setup()
         if self._dense is False:
             self._dense = _Dense(entry) if _Dense.fits(entry, self.cache.max_bytes) else None
         if isinstance(self._dense, _Dense):

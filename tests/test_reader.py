@@ -310,6 +310,36 @@ def test_default_budget_is_split_between_workers() -> None:
     assert seen == [alone // 2, alone // 2]
 
 
+class _ReaderInfo(Dataset[Any]):
+    """Reads a row of ``cached`` and reports the reader's cache as the worker sees it."""
+
+    def __init__(self, cached: CachedFeatureDataset) -> None:
+        self.cached = cached
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> tuple[int, int, int]:
+        self.cached[index]
+        assert self.cached.entry is not None
+        info = self.cached.entry.reader.cache_info()
+        return info.max_bytes, info.chunks, info.misses
+
+
+def test_forked_workers_start_with_their_own_cache_and_budget(store_path: Path) -> None:
+    cached = CachedFeatureDataset(Samples(32), Backbone(), store_path, chunk_rows=8)
+    cached.__getitems__(list(range(32)))
+    assert cached.entry is not None
+    cached.entry.read(np.arange(32))  # the parent holds every chunk before forking
+    parent = cached.entry.reader.cache_info()
+    assert parent.chunks == 4
+    loader = DataLoader(_ReaderInfo(cached), batch_size=None, num_workers=2, multiprocessing_context="fork")
+    for max_bytes, chunks, misses in loader:
+        assert max_bytes == default_chunk_cache_bytes() // 2
+        assert chunks == 1 and misses == 1  # read afresh, not inherited
+    assert cached.entry.reader.cache_info() == parent
+
+
 # -- workers --------------------------------------------------------------------------------------
 
 

@@ -259,7 +259,7 @@ class CachedFeatureDataset(Dataset[Any]):
         return layout.build_many(outputs.unbind(tensors), columns)
 
     def _normalize(self, indices: Sequence[int]) -> np.ndarray:
-        if type(indices) is list and all(type(index) is int for index in indices):
+        if type(indices) is list and set(map(type, indices)) <= {int}:
             fast = np.asarray(indices, dtype=np.int64)  # the common case, checked in one pass
             if len(fast) == 0 or (-self._length <= fast.min() and fast.max() < self._length):
                 return fast % max(self._length, 1)

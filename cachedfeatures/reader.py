@@ -39,7 +39,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numcodecs
 import numpy as np
@@ -52,15 +52,13 @@ from zarr.core.metadata import ArrayV3Metadata
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-if TYPE_CHECKING:
-    from cachedfeatures.store import Entry
+from cachedfeatures.store import Entry, RowsRead
 
 __all__ = [
     "CacheInfo",
     "ChunkCache",
     "ChunkReader",
     "ReadRoute",
-    "RowsRead",
     "default_chunk_cache_bytes",
     "parse_read_route",
 ]
@@ -73,18 +71,6 @@ READ_ROUTES: tuple[ReadRoute, ...] = ("auto", "zarr")
 # workers split it between them.
 DEFAULT_CACHE_FRACTION = 0.125
 FALLBACK_CACHE_BYTES = 1 << 30
-
-
-@dataclass(frozen=True)
-class RowsRead:
-    """What a read found: ``hit[i]`` for each requested row, and the arrays of the hits.
-
-    ``arrays[name]`` holds one row per hit, in the order of the requested indices. It is
-    ``{}`` when nothing was hit.
-    """
-
-    hit: np.ndarray
-    arrays: Mapping[str, np.ndarray]
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,9 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import zarr
@@ -31,9 +32,11 @@ from zarr.storage import LocalStore, MemoryStore
 from cachedfeatures.errors import NotAFeatureStoreError, StorePathError
 from cachedfeatures.layout import ArraySpec
 from cachedfeatures.locks import FileLocks, Locks, ThreadLocks
-from cachedfeatures.reader import ChunkReader, RowsRead
 
-__all__ = ["Entry", "FeatureStore", "RowsRead", "StoreLike", "default_chunk_rows", "default_compressor"]
+if TYPE_CHECKING:
+    from cachedfeatures.reader import ChunkReader
+
+__all__ = ["Entry", "FeatureStore", "StoreLike", "default_chunk_rows", "default_compressor"]
 
 StoreLike = str | os.PathLike[str] | Store | None
 Compressor = BytesBytesCodec | Literal["default"] | None
@@ -65,6 +68,17 @@ def default_chunk_rows(row_nbytes: int, num_rows: int) -> int:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class RowsRead:
+    """What a read found: ``hit[i]`` for each requested row, and the arrays of the hits.
+
+    ``arrays[name]`` holds one row per hit, in the order of the requested indices.
+    """
+
+    hit: np.ndarray
+    arrays: Mapping[str, np.ndarray]
 
 
 class Entry:
@@ -170,6 +184,8 @@ class Entry:
     def reader(self) -> ChunkReader:
         """The chunk-aware reader behind :meth:`read` (default budget and route until set)."""
         if self._reader is None:
+            from cachedfeatures.reader import ChunkReader
+
             self._reader = ChunkReader(self)
         return self._reader
 

@@ -280,6 +280,29 @@ class _ChunkFile:
             raise ValueError(f"chunk {path} decodes to {data.nbytes} bytes; expected {self.nbytes}")
         return data.reshape(self.chunk_shape)
 
+    def read_into(self, chunk: int, target: np.ndarray) -> None:
+        """Copy the chunk's first ``len(target)`` rows into ``target`` (C-contiguous)."""
+        if self.decoder is not None or target.dtype != self.dtype or not target.flags.c_contiguous:
+            target[...] = self.read(chunk)[: len(target)]
+            return
+        path = self.path(chunk)
+        try:
+            file = open(path, "rb", buffering=0)  # noqa: SIM115
+        except FileNotFoundError:
+            target[...] = self.array.fill_value
+            return
+        with file:
+            size = os.fstat(file.fileno()).st_size
+            if size != self.nbytes:
+                raise ValueError(f"raw chunk {path} holds {size} bytes; expected {self.nbytes}")
+            view = memoryview(target.reshape(-1).view(np.uint8).data)
+            done = 0
+            while done < len(view):  # one read from the page cache, no intermediate copy
+                count = file.readinto(view[done:])
+                if not count:
+                    raise ValueError(f"raw chunk {path} ended after {done} bytes")
+                done += count
+
     def _filled(self) -> np.ndarray:
         return np.full(self.chunk_shape, self.array.fill_value, dtype=self.dtype)
 
@@ -328,18 +351,16 @@ class _Dense:
         numeric = all(spec.dtype != "str" for spec in entry.specs)
         return numeric and (sum(spec.row_nbytes for spec in entry.specs) + 1) * entry.num_rows <= budget
 
-    def hold(self, chunk: int, start: int, stop: int, read: _Chunk | None, signature: Hashable) -> None:
-        """Copy ``read`` in as chunk ``chunk``; ``None``: its ``valid`` chunk is absent
-        (``signature is None``) or it could not be read (tried again next time)."""
+    def release(self, chunk: int, start: int, stop: int, signature: Hashable = _UNREAD) -> None:
+        """Stop serving chunk ``chunk`` (before its bytes are overwritten)."""
         before = self.signatures[chunk]
         self.held -= (stop - start) * (before is not _UNREAD and before is not None)
         self.valid[start:stop] = False
-        if read is None:
-            self.signatures[chunk] = None if signature is None else _UNREAD
-            return
-        for name, column in read.arrays.items():
-            self.arrays[name][start:stop] = column[: stop - start]
-        self.valid[start:stop] = read.valid
+        self.signatures[chunk] = signature
+
+    def accept(self, chunk: int, start: int, stop: int, valid: np.ndarray, signature: Hashable) -> None:
+        """Serve chunk ``chunk``, whose bytes are in place, for its ``valid`` rows."""
+        self.valid[start:stop] = valid
         self.signatures[chunk] = signature
         self.held += stop - start
 
@@ -477,13 +498,34 @@ class ChunkReader:
                 cache.misses += 1
                 start = chunk_id * entry.chunk_rows
                 stop = min(start + entry.chunk_rows, entry.num_rows)
-                read = None if signature is None else self._load(chunk_id, signature)
-                dense.hold(chunk_id, start, stop, read, signature)
+                # An absent valid chunk (None) has no valid rows: remembered, nothing to read.
+                dense.release(chunk_id, start, stop, None if signature is None else _UNREAD)
+                if signature is not None:
+                    self._load_into(dense, chunk_id, start, stop, signature)
             hit = dense.valid[indices]
             if not hit.any():
                 return RowsRead(hit, {})
             rows = indices if hit.all() else indices[hit]
             return RowsRead(hit, {name: column.take(rows, axis=0) for name, column in dense.arrays.items()})
+
+    def _load_into(self, dense: _Dense, chunk: int, start: int, stop: int, signature: Hashable) -> None:
+        """Read chunk ``chunk`` of every array straight into ``dense`` (released beforehand)."""
+        files = self._sources()
+        try:
+            valid = self._read_valid(chunk, start, stop)
+            if valid.any():
+                for name, array in self.entry.arrays.items():
+                    target = dense.arrays[name][start:stop]
+                    source = files[name]
+                    if source is not None:
+                        source.read_into(chunk, target)
+                    else:
+                        target[...] = np.asarray(array[start:stop])
+        except Exception as error:  # a torn or garbled chunk is a miss, never a crash
+            self._report(chunk, error)
+            return
+        if self._signatures([chunk])[0] == signature:  # else: changed meanwhile, read next time
+            dense.accept(chunk, start, stop, valid, signature)
 
     def _chunk(self, chunk_id: int, signature: Hashable) -> _Chunk | None:
         """The chunk as it is now: from the cache if its signature still holds, else read."""

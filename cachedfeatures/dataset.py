@@ -60,7 +60,8 @@ class CachedFeatureDataset(Dataset[Any]):
             augmentation), freezing one draw. Default ``False``, which raises instead.
         chunk_cache_bytes: the most bytes of decoded chunks each process keeps in memory
             (``0``: none). Default ``None``: an eighth of physical memory, split between
-            DataLoader workers. Raw chunks of a local store are memory-mapped instead.
+            DataLoader workers. An entry that fits is held whole, one array per column; else
+            raw chunks of a local store are memory-mapped rather than held.
         read_route: ``"auto"`` reads plain local chunk files directly; ``"zarr"`` reads
             every chunk through zarr. See :mod:`cachedfeatures.reader`.
     """

@@ -3,15 +3,19 @@
 Zarr reads whole chunks, and one zarr call per row (or per random batch) costs far more than
 the bytes it returns. A :class:`ChunkReader` groups the requested rows by chunk, reads each
 needed chunk once per batch, and gathers the rows from it (always copying: callers never see
-the reader's buffers). Decoded chunks stay in a :class:`ChunkCache` bounded by a byte budget.
+the reader's buffers). Decoded chunks stay in memory within a byte budget, in one of two ways:
+
+- when the whole entry fits the budget, in one array per column, filled chunk by chunk as
+  chunks are first read (``_Dense``): a batch is then one gather per column, like a memmap;
+- otherwise in a :class:`ChunkCache`, least recently used first out, of decoded chunks (raw
+  local chunks are memory-mapped there: they cost page cache, not this process's memory).
 
 Two routes read a chunk:
 
 - ``"auto"`` (the default) reads chunk files of a local store directly when an array's codecs
   are plain (``bytes``, optionally followed by one of Blosc, Zstd or Gzip): raw chunks are
-  memory-mapped, so a gather copies only the requested rows out of the page cache; compressed
-  chunks are read and decoded with numcodecs. Arrays it cannot read this way (strings,
-  sharding, other codecs, other stores) take the zarr route.
+  read (or memory-mapped) as they are, compressed chunks are decoded with numcodecs. Arrays it
+  cannot read this way (strings, sharding, other codecs, other stores) take the zarr route.
 - ``"zarr"`` reads every chunk through plain zarr (``array[start:stop]``).
 
 Correctness follows the entry's protocol: a row is served only if ``valid`` is set and the

@@ -38,7 +38,6 @@ import functools
 import logging
 import mmap
 import os
-import resource
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -647,6 +646,10 @@ class ChunkReader:
 
 
 def _default_max_maps() -> int:
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return 256
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return 512

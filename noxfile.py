@@ -61,3 +61,11 @@ def notebooks(session: nox.Session) -> None:
     """
     install(session, "notebooks")
     session.run("python", "notebooks/execute.py", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Read throughput against a memmap, no cache and torchcache; ``-- --quick`` for < 1 min."""
+    install(session)
+    session.install("torchcache==0.6.*")
+    session.run("python", "benchmarks/bench_read.py", *session.posargs)

@@ -28,6 +28,8 @@ from cachedfeatures.errors import (
 from cachedfeatures.module_cache import ModuleCache, cached_module
 from cachedfeatures.pipeline import Loader
 from cachedfeatures.prefill import PrefillResult
+from cachedfeatures.reader import ChunkReader
+from cachedfeatures.sampler import ChunkShuffleSampler
 from cachedfeatures.store import Entry, FeatureStore
 
 __version__ = "0.1.0"
@@ -36,6 +38,8 @@ __all__ = [
     "BudgetError",
     "CacheError",
     "CachedFeatureDataset",
+    "ChunkReader",
+    "ChunkShuffleSampler",
     "DeviceInWorkerError",
     "Entry",
     "EntryNotFoundError",

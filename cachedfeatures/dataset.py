@@ -27,6 +27,7 @@ from cachedfeatures.layout import ArraySpec, InputKey, OutputLayout, SampleLayou
 from cachedfeatures.pipeline import Loader, WorkerMethod
 from cachedfeatures.prefill import PrefillResult, prefill
 from cachedfeatures.pruning import Budget, Policy, parse_policy, serve_backed_rows
+from cachedfeatures.reader import ChunkReader, ReadRoute
 from cachedfeatures.steps import LoadedRows, RowLoader, compute_loaded
 from cachedfeatures.store import Compressor, Entry, FeatureStore, RowsRead, StoreLike, default_chunk_rows
 from cachedfeatures.units import parse_bytes
@@ -74,6 +75,13 @@ class CachedFeatureDataset(Dataset[Any]):
             ``torch.bfloat16``). It changes the stored values, so it is part of the entry key.
             Default ``None``: no autocast.
 
+        chunk_cache_bytes: the most bytes of decoded chunks each process keeps in memory
+            (``0``: none). Default ``None``: an eighth of physical memory, split between
+            DataLoader workers. An entry that fits is held whole, one array per column; else
+            raw chunks of a local store are memory-mapped rather than held.
+        read_route: ``"auto"`` reads plain local chunk files directly; ``"zarr"`` reads
+            every chunk through zarr. See :mod:`cachedfeatures.reader`.
+
     With ``device="cuda"``, compute misses through :meth:`loader` (workers do I/O, the module
     runs in this process) or fill the cache first with :meth:`prefill`; a plain DataLoader
     worker cannot use CUDA.
@@ -98,6 +106,8 @@ class CachedFeatureDataset(Dataset[Any]):
         max_bytes: int | float | str | None = None,
         policy: Policy = "mru",
         autocast_dtype: torch.dtype | None = None,
+        chunk_cache_bytes: int | None = None,
+        read_route: ReadRoute = "auto",
     ) -> None:
         self.dataset = dataset
         self.module = module
@@ -146,6 +156,8 @@ class CachedFeatureDataset(Dataset[Any]):
             self._entry = self._feature_store.entry(self.entry_name) or self._create_entry(
                 probes, chunk_rows, compressor
             )
+        if self._entry is not None:
+            self._entry.reader = ChunkReader(self._entry, cache_bytes=chunk_cache_bytes, route=read_route)
         self._load_layouts()
         self._access: AccessLog | None = None
         self._budget: Budget | None = None
@@ -230,6 +242,8 @@ class CachedFeatureDataset(Dataset[Any]):
             raise AssertionError("unreachable: non-empty index into an empty dataset")
         self._warn_if_private_store_in_worker()
         read = self._checked_read(entry, rows)
+        if read.hit.all():
+            return self._assemble_all(read.arrays)
         columns = {
             name: np.empty((len(rows), *spec.shape), dtype=spec.numpy_dtype)
             for name, spec in ((s.name, s) for s in entry.specs)
@@ -243,7 +257,7 @@ class CachedFeatureDataset(Dataset[Any]):
             computed = self.compute(miss_rows)
             for name, column in computed.items():
                 columns[name][missing] = column[where]
-        return [self._assemble(columns, position) for position in range(len(rows))]
+        return self._assemble_all(columns)
 
     def compute(self, rows: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
         """Load, compute and store ``rows`` (whether cached or not), in batches.
@@ -327,16 +341,19 @@ class CachedFeatureDataset(Dataset[Any]):
                 self._access.record([chunk])
             self._budget.after_write(int(chunk))
 
-    def _assemble(self, columns: Mapping[str, np.ndarray], position: int) -> Any:
+    def _assemble_all(self, columns: Mapping[str, np.ndarray]) -> list[Any]:
+        """One sample per row of ``columns``; each output array becomes one tensor first."""
         layout, outputs = self._sample_layout, self._output_layout
         if layout is None or outputs is None:
             raise AssertionError("unreachable")
-        features = outputs.join(
-            {spec.name: spec.numpy_to_tensor(columns[spec.name][position]) for spec in outputs.arrays}
-        )
-        return layout.build(features, {spec.name: columns[spec.name][position] for spec in layout.fields})
+        tensors = {spec.name: spec.numpy_to_tensor(columns[spec.name]) for spec in outputs.arrays}
+        return layout.build_many(outputs.unbind(tensors), columns)
 
     def _normalize(self, indices: Sequence[int]) -> np.ndarray:
+        if type(indices) is list and set(map(type, indices)) <= {int}:
+            fast = np.asarray(indices, dtype=np.int64)  # the common case, checked in one pass
+            if len(fast) == 0 or (-self._length <= fast.min() and fast.max() < self._length):
+                return fast % max(self._length, 1)
         rows = np.empty(len(indices), dtype=np.int64)
         for position, index in enumerate(indices):
             try:

@@ -269,7 +269,7 @@ class _Assemble:
         self.collate_fn = collate_fn
 
     def __call__(self, batch: ComputedBatch) -> Any:
-        samples = [self.cached._assemble(batch.columns, position) for position in range(len(batch.rows))]
+        samples = self.cached._assemble_all(batch.columns)
         return self.collate_fn(samples)
 
 

@@ -136,7 +136,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="cached epochs, the first fills (default 3)")
     parser.add_argument("--rounds", type=int, default=3, help="paired rounds; medians reported (default 3)")
     parser.add_argument("--store", default=None, help="directory for the stores (default: a temporary one)")
+    parser.add_argument("--quick", action="store_true", help="2048 rows, thread workers, 2 rounds")
     args = parser.parse_args()
+    if args.quick:
+        args.rows, args.method, args.rounds = min(args.rows, 2048), "thread", min(args.rounds, 2)
 
     torch.manual_seed(0)
     module = backbone(args.width, args.out)

@@ -529,7 +529,10 @@ def serve_backed_rows(entry: Entry, rows: np.ndarray, read: RowsRead) -> RowsRea
     for name in output_names(entry):
         column = read.arrays.get(name)
         if column is not None and column.dtype.kind in "fc" and column.size:
-            bad |= np.isnan(column.reshape(len(column), -1)).all(axis=1)
+            flat = column.reshape(len(column), -1)
+            maybe = np.flatnonzero(np.isnan(flat[:, 0]))  # all NaN needs a NaN first: test few rows
+            if len(maybe):
+                bad[maybe[np.isnan(flat[maybe]).all(axis=1)]] = True
     if not bad.any():
         return read
     hit = read.hit.copy()

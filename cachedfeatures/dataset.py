@@ -81,6 +81,10 @@ class CachedFeatureDataset(Dataset[Any]):
             raw chunks of a local store are memory-mapped rather than held.
         read_route: ``"auto"`` reads plain local chunk files directly; ``"zarr"`` reads
             every chunk through zarr. See :mod:`cachedfeatures.reader`.
+        checksum: end every chunk with a crc32c of its bytes, checked on every read, so a torn,
+            overwritten or bit-flipped chunk is recomputed instead of served (uncompressed
+            chunks have no other guard). Default ``True``; ``False`` lets raw chunks of an entry
+            larger than the chunk cache be memory-mapped. Used when the entry is created.
 
     With ``device="cuda"``, compute misses through :meth:`loader` (workers do I/O, the module
     runs in this process) or fill the cache first with :meth:`prefill`; a plain DataLoader
@@ -108,6 +112,7 @@ class CachedFeatureDataset(Dataset[Any]):
         autocast_dtype: torch.dtype | None = None,
         chunk_cache_bytes: int | None = None,
         read_route: ReadRoute = "auto",
+        checksum: bool = True,
     ) -> None:
         self.dataset = dataset
         self.module = module
@@ -154,7 +159,7 @@ class CachedFeatureDataset(Dataset[Any]):
         self._entry: Entry | None = None
         if self._length > 0:
             self._entry = self._feature_store.entry(self.entry_name) or self._create_entry(
-                probes, chunk_rows, compressor
+                probes, chunk_rows, compressor, checksum
             )
         if self._entry is not None:
             self._entry.reader = ChunkReader(self._entry, cache_bytes=chunk_cache_bytes, route=read_route)
@@ -174,7 +179,9 @@ class CachedFeatureDataset(Dataset[Any]):
     def _extract_input_unchecked(self, sample: Any) -> Any:
         return SampleLayout.from_sample(sample, self.input_key).extract_input(sample)
 
-    def _create_entry(self, probes: dict[int, Any], chunk_rows: int | None, compressor: Compressor) -> Entry:
+    def _create_entry(
+        self, probes: dict[int, Any], chunk_rows: int | None, compressor: Compressor, checksum: bool
+    ) -> Entry:
         index = next(iter(probes), 0)
         sample = probes[index] if probes else self.dataset[index]
         sample_layout = SampleLayout.from_sample(sample, self.input_key)
@@ -204,6 +211,7 @@ class CachedFeatureDataset(Dataset[Any]):
             num_rows=self._length,
             chunk_rows=chunk_rows,
             compressor=compressor,
+            checksum=checksum,
         )
         columns = {spec.name: spec.tensor_batch_to_numpy(outputs[spec.name]) for spec in output_layout.arrays}
         entry.write([index], {**columns, **fields})  # the probe's features are already paid for

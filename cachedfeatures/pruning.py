@@ -517,8 +517,8 @@ def serve_backed_rows(entry: Entry, rows: np.ndarray, read: RowsRead) -> RowsRea
     missing = missing_chunks(entry, unchecked) if unchecked else []
     entry.backed_chunks.update(chunk for chunk in unchecked if chunk not in missing)
     for chunk in missing:
-        if repair_missing(entry, chunk) and (entry.name, chunk) not in _warned:
-            _warned.add((entry.name, chunk))
+        if repair_missing(entry, chunk) and chunk not in entry.reported_chunks:
+            entry.reported_chunks.add(chunk)
             logger.warning(
                 "cachedfeatures: rows of chunk %d of %s were marked valid but the chunk's bytes "
                 "are missing; recomputing them (run 'cachedfeatures verify --repair' to check the store)",
@@ -538,6 +538,3 @@ def serve_backed_rows(entry: Entry, rows: np.ndarray, read: RowsRead) -> RowsRea
     hit = read.hit.copy()
     hit[np.flatnonzero(read.hit)[bad]] = False
     return RowsRead(hit, {name: column[~bad] for name, column in read.arrays.items()})
-
-
-_warned: set[tuple[str, int]] = set()

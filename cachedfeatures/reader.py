@@ -44,6 +44,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import google_crc32c
 import numcodecs
 import numpy as np
 import zarr
@@ -205,14 +206,18 @@ class _ChunkFile:
     """Reads one array's chunks straight from a local store's chunk files.
 
     Built only for arrays whose chunks are ``bytes`` (any endianness), optionally followed by
-    one Blosc, Zstd or Gzip codec; :meth:`maybe` returns ``None`` for anything else.
+    one Blosc, Zstd or Gzip codec, optionally followed by a ``crc32c`` checksum, which is
+    verified on every read; :meth:`maybe` returns ``None`` for anything else.
     """
 
-    def __init__(self, array: zarr.Array[Any], root: str, dtype: np.dtype[Any], decoder: Any) -> None:
+    def __init__(
+        self, array: zarr.Array[Any], root: str, dtype: np.dtype[Any], decoder: Any, checksum: bool = False
+    ) -> None:
         self.array = array
         self.root = root
         self.dtype = dtype
         self.decoder = decoder
+        self.checksum = checksum
         self.chunk_shape: tuple[int, ...] = tuple(array.chunks)
         self.nbytes = int(np.prod(self.chunk_shape, dtype=np.int64)) * dtype.itemsize
         self.tail = (0,) * (len(self.chunk_shape) - 1)
@@ -235,6 +240,9 @@ class _ChunkFile:
         if dtype.kind not in "biufc":
             return None
         codecs = list(metadata.codecs)
+        checksum = bool(codecs) and type(codecs[-1]) is zarr.codecs.Crc32cCodec
+        if checksum:
+            codecs = codecs[:-1]
         if not codecs or type(codecs[0]) is not zarr.codecs.BytesCodec or len(codecs) > 2:
             return None
         endian = codecs[0].endian
@@ -246,7 +254,7 @@ class _ChunkFile:
             if factory is None:
                 return None
             decoder = factory()
-        return cls(array, str(store.root), dtype, decoder)
+        return cls(array, str(store.root), dtype, decoder, checksum)
 
     def path(self, chunk: int) -> str:
         path = self._paths.get(chunk)
@@ -261,6 +269,19 @@ class _ChunkFile:
         A missing chunk file holds only the fill value (zarr deletes such chunks).
         """
         path = self.path(chunk)
+        if self.checksum:
+            try:
+                with open(path, "rb") as file:
+                    stored = file.read()
+            except FileNotFoundError:
+                return self._filled()
+            payload = _verified(stored, path)
+            if self.decoder is not None:
+                payload = self.decoder.decode(payload)
+            data = np.frombuffer(payload, dtype=self.dtype)
+            if data.size * self.dtype.itemsize != self.nbytes:
+                raise ValueError(f"chunk {path} decodes to {data.nbytes} bytes; expected {self.nbytes}")
+            return data.reshape(self.chunk_shape)
         if self.decoder is None:
             try:
                 size = os.stat(path).st_size
@@ -285,7 +306,12 @@ class _ChunkFile:
 
     def read_into(self, chunk: int, target: np.ndarray) -> None:
         """Copy the chunk's first ``len(target)`` rows into ``target`` (C-contiguous)."""
-        if self.decoder is not None or target.dtype != self.dtype or not target.flags.c_contiguous:
+        if (
+            self.decoder is not None
+            or self.checksum
+            or target.dtype != self.dtype
+            or not target.flags.c_contiguous
+        ):
             target[...] = self.read(chunk)[: len(target)]
             return
         path = self.path(chunk)
@@ -308,6 +334,16 @@ class _ChunkFile:
 
     def _filled(self) -> np.ndarray:
         return np.full(self.chunk_shape, self.array.fill_value, dtype=self.dtype)
+
+
+def _verified(stored: bytes, path: str) -> np.ndarray:
+    """The payload of a chunk that ends in its crc32c (little-endian), if the checksum holds."""
+    if len(stored) < 4:
+        raise ValueError(f"chunk {path} holds {len(stored)} bytes: too short for its checksum")
+    payload = np.frombuffer(stored, dtype=np.uint8)[:-4]  # a read-only view, no copy
+    if google_crc32c.value(payload) != int.from_bytes(stored[-4:], "little"):
+        raise ValueError(f"chunk {path} fails its crc32c checksum: its bytes changed after writing")
+    return payload
 
 
 def _is_mapped(data: np.ndarray) -> bool:

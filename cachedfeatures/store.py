@@ -16,6 +16,7 @@ in between costs a recompute, never a wrong answer.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from cachedfeatures.locks import FileLocks, Locks, ThreadLocks
 
 if TYPE_CHECKING:
     from cachedfeatures.reader import ChunkReader
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Entry", "FeatureStore", "StoreLike", "default_chunk_rows", "default_compressor"]
 
@@ -98,6 +101,7 @@ class Entry:
         # Chunks this process has seen the output bytes of while their rows were valid; the
         # read path checks a chunk's files once, not on every batch (see pruning.serve_backed_rows).
         self.backed_chunks: set[int] = set()
+        self.reported_chunks: set[int] = set()  # damaged chunks already warned about
 
     @property
     def num_chunks(self) -> int:
@@ -140,9 +144,34 @@ class Entry:
             in_chunk = chunks == chunk
             rows, source = unique[in_chunk], first[in_chunk]
             with self.locks.chunk(self.name, int(chunk)):
-                for name, array in self.arrays.items():
-                    array.oindex[rows] = columns[name][source]
-                self.valid.oindex[rows] = True
+                try:
+                    self._write_chunk_rows(rows, source, columns)
+                except OSError:
+                    raise  # the store refused the write (disk full, permissions): not damage
+                except Exception as error:
+                    # A partial write merges into the stored chunk, which cannot be decoded
+                    # (torn, garbage): drop the chunk (valid first) and write it afresh. Its
+                    # other rows were unreadable anyway; they become misses.
+                    from cachedfeatures.pruning import delete_chunk_bytes
+
+                    logger.info(
+                        "cachedfeatures: rewriting chunk %d of %s from scratch: %s: %s",
+                        chunk,
+                        self.name,
+                        type(error).__name__,
+                        error,
+                    )
+                    delete_chunk_bytes(self, int(chunk))
+                    self.backed_chunks.discard(int(chunk))
+                    self._write_chunk_rows(rows, source, columns)
+
+    def _write_chunk_rows(
+        self, rows: np.ndarray, source: np.ndarray, columns: Mapping[str, np.ndarray]
+    ) -> None:
+        """The bytes of every array first, then ``valid`` (the caller holds the chunk lock)."""
+        for name, array in self.arrays.items():
+            array.oindex[rows] = columns[name][source]
+        self.valid.oindex[rows] = True
 
     # -- statistics (shared by the CLI, pruning and notebook display) --------------------------
 
@@ -378,9 +407,11 @@ class FeatureStore:
         num_rows: int,
         chunk_rows: int,
         compressor: Compressor,
+        checksum: bool = True,
     ) -> Entry:
         """Create an entry's arrays, or return it if another process created it first.
 
+        With ``checksum`` every chunk ends in a crc32c of its bytes, verified on every read.
         The group's attrs, which mark it complete, are written last, under the entry lock.
         """
         with self.locks.entry(name):
@@ -390,14 +421,14 @@ class FeatureStore:
             group = self.root.require_group(name)
             codec = default_compressor() if compressor == "default" else compressor
             for spec in specs:
-                _create_array(group, spec, num_rows, chunk_rows, codec)
+                _create_array(group, spec, num_rows, chunk_rows, codec, checksum)
             group.create_array(
                 VALID,
                 shape=(num_rows,),
                 chunks=(chunk_rows,),
                 dtype="bool",
                 fill_value=False,
-                compressors=default_compressor(),
+                compressors=_with_checksum(default_compressor(), checksum),
                 dimension_names=(SAMPLE_DIM,),
                 overwrite=True,
             )
@@ -456,8 +487,20 @@ class FeatureStore:
         return explore.store_html(self, [(entry.info(), entry.valid_mask()) for entry in self.entries])
 
 
+def _with_checksum(codec: BytesBytesCodec | None, checksum: bool) -> tuple[BytesBytesCodec, ...]:
+    """``codec`` followed by a crc32c of the stored bytes: a flipped bit, a torn or overwritten
+    chunk fails the check and is recomputed instead of served (raw chunks have no other guard)."""
+    codecs = () if codec is None else (codec,)
+    return (*codecs, zarr.codecs.Crc32cCodec()) if checksum else codecs
+
+
 def _create_array(
-    group: zarr.Group, spec: ArraySpec, num_rows: int, chunk_rows: int, codec: BytesBytesCodec | None
+    group: zarr.Group,
+    spec: ArraySpec,
+    num_rows: int,
+    chunk_rows: int,
+    codec: BytesBytesCodec | None,
+    checksum: bool = True,
 ) -> None:
     dims = (SAMPLE_DIM, *(f"{spec.name}_dim{i}" for i in range(1, len(spec.shape) + 1)))
     is_string = spec.dtype == "str"
@@ -468,7 +511,7 @@ def _create_array(
         chunks=(chunk_rows, *spec.shape),
         dtype=spec.numpy_dtype if not is_string else str,
         fill_value=fill,
-        compressors=codec if codec is not None else None,
+        compressors=_with_checksum(codec, checksum),
         dimension_names=dims,
         attributes={"torch_dtype": spec.torch_dtype} if spec.torch_dtype else {},
         config={"write_empty_chunks": True},

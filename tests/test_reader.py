@@ -42,13 +42,24 @@ def compressor(request: pytest.FixtureRequest) -> Any:
 
 
 def make_entry(
-    store_path: Path, n: int = 100, chunk_rows: int = 16, compressor: Any = None, dtype: str = "<f4"
+    store_path: Path,
+    n: int = 100,
+    chunk_rows: int = 16,
+    compressor: Any = None,
+    dtype: str = "<f4",
+    checksum: bool = True,
 ) -> Any:
     """An entry of (n, 4) features and an int label, written by the library, rows all missing."""
     store = FeatureStore.open(store_path, mode="a")
     specs = [ArraySpec("features", "tensor", dtype, (4,), "float32"), ArraySpec("label", "int", "<i8", ())]
     return store.create_entry(
-        "e", {"module": {}, "dataset": {}}, specs, num_rows=n, chunk_rows=chunk_rows, compressor=compressor
+        "e",
+        {"module": {}, "dataset": {}},
+        specs,
+        num_rows=n,
+        chunk_rows=chunk_rows,
+        compressor=compressor,
+        checksum=checksum,
     )
 
 
@@ -66,10 +77,11 @@ def fill(entry: Any, rows: Any, dtype: str = "<f4") -> None:
 # -- agreeing with plain zarr -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("checksum", [True, False], ids=["crc32c", "no-checksum"])
 def test_read_agrees_with_plain_zarr(
-    store_path: Path, route: str, compressor: Any, budget: int | None
+    store_path: Path, route: str, compressor: Any, budget: int | None, checksum: bool
 ) -> None:
-    entry = make_entry(store_path, compressor=compressor)
+    entry = make_entry(store_path, compressor=compressor, checksum=checksum)
     fill(entry, np.arange(0, 100, 3))
     reader = ChunkReader(entry, route=route, cache_bytes=budget)  # type: ignore[arg-type]
     rng = np.random.default_rng(0)
@@ -81,6 +93,18 @@ def test_read_agrees_with_plain_zarr(
         np.testing.assert_array_equal(read.hit, valid)
         np.testing.assert_array_equal(read.arrays["features"], group["features"][:][indices[valid]])
         np.testing.assert_array_equal(read.arrays["label"], group["label"][:][indices[valid]])
+
+
+def test_a_flipped_bit_is_a_miss_with_a_checksum(store_path: Path, route: str, caplog: Any) -> None:
+    entry = make_entry(store_path, compressor=None)  # raw chunks: only the checksum can tell
+    fill(entry, np.arange(100))
+    chunk = store_path / "e" / "features" / "c" / "1" / "0"
+    damaged = bytearray(chunk.read_bytes())
+    damaged[5] ^= 0x10
+    chunk.write_bytes(bytes(damaged))
+    read = ChunkReader(entry, route=route).read(np.arange(100))  # type: ignore[arg-type]
+    assert not read.hit[16:32].any() and read.hit[:16].all() and read.hit[32:].all()
+    assert sum("cannot be read" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_big_endian_and_float16_arrays_read_back(store_path: Path, route: str, compressor: Any) -> None:
@@ -277,7 +301,7 @@ def test_process_memory_stays_within_budget(store_path: Path) -> None:
 
 
 def test_raw_local_chunks_are_mapped_within_the_map_limit(store_path: Path) -> None:
-    entry = make_entry(store_path, compressor=None)
+    entry = make_entry(store_path, compressor=None, checksum=False)  # checksummed chunks are read whole
     fill(entry, np.arange(100))
     reader = ChunkReader(entry, max_maps=4, cache_bytes=2000)  # two arrays a chunk: two chunks
     for _ in range(3):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from torch.utils.data import Dataset, get_worker_info
 from cachedfeatures import _hashing
 from cachedfeatures.compute import Collate, FeatureComputer
 from cachedfeatures.errors import CacheError, TrainingModeError
+from cachedfeatures.faults import WriteGuard, is_store_fault
 from cachedfeatures.fingerprint import (
     dataset_fingerprint,
     entry_id,
@@ -23,6 +25,8 @@ from cachedfeatures.fingerprint import (
     qualified_name,
 )
 from cachedfeatures.layout import ArraySpec, InputKey, OutputLayout, SampleLayout
+from cachedfeatures.ownership import ChunkOwnership, parse_ownership
+from cachedfeatures.remote import is_url
 from cachedfeatures.store import Compressor, Entry, FeatureStore, StoreLike, default_chunk_rows
 
 __all__ = ["CachedFeatureDataset"]
@@ -57,6 +61,15 @@ class CachedFeatureDataset(Dataset[Any]):
             weights / probing the dataset; change them whenever the module / data change.
         allow_nondeterministic: cache a dataset whose inputs change from load to load (random
             augmentation), freezing one draw. Default ``False``, which raises instead.
+        storage_options: fsspec options for a URL store (``store="s3://bucket/f.zarr"``),
+            such as ``{"endpoint_url": ...}`` or credentials.
+        read_only: never write to the store: hits are served, misses are computed and served
+            but not stored (one :class:`~cachedfeatures.errors.ReadOnlyStoreWarning`).
+        owned_chunks: a :class:`~cachedfeatures.ownership.ChunkOwnership`: store only the rows
+            of the chunks this process owns (several writers on an object store, which has no
+            locks). Default ``None``: this process may write every chunk.
+        write_guard: the :class:`~cachedfeatures.faults.WriteGuard` that runs store writes and
+            pauses caching when the store fails (disk full, I/O error); default a new one.
     """
 
     def __init__(
@@ -75,6 +88,10 @@ class CachedFeatureDataset(Dataset[Any]):
         module_version: str | None = None,
         dataset_version: str | None = None,
         allow_nondeterministic: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
+        read_only: bool = False,
+        owned_chunks: ChunkOwnership | None = None,
+        write_guard: WriteGuard | None = None,
     ) -> None:
         self.dataset = dataset
         self.module = module
@@ -92,7 +109,15 @@ class CachedFeatureDataset(Dataset[Any]):
             )
         self._length = len(dataset)  # type: ignore[arg-type]
         self._computer = FeatureComputer(module, self.device, self.dtype, collate_fn)
-        self._feature_store = FeatureStore.open(store, mode="a")
+        self.owned_chunks = parse_ownership(owned_chunks)
+        self._store_arg, self._storage_options, self._read_only = store, storage_options, bool(read_only)
+        self._feature_store = FeatureStore.open(
+            store, mode="r" if read_only else "a", storage_options=storage_options
+        )
+        self._pid = os.getpid()
+        self.write_guard = write_guard or WriteGuard(self._feature_store.location, read_only=self._read_only)
+        if self._read_only and not self.write_guard.read_only:
+            self.write_guard.set_read_only("the store was opened read-only")
         self.module_fingerprint = module_fingerprint(module, module_version)
 
         probes: dict[int, Any] = {}
@@ -114,8 +139,9 @@ class CachedFeatureDataset(Dataset[Any]):
         key = entry_id(self.module_fingerprint, self.dataset_fingerprint, self.options)
         self.entry_name = f"{type(module).__name__}-{key}"
         self._entry: Entry | None = None
+        self._scratch_entry = False
         if self._length > 0:
-            self._entry = self._feature_store.entry(self.entry_name) or self._create_entry(
+            self._entry = self._feature_store.entry(self.entry_name) or self._create_entry_guarded(
                 probes, chunk_rows, compressor
             )
         self._load_layouts()
@@ -125,7 +151,39 @@ class CachedFeatureDataset(Dataset[Any]):
     def _extract_input_unchecked(self, sample: Any) -> Any:
         return SampleLayout.from_sample(sample, self.input_key).extract_input(sample)
 
-    def _create_entry(self, probes: dict[int, Any], chunk_rows: int | None, compressor: Compressor) -> Entry:
+    def _create_entry_guarded(
+        self, probes: dict[int, Any], chunk_rows: int | None, compressor: Compressor
+    ) -> Entry:
+        """Create the entry; where the store cannot take it, an in-memory one that is never written.
+
+        A read-only store (or one that fails to create the entry: full disk, permissions)
+        still serves: every row is computed on demand, and the guard warns once.
+        """
+        if not self._read_only:
+            try:
+                return self._create_entry(probes, chunk_rows, compressor, self._feature_store)
+            except Exception as error:
+                if not is_store_fault(error):
+                    raise
+                self.write_guard.set_read_only(
+                    f"the store could not create entry {self.entry_name} ({type(error).__name__}: "
+                    f"{error}), so caching is off for this run",
+                    error,
+                )
+        else:
+            self.write_guard.set_read_only(
+                f"the store was opened read-only and has no entry {self.entry_name}"
+            )
+        self._scratch_entry = True
+        return self._create_entry(probes, chunk_rows, compressor, FeatureStore.open(None, mode="a"))
+
+    def _create_entry(
+        self,
+        probes: dict[int, Any],
+        chunk_rows: int | None,
+        compressor: Compressor,
+        feature_store: FeatureStore,
+    ) -> Entry:
         index = next(iter(probes), 0)
         sample = probes[index] if probes else self.dataset[index]
         sample_layout = SampleLayout.from_sample(sample, self.input_key)
@@ -148,7 +206,7 @@ class CachedFeatureDataset(Dataset[Any]):
             "outputs": output_layout.to_json(),
             "library_version": _version(),
         }
-        entry = self._feature_store.create_entry(
+        entry = feature_store.create_entry(
             self.entry_name,
             meta,
             specs,
@@ -157,7 +215,8 @@ class CachedFeatureDataset(Dataset[Any]):
             compressor=compressor,
         )
         columns = {spec.name: spec.tensor_batch_to_numpy(outputs[spec.name]) for spec in output_layout.arrays}
-        entry.write([index], {**columns, **fields})  # the probe's features are already paid for
+        if not self._scratch_entry:  # the probe's features are already paid for
+            self._write(entry, np.array([index]), {**columns, **fields})
         return entry
 
     def _load_layouts(self) -> None:
@@ -192,6 +251,7 @@ class CachedFeatureDataset(Dataset[Any]):
         if entry is None or layout is None:  # only an empty dataset has no entry
             raise AssertionError("unreachable: non-empty index into an empty dataset")
         self._warn_if_private_store_in_worker()
+        entry = self._entry_for_this_process()
         read = entry.read(rows)
         columns = {
             name: np.empty((len(rows), *spec.shape), dtype=spec.numpy_dtype)
@@ -212,9 +272,10 @@ class CachedFeatureDataset(Dataset[Any]):
 
         Returns the stored columns, one row per requested row, exactly as a later hit reads them.
         """
-        entry, layout, outputs = self._entry, self._sample_layout, self._output_layout
-        if entry is None or layout is None or outputs is None:
+        layout, outputs = self._sample_layout, self._output_layout
+        if self._entry is None or layout is None or outputs is None:
             raise AssertionError("unreachable: compute on an empty dataset")
+        entry = self._entry_for_this_process()
         rows = np.asarray(rows, dtype=np.int64)
         parts: list[dict[str, np.ndarray]] = []
         for start in range(0, len(rows), self.batch_size):
@@ -234,9 +295,32 @@ class CachedFeatureDataset(Dataset[Any]):
                 raise
             columns = {spec.name: spec.tensor_batch_to_numpy(tensors[spec.name]) for spec in outputs.arrays}
             columns.update(fields)
-            entry.write(batch, columns)
+            self._write(entry, batch, columns)
             parts.append(columns)
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+    def _write(self, entry: Entry, rows: np.ndarray, columns: Mapping[str, np.ndarray]) -> bool:
+        """Store ``rows`` through the write guard, only those in chunks this process owns."""
+        if self.owned_chunks is not None:
+            mine = self.owned_chunks.owned_rows(rows, entry.chunk_rows)
+            if not mine.all():
+                rows, columns = rows[mine], {name: column[mine] for name, column in columns.items()}
+        return self.write_guard.write(entry, rows, columns)
+
+    def _entry_for_this_process(self) -> Entry:
+        """The entry, reopened after a fork for URL stores (fsspec file systems are not fork-safe)."""
+        if self._entry is None:
+            raise AssertionError("unreachable: no entry for an empty dataset")
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            if is_url(self._store_arg) and not self._scratch_entry:
+                self._feature_store = FeatureStore.open(
+                    self._store_arg,
+                    mode="r" if self._read_only else "a",
+                    storage_options=self._storage_options,
+                )
+                self._entry = self._feature_store.entry(self.entry_name) or self._entry
+        return self._entry
 
     def _assemble(self, columns: Mapping[str, np.ndarray], position: int) -> Any:
         layout, outputs = self._sample_layout, self._output_layout

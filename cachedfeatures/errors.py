@@ -9,12 +9,15 @@ from __future__ import annotations
 
 __all__ = [
     "CacheError",
+    "CacheWarning",
+    "CachingPausedWarning",
     "FieldNotStorableError",
     "InputKeyError",
     "ModuleOutputError",
     "NonDeterministicDatasetError",
     "NotAFeatureStoreError",
     "OutputShapeError",
+    "ReadOnlyStoreWarning",
     "RowsNotCachedError",
     "StorePathError",
     "TrainingModeError",
@@ -78,3 +81,18 @@ class UnknownEntryError(CacheError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it readable.
         return str(self.args[0]) if self.args else ""
+
+
+# -- warnings ---------------------------------------------------------------------------------
+
+
+class CacheWarning(UserWarning):
+    """Base class of every warning issued by cachedfeatures."""
+
+
+class CachingPausedWarning(CacheWarning, RuntimeWarning):
+    """Writing to the store failed (disk full, I/O error); features are served uncached."""
+
+
+class ReadOnlyStoreWarning(CachingPausedWarning):
+    """The store cannot be written (read-only, permissions); misses are computed, not stored."""

@@ -313,12 +313,20 @@ class FeatureStore:
         self.location = location
 
     @classmethod
-    def open(cls, store: StoreLike, *, mode: Literal["r", "a"] = "r") -> FeatureStore:
+    def open(
+        cls,
+        store: StoreLike,
+        *,
+        mode: Literal["r", "a"] = "r",
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> FeatureStore:
         """Open (``mode="r"``) or open-or-create (``mode="a"``) a store.
 
-        ``store`` is a local path, a ``zarr`` Store, or ``None`` for a new in-memory store.
+        ``store`` is a local path, an fsspec URL (``"s3://bucket/features.zarr"``, with
+        ``storage_options`` passed to fsspec), a ``zarr`` Store, or ``None`` for a new in-memory
+        store. ``mode="r"`` opens local and URL stores read-only: nothing is ever written.
         """
-        zarr_store, locks, location = _resolve(store, mode)
+        zarr_store, locks, location = _resolve(store, mode, storage_options)
         try:
             root = zarr.open_group(zarr_store, mode="r" if mode == "r" else "a")
         except (zarr.errors.ContainsArrayError, zarr.errors.NodeTypeValidationError) as error:
@@ -467,8 +475,17 @@ def _create_array(
     )
 
 
-def _resolve(store: StoreLike, mode: Literal["r", "a"]) -> tuple[Store, Locks, str]:
+def _resolve(
+    store: StoreLike, mode: Literal["r", "a"], storage_options: Mapping[str, Any] | None = None
+) -> tuple[Store, Locks, str]:
     """The zarr Store, the locks that go with it, and a readable location."""
+    from cachedfeatures import remote
+
+    options = remote.parse_storage_options(storage_options, store)
+    if remote.is_url(store):
+        url = os.fspath(store)  # type: ignore[arg-type]
+        # No locks across processes on object stores: chunk ownership (cachedfeatures.ownership).
+        return remote.open_url_store(url, options, read_only=mode == "r"), ThreadLocks(), url
     if store is None:
         return MemoryStore(), ThreadLocks(), "<memory>"
     if isinstance(store, LocalStore):

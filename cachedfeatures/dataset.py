@@ -7,7 +7,7 @@ import logging
 import operator
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -111,13 +111,12 @@ class CachedFeatureDataset(Dataset[Any]):
         self._computer = FeatureComputer(module, self.device, self.dtype, collate_fn)
         self.owned_chunks = parse_ownership(owned_chunks)
         self._store_arg, self._storage_options, self._read_only = store, storage_options, bool(read_only)
-        self._feature_store = FeatureStore.open(
-            store, mode="r" if read_only else "a", storage_options=storage_options
-        )
         self._pid = os.getpid()
-        self.write_guard = write_guard or WriteGuard(self._feature_store.location, read_only=self._read_only)
+        self._scratch_entry = False
+        self.write_guard = write_guard or WriteGuard(str(store), read_only=self._read_only)
         if self._read_only and not self.write_guard.read_only:
             self.write_guard.set_read_only("the store was opened read-only")
+        self._feature_store = self._open_store()
         self.module_fingerprint = module_fingerprint(module, module_version)
 
         probes: dict[int, Any] = {}
@@ -139,7 +138,6 @@ class CachedFeatureDataset(Dataset[Any]):
         key = entry_id(self.module_fingerprint, self.dataset_fingerprint, self.options)
         self.entry_name = f"{type(module).__name__}-{key}"
         self._entry: Entry | None = None
-        self._scratch_entry = False
         if self._length > 0:
             self._entry = self._feature_store.entry(self.entry_name) or self._create_entry_guarded(
                 probes, chunk_rows, compressor
@@ -147,6 +145,27 @@ class CachedFeatureDataset(Dataset[Any]):
         self._load_layouts()
 
     # -- construction helpers -------------------------------------------------------------------
+
+    def _open_store(self) -> FeatureStore:
+        """Open the store; one that cannot be created (full disk, permissions) becomes a scratch one.
+
+        A store that exists but refuses writes is opened read-only, so its hits are still served.
+        """
+        mode: Literal["r", "a"] = "r" if self._read_only else "a"
+        try:
+            return FeatureStore.open(self._store_arg, mode=mode, storage_options=self._storage_options)
+        except Exception as error:
+            if self._read_only or not is_store_fault(error):
+                raise
+            failure = error
+        reason = f"the store could not be opened for writing ({type(failure).__name__}: {failure})"
+        self.write_guard.set_read_only(f"{reason}, so caching is off for this run", failure)
+        try:
+            self._read_only = True
+            return FeatureStore.open(self._store_arg, mode="r", storage_options=self._storage_options)
+        except Exception:
+            self._scratch_entry = True
+            return FeatureStore.open(None, mode="a")
 
     def _extract_input_unchecked(self, sample: Any) -> Any:
         return SampleLayout.from_sample(sample, self.input_key).extract_input(sample)
@@ -170,7 +189,7 @@ class CachedFeatureDataset(Dataset[Any]):
                     f"{error}), so caching is off for this run",
                     error,
                 )
-        else:
+        elif not self._scratch_entry:
             self.write_guard.set_read_only(
                 f"the store was opened read-only and has no entry {self.entry_name}"
             )

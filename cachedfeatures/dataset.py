@@ -25,6 +25,7 @@ from cachedfeatures.fingerprint import (
     qualified_name,
 )
 from cachedfeatures.layout import ArraySpec, InputKey, OutputLayout, SampleLayout
+from cachedfeatures.locks import FileLocks
 from cachedfeatures.ownership import ChunkOwnership, parse_ownership
 from cachedfeatures.remote import is_url
 from cachedfeatures.store import Compressor, Entry, FeatureStore, StoreLike, default_chunk_rows
@@ -319,12 +320,25 @@ class CachedFeatureDataset(Dataset[Any]):
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     def _write(self, entry: Entry, rows: np.ndarray, columns: Mapping[str, np.ndarray]) -> bool:
-        """Store ``rows`` through the write guard, only those in chunks this process owns."""
-        if self.owned_chunks is not None:
-            mine = self.owned_chunks.owned_rows(rows, entry.chunk_rows)
+        """Store ``rows`` through the write guard, only those in chunks this process owns.
+
+        On a store without cross-process locks (object storage), DataLoader workers split this
+        process's chunks between them, so that no two workers ever write one chunk.
+        """
+        ownership = self.owned_chunks
+        worker = get_worker_info()
+        if worker is not None and self._needs_chunk_ownership():
+            ownership = (ownership or ChunkOwnership(0, 1)).split(worker.id, worker.num_workers)
+        if ownership is not None:
+            mine = ownership.owned_rows(rows, entry.chunk_rows)
             if not mine.all():
                 rows, columns = rows[mine], {name: column[mine] for name, column in columns.items()}
         return self.write_guard.write(entry, rows, columns)
+
+    def _needs_chunk_ownership(self) -> bool:
+        """Whether processes writing this store must own disjoint chunks (no file locks)."""
+        store = self._feature_store
+        return not isinstance(store.locks, FileLocks) and store.location != "<memory>"
 
     def _entry_for_this_process(self) -> Entry:
         """The entry, reopened after a fork for URL stores (fsspec file systems are not fork-safe)."""

@@ -45,6 +45,15 @@ class ChunkOwnership:
         """Ownership from torchrun's ``RANK`` and ``WORLD_SIZE`` (``0`` of ``1`` if unset)."""
         return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
 
+    def split(self, part: int, parts: int) -> ChunkOwnership:
+        """The share of ``part`` of ``parts`` (say DataLoader workers) of this writer's chunks.
+
+        Chunk ``c`` goes to this writer if ``c % world_size == rank``, then to part
+        ``(c // world_size) % parts``: together, ``rank + world_size * part`` of
+        ``world_size * parts``.
+        """
+        return ChunkOwnership(self.rank + self.world_size * part, self.world_size * parts)
+
     def owns(self, chunk: int) -> bool:
         return chunk % self.world_size == self.rank
 

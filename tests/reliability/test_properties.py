@@ -55,6 +55,8 @@ OUTPUT_DTYPES = [
 ]
 NUMPY_DTYPES = ["int8", "int16", "int64", "uint32", "float16", "float32", "float64", "bool", "complex128"]
 SHAPES = st.lists(st.integers(0, 3), min_size=0, max_size=3).map(tuple)
+# A longer hunt: CACHEDFEATURES_EXAMPLES=2000 pytest tests/reliability/test_properties.py
+EXAMPLES = int(os.environ.get("CACHEDFEATURES_EXAMPLES", "150"))
 KEYS = st.one_of(
     st.sampled_from(["label", "features", "valid", "access", "", "a/b", "0", "x.y", "__z", "é"]),
     st.text(max_size=6),
@@ -382,7 +384,7 @@ def test_generated_samples_round_trip_or_fail_clearly() -> None:
     outcomes: Counter[str] = Counter()
 
     @settings(
-        max_examples=int(os.environ.get("CF_EXAMPLES", "150")),
+        max_examples=EXAMPLES,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow],
         database=None,

@@ -157,8 +157,12 @@ def test_writer_stores_only_the_chunks_it_owns(s3_server: S3Server) -> None:
     assert coverage[0::2].tolist() == [0] * 4  # not owned (the probe row 0 included): served only
 
 
-def test_fork_workers_read_and_write_an_s3_store(s3_server: S3Server) -> None:
-    """fsspec file systems are not fork-safe: forked workers reopen the store from its URL."""
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
+def test_workers_read_and_write_an_s3_store(s3_server: S3Server, context: str) -> None:
+    """fsspec file systems are not fork-safe: forked workers reopen the store from its URL.
+
+    Workers split the chunks between them (no locks on S3), so they never write one chunk twice.
+    """
     url, n = s3_server.new_url(), 96
     cached, data, module = _dataset(s3_server, url, n, chunk_rows=8, batch_size=8)
     cached.__getitems__(list(range(0, n, 2)))  # half the rows cached by the main process
@@ -169,7 +173,7 @@ def test_fork_workers_read_and_write_an_s3_store(s3_server: S3Server) -> None:
         batch_size=8,
         shuffle=True,
         num_workers=2,
-        multiprocessing_context="fork",
+        multiprocessing_context=context,
         generator=torch.Generator().manual_seed(0),
     )
     seen = []

@@ -53,7 +53,7 @@ READER = """
     from cachedfeatures import CachedFeatureDataset, FeatureStore
     from tests.helpers import Backbone, Samples, reference
 
-    url, options, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+    url, options, n, local = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     store = FeatureStore.open(url, mode="r", storage_options=options)
     (entry,) = store.entries
     data, module = Samples(n, "dict"), Backbone()
@@ -66,33 +66,43 @@ READER = """
             assert torch.equal(sample["image"], reference(module, data, start + offset))
             assert sample["name"] == f"sample-{start + offset}"
             checked += 1
+    loads = data.loads - loads  # raw samples loaded while reading: none expected
+    # The same chunks copied to a local directory: the baseline, measured in the same run.
+    copy = CachedFeatureDataset(data, module, local, input_key="image", read_only=True)
     rates = {}
-    for label, order in (("sequential", np.arange(n)), ("random", np.random.default_rng(0).permutation(n))):
-        began = time.perf_counter()
-        for start in range(0, n, 256):
-            cached.__getitems__(order[start : start + 256].tolist())
-        rates[label] = n / (time.perf_counter() - began)
+    for where, dataset in (("s3", cached), ("local", copy)):
+        shuffled = np.random.default_rng(0).permutation(n)
+        for label, order in (("sequential", np.arange(n)), ("random", shuffled)):
+            began = time.perf_counter()
+            for start in range(0, n, 256):
+                dataset.__getitems__(order[start : start + 256].tolist())
+            rates[f"{where} {label}"] = n / (time.perf_counter() - began)
     print(json.dumps({"valid": int(entry.valid_mask().sum()), "calls": module.calls,
-                      "loads": data.loads - loads, "checked": checked, "rates": rates,
+                      "loads": loads, "checked": checked, "rates": rates,
                       "chunks": entry.num_chunks}))
 """
 
 
 @pytest.mark.slow
-def test_fill_in_one_process_read_in_another(s3_server: S3Server) -> None:
+def test_fill_in_one_process_read_in_another(s3_server: S3Server, tmp_path: Path) -> None:
     url, n = s3_server.new_url(), 1024
     cached, data, module = _dataset(s3_server, url, n, chunk_rows=128, batch_size=128)
     filled = cached.__getitems__(list(range(n)))
     assert all(torch.equal(s["image"], reference(module, data, i)) for i, s in enumerate(filled))
     assert cached.entry is not None and cached.entry.valid_mask().all()
 
-    result = _run(READER, url, json.dumps(s3_server.storage_options), str(n))
+    import s3fs
+
+    local = tmp_path / "copy.zarr"
+    s3fs.S3FileSystem(**s3_server.storage_options).get(url.removeprefix("s3://"), str(local), recursive=True)
+    result = _run(READER, url, json.dumps(s3_server.storage_options), str(n), str(local))
     assert result["valid"] == n and result["checked"] == n
     assert result["calls"] == 0 and result["loads"] == 0  # every row a hit, no raw sample loaded
     rates = result["rates"]
     record(
         "S3 (moto on loopback) read rows/s, 1024 rows x 16 float32 + 2 fields, chunks of 128, batches of 256",
-        f"sequential {rates['sequential']:,.0f}, random {rates['random']:,.0f}",
+        f"sequential {rates['s3 sequential']:,.0f}, random {rates['s3 random']:,.0f} "
+        f"(same chunks on local disk: {rates['local sequential']:,.0f} and {rates['local random']:,.0f})",
     )
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cachedfeatures.errors import CachingPausedWarning, ReadOnlyStoreWarning
+from cachedfeatures.errors import CacheError, CachingPausedWarning, ReadOnlyStoreWarning
 
 if TYPE_CHECKING:
     from cachedfeatures.store import Entry
@@ -57,6 +57,8 @@ def is_store_fault(error: BaseException) -> bool:
     refusing a put) and zarr's read-only refusal are store faults; anything else (a wrong
     shape, a bad dtype) is a bug that must surface.
     """
+    if isinstance(error, CacheError):  # our own errors say what to fix (StorePathError is an OSError)
+        return False
     return isinstance(error, OSError) or is_read_only_error(error)
 
 

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cachedfeatures import CachedFeatureDataset, FeatureStore
-from cachedfeatures.errors import CachingPausedWarning, ReadOnlyStoreWarning
+from cachedfeatures.errors import CachingPausedWarning, ReadOnlyStoreWarning, StorePathError
 from cachedfeatures.faults import WriteGuard, is_store_fault
 from tests.helpers import Backbone, Samples, reference
 from tests.reliability.faulty import FaultyStore
@@ -148,6 +148,7 @@ def test_guard_lets_bugs_through() -> None:
     assert not guard.paused
     assert is_store_fault(OSError(errno.ENOSPC, "full")) and is_store_fault(PermissionError())
     assert not is_store_fault(ValueError("bad")) and not is_store_fault(KeyError("x"))
+    assert not is_store_fault(StorePathError("store path is a file"))  # ours: says what to fix
 
 
 @pytest.mark.parametrize(

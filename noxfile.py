@@ -31,7 +31,9 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.6")
-    paths = ["cachedfeatures", "tests", "benchmarks", "notebooks", "noxfile.py"]
+    paths = [
+        p for p in ("cachedfeatures", "tests", "benchmarks", "notebooks", "noxfile.py") if os.path.exists(p)
+    ]
     session.run("ruff", "check", *paths)
     session.run("ruff", "format", "--check", *paths)
 

@@ -6,48 +6,59 @@ computed once, stored chunked in a Zarr store, and served from it on every later
 
 from cachedfeatures.dataset import CachedFeatureDataset
 from cachedfeatures.errors import (
+    BudgetError,
     CacheError,
     CacheWarning,
     CachingPausedWarning,
+    EntryNotFoundError,
     FieldNotStorableError,
+    InputBatchError,
     InputKeyError,
     ModuleOutputError,
     NonDeterministicDatasetError,
     NotAFeatureStoreError,
     OutputShapeError,
     ReadOnlyStoreWarning,
+    RequiresGradError,
     RowsNotCachedError,
     StorePathError,
     TrainingModeError,
+    UnhashableArgumentError,
     UnknownArrayError,
-    UnknownEntryError,
 )
 from cachedfeatures.faults import WriteGuard
+from cachedfeatures.module_cache import ModuleCache, cached_module
 from cachedfeatures.ownership import ChunkOwnership
 from cachedfeatures.store import Entry, FeatureStore
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BudgetError",
     "CacheError",
     "CacheWarning",
     "CachedFeatureDataset",
     "CachingPausedWarning",
     "ChunkOwnership",
     "Entry",
+    "EntryNotFoundError",
     "FeatureStore",
     "FieldNotStorableError",
+    "InputBatchError",
     "InputKeyError",
+    "ModuleCache",
     "ModuleOutputError",
     "NonDeterministicDatasetError",
     "NotAFeatureStoreError",
     "OutputShapeError",
     "ReadOnlyStoreWarning",
+    "RequiresGradError",
     "RowsNotCachedError",
     "StorePathError",
     "TrainingModeError",
+    "UnhashableArgumentError",
     "UnknownArrayError",
-    "UnknownEntryError",
     "WriteGuard",
     "__version__",
+    "cached_module",
 ]

@@ -3,6 +3,7 @@ a Zarr store, and computes (in batches) and stores the ones it does not have yet
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 import os
@@ -14,6 +15,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from cachedfeatures import _hashing
+from cachedfeatures.access import AccessLog
 from cachedfeatures.compute import Collate, FeatureComputer
 from cachedfeatures.errors import CacheError, TrainingModeError
 from cachedfeatures.faults import WriteGuard, is_store_fault
@@ -27,8 +29,10 @@ from cachedfeatures.fingerprint import (
 from cachedfeatures.layout import ArraySpec, InputKey, OutputLayout, SampleLayout
 from cachedfeatures.locks import FileLocks
 from cachedfeatures.ownership import ChunkOwnership, parse_ownership
+from cachedfeatures.pruning import Budget, Policy, parse_policy, serve_backed_rows
 from cachedfeatures.remote import is_url
-from cachedfeatures.store import Compressor, Entry, FeatureStore, StoreLike, default_chunk_rows
+from cachedfeatures.store import Compressor, Entry, FeatureStore, RowsRead, StoreLike, default_chunk_rows
+from cachedfeatures.units import parse_bytes
 
 __all__ = ["CachedFeatureDataset"]
 
@@ -62,6 +66,13 @@ class CachedFeatureDataset(Dataset[Any]):
             weights / probing the dataset; change them whenever the module / data change.
         allow_nondeterministic: cache a dataset whose inputs change from load to load (random
             augmentation), freezing one draw. Default ``False``, which raises instead.
+        max_bytes: a size budget for the whole store on disk (all entries, all processes),
+            as bytes or a string like ``"10GB"`` / ``"512MiB"``; checked after every chunk
+            written, dropping whole chunks (see ``policy``). Default ``None``: no budget.
+        policy: which chunks of this entry go first when over budget, after those of other
+            entries (least recently used entry first): ``"mru"`` (default) the most recently
+            used, which keeps a stable subset cached across repeated passes; ``"lru"`` the
+            least recently used, for access that is not cyclic.
         storage_options: fsspec options for a URL store (``store="s3://bucket/f.zarr"``),
             such as ``{"endpoint_url": ...}`` or credentials.
         read_only: never write to the store: hits are served, misses are computed and served
@@ -89,6 +100,8 @@ class CachedFeatureDataset(Dataset[Any]):
         module_version: str | None = None,
         dataset_version: str | None = None,
         allow_nondeterministic: bool = False,
+        max_bytes: int | float | str | None = None,
+        policy: Policy = "mru",
         storage_options: Mapping[str, Any] | None = None,
         read_only: bool = False,
         owned_chunks: ChunkOwnership | None = None,
@@ -102,6 +115,8 @@ class CachedFeatureDataset(Dataset[Any]):
         self.dtype = parse_dtype(dtype)
         if chunk_rows is not None:
             chunk_rows = parse_positive_int("chunk_rows", chunk_rows)
+        self.max_bytes = None if max_bytes is None else parse_bytes(max_bytes)
+        self.policy = parse_policy(policy)
         if isinstance(module, torch.nn.Module) and module.training:
             raise TrainingModeError(
                 f"{type(module).__name__} is in training mode, so dropout and batch norm would "
@@ -114,6 +129,8 @@ class CachedFeatureDataset(Dataset[Any]):
         self._store_arg, self._storage_options, self._read_only = store, storage_options, bool(read_only)
         self._pid = os.getpid()
         self._scratch_entry = False
+        self._access: AccessLog | None = None
+        self._budget: Budget | None = None
         self.write_guard = write_guard or WriteGuard(str(store), read_only=self._read_only)
         if self._read_only and not self.write_guard.read_only:
             self.write_guard.set_read_only("the store was opened read-only")
@@ -144,6 +161,7 @@ class CachedFeatureDataset(Dataset[Any]):
                 probes, chunk_rows, compressor
             )
         self._load_layouts()
+        self._attach_statistics(enforce=True)
 
     # -- construction helpers -------------------------------------------------------------------
 
@@ -272,7 +290,7 @@ class CachedFeatureDataset(Dataset[Any]):
             raise AssertionError("unreachable: non-empty index into an empty dataset")
         self._warn_if_private_store_in_worker()
         entry = self._entry_for_this_process()
-        read = entry.read(rows)
+        read = self._checked_read(entry, rows)
         columns = {
             name: np.empty((len(rows), *spec.shape), dtype=spec.numpy_dtype)
             for name, spec in ((s.name, s) for s in entry.specs)
@@ -319,11 +337,18 @@ class CachedFeatureDataset(Dataset[Any]):
             parts.append(columns)
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
+    def _checked_read(self, entry: Entry, rows: np.ndarray) -> RowsRead:
+        """``entry.read``, less hits that would serve fill values; records the chunks hit."""
+        read = serve_backed_rows(entry, rows, entry.read(rows))
+        self._record_access(rows[read.hit] // entry.chunk_rows)
+        return read
+
     def _write(self, entry: Entry, rows: np.ndarray, columns: Mapping[str, np.ndarray]) -> bool:
         """Store ``rows`` through the write guard, only those in chunks this process owns.
 
-        On a store without cross-process locks (object storage), DataLoader workers split this
-        process's chunks between them, so that no two workers ever write one chunk.
+        Under a budget, chunk by chunk, so pruning follows every chunk. On a store without
+        cross-process locks (object storage), DataLoader workers split this process's chunks
+        between them, so that no two workers ever write one chunk. Whether all rows were stored.
         """
         ownership = self.owned_chunks
         worker = get_worker_info()
@@ -333,7 +358,46 @@ class CachedFeatureDataset(Dataset[Any]):
             mine = ownership.owned_rows(rows, entry.chunk_rows)
             if not mine.all():
                 rows, columns = rows[mine], {name: column[mine] for name, column in columns.items()}
-        return self.write_guard.write(entry, rows, columns)
+        if len(rows) == 0:
+            return True
+        chunks = rows // entry.chunk_rows
+        if self._budget is None:
+            stored = self.write_guard.write(entry, rows, columns)
+            if stored:
+                self._record_access(chunks)
+            return stored
+        stored = True
+        for chunk in np.unique(chunks):
+            pick = chunks == chunk
+            if not self.write_guard.write(entry, rows[pick], {name: c[pick] for name, c in columns.items()}):
+                stored = False
+                continue
+            self._record_access([chunk])
+            self.write_guard.run(functools.partial(self._budget.after_write, int(chunk)))
+        return stored
+
+    def _record_access(self, chunks: Sequence[int] | np.ndarray) -> None:
+        """Count chunk accesses for pruning; statistics are advisory, so a store fault is not fatal."""
+        if self._access is None:
+            return
+        try:
+            self._access.record(chunks)
+        except Exception as error:
+            if not is_store_fault(error):
+                raise
+            logger.debug("cachedfeatures: could not record access statistics: %s", error)
+
+    def _attach_statistics(self, enforce: bool) -> None:
+        """The access log and the budget of this entry (none on a store this process cannot write)."""
+        self._access = None
+        self._budget = None
+        if self._entry is None or self._scratch_entry or self.write_guard.read_only:
+            return
+        self._access = AccessLog(self._entry)
+        if self.max_bytes is not None:
+            self._budget = Budget(self._feature_store, self._entry, self.max_bytes, self.policy, self._access)
+            if enforce:  # a store left over budget by an earlier session
+                self.write_guard.run(self._budget.enforce)
 
     def _needs_chunk_ownership(self) -> bool:
         """Whether processes writing this store must own disjoint chunks (no file locks)."""
@@ -353,6 +417,7 @@ class CachedFeatureDataset(Dataset[Any]):
                     storage_options=self._storage_options,
                 )
                 self._entry = self._feature_store.entry(self.entry_name) or self._entry
+                self._attach_statistics(enforce=False)
         return self._entry
 
     def _assemble(self, columns: Mapping[str, np.ndarray], position: int) -> Any:
@@ -411,6 +476,14 @@ class CachedFeatureDataset(Dataset[Any]):
             f"store={self._feature_store.location!r}, entry={self.entry_name!r}, "
             f"{valid}/{self._length} rows cached)"
         )
+
+    def flush_access(self) -> None:
+        """Write this process's pending chunk access statistics to the store now.
+
+        They are also written every few seconds while reading, and when the process exits.
+        """
+        if self._access is not None:
+            self._access.flush()
 
 
 # -- argument parsing ---------------------------------------------------------------------------

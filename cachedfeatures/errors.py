@@ -8,21 +8,25 @@ Each message says what happened and what to do about it.
 from __future__ import annotations
 
 __all__ = [
+    "BudgetError",
     "CacheError",
     "CacheWarning",
     "CachingPausedWarning",
+    "EntryNotFoundError",
     "FieldNotStorableError",
+    "InputBatchError",
     "InputKeyError",
     "ModuleOutputError",
     "NonDeterministicDatasetError",
     "NotAFeatureStoreError",
     "OutputShapeError",
     "ReadOnlyStoreWarning",
+    "RequiresGradError",
     "RowsNotCachedError",
     "StorePathError",
     "TrainingModeError",
+    "UnhashableArgumentError",
     "UnknownArrayError",
-    "UnknownEntryError",
 ]
 
 
@@ -76,7 +80,11 @@ class UnknownArrayError(CacheError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class UnknownEntryError(CacheError, KeyError):
+class BudgetError(CacheError, ValueError):
+    """The size budget cannot work: ``max_bytes`` is smaller than one chunk."""
+
+
+class EntryNotFoundError(CacheError, KeyError):
     """A store has no entry of the given name."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it readable.
@@ -96,3 +104,15 @@ class CachingPausedWarning(CacheWarning, RuntimeWarning):
 
 class ReadOnlyStoreWarning(CachingPausedWarning):
     """The store cannot be written (read-only, permissions); misses are computed, not stored."""
+
+
+class RequiresGradError(CacheError, RuntimeError):
+    """A cached module has parameters that require grad: cached outputs cannot carry gradients."""
+
+
+class UnhashableArgumentError(CacheError, TypeError):
+    """A cached call got a non-tensor argument that is not an int, float, str, bool or None."""
+
+
+class InputBatchError(CacheError, ValueError):
+    """A cached call's tensor inputs do not share one batch dimension (or there are none)."""

@@ -29,7 +29,7 @@ from zarr.abc.codec import BytesBytesCodec
 from zarr.abc.store import Store
 from zarr.storage import LocalStore, MemoryStore
 
-from cachedfeatures.errors import NotAFeatureStoreError, StorePathError, UnknownEntryError
+from cachedfeatures.errors import EntryNotFoundError, NotAFeatureStoreError, StorePathError
 from cachedfeatures.layout import ArraySpec
 from cachedfeatures.locks import FileLocks, Locks, ThreadLocks
 
@@ -434,7 +434,7 @@ class FeatureStore:
         entry = self.entry(str(key))
         if entry is None:
             names = [e.name for e in self.entries]
-            raise UnknownEntryError(f"store {self.location} has no entry {key!r}; its entries are {names}.")
+            raise EntryNotFoundError(f"store {self.location} has no entry {key!r}; its entries are {names}.")
         return entry
 
     def nbytes_stored(self) -> int:

@@ -18,10 +18,10 @@ from torch import nn
 
 from cachedfeatures import (
     CachedFeatureDataset,
+    EntryNotFoundError,
     FeatureStore,
     RowsNotCachedError,
     UnknownArrayError,
-    UnknownEntryError,
 )
 from cachedfeatures.store import ACCESS
 from tests.helpers import Backbone, Samples, reference
@@ -342,7 +342,7 @@ def test_html_groups_rows_when_there_are_many_and_escapes_text(store_path: Path)
 def test_store_indexing_by_name_and_position(store_path: Path, filled: CachedFeatureDataset) -> None:
     store = FeatureStore.open(store_path)
     assert len(store) == 1 and store[filled.entry_name].name == filled.entry_name == store[-1].name
-    with pytest.raises(UnknownEntryError, match=filled.entry_name) as caught:
+    with pytest.raises(EntryNotFoundError, match=filled.entry_name) as caught:
         store["Backbone-nope"]
     assert isinstance(caught.value, KeyError)
     with pytest.raises(IndexError, match="has 1 entry"):

@@ -94,7 +94,7 @@ def test_a_second_process_gets_every_sample_as_a_hit(store_path) -> None:
 def _fill_range(store: str, lock_dir: str, start: int, stop: int, seed: int, barrier: object) -> None:
     os.environ["CACHEDFEATURES_LOCK_DIR"] = lock_dir
     cached = CachedFeatureDataset(Samples(400), Backbone(), store, chunk_rows=16, batch_size=2)
-    barrier.wait(timeout=60)  # type: ignore[attr-defined]
+    barrier.wait(timeout=240)  # type: ignore[attr-defined]
     # Each writer visits its range in its own random order, two rows at a time, so that the
     # writers keep hitting the same chunks at the same moment.
     order = torch.randperm(stop - start, generator=torch.Generator().manual_seed(seed)) + start
@@ -113,7 +113,7 @@ def test_concurrent_writers_on_shared_chunks_lose_no_rows(store_path, tmp_path) 
     ]
     for process in processes:
         process.start()
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 480
     for process in processes:
         process.join(timeout=max(1.0, deadline - time.monotonic()))
     for process in processes:

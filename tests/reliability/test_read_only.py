@@ -103,3 +103,14 @@ def test_store_in_a_read_only_directory(tmp_path: Path, monkeypatch: pytest.Monk
         for p, mode in modes.items():
             p.chmod(mode)
     assert snapshot(path) == files
+
+
+def test_read_only_store_over_budget_is_neither_pruned_nor_stamped(store_path: Path) -> None:
+    """No pruning and no access statistics are written to a store opened read-only."""
+    data, module = _fill_half(store_path)
+    files = snapshot(store_path)
+    cached = CachedFeatureDataset(data, module, store_path, input_key="image", read_only=True, max_bytes=1)
+    with pytest.warns(ReadOnlyStoreWarning):
+        _check_all(cached, data, module)
+    cached.flush_access()
+    assert snapshot(store_path) == files

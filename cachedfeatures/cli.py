@@ -1,0 +1,258 @@
+"""The ``cachedfeatures`` command: inspect and maintain a store.
+
+    cachedfeatures info STORE [--json]
+    cachedfeatures prune STORE --max-bytes 5GB [--policy mru|lru] [--dry-run]
+    cachedfeatures rm STORE ENTRY [ENTRY ...]
+    cachedfeatures verify STORE [--repair] [--json]
+
+Exit codes scripts can rely on: 0 clean, 1 problems found (``verify`` found damage, even
+if ``--repair`` fixed it; ``prune`` could not reach the budget), 2 usage error (bad
+arguments, a path that is not a cachedfeatures store, an unknown entry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from cachedfeatures.errors import CacheError, EntryNotFoundError
+from cachedfeatures.store import FeatureStore
+from cachedfeatures.units import format_bytes, parse_bytes
+
+__all__ = ["main"]
+
+OK, PROBLEMS, USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: printed on one line, exit status 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args, sys.stdout))
+    except (UsageError, CacheError) as error:
+        print(f"cachedfeatures {args.command}: error: {error}", file=sys.stderr)
+        return USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # output piped into head & co.
+        sys.stderr.close()
+        return OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    from cachedfeatures import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="cachedfeatures",
+        description="Inspect and maintain a cachedfeatures Zarr store.",
+        epilog="Exit status: 0 clean, 1 problems found, 2 usage error.",
+    )
+    parser.add_argument("--version", action="version", version=f"cachedfeatures {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = commands.add_parser("info", help="list entries: rows cached, bytes, compression, last use")
+    info.add_argument("store", metavar="STORE", help="path of the store (e.g. features.zarr)")
+    info.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    info.set_defaults(run=_info)
+
+    prune = commands.add_parser("prune", help="drop whole chunks until the store fits a size budget")
+    prune.add_argument("store", metavar="STORE", help="path of the store")
+    prune.add_argument(
+        "--max-bytes", required=True, type=_size, metavar="SIZE", help="budget, e.g. 5GB, 512MiB, 1e9"
+    )
+    prune.add_argument(
+        "--policy",
+        choices=["mru", "lru"],
+        default="mru",
+        help="within an entry, drop the most (mru, default) or least (lru) recently used chunk first",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="print what would go, delete nothing")
+    prune.set_defaults(run=_prune)
+
+    rm = commands.add_parser("rm", help="delete entries (use 'info' to list their names)")
+    rm.add_argument("store", metavar="STORE", help="path of the store")
+    rm.add_argument("entries", metavar="ENTRY", nargs="+", help="entry name, as 'info' prints it")
+    rm.set_defaults(run=_rm)
+
+    verify = commands.add_parser(
+        "verify", help="decode every chunk; report valid rows whose chunk is missing or unreadable"
+    )
+    verify.add_argument("store", metavar="STORE", help="path of the store")
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="clear the damaged rows (and their chunks) so they are recomputed",
+    )
+    verify.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    verify.set_defaults(run=_verify)
+    return parser
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_bytes(text, "--max-bytes")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _open(path: str, *, write: bool = False) -> FeatureStore:
+    """Open an existing store; anything but a cachedfeatures store is a usage error."""
+    try:
+        store = FeatureStore.open(path, mode="r")
+        return FeatureStore.open(path, mode="a") if write else store
+    except CacheError:
+        raise
+    except Exception as error:  # a damaged root, an unreadable directory...
+        raise UsageError(f"cannot open {path!r} as a cachedfeatures store: {error}") from None
+
+
+# -- info ----------------------------------------------------------------------------------------
+
+
+def _info(args: argparse.Namespace, out: TextIO) -> int:
+    from cachedfeatures.maintenance import describe_store
+
+    report = describe_store(_open(args.store))
+    if args.json:
+        json.dump(report, out, indent=2)
+        out.write("\n")
+        return OK
+    entries = report["entries"]
+    out.write(
+        f"{report['store']}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
+        f"{format_bytes(report['bytes'])} on disk\n"
+    )
+    if report["orphans"]:
+        out.write(
+            f"  {report['orphans']} leftover temporary file(s) (*.partial) from interrupted writes; "
+            "'cachedfeatures verify --repair' removes stale ones\n"
+        )
+    for broken in report["broken"]:
+        out.write(f"  {broken['name']}: {broken['problem']}; run 'cachedfeatures verify'\n")
+    for entry in entries:
+        ratio = f"{entry['compression_ratio']:.2f}x" if entry["compression_ratio"] else "n/a"
+        arrays = ", ".join(
+            f"{array['name']} {array['dtype']} {tuple(array['shape'])}" for array in entry["arrays"]
+        )
+        share = entry["rows_valid"] / entry["rows"] if entry["rows"] else 0.0
+        out.write(
+            f"\n{entry['name']}\n"
+            f"  module      {entry['module']}\n"
+            f"  dataset     {entry['dataset']}\n"
+            f"  rows        {entry['rows_valid']}/{entry['rows']} valid ({share:.1%})\n"
+            f"  on disk     {format_bytes(entry['bytes'])}, compression {ratio}\n"
+            f"  arrays      {arrays}\n"
+            f"  chunking    {entry['chunk_rows']} rows per chunk, "
+            f"{entry['chunks_stored']}/{entry['chunks']} chunks stored\n"
+            f"  created     {entry['created']}\n"
+            f"  last used   {entry['last_used'] or 'never recorded'}\n"
+        )
+    return OK
+
+
+# -- prune ---------------------------------------------------------------------------------------
+
+
+def _prune(args: argparse.Namespace, out: TextIO) -> int:
+    from cachedfeatures.pruning import prune, remove_orphans
+
+    store = _open(args.store, write=not args.dry_run)
+    report = prune(store, args.max_bytes, args.policy, dry_run=args.dry_run)
+    verb = "would drop" if args.dry_run else "dropped"
+    per_entry: dict[str, list[int]] = {}
+    freed: dict[str, int] = {}
+    for item in report.dropped:
+        per_entry.setdefault(item.entry, []).append(item.chunk)
+        freed[item.entry] = freed.get(item.entry, 0) + item.nbytes
+    for name, chunks in per_entry.items():
+        out.write(f"{verb} {name}: {len(chunks)} chunk(s) ({_ranges(chunks)}), {format_bytes(freed[name])}\n")
+    if not args.dry_run:
+        removed = remove_orphans(store)
+        if removed:
+            out.write(f"removed {len(removed)} stale temporary file(s) (*.partial)\n")
+    after = "would be" if args.dry_run else "now"
+    out.write(
+        f"{store.location}: {format_bytes(report.bytes_before)} before, {after} "
+        f"{format_bytes(report.bytes_after)} (budget {format_bytes(report.max_bytes)})\n"
+    )
+    if not report.within_budget:
+        out.write(
+            "still over budget: what is left is metadata of empty entries; "
+            "'cachedfeatures rm' entries you no longer need\n"
+        )
+        return PROBLEMS
+    return OK
+
+
+def _ranges(chunks: list[int]) -> str:
+    """``[1, 2, 3, 7]`` as ``"1-3, 7"``."""
+    ordered = sorted(chunks)
+    parts: list[str] = []
+    start = previous = ordered[0]
+    for chunk in [*ordered[1:], None]:
+        if chunk is not None and chunk == previous + 1:
+            previous = chunk
+            continue
+        parts.append(str(start) if start == previous else f"{start}-{previous}")
+        if chunk is not None:
+            start = previous = chunk
+    return ", ".join(parts)
+
+
+# -- rm ------------------------------------------------------------------------------------------
+
+
+def _rm(args: argparse.Namespace, out: TextIO) -> int:
+    from cachedfeatures.maintenance import remove_entry
+    from cachedfeatures.pruning import open_entries
+
+    store = _open(args.store, write=True)
+    entries, broken = open_entries(store)
+    names = [entry.name for entry in entries] + list(broken)
+    unknown = [name for name in args.entries if name not in names]
+    if unknown:
+        raise EntryNotFoundError(
+            f"no entry {', '.join(map(repr, unknown))} in {store.location}; "
+            f"its entries are: {', '.join(names) or 'none'}"
+        )
+    for name in args.entries:
+        freed = remove_entry(store, name)
+        out.write(f"removed {name} ({format_bytes(freed)})\n")
+    return OK
+
+
+# -- verify --------------------------------------------------------------------------------------
+
+
+def _verify(args: argparse.Namespace, out: TextIO) -> int:
+    from cachedfeatures.maintenance import verify_store
+
+    store = _open(args.store, write=args.repair)
+    report = verify_store(store, repair=args.repair)
+    if args.json:
+        json.dump(report, out, indent=2)
+        out.write("\n")
+    else:
+        for problem in report["problems"]:
+            where = problem["entry"] + (f" chunk {problem['chunk']}" if problem["chunk"] is not None else "")
+            fixed = " [repaired]" if problem["repaired"] else ""
+            out.write(f"{problem['kind']}: {where}: {problem['detail']}{fixed}\n")
+        count = len(report["problems"])
+        summary = (
+            f"{report['store']}: checked {report['chunks_checked']} chunk(s) in {report['entries']} entries"
+        )
+        if count == 0:
+            out.write(f"{summary}: ok\n")
+        else:
+            repaired = sum(problem["repaired"] for problem in report["problems"])
+            hint = "" if args.repair else "; run with --repair to clear damaged rows so they are recomputed"
+            out.write(f"{summary}: {count} problem(s), {repaired} repaired{hint}\n")
+    return OK if not report["problems"] else PROBLEMS

@@ -1,0 +1,265 @@
+"""Looking after a store: describe its entries, verify every chunk, remove entries.
+
+These back the ``cachedfeatures`` command line (``info``, ``verify``, ``rm``) and return
+plain JSON-ready dicts, so scripts and notebooks can use them too.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+from zarr.storage import LocalStore
+
+from cachedfeatures.access import last_used, read_access
+from cachedfeatures.layout import ArraySpec
+from cachedfeatures.pruning import (
+    STALE_PARTIAL_SECONDS,
+    chunk_keys,
+    delete_chunk_bytes,
+    measure,
+    open_entries,
+    output_names,
+    remove_orphans,
+)
+from cachedfeatures.store import ACCESS, Entry, FeatureStore
+
+__all__ = ["describe_store", "remove_entry", "verify_store"]
+
+
+def describe_store(store: FeatureStore) -> dict[str, Any]:
+    """Every entry with its descriptions, rows valid, bytes, compression, layout and use."""
+    usage = measure(store)
+    readable, broken = open_entries(store)
+    entries = []
+    for entry in readable:
+        stored = usage.chunks.get(entry.name, {})
+        row_bytes = sum(spec.row_nbytes for spec in entry.specs) + 1  # + the valid flag
+        logical = sum(_rows_in(entry, chunk) for chunk in stored) * row_bytes
+        chunk_bytes = sum(stored.values())
+        try:
+            rows_valid: int | None = int(entry.valid_mask().sum())
+        except Exception:  # a damaged valid chunk: verify says which
+            rows_valid = None
+        try:
+            used = _iso(last_used(entry))
+        except Exception:  # damaged statistics: verify says so
+            used = None
+        entries.append(
+            {
+                "name": entry.name,
+                "module": entry.module_description,
+                "dataset": entry.dataset_description,
+                "rows": entry.num_rows,
+                "rows_valid": rows_valid,
+                "bytes": usage.entries.get(entry.name, 0),
+                "logical_bytes": logical,
+                "compression_ratio": round(logical / chunk_bytes, 3) if chunk_bytes else None,
+                "arrays": [
+                    {"name": spec.name, "dtype": _dtype_name(spec), "shape": list(spec.shape)}
+                    for spec in entry.specs
+                ],
+                "chunk_rows": entry.chunk_rows,
+                "chunks": entry.num_chunks,
+                "chunks_stored": len(stored),
+                "created": entry.created,
+                "last_used": used,
+            }
+        )
+    return {
+        "store": store.location,
+        "bytes": usage.total,
+        "orphans": len(usage.orphans),
+        "entries": entries,
+        "broken": [{"name": name, "problem": why} for name, why in broken.items()],
+    }
+
+
+def remove_entry(store: FeatureStore, name: str) -> int:
+    """Delete entry ``name`` and everything in it; returns the bytes freed.
+
+    Its metadata goes first, so from that moment it is no longer an entry.
+    """
+    freed = measure(store).entries.get(name, 0)
+    zarr_store = store.root.store
+    prefix = f"{store.root.path}/{name}" if store.root.path else name
+    with store.locks.entry(name):
+
+        async def delete() -> None:
+            await zarr_store.delete(f"{prefix}/zarr.json")
+            await zarr_store.delete_dir(prefix)
+
+        sync(delete())
+    return freed
+
+
+def verify_store(store: FeatureStore, *, repair: bool = False) -> dict[str, Any]:
+    """Decode every stored chunk and check it against the entry's metadata.
+
+    Problems: arrays whose shape, dtype or chunking differ from the metadata (``layout``),
+    chunks that do not decode (``unreadable``), rows marked valid whose chunk is absent in
+    some array (``missing``), groups that are not complete entries (``incomplete``), and
+    stale ``*.partial`` files (``orphan``). With ``repair``, damaged chunks are cleared
+    (valid bits first, then bytes) so their rows are recomputed, and stale orphans deleted;
+    ``layout`` and ``incomplete`` problems need ``cachedfeatures rm``.
+    """
+    problems: list[dict[str, Any]] = []
+    checked = 0
+    entries, broken = open_entries(store)
+    for name, why in broken.items():
+        kind = "metadata" if why.startswith("metadata") else "incomplete"
+        problems.append(_problem(kind, name, None, f"{why}; 'rm' it"))
+    for entry in entries:
+        layout = _layout_problems(entry)
+        problems.extend(layout)
+        if layout:
+            continue
+        for chunk in range(entry.num_chunks):
+            found = _chunk_problems(entry, chunk)
+            checked += 1
+            if found and repair:
+                with entry.locks.chunk(entry.name, chunk):
+                    delete_chunk_bytes(entry, chunk)
+                for problem in found:
+                    problem["repaired"] = True
+            problems.extend(found)
+    stale = [key for key in measure(store).orphans if _is_stale(store, key)]
+    removed = set(remove_orphans(store) if repair else [])
+    for key in stale:
+        problems.append(
+            _problem("orphan", key.split("/")[0], None, f"leftover temporary file {key}", key in removed)
+        )
+    return {
+        "store": store.location,
+        "entries": len(entries) + len(broken),
+        "chunks_checked": checked,
+        "ok": not problems,
+        "problems": problems,
+    }
+
+
+def _layout_problems(entry: Entry) -> list[dict[str, Any]]:
+    problems = []
+    expected: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
+        spec.name: ((entry.num_rows, *spec.shape), (entry.chunk_rows, *spec.shape), spec.dtype)
+        for spec in entry.specs
+    }
+    expected["valid"] = ((entry.num_rows,), (entry.chunk_rows,), "bool")
+    for name, (shape, chunks, dtype) in expected.items():
+        try:
+            array = entry.group[name]
+        except KeyError:
+            problems.append(_problem("layout", entry.name, None, f"array {name!r} is missing"))
+            continue
+        except Exception as error:
+            problems.append(_problem("layout", entry.name, None, f"array {name!r} unreadable: {error}"))
+            continue
+        if not isinstance(array, zarr.Array):
+            problems.append(_problem("layout", entry.name, None, f"{name!r} is not an array"))
+            continue
+        if array.shape != shape or array.chunks != chunks or not _same_dtype(array.dtype, dtype):
+            problems.append(
+                _problem(
+                    "layout",
+                    entry.name,
+                    None,
+                    f"array {name!r} has shape {array.shape}, chunks {array.chunks}, dtype {array.dtype}; "
+                    f"the metadata says shape {shape}, chunks {chunks}, dtype {dtype}",
+                )
+            )
+    try:
+        access = entry.group[ACCESS]
+        if not isinstance(access, zarr.Array) or access.shape != (entry.num_chunks, 2):
+            raise ValueError(f"expected a ({entry.num_chunks}, 2) array")
+        read_access(entry)
+    except KeyError:
+        pass  # never recorded
+    except Exception as error:
+        problems.append(_problem("layout", entry.name, None, f"access statistics unreadable: {error}"))
+    return problems
+
+
+def _chunk_problems(entry: Entry, chunk: int) -> list[dict[str, Any]]:
+    start = chunk * entry.chunk_rows
+    stop = min(start + entry.chunk_rows, entry.num_rows)
+    problems = []
+    try:
+        valid_rows = int(np.asarray(entry.valid[start:stop], dtype=bool).sum())
+    except Exception as error:
+        valid_rows = stop - start  # unknown: treat every row as possibly served
+        problems.append(_problem("unreadable", entry.name, chunk, f"'valid' does not decode: {error}"))
+    keys = chunk_keys(entry, chunk)
+    store = entry.group.store
+    specs = {spec.name: spec for spec in entry.specs}
+    outputs = output_names(entry)
+    for name, array in entry.arrays.items():
+        if not sync(store.exists(keys[name])):
+            # Zarr skips chunks equal to the fill value, so only output arrays must be present.
+            if valid_rows and name in outputs:
+                problems.append(
+                    _problem(
+                        "missing",
+                        entry.name,
+                        chunk,
+                        f"{valid_rows} row(s) marked valid but {name!r} has no bytes for this chunk",
+                    )
+                )
+            continue
+        try:
+            data = np.asarray(array[start:stop])
+        except Exception as error:
+            problems.append(_problem("unreadable", entry.name, chunk, f"{name!r} does not decode: {error}"))
+            continue
+        want = (stop - start, *specs[name].shape)
+        if data.shape != want or not _same_dtype(data.dtype, specs[name].dtype):
+            problems.append(
+                _problem(
+                    "unreadable",
+                    entry.name,
+                    chunk,
+                    f"{name!r} decodes to shape {data.shape} {data.dtype}; "
+                    f"expected {want} {specs[name].dtype}",
+                )
+            )
+    return problems
+
+
+def _dtype_name(spec: ArraySpec) -> str:
+    if spec.torch_dtype:
+        return spec.torch_dtype
+    return "str" if spec.dtype == "str" else np.dtype(spec.dtype).name
+
+
+def _same_dtype(actual: Any, expected: str) -> bool:
+    if expected == "str":
+        return np.dtype(actual).kind in "TUO"
+    return bool(np.dtype(actual) == np.dtype(expected))
+
+
+def _problem(kind: str, entry: str, chunk: int | None, detail: str, repaired: bool = False) -> dict[str, Any]:
+    return {"kind": kind, "entry": entry, "chunk": chunk, "detail": detail, "repaired": repaired}
+
+
+def _rows_in(entry: Entry, chunk: int) -> int:
+    return min(entry.chunk_rows, entry.num_rows - chunk * entry.chunk_rows)
+
+
+def _is_stale(store: FeatureStore, key: str) -> bool:
+    zarr_store = store.root.store
+    if not isinstance(zarr_store, LocalStore):
+        return False
+    try:
+        mtime = (Path(zarr_store.root) / store.root.path / key).stat().st_mtime
+    except FileNotFoundError:
+        return False
+    return _dt.datetime.now().timestamp() - mtime >= STALE_PARTIAL_SECONDS
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if not timestamp:
+        return None
+    return _dt.datetime.fromtimestamp(timestamp, _dt.UTC).isoformat(timespec="seconds")

@@ -1,0 +1,606 @@
+"""In-model caching: ``@cached_module`` for ``nn.Module`` classes and functions of tensors.
+
+For models whose expensive part sits inside a larger model, or whose inputs are made on
+the fly, so that the dataset cannot be wrapped::
+
+    @cached_module(store="features.zarr")       # or store=None for memory only
+    class Backbone(nn.Module): ...
+
+    @cached_module()
+    def embed(x: torch.Tensor) -> torch.Tensor: ...
+
+Each batch row is looked up by a content key of its inputs (:mod:`cachedfeatures.row_keys`):
+first in a byte-budgeted memory tier (:mod:`cachedfeatures.memory_tier`), then in a
+content-addressed entry of a Zarr feature store (:mod:`cachedfeatures.keyed_entry`). Only the
+missing rows go through the module; a fully cached batch never calls it. Entries are scoped
+by the module's fingerprint (class, code, configuration, weights and buffers), so loading a
+fine-tuned checkpoint into a cached module never serves the old weights' outputs.
+
+Every instance of a decorated class has its own cache, created on its first call, with the
+decorator's options overridden by instance (or class) attributes named
+``cachedfeatures_<option>``, e.g. ``self.cachedfeatures_store = path`` in ``__init__``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any, TypeVar, cast
+
+import numpy as np
+import torch
+from torch import nn
+from zarr.abc.store import Store
+
+from cachedfeatures import _hashing
+from cachedfeatures.errors import RequiresGradError, TrainingModeError
+from cachedfeatures.fingerprint import Fingerprint, module_fingerprint, options_json
+from cachedfeatures.keyed_entry import KeyedEntry, keyed_chunk_rows
+from cachedfeatures.layout import OutputLayout, cast_for_storage
+from cachedfeatures.memory_tier import MemoryTier, Row
+from cachedfeatures.row_keys import KEY_ALGORITHM, CallInputs, gather_inputs, row_keys
+from cachedfeatures.store import Compressor, FeatureStore, StoreLike
+
+__all__ = ["OPTION_PREFIX", "CacheOptions", "ModuleCache", "cached_module"]
+
+logger = logging.getLogger(__name__)
+
+OPTION_PREFIX = "cachedfeatures_"
+DEFAULT_MAX_MEMORY_BYTES = 1 << 30
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """The options of one cache (see :func:`cached_module` for their meaning)."""
+
+    store: StoreLike = None
+    enabled: bool = True
+    max_bytes: int | None = None
+    max_memory_bytes: int | None = DEFAULT_MAX_MEMORY_BYTES
+    cache_dtype: torch.dtype | None = None
+    version: str | None = None
+    chunk_rows: int | None = None
+    compressor: Compressor = "default"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.store, (str, os.PathLike, Store, type(None))):
+            raise TypeError(f"Expected store to be a path, a zarr Store or None. Got {self.store!r}.")
+        if not isinstance(self.enabled, bool):
+            raise TypeError(f"Expected enabled to be True or False. Got {self.enabled!r}.")
+        for name in ("max_bytes", "max_memory_bytes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(
+                    f"Expected {name} to be a number of bytes (int >= 0) or None. Got {value!r}."
+                )
+        if self.chunk_rows is not None and (
+            isinstance(self.chunk_rows, bool) or not isinstance(self.chunk_rows, int) or self.chunk_rows < 1
+        ):
+            raise ValueError(f"Expected chunk_rows to be a positive int or None. Got {self.chunk_rows!r}.")
+        if self.cache_dtype is not None and not isinstance(self.cache_dtype, torch.dtype):
+            raise TypeError(
+                "Expected cache_dtype to be a torch.dtype (e.g. torch.float16) or None. "
+                f"Got {self.cache_dtype!r}."
+            )
+        if self.version is not None and not isinstance(self.version, str):
+            raise TypeError(f"Expected version to be a str or None. Got {self.version!r}.")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [field.name for field in fields(cls)]
+
+    def overridden_by(self, owner: object) -> CacheOptions:
+        """These options with ``cachedfeatures_<option>`` attributes of ``owner`` applied."""
+        names = self.names()
+        changes: dict[str, Any] = {}
+        for attribute in dir(owner):
+            if not attribute.startswith(OPTION_PREFIX) or attribute == f"{OPTION_PREFIX}cache":
+                continue
+            name = attribute[len(OPTION_PREFIX) :]
+            if name not in names:
+                raise ValueError(
+                    f"{type(owner).__name__}.{attribute} does not name a cache option; the options "
+                    f"are {', '.join(OPTION_PREFIX + n for n in names)}."
+                )
+            changes[name] = getattr(owner, attribute)
+        return replace(self, **changes) if changes else self
+
+
+def cached_module(
+    store: StoreLike = None,
+    *,
+    enabled: bool = True,
+    max_bytes: int | None = None,
+    max_memory_bytes: int | None = DEFAULT_MAX_MEMORY_BYTES,
+    cache_dtype: torch.dtype | None = None,
+    version: str | None = None,
+    chunk_rows: int | None = None,
+    compressor: Compressor = "default",
+) -> Callable[[T], T]:
+    """Cache the outputs of an ``nn.Module`` class or a function of tensors, row by row.
+
+    Args:
+        store: where the persistent tier lives: a local path (``"features.zarr"``), a zarr
+            Store, or ``None`` (default) for the memory tier only.
+        enabled: ``False`` turns caching off: every call runs the module. Default ``True``.
+        max_bytes: budget for the stored bytes of each persistent entry; over it, whole
+            chunks are dropped most recently used first. ``None`` (default): no budget.
+        max_memory_bytes: budget of the memory tier per instance (default 1 GiB); ``0``
+            turns the memory tier off, ``None`` leaves it unbounded.
+        cache_dtype: store and return floating-point outputs in this dtype (e.g.
+            ``torch.float16``), on hits and misses alike. Default: the module's own dtype.
+        version: a string that stands in for hashing the module's weights and code; change
+            it whenever they change. Default: hash them (on the first call, and again
+            whenever a parameter or buffer is replaced or modified in place).
+        chunk_rows: rows per chunk of the persistent entry; default gives about 256 KiB,
+            smaller than a dataset entry's, since rows are found by content in any order.
+        compressor: a Zarr bytes-to-bytes codec, ``"default"`` (Blosc zstd) or ``None``.
+
+    Each tensor argument must have the batch as its first dimension; other arguments must be
+    int, float, str, bool or None (they are part of the key). The module must be frozen:
+    parameters that require grad raise :class:`RequiresGradError`, and a module in training
+    mode with active dropout or batch norm raises :class:`TrainingModeError`. Outputs are
+    detached, on the input's device, in the module's dtype (or ``cache_dtype``).
+
+    The cached call runs eagerly under ``torch.compile`` of a surrounding model (a graph
+    break): the rest of the model compiles, and the module itself runs uncompiled on misses.
+    """
+    options = CacheOptions(
+        store, enabled, max_bytes, max_memory_bytes, cache_dtype, version, chunk_rows, compressor
+    )
+
+    def decorate(target: T) -> T:
+        if inspect.isclass(target) and issubclass(target, nn.Module):
+            return cast(T, _decorate_class(target, options))
+        if inspect.isfunction(target) or inspect.ismethod(target):
+            return cast(T, _decorate_function(target, options))
+        raise TypeError(
+            f"cached_module decorates nn.Module subclasses and plain functions of tensors; got "
+            f"{target!r}. Write @cached_module() (with parentheses) above the class or function."
+        )
+
+    return decorate
+
+
+def _decorate_class(cls: type[nn.Module], options: CacheOptions) -> type[nn.Module]:
+    class Cached(cls):  # type: ignore[valid-type,misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # Created here, so that DataParallel replicas (shallow copies of __dict__) share
+            # it; configured from cachedfeatures_<option> attributes on its first call.
+            self.module_cache  # noqa: B018
+
+        @property
+        def module_cache(self) -> ModuleCache:
+            """This instance's cache: statistics, tiers, and ``enabled`` to switch it."""
+            cache = self.__dict__.get(_ATTRIBUTE)
+            if cache is None:  # first use, possibly a call from inside the class's __init__
+                cache = ModuleCache(options, cls.__name__)
+                cache._owner = weakref.ref(self)
+                self.__dict__[_ATTRIBUTE] = cache
+            return cast(ModuleCache, cache)
+
+        @torch.compiler.disable  # type: ignore[untyped-decorator]
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return self.module_cache(self, super().forward, args, kwargs)
+
+    Cached.__name__ = cls.__name__
+    Cached.__qualname__ = cls.__qualname__
+    Cached.__module__ = cls.__module__
+    Cached.__doc__ = cls.__doc__
+    Cached.__wrapped__ = cls  # type: ignore[attr-defined]
+    return Cached
+
+
+def _decorate_function(function: Callable[..., Any], options: CacheOptions) -> Callable[..., Any]:
+    cache = ModuleCache(options, function.__name__)
+
+    @functools.wraps(function)
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return cache(function, function, args, kwargs)
+
+    wrapper.module_cache = cache  # type: ignore[attr-defined]
+    return wrapper
+
+
+_ATTRIBUTE = "_cachedfeatures_module_cache"
+
+
+@dataclass
+class _Scope:
+    """The fingerprint of one module object, and the state it was taken from."""
+
+    token: tuple[Any, ...]
+    fingerprint: Fingerprint
+
+
+class ModuleCache:
+    """The cache of one module instance (or one decorated function).
+
+    ``enabled`` switches it at any time; ``module_calls``, ``hit_rows`` and ``miss_rows``
+    count what it did; ``memory`` is the memory tier (or ``None``) and ``store`` the opened
+    persistent store (or ``None``).
+    """
+
+    def __init__(self, options: CacheOptions, name: str) -> None:
+        self.options = options
+        self.name = name
+        self.enabled = options.enabled
+        self.module_calls = 0
+        self.hit_rows = 0
+        self.miss_rows = 0
+        self._configured = False
+        self._owner: weakref.ref[nn.Module] | None = None  # the module replicas are made from
+        self._init_state()
+
+    def _configure(self, owner: object) -> None:
+        """Apply ``owner``'s ``cachedfeatures_<option>`` attributes, once, at the first call."""
+        with self._lock:
+            if self._configured:
+                return
+            options = self.options.overridden_by(owner)
+            if options != self.options:
+                self.options = options
+                self.enabled = options.enabled
+                self._init_state()
+            self._configured = True
+
+    def _init_state(self) -> None:
+        limit = self.options.max_memory_bytes
+        self.memory: MemoryTier | None = None if limit == 0 else MemoryTier(limit)
+        self.store: FeatureStore | None = None
+        self._lock = threading.RLock()
+        self._scopes: dict[int, _Scope] = {}
+        self._memory_digest: str | None = None
+        self._entries: dict[str, KeyedEntry] = {}
+        self._layouts: dict[str, OutputLayout] = {}
+        self._contexts: dict[str, tuple[Fingerprint, str]] = {}
+
+    # A module holding a cache must survive copy.deepcopy and pickling (DataLoader workers,
+    # checkpoints): the copy keeps the options and starts with empty tiers.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"options": self.options, "name": self.name, "enabled": self.enabled}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["options"], state["name"])  # type: ignore[misc]
+        self.enabled = state["enabled"]
+
+    def __repr__(self) -> str:
+        memory = "off" if self.memory is None else f"{len(self.memory)} rows, {self.memory.nbytes} bytes"
+        return (
+            f"ModuleCache({self.name}, enabled={self.enabled}, memory={memory}, "
+            f"store={self.options.store!r}, hits={self.hit_rows}, misses={self.miss_rows})"
+        )
+
+    # -- the call --------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        module: Callable[..., Any],
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """``forward(*args, **kwargs)``, served row by row from the cache where possible."""
+        if not self._configured:
+            self._configure(module)
+        if not self.enabled:
+            return forward(*args, **kwargs)
+        fingerprint = self._fingerprint(module)
+        inputs = gather_inputs(args, kwargs)
+        if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs.tensors):
+            raise RequiresGradError(
+                f"an input of the cached {self.name} requires grad, but cached outputs carry no "
+                "gradient: the layers that made the input would silently stop training. Cache a "
+                "module whose inputs come from frozen layers or data, or pass input.detach() if "
+                "cutting the graph there is intended."
+            )
+        if inputs.batch_size == 0:
+            return forward(*args, **kwargs)
+        keys = row_keys(inputs)
+        context = self._context(fingerprint, inputs)
+        rows = self._lookup(context, keys)
+        missing = [i for i, row in enumerate(rows) if row is None]
+        computed: dict[str, torch.Tensor] = {}
+        first: list[int] = []
+        layout = self._layouts.get(context)
+        if missing:
+            layout, computed, first = self._compute(
+                module, forward, args, kwargs, inputs, missing, keys, context
+            )
+        if layout is None:  # unreachable: a full hit means the layout was seen
+            raise AssertionError("cachedfeatures: output layout unknown after a full hit")
+        self.hit_rows += inputs.batch_size - len(missing)
+        self.miss_rows += len(missing)
+        device = inputs.tensors[0].device
+        if len(missing) == inputs.batch_size and len(set(first)) == len(first):  # all computed, in order
+            return layout.join({name: tensor.to(device) for name, tensor in computed.items()})
+        return layout.join(self._assemble(layout, rows, missing, computed, first, device))
+
+    def _assemble(
+        self,
+        layout: OutputLayout,
+        rows: Sequence[Row | None],
+        missing: Sequence[int],
+        computed: Mapping[str, torch.Tensor],
+        first: Sequence[int],
+        device: torch.device,
+    ) -> dict[str, torch.Tensor]:
+        """Full-batch outputs on ``device`` from cached rows and the computed ones."""
+        hits = [i for i, row in enumerate(rows) if row is not None]
+        out: dict[str, torch.Tensor] = {}
+        for position, spec in enumerate(layout.arrays):
+            dtype = getattr(torch, spec.torch_dtype or "float32")
+            if not missing:
+                out[spec.name] = torch.stack([cast(Row, row)[position] for row in rows]).to(device)
+                continue
+            result = torch.empty((len(rows), *spec.shape), dtype=dtype, device=device)
+            if hits:
+                stacked = torch.stack([cast(Row, rows[i])[position] for i in hits]).to(device)
+                result[torch.tensor(hits, device=device)] = stacked
+            fresh = computed[spec.name].to(device)
+            result[torch.tensor(missing, device=device)] = fresh[torch.tensor(first, device=device)]
+            out[spec.name] = result
+        return out
+
+    def _compute(
+        self,
+        module: Callable[..., Any],
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        inputs: CallInputs,
+        missing: list[int],
+        keys: Sequence[bytes],
+        context: str,
+    ) -> tuple[OutputLayout, dict[str, torch.Tensor], list[int]]:
+        """Run ``forward`` once on the distinct missing rows and store what it returns.
+
+        Returns the layout, the outputs (one row per distinct missing key, cast to the
+        storage dtype, on the module's device) and, for each missing row, its output row.
+        """
+        distinct: dict[bytes, int] = {}
+        unique: list[int] = []  # the first missing row of each distinct key
+        first: list[int] = []  # for each missing row, the output row of its key
+        for i in missing:
+            if keys[i] not in distinct:
+                distinct[keys[i]] = len(unique)
+                unique.append(i)
+            first.append(distinct[keys[i]])
+        select = torch.tensor(unique, dtype=torch.long)
+        sub_args, sub_kwargs = (
+            (args, kwargs) if len(unique) == inputs.batch_size else inputs.select(args, kwargs, select)
+        )
+        self.module_calls += 1
+        if torch.is_inference_mode_enabled():
+            output = forward(*sub_args, **sub_kwargs)
+        else:  # no_grad, not inference_mode: the outputs must stay usable by an autograd graph
+            with torch.no_grad():
+                output = forward(*sub_args, **sub_kwargs)
+        dtype = self.options.cache_dtype
+        layout = self._layouts.get(context) or OutputLayout.from_output(output, len(unique), dtype)
+        split = layout.split(output, len(unique), dtype)  # CPU copies for storage
+        on_device = _output_tensors(layout, output, dtype)
+        self._store_rows(context, [keys[i] for i in unique], layout, split)
+        return layout, on_device, first
+
+    # -- the tiers -------------------------------------------------------------------------------
+
+    def _lookup(self, context: str, keys: Sequence[bytes]) -> list[Row | None]:
+        rows: list[Row | None] = (
+            list(self.memory.get(keys)) if self.memory is not None else [None] * len(keys)
+        )
+        if self.options.store is None:
+            return rows
+        missing = [i for i, row in enumerate(rows) if row is None]
+        if not missing:
+            return rows
+        with self._lock:
+            entry = self._entry(context)
+            if entry is None:
+                return rows
+            found = entry.lookup([keys[i] for i in missing])
+            known = found >= 0
+            if not known.any():
+                return rows
+            hit, columns = entry.read(found[known])
+        layout = self._layouts[context]
+        positions = [i for i, ok in zip(np.asarray(missing)[known].tolist(), hit.tolist(), strict=True) if ok]
+        tensors = [spec.numpy_to_tensor(columns[spec.name]) for spec in layout.arrays]
+        # Views of freshly read arrays; the memory tier gets its own compact copies.
+        loaded: list[Row] = [tuple(t[j] for t in tensors) for j in range(len(positions))]
+        for i, row in zip(positions, loaded, strict=True):
+            rows[i] = row
+        if self.memory is not None and loaded:
+            self.memory.put([keys[i] for i in positions], [tuple(t.clone() for t in row) for row in loaded])
+        return rows
+
+    def _store_rows(
+        self,
+        context: str,
+        keys: Sequence[bytes],
+        layout: OutputLayout,
+        split: Mapping[str, torch.Tensor],
+    ) -> None:
+        if self.memory is not None:
+            # Private copies (never views of what the caller gets), made outside inference
+            # mode so that rows cached in an inference_mode block serve autograd callers.
+            with torch.inference_mode(False):
+                columns = [split[spec.name] for spec in layout.arrays]
+                rows = [tuple(column[j].clone() for column in columns) for j in range(len(keys))]
+            self.memory.put(keys, rows)
+        if self.options.store is None:
+            self._layouts.setdefault(context, layout)
+            return
+        arrays = {spec.name: spec.tensor_batch_to_numpy(split[spec.name]) for spec in layout.arrays}
+        with self._lock:
+            entry = self._entry(context) or self._create_entry(context, layout)
+            entry.append(keys, arrays)
+
+    def _entry(self, context: str) -> KeyedEntry | None:
+        """The persistent entry for ``context``, if this or another process created it."""
+        entry = self._entries.get(context)
+        if entry is not None:
+            return entry
+        store = self._open_store()
+        found = store.entry(self._entry_name(context))
+        if found is None:
+            return None
+        self._layouts[context] = OutputLayout.from_json(found.meta["outputs"])
+        entry = KeyedEntry(store, found, self.options.max_bytes)
+        self._entries[context] = entry
+        return entry
+
+    def _create_entry(self, context: str, layout: OutputLayout) -> KeyedEntry:
+        store = self._open_store()
+        row_nbytes = sum(spec.row_nbytes for spec in layout.arrays) + 16
+        chunk_rows = self.options.chunk_rows or keyed_chunk_rows(row_nbytes)
+        fingerprint, call = self._contexts[context]
+        meta = {
+            "kind": "module_cache",
+            "module": fingerprint.to_json(),
+            "dataset": {
+                "digest": _hashing.hash_strings(call),
+                "description": f"content-addressed rows of calls ({call})",
+                "call": call,
+            },
+            "options": self._options_json(),
+            "outputs": layout.to_json(),
+            "library_version": _version(),
+        }
+        entry = KeyedEntry.open(
+            store,
+            self._entry_name(context),
+            meta,
+            layout.arrays,
+            chunk_rows=chunk_rows,
+            compressor=self.options.compressor,
+            max_bytes=self.options.max_bytes,
+        )
+        self._layouts[context] = OutputLayout.from_json(entry.entry.meta["outputs"])
+        self._entries[context] = entry
+        return entry
+
+    def _open_store(self) -> FeatureStore:
+        if self.store is None:
+            self.store = FeatureStore.open(self.options.store, mode="a")
+        return self.store
+
+    # -- scoping: fingerprints and contexts -----------------------------------------------------
+
+    def _fingerprint(self, module: Callable[..., Any]) -> Fingerprint:
+        """The module's fingerprint, taken again whenever a parameter or buffer changed.
+
+        DataParallel builds fresh replicas (fresh weight tensors) on every forward; they share
+        this cache, and their weights are copies of the original module's. So a replica is
+        checked for being frozen, but fingerprinted through the original: the weights are
+        hashed once, not once per replica per step, and a new checkpoint loaded into the
+        original is still seen.
+        """
+        _check_frozen(module)
+        subject = module
+        if getattr(module, "_is_replica", False):
+            subject = (self._owner() if self._owner is not None else None) or module
+        elif isinstance(module, nn.Module) and (self._owner is None or self._owner() is not module):
+            self._owner = weakref.ref(module)
+        token = _weights_token(subject)
+        with self._lock:
+            scope = self._scopes.get(id(subject))
+            if scope is None or scope.token != token:
+                scope = _Scope(token, module_fingerprint(subject, self.options.version))
+                self._scopes[id(subject)] = scope
+            if scope.fingerprint.digest != self._memory_digest:
+                if self._memory_digest is not None and self.memory is not None:
+                    self.memory.clear()  # new weights: the old rows are stale
+                self._memory_digest = scope.fingerprint.digest
+            return scope.fingerprint
+
+    def _context(self, fingerprint: Fingerprint, inputs: CallInputs) -> str:
+        """A short id for (module fingerprint, options, call signature): one persistent entry."""
+        context = _hashing.hash_strings(fingerprint.digest, self._options_json(), inputs.context)[:16]
+        if context not in self._contexts:
+            self._contexts[context] = (fingerprint, inputs.context)
+        return context
+
+    def _options_json(self) -> str:
+        dtype = self.options.cache_dtype
+        return options_json({"cache_dtype": None if dtype is None else str(dtype), "key": KEY_ALGORITHM})
+
+    def _entry_name(self, context: str) -> str:
+        return f"{self.name}-{context}"
+
+
+def _output_tensors(layout: OutputLayout, output: Any, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The module's outputs per array, detached and cast to the storage dtype, where they are."""
+    if isinstance(output, torch.Tensor):
+        values = [output]
+    elif isinstance(output, Mapping):
+        values = list(output.values())
+    else:
+        values = list(output)
+    return {spec.name: cast_for_storage(v, dtype) for spec, v in zip(layout.arrays, values, strict=True)}
+
+
+_STATEFUL_IN_TRAINING = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def _check_frozen(module: Callable[..., Any]) -> None:
+    """Raise unless ``module`` is frozen: no parameter requires grad, no dropout or batch
+    norm active in training mode."""
+    if not isinstance(module, nn.Module):
+        return
+    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
+    if trainable:
+        raise RequiresGradError(
+            f"{type(module).__name__} has parameters that require grad ({', '.join(trainable[:4])}"
+            f"{', ...' if len(trainable) > 4 else ''}); cached outputs carry no gradient, so they "
+            "would silently stop training these. Freeze the cached module with "
+            "module.requires_grad_(False), and keep the trainable layers outside it."
+        )
+    active = [
+        name or type(module).__name__
+        for name, sub in module.named_modules()
+        if sub.training
+        and (
+            (isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p > 0)
+            or (isinstance(sub, _STATEFUL_IN_TRAINING) and sub.track_running_stats)
+        )
+    ]
+    if active:
+        raise TrainingModeError(
+            f"{type(module).__name__} is in training mode with active dropout or batch norm "
+            f"({', '.join(active[:4])}), so its outputs are random or depend on the batch and "
+            "cannot be cached. Call .eval() on the cached module (again after model.train())."
+        )
+
+
+def _weights_token(module: Callable[..., Any]) -> tuple[Any, ...]:
+    """A cheap token of the state of ``module``'s weights.
+
+    It changes when a parameter or buffer is replaced (``load_state_dict`` with ``assign``,
+    ``.to()``) or modified in place (``copy_`` bumps the version counter).
+    """
+    if not isinstance(module, nn.Module):
+        return ()
+    token: list[Any] = []
+    for tensor in [*module.parameters(), *module.buffers()]:
+        try:
+            version = tensor._version
+        except RuntimeError:  # inference tensors have no version counter
+            version = -1
+        token.append((tensor.data_ptr(), version, tensor.dtype, tensor.device))
+    return tuple(token)
+
+
+def _version() -> str:
+    from cachedfeatures import __version__
+
+    return __version__

@@ -99,7 +99,13 @@ class Entry:
     @property
     def arrays(self) -> dict[str, zarr.Array[Any]]:
         if self._arrays is None:
-            self._arrays = {spec.name: self.group[spec.name] for spec in self.specs}  # type: ignore[misc]
+            # write_empty_chunks is a runtime setting, not stored in the array's metadata: without
+            # it, a chunk equal to the fill value (all-False or all-zero features) is not written,
+            # and its valid rows would read as damaged.
+            self._arrays = {
+                spec.name: self.group[spec.name].with_config({"write_empty_chunks": True})  # type: ignore[union-attr]
+                for spec in self.specs
+            }
         return self._arrays
 
     @property

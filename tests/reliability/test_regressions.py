@@ -66,3 +66,27 @@ def test_numpy_float64_field_comes_back_as_numpy_float64(tmp_path) -> None:
             _, value, empty = cached[i]
             assert type(value) is np.float64 and value == np.float64(i) / 3
             assert empty.shape == (0, 2) and empty.dtype == np.float32
+
+
+class IsLarge(nn.Module):
+    """Bool features, all ``False`` for small inputs: chunks equal to the fill value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x > 100
+
+
+def test_features_equal_to_the_fill_value_are_stored_and_served(tmp_path) -> None:
+    """zarr skips writing chunks equal to the fill value unless the array is told not to; the
+    read path then took the valid rows of such a chunk for damage and recomputed them forever."""
+    data = Listed([torch.full((3,), float(i)) for i in range(8)])
+    path = tmp_path / "f.zarr"
+    first = CachedFeatureDataset(data, IsLarge(), path, chunk_rows=4)
+    first.__getitems__(list(range(8)))
+    again = CachedFeatureDataset(data, IsLarge(), path, chunk_rows=4)
+    samples = again.__getitems__(list(range(8)))
+    assert all(torch.equal(s, torch.zeros(3, dtype=torch.bool)) for s in samples)
+    assert again.module_calls == 0

@@ -167,3 +167,24 @@ def test_guard_rejects_bad_retry_settings(kwargs: dict[str, float]) -> None:
 
 def os_error_named(message: str, code: int) -> bool:
     return f"[Errno {code}]" in message
+
+
+def test_write_failures_under_a_budget_pause_and_resume(tmp_path: Path) -> None:
+    """With max_bytes, writes go chunk by chunk, each followed by pruning; all under the guard."""
+    store = FaultyStore(tmp_path / "features.zarr")
+    data, module = Samples(32, "dict"), Backbone()
+    guard = WriteGuard(repr(store), retry_after_batches=1, retry_after_seconds=3600)
+    cached = CachedFeatureDataset(
+        data, module, store, input_key="image", chunk_rows=8, max_bytes="1GB", write_guard=guard
+    )
+    assert cached.entry is not None
+    before = cached.entry.valid_mask()
+    store.failing = True
+    with pytest.warns(CachingPausedWarning) as caught:
+        _epoch(cached, data, module, seed=0)
+    assert len(caught) == 1 and np.array_equal(cached.entry.valid_mask(), before)
+    store.failing = False
+    for seed in (1, 2, 3):
+        _epoch(cached, data, module, seed=seed)
+    assert guard.stats.resumes == 1 and cached.entry.valid_mask().all()
+    assert _valid_rows_are_correct(cached, data, module) == 32

@@ -135,6 +135,8 @@ class CachedFeatureDataset(Dataset[Any]):
         if self._read_only and not self.write_guard.read_only:
             self.write_guard.set_read_only("the store was opened read-only")
         self._feature_store = self._open_store()
+        if write_guard is None:
+            self.write_guard.location = self._feature_store.location
         self.module_fingerprint = module_fingerprint(module, module_version)
 
         probes: dict[int, Any] = {}

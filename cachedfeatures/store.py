@@ -499,7 +499,8 @@ def _resolve(
     if isinstance(store, Store):
         return store, ThreadLocks(), repr(store)
     if isinstance(store, (str, os.PathLike)):
-        path = Path(store).expanduser()
+        text = os.fspath(store)
+        path = Path(text.removeprefix("file://") if isinstance(text, str) else text).expanduser()
         if path.is_file():
             raise StorePathError(
                 f"store path {str(path)!r} is a file; pass a directory path (for example "

@@ -209,3 +209,9 @@ def test_missing_s3_store_opened_read_only_is_a_clear_error(s3_server: S3Server)
 def test_storage_options_need_a_url(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="storage_options apply only to URL stores"):
         FeatureStore.open(tmp_path / "features.zarr", mode="a", storage_options={"anon": True})
+
+
+def test_file_url_is_a_local_store(tmp_path: Path) -> None:
+    FeatureStore.open(f"file://{tmp_path / 'features.zarr'}", mode="a")
+    assert (tmp_path / "features.zarr" / "zarr.json").is_file()
+    assert FeatureStore.open(tmp_path / "features.zarr").entries == []

@@ -10,6 +10,7 @@ from cachedfeatures.errors import (
     CacheError,
     CacheWarning,
     CachingPausedWarning,
+    DeviceInWorkerError,
     EntryNotFoundError,
     FieldNotStorableError,
     InputBatchError,
@@ -25,10 +26,15 @@ from cachedfeatures.errors import (
     TrainingModeError,
     UnhashableArgumentError,
     UnknownArrayError,
+    WriterError,
 )
 from cachedfeatures.faults import WriteGuard
 from cachedfeatures.module_cache import ModuleCache, cached_module
 from cachedfeatures.ownership import ChunkOwnership
+from cachedfeatures.pipeline import Loader
+from cachedfeatures.prefill import PrefillResult
+from cachedfeatures.reader import ChunkReader
+from cachedfeatures.sampler import ChunkShuffleSampler
 from cachedfeatures.store import Entry, FeatureStore
 
 __version__ = "0.1.0"
@@ -40,17 +46,22 @@ __all__ = [
     "CachedFeatureDataset",
     "CachingPausedWarning",
     "ChunkOwnership",
+    "ChunkReader",
+    "ChunkShuffleSampler",
+    "DeviceInWorkerError",
     "Entry",
     "EntryNotFoundError",
     "FeatureStore",
     "FieldNotStorableError",
     "InputBatchError",
     "InputKeyError",
+    "Loader",
     "ModuleCache",
     "ModuleOutputError",
     "NonDeterministicDatasetError",
     "NotAFeatureStoreError",
     "OutputShapeError",
+    "PrefillResult",
     "ReadOnlyStoreWarning",
     "RequiresGradError",
     "RowsNotCachedError",
@@ -59,6 +70,7 @@ __all__ = [
     "UnhashableArgumentError",
     "UnknownArrayError",
     "WriteGuard",
+    "WriterError",
     "__version__",
     "cached_module",
 ]

@@ -12,12 +12,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from cachedfeatures import _hashing
 from cachedfeatures.access import AccessLog
 from cachedfeatures.compute import Collate, FeatureComputer
-from cachedfeatures.errors import CacheError, TrainingModeError
+from cachedfeatures.errors import DeviceInWorkerError, TrainingModeError
 from cachedfeatures.faults import WriteGuard, is_store_fault
 from cachedfeatures.fingerprint import (
     dataset_fingerprint,
@@ -29,8 +29,12 @@ from cachedfeatures.fingerprint import (
 from cachedfeatures.layout import ArraySpec, InputKey, OutputLayout, SampleLayout
 from cachedfeatures.locks import FileLocks
 from cachedfeatures.ownership import ChunkOwnership, parse_ownership
+from cachedfeatures.pipeline import Loader, WorkerMethod
+from cachedfeatures.prefill import PrefillResult, prefill
 from cachedfeatures.pruning import Budget, Policy, parse_policy, serve_backed_rows
+from cachedfeatures.reader import ChunkReader, ReadRoute
 from cachedfeatures.remote import is_url
+from cachedfeatures.steps import LoadedRows, RowLoader, compute_loaded
 from cachedfeatures.store import Compressor, Entry, FeatureStore, RowsRead, StoreLike, default_chunk_rows
 from cachedfeatures.units import parse_bytes
 
@@ -73,6 +77,16 @@ class CachedFeatureDataset(Dataset[Any]):
             entries (least recently used entry first): ``"mru"`` (default) the most recently
             used, which keeps a stable subset cached across repeated passes; ``"lru"`` the
             least recently used, for access that is not cyclic.
+        autocast_dtype: run the module under ``torch.autocast`` with this dtype (for example
+            ``torch.bfloat16``). It changes the stored values, so it is part of the entry key.
+            Default ``None``: no autocast.
+
+        chunk_cache_bytes: the most bytes of decoded chunks each process keeps in memory
+            (``0``: none). Default ``None``: an eighth of physical memory, split between
+            DataLoader workers. An entry that fits is held whole, one array per column; else
+            raw chunks of a local store are memory-mapped rather than held.
+        read_route: ``"auto"`` reads plain local chunk files directly; ``"zarr"`` reads
+            every chunk through zarr. See :mod:`cachedfeatures.reader`.
         storage_options: fsspec options for a URL store (``store="s3://bucket/f.zarr"``),
             such as ``{"endpoint_url": ...}`` or credentials.
         read_only: never write to the store: hits are served, misses are computed and served
@@ -82,6 +96,10 @@ class CachedFeatureDataset(Dataset[Any]):
             locks). Default ``None``: this process may write every chunk.
         write_guard: the :class:`~cachedfeatures.faults.WriteGuard` that runs store writes and
             pauses caching when the store fails (disk full, I/O error); default a new one.
+
+    With ``device="cuda"``, compute misses through :meth:`loader` (workers do I/O, the module
+    runs in this process) or fill the cache first with :meth:`prefill`; a plain DataLoader
+    worker cannot use CUDA.
     """
 
     def __init__(
@@ -102,6 +120,9 @@ class CachedFeatureDataset(Dataset[Any]):
         allow_nondeterministic: bool = False,
         max_bytes: int | float | str | None = None,
         policy: Policy = "mru",
+        autocast_dtype: torch.dtype | None = None,
+        chunk_cache_bytes: int | None = None,
+        read_route: ReadRoute = "auto",
         storage_options: Mapping[str, Any] | None = None,
         read_only: bool = False,
         owned_chunks: ChunkOwnership | None = None,
@@ -113,6 +134,7 @@ class CachedFeatureDataset(Dataset[Any]):
         self.batch_size = parse_positive_int("batch_size", batch_size)
         self.device = parse_device(device)
         self.dtype = parse_dtype(dtype)
+        self.autocast_dtype = parse_dtype(autocast_dtype)
         if chunk_rows is not None:
             chunk_rows = parse_positive_int("chunk_rows", chunk_rows)
         self.max_bytes = None if max_bytes is None else parse_bytes(max_bytes)
@@ -124,7 +146,8 @@ class CachedFeatureDataset(Dataset[Any]):
                 "module.eval() before wrapping it."
             )
         self._length = len(dataset)  # type: ignore[arg-type]
-        self._computer = FeatureComputer(module, self.device, self.dtype, collate_fn)
+        self._computer = FeatureComputer(module, self.device, self.dtype, collate_fn, self.autocast_dtype)
+        self._chunk_cache_bytes, self._read_route = chunk_cache_bytes, read_route
         self.owned_chunks = parse_ownership(owned_chunks)
         self._store_arg, self._storage_options, self._read_only = store, storage_options, bool(read_only)
         self._pid = os.getpid()
@@ -155,6 +178,8 @@ class CachedFeatureDataset(Dataset[Any]):
             "input_key": _describe_callable(self.input_key),
             "collate_fn": None if collate_fn is None else _describe_callable(collate_fn),
         }
+        if self.autocast_dtype is not None:  # only when set, so entries without it keep their key
+            self.options["autocast"] = str(self.autocast_dtype)
         key = entry_id(self.module_fingerprint, self.dataset_fingerprint, self.options)
         self.entry_name = f"{type(module).__name__}-{key}"
         self._entry: Entry | None = None
@@ -162,6 +187,7 @@ class CachedFeatureDataset(Dataset[Any]):
             self._entry = self._feature_store.entry(self.entry_name) or self._create_entry_guarded(
                 probes, chunk_rows, compressor
             )
+        self._attach_reader()
         self._load_layouts()
         self._attach_statistics(enforce=True)
 
@@ -293,6 +319,8 @@ class CachedFeatureDataset(Dataset[Any]):
         self._warn_if_private_store_in_worker()
         entry = self._entry_for_this_process()
         read = self._checked_read(entry, rows)
+        if read.hit.all():
+            return self._assemble_all(read.arrays)
         columns = {
             name: np.empty((len(rows), *spec.shape), dtype=spec.numpy_dtype)
             for name, spec in ((s.name, s) for s in entry.specs)
@@ -301,43 +329,72 @@ class CachedFeatureDataset(Dataset[Any]):
             columns[name][read.hit] = column
         missing = ~read.hit
         if missing.any():
+            self._check_can_compute_here()
             miss_rows, where = np.unique(rows[missing], return_inverse=True)
             computed = self.compute(miss_rows)
             for name, column in computed.items():
                 columns[name][missing] = column[where]
-        return [self._assemble(columns, position) for position in range(len(rows))]
+        return self._assemble_all(columns)
 
     def compute(self, rows: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
         """Load, compute and store ``rows`` (whether cached or not), in batches.
 
         Returns the stored columns, one row per requested row, exactly as a later hit reads them.
         """
-        layout, outputs = self._sample_layout, self._output_layout
-        if self._entry is None or layout is None or outputs is None:
+        if self._entry is None:
             raise AssertionError("unreachable: compute on an empty dataset")
         entry = self._entry_for_this_process()
         rows = np.asarray(rows, dtype=np.int64)
         parts: list[dict[str, np.ndarray]] = []
         for start in range(0, len(rows), self.batch_size):
             batch = rows[start : start + self.batch_size]
-            samples = [self.dataset[int(i)] for i in batch]
-            fields = layout.field_values(samples)
-            inputs = [layout.extract_input(sample) for sample in samples]
-            try:
-                tensors = self._computer(inputs, outputs)
-            except CacheError:
-                raise
-            except Exception as error:
-                error.add_note(
-                    f"cachedfeatures: while computing features for rows {batch[:8].tolist()}"
-                    f"{'...' if len(batch) > 8 else ''}; nothing from this batch was stored."
-                )
-                raise
-            columns = {spec.name: spec.tensor_batch_to_numpy(tensors[spec.name]) for spec in outputs.arrays}
-            columns.update(fields)
+            columns = self.compute_loaded(self.load(batch))
             self._write(entry, batch, columns)
             parts.append(columns)
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+    def load(self, rows: Sequence[int] | np.ndarray) -> LoadedRows:
+        """The raw samples of ``rows`` (module inputs and fields to store); no module call."""
+        return self.row_loader()(rows)
+
+    def row_loader(self) -> RowLoader:
+        """A picklable, module-free loader of raw samples, for worker processes."""
+        if self._sample_layout is None:
+            raise AssertionError("unreachable: load on an empty dataset")
+        return RowLoader(self.dataset, self._sample_layout)
+
+    def compute_loaded(self, loaded: LoadedRows, *, pin_memory: bool = False) -> dict[str, np.ndarray]:
+        """Run the module on loaded rows (in batches of ``batch_size``); the columns to store."""
+        if self._output_layout is None:
+            raise AssertionError("unreachable: compute on an empty dataset")
+        self._check_can_compute_here()
+        return compute_loaded(
+            self._computer, self._output_layout, loaded, self.batch_size, pin_memory=pin_memory
+        )
+
+    def _check_can_compute_here(self) -> None:
+        if self.device.type == "cuda" and get_worker_info() is not None:
+            raise DeviceInWorkerError(
+                f"a DataLoader worker needs to compute features on {self.device}, but CUDA cannot "
+                "run in DataLoader worker processes (and each worker would hold its own copy of "
+                "the module). Iterate over cached.loader(batch_size=..., num_workers=...) instead, "
+                "which runs the module in this process and only I/O in workers, or call "
+                "cached.prefill() before training so that workers only read hits."
+            )
+
+    def write(self, rows: Sequence[int] | np.ndarray, columns: Mapping[str, np.ndarray]) -> None:
+        """Store computed ``columns`` for ``rows``: under the size budget, recording access.
+
+        The pipeline's background writer stores through this, like :meth:`compute` does.
+        """
+        if self._entry is None:
+            raise AssertionError("unreachable: write to an empty dataset")
+        self._write(self._entry_for_this_process(), np.asarray(rows, dtype=np.int64), columns)
+
+    def _record_hits(self, rows: np.ndarray) -> None:
+        """Count reads of ``rows`` that the pipeline's workers served from the store."""
+        if self._entry is not None and len(rows):
+            self._record_access(rows // self._entry.chunk_rows)
 
     def _checked_read(self, entry: Entry, rows: np.ndarray) -> RowsRead:
         """``entry.read``, less hits that would serve fill values; records the chunks hit."""
@@ -389,6 +446,13 @@ class CachedFeatureDataset(Dataset[Any]):
                 raise
             logger.debug("cachedfeatures: could not record access statistics: %s", error)
 
+    def _attach_reader(self) -> None:
+        """The entry's chunk reader, with this dataset's cache size and read route."""
+        if self._entry is not None:
+            self._entry.reader = ChunkReader(
+                self._entry, cache_bytes=self._chunk_cache_bytes, route=self._read_route
+            )
+
     def _attach_statistics(self, enforce: bool) -> None:
         """The access log and the budget of this entry (none on a store this process cannot write)."""
         self._access = None
@@ -419,19 +483,23 @@ class CachedFeatureDataset(Dataset[Any]):
                     storage_options=self._storage_options,
                 )
                 self._entry = self._feature_store.entry(self.entry_name) or self._entry
+                self._attach_reader()
                 self._attach_statistics(enforce=False)
         return self._entry
 
-    def _assemble(self, columns: Mapping[str, np.ndarray], position: int) -> Any:
+    def _assemble_all(self, columns: Mapping[str, np.ndarray]) -> list[Any]:
+        """One sample per row of ``columns``; each output array becomes one tensor first."""
         layout, outputs = self._sample_layout, self._output_layout
         if layout is None or outputs is None:
             raise AssertionError("unreachable")
-        features = outputs.join(
-            {spec.name: spec.numpy_to_tensor(columns[spec.name][position]) for spec in outputs.arrays}
-        )
-        return layout.build(features, {spec.name: columns[spec.name][position] for spec in layout.fields})
+        tensors = {spec.name: spec.numpy_to_tensor(columns[spec.name]) for spec in outputs.arrays}
+        return layout.build_many(outputs.unbind(tensors), columns)
 
     def _normalize(self, indices: Sequence[int]) -> np.ndarray:
+        if type(indices) is list and set(map(type, indices)) <= {int}:
+            fast = np.asarray(indices, dtype=np.int64)  # the common case, checked in one pass
+            if len(fast) == 0 or (-self._length <= fast.min() and fast.max() < self._length):
+                return fast % max(self._length, 1)
         rows = np.empty(len(indices), dtype=np.int64)
         for position, index in enumerate(indices):
             try:
@@ -454,6 +522,61 @@ class CachedFeatureDataset(Dataset[Any]):
                 "cachedfeatures: an in-memory store inside a DataLoader worker caches only "
                 "in that worker's copy; pass store='features.zarr' to share the cache."
             )
+
+    # -- the pipeline ------------------------------------------------------------------------------
+
+    def loader(
+        self,
+        batch_size: int | None = None,
+        *,
+        shuffle: bool = False,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        sampler: Sampler[int] | None = None,
+        collate_fn: Collate | None = None,
+        worker_method: WorkerMethod = "thread",
+        prefetch_factor: int = 2,
+    ) -> Loader:
+        """A resumable batch loader: workers do I/O, the module runs in this process.
+
+        See :class:`cachedfeatures.pipeline.Loader` for the arguments; ``batch_size`` defaults
+        to this dataset's ``batch_size``.
+        """
+        return Loader(
+            self,
+            batch_size=self.batch_size if batch_size is None else batch_size,
+            shuffle=shuffle,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            seed=seed,
+            drop_last=drop_last,
+            sampler=sampler,
+            collate_fn=collate_fn,
+            worker_method=worker_method,
+            prefetch_factor=prefetch_factor,
+        )
+
+    def prefill(
+        self,
+        num_workers: int = 0,
+        progress: bool = True,
+        *,
+        worker_method: WorkerMethod = "thread",
+        distributed: bool | None = None,
+    ) -> PrefillResult:
+        """Compute and store every missing row, with a progress bar; resumable.
+
+        See :func:`cachedfeatures.prefill.prefill`.
+        """
+        return prefill(
+            self,
+            num_workers=num_workers,
+            progress=progress,
+            worker_method=worker_method,
+            distributed=distributed,
+        )
 
     # -- introspection -------------------------------------------------------------------------
 

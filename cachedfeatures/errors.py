@@ -12,6 +12,7 @@ __all__ = [
     "CacheError",
     "CacheWarning",
     "CachingPausedWarning",
+    "DeviceInWorkerError",
     "EntryNotFoundError",
     "FieldNotStorableError",
     "InputBatchError",
@@ -27,6 +28,7 @@ __all__ = [
     "TrainingModeError",
     "UnhashableArgumentError",
     "UnknownArrayError",
+    "WriterError",
 ]
 
 
@@ -116,3 +118,11 @@ class UnhashableArgumentError(CacheError, TypeError):
 
 class InputBatchError(CacheError, ValueError):
     """A cached call's tensor inputs do not share one batch dimension (or there are none)."""
+
+
+class DeviceInWorkerError(CacheError, RuntimeError):
+    """A DataLoader worker would have to run the module on a CUDA device."""
+
+
+class WriterError(CacheError, RuntimeError):
+    """The background writer failed to store computed rows (the cause is chained)."""

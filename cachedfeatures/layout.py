@@ -151,6 +151,16 @@ class ArraySpec:
             return str(row)
         return {"int": int, "float": float, "bool": bool}[self.kind](row)
 
+    def rows_to_values(self, rows: np.ndarray) -> list[Any]:
+        """Every row of a stored batch as :meth:`row_to_value` gives it, converted in one go."""
+        if self.kind == "tensor":
+            return list(self.numpy_to_tensor(rows).unbind(0))
+        if self.kind in ("int", "float", "bool", "str"):
+            return rows.tolist()  # type: ignore[no-any-return]
+        if self.kind == "npscalar":
+            return list(rows)
+        return [self.row_to_value(row) for row in rows]
+
     def describe(self) -> str:
         if self.kind in ("tensor", "ndarray"):
             dtype = f"torch.{self.torch_dtype}" if self.kind == "tensor" else self.dtype
@@ -291,10 +301,46 @@ class SampleLayout:
         """A sample shaped like the dataset's, with the input replaced by ``features``."""
         return _build(self.template, features, fields, {s.name: s for s in self.fields})
 
+    def build_many(self, features: Sequence[Any], fields: Mapping[str, np.ndarray]) -> list[Any]:
+        """One sample per row: ``features[i]`` with row ``i`` of each stored field."""
+        values = {spec.name: spec.rows_to_values(fields[spec.name]) for spec in self.fields}
+        node = self.template
+        if node["kind"] == "input":
+            return list(features)
+        items = node.get("items", [])
+        if items and all(item["kind"] in ("input", "field") for item in items):  # flat: zip in C
+            columns = [features if item["kind"] == "input" else values[item["name"]] for item in items]
+            rows = zip(*columns, strict=True)
+            if node["kind"] == "tuple":
+                return list(rows)
+            if node["kind"] == "list":
+                return [list(row) for row in rows]
+            return [dict(zip(node["keys"], row, strict=True)) for row in rows]
+        row = _row_builder(node, features, values)
+        return [row(i) for i in range(len(features))]
+
     def describe_input_key(self) -> str:
         if callable(self.input_key):
             return getattr(self.input_key, "__qualname__", repr(self.input_key))
         return repr(self.input_key)
+
+
+def _row_builder(
+    node: Mapping[str, Any], features: Sequence[Any], values: Mapping[str, list[Any]]
+) -> Callable[[int], Any]:
+    """``_build`` compiled once per batch into closures: row ``i`` -> its sample."""
+    kind = node["kind"]
+    if kind == "input":
+        return features.__getitem__
+    if kind == "field":
+        return values[node["name"]].__getitem__
+    parts = [_row_builder(item, features, values) for item in node["items"]]
+    if kind == "dict":
+        keys = node["keys"]
+        return lambda i: dict(zip(keys, [part(i) for part in parts], strict=True))
+    if kind == "list":
+        return lambda i: [part(i) for part in parts]
+    return lambda i: tuple([part(i) for part in parts])
 
 
 def _build(
@@ -454,6 +500,15 @@ class OutputLayout:
             _check_batch_dim(spec.name, tensor, batch_size)
             split[spec.name] = cast_for_storage(tensor, dtype).to("cpu")
         return split
+
+    def unbind(self, tensors: Mapping[str, torch.Tensor]) -> list[Any]:
+        """Per-array batch tensors as one output structure per row (views of the batch)."""
+        rows = [tensors[spec.name].unbind(0) for spec in self.arrays]
+        if self.kind == "tensor":
+            return list(rows[0])
+        if self.kind == "tuple":
+            return list(zip(*rows, strict=True))
+        return [dict(zip(self.keys, row, strict=True)) for row in zip(*rows, strict=True)]
 
     def join(self, tensors: Mapping[str, torch.Tensor]) -> Any:
         """Per-array tensors (one row or a batch) back in the module's output structure."""

@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import zarr
@@ -32,6 +32,9 @@ from zarr.storage import LocalStore, MemoryStore
 from cachedfeatures.errors import EntryNotFoundError, NotAFeatureStoreError, StorePathError
 from cachedfeatures.layout import ArraySpec
 from cachedfeatures.locks import FileLocks, Locks, ThreadLocks
+
+if TYPE_CHECKING:
+    from cachedfeatures.reader import ChunkReader
 
 __all__ = ["Entry", "FeatureStore", "StoreLike", "default_chunk_rows", "default_compressor"]
 
@@ -91,6 +94,7 @@ class Entry:
         self.specs = [ArraySpec.from_json(spec) for spec in self.meta["arrays"]]
         self._arrays: dict[str, zarr.Array[Any]] | None = None
         self._valid: zarr.Array[Any] | None = None
+        self._reader: ChunkReader | None = None
 
     @property
     def num_chunks(self) -> int:
@@ -121,25 +125,12 @@ class Entry:
     def read(self, indices: Sequence[int] | np.ndarray) -> RowsRead:
         """Read the rows at ``indices``; a row is a hit only if it is valid before and after.
 
-        Checking ``valid`` again after reading the bytes makes a read that races a pruner (which
-        clears ``valid`` before deleting bytes) a miss instead of wrong data.
+        Reads go through :attr:`reader`, which reads each needed chunk once and keeps decoded
+        chunks in a bounded cache; a chunk whose ``valid`` changed since it was cached (a
+        write, or a pruner clearing rows before deleting bytes) is read again, so a race
+        gives a miss instead of wrong data.
         """
-        indices = np.asarray(indices, dtype=np.int64)
-        unique, inverse = np.unique(indices, return_inverse=True)
-        hit_unique = np.asarray(self.valid.oindex[unique], dtype=bool) if len(unique) else unique.astype(bool)
-        if not hit_unique.any():
-            return RowsRead(np.zeros(len(indices), dtype=bool), {})
-        rows = unique[hit_unique]
-        data = {name: np.asarray(array.oindex[rows]) for name, array in self.arrays.items()}
-        still = np.asarray(self.valid.oindex[rows], dtype=bool)
-        if not still.all():
-            hit_unique[np.flatnonzero(hit_unique)[~still]] = False
-            data = {name: column[still] for name, column in data.items()}
-        hit = hit_unique[inverse]
-        # Map each requested hit onto its row in ``data`` (repeated indices share a row).
-        position = np.cumsum(hit_unique) - 1
-        take = position[inverse[hit]]
-        return RowsRead(hit, {name: column[take] for name, column in data.items()})
+        return self.reader.read(indices)
 
     def write(self, indices: Sequence[int] | np.ndarray, columns: Mapping[str, np.ndarray]) -> None:
         """Store rows and mark them valid, chunk by chunk, each chunk under its lock."""
@@ -308,6 +299,21 @@ class Entry:
         from cachedfeatures import explore
 
         return explore.entry_html(explore.entry_info(self), self.valid_mask())
+
+    # -- reading -------------------------------------------------------------------------------
+
+    @property
+    def reader(self) -> ChunkReader:
+        """The chunk-aware reader behind :meth:`read` (default budget and route until set)."""
+        if self._reader is None:
+            from cachedfeatures.reader import ChunkReader
+
+            self._reader = ChunkReader(self)
+        return self._reader
+
+    @reader.setter
+    def reader(self, reader: ChunkReader) -> None:
+        self._reader = reader
 
 
 class FeatureStore:

@@ -1,0 +1,429 @@
+"""Read throughput of cached features against a NumPy memmap, no cache, and torchcache.
+
+Run from the repository root::
+
+    python benchmarks/bench_read.py            # N=65536 x 384 float32, the issue's setting
+    python benchmarks/bench_read.py --quick    # the same rows, fewer variants and repeats (< 1 min)
+
+Every figure is measured in the same run, on the same data, with a plain ``DataLoader``
+(batch 256, ``num_workers=0``) over a warm page cache. Hit epochs report the best of
+``--repeats`` epochs. Ratios compare with the memmap ceiling read in the same order (a full
+shuffle or the chunk-aware sampler). The table is printed and written as JSON under
+``benchmarks/results/``. "Fresh process" rows are measured in a new Python process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import zarr
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cachedfeatures import CachedFeatureDataset, ChunkShuffleSampler  # noqa: E402
+
+BATCH = 256
+IN_DIM = 768  # a flattened 3x16x16 "image"
+OUT_DIM = 384
+CLASSES = 10
+
+
+# -- the data, the frozen module, and the baselines -----------------------------------------------
+
+
+class RawImages(Dataset[Any]):
+    """Deterministic raw inputs and labels; ``__getitem__`` costs what a light decode costs."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.inputs = rng.standard_normal((n, IN_DIM), dtype=np.float32)
+        self.labels = rng.integers(0, CLASSES, n)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(self.inputs[index].copy()), int(self.labels[index])
+
+
+class Backbone(nn.Module):
+    """A frozen linear layer standing in for the backbone (real ones cost far more per row)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(IN_DIM, OUT_DIM), nn.Tanh())
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # type: ignore[no-any-return]
+
+
+class MemmapFeatures(Dataset[Any]):
+    """The ceiling: the same features in a ``.npy`` opened as a memmap, read per batch."""
+
+    def __init__(self, path: Path, labels: np.ndarray) -> None:
+        self.features = np.load(path, mmap_mode="r")
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        rows = torch.from_numpy(self.features[indices])
+        labels = self.labels[indices].tolist()
+        return list(zip(rows.unbind(0), labels, strict=True))
+
+
+def features_of(module: nn.Module, data: RawImages) -> np.ndarray:
+    with torch.inference_mode():
+        parts = [module(torch.from_numpy(data.inputs[i : i + 4096])) for i in range(0, len(data), 4096)]
+    return torch.cat(parts).numpy()
+
+
+def torchcache_module(persistent: bool, cache_dir: str | None) -> nn.Module:
+    """The backbone wrapped by torchcache (each call makes a class, so caches are not shared)."""
+    from torchcache import torchcache
+
+    options: dict[str, Any] = {"persistent": persistent, "max_memory_cache_size": int(4e9)}
+    if persistent:
+        options.update(persistent_cache_dir=cache_dir, persistent_module_hash="bench-backbone")
+
+    @torchcache(**options)
+    class Cached(Backbone):
+        pass
+
+    return Cached()
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+
+class Rate(NamedTuple):
+    """Rows per second by the wall clock and by CPU time."""
+
+    wall: float
+    cpu: float
+
+
+def epoch_rate(
+    dataset: Dataset[Any],
+    *,
+    shuffle: bool = False,
+    sampler: Sampler[int] | None = None,
+    module: Callable[[torch.Tensor], Any] | None = None,
+    seed: int = 0,
+    max_batches: int | None = None,
+    batch_size: int = BATCH,
+) -> Rate:
+    """Rows per second of one epoch (or its first batches) through a DataLoader (and ``module``).
+
+    Both by the wall clock and by this process's CPU time, which a busy machine disturbs less.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=0, generator=generator
+    )
+    rows = 0
+    start, cpu = time.perf_counter(), time.process_time()
+    with torch.inference_mode():
+        for features, _labels in loader:
+            if module is not None:
+                features = module(features)
+            rows += len(features)
+            if max_batches is not None and rows >= max_batches * batch_size:
+                break
+    return Rate(rows / (time.perf_counter() - start), rows / max(time.process_time() - cpu, 1e-9))
+
+
+def best_rate(repeats: int, run: Callable[[int], Rate]) -> Rate:
+    rates = [run(epoch) for epoch in range(repeats)]
+    return Rate(max(r.wall for r in rates), max(r.cpu for r in rates))
+
+
+def chunk_sampler(n: int, chunk_rows: int, epoch: int) -> ChunkShuffleSampler:
+    sampler = ChunkShuffleSampler(n, chunk_rows, window=4, seed=0)
+    sampler.set_epoch(epoch)
+    return sampler
+
+
+def cached_dataset(data: RawImages, store: Path, **options: Any) -> CachedFeatureDataset:
+    return CachedFeatureDataset(
+        data, Backbone(), store, module_version="bench", dataset_version=f"bench-{len(data)}", **options
+    )
+
+
+def fresh_process(config: dict[str, Any]) -> Rate:
+    """Measure one epoch in a new Python process (``--child``); returns its rows/s."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(config)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
+    if result.returncode != 0:
+        raise RuntimeError(f"child benchmark failed:\n{result.stderr[-3000:]}")
+    return Rate(*json.loads(result.stdout.strip().splitlines()[-1])["rate"])
+
+
+def child(config: dict[str, Any]) -> None:
+    data = RawImages(config["n"])
+    if config["kind"] == "torchcache":
+        module = torchcache_module(True, config["cache_dir"])
+        rate = epoch_rate(data, shuffle=True, module=module)
+    else:
+        dtype = getattr(torch, config["dtype"]) if config["dtype"] else None
+        cached = cached_dataset(
+            data,
+            Path(config["store"]),
+            compressor=config["compressor"],
+            dtype=dtype,
+            chunk_rows=config["chunk_rows"],
+        )
+        if config["sampler"]:
+            rate = epoch_rate(cached, sampler=chunk_sampler(len(data), config["chunk_rows"], 0))
+        else:
+            rate = epoch_rate(cached, shuffle=True)
+    print(json.dumps({"rate": list(rate)}))
+
+
+# -- sharding: whole-chunk reads through zarr, with and without shards ----------------------------
+
+
+def sharding_rates(features: np.ndarray, directory: Path, chunk_rows: int) -> list[dict[str, Any]]:
+    """Rows/s of reading every chunk once through zarr, and files on disk, for 1 and 16 chunks per file."""
+    rows = []
+    for per_shard in (None, 16):
+        path = directory / f"shards-{per_shard}.zarr"
+        shards = None if per_shard is None else (chunk_rows * per_shard, OUT_DIM)
+        array = zarr.create_array(
+            str(path),
+            shape=features.shape,
+            chunks=(chunk_rows, OUT_DIM),
+            shards=shards,
+            dtype="f4",
+            compressors=None,
+        )
+        array[:] = features
+        files = sum(len(names) for _, _, names in os.walk(path))
+        order = np.random.default_rng(0).permutation(len(features) // chunk_rows)
+        start = time.perf_counter()
+        for chunk in order:
+            array[chunk * chunk_rows : (chunk + 1) * chunk_rows]
+        rate = len(features) / (time.perf_counter() - start)
+        rows.append({"shards": per_shard or 1, "files": files, "rows_per_s": rate})
+    return rows
+
+
+# -- the suite ------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    n, repeats = args.rows, args.repeats
+    workdir = Path(tempfile.mkdtemp(prefix="bench-read-"))
+    os.environ.setdefault("CACHEDFEATURES_LOCK_DIR", str(workdir / "locks"))
+    results: list[dict[str, Any]] = []
+    ceilings: dict[str, Rate] = {}
+    print(f"{'':58s} {'order':8s} {'rows/s wall':>12s} {'ratio':>6s} {'rows/s CPU':>12s} {'ratio':>6s}")
+
+    def record(name: str, order: str, rate: Rate, note: str = "") -> None:
+        ceiling = ceilings.get(order)
+        wall = rate.wall / ceiling.wall if ceiling else None
+        cpu = rate.cpu / ceiling.cpu if ceiling else None
+        results.append(
+            {
+                "name": name,
+                "order": order,
+                "rows_per_s": rate.wall,
+                "rows_per_cpu_s": rate.cpu,
+                "ratio_to_memmap": wall,
+                "ratio_to_memmap_cpu": cpu,
+                "note": note,
+            }
+        )
+        ratios = (
+            f"{wall:5.2f}x" if wall is not None else "      ",
+            f"{cpu:5.2f}x" if cpu is not None else "      ",
+        )
+        print(
+            f"{name:58s} {order:8s} {rate.wall:12,.0f} {ratios[0]} {rate.cpu:12,.0f} {ratios[1]}  {note}",
+            flush=True,
+        )
+
+    try:
+        data = RawImages(n)
+        module = Backbone()
+        features = features_of(module, data)
+        np.save(workdir / "features.npy", features)
+        memmap = MemmapFeatures(workdir / "features.npy", data.labels)
+        chunk_rows = args.chunk_rows
+
+        epoch_rate(memmap, shuffle=True)  # warm the page cache
+        ceilings["shuffle"] = best_rate(repeats, lambda e: epoch_rate(memmap, shuffle=True, seed=e))
+        ceilings["sampler"] = best_rate(
+            repeats, lambda e: epoch_rate(memmap, sampler=chunk_sampler(n, chunk_rows, e))
+        )
+        record("memmap .npy (ceiling)", "shuffle", ceilings["shuffle"])
+        record("memmap .npy (ceiling)", "sampler", ceilings["sampler"])
+
+        no_cache = epoch_rate(data, shuffle=True, module=module, max_batches=64)
+        record("no cache: raw load + module every epoch", "shuffle", no_cache, "first 64 batches")
+
+        if args.torchcache_rows > 0:
+            # torchcache fills at a few hundred rows/s (a file per row), so it gets a prefix
+            # of the same rows; its rate per row does not depend on N.
+            subset, note = (
+                RawImages(min(n, args.torchcache_rows)),
+                f"first {min(n, args.torchcache_rows)} rows",
+            )
+            in_memory = torchcache_module(False, None)
+            epoch_rate(subset, shuffle=True, module=in_memory)  # fill
+            rate = best_rate(
+                repeats, lambda e: epoch_rate(subset, shuffle=True, module=in_memory, seed=e + 1)
+            )
+            record("torchcache in memory, hit epoch", "shuffle", rate, note)
+            cache_dir = str(workdir / "torchcache")
+            persistent = torchcache_module(True, cache_dir)
+            epoch_rate(subset, shuffle=True, module=persistent)  # fill
+            config = {"kind": "torchcache", "n": len(subset), "cache_dir": cache_dir}
+            ceilings["torchcache"] = fresh_process(config)
+            record("torchcache persistent, hit epoch, fresh process", "shuffle", ceilings["torchcache"], note)
+
+        variants = [(None, None), ("default", None), (None, "float16"), ("default", "float16")]
+        if args.quick:
+            variants = variants[:2]
+        entry_bytes = n * OUT_DIM * 4
+        for compressor, dtype_name in variants:
+            label = f"{'blosc' if compressor else 'raw'} {dtype_name or 'float32'}"
+            store = workdir / f"cf-{label.replace(' ', '-')}.zarr"
+            dtype = getattr(torch, dtype_name) if dtype_name else None
+            options = {"compressor": compressor, "dtype": dtype, "chunk_rows": chunk_rows}
+            cached = cached_dataset(data, store, **options)
+            # Filled in order a chunk per batch, as a prefill would: a shuffled fill of batches
+            # of 256 rewrites ~50 chunks per batch.
+            fill = epoch_rate(cached, batch_size=chunk_rows)
+            record(f"cachedfeatures {label}: fill epoch (in order)", "-", fill, f"batches of {chunk_rows}")
+            rate = best_rate(repeats, lambda e, c=cached: epoch_rate(c, shuffle=True, seed=e + 1))
+            record(f"cachedfeatures {label}: hit, full chunk cache", "shuffle", rate)
+            rate = best_rate(
+                repeats, lambda e, c=cached: epoch_rate(c, sampler=chunk_sampler(n, chunk_rows, e))
+            )
+            record(f"cachedfeatures {label}: hit, chunk-aware sampler", "sampler", rate)
+            small = cached_dataset(data, store, chunk_cache_bytes=entry_bytes // 10, **options)
+            # Compressed chunks decode ~50 chunks per batch here: a few batches give the rate.
+            limit = 16 if compressor else None
+            rate = best_rate(
+                repeats, lambda e, c=small, m=limit: epoch_rate(c, shuffle=True, seed=e + 1, max_batches=m)
+            )
+            record(
+                f"cachedfeatures {label}: hit, cache = entry/10",
+                "shuffle",
+                rate,
+                f"first {limit} batches" if limit else "",
+            )
+            small_sampler = cached_dataset(data, store, chunk_cache_bytes=entry_bytes // 10, **options)
+            rate = best_rate(
+                repeats, lambda e, c=small_sampler: epoch_rate(c, sampler=chunk_sampler(n, chunk_rows, e))
+            )
+            record(f"cachedfeatures {label}: hit, cache = entry/10, sampler", "sampler", rate)
+            if not args.quick or compressor is None:
+                zarr_route = cached_dataset(data, store, read_route="zarr", **options)
+                rate = best_rate(repeats, lambda e, c=zarr_route: epoch_rate(c, shuffle=True, seed=e + 1))
+                record(f"cachedfeatures {label}: hit, plain zarr route", "shuffle", rate)
+            config = {
+                "kind": "cf",
+                "n": n,
+                "store": str(store),
+                "dtype": dtype_name,
+                "chunk_rows": chunk_rows,
+            }
+            config["compressor"] = compressor
+            rate = fresh_process({**config, "sampler": False})
+            record(f"cachedfeatures {label}: hit epoch, fresh process", "shuffle", rate)
+            if "torchcache" in ceilings:
+                versus = Rate(rate.wall / ceilings["torchcache"].wall, rate.cpu / ceilings["torchcache"].cpu)
+                results[-1]["ratio_to_torchcache_persistent"] = versus.wall
+                results[-1]["ratio_to_torchcache_persistent_cpu"] = versus.cpu
+                print(
+                    f"{'  = x torchcache persistent (fresh process)':58s} {'':8s} {versus.wall:11.1f}x "
+                    f"{'':6s} {versus.cpu:11.1f}x"
+                )
+            if not args.quick:
+                rate = fresh_process({**config, "sampler": True})
+                record(f"cachedfeatures {label}: hit epoch, fresh process", "sampler", rate)
+
+        sharding = [] if args.quick else sharding_rates(features, workdir, chunk_rows)
+        for row in sharding:
+            print(
+                f"zarr whole-chunk reads, {row['shards']:2d} chunk(s) per file: {row['files']:5d} files, "
+                f"{row['rows_per_s']:12,.0f} rows/s"
+            )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {
+        "benchmark": "bench_read",
+        "rows": n,
+        "features": OUT_DIM,
+        "batch_size": BATCH,
+        "num_workers": 0,
+        "chunk_rows": args.chunk_rows,
+        "repeats": repeats,
+        "torchcache_rows": args.torchcache_rows,
+        "quick": args.quick,
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+        },
+        "torch": torch.__version__,
+        "zarr": zarr.__version__,
+        "results": results,
+        "sharding": sharding,
+    }
+
+
+def main(argv: Iterable[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer variants and repeats; under a minute")
+    parser.add_argument("--rows", type=int, default=65536)
+    parser.add_argument("--chunk-rows", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=None, help="hit epochs per figure (best is kept)")
+    parser.add_argument("--torchcache-rows", type=int, default=None, help="rows for torchcache (0: skip it)")
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.child:
+        child(json.loads(args.child))
+        return
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 3
+    if args.torchcache_rows is None:
+        args.torchcache_rows = 2048 if args.quick else 8192
+    report = run(args)
+    args.output.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = args.output / f"bench_read-{'quick-' if args.quick else ''}{stamp}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

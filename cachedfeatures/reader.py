@@ -1,0 +1,656 @@
+"""Chunk-aware reads of an entry, with a bounded per-process cache of decoded chunks.
+
+Zarr reads whole chunks, and one zarr call per row (or per random batch) costs far more than
+the bytes it returns. A :class:`ChunkReader` groups the requested rows by chunk, reads each
+needed chunk once per batch, and gathers the rows from it (always copying: callers never see
+the reader's buffers). Decoded chunks stay in memory within a byte budget, in one of two ways:
+
+- when the whole entry fits the budget, in one array per column, filled chunk by chunk as
+  chunks are first read (``_Dense``): a batch is then one gather per column, like a memmap;
+- otherwise in a :class:`ChunkCache`, least recently used first out, of decoded chunks (raw
+  local chunks are memory-mapped there: they cost page cache, not this process's memory).
+
+Two routes read a chunk:
+
+- ``"auto"`` (the default) reads chunk files of a local store directly when an array's codecs
+  are plain (``bytes``, optionally followed by one of Blosc, Zstd or Gzip): raw chunks are
+  read (or memory-mapped) as they are, compressed chunks are decoded with numcodecs. Arrays it
+  cannot read this way (strings, sharding, other codecs, other stores) take the zarr route.
+- ``"zarr"`` reads every chunk through plain zarr (``array[start:stop]``).
+
+Correctness follows the entry's protocol: a row is served only if ``valid`` is set and the
+bytes served were read while it was. Each cached chunk carries a *signature* of its ``valid``
+chunk taken before and after its bytes were read (for a local store: the chunk file's inode,
+size and times; zarr's ``LocalStore`` replaces a chunk file by renaming a new one into place,
+so every write changes it; elsewhere: the encoded bytes of the ``valid`` chunk). Every batch
+takes the signature again, and a chunk whose signature changed (a write, a prune) is read
+again. A cached chunk is therefore only ever served for rows whose ``valid`` bit is set now.
+On a local store the bytes served are also the ones written when it was set; on other stores
+a chunk pruned and refilled between two reads, leaving ``valid`` as it was, may be served from
+the cache as first read: the same entry (same fingerprints) refills the same features, so this
+only shows with a nondeterministic module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import mmap
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numcodecs
+import numpy as np
+import zarr
+import zarr.codecs
+from torch.utils.data import get_worker_info
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.chunk_grids import RegularChunkGrid
+from zarr.core.metadata import ArrayV3Metadata
+from zarr.core.sync import sync
+from zarr.storage import LocalStore
+
+from cachedfeatures.store import Entry, RowsRead
+
+__all__ = [
+    "CacheInfo",
+    "ChunkCache",
+    "ChunkReader",
+    "ReadRoute",
+    "default_chunk_cache_bytes",
+    "parse_read_route",
+]
+
+logger = logging.getLogger(__name__)
+
+ReadRoute = Literal["auto", "zarr"]
+READ_ROUTES: tuple[ReadRoute, ...] = ("auto", "zarr")
+# Share of physical memory a process's decoded-chunk cache may use by default; DataLoader
+# workers split it between them.
+DEFAULT_CACHE_FRACTION = 0.125
+FALLBACK_CACHE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """Counters of a reader's chunk cache: chunks served from it and chunks (re)read."""
+
+    hits: int
+    misses: int
+    chunks: int
+    nbytes: int
+    max_bytes: int
+    maps: int
+
+
+def default_chunk_cache_bytes() -> int:
+    """An eighth of physical memory, split between DataLoader workers when called in one."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        total = FALLBACK_CACHE_BYTES * 8
+    info = get_worker_info()
+    workers = info.num_workers if info is not None else 1
+    return int(total * DEFAULT_CACHE_FRACTION) // max(1, workers)
+
+
+def parse_read_route(route: object) -> ReadRoute:
+    if route not in READ_ROUTES:
+        raise ValueError(f"Expected read_route to be one of {list(READ_ROUTES)}. Got {route!r}.")
+    return route  # type: ignore[return-value]
+
+
+def parse_cache_bytes(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(
+            "Expected chunk_cache_bytes to be a non-negative int (0 disables the cache) or None. "
+            f"Got {value!r}."
+        )
+    return int(value)
+
+
+# ---------------------------------------------------------------------------------------
+# The cache
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """One chunk as read: its ``valid`` signature and mask, and each array's rows."""
+
+    signature: Hashable
+    valid: np.ndarray
+    arrays: Mapping[str, np.ndarray]
+    nbytes: int  # what it costs in this process's memory (mapped files cost nothing here)
+    maps: int  # how many arrays are memory-mapped files (each holds a file descriptor)
+
+
+class ChunkCache:
+    """A least-recently-used cache of decoded chunks that never holds more than ``max_bytes``.
+
+    Memory-mapped raw chunks live in the OS page cache, not in this process's memory, so they
+    cost only their ``valid`` mask here; their number is bounded by ``max_maps`` instead,
+    since each map holds a file descriptor.
+    """
+
+    def __init__(self, max_bytes: int, max_maps: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_maps = max_maps
+        self.nbytes = 0
+        self.maps = 0
+        self.hits = 0
+        self.misses = 0
+        self._chunks: OrderedDict[int, _Chunk] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: int) -> _Chunk | None:
+        with self._lock:
+            chunk = self._chunks.get(key)
+            if chunk is not None:
+                self._chunks.move_to_end(key)
+            return chunk
+
+    def put(self, key: int, chunk: _Chunk) -> bool:
+        """Keep ``chunk``, evicting the least recently used; ``False`` if it cannot fit at all."""
+        with self._lock:
+            self._discard(key)
+            if chunk.nbytes > self.max_bytes or chunk.maps > self.max_maps:
+                return False
+            while self._chunks and (
+                self.nbytes + chunk.nbytes > self.max_bytes or self.maps + chunk.maps > self.max_maps
+            ):
+                self._discard(next(iter(self._chunks)))
+            self._chunks[key] = chunk
+            self.nbytes += chunk.nbytes
+            self.maps += chunk.maps
+            return True
+
+    def discard(self, key: int) -> None:
+        with self._lock:
+            self._discard(key)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._chunks.clear()
+            self.nbytes = self.maps = 0
+
+    def _discard(self, key: int) -> None:
+        old = self._chunks.pop(key, None)
+        if old is not None:
+            self.nbytes -= old.nbytes
+            self.maps -= old.maps
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading one array's chunk
+
+
+_DECODERS: dict[type, Callable[[], Any]] = {
+    zarr.codecs.BloscCodec: numcodecs.Blosc,
+    zarr.codecs.ZstdCodec: numcodecs.Zstd,
+    zarr.codecs.GzipCodec: numcodecs.GZip,
+}
+
+
+class _ChunkFile:
+    """Reads one array's chunks straight from a local store's chunk files.
+
+    Built only for arrays whose chunks are ``bytes`` (any endianness), optionally followed by
+    one Blosc, Zstd or Gzip codec; :meth:`maybe` returns ``None`` for anything else.
+    """
+
+    def __init__(self, array: zarr.Array[Any], root: str, dtype: np.dtype[Any], decoder: Any) -> None:
+        self.array = array
+        self.root = root
+        self.dtype = dtype
+        self.decoder = decoder
+        self.chunk_shape: tuple[int, ...] = tuple(array.chunks)
+        self.nbytes = int(np.prod(self.chunk_shape, dtype=np.int64)) * dtype.itemsize
+        self.tail = (0,) * (len(self.chunk_shape) - 1)
+        self._paths: dict[int, str] = {}
+
+    @classmethod
+    def maybe(cls, array: zarr.Array[Any]) -> _ChunkFile | None:
+        store = array.store
+        metadata = array.metadata
+        if not isinstance(store, LocalStore) or not isinstance(metadata, ArrayV3Metadata):
+            return None
+        if not isinstance(metadata.chunk_grid, RegularChunkGrid):
+            return None
+        if tuple(metadata.chunk_grid.chunk_shape[1:]) != tuple(array.shape[1:]):
+            return None
+        try:
+            dtype = np.dtype(array.dtype)
+        except TypeError:
+            return None
+        if dtype.kind not in "biufc":
+            return None
+        codecs = list(metadata.codecs)
+        if not codecs or type(codecs[0]) is not zarr.codecs.BytesCodec or len(codecs) > 2:
+            return None
+        endian = codecs[0].endian
+        if dtype.itemsize > 1 and endian is not None:
+            dtype = dtype.newbyteorder("<" if endian.value == "little" else ">")
+        decoder = None
+        if len(codecs) == 2:
+            factory = _DECODERS.get(type(codecs[1]))
+            if factory is None:
+                return None
+            decoder = factory()
+        return cls(array, str(store.root), dtype, decoder)
+
+    def path(self, chunk: int) -> str:
+        path = self._paths.get(chunk)
+        if path is None:
+            key = self.array.metadata.encode_chunk_key((chunk, *self.tail))
+            path = self._paths[chunk] = os.path.join(self.root, self.array.path, key)
+        return path
+
+    def read(self, chunk: int) -> np.ndarray:
+        """The whole chunk: a read-only map of a raw chunk file, else a decoded array.
+
+        A missing chunk file holds only the fill value (zarr deletes such chunks).
+        """
+        path = self.path(chunk)
+        if self.decoder is None:
+            try:
+                size = os.stat(path).st_size
+            except FileNotFoundError:
+                return self._filled()
+            if size != self.nbytes:
+                raise ValueError(f"raw chunk {path} holds {size} bytes; expected {self.nbytes}")
+            with open(path, "rb") as file:
+                mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+            # A plain ndarray over the map (np.memmap's indexing costs microseconds per call).
+            return np.frombuffer(mapped, dtype=self.dtype).reshape(self.chunk_shape)
+        try:
+            with open(path, "rb") as file:
+                encoded = file.read()
+        except FileNotFoundError:
+            return self._filled()
+        decoded = self.decoder.decode(encoded)
+        data = np.frombuffer(decoded, dtype=self.dtype)
+        if data.size * self.dtype.itemsize != self.nbytes:
+            raise ValueError(f"chunk {path} decodes to {data.nbytes} bytes; expected {self.nbytes}")
+        return data.reshape(self.chunk_shape)
+
+    def read_into(self, chunk: int, target: np.ndarray) -> None:
+        """Copy the chunk's first ``len(target)`` rows into ``target`` (C-contiguous)."""
+        if self.decoder is not None or target.dtype != self.dtype or not target.flags.c_contiguous:
+            target[...] = self.read(chunk)[: len(target)]
+            return
+        path = self.path(chunk)
+        try:
+            file = open(path, "rb", buffering=0)  # noqa: SIM115
+        except FileNotFoundError:
+            target[...] = self.array.fill_value
+            return
+        with file:
+            size = os.fstat(file.fileno()).st_size
+            if size != self.nbytes:
+                raise ValueError(f"raw chunk {path} holds {size} bytes; expected {self.nbytes}")
+            view = memoryview(target.reshape(-1).view(np.uint8).data)
+            done = 0
+            while done < len(view):  # one read from the page cache, no intermediate copy
+                count = file.readinto(view[done:])
+                if not count:
+                    raise ValueError(f"raw chunk {path} ended after {done} bytes")
+                done += count
+
+    def _filled(self) -> np.ndarray:
+        return np.full(self.chunk_shape, self.array.fill_value, dtype=self.dtype)
+
+
+def _is_mapped(data: np.ndarray) -> bool:
+    base = data
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    return isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
+
+
+def _stat_signature(path: str) -> Hashable:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+# ---------------------------------------------------------------------------------------
+# The reader
+
+
+_UNREAD = object()  # a chunk the dense copy does not hold
+
+
+class _Dense:
+    """The whole entry decoded into one array per column, filled chunk by chunk as read.
+
+    Used when the entry fits the cache budget: a batch then costs one gather per array,
+    however many chunks it touches. ``signatures[c]`` is the ``valid`` signature chunk ``c``
+    was copied under; rows of chunks not (or no longer) held are marked not valid.
+    """
+
+    def __init__(self, entry: Entry) -> None:
+        self.arrays = {s.name: np.empty((entry.num_rows, *s.shape), dtype=s.numpy_dtype) for s in entry.specs}
+        self.valid = np.zeros(entry.num_rows, dtype=bool)
+        self.signatures: list[Hashable] = [_UNREAD] * entry.num_chunks
+        self.row_nbytes = sum(spec.row_nbytes for spec in entry.specs) + 1
+        self.chunk_rows = entry.chunk_rows
+        self.held = 0  # rows of chunks held
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def fits(entry: Entry, budget: int) -> bool:
+        numeric = all(spec.dtype != "str" for spec in entry.specs)
+        return numeric and (sum(spec.row_nbytes for spec in entry.specs) + 1) * entry.num_rows <= budget
+
+    def release(self, chunk: int, start: int, stop: int, signature: Hashable = _UNREAD) -> None:
+        """Stop serving chunk ``chunk`` (before its bytes are overwritten)."""
+        before = self.signatures[chunk]
+        self.held -= (stop - start) * (before is not _UNREAD and before is not None)
+        self.valid[start:stop] = False
+        self.signatures[chunk] = signature
+
+    def accept(self, chunk: int, start: int, stop: int, valid: np.ndarray, signature: Hashable) -> None:
+        """Serve chunk ``chunk``, whose bytes are in place, for its ``valid`` rows."""
+        self.valid[start:stop] = valid
+        self.signatures[chunk] = signature
+        self.held += stop - start
+
+
+class ChunkReader:
+    """Reads rows of an entry chunk by chunk, through a bounded cache of decoded chunks.
+
+    When the whole entry fits the budget, decoded chunks are kept in one array per column
+    (filled as chunks are first read), so a batch is one gather per array, like a memmap.
+
+    Args:
+        entry: the entry to read.
+        cache_bytes: the most bytes of decoded chunks this process keeps; ``0`` keeps none.
+            Default ``None``: an eighth of physical memory, split between DataLoader workers.
+        route: ``"auto"`` reads plain local chunk files directly (memory-mapping raw ones) and
+            everything else through zarr; ``"zarr"`` reads everything through zarr.
+        max_maps: the most memory-mapped chunk files kept open (each holds a descriptor).
+    """
+
+    def __init__(
+        self,
+        entry: Entry,
+        *,
+        cache_bytes: int | None = None,
+        route: ReadRoute = "auto",
+        max_maps: int | None = None,
+    ) -> None:
+        self.entry = entry
+        self.cache_bytes = parse_cache_bytes(cache_bytes)
+        self.route = parse_read_route(route)
+        self.max_maps = max_maps if max_maps is not None else _default_max_maps()
+        self._setup()
+
+    def _setup(self) -> None:
+        self._owner = os.getpid()
+        self._cache: ChunkCache | None = None
+        self._dense: _Dense | bool | None = False  # False: not decided yet
+        self._files: dict[str, _ChunkFile | None] | None = None
+        self._valid_file: _ChunkFile | None = None
+        self._reported: set[tuple[str, int]] = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Caches, maps and descriptors stay in the process that made them.
+        return {
+            "entry": self.entry,
+            "cache_bytes": self.cache_bytes,
+            "route": self.route,
+            "max_maps": self.max_maps,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._setup()
+
+    # -- public --------------------------------------------------------------------------------
+
+    @property
+    def cache(self) -> ChunkCache:
+        """This process's cache (created on first use, so workers size their own budget)."""
+        if self._owner != os.getpid():  # a forked worker starts afresh, with its own budget
+            self._setup()
+        if self._cache is None:
+            budget = self.cache_bytes if self.cache_bytes is not None else default_chunk_cache_bytes()
+            self._cache = ChunkCache(budget, self.max_maps)
+        return self._cache
+
+    def cache_info(self) -> CacheInfo:
+        cache = self.cache
+        dense = self._dense
+        if isinstance(dense, _Dense):
+            chunks = sum(s is not _UNREAD and s is not None for s in dense.signatures)
+            return CacheInfo(
+                cache.hits, cache.misses, chunks, dense.held * dense.row_nbytes, cache.max_bytes, 0
+            )
+        return CacheInfo(cache.hits, cache.misses, len(cache), cache.nbytes, cache.max_bytes, cache.maps)
+
+    def clear(self) -> None:
+        """Forget every cached chunk (the next read of each chunk goes to the store)."""
+        self.cache.clear()
+        self._dense = False
+
+    def read(self, indices: Sequence[int] | np.ndarray) -> RowsRead:
+        """Read the rows at ``indices``; each needed chunk is read at most once."""
+        entry = self.entry
+        rows_per_chunk = entry.chunk_rows
+        indices = np.asarray(indices, dtype=np.int64)
+        n = len(indices)
+        if n == 0:
+            return RowsRead(np.zeros(0, dtype=bool), {})
+        if self._owner != os.getpid():  # forked: the parent's copies are not ours to extend
+            self._setup()
+        if self._dense is False:
+            self._dense = _Dense(entry) if _Dense.fits(entry, self.cache.max_bytes) else None
+        if isinstance(self._dense, _Dense):
+            return self._read_dense(self._dense, indices)
+        chunk_of = indices // rows_per_chunk
+        order = np.argsort(chunk_of, kind="stable")
+        sorted_chunks = chunk_of[order]
+        local = indices[order] - sorted_chunks * rows_per_chunk
+        starts = np.flatnonzero(np.diff(sorted_chunks, prepend=-1))
+        bounds = [*starts.tolist(), n]
+        ids: list[int] = sorted_chunks[starts].tolist()
+        valid = np.zeros(n, dtype=bool)  # rows in chunk order, as ``local``
+        gathered = {spec.name: np.empty((n, *spec.shape), dtype=spec.numpy_dtype) for spec in entry.specs}
+        # One chunk at a time, so a batch holds at most one chunk beyond the cache's budget.
+        for k, (chunk_id, signature) in enumerate(zip(ids, self._signatures(ids), strict=True)):
+            chunk = self._chunk(chunk_id, signature)
+            if chunk is None or not chunk.arrays:
+                continue
+            lo, hi = bounds[k], bounds[k + 1]
+            rows = local[lo:hi]
+            valid[lo:hi] = chunk.valid[rows]
+            for name, column in chunk.arrays.items():
+                # a copy into our own buffer: callers never see cached buffers
+                column.take(rows, axis=0, out=gathered[name][lo:hi])
+        hit = np.empty(n, dtype=bool)
+        hit[order] = valid
+        if not valid.any():
+            return RowsRead(hit, {})
+        # Back to the requested order, keeping only the hits.
+        back = np.empty(n, dtype=np.int64)
+        back[order] = np.arange(n)
+        if not valid.all():
+            back = back[hit]
+        return RowsRead(hit, {name: column.take(back, axis=0) for name, column in gathered.items()})
+
+    def _read_dense(self, dense: _Dense, indices: np.ndarray) -> RowsRead:
+        entry, cache = self.entry, self.cache
+        ids: list[int] = np.unique(indices // entry.chunk_rows).tolist()
+        with dense.lock:
+            for chunk_id, signature in zip(ids, self._signatures(ids), strict=True):
+                if signature == dense.signatures[chunk_id]:
+                    cache.hits += 1
+                    continue
+                cache.misses += 1
+                start = chunk_id * entry.chunk_rows
+                stop = min(start + entry.chunk_rows, entry.num_rows)
+                # An absent valid chunk (None) has no valid rows: remembered, nothing to read.
+                dense.release(chunk_id, start, stop, None if signature is None else _UNREAD)
+                if signature is not None:
+                    self._load_into(dense, chunk_id, start, stop, signature)
+            hit = dense.valid[indices]
+            if not hit.any():
+                return RowsRead(hit, {})
+            rows = indices if hit.all() else indices[hit]
+            return RowsRead(hit, {name: column.take(rows, axis=0) for name, column in dense.arrays.items()})
+
+    def _load_into(self, dense: _Dense, chunk: int, start: int, stop: int, signature: Hashable) -> None:
+        """Read chunk ``chunk`` of every array straight into ``dense`` (released beforehand)."""
+        files = self._sources()
+        try:
+            valid = self._read_valid(chunk, start, stop)
+            if valid.any():
+                for name, array in self.entry.arrays.items():
+                    target = dense.arrays[name][start:stop]
+                    source = files[name]
+                    if source is not None:
+                        source.read_into(chunk, target)
+                    else:
+                        target[...] = np.asarray(array[start:stop])
+        except Exception as error:  # a torn or garbled chunk is a miss, never a crash
+            self._report(chunk, error)
+            return
+        if self._signatures([chunk])[0] == signature:  # else: changed meanwhile, read next time
+            dense.accept(chunk, start, stop, valid, signature)
+
+    def _chunk(self, chunk_id: int, signature: Hashable) -> _Chunk | None:
+        """The chunk as it is now: from the cache if its signature still holds, else read."""
+        if signature is None:  # no valid chunk: nothing in it was ever written
+            return None
+        cache = self.cache
+        chunk = cache.get(chunk_id)
+        if chunk is not None and chunk.signature == signature:
+            cache.hits += 1
+            return chunk
+        cache.misses += 1
+        chunk = self._load(chunk_id, signature)
+        if chunk is None:
+            cache.discard(chunk_id)
+        else:
+            cache.put(chunk_id, chunk)
+        return chunk
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _sources(self) -> dict[str, _ChunkFile | None]:
+        if self._files is None:
+            auto = self.route == "auto"
+            self._files = {
+                name: _ChunkFile.maybe(array) if auto else None for name, array in self.entry.arrays.items()
+            }
+            self._valid_file = _ChunkFile.maybe(self.entry.valid) if auto else None
+        return self._files
+
+    def _signatures(self, chunks: list[int]) -> list[Hashable]:
+        """Each chunk's ``valid`` signature now; ``None`` where the ``valid`` chunk is absent.
+
+        On a local store (either route) it is the ``valid`` chunk file's identity and times,
+        which every rewrite changes; elsewhere it is the ``valid`` chunk's encoded bytes.
+        """
+        paths = self._signature_paths
+        if paths is not None:
+            return [_stat_signature(paths(chunk)) for chunk in chunks]
+        valid = self.entry.valid
+        store = valid.store
+        keys = [f"{valid.path}/{self._valid_key(chunk)}" for chunk in chunks]
+        prototype = default_buffer_prototype()
+
+        async def fetch() -> list[Any]:
+            return await asyncio.gather(*(store.get(key, prototype=prototype) for key in keys))
+
+        return [None if buffer is None else buffer.to_bytes() for buffer in sync(fetch())]
+
+    def _valid_key(self, chunk: int) -> str:
+        """The store key of the ``valid`` chunk (or shard) holding entry chunk ``chunk``."""
+        valid = self.entry.valid
+        grid_rows = valid.chunks[0] if valid.shards is None else valid.shards[0]
+        return str(valid.metadata.encode_chunk_key((chunk * self.entry.chunk_rows // grid_rows,)))
+
+    @functools.cached_property
+    def _signature_paths(self) -> Callable[[int], str] | None:
+        valid = self.entry.valid
+        if not isinstance(valid.store, LocalStore):
+            return None
+        base = os.path.join(str(valid.store.root), valid.path)
+        cache: dict[int, str] = {}
+
+        def path(chunk: int) -> str:
+            found = cache.get(chunk)
+            if found is None:
+                found = cache[chunk] = os.path.join(base, self._valid_key(chunk))
+            return found
+
+        return path
+
+    def _load(self, chunk: int, signature: Hashable) -> _Chunk | None:
+        """Chunk ``chunk`` of every array; ``None`` if unreadable or ``valid`` changed meanwhile."""
+        entry = self.entry
+        start = chunk * entry.chunk_rows
+        stop = min(start + entry.chunk_rows, entry.num_rows)
+        files = self._sources()
+        try:
+            valid = self._read_valid(chunk, start, stop)
+            arrays: dict[str, np.ndarray] = {}
+            nbytes, maps = valid.nbytes, 0
+            if valid.any():
+                for name, array in entry.arrays.items():
+                    source = files[name]
+                    data = source.read(chunk) if source is not None else np.asarray(array[start:stop])
+                    if _is_mapped(data):
+                        maps += 1
+                    else:
+                        nbytes += data.nbytes
+                    arrays[name] = data
+        except Exception as error:  # a torn or garbled chunk is a miss, never a crash
+            self._report(chunk, error)
+            return None
+        if self._signatures([chunk])[0] != signature:
+            return None  # written or pruned while we read: read again next time
+        return _Chunk(signature, valid, arrays, nbytes, maps)
+
+    def _read_valid(self, chunk: int, start: int, stop: int) -> np.ndarray:
+        source = self._valid_file
+        if source is None:
+            return np.asarray(self.entry.valid[start:stop], dtype=bool)
+        return np.array(source.read(chunk)[: stop - start], dtype=bool)  # a copy, never a map
+
+    def _report(self, chunk: int, error: Exception) -> None:
+        key = (self.entry.name, chunk)
+        if key not in self._reported:
+            self._reported.add(key)
+            logger.warning(
+                "cachedfeatures: chunk %d of entry %s cannot be read (%s: %s); its rows are "
+                "treated as missing and recomputed.",
+                chunk,
+                self.entry.name,
+                type(error).__name__,
+                error,
+            )
+
+
+def _default_max_maps() -> int:
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return 256
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 512
+    return max(0, min(512, soft // 4))

@@ -1,0 +1,388 @@
+"""The chunk-aware reader: same rows as plain zarr, on both routes, within its memory budget,
+and never serving a row whose ``valid`` bit is not set now."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch.utils.data import DataLoader, Dataset
+
+from cachedfeatures import CachedFeatureDataset, FeatureStore
+from cachedfeatures.layout import ArraySpec
+from cachedfeatures.reader import ChunkReader, default_chunk_cache_bytes
+from tests.helpers import Backbone, Samples, features_of, reference
+
+ROUTES = ("auto", "zarr")
+COMPRESSORS = (None, "default")
+
+
+@pytest.fixture(params=ROUTES)
+def route(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(params=[None, 600], ids=["whole-entry", "two-chunks"])
+def budget(request: pytest.FixtureRequest) -> int | None:
+    """Cache budgets: the default holds the whole entry (one dense copy); 600 bytes hold
+    one chunk of ``make_entry``'s (16 rows of 4 float32, an int64 label and valid: 400 bytes)."""
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture(params=COMPRESSORS, ids=["raw", "blosc"])
+def compressor(request: pytest.FixtureRequest) -> Any:
+    return request.param
+
+
+def make_entry(
+    store_path: Path, n: int = 100, chunk_rows: int = 16, compressor: Any = None, dtype: str = "<f4"
+) -> Any:
+    """An entry of (n, 4) features and an int label, written by the library, rows all missing."""
+    store = FeatureStore.open(store_path, mode="a")
+    specs = [ArraySpec("features", "tensor", dtype, (4,), "float32"), ArraySpec("label", "int", "<i8", ())]
+    return store.create_entry(
+        "e", {"module": {}, "dataset": {}}, specs, num_rows=n, chunk_rows=chunk_rows, compressor=compressor
+    )
+
+
+def columns(rows: np.ndarray, dtype: str = "<f4") -> dict[str, np.ndarray]:
+    rows = np.asarray(rows)
+    features = (rows[:, None] * 10 + np.arange(4)).astype(dtype)
+    return {"features": features, "label": rows.astype(np.int64) * 3}
+
+
+def fill(entry: Any, rows: Any, dtype: str = "<f4") -> None:
+    rows = np.asarray(rows)
+    entry.write(rows, columns(rows, dtype))
+
+
+# -- agreeing with plain zarr -------------------------------------------------------------------
+
+
+def test_read_agrees_with_plain_zarr(
+    store_path: Path, route: str, compressor: Any, budget: int | None
+) -> None:
+    entry = make_entry(store_path, compressor=compressor)
+    fill(entry, np.arange(0, 100, 3))
+    reader = ChunkReader(entry, route=route, cache_bytes=budget)  # type: ignore[arg-type]
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        indices = rng.integers(0, 100, size=40)  # repeats included
+        read = reader.read(indices)
+        group = zarr.open_group(store_path, mode="r")["e"]
+        valid = group["valid"][:][indices]
+        np.testing.assert_array_equal(read.hit, valid)
+        np.testing.assert_array_equal(read.arrays["features"], group["features"][:][indices[valid]])
+        np.testing.assert_array_equal(read.arrays["label"], group["label"][:][indices[valid]])
+
+
+def test_big_endian_and_float16_arrays_read_back(store_path: Path, route: str, compressor: Any) -> None:
+    for dtype in (">f4", "<f2"):
+        path = store_path.with_name(f"{dtype[1:]}.zarr")
+        entry = make_entry(path, compressor=compressor, dtype=dtype)
+        fill(entry, np.arange(100), dtype)
+        read = ChunkReader(entry, route=route).read([5, 99, 0])  # type: ignore[arg-type]
+        np.testing.assert_array_equal(
+            read.arrays["features"], columns(np.array([5, 99, 0]), dtype)["features"]
+        )
+        assert read.arrays["features"].dtype.newbyteorder("=") == np.dtype(dtype).newbyteorder("=")
+
+
+def test_empty_and_all_missing_reads(store_path: Path, route: str) -> None:
+    reader = ChunkReader(make_entry(store_path), route=route)  # type: ignore[arg-type]
+    assert len(reader.read([]).hit) == 0
+    read = reader.read([1, 2, 50])
+    assert not read.hit.any() and read.arrays == {}
+
+
+def test_dataset_samples_match_reference_on_both_routes(
+    store_path: Path, route: str, compressor: Any
+) -> None:
+    data, module = Samples(70, "dict"), Backbone()
+    cached = CachedFeatureDataset(
+        data,
+        module,
+        store_path,
+        input_key="image",
+        chunk_rows=8,
+        compressor=compressor,
+        read_route=route,  # type: ignore[arg-type]
+    )
+    cached.__getitems__(list(range(70)))  # fill
+    loads = data.loads
+    order = np.random.default_rng(1).permutation(70).tolist()
+    samples = cached.__getitems__(order)
+    assert data.loads == loads  # every row was a hit
+    for index, sample in zip(order, samples, strict=True):
+        assert torch.equal(features_of(sample, "dict"), reference(module, data, index))
+        assert sample["label"] == index % 7 and sample["name"] == f"sample-{index}"
+        assert type(sample["label"]) is int
+
+
+def test_memory_store_serves_hits_and_follows_valid() -> None:
+    data, module = Samples(40, "tuple"), Backbone()
+    cached = CachedFeatureDataset(data, module, None, chunk_rows=8)
+    cached.__getitems__(list(range(40)))
+    loads = data.loads
+    assert all(
+        torch.equal(s[0], reference(module, data, i))
+        for i, s in enumerate(cached.__getitems__(list(range(40))))
+    )
+    assert data.loads == loads
+    assert cached.entry is not None
+    cached.entry.valid[0:12] = False
+    assert cached.entry.read(np.arange(16)).hit.tolist() == [False] * 12 + [True] * 4
+
+
+# -- never handing out internal buffers ---------------------------------------------------------
+
+
+def test_returned_rows_are_copies(store_path: Path, route: str, compressor: Any, budget: int | None) -> None:
+    entry = make_entry(store_path, compressor=compressor)
+    fill(entry, np.arange(100))
+    reader = ChunkReader(entry, route=route, cache_bytes=budget)  # type: ignore[arg-type]
+    first = reader.read([3, 4, 40])
+    first.arrays["features"][:] = -1  # a caller scribbling on what it got
+    assert first.arrays["features"].flags.writeable
+    again = reader.read([3, 4, 40])
+    np.testing.assert_array_equal(again.arrays["features"], columns(np.array([3, 4, 40]))["features"])
+    assert not np.shares_memory(first.arrays["features"], again.arrays["features"])
+
+
+def test_dataset_tensors_survive_in_place_edits(store_path: Path, route: str) -> None:
+    data, module = Samples(40, "tuple"), Backbone()
+    cached = CachedFeatureDataset(data, module, store_path, chunk_rows=8, read_route=route)  # type: ignore[arg-type]
+    cached[5]
+    cached[5][0].mul_(0)
+    assert torch.equal(cached[5][0], reference(module, data, 5))
+
+
+# -- validity: cached chunks follow the store ---------------------------------------------------
+
+
+def test_cleared_valid_bits_are_misses_even_when_chunk_is_cached(
+    store_path: Path, route: str, compressor: Any, budget: int | None
+) -> None:
+    entry = make_entry(store_path, compressor=compressor)
+    fill(entry, np.arange(100))
+    reader = ChunkReader(entry, route=route, cache_bytes=budget)  # type: ignore[arg-type]
+    assert reader.read(np.arange(32)).hit.all()  # chunks 0 and 1 now cached
+    # Another process's pruner: clear valid first (through its own zarr handle).
+    other = zarr.open_group(store_path, mode="a")["e"]
+    other["valid"][4:20] = False
+    read = reader.read(np.arange(32))
+    np.testing.assert_array_equal(read.hit, ~((np.arange(32) >= 4) & (np.arange(32) < 20)))
+    other["valid"][0:16] = False  # a whole chunk gone: its valid chunk file is deleted
+    assert not reader.read(np.arange(16)).hit.any()
+
+
+def test_rows_rewritten_by_another_writer_are_read_again(
+    store_path: Path, route: str, compressor: Any, budget: int | None
+) -> None:
+    entry = make_entry(store_path, compressor=compressor)
+    fill(entry, np.arange(50))
+    reader = ChunkReader(entry, route=route, cache_bytes=budget)  # type: ignore[arg-type]
+    assert not reader.read([60]).hit.any()
+    reader.read(np.arange(16))
+    # Another writer prunes chunk 0 and refills it with new values, then fills row 60.
+    other = FeatureStore.open(store_path, mode="a").entry("e")
+    assert other is not None
+    other.valid[0:16] = False
+    other.write(np.arange(16), {"features": np.full((16, 4), 7.0, "f4"), "label": np.zeros(16, np.int64)})
+    fill(other, [60])
+    read = reader.read([1, 60])
+    assert read.hit.all()
+    np.testing.assert_array_equal(read.arrays["features"][0], np.full(4, 7.0, "f4"))
+    np.testing.assert_array_equal(read.arrays["label"], [0, 180])
+
+
+def test_garbled_chunk_is_a_miss_logged_once(
+    store_path: Path, compressor: Any, caplog: pytest.LogCaptureFixture, budget: int | None
+) -> None:
+    entry = make_entry(store_path, compressor=compressor)
+    fill(entry, np.arange(100))
+    chunk = store_path / "e" / "features" / "c" / "1" / "0"
+    chunk.write_bytes(b"not a chunk")
+    reader = ChunkReader(entry, cache_bytes=budget)
+    with caplog.at_level(logging.WARNING, logger="cachedfeatures.reader"):
+        for _ in range(3):
+            read = reader.read(np.arange(10, 40))
+            np.testing.assert_array_equal(read.hit, (np.arange(10, 40) < 16) | (np.arange(10, 40) >= 32))
+    assert len([r for r in caplog.records if "chunk 1" in r.getMessage()]) == 1
+
+
+# -- the memory budget --------------------------------------------------------------------------
+
+
+def test_decoded_chunk_cache_respects_budget(store_path: Path, route: str) -> None:
+    entry = make_entry(store_path, n=400, chunk_rows=16, compressor="default")
+    fill(entry, np.arange(400))
+    chunk_bytes = 16 * 4 * 4 + 16 * 8 + 16  # features + labels + valid mask
+    budget = int(3.5 * chunk_bytes)
+    reader = ChunkReader(entry, cache_bytes=budget, route=route)  # type: ignore[arg-type]
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        assert reader.read(rng.integers(0, 400, size=50)).hit.all()
+        info = reader.cache_info()
+        assert info.nbytes <= budget and info.max_bytes == budget
+    assert reader.cache_info().chunks == 3
+    reader.clear()
+    reader.read(np.arange(16))
+    reader.read(np.arange(16))
+    assert reader.cache_info().hits >= 1
+
+
+def test_zero_budget_caches_nothing_and_still_reads(store_path: Path, route: str, compressor: Any) -> None:
+    entry = make_entry(store_path, compressor=compressor)
+    fill(entry, np.arange(100))
+    reader = ChunkReader(entry, cache_bytes=0, route=route)  # type: ignore[arg-type]
+    for _ in range(2):
+        read = reader.read(np.arange(100))
+        assert read.hit.all()
+        np.testing.assert_array_equal(read.arrays["label"], np.arange(100) * 3)
+    assert reader.cache_info().chunks == 0 and reader.cache_info().nbytes == 0
+
+
+def test_process_memory_stays_within_budget(store_path: Path) -> None:
+    """What numpy allocates while reading, measured by tracemalloc, is the budget plus one batch."""
+    n, width = 4096, 256
+    store = FeatureStore.open(store_path, mode="a")
+    spec = ArraySpec("features", "tensor", "<f4", (width,), "float32")
+    entry = store.create_entry("big", {}, [spec], num_rows=n, chunk_rows=256, compressor="default")
+    entry.write(np.arange(n), {"features": np.ones((n, width), "f4")})
+    chunk_bytes = 256 * width * 4
+    budget = 3 * chunk_bytes + 4096
+    reader = ChunkReader(entry, cache_bytes=budget)
+    rng = np.random.default_rng(0)
+    batch_bytes = 64 * width * 4
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for _ in range(20):
+            reader.read(rng.integers(0, n, size=64))
+        current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert reader.cache_info().nbytes <= budget
+    # held between reads: the cache; at peak also one chunk being decoded and one batch
+    assert current - base <= budget + 2 * chunk_bytes
+    assert peak - base <= budget + 4 * chunk_bytes + 2 * batch_bytes
+
+
+def test_raw_local_chunks_are_mapped_within_the_map_limit(store_path: Path) -> None:
+    entry = make_entry(store_path, compressor=None)
+    fill(entry, np.arange(100))
+    reader = ChunkReader(entry, max_maps=4, cache_bytes=2000)  # two arrays a chunk: two chunks
+    for _ in range(3):
+        assert reader.read(np.arange(100)).hit.all()
+        assert reader.cache_info().maps <= 4
+    assert reader.cache_info().maps == 4
+
+
+def test_budget_argument_is_validated(store_path: Path) -> None:
+    entry = make_entry(store_path)
+    with pytest.raises(ValueError, match="chunk_cache_bytes"):
+        ChunkReader(entry, cache_bytes=-1)
+    with pytest.raises(ValueError, match="read_route"):
+        ChunkReader(entry, route="mmap")  # type: ignore[arg-type]
+
+
+class _DefaultBudget(Dataset[int]):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> int:
+        return default_chunk_cache_bytes()
+
+
+def test_default_budget_is_split_between_workers() -> None:
+    alone = default_chunk_cache_bytes()
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert alone == int(total * 0.125)
+    seen = [int(b) for b in DataLoader(_DefaultBudget(), batch_size=None, num_workers=2)]
+    assert seen == [alone // 2, alone // 2]
+
+
+class _ReaderInfo(Dataset[Any]):
+    """Reads a row of ``cached`` and reports the reader's cache as the worker sees it."""
+
+    def __init__(self, cached: CachedFeatureDataset) -> None:
+        self.cached = cached
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> tuple[int, int, int]:
+        self.cached[index]
+        assert self.cached.entry is not None
+        info = self.cached.entry.reader.cache_info()
+        return info.max_bytes, info.chunks, info.misses
+
+
+def test_forked_workers_start_with_their_own_cache_and_budget(store_path: Path) -> None:
+    cached = CachedFeatureDataset(Samples(32), Backbone(), store_path, chunk_rows=8)
+    cached.__getitems__(list(range(32)))
+    assert cached.entry is not None
+    cached.entry.read(np.arange(32))  # the parent holds every chunk before forking
+    parent = cached.entry.reader.cache_info()
+    assert parent.chunks == 4
+    loader = DataLoader(_ReaderInfo(cached), batch_size=None, num_workers=2, multiprocessing_context="fork")
+    for max_bytes, chunks, misses in loader:
+        assert max_bytes == default_chunk_cache_bytes() // 2
+        assert chunks == 1 and misses == 1  # read afresh, not inherited
+    assert cached.entry.reader.cache_info() == parent
+
+
+# -- workers --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)], ids=["fork", "spawn"]
+)
+def test_workers_read_through_their_own_reader(store_path: Path, route: str, context: str) -> None:
+    data, module = Samples(64, "dict"), Backbone()
+    cached = CachedFeatureDataset(data, module, store_path, input_key="image", chunk_rows=8, read_route=route)  # type: ignore[arg-type]
+    cached.__getitems__(list(range(64)))
+    assert cached.entry is not None
+    cached.entry.read(np.arange(64))  # the parent's cache is full; workers must not need it
+    loads = data.loads
+    loader = DataLoader(cached, batch_size=16, shuffle=True, num_workers=2, multiprocessing_context=context)
+    seen = []
+    for batch in loader:
+        for row, name in zip(batch["image"], batch["name"], strict=True):
+            index = int(name.removeprefix("sample-"))
+            assert torch.equal(row, reference(module, data, index))
+            seen.append(index)
+    assert sorted(seen) == list(range(64))
+    assert data.loads == loads
+
+
+def test_sharded_arrays_fall_back_to_zarr_reads(store_path: Path) -> None:
+    entry = make_entry(store_path, n=100, chunk_rows=16)
+    group = zarr.open_group(store_path, mode="a")["e"]
+    group.create_array(  # the same array, with 4 chunks per shard file
+        "features",
+        shape=(100, 4),
+        chunks=(16, 4),
+        shards=(64, 4),
+        dtype="<f4",
+        fill_value=np.nan,
+        overwrite=True,
+    )
+    data = columns(np.arange(100))
+    group["features"][:] = data["features"]  # written with plain zarr, as a user might
+    group["label"][:] = data["label"]
+    group["valid"][:] = True
+    entry = FeatureStore.open(store_path, mode="a").entry("e")
+    assert entry is not None
+    assert len(list((store_path / "e" / "features" / "c").iterdir())) == 2  # two shard files
+    read = ChunkReader(entry).read([99, 0, 63, 64])
+    assert read.hit.all()
+    np.testing.assert_array_equal(read.arrays["features"], columns(np.array([99, 0, 63, 64]))["features"])

@@ -188,3 +188,29 @@ def test_write_failures_under_a_budget_pause_and_resume(tmp_path: Path) -> None:
         _epoch(cached, data, module, seed=seed)
     assert guard.stats.resumes == 1 and cached.entry.valid_mask().all()
     assert _valid_rows_are_correct(cached, data, module) == 32
+
+
+def test_pipeline_loader_and_prefill_keep_going_on_a_full_disk(tmp_path: Path) -> None:
+    """The background writer stores through the same guard: a full disk pauses, never stops."""
+    store = FaultyStore(tmp_path / "features.zarr")
+    data, module = Samples(48, "dict"), Backbone()
+    guard = WriteGuard(repr(store), retry_after_batches=1, retry_after_seconds=3600)
+    cached = CachedFeatureDataset(
+        data, module, store, input_key="image", chunk_rows=8, batch_size=8, write_guard=guard
+    )
+    assert cached.entry is not None
+    before = cached.entry.valid_mask()
+    store.failing = True
+    with pytest.warns(CachingPausedWarning) as caught:
+        seen = 0
+        for batch in cached.loader(batch_size=8, shuffle=True):
+            for features, name in zip(batch["image"], batch["name"], strict=True):
+                assert torch.equal(features, reference(module, data, int(name.removeprefix("sample-"))))
+                seen += 1
+    assert seen == 48 and len(caught) == 1
+    assert np.array_equal(cached.entry.valid_mask(), before)
+    store.failing = False
+    cached.prefill(progress=False)
+    cached.prefill(progress=False)  # the first may only retry; the second stores what is left
+    assert cached.entry.valid_mask().all() and guard.stats.resumes == 1
+    assert _valid_rows_are_correct(cached, data, module) == 48

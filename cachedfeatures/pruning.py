@@ -504,11 +504,18 @@ def serve_backed_rows(entry: Entry, rows: np.ndarray, read: RowsRead) -> RowsRea
     cleared so they are recomputed, logged once), and hits whose floating-point outputs
     are all NaN, the fill value, which is what a read that raced a pruner and a rewrite of
     the same rows sees. Both become misses.
+
+    A chunk's files are looked at once per process (``entry.backed_chunks``), not on every
+    batch: that stat per chunk was half the cost of a hit. Bytes that vanish later while
+    their rows stay valid read as the fill value, NaN, which the second check catches.
     """
     if not read.hit.any():
         return read
     hit_rows = rows[read.hit]
-    missing = missing_chunks(entry, np.unique(hit_rows // entry.chunk_rows))
+    hit_chunks = hit_rows // entry.chunk_rows
+    unchecked = sorted(set(np.unique(hit_chunks).tolist()) - entry.backed_chunks)
+    missing = missing_chunks(entry, unchecked) if unchecked else []
+    entry.backed_chunks.update(chunk for chunk in unchecked if chunk not in missing)
     for chunk in missing:
         if repair_missing(entry, chunk) and (entry.name, chunk) not in _warned:
             _warned.add((entry.name, chunk))
@@ -518,11 +525,14 @@ def serve_backed_rows(entry: Entry, rows: np.ndarray, read: RowsRead) -> RowsRea
                 chunk,
                 entry.name,
             )
-    bad = np.isin(hit_rows // entry.chunk_rows, missing)
+    bad = np.isin(hit_chunks, missing) if missing else np.zeros(len(hit_rows), dtype=bool)
     for name in output_names(entry):
         column = read.arrays.get(name)
         if column is not None and column.dtype.kind in "fc" and column.size:
-            bad |= np.isnan(column.reshape(len(column), -1)).all(axis=1)
+            flat = column.reshape(len(column), -1)
+            maybe = np.flatnonzero(np.isnan(flat[:, 0]))  # all NaN needs a NaN first: test few rows
+            if len(maybe):
+                bad[maybe[np.isnan(flat[maybe]).all(axis=1)]] = True
     if not bad.any():
         return read
     hit = read.hit.copy()

@@ -95,6 +95,9 @@ class Entry:
         self._arrays: dict[str, zarr.Array[Any]] | None = None
         self._valid: zarr.Array[Any] | None = None
         self._reader: ChunkReader | None = None
+        # Chunks this process has seen the output bytes of while their rows were valid; the
+        # read path checks a chunk's files once, not on every batch (see pruning.serve_backed_rows).
+        self.backed_chunks: set[int] = set()
 
     @property
     def num_chunks(self) -> int:

@@ -8,6 +8,8 @@ from cachedfeatures.dataset import CachedFeatureDataset
 from cachedfeatures.errors import (
     BudgetError,
     CacheError,
+    CacheWarning,
+    CachingPausedWarning,
     DeviceInWorkerError,
     EntryNotFoundError,
     FieldNotStorableError,
@@ -17,6 +19,7 @@ from cachedfeatures.errors import (
     NonDeterministicDatasetError,
     NotAFeatureStoreError,
     OutputShapeError,
+    ReadOnlyStoreWarning,
     RequiresGradError,
     RowsNotCachedError,
     StorePathError,
@@ -25,7 +28,9 @@ from cachedfeatures.errors import (
     UnknownArrayError,
     WriterError,
 )
+from cachedfeatures.faults import WriteGuard
 from cachedfeatures.module_cache import ModuleCache, cached_module
+from cachedfeatures.ownership import ChunkOwnership
 from cachedfeatures.pipeline import Loader
 from cachedfeatures.prefill import PrefillResult
 from cachedfeatures.reader import ChunkReader
@@ -37,7 +42,10 @@ __version__ = "0.1.0"
 __all__ = [
     "BudgetError",
     "CacheError",
+    "CacheWarning",
     "CachedFeatureDataset",
+    "CachingPausedWarning",
+    "ChunkOwnership",
     "ChunkReader",
     "ChunkShuffleSampler",
     "DeviceInWorkerError",
@@ -54,12 +62,14 @@ __all__ = [
     "NotAFeatureStoreError",
     "OutputShapeError",
     "PrefillResult",
+    "ReadOnlyStoreWarning",
     "RequiresGradError",
     "RowsNotCachedError",
     "StorePathError",
     "TrainingModeError",
     "UnhashableArgumentError",
     "UnknownArrayError",
+    "WriteGuard",
     "WriterError",
     "__version__",
     "cached_module",

@@ -28,7 +28,12 @@ def new_hasher() -> Hasher:
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw bytes of ``tensor``, on CPU and contiguous (bfloat16 included)."""
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    source = tensor.detach().to("cpu").reshape(-1)
+    if source.numel() == 0:  # an empty tensor has stride 0, which view(uint8) refuses
+        return memoryview(b"")
+    # A fresh dense copy: contiguous() keeps odd strides on size-1 dims (a[..., 0] of shape
+    # (1, 2)), and view(uint8) needs stride 1.
+    flat = torch.empty(source.shape, dtype=source.dtype).copy_(source)
     return memoryview(flat.view(torch.uint8).numpy().data)
 
 
@@ -42,7 +47,7 @@ def update_value(hasher: Hasher, value: Any) -> None:
         if value.dtype.hasobject:
             hasher.update(pickle.dumps(value.tolist()))
         else:
-            hasher.update(np.ascontiguousarray(value).data.cast("B"))
+            hasher.update(np.ascontiguousarray(value).tobytes())  # .data.cast fails on empty arrays
     elif isinstance(value, Mapping):
         hasher.update(f"D{len(value)}".encode())
         for key, item in value.items():

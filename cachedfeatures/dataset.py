@@ -3,10 +3,12 @@ a Zarr store, and computes (in batches) and stores the ones it does not have yet
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
+import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -16,6 +18,7 @@ from cachedfeatures import _hashing
 from cachedfeatures.access import AccessLog
 from cachedfeatures.compute import Collate, FeatureComputer
 from cachedfeatures.errors import DeviceInWorkerError, TrainingModeError
+from cachedfeatures.faults import WriteGuard, is_store_fault
 from cachedfeatures.fingerprint import (
     dataset_fingerprint,
     entry_id,
@@ -24,10 +27,13 @@ from cachedfeatures.fingerprint import (
     qualified_name,
 )
 from cachedfeatures.layout import ArraySpec, InputKey, OutputLayout, SampleLayout
+from cachedfeatures.locks import FileLocks
+from cachedfeatures.ownership import ChunkOwnership, parse_ownership
 from cachedfeatures.pipeline import Loader, WorkerMethod
 from cachedfeatures.prefill import PrefillResult, prefill
 from cachedfeatures.pruning import Budget, Policy, parse_policy, serve_backed_rows
 from cachedfeatures.reader import ChunkReader, ReadRoute
+from cachedfeatures.remote import is_url
 from cachedfeatures.steps import LoadedRows, RowLoader, compute_loaded
 from cachedfeatures.store import Compressor, Entry, FeatureStore, RowsRead, StoreLike, default_chunk_rows
 from cachedfeatures.units import parse_bytes
@@ -85,6 +91,15 @@ class CachedFeatureDataset(Dataset[Any]):
             overwritten or bit-flipped chunk is recomputed instead of served (uncompressed
             chunks have no other guard). Default ``True``; ``False`` lets raw chunks of an entry
             larger than the chunk cache be memory-mapped. Used when the entry is created.
+        storage_options: fsspec options for a URL store (``store="s3://bucket/f.zarr"``),
+            such as ``{"endpoint_url": ...}`` or credentials.
+        read_only: never write to the store: hits are served, misses are computed and served
+            but not stored (one :class:`~cachedfeatures.errors.ReadOnlyStoreWarning`).
+        owned_chunks: a :class:`~cachedfeatures.ownership.ChunkOwnership`: store only the rows
+            of the chunks this process owns (several writers on an object store, which has no
+            locks). Default ``None``: this process may write every chunk.
+        write_guard: the :class:`~cachedfeatures.faults.WriteGuard` that runs store writes and
+            pauses caching when the store fails (disk full, I/O error); default a new one.
 
     With ``device="cuda"``, compute misses through :meth:`loader` (workers do I/O, the module
     runs in this process) or fill the cache first with :meth:`prefill`; a plain DataLoader
@@ -113,6 +128,10 @@ class CachedFeatureDataset(Dataset[Any]):
         chunk_cache_bytes: int | None = None,
         read_route: ReadRoute = "auto",
         checksum: bool = True,
+        storage_options: Mapping[str, Any] | None = None,
+        read_only: bool = False,
+        owned_chunks: ChunkOwnership | None = None,
+        write_guard: WriteGuard | None = None,
     ) -> None:
         self.dataset = dataset
         self.module = module
@@ -125,6 +144,7 @@ class CachedFeatureDataset(Dataset[Any]):
             chunk_rows = parse_positive_int("chunk_rows", chunk_rows)
         self.max_bytes = None if max_bytes is None else parse_bytes(max_bytes)
         self.policy = parse_policy(policy)
+        self._checksum = checksum
         if isinstance(module, torch.nn.Module) and module.training:
             raise TrainingModeError(
                 f"{type(module).__name__} is in training mode, so dropout and batch norm would "
@@ -133,7 +153,19 @@ class CachedFeatureDataset(Dataset[Any]):
             )
         self._length = len(dataset)  # type: ignore[arg-type]
         self._computer = FeatureComputer(module, self.device, self.dtype, collate_fn, self.autocast_dtype)
-        self._feature_store = FeatureStore.open(store, mode="a")
+        self._chunk_cache_bytes, self._read_route = chunk_cache_bytes, read_route
+        self.owned_chunks = parse_ownership(owned_chunks)
+        self._store_arg, self._storage_options, self._read_only = store, storage_options, bool(read_only)
+        self._pid = os.getpid()
+        self._scratch_entry = False
+        self._access: AccessLog | None = None
+        self._budget: Budget | None = None
+        self.write_guard = write_guard or WriteGuard(str(store), read_only=self._read_only)
+        if self._read_only and not self.write_guard.read_only:
+            self.write_guard.set_read_only("the store was opened read-only")
+        self._feature_store = self._open_store()
+        if write_guard is None:
+            self.write_guard.location = self._feature_store.location
         self.module_fingerprint = module_fingerprint(module, module_version)
 
         probes: dict[int, Any] = {}
@@ -158,29 +190,71 @@ class CachedFeatureDataset(Dataset[Any]):
         self.entry_name = f"{type(module).__name__}-{key}"
         self._entry: Entry | None = None
         if self._length > 0:
-            self._entry = self._feature_store.entry(self.entry_name) or self._create_entry(
-                probes, chunk_rows, compressor, checksum
+            self._entry = self._feature_store.entry(self.entry_name) or self._create_entry_guarded(
+                probes, chunk_rows, compressor
             )
-        if self._entry is not None:
-            self._entry.reader = ChunkReader(self._entry, cache_bytes=chunk_cache_bytes, route=read_route)
+        self._attach_reader()
         self._load_layouts()
-        self._access: AccessLog | None = None
-        self._budget: Budget | None = None
-        if self._entry is not None:
-            self._access = AccessLog(self._entry)
-            if self.max_bytes is not None:
-                self._budget = Budget(
-                    self._feature_store, self._entry, self.max_bytes, self.policy, self._access
-                )
-                self._budget.enforce()  # a store left over budget by an earlier session
+        self._attach_statistics(enforce=True)
 
     # -- construction helpers -------------------------------------------------------------------
+
+    def _open_store(self) -> FeatureStore:
+        """Open the store; one that cannot be created (full disk, permissions) becomes a scratch one.
+
+        A store that exists but refuses writes is opened read-only, so its hits are still served.
+        """
+        mode: Literal["r", "a"] = "r" if self._read_only else "a"
+        try:
+            return FeatureStore.open(self._store_arg, mode=mode, storage_options=self._storage_options)
+        except Exception as error:
+            if self._read_only or not is_store_fault(error):
+                raise
+            failure = error
+        reason = f"the store could not be opened for writing ({type(failure).__name__}: {failure})"
+        self.write_guard.set_read_only(f"{reason}, so caching is off for this run", failure)
+        try:
+            self._read_only = True
+            return FeatureStore.open(self._store_arg, mode="r", storage_options=self._storage_options)
+        except Exception:
+            self._scratch_entry = True
+            return FeatureStore.open(None, mode="a")
 
     def _extract_input_unchecked(self, sample: Any) -> Any:
         return SampleLayout.from_sample(sample, self.input_key).extract_input(sample)
 
+    def _create_entry_guarded(
+        self, probes: dict[int, Any], chunk_rows: int | None, compressor: Compressor
+    ) -> Entry:
+        """Create the entry; where the store cannot take it, an in-memory one that is never written.
+
+        A read-only store (or one that fails to create the entry: full disk, permissions)
+        still serves: every row is computed on demand, and the guard warns once.
+        """
+        if not self._read_only:
+            try:
+                return self._create_entry(probes, chunk_rows, compressor, self._feature_store)
+            except Exception as error:
+                if not is_store_fault(error):
+                    raise
+                self.write_guard.set_read_only(
+                    f"the store could not create entry {self.entry_name} ({type(error).__name__}: "
+                    f"{error}), so caching is off for this run",
+                    error,
+                )
+        elif not self._scratch_entry:
+            self.write_guard.set_read_only(
+                f"the store was opened read-only and has no entry {self.entry_name}"
+            )
+        self._scratch_entry = True
+        return self._create_entry(probes, chunk_rows, compressor, FeatureStore.open(None, mode="a"))
+
     def _create_entry(
-        self, probes: dict[int, Any], chunk_rows: int | None, compressor: Compressor, checksum: bool
+        self,
+        probes: dict[int, Any],
+        chunk_rows: int | None,
+        compressor: Compressor,
+        feature_store: FeatureStore,
     ) -> Entry:
         index = next(iter(probes), 0)
         sample = probes[index] if probes else self.dataset[index]
@@ -204,17 +278,18 @@ class CachedFeatureDataset(Dataset[Any]):
             "outputs": output_layout.to_json(),
             "library_version": _version(),
         }
-        entry = self._feature_store.create_entry(
+        entry = feature_store.create_entry(
             self.entry_name,
             meta,
             specs,
             num_rows=self._length,
             chunk_rows=chunk_rows,
             compressor=compressor,
-            checksum=checksum,
+            checksum=self._checksum,
         )
         columns = {spec.name: spec.tensor_batch_to_numpy(outputs[spec.name]) for spec in output_layout.arrays}
-        entry.write([index], {**columns, **fields})  # the probe's features are already paid for
+        if not self._scratch_entry:  # the probe's features are already paid for
+            self._write(entry, np.array([index]), {**columns, **fields})
         return entry
 
     def _load_layouts(self) -> None:
@@ -249,6 +324,7 @@ class CachedFeatureDataset(Dataset[Any]):
         if entry is None or layout is None:  # only an empty dataset has no entry
             raise AssertionError("unreachable: non-empty index into an empty dataset")
         self._warn_if_private_store_in_worker()
+        entry = self._entry_for_this_process()
         read = self._checked_read(entry, rows)
         if read.hit.all():
             return self._assemble_all(read.arrays)
@@ -272,9 +348,9 @@ class CachedFeatureDataset(Dataset[Any]):
 
         Returns the stored columns, one row per requested row, exactly as a later hit reads them.
         """
-        entry = self._entry
-        if entry is None:
+        if self._entry is None:
             raise AssertionError("unreachable: compute on an empty dataset")
+        entry = self._entry_for_this_process()
         rows = np.asarray(rows, dtype=np.int64)
         parts: list[dict[str, np.ndarray]] = []
         for start in range(0, len(rows), self.batch_size):
@@ -320,34 +396,103 @@ class CachedFeatureDataset(Dataset[Any]):
         """
         if self._entry is None:
             raise AssertionError("unreachable: write to an empty dataset")
-        self._write(self._entry, np.asarray(rows, dtype=np.int64), columns)
+        self._write(self._entry_for_this_process(), np.asarray(rows, dtype=np.int64), columns)
 
     def _record_hits(self, rows: np.ndarray) -> None:
         """Count reads of ``rows`` that the pipeline's workers served from the store."""
-        if self._access is not None and self._entry is not None and len(rows):
-            self._access.record(rows // self._entry.chunk_rows)
+        if self._entry is not None and len(rows):
+            self._record_access(rows // self._entry.chunk_rows)
 
     def _checked_read(self, entry: Entry, rows: np.ndarray) -> RowsRead:
         """``entry.read``, less hits that would serve fill values; records the chunks hit."""
         read = serve_backed_rows(entry, rows, entry.read(rows))
-        if self._access is not None:
-            self._access.record(rows[read.hit] // entry.chunk_rows)
+        self._record_access(rows[read.hit] // entry.chunk_rows)
         return read
 
-    def _write(self, entry: Entry, rows: np.ndarray, columns: Mapping[str, np.ndarray]) -> None:
-        """``entry.write``, chunk by chunk under a budget, so pruning follows every chunk."""
+    def _write(self, entry: Entry, rows: np.ndarray, columns: Mapping[str, np.ndarray]) -> bool:
+        """Store ``rows`` through the write guard, only those in chunks this process owns.
+
+        Under a budget, chunk by chunk, so pruning follows every chunk. On a store without
+        cross-process locks (object storage), DataLoader workers split this process's chunks
+        between them, so that no two workers ever write one chunk. Whether all rows were stored.
+        """
+        ownership = self.owned_chunks
+        worker = get_worker_info()
+        if worker is not None and self._needs_chunk_ownership():
+            ownership = (ownership or ChunkOwnership(0, 1)).split(worker.id, worker.num_workers)
+        if ownership is not None:
+            mine = ownership.owned_rows(rows, entry.chunk_rows)
+            if not mine.all():
+                rows, columns = rows[mine], {name: column[mine] for name, column in columns.items()}
+        if len(rows) == 0:
+            return True
         chunks = rows // entry.chunk_rows
         if self._budget is None:
-            entry.write(rows, columns)
-            if self._access is not None:
-                self._access.record(chunks)
-            return
+            stored = self.write_guard.write(entry, rows, columns)
+            if stored:
+                self._record_access(chunks)
+            return stored
+        stored = True
         for chunk in np.unique(chunks):
             pick = chunks == chunk
-            entry.write(rows[pick], {name: column[pick] for name, column in columns.items()})
-            if self._access is not None:
-                self._access.record([chunk])
-            self._budget.after_write(int(chunk))
+            if not self.write_guard.write(entry, rows[pick], {name: c[pick] for name, c in columns.items()}):
+                stored = False
+                continue
+            self._record_access([chunk])
+            self.write_guard.run(functools.partial(self._budget.after_write, int(chunk)))
+        return stored
+
+    def _record_access(self, chunks: Sequence[int] | np.ndarray) -> None:
+        """Count chunk accesses for pruning; statistics are advisory, so a store fault is not fatal."""
+        if self._access is None:
+            return
+        try:
+            self._access.record(chunks)
+        except Exception as error:
+            if not is_store_fault(error):
+                raise
+            logger.debug("cachedfeatures: could not record access statistics: %s", error)
+
+    def _attach_reader(self) -> None:
+        """The entry's chunk reader, with this dataset's cache size and read route."""
+        if self._entry is not None:
+            self._entry.reader = ChunkReader(
+                self._entry, cache_bytes=self._chunk_cache_bytes, route=self._read_route
+            )
+
+    def _attach_statistics(self, enforce: bool) -> None:
+        """The access log and the budget of this entry (none on a store this process cannot write)."""
+        self._access = None
+        self._budget = None
+        if self._entry is None or self._scratch_entry or self.write_guard.read_only:
+            return
+        self._access = AccessLog(self._entry)
+        if self.max_bytes is not None:
+            self._budget = Budget(self._feature_store, self._entry, self.max_bytes, self.policy, self._access)
+            if enforce:  # a store left over budget by an earlier session
+                self.write_guard.run(self._budget.enforce)
+
+    def _needs_chunk_ownership(self) -> bool:
+        """Whether processes writing this store must own disjoint chunks (no file locks)."""
+        store = self._feature_store
+        return not isinstance(store.locks, FileLocks) and store.location != "<memory>"
+
+    def _entry_for_this_process(self) -> Entry:
+        """The entry, reopened after a fork for URL stores (fsspec file systems are not fork-safe)."""
+        if self._entry is None:
+            raise AssertionError("unreachable: no entry for an empty dataset")
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            if is_url(self._store_arg) and not self._scratch_entry:
+                self._feature_store = FeatureStore.open(
+                    self._store_arg,
+                    mode="r" if self._read_only else "a",
+                    storage_options=self._storage_options,
+                )
+                self._entry = self._feature_store.entry(self.entry_name) or self._entry
+                self._attach_reader()
+                self._attach_statistics(enforce=False)
+        return self._entry
 
     def _assemble_all(self, columns: Mapping[str, np.ndarray]) -> list[Any]:
         """One sample per row of ``columns``; each output array becomes one tensor first."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 __all__ = [
     "BudgetError",
     "CacheError",
+    "CacheWarning",
+    "CachingPausedWarning",
     "DeviceInWorkerError",
     "EntryNotFoundError",
     "FieldNotStorableError",
@@ -19,6 +21,7 @@ __all__ = [
     "NonDeterministicDatasetError",
     "NotAFeatureStoreError",
     "OutputShapeError",
+    "ReadOnlyStoreWarning",
     "RequiresGradError",
     "RowsNotCachedError",
     "StorePathError",
@@ -88,6 +91,21 @@ class EntryNotFoundError(CacheError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it readable.
         return str(self.args[0]) if self.args else ""
+
+
+# -- warnings ---------------------------------------------------------------------------------
+
+
+class CacheWarning(UserWarning):
+    """Base class of every warning issued by cachedfeatures."""
+
+
+class CachingPausedWarning(CacheWarning, RuntimeWarning):
+    """Writing to the store failed (disk full, I/O error); features are served uncached."""
+
+
+class ReadOnlyStoreWarning(CachingPausedWarning):
+    """The store cannot be written (read-only, permissions); misses are computed, not stored."""
 
 
 class RequiresGradError(CacheError, RuntimeError):

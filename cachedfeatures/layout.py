@@ -100,7 +100,8 @@ class ArraySpec:
         return batch.numpy()
 
     def numpy_to_tensor(self, rows: np.ndarray) -> torch.Tensor:
-        rows = np.ascontiguousarray(rows)
+        # np.require keeps a zero-dim row zero-dim (np.ascontiguousarray makes it 1-d).
+        rows = np.require(np.asarray(rows), requirements="C")
         if self.torch_dtype == "bfloat16":
             return torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(rows)
@@ -190,6 +191,11 @@ def _field_spec(name: str, path: Path, value: Any) -> ArraySpec:
         if value.is_sparse or value.is_nested:
             raise _unstorable(path, value, "sparse and nested tensors are not supported")
         return _tensor_spec(name, "tensor", value)
+    # NumPy before Python types: np.float64 is a float (and np.complex128 a complex), but it
+    # must come back as the NumPy scalar it was.
+    if isinstance(value, (np.ndarray, np.generic)) and value.dtype.kind in "biufc":
+        kind: Kind = "ndarray" if isinstance(value, np.ndarray) else "npscalar"
+        return ArraySpec(name, kind, value.dtype.str, tuple(np.shape(value)))
     if isinstance(value, bool):
         return ArraySpec(name, "bool", "|b1", ())
     if isinstance(value, int):
@@ -200,9 +206,6 @@ def _field_spec(name: str, path: Path, value: Any) -> ArraySpec:
         return ArraySpec(name, "float", "<f8", ())
     if isinstance(value, str):
         return ArraySpec(name, "str", _STRING_DTYPE, ())
-    if isinstance(value, (np.ndarray, np.generic)) and value.dtype.kind in "biufc":
-        kind: Kind = "ndarray" if isinstance(value, np.ndarray) else "npscalar"
-        return ArraySpec(name, kind, value.dtype.str, tuple(np.shape(value)))
     raise _unstorable(path, value, "")
 
 

@@ -110,7 +110,13 @@ class Entry:
     @property
     def arrays(self) -> dict[str, zarr.Array[Any]]:
         if self._arrays is None:
-            self._arrays = {spec.name: self.group[spec.name] for spec in self.specs}  # type: ignore[misc]
+            # write_empty_chunks is a runtime setting, not stored in the array's metadata: without
+            # it, a chunk equal to the fill value (all-False or all-zero features) is not written,
+            # and its valid rows would read as damaged.
+            self._arrays = {
+                spec.name: self.group[spec.name].with_config({"write_empty_chunks": True})  # type: ignore[union-attr]
+                for spec in self.specs
+            }
         return self._arrays
 
     @property
@@ -351,12 +357,20 @@ class FeatureStore:
         self.location = location
 
     @classmethod
-    def open(cls, store: StoreLike, *, mode: Literal["r", "a"] = "r") -> FeatureStore:
+    def open(
+        cls,
+        store: StoreLike,
+        *,
+        mode: Literal["r", "a"] = "r",
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> FeatureStore:
         """Open (``mode="r"``) or open-or-create (``mode="a"``) a store.
 
-        ``store`` is a local path, a ``zarr`` Store, or ``None`` for a new in-memory store.
+        ``store`` is a local path, an fsspec URL (``"s3://bucket/features.zarr"``, with
+        ``storage_options`` passed to fsspec), a ``zarr`` Store, or ``None`` for a new in-memory
+        store. ``mode="r"`` opens local and URL stores read-only: nothing is ever written.
         """
-        zarr_store, locks, location = _resolve(store, mode)
+        zarr_store, locks, location = _resolve(store, mode, storage_options)
         try:
             root = zarr.open_group(zarr_store, mode="r" if mode == "r" else "a")
         except (zarr.errors.ContainsArrayError, zarr.errors.NodeTypeValidationError) as error:
@@ -519,8 +533,17 @@ def _create_array(
     )
 
 
-def _resolve(store: StoreLike, mode: Literal["r", "a"]) -> tuple[Store, Locks, str]:
+def _resolve(
+    store: StoreLike, mode: Literal["r", "a"], storage_options: Mapping[str, Any] | None = None
+) -> tuple[Store, Locks, str]:
     """The zarr Store, the locks that go with it, and a readable location."""
+    from cachedfeatures import remote
+
+    options = remote.parse_storage_options(storage_options, store)
+    if remote.is_url(store):
+        url = os.fspath(store)  # type: ignore[arg-type]
+        # No locks across processes on object stores: chunk ownership (cachedfeatures.ownership).
+        return remote.open_url_store(url, options, read_only=mode == "r"), ThreadLocks(), url
     if store is None:
         return MemoryStore(), ThreadLocks(), "<memory>"
     if isinstance(store, LocalStore):
@@ -528,7 +551,8 @@ def _resolve(store: StoreLike, mode: Literal["r", "a"]) -> tuple[Store, Locks, s
     if isinstance(store, Store):
         return store, ThreadLocks(), repr(store)
     if isinstance(store, (str, os.PathLike)):
-        path = Path(store).expanduser()
+        text = os.fspath(store)
+        path = Path(text.removeprefix("file://") if isinstance(text, str) else text).expanduser()
         if path.is_file():
             raise StorePathError(
                 f"store path {str(path)!r} is a file; pass a directory path (for example "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from cachedfeatures import CachedFeatureDataset, DeviceInWorkerError, WriterError
+from cachedfeatures import CachedFeatureDataset, CachingPausedWarning, DeviceInWorkerError, WriterError
 from cachedfeatures.pipeline import Indices
 from tests.helpers import SHAPES, Backbone, Samples, features_of, reference
 
@@ -128,17 +129,35 @@ def test_rows_served_before_leaving_an_epoch_early_are_stored(store_path: Path) 
     loader.close()
 
 
-def test_writer_error_is_raised_in_the_training_loop(store_path: Path) -> None:
+def test_write_failure_pauses_caching_and_the_training_loop_goes_on(store_path: Path) -> None:
+    """A store fault in the writer thread is a pause (issue 6), not a crash: one warning."""
     cached = CachedFeatureDataset(Samples(64, "tuple"), Backbone(), store_path, chunk_rows=16)
     assert cached.entry is not None
     # A directory where chunk 2 of the features must go: writing it fails, even as root.
     (store_path / cached.entry_name / "features" / "c" / "2" / "0").mkdir(parents=True)
+    served = 0
+    with pytest.warns(CachingPausedWarning, match="caching paused") as caught:
+        for batch in cached.loader(batch_size=16, shuffle=True):
+            served += len(batch[0])
+    assert served == 64 and len(caught) == 1
+    valid = cached.entry.valid_mask()
+    assert not valid[32:48].any()  # the chunk whose bytes were not written is not valid
+
+
+def test_writer_error_is_raised_in_the_training_loop(store_path: Path) -> None:
+    """Asked to stop on a paused cache (warnings as errors), the loop gets a WriterError."""
+    cached = CachedFeatureDataset(Samples(64, "tuple"), Backbone(), store_path, chunk_rows=16)
+    assert cached.entry is not None
+    (store_path / cached.entry_name / "features" / "c" / "2" / "0").mkdir(parents=True)
     loader = cached.loader(batch_size=16, shuffle=True)
     served = 0
-    with pytest.raises(WriterError, match="failed") as raised:
-        for batch in loader:
-            served += len(batch[0])
-    assert isinstance(raised.value.__cause__, OSError)  # the real cause, chained
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CachingPausedWarning)
+        with pytest.raises(WriterError, match="failed") as raised:
+            for batch in loader:
+                served += len(batch[0])
+    assert isinstance(raised.value.__cause__, CachingPausedWarning)
+    assert isinstance(raised.value.__cause__.__context__, OSError)  # the real cause, chained
     assert served <= 64
     valid = cached.entry.valid_mask()
     assert not valid[32:48].any()  # the chunk whose bytes were not written is not valid

@@ -90,7 +90,8 @@ class CachedFeatureDataset(Dataset[Any]):
         checksum: end every chunk with a crc32c of its bytes, checked on every read, so a torn,
             overwritten or bit-flipped chunk is recomputed instead of served (uncompressed
             chunks have no other guard). Default ``True``; ``False`` lets raw chunks of an entry
-            larger than the chunk cache be memory-mapped. Used when the entry is created.
+            larger than the chunk cache be mapped without reading each version of a chunk once
+            to verify it. Used when the entry is created.
         storage_options: fsspec options for a URL store (``store="s3://bucket/f.zarr"``),
             such as ``{"endpoint_url": ...}`` or credentials.
         read_only: never write to the store: hits are served, misses are computed and served

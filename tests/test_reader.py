@@ -300,8 +300,9 @@ def test_process_memory_stays_within_budget(store_path: Path) -> None:
     assert peak - base <= budget + 4 * chunk_bytes + 2 * batch_bytes
 
 
-def test_raw_local_chunks_are_mapped_within_the_map_limit(store_path: Path) -> None:
-    entry = make_entry(store_path, compressor=None, checksum=False)  # checksummed chunks are read whole
+@pytest.mark.parametrize("checksum", [True, False], ids=["crc32c", "no-checksum"])
+def test_raw_local_chunks_are_mapped_within_the_map_limit(store_path: Path, checksum: bool) -> None:
+    entry = make_entry(store_path, compressor=None, checksum=checksum)
     fill(entry, np.arange(100))
     reader = ChunkReader(entry, max_maps=4, cache_bytes=2000)  # two arrays a chunk: two chunks
     for _ in range(3):

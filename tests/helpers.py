@@ -6,8 +6,13 @@ fixtures defined inside test files.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -128,3 +133,21 @@ class Tile(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.rows_computed += len(x)
         return torch.tanh(x.flatten(1)).repeat(1, 2)[:, :256]
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(script: str, *args: str, timeout: float = 300) -> dict[str, Any]:
+    """Run ``script`` in a fresh Python process (repo on the path); it prints one JSON line last."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"script failed with exit code {result.returncode}:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]

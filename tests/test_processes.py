@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
-import subprocess
-import sys
-import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from cachedfeatures import CachedFeatureDataset
-from tests.helpers import Backbone, Samples, reference
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import Backbone, Samples, reference, run_script
 
 
 @pytest.mark.parametrize(
@@ -51,19 +44,6 @@ def test_dataloader_epoch_fills_the_store_and_serves_correct_features(
     assert sorted(seen) == sorted(list(range(96)) * 2)
 
 
-def _run(script: str, *args: str) -> dict[str, object]:
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
-
-
 FILL = """
 import json, sys
 from cachedfeatures import CachedFeatureDataset
@@ -79,9 +59,9 @@ print(json.dumps({"loads": data.loads - loads, "calls": module.calls - calls,
 
 
 def test_a_second_process_gets_every_sample_as_a_hit(store_path) -> None:
-    first = _run(FILL, str(store_path))
+    first = run_script(FILL, str(store_path))
     assert first["calls"] == 4  # 63 misses in batches of 16 (the probe row came for free)
-    second = _run(FILL, str(store_path))
+    second = run_script(FILL, str(store_path))
     assert second["entry"] == first["entry"]
     assert second["calls"] == 0
     assert second["loads"] == 0

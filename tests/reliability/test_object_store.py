@@ -18,25 +18,11 @@ from torch.utils.data import DataLoader
 from cachedfeatures import CachedFeatureDataset, FeatureStore
 from cachedfeatures.errors import StorePathError
 from cachedfeatures.ownership import ChunkOwnership
-from tests.helpers import Backbone, Samples, reference
+from tests.helpers import Backbone, Samples, reference, run_script
 from tests.reliability.conftest import S3Server
 from tests.reliability.figures import record
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _run(script: str, *args: str) -> dict[str, Any]:
-    """Run ``script`` in a fresh Python process; it prints one JSON line last."""
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def _dataset(s3: S3Server, url: str, n: int, **kwargs: Any) -> tuple[CachedFeatureDataset, Samples, Backbone]:
@@ -95,7 +81,7 @@ def test_fill_in_one_process_read_in_another(s3_server: S3Server, tmp_path: Path
 
     local = tmp_path / "copy.zarr"
     s3fs.S3FileSystem(**s3_server.storage_options).get(url.removeprefix("s3://"), str(local), recursive=True)
-    result = _run(READER, url, json.dumps(s3_server.storage_options), str(n), str(local))
+    result = run_script(READER, url, json.dumps(s3_server.storage_options), str(n), str(local))
     assert result["valid"] == n and result["checked"] == n
     assert result["calls"] == 0 and result["loads"] == 0  # every row a hit, no raw sample loaded
     rates = result["rates"]

@@ -57,7 +57,7 @@ def test_prefill_survives_twenty_sigkills(store_path: Path, tmp_path: Path) -> N
     rng = random.Random(6)
     log_dir = tmp_path / "loads"
     log_dir.mkdir()
-    cached, samples = open_cached(store_path, N, chunk_rows=CHUNK_ROWS, batch_size=BATCH_SIZE)
+    _, samples = open_cached(store_path, N, chunk_rows=CHUNK_ROWS, batch_size=BATCH_SIZE)  # the entry
     backbone = Backbone()
     expected = torch.stack([reference(backbone, samples, i) for i in range(N)])
     needed = int((~check_valid_rows(store_path, expected)).sum())  # construction stores a probe row

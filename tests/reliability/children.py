@@ -86,8 +86,11 @@ def _load_role(role: str, index: int, config: dict[str, Any], barrier: Any, resu
         if role == "pruner":
             store = FeatureStore.open(config["store"], mode="a")
         else:
+            # Odd processes read through Zarr (a missing chunk reads as fill values there),
+            # even ones through the chunk-file route.
+            route = "zarr" if index % 2 else "auto"
             cached, _ = open_cached(
-                config["store"], n, chunk_rows=chunk_rows, batch_size=config["batch_size"]
+                config["store"], n, chunk_rows=chunk_rows, batch_size=config["batch_size"], read_route=route
             )
         barrier.wait(timeout=config["barrier_timeout"])
         deadline = time.monotonic() + config["seconds"]

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,19 @@ class Samples(Dataset[Any]):
         if self.shape == "tuple":
             return (image, index % 7)
         return {"image": image, "label": index % 7, "name": f"sample-{index}"}
+
+
+class SlowSamples(Samples):
+    """Samples that take ``delay`` seconds each to load (same entry whatever the delay), so a
+    prefill lasts long enough to interrupt."""
+
+    def __init__(self, n: int, delay: float = 0.0, log_dir: str | None = None) -> None:
+        super().__init__(n, "tuple", log_dir=log_dir)
+        self.delay = delay
+
+    def __getitem__(self, index: int) -> Any:
+        time.sleep(self.delay)
+        return super().__getitem__(index)
 
 
 class Backbone(nn.Module):

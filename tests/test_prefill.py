@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cachedfeatures import CachedFeatureDataset, FeatureStore
-from tests.helpers import Backbone, Samples, reference
+from tests.helpers import Backbone, Samples, SlowSamples, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,23 +99,10 @@ def test_prefill_after_ctrl_c_continues_where_it_stopped(store_path: Path, tmp_p
     assert_all_rows_correct(cached, backbone, dataset)
 
 
-class SlowSamples(Samples):
-    """Samples that take ``delay`` seconds to load (same entry whatever the delay)."""
-
-    def __init__(self, n: int, delay: float = 0.0, log_dir: str | None = None) -> None:
-        super().__init__(n, "tuple", log_dir=log_dir)
-        self.delay = delay
-
-    def __getitem__(self, index: int) -> Any:
-        time.sleep(self.delay)
-        return super().__getitem__(index)
-
-
 KILLED_SCRIPT = """
 import sys
 from cachedfeatures import CachedFeatureDataset
-from tests.helpers import Backbone
-from tests.test_prefill import SlowSamples
+from tests.helpers import Backbone, SlowSamples
 
 cached = CachedFeatureDataset(SlowSamples({n}, delay=0.01), Backbone(), sys.argv[1], batch_size=8,
                               chunk_rows=16, dataset_version="v")

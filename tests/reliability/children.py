@@ -16,21 +16,9 @@ import numpy as np
 
 from cachedfeatures import CachedFeatureDataset, FeatureStore
 from cachedfeatures.pruning import prune
-from tests.helpers import Backbone, Samples
+from tests.helpers import Backbone, SlowSamples
 
 VERSION = "reliability"
-
-
-class SlowSamples(Samples):
-    """Samples that take ``delay`` seconds each to load, so a prefill lasts long enough to kill."""
-
-    def __init__(self, n: int, delay: float = 0.0, log_dir: str | None = None) -> None:
-        super().__init__(n, "tuple", log_dir=log_dir)
-        self.delay = delay
-
-    def __getitem__(self, index: int) -> Any:
-        time.sleep(self.delay)
-        return super().__getitem__(index)
 
 
 def open_cached(

@@ -23,7 +23,6 @@ from cachedfeatures.pruning import (
     delete_chunk_bytes,
     measure,
     open_entries,
-    output_names,
     remove_orphans,
 )
 from cachedfeatures.store import ACCESS, Entry, FeatureStore
@@ -195,7 +194,7 @@ def _chunk_problems(entry: Entry, chunk: int) -> list[dict[str, Any]]:
     keys = chunk_keys(entry, chunk)
     store = entry.group.store
     specs = {spec.name: spec for spec in entry.specs}
-    outputs = output_names(entry)
+    outputs = entry.feature_names
     for name, array in entry.arrays.items():
         if not sync(store.exists(keys[name])):
             # Zarr skips chunks equal to the fill value, so only output arrays must be present.

@@ -37,7 +37,6 @@ from zarr.storage import LocalStore
 
 from cachedfeatures.access import LAST, AccessLog, read_access
 from cachedfeatures.errors import BudgetError
-from cachedfeatures.layout import OutputLayout
 from cachedfeatures.store import ACCESS, Entry, FeatureStore, RowsRead
 from cachedfeatures.units import format_bytes, parse_bytes
 
@@ -54,7 +53,6 @@ __all__ = [
     "measure",
     "missing_chunks",
     "open_entries",
-    "output_names",
     "parse_policy",
     "plan",
     "prune",
@@ -441,11 +439,6 @@ def chunk_keys(entry: Entry, chunk: int) -> dict[str, str]:
     return keys
 
 
-def output_names(entry: Entry) -> list[str]:
-    """The arrays holding the module's outputs (the passthrough fields excluded)."""
-    return [spec.name for spec in OutputLayout.from_json(entry.meta["outputs"]).arrays]
-
-
 def missing_chunks(entry: Entry, chunks: Iterable[int]) -> list[int]:
     """The chunks among ``chunks`` whose key is absent in one of the module's output arrays.
 
@@ -458,7 +451,7 @@ def missing_chunks(entry: Entry, chunks: Iterable[int]) -> list[int]:
         return []
     store = entry.group.store
     arrays = [
-        (entry.arrays[name], (0,) * (len(entry.arrays[name].shape) - 1)) for name in output_names(entry)
+        (entry.arrays[name], (0,) * (len(entry.arrays[name].shape) - 1)) for name in entry.feature_names
     ]
     per_chunk = [
         [f"{array.path}/{array.metadata.encode_chunk_key((chunk, *rest))}" for array, rest in arrays]
@@ -526,7 +519,7 @@ def serve_backed_rows(entry: Entry, rows: np.ndarray, read: RowsRead) -> RowsRea
                 entry.name,
             )
     bad = np.isin(hit_chunks, missing) if missing else np.zeros(len(hit_rows), dtype=bool)
-    for name in output_names(entry):
+    for name in entry.feature_names:
         column = read.arrays.get(name)
         if column is not None and column.dtype.kind in "fc" and column.size:
             flat = column.reshape(len(column), -1)

@@ -87,15 +87,16 @@ class AccessLog:
         """Count one access of each distinct chunk in ``chunks``, stamped now.
 
         Stamps strictly increase within a process, so a later call is always more recent.
+        (A chunk listed twice counts once: NumPy's indexed ``+=`` adds once per distinct index.)
         """
         self._check_process()
-        unique = np.unique(np.asarray(chunks, dtype=np.int64))
-        if len(unique) == 0:
+        chunks = np.asarray(chunks, dtype=np.int64)
+        if len(chunks) == 0:
             return
         with self._guard:
             self._clock = max(time.time(), self._clock + 1e-6)
-            self._last[unique] = self._clock
-            self._count[unique] += 1
+            self._last[chunks] = self._clock
+            self._count[chunks] += 1
         if time.monotonic() - self._flushed_at >= self.flush_every:
             self.flush()
 

@@ -407,7 +407,8 @@ class CachedFeatureDataset(Dataset[Any]):
     def _checked_read(self, entry: Entry, rows: np.ndarray) -> RowsRead:
         """``entry.read``, less hits that would serve fill values; records the chunks hit."""
         read = serve_backed_rows(entry, rows, entry.read(rows))
-        self._record_access(rows[read.hit] // entry.chunk_rows)
+        if self._access is not None:
+            self._record_access(read.hit_chunks(rows, entry.chunk_rows))
         return read
 
     def _write(self, entry: Entry, rows: np.ndarray, columns: Mapping[str, np.ndarray]) -> bool:
@@ -504,10 +505,19 @@ class CachedFeatureDataset(Dataset[Any]):
         return layout.build_many(outputs.unbind(tensors), columns)
 
     def _normalize(self, indices: Sequence[int]) -> np.ndarray:
-        if type(indices) is list and set(map(type, indices)) <= {int}:
-            fast = np.asarray(indices, dtype=np.int64)  # the common case, checked in one pass
-            if len(fast) == 0 or (-self._length <= fast.min() and fast.max() < self._length):
-                return fast % max(self._length, 1)
+        if type(indices) is list:  # the common case: NumPy infers int64 only from integers
+            try:
+                fast = np.asarray(indices)
+            except (TypeError, ValueError):  # ragged or odd items: the checks below say what
+                fast = np.empty(0, dtype=object)
+            if fast.dtype == np.int64 and fast.ndim == 1:
+                if len(fast) == 0:
+                    return fast
+                low, high = int(fast.min()), int(fast.max())
+                if low >= 0 and high < self._length:
+                    return fast
+                if -self._length <= low and high < self._length:
+                    return fast % self._length
         rows = np.empty(len(indices), dtype=np.int64)
         for position, index in enumerate(indices):
             try:

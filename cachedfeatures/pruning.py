@@ -504,11 +504,12 @@ def serve_backed_rows(entry: Entry, rows: np.ndarray, read: RowsRead) -> RowsRea
     """
     if not read.hit.any():
         return read
-    hit_rows = rows[read.hit]
-    hit_chunks = hit_rows // entry.chunk_rows
-    unchecked = sorted(set(np.unique(hit_chunks).tolist()) - entry.backed_chunks)
-    missing = missing_chunks(entry, unchecked) if unchecked else []
-    entry.backed_chunks.update(chunk for chunk in unchecked if chunk not in missing)
+    chunks: list[int] = read.hit_chunks(rows, entry.chunk_rows).tolist()
+    missing: list[int] = []
+    if not entry.backed_chunks.issuperset(chunks):
+        unchecked = [chunk for chunk in chunks if chunk not in entry.backed_chunks]
+        missing = missing_chunks(entry, unchecked)
+        entry.backed_chunks.update(chunk for chunk in unchecked if chunk not in missing)
     for chunk in missing:
         if repair_missing(entry, chunk) and chunk not in entry.reported_chunks:
             entry.reported_chunks.add(chunk)
@@ -518,15 +519,18 @@ def serve_backed_rows(entry: Entry, rows: np.ndarray, read: RowsRead) -> RowsRea
                 chunk,
                 entry.name,
             )
-    bad = np.isin(hit_chunks, missing) if missing else np.zeros(len(hit_rows), dtype=bool)
+    bad = np.isin(rows[read.hit] // entry.chunk_rows, missing) if missing else None
     for name in entry.feature_names:
         column = read.arrays.get(name)
         if column is not None and column.dtype.kind in "fc" and column.size:
             flat = column.reshape(len(column), -1)
-            maybe = np.flatnonzero(np.isnan(flat[:, 0]))  # all NaN needs a NaN first: test few rows
-            if len(maybe):
+            first = np.isnan(flat[:, 0])  # all NaN needs a NaN first: test few rows
+            if first.any():
+                maybe = np.flatnonzero(first)
+                if bad is None:
+                    bad = np.zeros(len(column), dtype=bool)
                 bad[maybe[np.isnan(flat[maybe]).all(axis=1)]] = True
-    if not bad.any():
+    if bad is None or not bad.any():
         return read
     hit = read.hit.copy()
     hit[np.flatnonzero(read.hit)[bad]] = False

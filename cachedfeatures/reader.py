@@ -23,8 +23,10 @@ bytes served were read while it was. Each cached chunk carries a *signature* of 
 chunk taken before and after its bytes were read (for a local store: the chunk file's inode,
 size and times; zarr's ``LocalStore`` replaces a chunk file by renaming a new one into place,
 so every write changes it; elsewhere: the encoded bytes of the ``valid`` chunk). Every batch
-takes the signature again, and a chunk whose signature changed (a write, a prune) is read
-again. A cached chunk is therefore only ever served for rows whose ``valid`` bit is set now.
+checks the signatures of its chunks again, and a chunk whose signature changed (a write, a
+prune) is read again. A cached chunk is therefore only ever served for rows whose ``valid``
+bit is set now. On a local store that check is usually one ``stat`` of the ``valid``
+directory per batch, not one per chunk (see :mod:`cachedfeatures.signatures`).
 On a local store the bytes served are also the ones written when it was set; on other stores
 a chunk pruned and refilled between two reads, leaving ``valid`` as it was, may be served from
 the cache as first read: the same entry (same fingerprints) refills the same features, so this
@@ -33,8 +35,6 @@ only shows with a nondeterministic module.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import mmap
 import os
@@ -50,12 +50,11 @@ import numpy as np
 import zarr
 import zarr.codecs
 from torch.utils.data import get_worker_info
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.metadata import ArrayV3Metadata
-from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from cachedfeatures.signatures import ValidSignatures
 from cachedfeatures.store import Entry, RowsRead
 
 __all__ = [
@@ -380,14 +379,6 @@ def _is_mapped(data: np.ndarray) -> bool:
     return isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
 
 
-def _stat_signature(path: str) -> Hashable:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
 # ---------------------------------------------------------------------------------------
 # The reader
 
@@ -410,6 +401,9 @@ class _Dense:
         self.row_nbytes = sum(spec.row_nbytes for spec in entry.specs) + 1
         self.chunk_rows = entry.chunk_rows
         self.held = 0  # rows of chunks held
+        # The signature generation (see ValidSignatures.look) in which each chunk's copy was
+        # last confirmed current: such chunks need no look at their signature in that generation.
+        self.confirmed = np.full(entry.num_chunks, -1, dtype=np.int64)
         self.lock = threading.Lock()
 
     @staticmethod
@@ -467,6 +461,7 @@ class ChunkReader:
         self._files: dict[str, _ChunkFile | None] | None = None
         self._valid_file: _ChunkFile | None = None
         self._reported: set[tuple[str, int]] = set()
+        self._valid_signatures: ValidSignatures | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Caches, maps and descriptors stay in the process that made them.
@@ -520,46 +515,47 @@ class ChunkReader:
             self._setup()
         if self._dense is False:
             self._dense = _Dense(entry) if _Dense.fits(entry, self.cache.max_bytes) else None
+        generation = self._signatures.look()
         if isinstance(self._dense, _Dense):
-            return self._read_dense(self._dense, indices)
+            return self._read_dense(self._dense, indices, generation)
         chunk_of = indices // rows_per_chunk
         order = np.argsort(chunk_of, kind="stable")
         sorted_chunks = chunk_of[order]
         local = indices[order] - sorted_chunks * rows_per_chunk
         starts = np.flatnonzero(np.diff(sorted_chunks, prepend=-1))
         bounds = [*starts.tolist(), n]
-        ids: list[int] = sorted_chunks[starts].tolist()
-        valid = np.zeros(n, dtype=bool)  # rows in chunk order, as ``local``
+        distinct = sorted_chunks[starts]
+        ids: list[int] = distinct.tolist()
+        hit = np.zeros(n, dtype=bool)
         gathered = {spec.name: np.empty((n, *spec.shape), dtype=spec.numpy_dtype) for spec in entry.specs}
         # One chunk at a time, so a batch holds at most one chunk beyond the cache's budget.
-        for k, (chunk_id, signature) in enumerate(zip(ids, self._signatures(ids), strict=True)):
+        for k, (chunk_id, signature) in enumerate(zip(ids, self._signatures.now(ids), strict=True)):
             chunk = self._chunk(chunk_id, signature)
             if chunk is None or not chunk.arrays:
                 continue
             lo, hi = bounds[k], bounds[k + 1]
-            rows = local[lo:hi]
-            valid[lo:hi] = chunk.valid[rows]
+            rows, positions = local[lo:hi], order[lo:hi]
+            hit[positions] = chunk.valid[rows]
             for name, column in chunk.arrays.items():
-                # a copy into our own buffer: callers never see cached buffers
-                column.take(rows, axis=0, out=gathered[name][lo:hi])
-        hit = np.empty(n, dtype=bool)
-        hit[order] = valid
-        if not valid.any():
-            return RowsRead(hit, {})
-        # Back to the requested order, keeping only the hits.
-        back = np.empty(n, dtype=np.int64)
-        back[order] = np.arange(n)
-        if not valid.all():
-            back = back[hit]
-        return RowsRead(hit, {name: column.take(back, axis=0) for name, column in gathered.items()})
+                # straight to the requested positions, in our own buffer (never a cached one)
+                gathered[name][positions] = column[rows]
+        if not hit.any():
+            return RowsRead(hit, {}, distinct)
+        if not hit.all():
+            gathered = {name: column[hit] for name, column in gathered.items()}
+        return RowsRead(hit, gathered, distinct)
 
-    def _read_dense(self, dense: _Dense, indices: np.ndarray) -> RowsRead:
+    def _read_dense(self, dense: _Dense, indices: np.ndarray, generation: int) -> RowsRead:
         entry, cache = self.entry, self.cache
-        ids: list[int] = np.unique(indices // entry.chunk_rows).tolist()
+        distinct = _distinct(indices // entry.chunk_rows, entry.num_chunks)
         with dense.lock:
-            for chunk_id, signature in zip(ids, self._signatures(ids), strict=True):
+            stale = distinct[dense.confirmed[distinct] != generation]
+            cache.hits += len(distinct) - len(stale)
+            ids: list[int] = stale.tolist()
+            for chunk_id, signature in zip(ids, self._signatures.now(ids), strict=True):
                 if signature == dense.signatures[chunk_id]:
                     cache.hits += 1
+                    dense.confirmed[chunk_id] = generation
                     continue
                 cache.misses += 1
                 start = chunk_id * entry.chunk_rows
@@ -568,11 +564,14 @@ class ChunkReader:
                 dense.release(chunk_id, start, stop, None if signature is None else _UNREAD)
                 if signature is not None:
                     self._load_into(dense, chunk_id, start, stop, signature)
+                if dense.signatures[chunk_id] == signature:  # held (or known absent) as it is now
+                    dense.confirmed[chunk_id] = generation
             hit = dense.valid[indices]
             if not hit.any():
-                return RowsRead(hit, {})
+                return RowsRead(hit, {}, distinct)
             rows = indices if hit.all() else indices[hit]
-            return RowsRead(hit, {name: column.take(rows, axis=0) for name, column in dense.arrays.items()})
+            arrays = {name: column.take(rows, axis=0) for name, column in dense.arrays.items()}
+            return RowsRead(hit, arrays, distinct)
 
     def _load_into(self, dense: _Dense, chunk: int, start: int, stop: int, signature: Hashable) -> None:
         """Read chunk ``chunk`` of every array straight into ``dense`` (released beforehand)."""
@@ -590,7 +589,7 @@ class ChunkReader:
         except Exception as error:  # a torn or garbled chunk is a miss, never a crash
             self._report(chunk, error)
             return
-        if self._signatures([chunk])[0] == signature:  # else: changed meanwhile, read next time
+        if self._signatures.fresh(chunk) == signature:  # else: changed meanwhile, read next time
             dense.accept(chunk, start, stop, valid, signature)
 
     def _chunk(self, chunk_id: int, signature: Hashable) -> _Chunk | None:
@@ -621,46 +620,11 @@ class ChunkReader:
             self._valid_file = _ChunkFile.maybe(self.entry.valid) if auto else None
         return self._files
 
-    def _signatures(self, chunks: list[int]) -> list[Hashable]:
-        """Each chunk's ``valid`` signature now; ``None`` where the ``valid`` chunk is absent.
-
-        On a local store (either route) it is the ``valid`` chunk file's identity and times,
-        which every rewrite changes; elsewhere it is the ``valid`` chunk's encoded bytes.
-        """
-        paths = self._signature_paths
-        if paths is not None:
-            return [_stat_signature(paths(chunk)) for chunk in chunks]
-        valid = self.entry.valid
-        store = valid.store
-        keys = [f"{valid.path}/{self._valid_key(chunk)}" for chunk in chunks]
-        prototype = default_buffer_prototype()
-
-        async def fetch() -> list[Any]:
-            return await asyncio.gather(*(store.get(key, prototype=prototype) for key in keys))
-
-        return [None if buffer is None else buffer.to_bytes() for buffer in sync(fetch())]
-
-    def _valid_key(self, chunk: int) -> str:
-        """The store key of the ``valid`` chunk (or shard) holding entry chunk ``chunk``."""
-        valid = self.entry.valid
-        grid_rows = valid.chunks[0] if valid.shards is None else valid.shards[0]
-        return str(valid.metadata.encode_chunk_key((chunk * self.entry.chunk_rows // grid_rows,)))
-
-    @functools.cached_property
-    def _signature_paths(self) -> Callable[[int], str] | None:
-        valid = self.entry.valid
-        if not isinstance(valid.store, LocalStore):
-            return None
-        base = os.path.join(str(valid.store.root), valid.path)
-        cache: dict[int, str] = {}
-
-        def path(chunk: int) -> str:
-            found = cache.get(chunk)
-            if found is None:
-                found = cache[chunk] = os.path.join(base, self._valid_key(chunk))
-            return found
-
-        return path
+    @property
+    def _signatures(self) -> ValidSignatures:
+        if self._valid_signatures is None:
+            self._valid_signatures = ValidSignatures(self.entry.valid, self.entry.chunk_rows)
+        return self._valid_signatures
 
     def _load(self, chunk: int, signature: Hashable) -> _Chunk | None:
         """Chunk ``chunk`` of every array; ``None`` if unreadable or ``valid`` changed meanwhile."""
@@ -684,7 +648,7 @@ class ChunkReader:
         except Exception as error:  # a torn or garbled chunk is a miss, never a crash
             self._report(chunk, error)
             return None
-        if self._signatures([chunk])[0] != signature:
+        if self._signatures.fresh(chunk) != signature:
             return None  # written or pruned while we read: read again next time
         return _Chunk(signature, valid, arrays, nbytes, maps)
 
@@ -706,6 +670,19 @@ class ChunkReader:
                 type(error).__name__,
                 error,
             )
+
+
+def _distinct(chunks: np.ndarray, num_chunks: int) -> np.ndarray:
+    """The distinct values of ``chunks`` (chunk ids below ``num_chunks``), ascending.
+
+    A mark per chunk when the entry has few chunks for the batch (a few times faster than
+    ``np.unique`` for a batch of hundreds of rows), else ``np.unique``.
+    """
+    if num_chunks > 16 * len(chunks):
+        return np.unique(chunks)
+    marks = np.zeros(num_chunks, dtype=bool)
+    marks[chunks] = True
+    return np.flatnonzero(marks)
 
 
 def _default_max_maps() -> int:

@@ -16,6 +16,7 @@ in between costs a recompute, never a wrong answer.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -78,10 +79,19 @@ class RowsRead:
     """What a read found: ``hit[i]`` for each requested row, and the arrays of the hits.
 
     ``arrays[name]`` holds one row per hit, in the order of the requested indices.
+    ``chunks`` holds the distinct chunks of the requested rows, ascending, when the reader
+    already knew them (it groups rows by chunk), so later steps need not find them again.
     """
 
     hit: np.ndarray
     arrays: Mapping[str, np.ndarray]
+    chunks: np.ndarray | None = None
+
+    def hit_chunks(self, rows: np.ndarray, chunk_rows: int) -> np.ndarray:
+        """The distinct chunks the hits among ``rows`` (the rows read) came from, ascending."""
+        if self.chunks is not None and self.hit.all():
+            return self.chunks
+        return np.unique(rows[self.hit] // chunk_rows)
 
 
 class Entry:
@@ -218,7 +228,7 @@ class Entry:
 
     # -- exploring (notebooks); the logic lives in cachedfeatures.explore ----------------------
 
-    @property
+    @functools.cached_property
     def feature_names(self) -> list[str]:
         """The arrays that hold module outputs (``["features"]`` for a module returning a tensor)."""
         outputs = self.meta.get("outputs")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,10 @@ import zarr
 from torch.utils.data import DataLoader, Dataset
 
 from cachedfeatures import CachedFeatureDataset, FeatureStore
+from cachedfeatures import signatures as signature_module
 from cachedfeatures.layout import ArraySpec
 from cachedfeatures.reader import ChunkReader, default_chunk_cache_bytes
+from cachedfeatures.signatures import QUIET_NS, ValidSignatures
 from tests.helpers import Backbone, Samples, features_of, reference
 
 ROUTES = ("auto", "zarr")
@@ -191,11 +194,24 @@ def test_dataset_tensors_survive_in_place_edits(store_path: Path, route: str) ->
 # -- validity: cached chunks follow the store ---------------------------------------------------
 
 
+@pytest.fixture(params=[False, True], ids=["just-written", "quiet"])
+def quiet(request: pytest.FixtureRequest) -> bool:
+    """Whether the store has been left alone long enough that its ``valid`` directory vouches
+    for its chunk files (one stat per batch instead of one per chunk; see signatures.py)."""
+    return bool(request.param)
+
+
+def settle(quiet: bool) -> None:
+    if quiet:
+        time.sleep(QUIET_NS / 1e9 + 0.05)
+
+
 def test_cleared_valid_bits_are_misses_even_when_chunk_is_cached(
-    store_path: Path, route: str, compressor: Any, budget: int | None
+    store_path: Path, route: str, compressor: Any, budget: int | None, quiet: bool
 ) -> None:
     entry = make_entry(store_path, compressor=compressor)
     fill(entry, np.arange(100))
+    settle(quiet)
     reader = ChunkReader(entry, route=route, cache_bytes=budget)  # type: ignore[arg-type]
     assert reader.read(np.arange(32)).hit.all()  # chunks 0 and 1 now cached
     # Another process's pruner: clear valid first (through its own zarr handle).
@@ -208,13 +224,15 @@ def test_cleared_valid_bits_are_misses_even_when_chunk_is_cached(
 
 
 def test_rows_rewritten_by_another_writer_are_read_again(
-    store_path: Path, route: str, compressor: Any, budget: int | None
+    store_path: Path, route: str, compressor: Any, budget: int | None, quiet: bool
 ) -> None:
     entry = make_entry(store_path, compressor=compressor)
     fill(entry, np.arange(50))
+    settle(quiet)
     reader = ChunkReader(entry, route=route, cache_bytes=budget)  # type: ignore[arg-type]
     assert not reader.read([60]).hit.any()
     reader.read(np.arange(16))
+    assert reader.read(np.arange(16)).hit.all()
     # Another writer prunes chunk 0 and refills it with new values, then fills row 60.
     other = FeatureStore.open(store_path, mode="a").entry("e")
     assert other is not None
@@ -225,6 +243,58 @@ def test_rows_rewritten_by_another_writer_are_read_again(
     assert read.hit.all()
     np.testing.assert_array_equal(read.arrays["features"][0], np.full(4, 7.0, "f4"))
     np.testing.assert_array_equal(read.arrays["label"], [0, 180])
+
+
+@pytest.mark.parametrize(
+    ("cache_bytes", "rows"),
+    [(None, np.arange(0, 100, 7)), (1000, np.arange(32))],
+    ids=["whole-entry", "two-chunks-cached"],
+)
+def test_a_quiet_store_costs_one_stat_per_batch(
+    store_path: Path, route: str, cache_bytes: int | None, rows: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = make_entry(store_path)
+    fill(entry, np.arange(100))
+    settle(True)
+    reader = ChunkReader(entry, route=route, cache_bytes=cache_bytes)  # type: ignore[arg-type]
+    every_chunk = rows
+    reader.read(every_chunk)  # the first look at each chunk
+    looked_at: list[str] = []
+    real_stat = os.stat
+
+    def counting_stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        looked_at.append(str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counting_stat)
+    read = reader.read(every_chunk[::-1])
+    monkeypatch.undo()
+    assert read.hit.all()
+    valid_dir = str(store_path / "e" / "valid" / "c")
+    assert [path for path in looked_at if path.startswith(valid_dir)] == [valid_dir]
+
+
+def test_a_change_within_the_timestamp_resolution_is_not_trusted(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The directory vouches for its files only once its times are older than the margin:
+    a second write in the same clock tick would leave them as they were."""
+    entry = make_entry(store_path)
+    fill(entry, np.arange(100))
+    valid_dir = store_path / "e" / "valid" / "c"
+    st = os.stat(valid_dir)
+    newest = max(st.st_mtime_ns, st.st_ctime_ns)
+    signatures = ValidSignatures(entry.valid, entry.chunk_rows)
+    clock = {"now": newest + QUIET_NS // 2}
+    monkeypatch.setattr(signature_module.time, "time_ns", lambda: clock["now"])
+    first = signatures.look()
+    assert signatures.look() != first  # too recent: every look is a new generation
+    clock["now"] = newest + 2 * QUIET_NS
+    quiet = signatures.look()
+    assert signatures.look() == quiet  # quiet and unchanged: one generation
+    fill(entry, [3])  # the directory changes...
+    clock["now"] = max(os.stat(valid_dir).st_mtime_ns, os.stat(valid_dir).st_ctime_ns) + 2 * QUIET_NS
+    assert signatures.look() != quiet  # ...and a new generation starts
 
 
 def test_garbled_chunk_is_a_miss_logged_once(

@@ -327,7 +327,7 @@ class CachedFeatureDataset(Dataset[Any]):
         self._warn_if_private_store_in_worker()
         entry = self._entry_for_this_process()
         read = self._checked_read(entry, rows)
-        if read.hit.all():
+        if read.all_hit:
             return self._assemble_all(read.arrays)
         columns = {
             name: np.empty((len(rows), *spec.shape), dtype=spec.numpy_dtype)
@@ -511,11 +511,9 @@ class CachedFeatureDataset(Dataset[Any]):
             except (TypeError, ValueError):  # ragged or odd items: the checks below say what
                 fast = np.empty(0, dtype=object)
             if fast.dtype == np.int64 and fast.ndim == 1:
-                if len(fast) == 0:
-                    return fast
+                if len(fast) == 0 or int(fast.view(np.uint64).max()) < self._length:
+                    return fast  # all in range and none negative (negatives view as huge)
                 low, high = int(fast.min()), int(fast.max())
-                if low >= 0 and high < self._length:
-                    return fast
                 if -self._length <= low and high < self._length:
                     return fast % self._length
         rows = np.empty(len(indices), dtype=np.int64)

@@ -100,8 +100,9 @@ class ArraySpec:
         return batch.numpy()
 
     def numpy_to_tensor(self, rows: np.ndarray) -> torch.Tensor:
-        # np.require keeps a zero-dim row zero-dim (np.ascontiguousarray makes it 1-d).
-        rows = np.require(np.asarray(rows), requirements="C")
+        if not (type(rows) is np.ndarray and rows.flags.c_contiguous):  # skip the call on the hit path
+            # np.require keeps a zero-dim row zero-dim (np.ascontiguousarray makes it 1-d).
+            rows = np.require(np.asarray(rows), requirements="C")
         if self.torch_dtype == "bfloat16":
             return torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(rows)

@@ -502,7 +502,7 @@ def serve_backed_rows(entry: Entry, rows: np.ndarray, read: RowsRead) -> RowsRea
     batch: that stat per chunk was half the cost of a hit. Bytes that vanish later while
     their rows stay valid read as the fill value, NaN, which the second check catches.
     """
-    if not read.hit.any():
+    if not read.hits:
         return read
     chunks: list[int] = read.hit_chunks(rows, entry.chunk_rows).tolist()
     missing: list[int] = []

@@ -539,9 +539,10 @@ class ChunkReader:
             for name, column in chunk.arrays.items():
                 # straight to the requested positions, in our own buffer (never a cached one)
                 gathered[name][positions] = column[rows]
-        if not hit.any():
+        hits = int(np.count_nonzero(hit))
+        if not hits:
             return RowsRead(hit, {}, distinct)
-        if not hit.all():
+        if hits < n:
             gathered = {name: column[hit] for name, column in gathered.items()}
         return RowsRead(hit, gathered, distinct)
 
@@ -567,9 +568,10 @@ class ChunkReader:
                 if dense.signatures[chunk_id] == signature:  # held (or known absent) as it is now
                     dense.confirmed[chunk_id] = generation
             hit = dense.valid[indices]
-            if not hit.any():
+            hits = int(np.count_nonzero(hit))
+            if not hits:
                 return RowsRead(hit, {}, distinct)
-            rows = indices if hit.all() else indices[hit]
+            rows = indices if hits == len(indices) else indices[hit]
             arrays = {name: column.take(rows, axis=0) for name, column in dense.arrays.items()}
             return RowsRead(hit, arrays, distinct)
 

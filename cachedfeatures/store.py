@@ -87,9 +87,18 @@ class RowsRead:
     arrays: Mapping[str, np.ndarray]
     chunks: np.ndarray | None = None
 
+    @functools.cached_property
+    def hits(self) -> int:
+        """How many requested rows were hits (counted once: every batch asks)."""
+        return int(np.count_nonzero(self.hit))
+
+    @property
+    def all_hit(self) -> bool:
+        return self.hits == len(self.hit)
+
     def hit_chunks(self, rows: np.ndarray, chunk_rows: int) -> np.ndarray:
         """The distinct chunks the hits among ``rows`` (the rows read) came from, ascending."""
-        if self.chunks is not None and self.hit.all():
+        if self.chunks is not None and self.all_hit:
             return self.chunks
         return np.unique(rows[self.hit] // chunk_rows)
 

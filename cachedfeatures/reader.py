@@ -357,7 +357,8 @@ class _ChunkFile:
             size = os.fstat(file.fileno()).st_size
             if size != expected:
                 raise ValueError(f"raw chunk {path} holds {size} bytes; expected {expected}")
-            view = memoryview(target.reshape(-1).view(np.uint8).data)
+            payload = target.reshape(-1).view(np.uint8)
+            view = memoryview(payload.data)
             done = 0
             while done < len(view):  # one read from the page cache, no intermediate copy
                 count = file.readinto(view[done:])
@@ -366,7 +367,7 @@ class _ChunkFile:
                 done += count
             if self.checksum:
                 stored = file.read(4)
-                payload = target.reshape(-1).view(np.uint8).view()
+                payload = payload.view()
                 payload.flags.writeable = False  # google_crc32c takes read-only buffers only
                 if len(stored) != 4 or google_crc32c.value(payload) != int.from_bytes(stored, "little"):
                     raise ValueError(

@@ -7,16 +7,15 @@ about 1 GB/s on one core.
 
 from __future__ import annotations
 
-import ast
 import hashlib
-import inspect
 import pickle
-import textwrap
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
+
+from cachedfeatures import state_hash
 
 DIGEST_SIZE = 16
 Hasher = hashlib.blake2b
@@ -84,48 +83,6 @@ def hash_strings(*parts: str) -> str:
 def code_fingerprint(obj: Callable[..., Any] | type) -> str:
     """A hash of what ``obj``'s code does, blind to comments, docstrings and formatting.
 
-    The source is parsed and its syntax tree dumped without docstrings, so reformatting or
-    editing a comment keeps the fingerprint. Where no source is available (built-ins,
-    lambdas defined inside an expression), the compiled code object is hashed instead.
+    See :func:`cachedfeatures.state_hash.code_digest`.
     """
-    try:
-        source = textwrap.dedent(inspect.getsource(obj))
-        tree = ast.parse(source)
-    except (OSError, TypeError, SyntaxError, IndentationError):
-        return hash_strings(*_compiled_parts(obj))
-    if getattr(obj, "__name__", None) == "<lambda>":
-        # getsource gives the whole statement around a lambda; keep only the lambdas.
-        lambdas = [node for node in ast.walk(tree) if isinstance(node, ast.Lambda)]
-        return hash_strings(*(ast.dump(node) for node in lambdas))
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if (
-            isinstance(body, list)
-            and body
-            and isinstance(body[0], ast.Expr)
-            and isinstance(body[0].value, ast.Constant)
-            and isinstance(body[0].value.value, str)
-        ):
-            del body[0]
-    return hash_strings(ast.dump(tree))
-
-
-def _compiled_parts(obj: Any) -> list[str]:
-    """The compiled code of a function, or of every function defined in a class body."""
-    code = getattr(obj, "__code__", None)
-    if code is not None:
-        return _code_parts(code)
-    parts = [getattr(obj, "__qualname__", repr(type(obj)))]
-    if isinstance(obj, type):
-        for name, member in sorted(vars(obj).items()):
-            function = getattr(member, "__func__", member)  # staticmethod/classmethod
-            if hasattr(function, "__code__"):
-                parts += [name, *_code_parts(function.__code__)]
-    return parts
-
-
-def _code_parts(code: Any) -> list[str]:
-    parts = [code.co_code.hex(), repr(code.co_names)]
-    for const in code.co_consts:
-        parts.extend(_code_parts(const) if hasattr(const, "co_code") else [repr(const)])
-    return parts
+    return state_hash.code_digest(obj)

@@ -7,27 +7,28 @@ import functools
 import logging
 import operator
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
-from cachedfeatures import _hashing
 from cachedfeatures.access import AccessLog
 from cachedfeatures.compute import Collate, FeatureComputer
 from cachedfeatures.errors import DeviceInWorkerError, TrainingModeError
 from cachedfeatures.faults import WriteGuard, is_store_fault
 from cachedfeatures.fingerprint import (
+    callable_digest,
     dataset_fingerprint,
     entry_id,
     module_fingerprint,
-    probe_indices,
     qualified_name,
 )
 from cachedfeatures.layout import ArraySpec, InputKey, OutputLayout, SampleLayout
 from cachedfeatures.locks import FileLocks
+from cachedfeatures.modes import mode_dependent_submodules, training_mode_message
 from cachedfeatures.ownership import ChunkOwnership, parse_ownership
 from cachedfeatures.pipeline import Loader, WorkerMethod
 from cachedfeatures.prefill import PrefillResult, prefill
@@ -146,11 +147,12 @@ class CachedFeatureDataset(Dataset[Any]):
         self.max_bytes = None if max_bytes is None else parse_bytes(max_bytes)
         self.policy = parse_policy(policy)
         self._checksum = checksum
-        if isinstance(module, torch.nn.Module) and module.training:
+        mode_dependent = mode_dependent_submodules(module)
+        if mode_dependent:
             raise TrainingModeError(
-                f"{type(module).__name__} is in training mode, so dropout and batch norm would "
-                "make its features depend on the batch and change from call to call. Call "
-                "module.eval() before wrapping it."
+                training_mode_message(
+                    cast(torch.nn.Module, module), mode_dependent, "Call module.eval() before wrapping it."
+                )
             )
         self._length = len(dataset)  # type: ignore[arg-type]
         self._computer = FeatureComputer(module, self.device, self.dtype, collate_fn, self.autocast_dtype)
@@ -169,17 +171,16 @@ class CachedFeatureDataset(Dataset[Any]):
             self.write_guard.location = self._feature_store.location
         self.module_fingerprint = module_fingerprint(module, module_version)
 
-        probes: dict[int, Any] = {}
-        if dataset_version is None:
-            probes = {i: dataset[i] for i in probe_indices(self._length)}
-        self.dataset_fingerprint = dataset_fingerprint(
+        probe = dataset_fingerprint(
             dataset,
-            list(probes.items()),
+            dataset.__getitem__,
             self._extract_input_unchecked,
             version=dataset_version,
             allow_nondeterministic=allow_nondeterministic,
-            reload=dataset.__getitem__,
         )
+        self.dataset_fingerprint = probe.fingerprint
+        self.probe_loads = probe.loads
+        probes = probe.samples
         self.options = {
             "dtype": None if self.dtype is None else str(self.dtype),
             "input_key": _describe_callable(self.input_key),
@@ -188,7 +189,7 @@ class CachedFeatureDataset(Dataset[Any]):
         if self.autocast_dtype is not None:  # only when set, so entries without it keep their key
             self.options["autocast"] = str(self.autocast_dtype)
         key = entry_id(self.module_fingerprint, self.dataset_fingerprint, self.options)
-        self.entry_name = f"{type(module).__name__}-{key}"
+        self.entry_name = f"{_entry_prefix(module)}-{key}"
         self._entry: Entry | None = None
         if self._length > 0:
             self._entry = self._feature_store.entry(self.entry_name) or self._create_entry_guarded(
@@ -658,10 +659,19 @@ def parse_input_key(input_key: object) -> InputKey:
     )
 
 
+def _entry_prefix(module: Callable[..., Any]) -> str:
+    """A readable start of the entry's name: the module's class, or the callable's name."""
+    if isinstance(module, torch.nn.Module):
+        return type(module).__name__
+    target = getattr(module, "func", module)  # a functools.partial names its function
+    name = re.sub(r"[^A-Za-z0-9_]", "", str(getattr(target, "__name__", type(module).__name__)))
+    return name or "function"
+
+
 def _describe_callable(value: object) -> str:
     if callable(value):
         name = getattr(value, "__qualname__", type(value).__qualname__)
-        return f"{name}:{_hashing.code_fingerprint(value)[:16]}"
+        return f"{name}:{callable_digest(value)[:16]}"
     return repr(value)
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "DeviceInWorkerError",
     "EntryNotFoundError",
     "FieldNotStorableError",
+    "FingerprintWarning",
     "InputBatchError",
     "InputKeyError",
     "ModuleOutputError",
@@ -126,3 +127,7 @@ class DeviceInWorkerError(CacheError, RuntimeError):
 
 class WriterError(CacheError, RuntimeError):
     """The background writer failed to store computed rows (the cause is chained)."""
+
+
+class FingerprintWarning(CacheWarning):
+    """Part of a module's or dataset's state could not be hashed: changes there go unseen."""

@@ -44,6 +44,7 @@ from cachedfeatures.fingerprint import Fingerprint, module_fingerprint, options_
 from cachedfeatures.keyed_entry import KeyedEntry, keyed_chunk_rows
 from cachedfeatures.layout import OutputLayout, cast_for_storage
 from cachedfeatures.memory_tier import MemoryTier, Row
+from cachedfeatures.modes import mode_dependent_submodules, training_mode_message
 from cachedfeatures.row_keys import KEY_ALGORITHM, CallInputs, gather_inputs, row_keys
 from cachedfeatures.store import Compressor, FeatureStore, StoreLike
 
@@ -549,12 +550,9 @@ def _output_tensors(layout: OutputLayout, output: Any, dtype: torch.dtype | None
     return {spec.name: cast_for_storage(v, dtype) for spec, v in zip(layout.arrays, values, strict=True)}
 
 
-_STATEFUL_IN_TRAINING = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-
-
 def _check_frozen(module: Callable[..., Any]) -> None:
-    """Raise unless ``module`` is frozen: no parameter requires grad, no dropout or batch
-    norm active in training mode."""
+    """Raise unless ``module`` is frozen: no parameter requires grad, and no submodule whose
+    output depends on the mode (dropout, batch norm, code reading ``self.training``) in training mode."""
     if not isinstance(module, nn.Module):
         return
     trainable = [name for name, p in module.named_parameters() if p.requires_grad]
@@ -565,20 +563,12 @@ def _check_frozen(module: Callable[..., Any]) -> None:
             "would silently stop training these. Freeze the cached module with "
             "module.requires_grad_(False), and keep the trainable layers outside it."
         )
-    active = [
-        name or type(module).__name__
-        for name, sub in module.named_modules()
-        if sub.training
-        and (
-            (isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p > 0)
-            or (isinstance(sub, _STATEFUL_IN_TRAINING) and sub.track_running_stats)
-        )
-    ]
+    active = mode_dependent_submodules(module)
     if active:
         raise TrainingModeError(
-            f"{type(module).__name__} is in training mode with active dropout or batch norm "
-            f"({', '.join(active[:4])}), so its outputs are random or depend on the batch and "
-            "cannot be cached. Call .eval() on the cached module (again after model.train())."
+            training_mode_message(
+                module, active, "Call .eval() on the cached module (again after model.train())."
+            )
         )
 
 

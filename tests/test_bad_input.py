@@ -130,9 +130,10 @@ def test_index_out_of_range(store_path) -> None:
         cached[1.5]  # type: ignore[index]
 
 
-def test_module_in_training_mode(store_path) -> None:
-    with pytest.raises(TrainingModeError, match=r"module.eval\(\)"):
-        CachedFeatureDataset(Samples(5), Backbone().train(), store_path)
+def test_module_with_dropout_in_training_mode(store_path) -> None:
+    module = torch.nn.Sequential(Backbone(), torch.nn.Dropout(0.1)).train()
+    with pytest.raises(TrainingModeError, match=r"1 \(dropout p=0.1\).*module.eval\(\)"):
+        CachedFeatureDataset(Samples(5), module, store_path)
 
 
 class WithObject(Samples):

@@ -8,6 +8,7 @@ import logging
 import operator
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, cast
 
@@ -17,7 +18,7 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from cachedfeatures.access import AccessLog
 from cachedfeatures.compute import Collate, FeatureComputer
-from cachedfeatures.errors import DeviceInWorkerError, TrainingModeError
+from cachedfeatures.errors import DeviceInWorkerError, FingerprintWarning, TrainingModeError
 from cachedfeatures.faults import WriteGuard, is_store_fault
 from cachedfeatures.fingerprint import (
     callable_digest,
@@ -35,6 +36,7 @@ from cachedfeatures.prefill import PrefillResult, prefill
 from cachedfeatures.pruning import Budget, Policy, parse_policy, serve_backed_rows
 from cachedfeatures.reader import ChunkReader, ReadRoute
 from cachedfeatures.remote import is_url
+from cachedfeatures.state_hash import module_state_digests
 from cachedfeatures.steps import LoadedRows, RowLoader, compute_loaded
 from cachedfeatures.store import Compressor, Entry, FeatureStore, RowsRead, StoreLike, default_chunk_rows
 from cachedfeatures.units import parse_bytes
@@ -170,6 +172,7 @@ class CachedFeatureDataset(Dataset[Any]):
         if write_guard is None:
             self.write_guard.location = self._feature_store.location
         self.module_fingerprint = module_fingerprint(module, module_version)
+        self._module_state_tracked = module_version is None and isinstance(module, torch.nn.Module)
 
         probe = dataset_fingerprint(
             dataset,
@@ -262,7 +265,12 @@ class CachedFeatureDataset(Dataset[Any]):
         sample = probes[index] if probes else self.dataset[index]
         sample_layout = SampleLayout.from_sample(sample, self.input_key)
         fields = sample_layout.field_values([sample])
+        module = self.module
+        tracked = self._module_state_tracked and isinstance(module, torch.nn.Module)
+        before = module_state_digests(module) if tracked and isinstance(module, torch.nn.Module) else {}
         raw = self._computer.run([sample_layout.extract_input(sample)])
+        if before:
+            _warn_if_state_changed(self.module, before)
         output_layout = OutputLayout.from_output(raw, 1, self.dtype)
         outputs = output_layout.split(raw, 1, self.dtype)
         specs: list[ArraySpec] = [*output_layout.arrays, *sample_layout.fields]
@@ -657,6 +665,22 @@ def parse_input_key(input_key: object) -> InputKey:
         "Expected input_key to be an int index, a dict key (str) or a callable sample -> input. "
         f"Got {input_key!r}."
     )
+
+
+def _warn_if_state_changed(module: Any, before: Mapping[str, str]) -> None:
+    """Warn when running the module changed attributes that its fingerprint covers."""
+    after = module_state_digests(module)
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    if changed:
+        warnings.warn(
+            f"running {type(module).__name__} changed its attributes {', '.join(changed[:6])}, which are "
+            "part of its fingerprint: a CachedFeatureDataset built after the module has run would "
+            "get a new entry and recompute everything. If they do not change what the module "
+            "computes (counters, logs, caches), list them in the class attribute "
+            f"__cachedfeatures_exclude__ = {tuple(n.rsplit('.', 1)[-1] for n in changed[:6])!r}.",
+            FingerprintWarning,
+            stacklevel=4,
+        )
 
 
 def _entry_prefix(module: Callable[..., Any]) -> str:

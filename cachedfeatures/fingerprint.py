@@ -38,7 +38,7 @@ import torch
 
 from cachedfeatures import _hashing
 from cachedfeatures.errors import FingerprintWarning, NonDeterministicDatasetError
-from cachedfeatures.state_hash import StateHasher, is_user_code
+from cachedfeatures.state_hash import StateHasher, excluded_attributes, is_user_code
 
 FORMAT_VERSION = 1
 NUM_PROBES = 8
@@ -292,7 +292,8 @@ def _plain_attributes(obj: Any) -> list[tuple[str, Any]] | None:
         state = vars(obj)
     except TypeError:
         return None
-    return sorted(state.items())
+    excluded = excluded_attributes(obj)
+    return sorted((name, value) for name, value in state.items() if name not in excluded)
 
 
 @contextlib.contextmanager

@@ -40,7 +40,14 @@ import torch
 import xxhash
 from torch import nn
 
-__all__ = ["StateHasher", "code_digest", "is_user_code", "module_tree_items"]
+__all__ = [
+    "StateHasher",
+    "code_digest",
+    "excluded_attributes",
+    "is_user_code",
+    "module_state_digests",
+    "module_tree_items",
+]
 
 # nn.Module attributes that are torch's bookkeeping, not state that changes outputs. Parameters,
 # buffers and submodules are walked separately; hooks that change outputs are kept (below).
@@ -393,10 +400,32 @@ class StateHasher:
 
 def module_tree_items(module: nn.Module) -> Iterator[tuple[str, Any]]:
     """A submodule's own attributes that can change its outputs (not parameters, buffers,
-    submodules or torch's bookkeeping), in a stable order."""
+    submodules, torch's bookkeeping or names in ``__cachedfeatures_exclude__``), in a stable order."""
+    excluded = excluded_attributes(module)
     for key, value in sorted(vars(module).items()):
-        if key not in _MODULE_INTERNALS and key not in _HOOKS:
+        if key not in _MODULE_INTERNALS and key not in _HOOKS and key not in excluded:
             yield key, value
+
+
+def excluded_attributes(obj: Any) -> frozenset[str]:
+    """Attribute names ``obj``'s class asks to leave out of fingerprints.
+
+    A class lists in ``__cachedfeatures_exclude__`` the attributes that change as it runs
+    without changing what it computes: call counters, logs, lazily built caches.
+    """
+    names = getattr(type(obj), "__cachedfeatures_exclude__", ())
+    return frozenset((names,) if isinstance(names, str) else names)
+
+
+def module_state_digests(module: nn.Module) -> dict[str, str]:
+    """A digest per submodule attribute (not weights): to tell which ones a forward changed."""
+    digests = {}
+    for name, sub in module.named_modules():
+        for key, value in module_tree_items(sub):
+            hasher = StateHasher()
+            hasher.update(value, key)
+            digests[f"{name}.{key}" if name else key] = hasher.hexdigest()
+    return digests
 
 
 def _object_state(obj: Any) -> list[tuple[str, Any]] | None:
@@ -408,6 +437,8 @@ def _object_state(obj: Any) -> list[tuple[str, Any]] | None:
         found = True
     except TypeError:
         pass
+    for name in excluded_attributes(obj):
+        state.pop(name, None)
     for klass in type(obj).__mro__:
         slots = klass.__dict__.get("__slots__", ())
         for slot in (slots,) if isinstance(slots, str) else slots:

@@ -78,8 +78,11 @@ class Backbone(nn.Module):
     Only per-sample ops (conv, relu, mean-pool, linear applied row by row) so that a row's
     features are bit-identical whatever batch it is computed in: the tests compare exactly.
     ``calls`` counts forward calls; ``seen_devices`` and ``seen_grad_modes`` record the
-    device of inputs and whether inference mode was on.
+    device of inputs and whether inference mode was on. These change as it runs and not what it
+    computes, so they are left out of its fingerprint (``__cachedfeatures_exclude__``).
     """
+
+    __cachedfeatures_exclude__ = ("calls", "batch_sizes", "inference_modes", "devices", "pids")
 
     def __init__(self, out: int = 16, seed: int = 0, outputs: str = "tensor") -> None:
         super().__init__()
@@ -138,6 +141,8 @@ class Tile(nn.Module):
 
     ``rows_computed`` counts the rows it has seen, so tests can count misses.
     """
+
+    __cachedfeatures_exclude__ = ("rows_computed",)
 
     def __init__(self) -> None:
         super().__init__()

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cachedfeatures import CachedFeatureDataset
+from cachedfeatures.fingerprint import NUM_PROBES, NUM_RELOADED_PROBES, RELOAD_SEEDS
 from tests.helpers import Backbone, Samples, reference, run_script
 
 
@@ -65,7 +66,8 @@ def test_a_second_process_gets_every_sample_as_a_hit(store_path) -> None:
     assert second["entry"] == first["entry"]
     assert second["calls"] == 0
     assert second["loads"] == 0
-    assert second["construction_loads"] == 4  # 3 probe samples + 1 determinism check
+    # 8 probe samples, and 4 of them reloaded under 3 seeds to catch random augmentation
+    assert second["construction_loads"] == NUM_PROBES + NUM_RELOADED_PROBES * len(RELOAD_SEEDS) == 20
     expected = reference(Backbone(), Samples(64, "dict"), 3)
     assert torch.equal(torch.tensor(second["row3"]), expected)
     assert second["label3"] == 3

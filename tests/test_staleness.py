@@ -21,7 +21,12 @@ import pytest
 import torch
 from torch import nn
 
-from cachedfeatures import CachedFeatureDataset, FeatureStore, NonDeterministicDatasetError
+from cachedfeatures import (
+    CachedFeatureDataset,
+    FeatureStore,
+    FingerprintWarning,
+    NonDeterministicDatasetError,
+)
 from tests.helpers import Backbone, Samples, run_script
 
 pytestmark = pytest.mark.slow  # most cases run three fresh processes
@@ -525,3 +530,46 @@ def test_the_training_mode_error_names_what_depends_on_the_mode(store_path) -> N
         CachedFeatureDataset(Samples(10), Wrapper().train(), store_path)
     with pytest.raises(TrainingModeError, match=r"reads self.training"):
         CachedFeatureDataset([torch.randn(8) for _ in range(5)], ReadsTraining().train(), store_path)
+
+
+# -- what fingerprints cannot see is said ----------------------------------------------------------
+
+
+class HoldsALock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        self.lock = threading.Lock()  # no __dict__, does not pickle
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+def test_state_that_cannot_be_hashed_is_named_in_a_warning(store_path) -> None:
+    with pytest.warns(FingerprintWarning, match=r"cannot see into HoldsALock.lock \(_thread.lock\).*module_version="):
+        CachedFeatureDataset(Samples(10), HoldsALock(), store_path)
+
+
+class Counting(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen += len(x)
+        return x.flatten(1)
+
+
+class CountingExcluded(Counting):
+    __cachedfeatures_exclude__ = ("seen",)
+
+
+def test_attributes_a_forward_changes_are_named_and_can_be_excluded(store_path) -> None:
+    with pytest.warns(FingerprintWarning, match=r"changed its attributes seen.*\('seen',\)"):
+        CachedFeatureDataset(Samples(10), Counting(), store_path)
+    module = CountingExcluded()
+    first = CachedFeatureDataset(Samples(10), module, store_path)
+    first.__getitems__(list(range(10)))
+    assert module.seen > 0
+    assert CachedFeatureDataset(Samples(10), module, store_path).entry_name == first.entry_name

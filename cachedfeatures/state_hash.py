@@ -106,14 +106,25 @@ def _is_user_module(name: str) -> bool:
     return not os.path.realpath(file).startswith(_LIBRARY_DIRS)
 
 
+_OWN_DIR = os.path.dirname(os.path.realpath(__file__)) + os.sep
+
+
 def is_user_code(obj: Any) -> bool:
     """Whether ``obj`` (a function or class) is defined in code you may edit, not installed code.
 
     User code is ``__main__`` and every module whose file lies outside the standard library and
-    site-packages (a script, the files beside it, an editable install of your project).
+    site-packages (a script, the files beside it, an editable install of your project). Classes
+    this library makes (``cached_module``'s subclass, which takes its base's name) are not.
     """
     name = getattr(obj, "__module__", None)
-    return isinstance(name, str) and _is_user_module(name)
+    if not (isinstance(name, str) and _is_user_module(name)):
+        return False
+    members = vars(obj).values() if isinstance(obj, type) else (obj,)
+    for member in members:
+        code = getattr(getattr(member, "__func__", member), "__code__", None)
+        if code is not None and os.path.realpath(code.co_filename).startswith(_OWN_DIR):
+            return False
+    return True
 
 
 def qualified_name(obj: Any) -> str:
@@ -404,6 +415,8 @@ def module_tree_items(module: nn.Module) -> Iterator[tuple[str, Any]]:
     excluded = excluded_attributes(module)
     for key, value in sorted(vars(module).items()):
         if key not in _MODULE_INTERNALS and key not in _HOOKS and key not in excluded:
+            if key.startswith("cachedfeatures_"):
+                continue  # cached_module's options set on the instance (its store, ...)
             yield key, value
 
 

@@ -58,6 +58,7 @@ __all__ = [
     "prune",
     "remove_orphans",
     "serve_backed_rows",
+    "stored_bytes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,12 @@ def measure(store: FeatureStore) -> StoreUsage:
             per_entry = usage.chunks.setdefault(parts[0], {})
             per_entry[int(parts[3])] = per_entry.get(int(parts[3]), 0) + size
     return usage
+
+
+def stored_bytes(store: Store, prefix: str) -> int:
+    """Bytes under ``prefix`` now, less ``*.partial`` temporaries; keys deleted while listed
+    (by another process's pruner) count as gone instead of raising."""
+    return sum(size for key, size in _sizes(store, prefix) if not key.endswith(PARTIAL_SUFFIX))
 
 
 def _sizes(store: Store, prefix: str) -> Iterable[tuple[str, int]]:

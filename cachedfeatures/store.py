@@ -225,10 +225,14 @@ class Entry:
         return sum(spec.row_nbytes for spec in self.specs) * self.num_rows
 
     def nbytes_stored(self) -> int:
-        """Bytes this entry occupies in the store (chunks and metadata, all arrays)."""
-        store = self.group.store
-        prefix = self.group.path
-        return int(zarr.core.sync.sync(store.getsize_prefix(prefix)))
+        """Bytes this entry occupies in the store (chunks and metadata, all arrays).
+
+        Files another process deletes while they are listed (a pruner) count as gone, and
+        the ``*.partial`` temporaries of killed writes are not counted.
+        """
+        from cachedfeatures.pruning import stored_bytes
+
+        return stored_bytes(self.group.store, self.group.path)
 
     def describe(self) -> str:
         module = self.meta["module"]["description"]
@@ -390,28 +394,13 @@ class FeatureStore:
         store. ``mode="r"`` opens local and URL stores read-only: nothing is ever written.
         """
         zarr_store, locks, location = _resolve(store, mode, storage_options)
-        try:
-            root = zarr.open_group(zarr_store, mode="r" if mode == "r" else "a")
-        except (zarr.errors.ContainsArrayError, zarr.errors.NodeTypeValidationError) as error:
-            raise NotAFeatureStoreError(
-                f"{location} holds a Zarr array, not a cachedfeatures store; pass a new path."
-            ) from error
-        except FileNotFoundError as error:
-            raise StorePathError(f"no cachedfeatures store at {location}; check the path.") from error
-        meta: Any = root.attrs.get(ATTRS_KEY)
-        if meta is None:
-            if mode == "r" or any(True for _ in root):
-                raise NotAFeatureStoreError(
-                    f"{location} is a Zarr store that cachedfeatures did not write (no "
-                    f"'{ATTRS_KEY}' attribute); pass a new path for the cache."
-                )
-            root.attrs[ATTRS_KEY] = {"format_version": FORMAT_VERSION, "created": _now()}
-        elif int(meta.get("format_version", 0)) > FORMAT_VERSION:
-            raise NotAFeatureStoreError(
-                f"{location} was written by a newer cachedfeatures (format "
-                f"{meta['format_version']}); upgrade cachedfeatures to read it."
-            )
-        return cls(root, locks, location)
+        if mode == "r":
+            return cls(_open_root(zarr_store, mode, location), locks, location)
+        # Creating the root group and its attrs is a check-then-write: two processes opening a
+        # new path at once (the first run of a torchrun job) would both create it. A file lock
+        # serialises them on one machine; elsewhere a lost race is an existing group to open.
+        with locks.lock("root"):
+            return cls(_open_root(zarr_store, mode, location), locks, location)
 
     @property
     def entries(self) -> list[Entry]:
@@ -518,6 +507,35 @@ class FeatureStore:
         from cachedfeatures import explore
 
         return explore.store_html(self, [(entry.info(), entry.valid_mask()) for entry in self.entries])
+
+
+def _open_root(zarr_store: Store, mode: Literal["r", "a"], location: str) -> zarr.Group:
+    """The store's root group, created with the format attrs when the store is new."""
+    try:
+        try:
+            root = zarr.open_group(zarr_store, mode=mode)
+        except zarr.errors.ContainsGroupError:  # created by another process since we looked
+            root = zarr.open_group(zarr_store, mode=mode)
+    except (zarr.errors.ContainsArrayError, zarr.errors.NodeTypeValidationError) as error:
+        raise NotAFeatureStoreError(
+            f"{location} holds a Zarr array, not a cachedfeatures store; pass a new path."
+        ) from error
+    except FileNotFoundError as error:
+        raise StorePathError(f"no cachedfeatures store at {location}; check the path.") from error
+    meta: Any = root.attrs.get(ATTRS_KEY)
+    if meta is None:
+        if mode == "r" or any(True for _ in root):
+            raise NotAFeatureStoreError(
+                f"{location} is a Zarr store that cachedfeatures did not write (no "
+                f"'{ATTRS_KEY}' attribute); pass a new path for the cache."
+            )
+        root.attrs[ATTRS_KEY] = {"format_version": FORMAT_VERSION, "created": _now()}
+    elif int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise NotAFeatureStoreError(
+            f"{location} was written by a newer cachedfeatures (format "
+            f"{meta['format_version']}); upgrade cachedfeatures to read it."
+        )
+    return root
 
 
 def _with_checksum(codec: BytesBytesCodec | None, checksum: bool) -> tuple[BytesBytesCodec, ...]:

@@ -164,4 +164,7 @@ def test_process_workers_exit_when_the_trainer_is_killed(store_path: Path) -> No
     alive = [pid for pid in workers if _alive(pid)]
     for pid in alive:  # don't leave them behind
         os.kill(pid, signal.SIGKILL)
+    for pipe in (trainer.stdout, trainer.stderr):
+        if pipe is not None:
+            pipe.close()
     assert not alive, f"workers {alive} outlived their killed trainer by 5 s"

@@ -194,6 +194,7 @@ class CachedFeatureDataset(Dataset[Any]):
             self._entry = self._feature_store.entry(self.entry_name) or self._create_entry_guarded(
                 probes, chunk_rows, compressor
             )
+            self._entry.check_metadata()  # a damaged array: a clear error naming the repair, now
         self._attach_reader()
         self._load_layouts()
         self._attach_statistics(enforce=True)

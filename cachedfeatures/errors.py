@@ -12,6 +12,8 @@ __all__ = [
     "CacheError",
     "CacheWarning",
     "CachingPausedWarning",
+    "ChunkSizeError",
+    "DamagedStoreError",
     "DeviceInWorkerError",
     "EntryNotFoundError",
     "FieldNotStorableError",
@@ -84,6 +86,15 @@ class UnknownArrayError(CacheError, KeyError):
 
 class BudgetError(CacheError, ValueError):
     """The size budget cannot work: ``max_bytes`` is smaller than one chunk."""
+
+
+class DamagedStoreError(CacheError, ValueError):
+    """A store's metadata is damaged (a ``zarr.json`` unreadable or missing); the message names
+    what, and ``cachedfeatures verify --repair STORE`` rebuilds it or drops the entry."""
+
+
+class ChunkSizeError(CacheError, ValueError):
+    """A chunk would be larger than the compressor can take (Blosc: 2 GiB)."""
 
 
 class EntryNotFoundError(CacheError, KeyError):

@@ -27,7 +27,9 @@ def exit_with_parent(parent_pid: int) -> None:
     if os.getpid() == parent_pid:
         return
     if not _set_parent_death_signal():
-        threading.Thread(target=_watch, args=(parent_pid,), name="cachedfeatures-parent-watch", daemon=True).start()
+        threading.Thread(
+            target=_watch, args=(parent_pid,), name="cachedfeatures-parent-watch", daemon=True
+        ).start()
     if os.getppid() != parent_pid:  # the parent died before the signal was armed
         os._exit(1)
 

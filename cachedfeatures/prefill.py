@@ -132,7 +132,10 @@ def prefill(
         writer = Writer(entry, write=cached.write)
         batches = tn.Batcher(tn.IterableWrapper(rows.tolist()), cached.batch_size, drop_last=False)
         io = ReadOrLoad(
-            entry, cached.row_loader(), read_hits=False, in_processes=num_workers > 0 and worker_method == "process"
+            entry,
+            cached.row_loader(),
+            read_hits=False,
+            in_processes=num_workers > 0 and worker_method == "process",
         )
         read: tn.BaseNode[IOBatch] = (
             tn.ParallelMapper(batches, io, num_workers=num_workers, method=worker_method)

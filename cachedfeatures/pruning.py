@@ -240,6 +240,7 @@ class PruneReport:
     bytes_after: int
     dropped: list[DroppedChunk]
     dry_run: bool = False
+    skipped: dict[str, str] = field(default_factory=dict)  # entries it could not read: name -> why
 
     @property
     def within_budget(self) -> bool:
@@ -278,7 +279,10 @@ def plan(
     for entry in entries:
         entry_stats = (stats or {}).get(entry.name)
         if entry_stats is None:
-            entry_stats = read_access(entry)
+            try:
+                entry_stats = read_access(entry)
+            except Exception:  # damaged statistics ('verify' reports them): as if never recorded
+                entry_stats = np.zeros((entry.num_chunks, 2), dtype=np.float64)
         if entry.name == in_use:
             current = (entry, entry_stats)
         else:
@@ -348,14 +352,22 @@ def prune(
         for log in logs:
             log.flush()
         usage = measure(store)
-        entries, _ = open_entries(store)
+        found, skipped = open_entries(store)
+        entries = []
+        for entry in found:
+            try:
+                entry.check_metadata()
+            except Exception as error:
+                skipped[entry.name] = str(error)
+                continue
+            entries.append(entry)
         chosen = plan(entries, usage, budget, policy, in_use)
         if not dry_run:
             by_name = {entry.name: entry for entry in entries}
             for item in chosen:
                 drop_chunk(by_name[item.entry], item.chunk)
     freed = sum(item.nbytes for item in chosen)
-    return PruneReport(budget, usage.total, usage.total - freed, chosen, dry_run)
+    return PruneReport(budget, usage.total, usage.total - freed, chosen, dry_run, skipped)
 
 
 # -- the budget of a dataset -------------------------------------------------------------------
@@ -393,6 +405,7 @@ class Budget:
                 "Raise max_bytes or pass a smaller chunk_rows."
             )
         self._others: dict[str, Entry] = {}
+        self.skipped: dict[str, str] = {}  # entries it cannot read (reported once): name -> why
 
     def enforce(self) -> PruneReport | None:
         """Measure the store and prune it if it is over budget (one pruner at a time)."""
@@ -425,8 +438,24 @@ class Budget:
         for name in sorted(usage.chunks):
             if name == self.entry.name:
                 continue
+            if name in self.skipped:
+                continue
             if name not in self._others:
-                entry = self.store.entry(name)
+                try:
+                    entry = self.store.entry(name)
+                    if entry is not None:
+                        entry.check_metadata()
+                except Exception as error:  # damaged metadata: its bytes stay, counted, unpruned
+                    self.skipped[name] = f"{type(error).__name__}: {error}"
+                    logger.warning(
+                        "cachedfeatures: the size budget skips entry %s, whose metadata cannot be read "
+                        "(%s); its chunks are counted but not pruned. Run 'cachedfeatures verify "
+                        "--repair %s' to rebuild or drop it.",
+                        name,
+                        self.skipped[name],
+                        self.store.location,
+                    )
+                    continue
                 if entry is None:  # an incomplete entry or a stray group: not ours to prune
                     continue
                 self._others[name] = entry

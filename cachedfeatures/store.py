@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,7 +32,12 @@ from zarr.abc.codec import BytesBytesCodec
 from zarr.abc.store import Store
 from zarr.storage import LocalStore, MemoryStore
 
-from cachedfeatures.errors import EntryNotFoundError, NotAFeatureStoreError, StorePathError
+from cachedfeatures.errors import (
+    DamagedStoreError,
+    EntryNotFoundError,
+    NotAFeatureStoreError,
+    StorePathError,
+)
 from cachedfeatures.layout import ArraySpec
 from cachedfeatures.locks import FileLocks, Locks, ThreadLocks
 
@@ -133,7 +139,7 @@ class Entry:
             # it, a chunk equal to the fill value (all-False or all-zero features) is not written,
             # and its valid rows would read as damaged.
             self._arrays = {
-                spec.name: self.group[spec.name].with_config({"write_empty_chunks": True})  # type: ignore[union-attr]
+                spec.name: self._array(spec.name).with_config({"write_empty_chunks": True})
                 for spec in self.specs
             }
         return self._arrays
@@ -141,8 +147,31 @@ class Entry:
     @property
     def valid(self) -> zarr.Array[Any]:
         if self._valid is None:
-            self._valid = self.group[VALID]  # type: ignore[assignment]
-        return self._valid  # type: ignore[return-value]
+            self._valid = self._array(VALID)
+        return self._valid
+
+    def _array(self, name: str) -> zarr.Array[Any]:
+        """The entry's array ``name``; a missing or unreadable one is a :class:`DamagedStoreError`."""
+        try:
+            array = self.group[name]
+        except KeyError:
+            problem = "is missing"
+        except (ValueError, UnicodeDecodeError) as error:  # garbage zarr.json (JSONDecodeError...)
+            problem = f"has unreadable metadata ({type(error).__name__}: {error})"
+        else:
+            if isinstance(array, zarr.Array):
+                return array
+            problem = "is not an array"
+        raise DamagedStoreError(
+            f"array {name!r} of entry {self.name} {problem}. Run 'cachedfeatures verify --repair "
+            f"{_store_location(self.group.store)}': it rebuilds the array (its rows become misses, "
+            "recomputed on the next pass)."
+        )
+
+    def check_metadata(self) -> None:
+        """Open every array of the entry now: a :class:`DamagedStoreError` if one is damaged."""
+        self._arrays = None
+        _ = self.arrays, self.valid
 
     def valid_mask(self) -> np.ndarray:
         """The whole ``valid`` mask, as read now."""
@@ -416,6 +445,12 @@ class FeatureStore:
             group = self.root[name]
         except KeyError:
             return None
+        except (ValueError, UnicodeDecodeError) as error:  # garbage zarr.json (JSONDecodeError...)
+            raise DamagedStoreError(
+                f"entry {name} of store {self.location} has unreadable metadata ({type(error).__name__}: "
+                f"{error}). Run 'cachedfeatures verify --repair {self.location}': it drops the entry, "
+                "whose rows are then recomputed."
+            ) from error
         if not isinstance(group, zarr.Group) or "arrays" not in group.attrs.get(ATTRS_KEY, {}):  # type: ignore[operator]
             return None
         return Entry(group, self.locks)
@@ -444,16 +479,7 @@ class FeatureStore:
             codec = default_compressor() if compressor == "default" else compressor
             for spec in specs:
                 _create_array(group, spec, num_rows, chunk_rows, codec, checksum)
-            group.create_array(
-                VALID,
-                shape=(num_rows,),
-                chunks=(chunk_rows,),
-                dtype="bool",
-                fill_value=False,
-                compressors=_with_checksum(default_compressor(), checksum),
-                dimension_names=(SAMPLE_DIM,),
-                overwrite=True,
-            )
+            _create_valid(group, num_rows, chunk_rows, checksum)
             group.attrs[ATTRS_KEY] = {
                 **meta,
                 "format_version": FORMAT_VERSION,
@@ -516,6 +542,11 @@ def _open_root(zarr_store: Store, mode: Literal["r", "a"], location: str) -> zar
             root = zarr.open_group(zarr_store, mode=mode)
         except zarr.errors.ContainsGroupError:  # created by another process since we looked
             root = zarr.open_group(zarr_store, mode=mode)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DamagedStoreError(
+            f"the root metadata (zarr.json) of store {location} is unreadable ({type(error).__name__}: "
+            f"{error}). Run 'cachedfeatures verify --repair {location}': it rebuilds it, keeping the entries."
+        ) from error
     except (zarr.errors.ContainsArrayError, zarr.errors.NodeTypeValidationError) as error:
         raise NotAFeatureStoreError(
             f"{location} holds a Zarr array, not a cachedfeatures store; pass a new path."
@@ -545,6 +576,20 @@ def _with_checksum(codec: BytesBytesCodec | None, checksum: bool) -> tuple[Bytes
     return (*codecs, zarr.codecs.Crc32cCodec()) if checksum else codecs
 
 
+def _create_valid(group: zarr.Group, num_rows: int, chunk_rows: int, checksum: bool) -> None:
+    """The ``valid`` mask of an entry, all false (its fill value), replacing any there."""
+    group.create_array(
+        VALID,
+        shape=(num_rows,),
+        chunks=(chunk_rows,),
+        dtype="bool",
+        fill_value=False,
+        compressors=_with_checksum(default_compressor(), checksum),
+        dimension_names=(SAMPLE_DIM,),
+        overwrite=True,
+    )
+
+
 def _create_array(
     group: zarr.Group,
     spec: ArraySpec,
@@ -568,6 +613,35 @@ def _create_array(
         config={"write_empty_chunks": True},
         overwrite=True,
     )
+
+
+def holds_entries(path: Path) -> bool:
+    """Whether a directory without a root ``zarr.json`` holds groups cachedfeatures wrote."""
+    for child in path.iterdir():
+        try:
+            meta = json.loads((child / "zarr.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and ATTRS_KEY in (meta.get("attributes") or {}):
+            return True
+    return False
+
+
+def rebuild_root(path: str | os.PathLike[str]) -> None:
+    """Write a fresh root ``zarr.json`` for a local store that lost it (its entries are kept)."""
+    meta = {
+        "zarr_format": 3,
+        "node_type": "group",
+        "attributes": {ATTRS_KEY: {"format_version": FORMAT_VERSION, "created": _now(), "rebuilt": True}},
+    }
+    target = Path(path) / "zarr.json"
+    partial = target.with_name(f"zarr.json.{os.getpid()}.partial")
+    partial.write_text(json.dumps(meta, indent=2))
+    os.replace(partial, target)  # the garbage one, if any, goes in one step
+
+
+def _store_location(store: Store) -> str:
+    return str(store.root) if isinstance(store, LocalStore) else "STORE"
 
 
 def _resolve(
@@ -594,6 +668,11 @@ def _resolve(
             raise StorePathError(
                 f"store path {str(path)!r} is a file; pass a directory path (for example "
                 f"{str(path.with_suffix('.zarr'))!r}) where the cache can live."
+            )
+        if path.is_dir() and not (path / "zarr.json").exists() and holds_entries(path):
+            raise DamagedStoreError(
+                f"store {str(path)!r} has lost its root metadata (zarr.json) but still holds entries. "
+                f"Run 'cachedfeatures verify --repair {path}': it rebuilds it, keeping the entries."
             )
         if path.is_dir() and not (path / "zarr.json").exists() and any(path.iterdir()):
             raise StorePathError(

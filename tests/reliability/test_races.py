@@ -41,7 +41,9 @@ def _open_new_stores(base: str, rounds: int, barrier: Any, errors: Any) -> None:
 
 
 @pytest.mark.slow  # several processes, many rounds
-def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_processes_opening_a_new_store_at_once_all_succeed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("CACHEDFEATURES_LOCK_DIR", str(tmp_path / "locks"))
     context = multiprocessing.get_context("fork")
     barrier, errors = context.Barrier(PROCESSES), context.Queue()
@@ -152,7 +154,9 @@ def test_process_workers_exit_when_the_trainer_is_killed(store_path: Path) -> No
     )
     try:
         assert trainer.stdout is not None
-        assert trainer.stdout.readline().strip() == "training", trainer.stderr.read() if trainer.stderr else ""
+        assert trainer.stdout.readline().strip() == "training", (
+            trainer.stderr.read() if trainer.stderr else ""
+        )
         workers = _children(trainer.pid)
         assert len(workers) >= 2, workers
     finally:

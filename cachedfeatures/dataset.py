@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 from cachedfeatures import _hashing
 from cachedfeatures.access import AccessLog
 from cachedfeatures.compute import Collate, FeatureComputer
-from cachedfeatures.errors import DeviceInWorkerError, TrainingModeError
+from cachedfeatures.errors import DeviceInWorkerError, DtypeError, TrainingModeError
 from cachedfeatures.faults import WriteGuard, is_store_fault
 from cachedfeatures.fingerprint import (
     dataset_fingerprint,
@@ -140,7 +140,7 @@ class CachedFeatureDataset(Dataset[Any]):
         self.batch_size = parse_positive_int("batch_size", batch_size)
         self.device = parse_device(device)
         self.dtype = parse_dtype(dtype)
-        self.autocast_dtype = parse_dtype(autocast_dtype)
+        self.autocast_dtype = parse_dtype(autocast_dtype, "autocast_dtype")
         if chunk_rows is not None:
             chunk_rows = parse_positive_int("chunk_rows", chunk_rows)
         self.max_bytes = None if max_bytes is None else parse_bytes(max_bytes)
@@ -195,6 +195,8 @@ class CachedFeatureDataset(Dataset[Any]):
                 probes, chunk_rows, compressor
             )
             self._entry.check_metadata()  # a damaged array: a clear error naming the repair, now
+            if chunk_rows is not None and self._entry.chunk_rows != chunk_rows and not self._scratch_entry:
+                _say_chunking_once(self._feature_store.location, self._entry, chunk_rows)
         self._attach_reader()
         self._load_layouts()
         self._attach_statistics(enforce=True)
@@ -261,7 +263,7 @@ class CachedFeatureDataset(Dataset[Any]):
         index = next(iter(probes), 0)
         sample = probes[index] if probes else self.dataset[index]
         sample_layout = SampleLayout.from_sample(sample, self.input_key)
-        fields = sample_layout.field_values([sample])
+        fields = sample_layout.field_values([sample], [index])
         raw = self._computer.run([sample_layout.extract_input(sample)])
         output_layout = OutputLayout.from_output(raw, 1, self.dtype)
         outputs = output_layout.split(raw, 1, self.dtype)
@@ -625,7 +627,28 @@ class CachedFeatureDataset(Dataset[Any]):
         They are also written every few seconds while reading, and when the process exits.
         """
         if self._access is not None:
-            self._access.flush()
+            # Through the guard: a store that turned out read-only gives its one warning.
+            self.write_guard.run(self._access.flush)
+
+
+_CHUNKING_SAID: set[tuple[str, str, int]] = set()
+
+
+def _say_chunking_once(location: str, entry: Entry, chunk_rows: int) -> None:
+    """Log (once per store, entry and value) that ``chunk_rows`` does not apply to ``entry``."""
+    key = (location, entry.name, chunk_rows)
+    if key in _CHUNKING_SAID:
+        return
+    _CHUNKING_SAID.add(key)
+    logger.warning(
+        "cachedfeatures: chunk_rows=%d is ignored: entry %s of %s already exists with chunks of "
+        "%d rows, which stay (the chunking is fixed when an entry is created). To rechunk, "
+        "'cachedfeatures rm' the entry and fill it again.",
+        chunk_rows,
+        entry.name,
+        location,
+        entry.chunk_rows,
+    )
 
 
 # -- argument parsing ---------------------------------------------------------------------------
@@ -644,10 +667,18 @@ def parse_device(device: object) -> torch.device:
         raise ValueError(f"Expected device to be like 'cpu', 'cuda' or 'cuda:1'. Got {device!r}.") from None
 
 
-def parse_dtype(dtype: object) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+def parse_dtype(dtype: object, name: str = "dtype") -> torch.dtype | None:
+    """A floating-point ``torch.dtype`` or ``None``; anything else is a :class:`DtypeError`.
+
+    Features cast to an integer or bool type would be rounded away without a word (values in
+    -0.76..0.12 become zeros), so only floating types are storage dtypes.
+    """
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         return dtype
-    raise TypeError(f"Expected dtype to be a torch.dtype (e.g. torch.float16) or None. Got {dtype!r}.")
+    raise DtypeError(
+        f"Expected {name} to be a floating-point torch.dtype (torch.float16, torch.bfloat16, "
+        f"torch.float32, torch.float64) or None. Got {dtype!r}."
+    )
 
 
 def parse_input_key(input_key: object) -> InputKey:

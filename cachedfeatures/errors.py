@@ -14,6 +14,7 @@ __all__ = [
     "CachingPausedWarning",
     "ChunkSizeError",
     "DamagedStoreError",
+    "DtypeError",
     "DeviceInWorkerError",
     "EntryNotFoundError",
     "FieldNotStorableError",
@@ -91,6 +92,11 @@ class BudgetError(CacheError, ValueError):
 class DamagedStoreError(CacheError, ValueError):
     """A store's metadata is damaged (a ``zarr.json`` unreadable or missing); the message names
     what, and ``cachedfeatures verify --repair STORE`` rebuilds it or drops the entry."""
+
+
+class DtypeError(CacheError, TypeError):
+    """A storage dtype that is not a floating-point type: casting features to an integer or
+    bool type would silently round them away (features in -0.76..0.12 stored as int8 are 0)."""
 
 
 class ChunkSizeError(CacheError, ValueError):

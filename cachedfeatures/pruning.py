@@ -480,7 +480,7 @@ def missing_chunks(entry: Entry, chunks: Iterable[int]) -> list[int]:
 
     Only output arrays are checked: Zarr may skip writing a chunk that equals the fill
     value, which is common for fields (a chunk of labels that are all 0) and which a real
-    feature chunk (float, fill NaN) never is.
+    feature chunk (float, fill an odd sentinel) never is.
     """
     chunks = [int(chunk) for chunk in chunks]
     if not chunks:
@@ -526,17 +526,23 @@ def repair_missing(entry: Entry, chunk: int) -> bool:
         return True
 
 
+def _fill_value(entry: Entry, name: str) -> object | None:
+    """The fill value of output array ``name``, or ``None`` where it is NaN (older entries)."""
+    fill = entry.arrays[name].fill_value
+    return None if np.isnan(fill) else fill
+
+
 def serve_backed_rows(entry: Entry, rows: np.ndarray, read: RowsRead) -> RowsRead:
     """``read`` less the hits that would serve fill values instead of stored features.
 
     Two cases: a chunk marked valid whose output bytes are missing (damage: its rows are
     cleared so they are recomputed, logged once), and hits whose floating-point outputs
-    are all NaN, the fill value, which is what a read that raced a pruner and a rewrite of
-    the same rows sees. Both become misses.
+    all equal the fill value (a finite sentinel; NaN in entries made before it), which is
+    what a read that raced a pruner and a rewrite of the same rows sees. Both become misses.
 
     A chunk's files are looked at once per process (``entry.backed_chunks``), not on every
     batch: that stat per chunk was half the cost of a hit. Bytes that vanish later while
-    their rows stay valid read as the fill value, NaN, which the second check catches.
+    their rows stay valid read as the fill value, which the second check catches.
     """
     if not read.hits:
         return read
@@ -560,12 +566,16 @@ def serve_backed_rows(entry: Entry, rows: np.ndarray, read: RowsRead) -> RowsRea
         column = read.arrays.get(name)
         if column is not None and column.dtype.kind in "fc" and column.size:
             flat = column.reshape(len(column), -1)
-            first = np.isnan(flat[:, 0])  # all NaN needs a NaN first: test few rows
+            fill = _fill_value(entry, name)
+            # All fill needs a fill first: test few rows. Entries made before the fill sentinel
+            # have NaN, the old fill value (fill is None).
+            first = np.isnan(flat[:, 0]) if fill is None else flat[:, 0] == fill
             if first.any():
                 maybe = np.flatnonzero(first)
                 if bad is None:
                     bad = np.zeros(len(column), dtype=bool)
-                bad[maybe[np.isnan(flat[maybe]).all(axis=1)]] = True
+                same = np.isnan(flat[maybe]) if fill is None else flat[maybe] == fill
+                bad[maybe[same.all(axis=1)]] = True
     if bad is None or not bad.any():
         return read
     hit = read.hit.copy()

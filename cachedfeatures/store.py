@@ -33,6 +33,7 @@ from zarr.abc.store import Store
 from zarr.storage import LocalStore, MemoryStore
 
 from cachedfeatures.errors import (
+    ChunkSizeError,
     DamagedStoreError,
     EntryNotFoundError,
     NotAFeatureStoreError,
@@ -46,7 +47,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Entry", "FeatureStore", "StoreLike", "default_chunk_rows", "default_compressor"]
+__all__ = [
+    "MAX_CHUNK_BYTES",
+    "Entry",
+    "FeatureStore",
+    "StoreLike",
+    "check_chunk_bytes",
+    "default_chunk_rows",
+    "default_compressor",
+    "float_fill_value",
+]
 
 StoreLike = str | os.PathLike[str] | Store | None
 Compressor = BytesBytesCodec | Literal["default"] | None
@@ -59,6 +69,41 @@ VALID = "valid"
 ACCESS = "access"
 SAMPLE_DIM = "sample"
 TARGET_CHUNK_BYTES = 2 * 1024 * 1024
+# Blosc (through numcodecs) refuses buffers over 2**31 - 1 bytes, and so does the crc32c of a
+# chunk; a chunk of all arrays' rows must stay below it.
+MAX_CHUNK_BYTES = 2**31 - 1
+# Default chunks keep at least 16 rows only while that stays below this; huge rows get fewer.
+MAX_DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+# Fill values of new floating-point arrays: what a missing chunk reads as. Not NaN, so an
+# all-NaN row of features (a module's honest output) is not taken for missing bytes; an odd
+# subnormal that no module plausibly outputs across a whole row (see pruning.serve_backed_rows).
+_FILL_BITS = {2: (np.uint16, 0x03A5), 4: (np.uint32, 0x0041C0DE), 8: (np.uint64, 0x000C0FFEE0C0FFEE)}
+
+
+def float_fill_value(dtype: np.dtype[Any]) -> Any:
+    """The fill value of a new array of floating (or complex) ``dtype``: a finite sentinel."""
+    if dtype.kind == "c":
+        part = float(float_fill_value(np.dtype(f"<f{dtype.itemsize // 2}")))
+        return complex(part, part)
+    unsigned, bits = _FILL_BITS[dtype.itemsize]
+    return np.array(bits, dtype=unsigned).view(dtype.newbyteorder("="))[()]
+
+
+def check_chunk_bytes(chunk_rows: int, row_nbytes: int) -> None:
+    """A :class:`ChunkSizeError` saying what to set if a chunk would exceed ``MAX_CHUNK_BYTES``."""
+    if chunk_rows * row_nbytes <= MAX_CHUNK_BYTES:
+        return
+    if row_nbytes > MAX_CHUNK_BYTES:
+        raise ChunkSizeError(
+            f"one row is {row_nbytes} bytes, over the {MAX_CHUNK_BYTES} bytes a chunk can hold "
+            "(Blosc and the chunk checksum refuse larger buffers). Store a smaller output: a "
+            "smaller dtype (dtype=torch.float16) or fewer values per row."
+        )
+    raise ChunkSizeError(
+        f"Expected chunk_rows * row bytes to be at most {MAX_CHUNK_BYTES} (Blosc and the chunk "
+        f"checksum refuse larger buffers). Got {chunk_rows} rows of {row_nbytes} bytes = "
+        f"{chunk_rows * row_nbytes} bytes. Pass chunk_rows={MAX_CHUNK_BYTES // row_nbytes} or fewer."
+    )
 
 
 def default_compressor() -> BytesBytesCodec:
@@ -67,11 +112,17 @@ def default_compressor() -> BytesBytesCodec:
 
 
 def default_chunk_rows(row_nbytes: int, num_rows: int) -> int:
-    """Rows per chunk: a power of two giving chunks of about 2 MiB, between 16 and 65536."""
+    """Rows per chunk: a power of two giving chunks of about 2 MiB, between 16 and 65536.
+
+    Rows so large that 16 of them pass 256 MiB get fewer per chunk, down to one, so a chunk
+    stays well within what the codecs take (``MAX_CHUNK_BYTES``).
+    """
     rows = max(1, TARGET_CHUNK_BYTES // max(1, row_nbytes))
     rows = 1 << (rows.bit_length() - 1)
     rows = min(max(rows, 16), 65536)
     while rows > 16 and rows // 2 >= num_rows:  # no chunk much larger than the dataset
+        rows //= 2
+    while rows > 1 and rows * row_nbytes > MAX_DEFAULT_CHUNK_BYTES:
         rows //= 2
     return rows
 
@@ -471,6 +522,7 @@ class FeatureStore:
         With ``checksum`` every chunk ends in a crc32c of its bytes, verified on every read.
         The group's attrs, which mark it complete, are written last, under the entry lock.
         """
+        check_chunk_bytes(chunk_rows, sum(spec.row_nbytes for spec in specs))
         with self.locks.entry(name):
             existing = self.entry(name)
             if existing is not None:
@@ -600,7 +652,9 @@ def _create_array(
 ) -> None:
     dims = (SAMPLE_DIM, *(f"{spec.name}_dim{i}" for i in range(1, len(spec.shape) + 1)))
     is_string = spec.dtype == "str"
-    fill: Any = "" if is_string else (np.nan if np.dtype(spec.dtype).kind in "fc" else 0)
+    fill: Any = "" if is_string else 0
+    if not is_string and np.dtype(spec.dtype).kind in "fc":
+        fill = float_fill_value(np.dtype(spec.dtype))
     group.create_array(
         spec.name,
         shape=(num_rows, *spec.shape),

@@ -676,7 +676,7 @@ def parse_dtype(dtype: object, name: str = "dtype") -> torch.dtype | None:
     if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         return dtype
     raise DtypeError(
-        f"Expected {name} to be a floating-point torch.dtype (torch.float16, torch.bfloat16, "
+        f"Expected {name} to be a torch.dtype of a floating-point type (torch.float16, torch.bfloat16, "
         f"torch.float32, torch.float64) or None. Got {dtype!r}."
     )
 

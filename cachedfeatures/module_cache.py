@@ -88,7 +88,7 @@ class CacheOptions:
             isinstance(self.cache_dtype, torch.dtype) and self.cache_dtype.is_floating_point
         ):
             raise DtypeError(
-                "Expected cache_dtype to be a floating-point torch.dtype (e.g. torch.float16) or "
+                "Expected cache_dtype to be a torch.dtype of a floating-point type (e.g. torch.float16) or "
                 f"None: integer and bool types would round outputs away. Got {self.cache_dtype!r}."
             )
         if self.version is not None and not isinstance(self.version, str):

@@ -177,21 +177,29 @@ class ReadOrLoad:
         self.row_loader = row_loader
         self.read_hits = read_hits
         # Worker processes must not outlive the trainer (a SIGKILL skips the daemon cleanup):
-        # each one arms its parent-death signal as it starts (fork: the after-fork hook,
-        # spawn: unpickling) and, to be sure, on its first batch.
-        self.parent_pid = os.getpid() if in_processes else None
+        # each arms its parent-death signal as it starts (fork: the after-fork hook) or, at the
+        # latest, on its first batch (spawn).
+        self.in_processes = in_processes
         self._armed_pid = os.getpid()
         if in_processes:
             multiprocessing.util.register_after_fork(self, ReadOrLoad._arm)
 
     def _arm(self) -> None:
-        if self.parent_pid is not None and self._armed_pid != os.getpid():
-            self._armed_pid = os.getpid()
-            exit_with_parent(self.parent_pid)
+        """In a worker process running this stage: exit when the worker's parent dies.
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._arm()
+        Only in processes whose target was handed this object (torchdata's workers): other
+        children forked meanwhile (the user's, or a worker's own) are left alone.
+        """
+        if not self.in_processes or self._armed_pid == os.getpid():
+            return
+        self._armed_pid = os.getpid()
+        process = multiprocessing.current_process()
+        parent = multiprocessing.parent_process()
+        ours = any(
+            arg is self or getattr(arg, "map_fn", None) is self for arg in getattr(process, "_args", ())
+        )
+        if ours and parent is not None and parent.pid:
+            exit_with_parent(parent.pid)
 
     def __call__(self, rows: list[int] | np.ndarray) -> IOBatch:
         self._arm()

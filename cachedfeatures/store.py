@@ -221,7 +221,6 @@ class Entry:
 
     def check_metadata(self) -> None:
         """Open every array of the entry now: a :class:`DamagedStoreError` if one is damaged."""
-        self._arrays = None
         _ = self.arrays, self.valid
 
     def valid_mask(self) -> np.ndarray:

@@ -18,6 +18,7 @@ import pytest
 from cachedfeatures import FeatureStore
 from cachedfeatures.layout import ArraySpec
 from tests.helpers import ROOT
+from tests.reliability.figures import record
 
 PROCESSES, ROUNDS = 4, 12
 
@@ -63,6 +64,7 @@ def test_processes_opening_a_new_store_at_once_all_succeed(
     for r in range(ROUNDS):
         store = FeatureStore.open(tmp_path / f"s{r}.zarr", mode="r")
         assert [entry.name for entry in store.entries] == ["entry"]
+    record("processes opening one new store at once", f"{PROCESSES * ROUNDS}/{PROCESSES * ROUNDS} opens ok")
 
 
 # Each process calls a cached function under a small budget on its own inputs, so every
@@ -104,6 +106,7 @@ def test_cached_module_budget_in_several_processes(store_path: Path) -> None:
         if process.returncode != 0:
             failures.append(err[-1500:])
     assert not failures, f"{len(failures)} of 6 processes died:\n" + failures[0]
+    record("cached_module under max_bytes in 6 processes", "6/6 finished, every output equal to x * 2")
 
 
 TRAINER_SCRIPT = """
@@ -162,9 +165,10 @@ def test_process_workers_exit_when_the_trainer_is_killed(store_path: Path) -> No
     finally:
         trainer.send_signal(signal.SIGKILL)
         trainer.wait(30)
-    deadline = time.monotonic() + 5
+    killed = time.monotonic()
+    deadline = killed + 5
     while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
-        time.sleep(0.1)
+        time.sleep(0.05)
     alive = [pid for pid in workers if _alive(pid)]
     for pid in alive:  # don't leave them behind
         os.kill(pid, signal.SIGKILL)
@@ -172,3 +176,4 @@ def test_process_workers_exit_when_the_trainer_is_killed(store_path: Path) -> No
         if pipe is not None:
             pipe.close()
     assert not alive, f"workers {alive} outlived their killed trainer by 5 s"
+    record("process workers gone after SIGKILL of the trainer", f"{time.monotonic() - killed:.2f} s")

@@ -79,7 +79,7 @@ def embed(x):
     return x * 2
 
 g = torch.Generator().manual_seed(seed)
-for _ in range(150):
+for _ in range(80):
     x = torch.randn(4, 16, generator=g)
     assert torch.equal(embed(x), x * 2)
 print(json.dumps({"ok": True}))

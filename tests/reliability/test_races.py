@@ -177,3 +177,33 @@ def test_process_workers_exit_when_the_trainer_is_killed(store_path: Path) -> No
             pipe.close()
     assert not alive, f"workers {alive} outlived their killed trainer by 5 s"
     record("process workers gone after SIGKILL of the trainer", f"{time.monotonic() - killed:.2f} s")
+
+
+def _death_signal(results: Any) -> None:
+    import ctypes
+
+    value = ctypes.c_int(-1)
+    ctypes.CDLL(None).prctl(2, ctypes.byref(value), 0, 0, 0)  # PR_GET_PDEATHSIG
+    results.put(value.value)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl")
+def test_other_children_forked_meanwhile_keep_their_lifetime(store_path: Path) -> None:
+    """Only the stage's own worker processes are tied to their parent, not the user's children."""
+    from cachedfeatures import CachedFeatureDataset
+    from cachedfeatures.pipeline import ReadOrLoad
+    from tests.helpers import Backbone, Samples
+
+    cached = CachedFeatureDataset(Samples(8), Backbone(), store_path)
+    assert cached.entry is not None
+    stage = ReadOrLoad(cached.entry, cached.row_loader(), in_processes=True)
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_death_signal, args=(results,))
+    child.start()
+    child.join(30)
+    assert results.get(timeout=10) == 0 and child.exitcode == 0
+    mine = context.Process(target=stage, args=([0, 1],))  # a process running the stage itself
+    mine.start()
+    mine.join(30)
+    assert mine.exitcode == 0

@@ -584,6 +584,7 @@ class CachedFeatureDataset(Dataset[Any]):
         *,
         worker_method: WorkerMethod = "thread",
         distributed: bool | None = None,
+        check_valid: bool = True,
     ) -> PrefillResult:
         """Compute and store every missing row, with a progress bar; resumable.
 
@@ -595,6 +596,7 @@ class CachedFeatureDataset(Dataset[Any]):
             progress=progress,
             worker_method=worker_method,
             distributed=distributed,
+            check_valid=check_valid,
         )
 
     # -- introspection -------------------------------------------------------------------------

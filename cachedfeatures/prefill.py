@@ -111,6 +111,7 @@ def prefill(
     progress: bool = True,
     worker_method: WorkerMethod = "thread",
     distributed: bool | None = None,
+    check_valid: bool = True,
 ) -> PrefillResult:
     """Compute and store every missing row of ``cached``, with a progress bar.
 
@@ -122,6 +123,9 @@ def prefill(
         worker_method: ``"thread"`` (default) or ``"process"`` workers.
         distributed: split the chunks across ``torch.distributed`` ranks; default: when a
             process group is initialised.
+        check_valid: read each valid chunk this rank owns once and compute the rows of those
+            that no longer read back (torn, garbage, deleted). Default ``True``; ``False`` skips
+            valid rows unread (a store known to be sound, too big to read through).
 
     Returns:
         a :class:`PrefillResult` for this rank.
@@ -142,7 +146,7 @@ def prefill(
     rows = np.flatnonzero(owned & ~mask)
     # Valid rows are only skipped if they can be served: rows of chunks that are torn,
     # garbage or missing (found by reading each valid chunk once) are computed too.
-    damaged = _unreadable_rows(entry, np.flatnonzero(owned & mask))
+    damaged = _unreadable_rows(entry, np.flatnonzero(owned & mask)) if check_valid else np.zeros(0, np.int64)
     if len(damaged):
         rows = np.union1d(rows, damaged)
     skipped = int((owned & mask).sum()) - len(damaged)

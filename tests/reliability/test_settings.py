@@ -170,9 +170,10 @@ def test_prefill_recomputes_rows_of_damaged_chunks(store_path: Path, caplog) -> 
     chunk.write_bytes(chunk.read_bytes()[:20])  # torn
     (store_path / cached.entry.name / "features" / "c" / "5" / "0").unlink()  # deleted
     fresh = CachedFeatureDataset(data, module, store_path, chunk_rows=8, batch_size=16)
+    assert fresh.prefill(progress=False, check_valid=False).computed == 0  # valid rows left unread
     with caplog.at_level(logging.WARNING, logger="cachedfeatures"):
         result = fresh.prefill(progress=False)
-    assert result.computed == 16
+    assert result.computed == 16 and result.skipped == 48
     check = CachedFeatureDataset(data, module, store_path, chunk_rows=8, batch_size=16)
     data.loads = 0  # the probes of construction are not training
     for i in range(64):

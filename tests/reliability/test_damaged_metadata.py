@@ -117,9 +117,13 @@ def test_unreadable_entry_is_dropped_by_repair(store_path: Path, capsys) -> None
     _check(_fill(store_path, "a"))
 
 
-def test_deleted_root_metadata_is_a_clear_error_then_rebuilt(store_path: Path, capsys) -> None:
+@pytest.mark.parametrize("damage", ["deleted", "garbage"])
+def test_lost_root_metadata_is_a_clear_error_then_rebuilt(store_path: Path, damage: str, capsys) -> None:
     name = _fill(store_path, "a").entry_name
-    (store_path / "zarr.json").unlink()
+    if damage == "deleted":
+        (store_path / "zarr.json").unlink()
+    else:
+        (store_path / "zarr.json").write_text('{"zarr_format": 3, "node_')
     for mode in ("r", "a"):
         with pytest.raises(DamagedStoreError, match="cachedfeatures verify --repair"):
             FeatureStore.open(store_path, mode=mode)  # type: ignore[arg-type]

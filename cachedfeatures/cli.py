@@ -183,11 +183,20 @@ def _prune(args: argparse.Namespace, out: TextIO) -> int:
         f"{store.location}: {format_bytes(report.bytes_before)} before, {after} "
         f"{format_bytes(report.bytes_after)} (budget {format_bytes(report.max_bytes)})\n"
     )
+    for name, why in report.skipped.items():
+        out.write(f"skipped {name}: it could not be read ({why})\n")
     if not report.within_budget:
-        out.write(
-            "still over budget: what is left is metadata of empty entries; "
-            "'cachedfeatures rm' entries you no longer need\n"
-        )
+        if report.skipped:
+            out.write(
+                f"still over budget: {len(report.skipped)} entr{'y' if len(report.skipped) == 1 else 'ies'} "
+                "could not be read and were not pruned; run 'cachedfeatures verify --repair' "
+                "(it rebuilds or drops them) or 'cachedfeatures rm' them\n"
+            )
+        else:
+            out.write(
+                "still over budget: what is left is metadata of empty entries; "
+                "'cachedfeatures rm' entries you no longer need\n"
+            )
         return PROBLEMS
     return OK
 
@@ -233,10 +242,14 @@ def _rm(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _verify(args: argparse.Namespace, out: TextIO) -> int:
-    from cachedfeatures.maintenance import verify_store
+    from cachedfeatures.maintenance import repair_root, verify_store
 
+    root = repair_root(args.store) if args.repair else None
     store = _open(args.store, write=args.repair)
     report = verify_store(store, repair=args.repair)
+    if root is not None:
+        report["problems"].insert(0, root)
+        report["ok"] = False
     if args.json:
         json.dump(report, out, indent=2)
         out.write("\n")

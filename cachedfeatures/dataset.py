@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from cachedfeatures.access import AccessLog
 from cachedfeatures.compute import Collate, FeatureComputer
-from cachedfeatures.errors import DeviceInWorkerError, FingerprintWarning, TrainingModeError
+from cachedfeatures.errors import DeviceInWorkerError, DtypeError, FingerprintWarning, TrainingModeError
 from cachedfeatures.faults import WriteGuard, is_store_fault
 from cachedfeatures.fingerprint import (
     callable_digest,
@@ -143,7 +143,7 @@ class CachedFeatureDataset(Dataset[Any]):
         self.batch_size = parse_positive_int("batch_size", batch_size)
         self.device = parse_device(device)
         self.dtype = parse_dtype(dtype)
-        self.autocast_dtype = parse_dtype(autocast_dtype)
+        self.autocast_dtype = parse_dtype(autocast_dtype, "autocast_dtype")
         if chunk_rows is not None:
             chunk_rows = parse_positive_int("chunk_rows", chunk_rows)
         self.max_bytes = None if max_bytes is None else parse_bytes(max_bytes)
@@ -198,6 +198,9 @@ class CachedFeatureDataset(Dataset[Any]):
             self._entry = self._feature_store.entry(self.entry_name) or self._create_entry_guarded(
                 probes, chunk_rows, compressor
             )
+            self._entry.check_metadata()  # a damaged array: a clear error naming the repair, now
+            if chunk_rows is not None and self._entry.chunk_rows != chunk_rows and not self._scratch_entry:
+                _say_chunking_once(self._feature_store.location, self._entry, chunk_rows)
         self._attach_reader()
         self._load_layouts()
         self._attach_statistics(enforce=True)
@@ -264,7 +267,7 @@ class CachedFeatureDataset(Dataset[Any]):
         index = next(iter(probes), 0)
         sample = probes[index] if probes else self.dataset[index]
         sample_layout = SampleLayout.from_sample(sample, self.input_key)
-        fields = sample_layout.field_values([sample])
+        fields = sample_layout.field_values([sample], [index])
         module = self.module
         tracked = self._module_state_tracked and isinstance(module, torch.nn.Module)
         before = module_state_digests(module) if tracked and isinstance(module, torch.nn.Module) else {}
@@ -590,6 +593,7 @@ class CachedFeatureDataset(Dataset[Any]):
         *,
         worker_method: WorkerMethod = "thread",
         distributed: bool | None = None,
+        check_valid: bool = True,
     ) -> PrefillResult:
         """Compute and store every missing row, with a progress bar; resumable.
 
@@ -601,6 +605,7 @@ class CachedFeatureDataset(Dataset[Any]):
             progress=progress,
             worker_method=worker_method,
             distributed=distributed,
+            check_valid=check_valid,
         )
 
     # -- introspection -------------------------------------------------------------------------
@@ -633,7 +638,28 @@ class CachedFeatureDataset(Dataset[Any]):
         They are also written every few seconds while reading, and when the process exits.
         """
         if self._access is not None:
-            self._access.flush()
+            # Through the guard: a store that turned out read-only gives its one warning.
+            self.write_guard.run(self._access.flush)
+
+
+_CHUNKING_SAID: set[tuple[str, str, int]] = set()
+
+
+def _say_chunking_once(location: str, entry: Entry, chunk_rows: int) -> None:
+    """Log (once per store, entry and value) that ``chunk_rows`` does not apply to ``entry``."""
+    key = (location, entry.name, chunk_rows)
+    if key in _CHUNKING_SAID:
+        return
+    _CHUNKING_SAID.add(key)
+    logger.warning(
+        "cachedfeatures: chunk_rows=%d is ignored: entry %s of %s already exists with chunks of "
+        "%d rows, which stay (the chunking is fixed when an entry is created). To rechunk, "
+        "'cachedfeatures rm' the entry and fill it again.",
+        chunk_rows,
+        entry.name,
+        location,
+        entry.chunk_rows,
+    )
 
 
 # -- argument parsing ---------------------------------------------------------------------------
@@ -652,10 +678,18 @@ def parse_device(device: object) -> torch.device:
         raise ValueError(f"Expected device to be like 'cpu', 'cuda' or 'cuda:1'. Got {device!r}.") from None
 
 
-def parse_dtype(dtype: object) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+def parse_dtype(dtype: object, name: str = "dtype") -> torch.dtype | None:
+    """A floating-point ``torch.dtype`` or ``None``; anything else is a :class:`DtypeError`.
+
+    Features cast to an integer or bool type would be rounded away without a word (values in
+    -0.76..0.12 become zeros), so only floating types are storage dtypes.
+    """
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         return dtype
-    raise TypeError(f"Expected dtype to be a torch.dtype (e.g. torch.float16) or None. Got {dtype!r}.")
+    raise DtypeError(
+        f"Expected {name} to be a torch.dtype of a floating-point type (torch.float16, torch.bfloat16, "
+        f"torch.float32, torch.float64) or None. Got {dtype!r}."
+    )
 
 
 def parse_input_key(input_key: object) -> InputKey:

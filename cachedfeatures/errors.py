@@ -12,6 +12,9 @@ __all__ = [
     "CacheError",
     "CacheWarning",
     "CachingPausedWarning",
+    "ChunkSizeError",
+    "DamagedStoreError",
+    "DtypeError",
     "DeviceInWorkerError",
     "EntryNotFoundError",
     "FieldNotStorableError",
@@ -85,6 +88,20 @@ class UnknownArrayError(CacheError, KeyError):
 
 class BudgetError(CacheError, ValueError):
     """The size budget cannot work: ``max_bytes`` is smaller than one chunk."""
+
+
+class DamagedStoreError(CacheError, ValueError):
+    """A store's metadata is damaged (a ``zarr.json`` unreadable or missing); the message names
+    what, and ``cachedfeatures verify --repair STORE`` rebuilds it or drops the entry."""
+
+
+class DtypeError(CacheError, TypeError):
+    """A storage dtype that is not a floating-point type: casting features to an integer or
+    bool type would silently round them away (features in -0.76..0.12 stored as int8 are 0)."""
+
+
+class ChunkSizeError(CacheError, ValueError):
+    """A chunk would be larger than the compressor can take (Blosc: 2 GiB)."""
 
 
 class EntryNotFoundError(CacheError, KeyError):

@@ -32,7 +32,7 @@ import zarr.core.sync
 
 from cachedfeatures.layout import ArraySpec
 from cachedfeatures.row_keys import KEY_BYTES
-from cachedfeatures.store import ATTRS_KEY, VALID, Compressor, Entry, FeatureStore
+from cachedfeatures.store import ATTRS_KEY, MAX_DEFAULT_CHUNK_BYTES, VALID, Compressor, Entry, FeatureStore
 
 __all__ = ["KEY", "NEXT_ROW", "KeyedEntry", "keyed_chunk_rows"]
 
@@ -55,7 +55,10 @@ def keyed_chunk_rows(row_nbytes: int) -> int:
     """
     rows = max(1, TARGET_CHUNK_BYTES // max(1, row_nbytes))
     rows = 1 << (rows.bit_length() - 1)
-    return min(max(rows, 16), 4096)
+    rows = min(max(rows, 16), 4096)
+    while rows > 1 and rows * row_nbytes > MAX_DEFAULT_CHUNK_BYTES:  # huge rows: fewer per chunk
+        rows //= 2
+    return rows
 
 
 class KeyedEntry:

@@ -210,6 +210,30 @@ def _field_spec(name: str, path: Path, value: Any) -> ArraySpec:
     raise _unstorable(path, value, "")
 
 
+def _check_utf8(values: Sequence[Any], path: Path, rows: Sequence[int] | np.ndarray | None) -> None:
+    """A clear error for a string Zarr cannot store: one that is not valid Unicode.
+
+    Zarr stores strings as UTF-8, which a lone surrogate (``os.fsdecode`` of a file name that
+    is not UTF-8) has no encoding in. Storing it with ``surrogatepass`` would write bytes that
+    plain Zarr and xarray cannot decode, so the field is refused, naming the field and sample.
+    """
+    for position, value in enumerate(values):
+        if not isinstance(value, str) or value.isascii():
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            where = "".join(f"[{key!r}]" for key in path)
+            row = position if rows is None else int(rows[position])
+            raise FieldNotStorableError(
+                f"field sample{where} of sample {row} is a string that is not valid Unicode "
+                f"({error.reason}: {value[error.start : error.end]!r} at position {error.start} of "
+                f"{value!r}), so it cannot be stored as UTF-8. Clean it in the dataset, e.g. "
+                "s.encode('utf-8', 'surrogateescape').decode('utf-8', 'replace'), or pass it as bytes "
+                "in an integer array."
+            ) from None
+
+
 def _unstorable(path: Path, value: Any, why: str) -> FieldNotStorableError:
     where = "".join(f"[{key!r}]" for key in path)
     return FieldNotStorableError(
@@ -285,8 +309,13 @@ class SampleLayout:
             return sample
         return _lookup(sample, self.input_key)
 
-    def field_values(self, samples: Sequence[Any]) -> dict[str, np.ndarray]:
-        """Each passthrough field of ``samples``, stacked into the array to store."""
+    def field_values(
+        self, samples: Sequence[Any], rows: Sequence[int] | np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """Each passthrough field of ``samples``, stacked into the array to store.
+
+        ``rows`` (the samples' dataset indices) only serve to name the sample in errors.
+        """
         columns: dict[str, np.ndarray] = {}
         for spec, path in zip(self.fields, self.field_paths, strict=True):
             values = []
@@ -295,6 +324,8 @@ class SampleLayout:
                 for key in path:
                     value = value[key]
                 values.append(value)
+            if spec.kind == "str":
+                _check_utf8(values, path, rows)
             columns[spec.name] = spec.values_to_numpy(values)
         return columns
 

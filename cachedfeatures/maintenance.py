@@ -7,11 +7,13 @@ plain JSON-ready dicts, so scripts and notebooks can use them too.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+import zarr.codecs
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
@@ -25,9 +27,19 @@ from cachedfeatures.pruning import (
     open_entries,
     remove_orphans,
 )
-from cachedfeatures.store import ACCESS, Entry, FeatureStore
+from cachedfeatures.store import (
+    ACCESS,
+    VALID,
+    Entry,
+    FeatureStore,
+    _create_array,
+    _create_valid,
+    default_compressor,
+    holds_entries,
+    rebuild_root,
+)
 
-__all__ = ["describe_store", "remove_entry", "verify_store"]
+__all__ = ["describe_store", "remove_entry", "repair_root", "verify_store"]
 
 
 def describe_store(store: FeatureStore) -> dict[str, Any]:
@@ -96,6 +108,25 @@ def remove_entry(store: FeatureStore, name: str) -> int:
     return freed
 
 
+def repair_root(path: str) -> dict[str, Any] | None:
+    """Rebuild the root ``zarr.json`` of a local store that lost it (or holds garbage there)
+    while its entries are still in place; the problem found, marked repaired, or ``None``."""
+    directory = Path(path)
+    target = directory / "zarr.json"
+    if not directory.is_dir() or not holds_entries(directory):
+        return None
+    try:
+        json.loads(target.read_text())
+        return None  # readable: the normal checks apply
+    except FileNotFoundError:
+        why = "missing"
+    except (OSError, ValueError):
+        why = "unreadable"
+    rebuild_root(directory)
+    detail = f"the store's root metadata (zarr.json) was {why}; rebuilt it (the entries are kept)"
+    return _problem("metadata", "<root>", None, detail, True)
+
+
 def verify_store(store: FeatureStore, *, repair: bool = False) -> dict[str, Any]:
     """Decode every stored chunk and check it against the entry's metadata.
 
@@ -111,9 +142,22 @@ def verify_store(store: FeatureStore, *, repair: bool = False) -> dict[str, Any]
     entries, broken = open_entries(store)
     for name, why in broken.items():
         kind = "metadata" if why.startswith("metadata") else "incomplete"
-        problems.append(_problem(kind, name, None, f"{why}; 'rm' it"))
+        if repair and _drop_broken(store, name):
+            problems.append(
+                _problem(kind, name, None, f"{why}; dropped the entry (its rows are recomputed)", True)
+            )
+        else:
+            problems.append(_problem(kind, name, None, f"{why}; run with --repair to drop it, or 'rm' it"))
     for entry in entries:
         layout = _layout_problems(entry)
+        if layout and repair:
+            rebuilt = _rebuild_arrays(entry, layout)
+            for problem in layout:
+                if problem["array"] in rebuilt:
+                    problem["detail"] += "; rebuilt it empty (the entry's rows are recomputed)"
+                    problem["repaired"] = True
+        for problem in layout:
+            problem.pop("array", None)
         problems.extend(layout)
         if layout:
             continue
@@ -152,10 +196,13 @@ def _layout_problems(entry: Entry) -> list[dict[str, Any]]:
         try:
             array = entry.group[name]
         except KeyError:
-            problems.append(_problem("layout", entry.name, None, f"array {name!r} is missing"))
+            problems.append(
+                {**_problem("layout", entry.name, None, f"array {name!r} is missing"), "array": name}
+            )
             continue
         except Exception as error:
-            problems.append(_problem("layout", entry.name, None, f"array {name!r} unreadable: {error}"))
+            problem = _problem("layout", entry.name, None, f"array {name!r} unreadable: {error}")
+            problems.append({**problem, "array": name})
             continue
         if not isinstance(array, zarr.Array):
             problems.append(_problem("layout", entry.name, None, f"{name!r} is not an array"))
@@ -180,6 +227,64 @@ def _layout_problems(entry: Entry) -> list[dict[str, Any]]:
     except Exception as error:
         problems.append(_problem("layout", entry.name, None, f"access statistics unreadable: {error}"))
     return problems
+
+
+def _drop_broken(store: FeatureStore, name: str) -> bool:
+    """Delete a group that is not a readable, complete entry; whether it did.
+
+    Under the entry lock, and only if it is still broken then: an entry being created holds
+    that lock until its metadata is complete.
+    """
+    with store.locks.entry(name):
+        try:
+            if store.entry(name) is not None:
+                return False
+        except Exception:
+            pass
+        zarr_store = store.root.store
+        prefix = f"{store.root.path}/{name}" if store.root.path else name
+        sync(zarr_store.delete_dir(prefix))
+        return True
+
+
+def _rebuild_arrays(entry: Entry, problems: list[dict[str, Any]]) -> set[str]:
+    """Recreate the entry's missing or unreadable arrays, empty, from its metadata.
+
+    ``valid`` is recreated first, all false, whichever array was lost (a row is only valid with
+    all its arrays), so the entry becomes one with no valid rows whose other bytes are
+    overwritten as rows are recomputed. Arrays whose shape or dtype disagree with the metadata
+    are left to ``rm``. Returns the names rebuilt.
+    """
+    lost = {problem["array"] for problem in problems if problem.get("array")}
+    if not lost:
+        return set()
+    specs = {spec.name: spec for spec in entry.specs}
+    codec, checksum = _codecs_of(entry, lost)
+    zarr_store = entry.group.store
+    with entry.locks.entry(entry.name):
+        for name in sorted(lost | {VALID}):  # what is left of them: nothing of it is served
+            sync(zarr_store.delete_dir(f"{entry.group.path}/{name}"))
+        _create_valid(entry.group, entry.num_rows, entry.chunk_rows, True)
+        for name in sorted(lost - {VALID}):
+            _create_array(entry.group, specs[name], entry.num_rows, entry.chunk_rows, codec, checksum)
+    return lost | {VALID}
+
+
+def _codecs_of(entry: Entry, lost: set[str]) -> tuple[Any, bool]:
+    """The compressor and checksum of the entry's readable data arrays (default: Blosc, crc32c)."""
+    for spec in entry.specs:
+        if spec.name in lost:
+            continue
+        try:
+            array = entry.group[spec.name]
+        except Exception:
+            continue
+        if isinstance(array, zarr.Array):
+            codecs = list(array.compressors)
+            checksum = any(isinstance(codec, zarr.codecs.Crc32cCodec) for codec in codecs)
+            others = [codec for codec in codecs if not isinstance(codec, zarr.codecs.Crc32cCodec)]
+            return (others[0] if others else None), checksum
+    return default_compressor(), True
 
 
 def _chunk_problems(entry: Entry, chunk: int) -> list[dict[str, Any]]:

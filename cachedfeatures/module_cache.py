@@ -39,7 +39,7 @@ from torch import nn
 from zarr.abc.store import Store
 
 from cachedfeatures import _hashing
-from cachedfeatures.errors import RequiresGradError, TrainingModeError
+from cachedfeatures.errors import DtypeError, RequiresGradError, TrainingModeError
 from cachedfeatures.fingerprint import Fingerprint, module_fingerprint, options_json
 from cachedfeatures.keyed_entry import KeyedEntry, keyed_chunk_rows
 from cachedfeatures.layout import OutputLayout, cast_for_storage
@@ -85,10 +85,12 @@ class CacheOptions:
             isinstance(self.chunk_rows, bool) or not isinstance(self.chunk_rows, int) or self.chunk_rows < 1
         ):
             raise ValueError(f"Expected chunk_rows to be a positive int or None. Got {self.chunk_rows!r}.")
-        if self.cache_dtype is not None and not isinstance(self.cache_dtype, torch.dtype):
-            raise TypeError(
-                "Expected cache_dtype to be a torch.dtype (e.g. torch.float16) or None. "
-                f"Got {self.cache_dtype!r}."
+        if self.cache_dtype is not None and not (
+            isinstance(self.cache_dtype, torch.dtype) and self.cache_dtype.is_floating_point
+        ):
+            raise DtypeError(
+                "Expected cache_dtype to be a torch.dtype of a floating-point type (e.g. torch.float16) or "
+                f"None: integer and bool types would round outputs away. Got {self.cache_dtype!r}."
             )
         if self.version is not None and not isinstance(self.version, str):
             raise TypeError(f"Expected version to be a str or None. Got {self.version!r}.")

@@ -18,6 +18,8 @@ the end of every epoch; a writer error is raised at the next batch.
 from __future__ import annotations
 
 import gc
+import multiprocessing.util
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
@@ -28,6 +30,7 @@ import torchdata.nodes as tn
 from torch.utils.data import Sampler, default_collate
 
 from cachedfeatures.errors import CacheError, WriterError
+from cachedfeatures.lifetime import exit_with_parent
 from cachedfeatures.pruning import serve_backed_rows
 from cachedfeatures.steps import LoadedRows, RowLoader
 from cachedfeatures.store import Entry
@@ -167,12 +170,39 @@ class ReadOrLoad:
             (prefill asks only for rows it knows are missing).
     """
 
-    def __init__(self, entry: Entry, row_loader: RowLoader, read_hits: bool = True) -> None:
+    def __init__(
+        self, entry: Entry, row_loader: RowLoader, read_hits: bool = True, in_processes: bool = False
+    ) -> None:
         self.entry = entry
         self.row_loader = row_loader
         self.read_hits = read_hits
+        # Worker processes must not outlive the trainer (a SIGKILL skips the daemon cleanup):
+        # each arms its parent-death signal as it starts (fork: the after-fork hook) or, at the
+        # latest, on its first batch (spawn).
+        self.in_processes = in_processes
+        self._armed_pid = os.getpid()
+        if in_processes:
+            multiprocessing.util.register_after_fork(self, ReadOrLoad._arm)
+
+    def _arm(self) -> None:
+        """In a worker process running this stage: exit when the worker's parent dies.
+
+        Only in processes whose target was handed this object (torchdata's workers): other
+        children forked meanwhile (the user's, or a worker's own) are left alone.
+        """
+        if not self.in_processes or self._armed_pid == os.getpid():
+            return
+        self._armed_pid = os.getpid()
+        process = multiprocessing.current_process()
+        parent = multiprocessing.parent_process()
+        ours = any(
+            arg is self or getattr(arg, "map_fn", None) is self for arg in getattr(process, "_args", ())
+        )
+        if ours and parent is not None and parent.pid:
+            exit_with_parent(parent.pid)
 
     def __call__(self, rows: list[int] | np.ndarray) -> IOBatch:
+        self._arm()
         rows = np.asarray(rows, dtype=np.int64)
         columns = {
             spec.name: np.empty((len(rows), *spec.shape), dtype=spec.numpy_dtype) for spec in self.entry.specs
@@ -334,7 +364,9 @@ class Loader:
         batches: tn.BaseNode[list[int]] = tn.Batcher(source, self.batch_size, drop_last=self.drop_last)
         if self.num_workers > 0 and self.worker_method == "process":
             batches = CollectBeforeFork(batches)
-        io = ReadOrLoad(entry, cached.row_loader())
+        io = ReadOrLoad(
+            entry, cached.row_loader(), in_processes=self.num_workers > 0 and self.worker_method == "process"
+        )
         read: tn.BaseNode[IOBatch] = (
             tn.ParallelMapper(batches, io, num_workers=self.num_workers, method=self.worker_method)
             if self.num_workers > 0

@@ -32,6 +32,8 @@ from cachedfeatures.pipeline import (
     parse_nonnegative_int,
     parse_worker_method,
 )
+from cachedfeatures.pruning import serve_backed_rows
+from cachedfeatures.store import Entry
 from cachedfeatures.writer import Writer
 
 if TYPE_CHECKING:
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["PrefillResult", "owned_chunks", "prefill"]
 
 logger = logging.getLogger(__name__)
+READ_CHUNKS = 16  # chunks read at a time when checking that valid rows can be served
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,18 @@ def _count(batch: ComputedBatch) -> int:
     return batch.computed
 
 
+def _unreadable_rows(entry: Entry, rows: np.ndarray) -> np.ndarray:
+    """The rows among ``rows`` (valid ones) that a read does not serve: damaged chunks."""
+    lost = []
+    step = entry.chunk_rows * READ_CHUNKS
+    for start in range(0, len(rows), step):
+        part = rows[start : start + step]
+        read = serve_backed_rows(entry, part, entry.read(part))
+        if not read.all_hit:
+            lost.append(part[~read.hit])
+    return np.concatenate(lost) if lost else np.zeros(0, dtype=np.int64)
+
+
 def prefill(
     cached: CachedFeatureDataset,
     *,
@@ -96,6 +111,7 @@ def prefill(
     progress: bool = True,
     worker_method: WorkerMethod = "thread",
     distributed: bool | None = None,
+    check_valid: bool = True,
 ) -> PrefillResult:
     """Compute and store every missing row of ``cached``, with a progress bar.
 
@@ -107,6 +123,9 @@ def prefill(
         worker_method: ``"thread"`` (default) or ``"process"`` workers.
         distributed: split the chunks across ``torch.distributed`` ranks; default: when a
             process group is initialised.
+        check_valid: read each valid chunk this rank owns once and compute the rows of those
+            that no longer read back (torn, garbage, deleted). Default ``True``; ``False`` skips
+            valid rows unread (a store known to be sound, too big to read through).
 
     Returns:
         a :class:`PrefillResult` for this rank.
@@ -125,13 +144,23 @@ def prefill(
     for chunk in chunks:
         owned[chunk * entry.chunk_rows : (chunk + 1) * entry.chunk_rows] = True
     rows = np.flatnonzero(owned & ~mask)
-    skipped = int((owned & mask).sum())
+    # Valid rows are only skipped if they can be served: rows of chunks that are torn,
+    # garbage or missing (found by reading each valid chunk once) are computed too.
+    damaged = _unreadable_rows(entry, np.flatnonzero(owned & mask)) if check_valid else np.zeros(0, np.int64)
+    if len(damaged):
+        rows = np.union1d(rows, damaged)
+    skipped = int((owned & mask).sum()) - len(damaged)
 
     computed = 0
     if len(rows):
         writer = Writer(entry, write=cached.write)
         batches = tn.Batcher(tn.IterableWrapper(rows.tolist()), cached.batch_size, drop_last=False)
-        io = ReadOrLoad(entry, cached.row_loader(), read_hits=False)
+        io = ReadOrLoad(
+            entry,
+            cached.row_loader(),
+            read_hits=False,
+            in_processes=num_workers > 0 and worker_method == "process",
+        )
         read: tn.BaseNode[IOBatch] = (
             tn.ParallelMapper(batches, io, num_workers=num_workers, method=worker_method)
             if num_workers > 0

@@ -58,6 +58,7 @@ __all__ = [
     "prune",
     "remove_orphans",
     "serve_backed_rows",
+    "stored_bytes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,12 @@ def measure(store: FeatureStore) -> StoreUsage:
             per_entry = usage.chunks.setdefault(parts[0], {})
             per_entry[int(parts[3])] = per_entry.get(int(parts[3]), 0) + size
     return usage
+
+
+def stored_bytes(store: Store, prefix: str) -> int:
+    """Bytes under ``prefix`` now, less ``*.partial`` temporaries; keys deleted while listed
+    (by another process's pruner) count as gone instead of raising."""
+    return sum(size for key, size in _sizes(store, prefix) if not key.endswith(PARTIAL_SUFFIX))
 
 
 def _sizes(store: Store, prefix: str) -> Iterable[tuple[str, int]]:
@@ -233,6 +240,7 @@ class PruneReport:
     bytes_after: int
     dropped: list[DroppedChunk]
     dry_run: bool = False
+    skipped: dict[str, str] = field(default_factory=dict)  # entries it could not read: name -> why
 
     @property
     def within_budget(self) -> bool:
@@ -271,7 +279,10 @@ def plan(
     for entry in entries:
         entry_stats = (stats or {}).get(entry.name)
         if entry_stats is None:
-            entry_stats = read_access(entry)
+            try:
+                entry_stats = read_access(entry)
+            except Exception:  # damaged statistics ('verify' reports them): as if never recorded
+                entry_stats = np.zeros((entry.num_chunks, 2), dtype=np.float64)
         if entry.name == in_use:
             current = (entry, entry_stats)
         else:
@@ -341,14 +352,22 @@ def prune(
         for log in logs:
             log.flush()
         usage = measure(store)
-        entries, _ = open_entries(store)
+        found, skipped = open_entries(store)
+        entries = []
+        for entry in found:
+            try:
+                entry.check_metadata()
+            except Exception as error:
+                skipped[entry.name] = str(error)
+                continue
+            entries.append(entry)
         chosen = plan(entries, usage, budget, policy, in_use)
         if not dry_run:
             by_name = {entry.name: entry for entry in entries}
             for item in chosen:
                 drop_chunk(by_name[item.entry], item.chunk)
     freed = sum(item.nbytes for item in chosen)
-    return PruneReport(budget, usage.total, usage.total - freed, chosen, dry_run)
+    return PruneReport(budget, usage.total, usage.total - freed, chosen, dry_run, skipped)
 
 
 # -- the budget of a dataset -------------------------------------------------------------------
@@ -386,6 +405,7 @@ class Budget:
                 "Raise max_bytes or pass a smaller chunk_rows."
             )
         self._others: dict[str, Entry] = {}
+        self.skipped: dict[str, str] = {}  # entries it cannot read (reported once): name -> why
 
     def enforce(self) -> PruneReport | None:
         """Measure the store and prune it if it is over budget (one pruner at a time)."""
@@ -418,8 +438,24 @@ class Budget:
         for name in sorted(usage.chunks):
             if name == self.entry.name:
                 continue
+            if name in self.skipped:
+                continue
             if name not in self._others:
-                entry = self.store.entry(name)
+                try:
+                    entry = self.store.entry(name)
+                    if entry is not None:
+                        entry.check_metadata()
+                except Exception as error:  # damaged metadata: its bytes stay, counted, unpruned
+                    self.skipped[name] = f"{type(error).__name__}: {error}"
+                    logger.warning(
+                        "cachedfeatures: the size budget skips entry %s, whose metadata cannot be read "
+                        "(%s); its chunks are counted but not pruned. Run 'cachedfeatures verify "
+                        "--repair %s' to rebuild or drop it.",
+                        name,
+                        self.skipped[name],
+                        self.store.location,
+                    )
+                    continue
                 if entry is None:  # an incomplete entry or a stray group: not ours to prune
                     continue
                 self._others[name] = entry
@@ -444,7 +480,7 @@ def missing_chunks(entry: Entry, chunks: Iterable[int]) -> list[int]:
 
     Only output arrays are checked: Zarr may skip writing a chunk that equals the fill
     value, which is common for fields (a chunk of labels that are all 0) and which a real
-    feature chunk (float, fill NaN) never is.
+    feature chunk (float, fill an odd sentinel) never is.
     """
     chunks = [int(chunk) for chunk in chunks]
     if not chunks:
@@ -490,17 +526,23 @@ def repair_missing(entry: Entry, chunk: int) -> bool:
         return True
 
 
+def _fill_value(entry: Entry, name: str) -> object | None:
+    """The fill value of output array ``name``, or ``None`` where it is NaN (older entries)."""
+    fill = entry.arrays[name].fill_value
+    return None if np.isnan(fill) else fill
+
+
 def serve_backed_rows(entry: Entry, rows: np.ndarray, read: RowsRead) -> RowsRead:
     """``read`` less the hits that would serve fill values instead of stored features.
 
     Two cases: a chunk marked valid whose output bytes are missing (damage: its rows are
     cleared so they are recomputed, logged once), and hits whose floating-point outputs
-    are all NaN, the fill value, which is what a read that raced a pruner and a rewrite of
-    the same rows sees. Both become misses.
+    all equal the fill value (a finite sentinel; NaN in entries made before it), which is
+    what a read that raced a pruner and a rewrite of the same rows sees. Both become misses.
 
     A chunk's files are looked at once per process (``entry.backed_chunks``), not on every
     batch: that stat per chunk was half the cost of a hit. Bytes that vanish later while
-    their rows stay valid read as the fill value, NaN, which the second check catches.
+    their rows stay valid read as the fill value, which the second check catches.
     """
     if not read.hits:
         return read
@@ -524,12 +566,16 @@ def serve_backed_rows(entry: Entry, rows: np.ndarray, read: RowsRead) -> RowsRea
         column = read.arrays.get(name)
         if column is not None and column.dtype.kind in "fc" and column.size:
             flat = column.reshape(len(column), -1)
-            first = np.isnan(flat[:, 0])  # all NaN needs a NaN first: test few rows
+            fill = _fill_value(entry, name)
+            # All fill needs a fill first: test few rows. Entries made before the fill sentinel
+            # have NaN, the old fill value (fill is None).
+            first = np.isnan(flat[:, 0]) if fill is None else flat[:, 0] == fill
             if first.any():
                 maybe = np.flatnonzero(first)
                 if bad is None:
                     bad = np.zeros(len(column), dtype=bool)
-                bad[maybe[np.isnan(flat[maybe]).all(axis=1)]] = True
+                same = np.isnan(flat[maybe]) if fill is None else flat[maybe] == fill
+                bad[maybe[same.all(axis=1)]] = True
     if bad is None or not bad.any():
         return read
     hit = read.hit.copy()

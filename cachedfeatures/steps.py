@@ -57,7 +57,7 @@ class RowLoader:
         return LoadedRows(
             rows=rows,
             inputs=[self.layout.extract_input(sample) for sample in samples],
-            fields=self.layout.field_values(samples),
+            fields=self.layout.field_values(samples, rows),
         )
 
 

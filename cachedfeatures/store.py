@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,7 +32,13 @@ from zarr.abc.codec import BytesBytesCodec
 from zarr.abc.store import Store
 from zarr.storage import LocalStore, MemoryStore
 
-from cachedfeatures.errors import EntryNotFoundError, NotAFeatureStoreError, StorePathError
+from cachedfeatures.errors import (
+    ChunkSizeError,
+    DamagedStoreError,
+    EntryNotFoundError,
+    NotAFeatureStoreError,
+    StorePathError,
+)
 from cachedfeatures.layout import ArraySpec
 from cachedfeatures.locks import FileLocks, Locks, ThreadLocks
 
@@ -40,7 +47,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Entry", "FeatureStore", "StoreLike", "default_chunk_rows", "default_compressor"]
+__all__ = [
+    "MAX_CHUNK_BYTES",
+    "Entry",
+    "FeatureStore",
+    "StoreLike",
+    "check_chunk_bytes",
+    "default_chunk_rows",
+    "default_compressor",
+    "float_fill_value",
+]
 
 StoreLike = str | os.PathLike[str] | Store | None
 Compressor = BytesBytesCodec | Literal["default"] | None
@@ -53,6 +69,41 @@ VALID = "valid"
 ACCESS = "access"
 SAMPLE_DIM = "sample"
 TARGET_CHUNK_BYTES = 2 * 1024 * 1024
+# Blosc (through numcodecs) refuses buffers over 2**31 - 1 bytes, and so does the crc32c of a
+# chunk; a chunk of all arrays' rows must stay below it.
+MAX_CHUNK_BYTES = 2**31 - 1
+# Default chunks keep at least 16 rows only while that stays below this; huge rows get fewer.
+MAX_DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+# Fill values of new floating-point arrays: what a missing chunk reads as. Not NaN, so an
+# all-NaN row of features (a module's honest output) is not taken for missing bytes; an odd
+# subnormal that no module plausibly outputs across a whole row (see pruning.serve_backed_rows).
+_FILL_BITS = {2: (np.uint16, 0x03A5), 4: (np.uint32, 0x0041C0DE), 8: (np.uint64, 0x000C0FFEE0C0FFEE)}
+
+
+def float_fill_value(dtype: np.dtype[Any]) -> Any:
+    """The fill value of a new array of floating (or complex) ``dtype``: a finite sentinel."""
+    if dtype.kind == "c":
+        part = float(float_fill_value(np.dtype(f"<f{dtype.itemsize // 2}")))
+        return complex(part, part)
+    unsigned, bits = _FILL_BITS[dtype.itemsize]
+    return np.array(bits, dtype=unsigned).view(dtype.newbyteorder("="))[()]
+
+
+def check_chunk_bytes(chunk_rows: int, row_nbytes: int) -> None:
+    """A :class:`ChunkSizeError` saying what to set if a chunk would exceed ``MAX_CHUNK_BYTES``."""
+    if chunk_rows * row_nbytes <= MAX_CHUNK_BYTES:
+        return
+    if row_nbytes > MAX_CHUNK_BYTES:
+        raise ChunkSizeError(
+            f"one row is {row_nbytes} bytes, over the {MAX_CHUNK_BYTES} bytes a chunk can hold "
+            "(Blosc and the chunk checksum refuse larger buffers). Store a smaller output: a "
+            "smaller dtype (dtype=torch.float16) or fewer values per row."
+        )
+    raise ChunkSizeError(
+        f"Expected chunk_rows * row bytes to be at most {MAX_CHUNK_BYTES} (Blosc and the chunk "
+        f"checksum refuse larger buffers). Got {chunk_rows} rows of {row_nbytes} bytes = "
+        f"{chunk_rows * row_nbytes} bytes. Pass chunk_rows={MAX_CHUNK_BYTES // row_nbytes} or fewer."
+    )
 
 
 def default_compressor() -> BytesBytesCodec:
@@ -61,11 +112,17 @@ def default_compressor() -> BytesBytesCodec:
 
 
 def default_chunk_rows(row_nbytes: int, num_rows: int) -> int:
-    """Rows per chunk: a power of two giving chunks of about 2 MiB, between 16 and 65536."""
+    """Rows per chunk: a power of two giving chunks of about 2 MiB, between 16 and 65536.
+
+    Rows so large that 16 of them pass 256 MiB get fewer per chunk, down to one, so a chunk
+    stays well within what the codecs take (``MAX_CHUNK_BYTES``).
+    """
     rows = max(1, TARGET_CHUNK_BYTES // max(1, row_nbytes))
     rows = 1 << (rows.bit_length() - 1)
     rows = min(max(rows, 16), 65536)
     while rows > 16 and rows // 2 >= num_rows:  # no chunk much larger than the dataset
+        rows //= 2
+    while rows > 1 and rows * row_nbytes > MAX_DEFAULT_CHUNK_BYTES:
         rows //= 2
     return rows
 
@@ -133,7 +190,7 @@ class Entry:
             # it, a chunk equal to the fill value (all-False or all-zero features) is not written,
             # and its valid rows would read as damaged.
             self._arrays = {
-                spec.name: self.group[spec.name].with_config({"write_empty_chunks": True})  # type: ignore[union-attr]
+                spec.name: self._array(spec.name).with_config({"write_empty_chunks": True})
                 for spec in self.specs
             }
         return self._arrays
@@ -141,8 +198,30 @@ class Entry:
     @property
     def valid(self) -> zarr.Array[Any]:
         if self._valid is None:
-            self._valid = self.group[VALID]  # type: ignore[assignment]
-        return self._valid  # type: ignore[return-value]
+            self._valid = self._array(VALID)
+        return self._valid
+
+    def _array(self, name: str) -> zarr.Array[Any]:
+        """The entry's array ``name``; a missing or unreadable one is a :class:`DamagedStoreError`."""
+        try:
+            array = self.group[name]
+        except KeyError:
+            problem = "is missing"
+        except (ValueError, UnicodeDecodeError) as error:  # garbage zarr.json (JSONDecodeError...)
+            problem = f"has unreadable metadata ({type(error).__name__}: {error})"
+        else:
+            if isinstance(array, zarr.Array):
+                return array
+            problem = "is not an array"
+        raise DamagedStoreError(
+            f"array {name!r} of entry {self.name} {problem}. Run 'cachedfeatures verify --repair "
+            f"{_store_location(self.group.store)}': it rebuilds the array (its rows become misses, "
+            "recomputed on the next pass)."
+        )
+
+    def check_metadata(self) -> None:
+        """Open every array of the entry now: a :class:`DamagedStoreError` if one is damaged."""
+        _ = self.arrays, self.valid
 
     def valid_mask(self) -> np.ndarray:
         """The whole ``valid`` mask, as read now."""
@@ -225,10 +304,14 @@ class Entry:
         return sum(spec.row_nbytes for spec in self.specs) * self.num_rows
 
     def nbytes_stored(self) -> int:
-        """Bytes this entry occupies in the store (chunks and metadata, all arrays)."""
-        store = self.group.store
-        prefix = self.group.path
-        return int(zarr.core.sync.sync(store.getsize_prefix(prefix)))
+        """Bytes this entry occupies in the store (chunks and metadata, all arrays).
+
+        Files another process deletes while they are listed (a pruner) count as gone, and
+        the ``*.partial`` temporaries of killed writes are not counted.
+        """
+        from cachedfeatures.pruning import stored_bytes
+
+        return stored_bytes(self.group.store, self.group.path)
 
     def describe(self) -> str:
         module = self.meta["module"]["description"]
@@ -390,28 +473,13 @@ class FeatureStore:
         store. ``mode="r"`` opens local and URL stores read-only: nothing is ever written.
         """
         zarr_store, locks, location = _resolve(store, mode, storage_options)
-        try:
-            root = zarr.open_group(zarr_store, mode="r" if mode == "r" else "a")
-        except (zarr.errors.ContainsArrayError, zarr.errors.NodeTypeValidationError) as error:
-            raise NotAFeatureStoreError(
-                f"{location} holds a Zarr array, not a cachedfeatures store; pass a new path."
-            ) from error
-        except FileNotFoundError as error:
-            raise StorePathError(f"no cachedfeatures store at {location}; check the path.") from error
-        meta: Any = root.attrs.get(ATTRS_KEY)
-        if meta is None:
-            if mode == "r" or any(True for _ in root):
-                raise NotAFeatureStoreError(
-                    f"{location} is a Zarr store that cachedfeatures did not write (no "
-                    f"'{ATTRS_KEY}' attribute); pass a new path for the cache."
-                )
-            root.attrs[ATTRS_KEY] = {"format_version": FORMAT_VERSION, "created": _now()}
-        elif int(meta.get("format_version", 0)) > FORMAT_VERSION:
-            raise NotAFeatureStoreError(
-                f"{location} was written by a newer cachedfeatures (format "
-                f"{meta['format_version']}); upgrade cachedfeatures to read it."
-            )
-        return cls(root, locks, location)
+        if mode == "r":
+            return cls(_open_root(zarr_store, mode, location), locks, location)
+        # Creating the root group and its attrs is a check-then-write: two processes opening a
+        # new path at once (the first run of a torchrun job) would both create it. A file lock
+        # serialises them on one machine; elsewhere a lost race is an existing group to open.
+        with locks.lock("root"):
+            return cls(_open_root(zarr_store, mode, location), locks, location)
 
     @property
     def entries(self) -> list[Entry]:
@@ -427,6 +495,12 @@ class FeatureStore:
             group = self.root[name]
         except KeyError:
             return None
+        except (ValueError, UnicodeDecodeError) as error:  # garbage zarr.json (JSONDecodeError...)
+            raise DamagedStoreError(
+                f"entry {name} of store {self.location} has unreadable metadata ({type(error).__name__}: "
+                f"{error}). Run 'cachedfeatures verify --repair {self.location}': it drops the entry, "
+                "whose rows are then recomputed."
+            ) from error
         if not isinstance(group, zarr.Group) or "arrays" not in group.attrs.get(ATTRS_KEY, {}):  # type: ignore[operator]
             return None
         return Entry(group, self.locks)
@@ -447,6 +521,7 @@ class FeatureStore:
         With ``checksum`` every chunk ends in a crc32c of its bytes, verified on every read.
         The group's attrs, which mark it complete, are written last, under the entry lock.
         """
+        check_chunk_bytes(chunk_rows, sum(spec.row_nbytes for spec in specs))
         with self.locks.entry(name):
             existing = self.entry(name)
             if existing is not None:
@@ -455,16 +530,7 @@ class FeatureStore:
             codec = default_compressor() if compressor == "default" else compressor
             for spec in specs:
                 _create_array(group, spec, num_rows, chunk_rows, codec, checksum)
-            group.create_array(
-                VALID,
-                shape=(num_rows,),
-                chunks=(chunk_rows,),
-                dtype="bool",
-                fill_value=False,
-                compressors=_with_checksum(default_compressor(), checksum),
-                dimension_names=(SAMPLE_DIM,),
-                overwrite=True,
-            )
+            _create_valid(group, num_rows, chunk_rows, checksum)
             group.attrs[ATTRS_KEY] = {
                 **meta,
                 "format_version": FORMAT_VERSION,
@@ -520,11 +586,59 @@ class FeatureStore:
         return explore.store_html(self, [(entry.info(), entry.valid_mask()) for entry in self.entries])
 
 
+def _open_root(zarr_store: Store, mode: Literal["r", "a"], location: str) -> zarr.Group:
+    """The store's root group, created with the format attrs when the store is new."""
+    try:
+        try:
+            root = zarr.open_group(zarr_store, mode=mode)
+        except zarr.errors.ContainsGroupError:  # created by another process since we looked
+            root = zarr.open_group(zarr_store, mode=mode)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DamagedStoreError(
+            f"the root metadata (zarr.json) of store {location} is unreadable ({type(error).__name__}: "
+            f"{error}). Run 'cachedfeatures verify --repair {location}': it rebuilds it, keeping the entries."
+        ) from error
+    except (zarr.errors.ContainsArrayError, zarr.errors.NodeTypeValidationError) as error:
+        raise NotAFeatureStoreError(
+            f"{location} holds a Zarr array, not a cachedfeatures store; pass a new path."
+        ) from error
+    except FileNotFoundError as error:
+        raise StorePathError(f"no cachedfeatures store at {location}; check the path.") from error
+    meta: Any = root.attrs.get(ATTRS_KEY)
+    if meta is None:
+        if mode == "r" or any(True for _ in root):
+            raise NotAFeatureStoreError(
+                f"{location} is a Zarr store that cachedfeatures did not write (no "
+                f"'{ATTRS_KEY}' attribute); pass a new path for the cache."
+            )
+        root.attrs[ATTRS_KEY] = {"format_version": FORMAT_VERSION, "created": _now()}
+    elif int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise NotAFeatureStoreError(
+            f"{location} was written by a newer cachedfeatures (format "
+            f"{meta['format_version']}); upgrade cachedfeatures to read it."
+        )
+    return root
+
+
 def _with_checksum(codec: BytesBytesCodec | None, checksum: bool) -> tuple[BytesBytesCodec, ...]:
     """``codec`` followed by a crc32c of the stored bytes: a flipped bit, a torn or overwritten
     chunk fails the check and is recomputed instead of served (raw chunks have no other guard)."""
     codecs = () if codec is None else (codec,)
     return (*codecs, zarr.codecs.Crc32cCodec()) if checksum else codecs
+
+
+def _create_valid(group: zarr.Group, num_rows: int, chunk_rows: int, checksum: bool) -> None:
+    """The ``valid`` mask of an entry, all false (its fill value), replacing any there."""
+    group.create_array(
+        VALID,
+        shape=(num_rows,),
+        chunks=(chunk_rows,),
+        dtype="bool",
+        fill_value=False,
+        compressors=_with_checksum(default_compressor(), checksum),
+        dimension_names=(SAMPLE_DIM,),
+        overwrite=True,
+    )
 
 
 def _create_array(
@@ -537,7 +651,9 @@ def _create_array(
 ) -> None:
     dims = (SAMPLE_DIM, *(f"{spec.name}_dim{i}" for i in range(1, len(spec.shape) + 1)))
     is_string = spec.dtype == "str"
-    fill: Any = "" if is_string else (np.nan if np.dtype(spec.dtype).kind in "fc" else 0)
+    fill: Any = "" if is_string else 0
+    if not is_string and np.dtype(spec.dtype).kind in "fc":
+        fill = float_fill_value(np.dtype(spec.dtype))
     group.create_array(
         spec.name,
         shape=(num_rows, *spec.shape),
@@ -550,6 +666,35 @@ def _create_array(
         config={"write_empty_chunks": True},
         overwrite=True,
     )
+
+
+def holds_entries(path: Path) -> bool:
+    """Whether a directory without a root ``zarr.json`` holds groups cachedfeatures wrote."""
+    for child in path.iterdir():
+        try:
+            meta = json.loads((child / "zarr.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and ATTRS_KEY in (meta.get("attributes") or {}):
+            return True
+    return False
+
+
+def rebuild_root(path: str | os.PathLike[str]) -> None:
+    """Write a fresh root ``zarr.json`` for a local store that lost it (its entries are kept)."""
+    meta = {
+        "zarr_format": 3,
+        "node_type": "group",
+        "attributes": {ATTRS_KEY: {"format_version": FORMAT_VERSION, "created": _now(), "rebuilt": True}},
+    }
+    target = Path(path) / "zarr.json"
+    partial = target.with_name(f"zarr.json.{os.getpid()}.partial")
+    partial.write_text(json.dumps(meta, indent=2))
+    os.replace(partial, target)  # the garbage one, if any, goes in one step
+
+
+def _store_location(store: Store) -> str:
+    return str(store.root) if isinstance(store, LocalStore) else "STORE"
 
 
 def _resolve(
@@ -576,6 +721,11 @@ def _resolve(
             raise StorePathError(
                 f"store path {str(path)!r} is a file; pass a directory path (for example "
                 f"{str(path.with_suffix('.zarr'))!r}) where the cache can live."
+            )
+        if path.is_dir() and not (path / "zarr.json").exists() and holds_entries(path):
+            raise DamagedStoreError(
+                f"store {str(path)!r} has lost its root metadata (zarr.json) but still holds entries. "
+                f"Run 'cachedfeatures verify --repair {path}': it rebuilds it, keeping the entries."
             )
         if path.is_dir() and not (path / "zarr.json").exists() and any(path.iterdir()):
             raise StorePathError(

@@ -547,7 +547,9 @@ class HoldsALock(nn.Module):
 
 
 def test_state_that_cannot_be_hashed_is_named_in_a_warning(store_path) -> None:
-    with pytest.warns(FingerprintWarning, match=r"cannot see into HoldsALock.lock \(_thread.lock\).*module_version="):
+    with pytest.warns(
+        FingerprintWarning, match=r"cannot see into HoldsALock.lock \(_thread.lock\).*module_version="
+    ):
         CachedFeatureDataset(Samples(10), HoldsALock(), store_path)
 
 

@@ -136,7 +136,8 @@ def test_default_chunking_targets_megabyte_chunks(store_path) -> None:
 
     assert default_chunk_rows(384 * 4, 65536) == 1024  # 1.5 MiB chunks of ViT-S features
     assert default_chunk_rows(384 * 4, 100) == 128  # a small dataset is not one huge chunk
-    assert default_chunk_rows(10**8, 10**6) == 16  # at least 16 rows per chunk
+    assert default_chunk_rows(10**7, 10**6) == 16  # at least 16 rows per chunk
+    assert default_chunk_rows(10**8, 10**6) == 2  # ...unless that passes 256 MiB (issue 13)
     cached = CachedFeatureDataset(Samples(20), Backbone(), store_path)
     assert cached.entry is not None and cached.entry.chunk_rows == 32
 

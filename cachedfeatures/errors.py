@@ -20,6 +20,7 @@ __all__ = [
     "ModuleOutputError",
     "NonDeterministicDatasetError",
     "NotAFeatureStoreError",
+    "OptionWithoutStoreError",
     "OutputShapeError",
     "ReadOnlyStoreWarning",
     "RequiresGradError",
@@ -84,6 +85,11 @@ class UnknownArrayError(CacheError, KeyError):
 
 class BudgetError(CacheError, ValueError):
     """The size budget cannot work: ``max_bytes`` is smaller than one chunk."""
+
+
+class OptionWithoutStoreError(CacheError, ValueError):
+    """An option that only a persistent store uses (a compressor, a byte budget, chunk rows)
+    was given to a cache that has no store."""
 
 
 class EntryNotFoundError(CacheError, KeyError):

@@ -140,7 +140,7 @@ def _value_parts(value: Any, parts: list[Any], depth: int) -> None:
         parts.append(value.shape)
         parts.append(value.dtype.str)
         if value.nbytes <= _MAX_ARRAY_BYTES:
-            parts.append(xxhash.xxh3_64_intdigest(np.ascontiguousarray(value).view(np.uint8)))
+            parts.append(xxhash.xxh3_64_intdigest(np.ascontiguousarray(value).tobytes()))
     elif isinstance(value, nn.Module) or depth >= _MAX_DEPTH:
         parts.append(id(value))
     elif isinstance(value, (list, tuple)):

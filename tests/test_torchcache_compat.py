@@ -236,7 +236,7 @@ def test_bad_calls_are_clear_errors() -> None:
         module(torch.tensor([[1, 2, 3]]), [1, 2, 3])
     with pytest.raises(InputBatchError, match="batch size"):
         module(torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[7, 8, 9]]))
-    with pytest.raises(TypeError, match="nn.Module subclasses"):
+    with pytest.raises(TypeError, match=r"nn\.Module subclasses"):
 
         @cached_module()
         class NotAModule:
@@ -596,7 +596,7 @@ def test_the_state_token_is_cheap() -> None:
 
 # -- state changes across processes: the persistent tier ---------------------------------------
 
-MODELS = '''
+MODELS = """
 import dataclasses, torch
 from torch import nn
 import compat_helper
@@ -631,7 +631,7 @@ class Configured(nn.Module):
         self.config = Config(scale=value)
     def forward(self, x):
         return x * self.config.scale
-'''
+"""
 
 HELPER = """
 def transform(x):

@@ -12,8 +12,9 @@ state may have changed since the last call:
   small NumPy arrays by a hash of their bytes, and small lists, tuples, dicts and plain
   objects (config objects, dataclasses) entry by entry, two levels deep; anything else by
   identity;
-- for a plain function: its code, defaults, closure cells and the module-level globals its
-  code names, by the same rules.
+- the module-level globals named by the code of the module's own classes (a config object
+  read in ``forward``), and for a plain function its code, defaults, closure cells and the
+  globals its code names, by the same rules.
 
 What the token cannot see within one process: a large NumPy array or a big container changed
 in place, objects nested more than two levels deep changed in place, and globals read by
@@ -23,6 +24,7 @@ helper functions. The fingerprint, taken afresh by every new process, covers wha
 from __future__ import annotations
 
 import types
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +36,7 @@ from torch import nn
 __all__ = ["state_token"]
 
 _VALUE_TYPES = frozenset({int, float, str, bool, bytes, type(None), complex})
+_LIBRARIES = frozenset({"torch", "builtins", "cachedfeatures", "abc", "typing"})
 _MAX_ITEMS = 64  # containers and objects up to this size are read entry by entry
 _MAX_DEPTH = 2
 _MAX_ARRAY_BYTES = 1 << 16  # NumPy arrays up to this size are hashed (no version counter)
@@ -79,16 +82,62 @@ def state_token(module: Callable[..., Any]) -> list[Any]:
 
 
 def _tree_parts(root: nn.Module, parts: list[Any]) -> None:
-    """Every submodule once, depth first (what ``modules()`` yields, without its overhead)."""
+    """Every submodule once, depth first (what ``modules()`` yields, without its overhead),
+    then the module-level globals named by the code of their own (non-torch) classes."""
     seen = {id(root)}
     stack = [root]
+    classes: dict[type, None] = {}
     while stack:
         sub = stack.pop()
+        classes[type(sub)] = None
         _module_parts(sub, parts)
         for child in reversed(sub._modules.values()):
             if child is not None and id(child) not in seen:
                 seen.add(id(child))
                 stack.append(child)
+    for cls in classes:
+        for namespace, names in _class_globals(cls):
+            for name in names:
+                if name in namespace:
+                    parts.append(name)
+                    _value_parts(namespace[name], parts, 1)
+
+
+_CLASS_GLOBALS: weakref.WeakKeyDictionary[type, list[tuple[dict[str, Any], tuple[str, ...]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _class_globals(cls: type) -> list[tuple[dict[str, Any], tuple[str, ...]]]:
+    """For the user-defined classes in ``cls``'s MRO: each module namespace their methods
+    read, with the names their code uses (found once per class)."""
+    found = _CLASS_GLOBALS.get(cls)
+    if found is not None:
+        return found
+    names: dict[int, tuple[dict[str, Any], set[str]]] = {}
+    for klass in cls.__mro__:
+        if klass.__module__.split(".")[0] in _LIBRARIES:
+            continue
+        for value in vars(klass).values():
+            function = getattr(value, "__func__", getattr(value, "fget", value))
+            if not isinstance(function, types.FunctionType):
+                continue
+            if function.__module__ is None or function.__module__.split(".")[0] in _LIBRARIES:
+                continue  # the cache's own wrapper class
+            namespace = function.__globals__
+            names.setdefault(id(namespace), (namespace, set()))[1].update(_code_names(function.__code__))
+    found = [(namespace, tuple(sorted(used))) for namespace, used in names.values()]
+    _CLASS_GLOBALS[cls] = found
+    return found
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    """The global and attribute names a code object (and the code nested in it) uses."""
+    used = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            used |= _code_names(const)
+    return used
 
 
 def _module_parts(sub: nn.Module, parts: list[Any]) -> None:

@@ -513,6 +513,31 @@ def test_state_changed_in_place_between_calls_gives_fresh_outputs(where: str) ->
     assert module.module_cache.miss_rows == 6
 
 
+class Settings:
+    """A module-level config object, read (not held) by a cached module's forward."""
+
+    scale = 2.0
+
+
+SETTINGS = Settings()
+
+
+def test_a_global_config_read_by_forward_changed_gives_fresh_outputs() -> None:
+    @cached_module()
+    class ReadsSettings(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * SETTINGS.scale
+
+    module = ReadsSettings()
+    x = torch.randn(3, 2)
+    assert torch.equal(module(x), x * 2.0)
+    SETTINGS.scale = 5.0
+    try:
+        assert torch.equal(module(x), x * 5.0)
+    finally:
+        SETTINGS.scale = 2.0
+
+
 def test_each_instance_has_its_own_cache_and_options(tmp_path: Path) -> None:
     memory_only = cached_module()(Backbone)
     a, b = frozen(memory_only), frozen(memory_only)

@@ -13,8 +13,9 @@ Each batch row is looked up by a content key of its inputs (:mod:`cachedfeatures
 first in a byte-budgeted memory tier (:mod:`cachedfeatures.memory_tier`), then in a
 content-addressed entry of a Zarr feature store (:mod:`cachedfeatures.keyed_entry`). Only the
 missing rows go through the module; a fully cached batch never calls it. Entries are scoped
-by the module's fingerprint (class, code, configuration, weights and buffers), so loading a
-fine-tuned checkpoint into a cached module never serves the old weights' outputs.
+by the module's fingerprint (class, code and state), taken again whenever a cheap token of the
+state changes (:mod:`cachedfeatures.state_token`), so loading a fine-tuned checkpoint, setting
+``self.scale`` or swapping a submodule never serves the old outputs.
 
 Every instance of a decorated class has its own cache, created on its first call, with the
 decorator's options overridden by instance (or class) attributes named
@@ -144,13 +145,20 @@ def cached_module(
             ``torch.float16``), on hits and misses alike. Default: the module's own dtype.
         version: a string that stands in for hashing the module's weights and code; change
             it whenever they change. Default: hash them (on the first call, and again
-            whenever a parameter or buffer is replaced or modified in place).
+            whenever the module's state changes between calls: a tensor replaced or modified
+            in place, an attribute set, a submodule swapped).
         chunk_rows: rows per chunk of the persistent entry; default gives about 256 KiB,
             smaller than a dataset entry's, since rows are found by content in any order.
         compressor: a Zarr bytes-to-bytes codec, ``"default"`` (Blosc zstd) or ``None``.
 
-    Each tensor argument must have the batch as its first dimension; other arguments must be
-    int, float, str, bool or None (they are part of the key). The module must be frozen:
+    ``compressor``, ``max_bytes`` and ``chunk_rows`` need a ``store``: without one the first
+    call raises :class:`OptionWithoutStoreError`.
+
+    Each tensor argument must have the batch as its first dimension (a 1-D tensor is a batch
+    of scalars; the first such call checks the module treats it so, else
+    :class:`InputBatchError`); other arguments must be int, float, str, bool or None (they are
+    part of the key). Calls are bound to the forward's signature first, defaults filled in,
+    so ``f(x, 3)`` and ``f(x, scale=3)`` share their rows. The module must be frozen:
     parameters that require grad raise :class:`RequiresGradError`, and a module in training
     mode with active dropout or batch norm raises :class:`TrainingModeError`. Outputs are
     detached, on the input's device, in the module's dtype (or ``cache_dtype``).

@@ -24,6 +24,7 @@ __all__ = [
     "ModuleOutputError",
     "NonDeterministicDatasetError",
     "NotAFeatureStoreError",
+    "OptionWithoutStoreError",
     "OutputShapeError",
     "ReadOnlyStoreWarning",
     "RequiresGradError",
@@ -102,6 +103,11 @@ class DtypeError(CacheError, TypeError):
 
 class ChunkSizeError(CacheError, ValueError):
     """A chunk would be larger than the compressor can take (Blosc: 2 GiB)."""
+
+
+class OptionWithoutStoreError(CacheError, ValueError):
+    """An option that only a persistent store uses (a compressor, a byte budget, chunk rows)
+    was given to a cache that has no store."""
 
 
 class EntryNotFoundError(CacheError, KeyError):

@@ -30,6 +30,7 @@ import numpy as np
 import zarr
 import zarr.core.sync
 
+from cachedfeatures.errors import BudgetError
 from cachedfeatures.layout import ArraySpec
 from cachedfeatures.row_keys import KEY_BYTES
 from cachedfeatures.store import ATTRS_KEY, MAX_DEFAULT_CHUNK_BYTES, VALID, Compressor, Entry, FeatureStore
@@ -309,16 +310,30 @@ class KeyedEntry:
         used = -(-self._next_row() // self.entry.chunk_rows)
         recent = sorted(self._access, key=self._access.__getitem__, reverse=True)
         others = [chunk for chunk in range(used - 1, -1, -1) if chunk not in self._access]
+        candidates = [*recent, *others]
         dropped = 0
-        for chunk in [*recent, *others]:
+        largest = 0  # the bytes freed by the biggest single drop: about one chunk
+        for chunk in candidates:
             if self._measured <= max_bytes:
                 break
+            before = self._measured
             self._drop_chunk(chunk)
             dropped += 1
             self._measured = self.nbytes_stored()
+            largest = max(largest, before - self._measured)
         logger.debug(
             "cachedfeatures: dropped %d chunks of %s to keep it under %d bytes", dropped, self.name, max_bytes
         )
+        if candidates and dropped == len(candidates):
+            # Nothing is left: every write would be dropped as soon as it is made, and the
+            # module re-run on every call. Say so instead of caching nothing in silence.
+            need = self._measured + largest
+            raise BudgetError(
+                f"max_bytes={max_bytes} cannot hold a single chunk of entry {self.name}: its "
+                f"metadata alone takes {self._measured} bytes and one chunk about {largest}, so "
+                f"every row written was dropped at once. Set max_bytes to at least {need} (better: "
+                "room for the rows you want cached), lower chunk_rows, or pass max_bytes=None."
+            )
 
     def _drop_chunk(self, chunk: int) -> None:
         """Clear ``valid`` for the chunk's rows, then delete its chunk files."""

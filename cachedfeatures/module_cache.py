@@ -13,8 +13,9 @@ Each batch row is looked up by a content key of its inputs (:mod:`cachedfeatures
 first in a byte-budgeted memory tier (:mod:`cachedfeatures.memory_tier`), then in a
 content-addressed entry of a Zarr feature store (:mod:`cachedfeatures.keyed_entry`). Only the
 missing rows go through the module; a fully cached batch never calls it. Entries are scoped
-by the module's fingerprint (class, code, configuration, weights and buffers), so loading a
-fine-tuned checkpoint into a cached module never serves the old weights' outputs.
+by the module's fingerprint (class, code and state), taken again whenever a cheap token of the
+state changes (:mod:`cachedfeatures.state_token`), so loading a fine-tuned checkpoint, setting
+``self.scale`` or swapping a submodule never serves the old outputs.
 
 Every instance of a decorated class has its own cache, created on its first call, with the
 decorator's options overridden by instance (or class) attributes named
@@ -39,13 +40,20 @@ from torch import nn
 from zarr.abc.store import Store
 
 from cachedfeatures import _hashing
-from cachedfeatures.errors import DtypeError, RequiresGradError, TrainingModeError
+from cachedfeatures.errors import (
+    DtypeError,
+    InputBatchError,
+    OptionWithoutStoreError,
+    RequiresGradError,
+    TrainingModeError,
+)
 from cachedfeatures.fingerprint import Fingerprint, module_fingerprint, options_json
 from cachedfeatures.keyed_entry import KeyedEntry, keyed_chunk_rows
 from cachedfeatures.layout import OutputLayout, cast_for_storage
 from cachedfeatures.memory_tier import MemoryTier, Row
 from cachedfeatures.modes import mode_dependent_submodules, training_mode_message
 from cachedfeatures.row_keys import KEY_ALGORITHM, CallInputs, gather_inputs, row_keys
+from cachedfeatures.state_token import state_token
 from cachedfeatures.store import Compressor, FeatureStore, StoreLike
 
 __all__ = ["OPTION_PREFIX", "CacheOptions", "ModuleCache", "cached_module"]
@@ -141,13 +149,20 @@ def cached_module(
             ``torch.float16``), on hits and misses alike. Default: the module's own dtype.
         version: a string that stands in for hashing the module's weights and code; change
             it whenever they change. Default: hash them (on the first call, and again
-            whenever a parameter or buffer is replaced or modified in place).
+            whenever the module's state changes between calls: a tensor replaced or modified
+            in place, an attribute set, a submodule swapped).
         chunk_rows: rows per chunk of the persistent entry; default gives about 256 KiB,
             smaller than a dataset entry's, since rows are found by content in any order.
         compressor: a Zarr bytes-to-bytes codec, ``"default"`` (Blosc zstd) or ``None``.
 
-    Each tensor argument must have the batch as its first dimension; other arguments must be
-    int, float, str, bool or None (they are part of the key). The module must be frozen:
+    ``compressor``, ``max_bytes`` and ``chunk_rows`` need a ``store``: without one the first
+    call raises :class:`OptionWithoutStoreError`.
+
+    Each tensor argument must have the batch as its first dimension (a 1-D tensor is a batch
+    of scalars; the first such call checks the module treats it so, else
+    :class:`InputBatchError`); other arguments must be int, float, str, bool or None (they are
+    part of the key). Calls are bound to the forward's signature first, defaults filled in,
+    so ``f(x, 3)`` and ``f(x, scale=3)`` share their rows. The module must be frozen:
     parameters that require grad raise :class:`RequiresGradError`, and a module in training
     mode with active dropout or batch norm raises :class:`TrainingModeError`. Outputs are
     detached, on the input's device, in the module's dtype (or ``cache_dtype``).
@@ -221,7 +236,7 @@ _ATTRIBUTE = "_cachedfeatures_module_cache"
 class _Scope:
     """The fingerprint of one module object, and the state it was taken from."""
 
-    token: tuple[Any, ...]
+    token: list[Any]
     fingerprint: Fingerprint
 
 
@@ -250,6 +265,7 @@ class ModuleCache:
             if self._configured:
                 return
             options = self.options.overridden_by(owner)
+            _check_store_options(options, self.name)
             if options != self.options:
                 self.options = options
                 self.enabled = options.enabled
@@ -266,6 +282,9 @@ class ModuleCache:
         self._entries: dict[str, KeyedEntry] = {}
         self._layouts: dict[str, OutputLayout] = {}
         self._contexts: dict[str, tuple[Fingerprint, str]] = {}
+        self._signatures: dict[Any, inspect.Signature | None] = {}
+        self._vectors_checked: set[str] = set()  # contexts whose 1-D inputs proved a batch
+        self._running = 0  # forwards in flight (threads of DataParallel replicas)
 
     # A module holding a cache must survive copy.deepcopy and pickling (DataLoader workers,
     # checkpoints): the copy keeps the options and starts with empty tiers.
@@ -298,6 +317,7 @@ class ModuleCache:
         if not self.enabled:
             return forward(*args, **kwargs)
         fingerprint = self._fingerprint(module)
+        args, kwargs = self._bind(forward, args, kwargs)
         inputs = gather_inputs(args, kwargs)
         if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs.tensors):
             raise RequiresGradError(
@@ -379,21 +399,120 @@ class ModuleCache:
                 unique.append(i)
             first.append(distinct[keys[i]])
         select = torch.tensor(unique, dtype=torch.long)
-        sub_args, sub_kwargs = (
-            (args, kwargs) if len(unique) == inputs.batch_size else inputs.select(args, kwargs, select)
-        )
-        self.module_calls += 1
-        if torch.is_inference_mode_enabled():
-            output = forward(*sub_args, **sub_kwargs)
-        else:  # no_grad, not inference_mode: the outputs must stay usable by an autograd graph
-            with torch.no_grad():
-                output = forward(*sub_args, **sub_kwargs)
+        vectors = [
+            slot for slot, tensor in zip(inputs.slots, inputs.tensors, strict=True) if tensor.ndim == 1
+        ]
+        if vectors and context not in self._vectors_checked:
+            # The first call with a 1-D input runs the batch as given and checks that the
+            # module takes it as a batch of scalars (not as one sample without a batch dim).
+            output = self._run(module, forward, args, kwargs)
+            self._check_vector_batch(module, forward, args, kwargs, inputs, vectors, output)
+            if inputs.batch_size > 1:
+                self._vectors_checked.add(context)
+            if len(unique) != inputs.batch_size:
+                output = _select_rows(output, select)
+        elif len(unique) == inputs.batch_size:
+            output = self._run(module, forward, args, kwargs)
+        else:
+            output = self._run(module, forward, *inputs.select(args, kwargs, select))
         dtype = self.options.cache_dtype
         layout = self._layouts.get(context) or OutputLayout.from_output(output, len(unique), dtype)
         split = layout.split(output, len(unique), dtype)  # CPU copies for storage
         on_device = _output_tensors(layout, output, dtype)
         self._store_rows(context, [keys[i] for i in unique], layout, split)
         return layout, on_device, first
+
+    def _run(
+        self,
+        module: Callable[..., Any],
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Call the forward (counted), then take the state token again: what the module's own
+        forward changed (a call counter, a list of batch sizes) is not a new state; what
+        changes between calls is."""
+        with self._lock:
+            self.module_calls += 1
+            self._running += 1
+        try:
+            if torch.is_inference_mode_enabled():
+                return forward(*args, **kwargs)
+            with torch.no_grad():  # not inference_mode: the outputs must stay usable by autograd
+                return forward(*args, **kwargs)
+        finally:
+            with self._lock:
+                self._running -= 1
+                subject = self._subject(module)
+                scope = self._scopes.get(id(subject))
+                if not self._running and scope is not None:
+                    scope.token = state_token(subject)
+
+    def _check_vector_batch(
+        self,
+        module: Callable[..., Any],
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        inputs: CallInputs,
+        vectors: Sequence[int | str],
+        output: Any,
+    ) -> None:
+        """Raise :class:`InputBatchError` unless the module treats 1-D inputs as a batch of
+        scalars: its outputs have as many rows, and the first row alone gives the same output."""
+        size = inputs.batch_size
+        names = " and ".join(f"argument {slot!r}" for slot in vectors)
+
+        def fail(reason: str) -> InputBatchError:
+            return InputBatchError(
+                f"{names} of the cached {self.name} is a 1-D tensor of {size} values, which a cached "
+                f"call takes as a batch of {size} scalars, but the module does not: {reason}. If it "
+                "is one sample, give it a batch dimension (x[None] is a batch of one); a batch of "
+                "scalars needs a module that computes each row on its own."
+            )
+
+        tensors = _tensors_of(output)
+        shapes = [tuple(t.shape) for t in tensors]
+        if not tensors or any(len(shape) == 0 or shape[0] != size for shape in shapes):
+            raise fail(f"it returned outputs of shape {', '.join(map(str, shapes)) or 'none'}")
+        if size == 1:
+            return
+        try:
+            alone = _tensors_of(self._run(module, forward, *inputs.select(args, kwargs, torch.tensor([0]))))
+        except Exception as error:
+            raise fail(f"it fails on the first row alone ({type(error).__name__}: {error})") from error
+        for batch, single in zip(tensors, alone, strict=False):
+            if single.shape != (1, *batch.shape[1:]) or not _close(single[0], batch[0]):
+                raise fail("its output for the first row alone differs from that row's output in the batch")
+
+    def _bind(
+        self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The call bound to ``forward``'s signature: ``f(x, 3)``, ``f(x, scale=3)`` and, where
+        ``scale`` defaults to 3, ``f(x)`` become one call (one key). Parameters are passed by
+        position where they can be, defaults that are keyable values are filled in (others
+        are left to the forward). A call that does not bind is passed on as it is, for the
+        forward to raise its own error."""
+        function = getattr(forward, "__func__", forward)
+        if function in self._signatures:
+            signature = self._signatures[function]
+        else:
+            try:
+                signature = inspect.signature(forward)
+            except (TypeError, ValueError):
+                signature = None
+            self._signatures[function] = signature
+        if signature is None:
+            return args, kwargs
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            return args, kwargs
+        for name, parameter in signature.parameters.items():
+            default = parameter.default
+            if name not in bound.arguments and type(default) in _KEYABLE_DEFAULTS:
+                bound.arguments[name] = default
+        return bound.args, bound.kwargs
 
     # -- the tiers -------------------------------------------------------------------------------
 
@@ -500,7 +619,11 @@ class ModuleCache:
     # -- scoping: fingerprints and contexts -----------------------------------------------------
 
     def _fingerprint(self, module: Callable[..., Any]) -> Fingerprint:
-        """The module's fingerprint, taken again whenever a parameter or buffer changed.
+        """The module's fingerprint, taken again whenever its state may have changed.
+
+        A cheap token of the state (:mod:`cachedfeatures.state_token`: the module tree, every
+        submodule's ``__dict__``, tensors by pointer and version counter) is compared on every
+        call; a new token means a new fingerprint and an empty memory tier.
 
         DataParallel builds fresh replicas (fresh weight tensors) on every forward; they share
         this cache, and their weights are copies of the original module's. So a replica is
@@ -509,22 +632,34 @@ class ModuleCache:
         original is still seen.
         """
         _check_frozen(module)
-        subject = module
-        if getattr(module, "_is_replica", False):
-            subject = (self._owner() if self._owner is not None else None) or module
-        elif isinstance(module, nn.Module) and (self._owner is None or self._owner() is not module):
+        subject = self._subject(module)
+        owned = self._owner is not None and self._owner() is module
+        if isinstance(module, nn.Module) and subject is module and not owned:
             self._owner = weakref.ref(module)
-        token = _weights_token(subject)
         with self._lock:
             scope = self._scopes.get(id(subject))
+            # While a forward of this cache runs (DataParallel threads), the state it changes
+            # itself is not a new state; it is taken again when the last one returns.
+            token = scope.token if scope is not None and self._running else state_token(subject)
             if scope is None or scope.token != token:
-                scope = _Scope(token, module_fingerprint(subject, self.options.version))
-                self._scopes[id(subject)] = scope
+                fresh = _Scope(token, module_fingerprint(subject, self.options.version))
+                self._scopes[id(subject)] = fresh
+                if scope is not None and self.memory is not None:
+                    # The state changed between calls: rows made before may be stale, even
+                    # where the fingerprint cannot tell (the persistent tier relies on it).
+                    self.memory.clear()
+                scope = fresh
             if scope.fingerprint.digest != self._memory_digest:
                 if self._memory_digest is not None and self.memory is not None:
-                    self.memory.clear()  # new weights: the old rows are stale
+                    self.memory.clear()  # new state: the old rows are stale
                 self._memory_digest = scope.fingerprint.digest
             return scope.fingerprint
+
+    def _subject(self, module: Callable[..., Any]) -> Callable[..., Any]:
+        """What to fingerprint: the module, or for a DataParallel replica its original."""
+        if getattr(module, "_is_replica", False):
+            return (self._owner() if self._owner is not None else None) or module
+        return module
 
     def _context(self, fingerprint: Fingerprint, inputs: CallInputs) -> str:
         """A short id for (module fingerprint, options, call signature): one persistent entry."""
@@ -552,6 +687,62 @@ def _output_tensors(layout: OutputLayout, output: Any, dtype: torch.dtype | None
     return {spec.name: cast_for_storage(v, dtype) for spec, v in zip(layout.arrays, values, strict=True)}
 
 
+_KEYABLE_DEFAULTS = frozenset({bool, int, float, str, type(None)})
+
+
+def _tensors_of(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    values = output.values() if isinstance(output, Mapping) else output
+    if isinstance(output, (Mapping, tuple, list)):
+        return [v for v in values if isinstance(v, torch.Tensor)]
+    return []
+
+
+def _select_rows(output: Any, rows: torch.Tensor) -> Any:
+    """``output`` (a tensor, or a tuple/list/dict of them) cut down to ``rows``."""
+    if isinstance(output, torch.Tensor):
+        return output.index_select(0, rows.to(output.device))
+    if isinstance(output, Mapping):
+        return {key: _select_rows(value, rows) for key, value in output.items()}
+    if isinstance(output, (tuple, list)):
+        return tuple(_select_rows(value, rows) for value in output)
+    return output
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal, up to the rounding of a batch of one against a bigger batch for floats."""
+    if a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        loose = a.dtype in (torch.float16, torch.bfloat16)
+        rtol, atol = (1e-2, 1e-3) if loose else (1e-4, 1e-6)
+        return bool(torch.allclose(a, b, rtol=rtol, atol=atol, equal_nan=True))
+    return bool(torch.equal(a, b))
+
+
+def _check_store_options(options: CacheOptions, name: str) -> None:
+    """Options that only a persistent store uses are an error without one, not ignored."""
+    if options.store is not None:
+        return
+    given = [
+        option
+        for option, unused in (
+            ("compressor", options.compressor not in ("default", None)),
+            ("max_bytes", options.max_bytes is not None),
+            ("chunk_rows", options.chunk_rows is not None),
+        )
+        if unused
+    ]
+    if given:
+        raise OptionWithoutStoreError(
+            f"the cache of {name} has no persistent store, but {', '.join(given)} only applies to "
+            "a persistent store. Pass store=... (a path or a zarr Store), or drop "
+            f"{', '.join(option + '=' for option in given)}"
+            + (" (the memory tier's budget is max_memory_bytes=)." if "max_bytes" in given else ".")
+        )
+
+
 def _check_frozen(module: Callable[..., Any]) -> None:
     """Raise unless ``module`` is frozen: no parameter requires grad, and no submodule whose
     output depends on the mode (dropout, batch norm, code reading ``self.training``) in training mode."""
@@ -572,24 +763,6 @@ def _check_frozen(module: Callable[..., Any]) -> None:
                 module, active, "Call .eval() on the cached module (again after model.train())."
             )
         )
-
-
-def _weights_token(module: Callable[..., Any]) -> tuple[Any, ...]:
-    """A cheap token of the state of ``module``'s weights.
-
-    It changes when a parameter or buffer is replaced (``load_state_dict`` with ``assign``,
-    ``.to()``) or modified in place (``copy_`` bumps the version counter).
-    """
-    if not isinstance(module, nn.Module):
-        return ()
-    token: list[Any] = []
-    for tensor in [*module.parameters(), *module.buffers()]:
-        try:
-            version = tensor._version
-        except RuntimeError:  # inference tensors have no version counter
-            version = -1
-        token.append((tensor.data_ptr(), version, tensor.dtype, tensor.device))
-    return tuple(token)
 
 
 def _version() -> str:

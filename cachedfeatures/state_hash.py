@@ -396,11 +396,18 @@ class StateHasher:
         if fn.__kwdefaults__:
             self.update(fn.__kwdefaults__, f"{path}.__kwdefaults__")
         namespace = fn.__globals__
-        for name in sorted(_global_names(fn.__code__)):
+        names = sorted(_global_names(fn.__code__))
+        for name in names:
             if name not in namespace:
                 continue
             value = namespace[name]
             if isinstance(value, types.ModuleType):
+                if _is_user_module(value.__name__):  # `helpers.transform(x)`: what it names there
+                    for attribute in names:
+                        member = vars(value).get(attribute)
+                        if member is not None and not isinstance(member, types.ModuleType):
+                            self.feed("global", f"{name}.{attribute}")
+                            self.update(member, f"{value.__name__}.{attribute}")
                 continue
             if (isinstance(value, (types.FunctionType, type))) and not is_user_code(value):
                 self.feed("global", name, qualified_name(value))  # installed code: by name

@@ -456,6 +456,88 @@ def test_new_weights_never_see_stale_outputs(store_path: Path) -> None:
     assert len(FeatureStore.open(store_path).entries) == 3
 
 
+def counting_fingerprints(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the module fingerprints cached_module takes (each hashes every weight)."""
+    import cachedfeatures.module_cache as module_cache
+
+    taken: list[int] = []
+    original = module_cache.module_fingerprint
+
+    def counted(module: Any, version: str | None = None) -> Any:
+        taken.append(1)
+        return original(module, version)
+
+    monkeypatch.setattr(module_cache, "module_fingerprint", counted)
+    return taken
+
+
+def test_what_the_forward_changes_itself_is_not_a_new_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Backbone's forward counts its calls and appends to lists in its __dict__; modes toggle
+    # between epochs. Neither may cost a new fingerprint (a hash of every weight) per call.
+    taken = counting_fingerprints(monkeypatch)
+    module = frozen(cached_module()(Backbone))
+    for seed in range(3):
+        module(images(4, seed))
+        module.train()
+        module.eval()
+    assert module(images(4, 0)) is not None and module.calls == 3
+    assert len(taken) == 1
+
+
+@pytest.mark.parametrize("where", ["config", "array", "list"])
+def test_state_changed_in_place_between_calls_gives_fresh_outputs(where: str) -> None:
+    # Plain state held by the module and changed in place (not reassigned): a config object's
+    # attribute, a small NumPy array, a list of floats.
+    @cached_module()
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = type("Config", (), {})()
+            self.config.scale = 2.0
+            self.table = np.array([2.0])
+            self.factors = [2.0]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.config.scale * float(self.table[0]) * self.factors[0] / 4.0
+
+    module = Scaled()
+    x = torch.randn(3, 2)
+    assert torch.allclose(module(x), x * 2.0)
+    if where == "config":
+        module.config.scale = 3.0
+    elif where == "array":
+        module.table[0] = 3.0
+    else:
+        module.factors[0] = 3.0
+    assert torch.allclose(module(x), x * 3.0)
+    assert module.module_cache.miss_rows == 6
+
+
+class Settings:
+    """A module-level config object, read (not held) by a cached module's forward."""
+
+    scale = 2.0
+
+
+SETTINGS = Settings()
+
+
+def test_a_global_config_read_by_forward_changed_gives_fresh_outputs() -> None:
+    @cached_module()
+    class ReadsSettings(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * SETTINGS.scale
+
+    module = ReadsSettings()
+    x = torch.randn(3, 2)
+    assert torch.equal(module(x), x * 2.0)
+    SETTINGS.scale = 5.0
+    try:
+        assert torch.equal(module(x), x * 5.0)
+    finally:
+        SETTINGS.scale = 2.0
+
+
 def test_each_instance_has_its_own_cache_and_options(tmp_path: Path) -> None:
     memory_only = cached_module()(Backbone)
     a, b = frozen(memory_only), frozen(memory_only)

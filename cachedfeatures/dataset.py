@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 from cachedfeatures import _hashing
 from cachedfeatures.access import AccessLog
 from cachedfeatures.compute import Collate, FeatureComputer
-from cachedfeatures.errors import DeviceInWorkerError, TrainingModeError
+from cachedfeatures.errors import CacheError, DeviceInWorkerError, TrainingModeError
 from cachedfeatures.faults import WriteGuard, is_store_fault
 from cachedfeatures.fingerprint import (
     dataset_fingerprint,
@@ -34,6 +34,14 @@ from cachedfeatures.prefill import PrefillResult, prefill
 from cachedfeatures.pruning import Budget, Policy, parse_policy, serve_backed_rows
 from cachedfeatures.reader import ChunkReader, ReadRoute
 from cachedfeatures.remote import is_url
+from cachedfeatures.spot_check import (
+    DEFAULT_SPOT_CHECK,
+    SpotCheckState,
+    compare_columns,
+    parse_spot_check,
+    precision_of,
+    stale_error,
+)
 from cachedfeatures.steps import LoadedRows, RowLoader, compute_loaded
 from cachedfeatures.store import Compressor, Entry, FeatureStore, RowsRead, StoreLike, default_chunk_rows
 from cachedfeatures.units import parse_bytes
@@ -69,7 +77,21 @@ class CachedFeatureDataset(Dataset[Any]):
         module_version / dataset_version: strings that stand in for hashing the module's
             weights / probing the dataset; change them whenever the module / data change.
         allow_nondeterministic: cache a dataset whose inputs change from load to load (random
-            augmentation), freezing one draw. Default ``False``, which raises instead.
+            augmentation), freezing one draw. Default ``False``, which raises instead. It also
+            turns spot checks off: a random draw never matches the stored one.
+        spot_check: rows recomputed and compared with the store each epoch, the safety net
+            for what no fingerprint sees (a file edited in place, a global config object).
+            Random valid rows are loaded, run through the module as a miss would be (one
+            batch, same collate, dtype and autocast), and every stored column is compared
+            (floats within a tolerance set by dtype and autocast); a mismatch raises
+            :class:`~cachedfeatures.errors.StaleFeaturesError`. Nothing is written. "Each
+            epoch" is: once per iteration of :meth:`loader` (at its first batch with a hit),
+            once per :meth:`prefill` (rows cached before it ran), and on the map-style path
+            (``cached[i]``, a plain DataLoader) at the first batch with a hit in each process
+            (each DataLoader worker), then again after every ``len(dataset)`` rows that
+            process served. Skipped where the module cannot run (``device="cuda"`` inside a
+            DataLoader worker) and where raw samples fail to load (logged once). Default 8;
+            ``0`` turns the checks off.
         max_bytes: a size budget for the whole store on disk (all entries, all processes),
             as bytes or a string like ``"10GB"`` / ``"512MiB"``; checked after every chunk
             written, dropping whole chunks (see ``policy``). Default ``None``: no budget.
@@ -123,6 +145,7 @@ class CachedFeatureDataset(Dataset[Any]):
         module_version: str | None = None,
         dataset_version: str | None = None,
         allow_nondeterministic: bool = False,
+        spot_check: int = DEFAULT_SPOT_CHECK,
         max_bytes: int | float | str | None = None,
         policy: Policy = "mru",
         autocast_dtype: torch.dtype | None = None,
@@ -146,6 +169,8 @@ class CachedFeatureDataset(Dataset[Any]):
         self.max_bytes = None if max_bytes is None else parse_bytes(max_bytes)
         self.policy = parse_policy(policy)
         self._checksum = checksum
+        self.spot_check_rows = parse_spot_check(spot_check)
+        self._allow_nondeterministic = bool(allow_nondeterministic)
         if isinstance(module, torch.nn.Module) and module.training:
             raise TrainingModeError(
                 f"{type(module).__name__} is in training mode, so dropout and batch norm would "
@@ -153,6 +178,7 @@ class CachedFeatureDataset(Dataset[Any]):
                 "module.eval() before wrapping it."
             )
         self._length = len(dataset)  # type: ignore[arg-type]
+        self._spot = SpotCheckState(self.spot_check_rows, self._length)
         self._computer = FeatureComputer(module, self.device, self.dtype, collate_fn, self.autocast_dtype)
         self._chunk_cache_bytes, self._read_route = chunk_cache_bytes, read_route
         self.owned_chunks = parse_ownership(owned_chunks)
@@ -327,6 +353,8 @@ class CachedFeatureDataset(Dataset[Any]):
         self._warn_if_private_store_in_worker()
         entry = self._entry_for_this_process()
         read = self._checked_read(entry, rows)
+        if self.spot_check_rows and self._spot.due_on_serve(len(rows), read.hits):
+            self.spot_check()
         if read.all_hit:
             return self._assemble_all(read.arrays)
         columns = {
@@ -360,6 +388,67 @@ class CachedFeatureDataset(Dataset[Any]):
             self._write(entry, batch, columns)
             parts.append(columns)
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+    def spot_check(self, rows: int | None = None, *, among: Sequence[int] | np.ndarray | None = None) -> int:
+        """Recompute up to ``rows`` random cached rows now and compare them with the store.
+
+        Loads their raw samples, runs them through the module in one batch as a miss would,
+        and compares every stored column; writes nothing. ``rows`` defaults to
+        ``spot_check=``; ``among`` limits the choice to these rows (those not valid are left
+        out). Returns how many rows were compared: 0 where there is nothing to check or the
+        check cannot run here (see ``spot_check=``).
+
+        Raises:
+            StaleFeaturesError: some rows differ from what is stored.
+        """
+        state = self._spot.here()
+        count = state.rows if rows is None else parse_spot_check(rows)
+        if count == 0 or self._entry is None or self._allow_nondeterministic:
+            return 0
+        if self.device.type == "cuda" and get_worker_info() is not None:
+            return 0  # the module cannot run in a DataLoader worker; loader()/prefill() check
+        entry = self._entry_for_this_process()
+        valid = entry.valid_mask()
+        candidates = np.flatnonzero(valid)
+        if among is not None:
+            among = np.asarray(among, dtype=np.int64)
+            candidates = among[valid[among]]
+        picked = state.choose(candidates, count)
+        if len(picked) == 0:
+            return 0
+        read = serve_backed_rows(entry, picked, entry.read(picked))  # no access recorded
+        picked = picked[read.hit]
+        if len(picked) == 0:
+            return 0
+        try:
+            loaded = self.load(picked)
+        except Exception as error:
+            if isinstance(error, CacheError):  # the samples no longer fit the entry's layout
+                raise
+            if not state.warned:
+                state.warned = True
+                logger.warning(
+                    "cachedfeatures: spot check of entry %s skipped: loading the raw samples of "
+                    "rows %s failed (%s: %s), so cached features are served unchecked. Pass "
+                    "spot_check=0 to turn the checks off.",
+                    entry.name,
+                    picked.tolist(),
+                    type(error).__name__,
+                    error,
+                )
+            return 0
+        calls = self._computer.calls
+        recomputed = self.compute_loaded(loaded)
+        state.module_calls += self._computer.calls - calls
+        state.checks += 1
+        state.checked_rows += len(picked)
+        precision = precision_of(self.module, self.device, self.autocast_dtype)
+        mismatches = compare_columns(
+            entry.specs, picked, read.arrays, recomputed, entry.feature_names, precision
+        )
+        if mismatches:
+            raise stale_error(entry.name, self._feature_store.location, len(picked), mismatches)
+        return len(picked)
 
     def load(self, rows: Sequence[int] | np.ndarray) -> LoadedRows:
         """The raw samples of ``rows`` (module inputs and fields to store); no module call."""
@@ -607,8 +696,18 @@ class CachedFeatureDataset(Dataset[Any]):
 
     @property
     def module_calls(self) -> int:
-        """How many batches this process has run through the module."""
+        """How many batches this process has run through the module (spot checks included)."""
         return self._computer.calls
+
+    @property
+    def spot_checked_rows(self) -> int:
+        """Rows this process has loaded, recomputed and compared in spot checks."""
+        return self._spot.here().checked_rows
+
+    @property
+    def spot_check_calls(self) -> int:
+        """Module batches this process has run for spot checks (part of :attr:`module_calls`)."""
+        return self._spot.here().module_calls
 
     def __repr__(self) -> str:
         valid = int(self._entry.valid_mask().sum()) if self._entry is not None else 0

@@ -208,12 +208,17 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
     an epoch) and on every reset (an epoch left early), and a writer error is raised at the
     next batch.
 
+    With ``spot_check``, each epoch (each reset) runs ``cached.spot_check()`` once, on a batch
+    of its own, at the first batch that has a hit: here, off the training loop's thread when
+    a prefetcher follows, and after the I/O workers have started on the next batches.
+
     Args:
         source: a node of :class:`IOBatch`.
         cached: the dataset whose module and layouts to use.
         writer: the background writer of ``cached.entry``.
         finish: turns a :class:`ComputedBatch` into what this node yields.
         pin_memory: pin miss inputs before copying them to a CUDA device.
+        spot_check: spot-check cached rows once per epoch. Default ``False``.
     """
 
     SOURCE_KEY = "source"
@@ -225,6 +230,7 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
         writer: Writer,
         finish: Callable[[ComputedBatch], T],
         pin_memory: bool = False,
+        spot_check: bool = False,
     ) -> None:
         super().__init__()
         self.source = source
@@ -232,11 +238,14 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
         self.writer = writer
         self.finish = finish
         self.pin_memory = pin_memory
+        self.spot_check = spot_check
+        self._spot_due = spot_check
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
         self.writer.flush()  # rows of an epoch left early are stored before the next one starts
         self.source.reset(None if initial_state is None else initial_state[self.SOURCE_KEY])
+        self._spot_due = self.spot_check
 
     def next(self) -> T:
         self.writer.check()
@@ -246,6 +255,9 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
             self.writer.flush()
             raise
         self.cached._record_hits(batch.rows[batch.hit])
+        if self._spot_due and batch.hit.any():
+            self._spot_due = False
+            self.cached.spot_check()
         computed = 0
         if batch.misses is not None:
             values = self.cached.compute_loaded(batch.misses, pin_memory=self.pin_memory)
@@ -341,7 +353,12 @@ class Loader:
             else tn.Mapper(batches, io)
         )
         node: tn.BaseNode[Any] = ComputeMisses(
-            read, cached, self.writer, _Assemble(cached, collate_fn or default_collate), self.pin_memory
+            read,
+            cached,
+            self.writer,
+            _Assemble(cached, collate_fn or default_collate),
+            self.pin_memory,
+            spot_check=cached.spot_check_rows > 0,
         )
         if self.pin_memory:
             node = tn.PinMemory(node)

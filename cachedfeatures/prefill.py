@@ -108,6 +108,10 @@ def prefill(
         distributed: split the chunks across ``torch.distributed`` ranks; default: when a
             process group is initialised.
 
+    Before computing anything, ``cached.spot_check()`` recomputes a few random rows of this
+    rank's chunks that were cached before the call (``spot_check=`` rows; none when 0) and
+    raises :class:`~cachedfeatures.errors.StaleFeaturesError` if they differ from the store.
+
     Returns:
         a :class:`PrefillResult` for this rank.
     """
@@ -126,6 +130,8 @@ def prefill(
         owned[chunk * entry.chunk_rows : (chunk + 1) * entry.chunk_rows] = True
     rows = np.flatnonzero(owned & ~mask)
     skipped = int((owned & mask).sum())
+    if skipped:  # rows cached before this call: stale ones raise before any new row is computed
+        cached.spot_check(among=np.flatnonzero(owned & mask))
 
     computed = 0
     if len(rows):

@@ -441,7 +441,7 @@ class CachedFeatureDataset(Dataset[Any]):
         recomputed = self.compute_loaded(loaded)
         state.module_calls += self._computer.calls - calls
         state.checks += 1
-        state.checked_rows += len(picked)
+        state.checked_rows.extend(picked.tolist())
         precision = precision_of(self.module, self.device, self.autocast_dtype)
         mismatches = compare_columns(
             entry.specs, picked, read.arrays, recomputed, entry.feature_names, precision
@@ -700,9 +700,12 @@ class CachedFeatureDataset(Dataset[Any]):
         return self._computer.calls
 
     @property
-    def spot_checked_rows(self) -> int:
-        """Rows this process has loaded, recomputed and compared in spot checks."""
-        return self._spot.here().checked_rows
+    def spot_checked_rows(self) -> list[int]:
+        """The rows this process has loaded, recomputed and compared in spot checks, in order.
+
+        A row checked twice appears twice; these are the only raw loads of hits.
+        """
+        return list(self._spot.here().checked_rows)
 
     @property
     def spot_check_calls(self) -> int:

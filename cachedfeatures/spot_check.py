@@ -283,7 +283,7 @@ class SpotCheckState:
         self._pid = os.getpid()
         self.generator = np.random.default_rng()  # fresh OS entropy; global generators untouched
         self.checks = 0  # checks run in this process
-        self.checked_rows = 0  # rows loaded, recomputed and compared in this process
+        self.checked_rows: list[int] = []  # rows loaded, recomputed and compared in this process
         self.module_calls = 0  # module batches run by checks in this process
         self._served = 0  # rows served by the map-style path since its last check
         self._due = True  # check at the next batch with a hit

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 from cachedfeatures import _hashing
 from cachedfeatures.access import AccessLog
 from cachedfeatures.compute import Collate, FeatureComputer
-from cachedfeatures.errors import CacheError, DeviceInWorkerError, TrainingModeError
+from cachedfeatures.errors import DeviceInWorkerError, TrainingModeError
 from cachedfeatures.faults import WriteGuard, is_store_fault
 from cachedfeatures.fingerprint import (
     dataset_fingerprint,
@@ -354,7 +354,7 @@ class CachedFeatureDataset(Dataset[Any]):
         entry = self._entry_for_this_process()
         read = self._checked_read(entry, rows)
         if self.spot_check_rows and self._spot.due_on_serve(len(rows), read.hits):
-            self.spot_check()
+            self._spot_check_hits(rows if read.all_hit else rows[read.hit], read.arrays)
         if read.all_hit:
             return self._assemble_all(read.arrays)
         columns = {
@@ -392,63 +392,92 @@ class CachedFeatureDataset(Dataset[Any]):
     def spot_check(self, rows: int | None = None, *, among: Sequence[int] | np.ndarray | None = None) -> int:
         """Recompute up to ``rows`` random cached rows now and compare them with the store.
 
-        Loads their raw samples, runs them through the module in one batch as a miss would,
-        and compares every stored column; writes nothing. ``rows`` defaults to
-        ``spot_check=``; ``among`` limits the choice to these rows (those not valid are left
-        out). Returns how many rows were compared: 0 where there is nothing to check or the
-        check cannot run here (see ``spot_check=``).
+        Reads their stored values, loads their raw samples, runs them through the module in
+        one batch as a miss would, and compares every stored column; writes nothing. ``rows``
+        defaults to ``spot_check=``; ``among`` limits the choice to these rows (those not
+        valid are left out). Returns how many rows were compared: 0 where there is nothing to
+        check or the check cannot run here (see ``spot_check=``).
 
         Raises:
             StaleFeaturesError: some rows differ from what is stored.
         """
         state = self._spot.here()
         count = state.rows if rows is None else parse_spot_check(rows)
-        if count == 0 or self._entry is None or self._allow_nondeterministic:
+        if not self._can_spot_check(count):
             return 0
-        if self.device.type == "cuda" and get_worker_info() is not None:
-            return 0  # the module cannot run in a DataLoader worker; loader()/prefill() check
         entry = self._entry_for_this_process()
         valid = entry.valid_mask()
         candidates = np.flatnonzero(valid)
         if among is not None:
-            among = np.asarray(among, dtype=np.int64)
+            among = np.unique(np.asarray(among, dtype=np.int64))
             candidates = among[valid[among]]
         picked = state.choose(candidates, count)
         if len(picked) == 0:
             return 0
         read = serve_backed_rows(entry, picked, entry.read(picked))  # no access recorded
-        picked = picked[read.hit]
-        if len(picked) == 0:
+        return self._compare_with_recomputed(entry, picked[read.hit], read.arrays)
+
+    def _spot_check_hits(self, rows: np.ndarray, stored: Mapping[str, np.ndarray]) -> int:
+        """A spot check of up to ``spot_check`` random rows among ``rows``, just read as hits.
+
+        ``stored`` holds their columns, one row per row of ``rows``: the stored values are
+        already at hand, so the check reads nothing more from the store (and leaves the chunk
+        cache and the access statistics as they are).
+        """
+        state = self._spot.here()
+        if not self._can_spot_check(state.rows) or self._entry is None or len(rows) == 0:
             return 0
+        distinct, first = np.unique(rows, return_index=True)
+        if len(distinct) > state.rows:
+            keep = np.sort(state.generator.choice(len(distinct), size=state.rows, replace=False))
+            distinct, first = distinct[keep], first[keep]
+        columns = {name: column[first] for name, column in stored.items()}
+        return self._compare_with_recomputed(self._entry, distinct, columns)
+
+    def _can_spot_check(self, count: int) -> bool:
+        if count == 0 or self._entry is None or self._allow_nondeterministic:
+            return False
+        # The module cannot run in a DataLoader worker on CUDA; loader() and prefill() check
+        # in the main process.
+        return not (self.device.type == "cuda" and get_worker_info() is not None)
+
+    def _compare_with_recomputed(
+        self, entry: Entry, rows: np.ndarray, stored: Mapping[str, np.ndarray]
+    ) -> int:
+        """Recompute ``rows`` as a miss would and compare with their ``stored`` columns.
+
+        A check that cannot run (the raw samples fail to load: deleted once cached; the
+        module fails on them) is skipped with a warning logged once per process: it is a
+        safety net, and the hits it would check are served as they are.
+        """
+        if len(rows) == 0:
+            return 0
+        state = self._spot.here()
+        calls = self._computer.calls
         try:
-            loaded = self.load(picked)
+            recomputed = self.compute_loaded(self.load(rows))
         except Exception as error:
-            if isinstance(error, CacheError):  # the samples no longer fit the entry's layout
-                raise
             if not state.warned:
                 state.warned = True
                 logger.warning(
-                    "cachedfeatures: spot check of entry %s skipped: loading the raw samples of "
-                    "rows %s failed (%s: %s), so cached features are served unchecked. Pass "
-                    "spot_check=0 to turn the checks off.",
+                    "cachedfeatures: spot check of entry %s skipped: recomputing rows %s failed "
+                    "(%s: %s), so cached features are served unchecked. Pass spot_check=0 to "
+                    "turn the checks off.",
                     entry.name,
-                    picked.tolist(),
+                    rows.tolist(),
                     type(error).__name__,
                     error,
                 )
             return 0
-        calls = self._computer.calls
-        recomputed = self.compute_loaded(loaded)
-        state.module_calls += self._computer.calls - calls
+        finally:
+            state.module_calls += self._computer.calls - calls
         state.checks += 1
-        state.checked_rows.extend(picked.tolist())
+        state.checked_rows.extend(rows.tolist())
         precision = precision_of(self.module, self.device, self.autocast_dtype)
-        mismatches = compare_columns(
-            entry.specs, picked, read.arrays, recomputed, entry.feature_names, precision
-        )
+        mismatches = compare_columns(entry.specs, rows, stored, recomputed, entry.feature_names, precision)
         if mismatches:
-            raise stale_error(entry.name, self._feature_store.location, len(picked), mismatches)
-        return len(picked)
+            raise stale_error(entry.name, self._feature_store.location, len(rows), mismatches)
+        return len(rows)
 
     def load(self, rows: Sequence[int] | np.ndarray) -> LoadedRows:
         """The raw samples of ``rows`` (module inputs and fields to store); no module call."""

@@ -27,7 +27,7 @@ import torch
 import torchdata.nodes as tn
 from torch.utils.data import Sampler, default_collate
 
-from cachedfeatures.errors import CacheError, WriterError
+from cachedfeatures.errors import CacheError, StaleFeaturesError, WriterError
 from cachedfeatures.pruning import serve_backed_rows
 from cachedfeatures.steps import LoadedRows, RowLoader
 from cachedfeatures.store import Entry
@@ -208,9 +208,9 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
     an epoch) and on every reset (an epoch left early), and a writer error is raised at the
     next batch.
 
-    With ``spot_check``, each epoch (each reset) runs ``cached.spot_check()`` once, on a batch
-    of its own, at the first batch that has a hit: here, off the training loop's thread when
-    a prefetcher follows, and after the I/O workers have started on the next batches.
+    With ``spot_check``, each epoch (each reset) spot-checks rows drawn from the hits of its
+    first batch that has any, on a batch of their own: here, off the training loop's thread
+    when a prefetcher follows, while the I/O workers go on with the next batches.
 
     Args:
         source: a node of :class:`IOBatch`.
@@ -240,6 +240,7 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
         self.pin_memory = pin_memory
         self.spot_check = spot_check
         self._spot_due = spot_check
+        self.spot_error: StaleFeaturesError | None = None  # the original, for the main thread
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
@@ -257,7 +258,12 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
         self.cached._record_hits(batch.rows[batch.hit])
         if self._spot_due and batch.hit.any():
             self._spot_due = False
-            self.cached.spot_check()
+            hit = np.flatnonzero(batch.hit)
+            try:
+                self.cached._spot_check_hits(batch.rows[hit], {n: c[hit] for n, c in batch.columns.items()})
+            except StaleFeaturesError as error:
+                self.spot_error = error
+                raise
         computed = 0
         if batch.misses is not None:
             values = self.cached.compute_loaded(batch.misses, pin_memory=self.pin_memory)
@@ -352,7 +358,7 @@ class Loader:
             if self.num_workers > 0
             else tn.Mapper(batches, io)
         )
-        node: tn.BaseNode[Any] = ComputeMisses(
+        self._compute = ComputeMisses(
             read,
             cached,
             self.writer,
@@ -360,6 +366,7 @@ class Loader:
             self.pin_memory,
             spot_check=cached.spot_check_rows > 0,
         )
+        node: tn.BaseNode[Any] = self._compute
         if self.pin_memory:
             node = tn.PinMemory(node)
         node = tn.Prefetcher(node, prefetch_factor=self.prefetch_factor)
@@ -378,6 +385,11 @@ class Loader:
             except WriterError:  # raised in the prefetch thread: re-raise with its cause
                 self.writer.check()
                 raise
+            except StaleFeaturesError:  # re-raised from the prefetch thread as text: the original
+                error, self._compute.spot_error = self._compute.spot_error, None
+                if error is None:
+                    raise
+                raise error from None
             yield item
 
     def __len__(self) -> int:

@@ -131,8 +131,9 @@ def tolerance(spec: ArraySpec, compute_precision: str | None = None) -> Toleranc
             :func:`precision_of`); ``None`` for passthrough fields, which only the storage dtype
             rounds.
     """
-    dtype = spec.torch_dtype or spec.dtype
-    storage = _precision_name(dtype) if spec.dtype != "str" else None
+    if spec.dtype == "str":
+        return None
+    storage = _precision_name(spec.torch_dtype or np.dtype(spec.dtype).name)
     if storage is None:
         return None
     precision = _coarsest([storage, compute_precision])
@@ -197,6 +198,11 @@ def _compare_float(
     return mismatches
 
 
+def _plain(value: Any) -> Any:
+    """A NumPy scalar as the Python value it holds (so messages read ``3``, not ``np.int64(3)``)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _compare_exact(
     spec: ArraySpec, rows: np.ndarray, stored: np.ndarray, recomputed: np.ndarray
 ) -> list[Mismatch]:
@@ -207,7 +213,7 @@ def _compare_exact(
     for position in np.flatnonzero(differs.any(axis=1)):
         row = int(rows[position])
         if a.shape[1] == 1:
-            detail = f"is {a[position, 0]!r} in the store but {b[position, 0]!r} recomputed now"
+            detail = f"is {_plain(a[position, 0])!r} in the store but {_plain(b[position, 0])!r} recomputed now"
         else:
             detail = f"differs in {int(differs[position].sum())} of {a.shape[1]} values"
         mismatches.append(Mismatch(row, spec.name, detail, 1.0))

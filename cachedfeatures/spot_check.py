@@ -213,7 +213,8 @@ def _compare_exact(
     for position in np.flatnonzero(differs.any(axis=1)):
         row = int(rows[position])
         if a.shape[1] == 1:
-            detail = f"is {_plain(a[position, 0])!r} in the store but {_plain(b[position, 0])!r} recomputed now"
+            was, now = _plain(a[position, 0]), _plain(b[position, 0])
+            detail = f"is {was!r} in the store but {now!r} recomputed now"
         else:
             detail = f"differs in {int(differs[position].sum())} of {a.shape[1]} values"
         mismatches.append(Mismatch(row, spec.name, detail, 1.0))

@@ -216,7 +216,7 @@ def test_fork_workers_check_every_epoch_without_false_alarms(
 def test_the_error_crosses_dataloader_workers_as_stale_features_error(
     filled: tuple[Path, Path, dict[str, np.ndarray]],
 ) -> None:
-    store, data_dir, before = filled
+    store, data_dir, _ = filled
     edit_in_place(data_dir)
     cached = CachedFeatureDataset(
         FileSamples(str(data_dir)), Backbone(), store, batch_size=16, chunk_rows=16, dataset_version="pinned"
@@ -231,7 +231,9 @@ def test_the_error_crosses_dataloader_workers_as_stale_features_error(
 
 
 @pytest.mark.slow
-def test_spot_check_zero_turns_it_off(filled: tuple[Path, Path, dict[str, np.ndarray]], tmp_path: Path) -> None:
+def test_spot_check_zero_turns_it_off(
+    filled: tuple[Path, Path, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
     store, data_dir, _ = filled
     edit_in_place(data_dir)
     log_dir = tmp_path / "log"
@@ -326,7 +328,9 @@ def test_recomputing_in_another_batch_does_not_false_alarm_but_a_small_change_is
     if autocast is None:  # one row alone (gemv) is not bit-identical to it in a batch (gemm)
         stored = cached.entry.read(np.arange(256)).arrays["features"]
         spec = cached.entry.specs[0]
-        alone = [cached._computer([cached.dataset[i][0]], cached._output_layout)["features"] for i in range(256)]
+        alone = [
+            cached._computer([cached.dataset[i][0]], cached._output_layout)["features"] for i in range(256)
+        ]
         assert not np.array_equal(spec.tensor_batch_to_numpy(torch.cat(alone)), stored)
     # Rows recomputed one at a time (spot_check(1)) and eight at a time; none may fail.
     for count in [1] * 48 + [8] * 8:
@@ -393,8 +397,11 @@ def test_integers_bools_and_strings_must_be_equal() -> None:
     for spec, a, b in [
         (ArraySpec("label", "int", "<i8", ()), np.array([3, 4]), np.array([3, 5])),
         (ArraySpec("flag", "bool", "|b1", ()), np.array([True, False]), np.array([True, True])),
-        (ArraySpec("name", "str", "str", ()), np.array(["a", "b"], dtype=np.dtypes.StringDType()),
-         np.array(["a", "c"], dtype=np.dtypes.StringDType())),
+        (
+            ArraySpec("name", "str", "str", ()),
+            np.array(["a", "b"], dtype=np.dtypes.StringDType()),
+            np.array(["a", "c"], dtype=np.dtypes.StringDType()),
+        ),
     ]:
         assert tolerance(spec) is None
         found = compare_columns([spec], rows, {spec.name: a}, {spec.name: b}, [], "bfloat16")

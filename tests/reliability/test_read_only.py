@@ -37,7 +37,9 @@ def test_read_only_dataset_serves_hits_computes_misses_and_writes_nothing(store_
     cached = CachedFeatureDataset(data, module, store_path, input_key="image", read_only=True)
     loads, calls = data.loads, module.calls
     hits = cached.__getitems__(list(range(0, 48, 2)))  # all cached: no warning, no load, no compute
-    assert data.loads == loads and module.calls == calls
+    # besides the spot check, which recomputes 8 of those hits and compares them
+    assert data.loads == loads + len(cached.spot_checked_rows) == loads + 8
+    assert module.calls == calls + cached.spot_check_calls == calls + 1
     assert all(torch.equal(s["image"], reference(module, data, 2 * i)) for i, s in enumerate(hits))
     with pytest.warns(ReadOnlyStoreWarning, match="opened read-only") as caught:
         _check_all(cached, data, module)

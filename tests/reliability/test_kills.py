@@ -60,7 +60,8 @@ def test_prefill_survives_twenty_sigkills(store_path: Path, tmp_path: Path) -> N
     _, samples = open_cached(store_path, N, chunk_rows=CHUNK_ROWS, batch_size=BATCH_SIZE)  # the entry
     backbone = Backbone()
     expected = torch.stack([reference(backbone, samples, i) for i in range(N)])
-    needed = int((~check_valid_rows(store_path, expected)).sum())  # construction stores a probe row
+    valid = check_valid_rows(store_path, expected)
+    needed = int((~valid).sum())  # construction stores a probe row (the first spot check's row)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "tests.reliability.children", str(store_path), str(log_dir)]
     command += [str(N), str(CHUNK_ROWS), str(BATCH_SIZE), str(DELAY)]
@@ -96,7 +97,6 @@ def test_prefill_survives_twenty_sigkills(store_path: Path, tmp_path: Path) -> N
         return count
 
     kills = lost_total = orphans_seen = spot_total = 0
-    valid = np.zeros(N, dtype=bool)
     for _ in range(KILLS):
         before = valid
         pid, code, _ = run(rng.uniform(0.05, 0.6))

@@ -81,17 +81,19 @@ class CachedFeatureDataset(Dataset[Any]):
             turns spot checks off: a random draw never matches the stored one.
         spot_check: rows recomputed and compared with the store each epoch, the safety net
             for what no fingerprint sees (a file edited in place, a global config object).
-            Random valid rows are loaded, run through the module as a miss would be (one
+            Cached rows are loaded raw, run through the module as a miss would be (one
             batch, same collate, dtype and autocast), and every stored column is compared
             (floats within a tolerance set by dtype and autocast); a mismatch raises
             :class:`~cachedfeatures.errors.StaleFeaturesError`. Nothing is written. "Each
-            epoch" is: once per iteration of :meth:`loader` (at its first batch with a hit),
-            once per :meth:`prefill` (rows cached before it ran), and on the map-style path
-            (``cached[i]``, a plain DataLoader) at the first batch with a hit in each process
-            (each DataLoader worker), then again after every ``len(dataset)`` rows that
-            process served. Skipped where the module cannot run (``device="cuda"`` inside a
-            DataLoader worker) and where raw samples fail to load (logged once). Default 8;
-            ``0`` turns the checks off.
+            epoch" is: once per iteration of :meth:`loader` (at its first batch with hits),
+            once per :meth:`prefill` (random rows cached before it ran), and on the map-style
+            path (``cached[i]``, a plain DataLoader) at the first batch with hits in each
+            process (each DataLoader worker), then again after every ``len(dataset)`` rows
+            that process served. The loader and the map-style path draw the rows at random
+            from that batch's hits, whose stored values are already read. Skipped where the
+            module cannot run (``device="cuda"`` inside a DataLoader worker) and where the
+            rows cannot be recomputed (raw samples gone: logged once). Default 8; ``0`` turns
+            the checks off.
         max_bytes: a size budget for the whole store on disk (all entries, all processes),
             as bytes or a string like ``"10GB"`` / ``"512MiB"``; checked after every chunk
             written, dropping whole chunks (see ``policy``). Default ``None``: no budget.

@@ -252,6 +252,11 @@ def stale_error(
 ) -> StaleFeaturesError:
     """The error for a failed spot check: the entry, the rows that differ and by how much, the fix."""
     rows = tuple(sorted({m.row for m in mismatches}))
+    remove = (
+        "an in-memory store lives only in this process: open a new one"
+        if location == "<memory>"
+        else f"'cachedfeatures rm {location} {entry_name}'"
+    )
     shown = [f"  {m.describe()}" for m in mismatches[:8]]
     if len(mismatches) > 8:
         shown.append(f"  ... and {len(mismatches) - 8} more")
@@ -261,7 +266,7 @@ def stale_error(
         "values:\n" + "\n".join(shown) + "\n"
         "The dataset or the module changed in a way its fingerprint cannot see (a file edited in "
         "place, a global config the module or the dataset reads). Delete the entry so it is "
-        f"computed again ('cachedfeatures rm {location} {entry_name}'), or pass a new "
+        f"computed again ({remove}), or pass a new "
         "dataset_version= / module_version= to start a new entry. If the dataset draws random "
         "augmentation, pass allow_nondeterministic=True (which turns spot checks off); "
         "spot_check=0 turns the checks off."

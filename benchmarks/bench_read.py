@@ -12,6 +12,11 @@ shuffle or the chunk-aware sampler), measured in turns with the figure's own epo
 the speed of a shared machine drifts within minutes; the summary at the end also divides by
 the best ceiling seen anywhere in the run. The table is printed and written as JSON under
 ``benchmarks/results/``. "Fresh process" rows are measured in a new Python process.
+
+Spot checks (``spot_check=8``, the default, against ``spot_check=0``) are measured for each
+variant on the same store: hit epochs taken in turns, and one check timed on its own (load 8
+raw rows, run the module on them, compare) as a share of a hit epoch; for the first variant
+also a fill epoch of each on a fresh store.
 """
 
 from __future__ import annotations
@@ -191,6 +196,21 @@ def cached_dataset(data: RawImages, store: Path, **options: Any) -> CachedFeatur
     )
 
 
+def spot_check_seconds(cached: CachedFeatureDataset, repeats: int = 50) -> float:
+    """Median seconds of one spot check of the map-style path (rows drawn from a batch of hits)."""
+    rows = np.arange(BATCH)
+    assert cached.entry is not None
+    read = cached.entry.read(rows)
+    assert read.all_hit
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        checked = cached._spot_check_hits(rows, read.arrays)
+        times.append(time.perf_counter() - start)
+        assert checked == cached.spot_check_rows
+    return float(np.median(times))
+
+
 def fresh_process(config: dict[str, Any]) -> Rate:
     """Measure one epoch in a new Python process (``--child``); returns its rows/s."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(config)]
@@ -257,6 +277,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-read-"))
     os.environ.setdefault("CACHEDFEATURES_LOCK_DIR", str(workdir / "locks"))
     results: list[dict[str, Any]] = []
+    spot_checks: list[dict[str, Any]] = []
     ceilings: dict[str, Rate] = {}
     print(f"{'':58s} {'order':8s} {'rows/s wall':>12s} {'ratio':>6s} {'rows/s CPU':>12s} {'ratio':>6s}")
 
@@ -353,12 +374,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # of 256 rewrites ~50 chunks per batch.
             fill = epoch_rate(cached, batch_size=chunk_rows)
             record(f"cachedfeatures {label}: fill epoch (in order)", "-", fill, f"batches of {chunk_rows}")
+            if not spot_checks:  # a fill with spot checks off, on a fresh store of its own
+                unchecked_fill = epoch_rate(
+                    cached_dataset(data, workdir / "cf-spot-off.zarr", spot_check=0, **options),
+                    batch_size=chunk_rows,
+                )
+                spot_checks.append(
+                    {
+                        "variant": label,
+                        "epoch": "fill",
+                        "rows_per_s_spot_check_8": fill.wall,
+                        "rows_per_s_spot_check_0": unchecked_fill.wall,
+                        "ratio": fill.wall / unchecked_fill.wall,
+                        "rows_checked": len(cached.spot_checked_rows),
+                    }
+                )
             epoch_rate(cached, shuffle=True)  # the first hit epoch decodes every chunk once
             record_paired(
                 f"cachedfeatures {label}: hit, full chunk cache",
                 "shuffle",
                 shuffled(cached),
                 shuffled(memmap),
+            )
+            unchecked = cached_dataset(data, store, spot_check=0, **options)
+            epoch_rate(unchecked, shuffle=True)
+            checks_before = len(cached.spot_checked_rows)
+            on, off = paired_rates(2 * repeats, shuffled(cached), shuffled(unchecked))
+            assert len(cached.spot_checked_rows) - checks_before == 2 * repeats * 8  # one per epoch
+            one_check = spot_check_seconds(cached)
+            spot_checks.append(
+                {
+                    "variant": label,
+                    "epoch": "hit",
+                    "rows_per_s_spot_check_8": on.wall,
+                    "rows_per_s_spot_check_0": off.wall,
+                    "ratio": on.wall / off.wall,
+                    "check_seconds": one_check,
+                    "check_share_of_hit_epoch": one_check / (n / off.wall),
+                }
             )
             record_paired(
                 f"cachedfeatures {label}: hit, chunk-aware sampler",
@@ -437,6 +490,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 paired = f"{row['ratio_to_memmap']:5.2f}x" if row["ceiling_measured_in_turns"] else "    - "
                 print(f"  {row['name']:58s} {order:8s} {paired} / {row['ratio_to_best_memmap']:5.2f}x")
 
+        print("\nspot checks (spot_check=8 vs 0; hit epochs taken in turns, one check timed alone):")
+        for row in spot_checks:
+            line = (
+                f"  {row['variant']:14s} {row['epoch']} epoch: {row['rows_per_s_spot_check_8']:12,.0f} vs "
+                f"{row['rows_per_s_spot_check_0']:12,.0f} rows/s = {row['ratio']:5.3f}x"
+            )
+            if row["epoch"] == "hit":
+                line += (
+                    f"; one check {row['check_seconds'] * 1e3:.2f} ms = "
+                    f"{100 * row['check_share_of_hit_epoch']:.2f}% of a hit epoch"
+                )
+            else:
+                line += f"; {row['rows_checked']} row(s) checked (those cached before it)"
+            print(line)
+
         sharding = [] if args.quick else sharding_rates(features, workdir, chunk_rows)
         for row in sharding:
             print(
@@ -463,6 +531,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         "zarr": zarr.__version__,
         "results": results,
+        "spot_checks": spot_checks,
         "sharding": sharding,
     }
 

@@ -36,6 +36,14 @@ from cachedfeatures.prefill import PrefillResult, prefill
 from cachedfeatures.pruning import Budget, Policy, parse_policy, serve_backed_rows
 from cachedfeatures.reader import ChunkReader, ReadRoute
 from cachedfeatures.remote import is_url
+from cachedfeatures.spot_check import (
+    DEFAULT_SPOT_CHECK,
+    SpotCheckState,
+    compare_columns,
+    parse_spot_check,
+    precision_of,
+    stale_error,
+)
 from cachedfeatures.state_hash import module_state_digests
 from cachedfeatures.steps import LoadedRows, RowLoader, compute_loaded
 from cachedfeatures.store import Compressor, Entry, FeatureStore, RowsRead, StoreLike, default_chunk_rows
@@ -72,7 +80,23 @@ class CachedFeatureDataset(Dataset[Any]):
         module_version / dataset_version: strings that stand in for hashing the module's
             weights / probing the dataset; change them whenever the module / data change.
         allow_nondeterministic: cache a dataset whose inputs change from load to load (random
-            augmentation), freezing one draw. Default ``False``, which raises instead.
+            augmentation), freezing one draw. Default ``False``, which raises instead. It also
+            turns spot checks off: a random draw never matches the stored one.
+        spot_check: rows recomputed and compared with the store each epoch, the safety net
+            for what no fingerprint sees (a file edited in place, a global config object).
+            Cached rows are loaded raw, run through the module as a miss would be (one
+            batch, same collate, dtype and autocast), and every stored column is compared
+            (floats within a tolerance set by dtype and autocast); a mismatch raises
+            :class:`~cachedfeatures.errors.StaleFeaturesError`. Nothing is written. "Each
+            epoch" is: once per iteration of :meth:`loader` (at its first batch with hits),
+            once per :meth:`prefill` (random rows cached before it ran), and on the map-style
+            path (``cached[i]``, a plain DataLoader) at the first batch with hits in each
+            process (each DataLoader worker), then again after every ``len(dataset)`` rows
+            that process served. The loader and the map-style path draw the rows at random
+            from that batch's hits, whose stored values are already read. Skipped where the
+            module cannot run (``device="cuda"`` inside a DataLoader worker) and where the
+            rows cannot be recomputed (raw samples gone: logged once). Default 8; ``0`` turns
+            the checks off.
         max_bytes: a size budget for the whole store on disk (all entries, all processes),
             as bytes or a string like ``"10GB"`` / ``"512MiB"``; checked after every chunk
             written, dropping whole chunks (see ``policy``). Default ``None``: no budget.
@@ -126,6 +150,7 @@ class CachedFeatureDataset(Dataset[Any]):
         module_version: str | None = None,
         dataset_version: str | None = None,
         allow_nondeterministic: bool = False,
+        spot_check: int = DEFAULT_SPOT_CHECK,
         max_bytes: int | float | str | None = None,
         policy: Policy = "mru",
         autocast_dtype: torch.dtype | None = None,
@@ -149,6 +174,8 @@ class CachedFeatureDataset(Dataset[Any]):
         self.max_bytes = None if max_bytes is None else parse_bytes(max_bytes)
         self.policy = parse_policy(policy)
         self._checksum = checksum
+        self.spot_check_rows = parse_spot_check(spot_check)
+        self._allow_nondeterministic = bool(allow_nondeterministic)
         mode_dependent = mode_dependent_submodules(module)
         if mode_dependent:
             raise TrainingModeError(
@@ -157,6 +184,7 @@ class CachedFeatureDataset(Dataset[Any]):
                 )
             )
         self._length = len(dataset)  # type: ignore[arg-type]
+        self._spot = SpotCheckState(self.spot_check_rows, self._length)
         self._computer = FeatureComputer(module, self.device, self.dtype, collate_fn, self.autocast_dtype)
         self._chunk_cache_bytes, self._read_route = chunk_cache_bytes, read_route
         self.owned_chunks = parse_ownership(owned_chunks)
@@ -339,6 +367,8 @@ class CachedFeatureDataset(Dataset[Any]):
         self._warn_if_private_store_in_worker()
         entry = self._entry_for_this_process()
         read = self._checked_read(entry, rows)
+        if self.spot_check_rows and self._spot.due_on_serve(len(rows), read.hits):
+            self._spot_check_hits(rows if read.all_hit else rows[read.hit], read.arrays)
         if read.all_hit:
             return self._assemble_all(read.arrays)
         columns = {
@@ -372,6 +402,96 @@ class CachedFeatureDataset(Dataset[Any]):
             self._write(entry, batch, columns)
             parts.append(columns)
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+    def spot_check(self, rows: int | None = None, *, among: Sequence[int] | np.ndarray | None = None) -> int:
+        """Recompute up to ``rows`` random cached rows now and compare them with the store.
+
+        Reads their stored values, loads their raw samples, runs them through the module in
+        one batch as a miss would, and compares every stored column; writes nothing. ``rows``
+        defaults to ``spot_check=``; ``among`` limits the choice to these rows (those not
+        valid are left out). Returns how many rows were compared: 0 where there is nothing to
+        check or the check cannot run here (see ``spot_check=``).
+
+        Raises:
+            StaleFeaturesError: some rows differ from what is stored.
+        """
+        state = self._spot.here()
+        count = state.rows if rows is None else parse_spot_check(rows)
+        if not self._can_spot_check(count):
+            return 0
+        entry = self._entry_for_this_process()
+        valid = entry.valid_mask()
+        candidates = np.flatnonzero(valid)
+        if among is not None:
+            among = np.unique(np.asarray(among, dtype=np.int64))
+            candidates = among[valid[among]]
+        picked = state.choose(candidates, count)
+        if len(picked) == 0:
+            return 0
+        read = serve_backed_rows(entry, picked, entry.read(picked))  # no access recorded
+        return self._compare_with_recomputed(entry, picked[read.hit], read.arrays)
+
+    def _spot_check_hits(self, rows: np.ndarray, stored: Mapping[str, np.ndarray]) -> int:
+        """A spot check of up to ``spot_check`` random rows among ``rows``, just read as hits.
+
+        ``stored`` holds their columns, one row per row of ``rows``: the stored values are
+        already at hand, so the check reads nothing more from the store (and leaves the chunk
+        cache and the access statistics as they are).
+        """
+        state = self._spot.here()
+        if not self._can_spot_check(state.rows) or self._entry is None or len(rows) == 0:
+            return 0
+        distinct, first = np.unique(rows, return_index=True)
+        if len(distinct) > state.rows:
+            keep = np.sort(state.generator.choice(len(distinct), size=state.rows, replace=False))
+            distinct, first = distinct[keep], first[keep]
+        columns = {name: column[first] for name, column in stored.items()}
+        return self._compare_with_recomputed(self._entry, distinct, columns)
+
+    def _can_spot_check(self, count: int) -> bool:
+        if count == 0 or self._entry is None or self._allow_nondeterministic:
+            return False
+        # The module cannot run in a DataLoader worker on CUDA; loader() and prefill() check
+        # in the main process.
+        return not (self.device.type == "cuda" and get_worker_info() is not None)
+
+    def _compare_with_recomputed(
+        self, entry: Entry, rows: np.ndarray, stored: Mapping[str, np.ndarray]
+    ) -> int:
+        """Recompute ``rows`` as a miss would and compare with their ``stored`` columns.
+
+        A check that cannot run (the raw samples fail to load: deleted once cached; the
+        module fails on them) is skipped with a warning logged once per process: it is a
+        safety net, and the hits it would check are served as they are.
+        """
+        if len(rows) == 0:
+            return 0
+        state = self._spot.here()
+        calls = self._computer.calls
+        try:
+            recomputed = self.compute_loaded(self.load(rows))
+        except Exception as error:
+            if not state.warned:
+                state.warned = True
+                logger.warning(
+                    "cachedfeatures: spot check of entry %s skipped: recomputing rows %s failed "
+                    "(%s: %s), so cached features are served unchecked. Pass spot_check=0 to "
+                    "turn the checks off.",
+                    entry.name,
+                    rows.tolist(),
+                    type(error).__name__,
+                    error,
+                )
+            return 0
+        finally:
+            state.module_calls += self._computer.calls - calls
+        state.checks += 1
+        state.checked_rows.extend(rows.tolist())
+        precision = precision_of(self.module, self.device, self.autocast_dtype)
+        mismatches = compare_columns(entry.specs, rows, stored, recomputed, entry.feature_names, precision)
+        if mismatches:
+            raise stale_error(entry.name, self._feature_store.location, len(rows), mismatches)
+        return len(rows)
 
     def load(self, rows: Sequence[int] | np.ndarray) -> LoadedRows:
         """The raw samples of ``rows`` (module inputs and fields to store); no module call."""
@@ -621,8 +741,21 @@ class CachedFeatureDataset(Dataset[Any]):
 
     @property
     def module_calls(self) -> int:
-        """How many batches this process has run through the module."""
+        """How many batches this process has run through the module (spot checks included)."""
         return self._computer.calls
+
+    @property
+    def spot_checked_rows(self) -> list[int]:
+        """The rows this process has loaded, recomputed and compared in spot checks, in order.
+
+        A row checked twice appears twice; these are the only raw loads of hits.
+        """
+        return list(self._spot.here().checked_rows)
+
+    @property
+    def spot_check_calls(self) -> int:
+        """Module batches this process has run for spot checks (part of :attr:`module_calls`)."""
+        return self._spot.here().module_calls
 
     def __repr__(self) -> str:
         valid = int(self._entry.valid_mask().sum()) if self._entry is not None else 0

@@ -29,6 +29,7 @@ __all__ = [
     "ReadOnlyStoreWarning",
     "RequiresGradError",
     "RowsNotCachedError",
+    "StaleFeaturesError",
     "StorePathError",
     "TrainingModeError",
     "UnhashableArgumentError",
@@ -154,3 +155,17 @@ class WriterError(CacheError, RuntimeError):
 
 class FingerprintWarning(CacheWarning):
     """Part of a module's or dataset's state could not be hashed: changes there go unseen."""
+
+
+class StaleFeaturesError(CacheError, RuntimeError):
+    """A spot check recomputed cached rows and they differ from what the store holds.
+
+    Something the fingerprint cannot see changed (a file edited in place, a global config
+    the module reads). ``entry`` names the store entry and ``rows`` the rows that differ.
+    Takes the message alone as well, so a DataLoader worker can re-raise it in the main process.
+    """
+
+    def __init__(self, message: str, *, entry: str | None = None, rows: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.entry = entry
+        self.rows = rows

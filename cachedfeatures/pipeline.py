@@ -29,7 +29,7 @@ import torch
 import torchdata.nodes as tn
 from torch.utils.data import Sampler, default_collate
 
-from cachedfeatures.errors import CacheError, WriterError
+from cachedfeatures.errors import CacheError, StaleFeaturesError, WriterError
 from cachedfeatures.lifetime import exit_with_parent
 from cachedfeatures.pruning import serve_backed_rows
 from cachedfeatures.steps import LoadedRows, RowLoader
@@ -238,12 +238,17 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
     an epoch) and on every reset (an epoch left early), and a writer error is raised at the
     next batch.
 
+    With ``spot_check``, each epoch (each reset) spot-checks rows drawn from the hits of its
+    first batch that has any, on a batch of their own: here, off the training loop's thread
+    when a prefetcher follows, while the I/O workers go on with the next batches.
+
     Args:
         source: a node of :class:`IOBatch`.
         cached: the dataset whose module and layouts to use.
         writer: the background writer of ``cached.entry``.
         finish: turns a :class:`ComputedBatch` into what this node yields.
         pin_memory: pin miss inputs before copying them to a CUDA device.
+        spot_check: spot-check cached rows once per epoch. Default ``False``.
     """
 
     SOURCE_KEY = "source"
@@ -255,6 +260,7 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
         writer: Writer,
         finish: Callable[[ComputedBatch], T],
         pin_memory: bool = False,
+        spot_check: bool = False,
     ) -> None:
         super().__init__()
         self.source = source
@@ -262,11 +268,15 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
         self.writer = writer
         self.finish = finish
         self.pin_memory = pin_memory
+        self.spot_check = spot_check
+        self._spot_due = spot_check
+        self.spot_error: StaleFeaturesError | None = None  # the original, for the main thread
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
         self.writer.flush()  # rows of an epoch left early are stored before the next one starts
         self.source.reset(None if initial_state is None else initial_state[self.SOURCE_KEY])
+        self._spot_due = self.spot_check
 
     def next(self) -> T:
         self.writer.check()
@@ -276,6 +286,14 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
             self.writer.flush()
             raise
         self.cached._record_hits(batch.rows[batch.hit])
+        if self._spot_due and batch.hit.any():
+            self._spot_due = False
+            hit = np.flatnonzero(batch.hit)
+            try:
+                self.cached._spot_check_hits(batch.rows[hit], {n: c[hit] for n, c in batch.columns.items()})
+            except StaleFeaturesError as error:
+                self.spot_error = error
+                raise
         computed = 0
         if batch.misses is not None:
             values = self.cached.compute_loaded(batch.misses, pin_memory=self.pin_memory)
@@ -372,9 +390,15 @@ class Loader:
             if self.num_workers > 0
             else tn.Mapper(batches, io)
         )
-        node: tn.BaseNode[Any] = ComputeMisses(
-            read, cached, self.writer, _Assemble(cached, collate_fn or default_collate), self.pin_memory
+        self._compute = ComputeMisses(
+            read,
+            cached,
+            self.writer,
+            _Assemble(cached, collate_fn or default_collate),
+            self.pin_memory,
+            spot_check=cached.spot_check_rows > 0,
         )
+        node: tn.BaseNode[Any] = self._compute
         if self.pin_memory:
             node = tn.PinMemory(node)
         node = tn.Prefetcher(node, prefetch_factor=self.prefetch_factor)
@@ -393,6 +417,11 @@ class Loader:
             except WriterError:  # raised in the prefetch thread: re-raise with its cause
                 self.writer.check()
                 raise
+            except StaleFeaturesError:  # re-raised from the prefetch thread as text: the original
+                error, self._compute.spot_error = self._compute.spot_error, None
+                if error is None:
+                    raise
+                raise error from None
             yield item
 
     def __len__(self) -> int:

@@ -127,6 +127,10 @@ def prefill(
             that no longer read back (torn, garbage, deleted). Default ``True``; ``False`` skips
             valid rows unread (a store known to be sound, too big to read through).
 
+    Before computing anything, ``cached.spot_check()`` recomputes a few random rows of this
+    rank's chunks that were cached before the call (``spot_check=`` rows; none when 0) and
+    raises :class:`~cachedfeatures.errors.StaleFeaturesError` if they differ from the store.
+
     Returns:
         a :class:`PrefillResult` for this rank.
     """
@@ -150,6 +154,8 @@ def prefill(
     if len(damaged):
         rows = np.union1d(rows, damaged)
     skipped = int((owned & mask).sum()) - len(damaged)
+    if skipped:  # rows cached before this call: stale ones raise before any new row is computed
+        cached.spot_check(among=np.setdiff1d(np.flatnonzero(owned & mask), damaged))
 
     computed = 0
     if len(rows):

@@ -31,7 +31,9 @@ def test_same_module_and_data_reuse_the_entry(store_path) -> None:
     assert again.entry_name == first.entry_name
     loads = data.loads
     again.__getitems__(list(range(30)))
-    assert module.calls == 0 and data.loads == loads
+    # Every row a hit: the only module call and raw loads are the spot check's, which passed.
+    assert module.calls == again.spot_check_calls == 1
+    assert data.loads == loads + len(again.spot_checked_rows) == loads + 8
 
 
 def test_changing_one_weight_gives_a_new_entry_and_keeps_the_old(store_path) -> None:

@@ -103,14 +103,24 @@ def test_module_runs_only_in_this_process_and_workers_do_io(
     assert all(backbone.inference_modes)
     assert max(backbone.batch_sizes) <= 8  # misses go through the module in cached.batch_size
     loads = logged_loads(log_dir)
+    # The only raw loads besides the misses are the spot check's, which runs in the compute
+    # stage of this process (a batch of its own, once per epoch).
+    checked = cached.spot_checked_rows
     if method == "process":
-        assert os.getpid() not in loads and len(loads) >= 1  # raw samples loaded in workers
-    assert sorted(row for rows in loads.values() for row in rows) == list(range(1, 64))
+        assert sorted(loads.pop(os.getpid(), [])) == sorted(checked)
+        assert len(loads) >= 1  # every miss loaded in workers
+        checked = []
+    assert sorted(row for rows in loads.values() for row in rows) == sorted([*range(1, 64), *checked])
+    checked = cached.spot_checked_rows
 
-    calls = backbone.calls
+    calls, spot_calls = backbone.calls, cached.spot_check_calls
     assert sum(len(batch[0]) for batch in loader) == 64  # second epoch: all hits
-    assert backbone.calls == calls
-    assert len([row for rows in logged_loads(log_dir).values() for row in rows]) == 63
+    assert cached.spot_check_calls == spot_calls + 1  # one spot-check batch per epoch
+    assert backbone.calls == calls + 1  # and no other module call
+    again = cached.spot_checked_rows[len(checked) :]
+    assert len(again) == 8
+    total = len([row for rows in logged_loads(log_dir).values() for row in rows])
+    assert total == 63 + len(checked) + len(again)
 
 
 def test_rows_served_before_leaving_an_epoch_early_are_stored(store_path: Path) -> None:

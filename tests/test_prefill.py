@@ -50,7 +50,10 @@ def test_prefill_computes_only_missing_rows_with_a_progress_bar(
     result = cached.prefill(num_workers=num_workers)
 
     assert (result.computed, result.skipped) == (70, 30)
-    assert loaded_rows(log_dir) == list(range(30, 100))
+    # Besides the misses, only the spot check's rows were loaded: 8 of those cached before.
+    checked = cached.spot_checked_rows
+    assert len(checked) == 8 and set(checked) <= set(range(30))
+    assert loaded_rows(log_dir) == sorted([*range(30, 100), *checked])
     assert max(backbone.batch_sizes) <= 16
     bar = capsys.readouterr().err
     assert "70/70" in bar and "rows/s" in bar and "cached=30" in bar
@@ -92,10 +95,13 @@ def test_prefill_after_ctrl_c_continues_where_it_stopped(store_path: Path, tmp_p
     assert not valid[49:].any()
     for path in log_dir.glob("loads-*"):
         path.unlink()
+    checked_before = len(cached.spot_checked_rows)
 
     result = cached.prefill(progress=False)
     assert (result.computed, result.skipped) == (47, 49)
-    assert loaded_rows(log_dir) == list(range(49, 96))
+    checked = cached.spot_checked_rows[checked_before:]  # the spot check's loads, of cached rows
+    assert len(checked) == 8 and set(checked) <= set(range(49))
+    assert loaded_rows(log_dir) == sorted([*range(49, 96), *checked])
     assert_all_rows_correct(cached, backbone, dataset)
 
 
@@ -153,5 +159,8 @@ def test_prefill_after_sigkill_recomputes_only_unfinished_chunks(store_path: Pat
     assert cached.entry_name == entry.name
     result = cached.prefill(num_workers=2, progress=False)
     assert result.computed == len(missing)
-    assert loaded_rows(log_dir) == missing.tolist()  # only rows of chunks unfinished at the kill
+    checked = cached.spot_checked_rows  # the spot check's loads, of rows cached before the kill
+    assert len(checked) == 8 and not set(checked) & set(missing.tolist())
+    # only rows of chunks unfinished at the kill
+    assert loaded_rows(log_dir) == sorted([*missing.tolist(), *checked])
     assert_all_rows_correct(cached, backbone, dataset)

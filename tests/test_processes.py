@@ -54,6 +54,7 @@ cached = CachedFeatureDataset(data, module, sys.argv[1], input_key="image", batc
 loads, calls = data.loads, module.calls
 samples = cached.__getitems__(list(range(64)))
 print(json.dumps({"loads": data.loads - loads, "calls": module.calls - calls,
+                  "spot_rows": len(cached.spot_checked_rows), "spot_calls": cached.spot_check_calls,
                   "construction_loads": loads, "entry": cached.entry_name,
                   "row3": samples[3]["image"].tolist(), "label3": samples[3]["label"]}))
 """
@@ -61,11 +62,14 @@ print(json.dumps({"loads": data.loads - loads, "calls": module.calls - calls,
 
 def test_a_second_process_gets_every_sample_as_a_hit(store_path) -> None:
     first = run_script(FILL, str(store_path))
-    assert first["calls"] == 4  # 63 misses in batches of 16 (the probe row came for free)
+    # 63 misses in batches of 16 (the probe row came for free), and a spot check of that row
+    assert first["calls"] - first["spot_calls"] == 4
+    assert first["loads"] - first["spot_rows"] == 63
     second = run_script(FILL, str(store_path))
     assert second["entry"] == first["entry"]
-    assert second["calls"] == 0
-    assert second["loads"] == 0
+    # Every row a hit: the only module call and raw loads are the spot check's, which passed.
+    assert second["calls"] == second["spot_calls"] == 1
+    assert second["loads"] == second["spot_rows"] == 8
     # 8 probe samples, and 4 of them reloaded under 3 seeds to catch random augmentation
     assert second["construction_loads"] == NUM_PROBES + NUM_RELOADED_PROBES * len(RELOAD_SEEDS) == 20
     expected = reference(Backbone(), Samples(64, "dict"), 3)
@@ -108,7 +112,7 @@ def test_concurrent_writers_on_shared_chunks_lose_no_rows(store_path, tmp_path) 
     assert cached.entry.valid_mask().all()
     loads = data.loads
     samples = cached.__getitems__(list(range(400)))
-    assert data.loads == loads  # every row is a stored hit
+    assert data.loads == loads + len(cached.spot_checked_rows)  # all hits; the spot check loads 8
     for index, (features, label) in enumerate(samples):
         assert label == index % 7
         assert torch.equal(features, reference(module, data, index))

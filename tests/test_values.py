@@ -111,11 +111,15 @@ def test_hits_do_not_load_raw_samples_or_call_the_module(store_path) -> None:
     cached = CachedFeatureDataset(data, module, store_path, input_key="image", batch_size=16)
     cached.__getitems__(list(range(50)))
     loads, calls = data.loads, module.calls
+    checked, spot_calls = len(cached.spot_checked_rows), cached.spot_check_calls
     for _ in range(2):
         cached.__getitems__(list(range(49, -1, -1)))
         _ = [cached[i] for i in range(0, 50, 7)]
-    assert data.loads == loads
-    assert module.calls == calls
+    # The only loads and module calls are the spot checks' (once per 50 rows served, 8 rows).
+    assert cached.spot_check_calls - spot_calls == 2
+    assert len(cached.spot_checked_rows) - checked == 16
+    assert data.loads == loads + 16
+    assert module.calls == calls + 2
 
 
 def test_features_served_on_cpu_and_independent_of_each_other(store_path) -> None:

@@ -52,7 +52,8 @@ READER = """
             assert torch.equal(sample["image"], reference(module, data, start + offset))
             assert sample["name"] == f"sample-{start + offset}"
             checked += 1
-    loads = data.loads - loads  # raw samples loaded while reading: none expected
+    loads = data.loads - loads  # raw samples loaded while reading: only the spot check's
+    spot_loads = len(cached.spot_checked_rows)
     # The same chunks copied to a local directory: the baseline, measured in the same run.
     copy = CachedFeatureDataset(data, module, local, input_key="image", read_only=True)
     rates = {}
@@ -64,7 +65,8 @@ READER = """
                 dataset.__getitems__(order[start : start + 256].tolist())
             rates[f"{where} {label}"] = n / (time.perf_counter() - began)
     print(json.dumps({"valid": int(entry.valid_mask().sum()), "calls": module.calls,
-                      "loads": loads, "checked": checked, "rates": rates,
+                      "spot_calls": cached.spot_check_calls + copy.spot_check_calls,
+                      "loads": loads, "spot_loads": spot_loads, "checked": checked, "rates": rates,
                       "chunks": entry.num_chunks}))
 """
 
@@ -83,7 +85,9 @@ def test_fill_in_one_process_read_in_another(s3_server: S3Server, tmp_path: Path
     s3fs.S3FileSystem(**s3_server.storage_options).get(url.removeprefix("s3://"), str(local), recursive=True)
     result = run_script(READER, url, json.dumps(s3_server.storage_options), str(n), str(local))
     assert result["valid"] == n and result["checked"] == n
-    assert result["calls"] == 0 and result["loads"] == 0  # every row a hit, no raw sample loaded
+    # Every row a hit: the only module calls and raw loads are the spot checks' (which passed).
+    assert result["calls"] == result["spot_calls"] > 0
+    assert result["loads"] == result["spot_loads"] == 8
     rates = result["rates"]
     record(
         "S3 (moto on loopback) read rows/s, 1024 rows x 16 float32 + 2 fields, chunks of 128, batches of 256",

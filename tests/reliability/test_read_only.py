@@ -37,13 +37,15 @@ def test_read_only_dataset_serves_hits_computes_misses_and_writes_nothing(store_
     cached = CachedFeatureDataset(data, module, store_path, input_key="image", read_only=True)
     loads, calls = data.loads, module.calls
     hits = cached.__getitems__(list(range(0, 48, 2)))  # all cached: no warning, no load, no compute
-    assert data.loads == loads and module.calls == calls
+    # besides the spot check, which recomputes 8 of those hits and compares them
+    assert data.loads == loads + len(cached.spot_checked_rows) == loads + 8
+    assert module.calls == calls + cached.spot_check_calls == calls + 1
     assert all(torch.equal(s["image"], reference(module, data, 2 * i)) for i, s in enumerate(hits))
     with pytest.warns(ReadOnlyStoreWarning, match="opened read-only") as caught:
         _check_all(cached, data, module)
         _check_all(cached, data, module)  # misses again: computed again, no second warning
     assert len(caught) == 1
-    assert data.loads - loads == 2 * 24  # only the misses were loaded
+    assert data.loads - loads == 2 * 24 + len(cached.spot_checked_rows)  # the misses, the spot checks
     assert snapshot(store_path) == files  # not one byte changed
     assert cached.entry is not None and int(cached.entry.valid_mask().sum()) == 24
 

@@ -499,7 +499,7 @@ class OutputLayout:
         split = {}
         for spec, (_, tensor) in zip(self.arrays, items, strict=True):
             _check_batch_dim(spec.name, tensor, batch_size)
-            split[spec.name] = cast_for_storage(tensor, dtype).to("cpu")
+            split[spec.name] = _copied_out(tensor, cast_for_storage(tensor, dtype).to("cpu"))
         return split
 
     def unbind(self, tensors: Mapping[str, torch.Tensor]) -> list[Any]:
@@ -553,6 +553,22 @@ def _check_batch_dim(name: str, tensor: torch.Tensor, batch_size: int) -> None:
             "inputs; its first dimension must be the batch. If the module works on single "
             "samples, wrap it so that it maps over the batch."
         )
+
+
+def _copied_out(output: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """``stored`` (``output`` cast and on the CPU) in memory of its own.
+
+    A module may return a view of a buffer it overwrites on its next call (optimized inference
+    code, CUDA graphs), so its outputs must be copied out before the next batch runs. A cast or
+    a copy off the device already made one; a CPU ``.to("cpu")`` did not, so copy then (once,
+    contiguous, so storing it copies nothing more).
+    """
+    if (
+        output.device.type == "cpu"
+        and stored.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
+    ):
+        return stored.clone(memory_format=torch.contiguous_format)
+    return stored
 
 
 def cast_for_storage(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -191,6 +191,19 @@ class CachedFeatureDataset(Dataset[Any]):
         self.entry_name = f"{type(module).__name__}-{key}"
         self._entry: Entry | None = None
         if self._length > 0:
+            found = self._feature_store.entry(self.entry_name)
+            if found is not None and not OutputLayout.from_json(found.meta["outputs"]).names_unique:
+                # Written before output names were made unique: two outputs share one array, so
+                # one is served the other's values. A new entry (the old one is pruned first).
+                self.options["output_names"] = "unique"
+                key = entry_id(self.module_fingerprint, self.dataset_fingerprint, self.options)
+                self.entry_name = f"{type(module).__name__}-{key}"
+                logger.warning(
+                    "cachedfeatures: entry %s stores two module outputs in one array (their keys "
+                    "sanitise to one name); caching into a new entry %s instead.",
+                    found.name,
+                    self.entry_name,
+                )
             self._entry = self._feature_store.entry(self.entry_name) or self._create_entry_guarded(
                 probes, chunk_rows, compressor
             )

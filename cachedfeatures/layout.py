@@ -474,11 +474,18 @@ class OutputLayout:
         """Learn the layout from one batch of module output (before storage casting)."""
         kind, items = _output_items(output)
         arrays = []
+        taken: set[str] = set()  # keys that sanitise to one name ("a b", "a_b") get _2, _3...
         for key, tensor in items:
-            name = FEATURES if kind == "tensor" else f"{FEATURES}_{_sanitize(str(key))}"
+            name = FEATURES if kind == "tensor" else _unique_name(f"{FEATURES}_{_sanitize(str(key))}", taken)
             _check_batch_dim(name, tensor, batch_size)
             arrays.append(_tensor_spec(name, "tensor", cast_for_storage(tensor[0], dtype)))
         return cls(kind, tuple(key for key, _ in items), tuple(arrays))
+
+    @property
+    def names_unique(self) -> bool:
+        """Whether every output has an array of its own (entries written before names were made
+        unique may store two outputs whose keys sanitise to one name in one array)."""
+        return len({spec.name for spec in self.arrays}) == len(self.arrays)
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "keys": list(self.keys), "arrays": [a.to_json() for a in self.arrays]}

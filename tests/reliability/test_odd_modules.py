@@ -90,3 +90,46 @@ def test_reused_output_buffer_prefill(tmp_path) -> None:
     cached = _cached(tmp_path / "f.zarr", ReusedBuffer())
     cached.prefill(progress=False)
     _check_store(tmp_path / "f.zarr")
+
+
+class CollidingKeys(nn.Module):
+    """A dict output whose keys sanitise to one array name (``"a b"`` and ``"a_b"``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"a b": x * 2 + 1, "a_b": x * 3, "a/b": x - 1}
+
+
+def test_dict_keys_that_sanitise_to_one_name_get_their_own_arrays(tmp_path) -> None:
+    path = tmp_path / "f.zarr"
+    for attempt in range(2):  # computed, then from the reopened store
+        cached = CachedFeatureDataset(Inputs(), CollidingKeys(), path, batch_size=8, chunk_rows=16)
+        for row, (out, label) in zip(range(N), cached.__getitems__(list(range(N))), strict=True):
+            x = torch.arange(DIM, dtype=torch.float32) + 10 * row
+            assert label == row and list(out) == ["a b", "a_b", "a/b"]
+            assert torch.equal(out["a b"], x * 2 + 1), (attempt, row)
+            assert torch.equal(out["a_b"], x * 3), (attempt, row)
+            assert torch.equal(out["a/b"], x - 1), (attempt, row)
+        assert attempt == 0 or cached.module_calls == 0
+    names = FeatureStore.open(path).entries[0].feature_names
+    assert names == ["features_a_b", "features_a_b_2", "features_a_b_3"]
+
+
+def test_an_entry_written_with_colliding_output_names_is_not_reused(tmp_path, monkeypatch, caplog) -> None:
+    """Entries written before names were made unique hold two outputs in one array: a new entry."""
+    from cachedfeatures import layout
+
+    path = tmp_path / "f.zarr"
+    with monkeypatch.context() as patch:  # the old naming: one name for "a b", "a_b" and "a/b"
+        patch.setattr(layout, "_unique_name", lambda name, taken: name)
+        old = CachedFeatureDataset(Inputs(), CollidingKeys(), path, batch_size=8, chunk_rows=16)
+        old.__getitems__(list(range(N)))
+    cached = CachedFeatureDataset(Inputs(), CollidingKeys(), path, batch_size=8, chunk_rows=16)
+    assert cached.entry_name != old.entry_name
+    assert "stores two module outputs in one array" in caplog.text
+    out, _ = cached[5]
+    x = torch.arange(DIM, dtype=torch.float32) + 50
+    assert torch.equal(out["a b"], x * 2 + 1) and torch.equal(out["a_b"], x * 3)

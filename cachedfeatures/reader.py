@@ -36,9 +36,9 @@ only shows with a nondeterministic module.
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -126,9 +126,9 @@ class _Chunk:
 
     signature: Hashable
     valid: np.ndarray
-    arrays: Mapping[str, np.ndarray]
-    nbytes: int  # what it costs in this process's memory (mapped files cost nothing here)
-    maps: int  # how many arrays are memory-mapped files (each holds a file descriptor)
+    arrays: Mapping[str, np.ndarray | _RawRows]
+    nbytes: int  # what it costs in this process's memory (open raw files cost nothing here)
+    maps: int  # how many arrays are raw chunk files held open (each holds a file descriptor)
 
 
 class ChunkCache:
@@ -266,69 +266,50 @@ class _ChunkFile:
         return path
 
     def read(self, chunk: int) -> np.ndarray:
-        """The whole chunk: a read-only map of a raw chunk file, else a decoded array.
+        """The whole chunk, decoded into memory of this process (never a map of the file).
 
         A missing chunk file holds only the fill value (zarr deletes such chunks).
         """
         path = self.path(chunk)
-        if self.checksum and self.decoder is None:
-            return self._read_raw_verified(chunk, path)
-        if self.checksum:
-            try:
-                with open(path, "rb") as file:
-                    stored = file.read()
-            except FileNotFoundError:
-                return self._filled()
-            payload = _verified(stored, path)
-            if self.decoder is not None:
-                payload = self.decoder.decode(payload)
-            data = np.frombuffer(payload, dtype=self.dtype)
-            if data.size * self.dtype.itemsize != self.nbytes:
-                raise ValueError(f"chunk {path} decodes to {data.nbytes} bytes; expected {self.nbytes}")
-            return data.reshape(self.chunk_shape)
-        if self.decoder is None:
-            try:
-                size = os.stat(path).st_size
-            except FileNotFoundError:
-                return self._filled()
-            if size != self.nbytes:
-                raise ValueError(f"raw chunk {path} holds {size} bytes; expected {self.nbytes}")
-            with open(path, "rb") as file:
-                mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-            # A plain ndarray over the map (np.memmap's indexing costs microseconds per call).
-            return np.frombuffer(mapped, dtype=self.dtype).reshape(self.chunk_shape)
         try:
             with open(path, "rb") as file:
-                encoded = file.read()
+                stored = file.read()
         except FileNotFoundError:
             return self._filled()
-        decoded = self.decoder.decode(encoded)
-        data = np.frombuffer(decoded, dtype=self.dtype)
+        payload: Any = _verified(stored, path) if self.checksum else stored
+        if self.decoder is not None:
+            payload = self.decoder.decode(payload)
+        data = np.frombuffer(payload, dtype=self.dtype)
         if data.size * self.dtype.itemsize != self.nbytes:
             raise ValueError(f"chunk {path} decodes to {data.nbytes} bytes; expected {self.nbytes}")
         return data.reshape(self.chunk_shape)
 
-    def _read_raw_verified(self, chunk: int, path: str) -> np.ndarray:
-        """A map of a raw chunk whose checksum was verified once for this version of its file.
+    def open_rows(self, chunk: int) -> _RawRows | np.ndarray:
+        """The chunk for the chunk cache: a raw chunk file held open (rows read on demand, see
+        :class:`_RawRows`), else the decoded chunk.
 
-        The version is taken from the open descriptor, so the bytes mapped are the bytes
-        verified even if a writer renames a new chunk into place meanwhile.
+        A raw chunk's checksum is verified once per version of its file (inode, size, mtime).
         """
+        if self.decoder is not None:
+            return self.read(chunk)
+        path = self.path(chunk)
         try:
-            file = open(path, "rb")  # noqa: SIM115
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return self._filled()
-        with file:
-            stat = os.fstat(file.fileno())
-            if stat.st_size != self.nbytes + 4:
-                raise ValueError(f"raw chunk {path} holds {stat.st_size} bytes; expected {self.nbytes + 4}")
+        try:
+            expected = self.nbytes + (4 if self.checksum else 0)
+            stat = os.fstat(fd)
+            if stat.st_size != expected:
+                raise ValueError(f"raw chunk {path} holds {stat.st_size} bytes; expected {expected}")
             version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-            if self._verified.get(chunk) != version:
-                _verified(file.read(), path)
+            if self.checksum and self._verified.get(chunk) != version:
+                _verified(os.pread(fd, expected, 0), path)
                 self._verified[chunk] = version
-            mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-        count = self.nbytes // self.dtype.itemsize
-        return np.frombuffer(mapped, dtype=self.dtype, count=count).reshape(self.chunk_shape)
+            return _RawRows(fd, path, version, self.dtype, self.chunk_shape)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def read_into(self, chunk: int, target: np.ndarray) -> None:
         """Copy the chunk's first ``len(target)`` rows into ``target`` (C-contiguous).
@@ -388,11 +369,51 @@ def _verified(stored: bytes, path: str) -> np.ndarray:
     return payload
 
 
-def _is_mapped(data: np.ndarray) -> bool:
-    base = data
-    while isinstance(base, np.ndarray) and base.base is not None:
-        base = base.base
-    return isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
+class _RawRows:
+    """A raw chunk file held open by the chunk cache; rows are read from it with ``pread``.
+
+    Never a memory map: a file changed in place under a map serves its new bytes, and one
+    truncated under a map kills the process with ``SIGBUS``. Every gather checks the file's
+    version (inode, size, mtime) before and after reading against the version verified when it
+    was opened: a file changed in place (zarr only ever renames new chunk files into place)
+    raises, and its rows become misses.
+    """
+
+    def __init__(
+        self, fd: int, path: str, version: tuple[int, int, int], dtype: np.dtype[Any], shape: tuple[int, ...]
+    ) -> None:
+        self.fd = fd
+        self.path = path
+        self.version = version
+        self.dtype = dtype
+        self.shape = shape
+        self.row_nbytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        self._close = weakref.finalize(self, os.close, fd)
+
+    def _check(self) -> None:
+        stat = os.fstat(self.fd)
+        if (stat.st_ino, stat.st_size, stat.st_mtime_ns) != self.version:
+            raise ValueError(f"raw chunk {self.path} changed in place after it was verified")
+
+    def gather(self, rows: np.ndarray, out: np.ndarray, positions: np.ndarray) -> None:
+        """``out[positions] = chunk[rows]``, read from the file."""
+        self._check()
+        if len(rows) * 8 >= self.shape[0]:  # many rows: one read of the whole chunk
+            size = self.shape[0] * self.row_nbytes
+            data = os.pread(self.fd, size, 0)
+            if len(data) != size:
+                raise ValueError(f"raw chunk {self.path} ended after {len(data)} bytes")
+            self._check()
+            out[positions] = np.frombuffer(data, dtype=self.dtype).reshape(self.shape)[rows]
+            return
+        buffer = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        view = memoryview(buffer.reshape(-1).view(np.uint8))
+        size = self.row_nbytes
+        for k, row in enumerate(rows.tolist()):
+            if os.preadv(self.fd, [view[k * size : (k + 1) * size]], row * size) != size:
+                raise ValueError(f"raw chunk {self.path} ended before row {row}")
+        self._check()
+        out[positions] = buffer
 
 
 # ---------------------------------------------------------------------------------------
@@ -551,10 +572,18 @@ class ChunkReader:
                 continue
             lo, hi = bounds[k], bounds[k + 1]
             rows, positions = local[lo:hi], order[lo:hi]
+            try:
+                for name, column in chunk.arrays.items():
+                    # straight to the requested positions, in our own buffer (never a cached one)
+                    if isinstance(column, _RawRows):
+                        column.gather(rows, gathered[name], positions)
+                    else:
+                        gathered[name][positions] = column[rows]
+            except Exception as error:  # a chunk file changed in place: a miss, never a crash
+                self.cache.discard(chunk_id)
+                self._report(chunk_id, error)
+                continue
             hit[positions] = chunk.valid[rows]
-            for name, column in chunk.arrays.items():
-                # straight to the requested positions, in our own buffer (never a cached one)
-                gathered[name][positions] = column[rows]
         hits = int(np.count_nonzero(hit))
         if not hits:
             return RowsRead(hit, {}, distinct)
@@ -652,13 +681,13 @@ class ChunkReader:
         files = self._sources()
         try:
             valid = self._read_valid(chunk, start, stop)
-            arrays: dict[str, np.ndarray] = {}
+            arrays: dict[str, np.ndarray | _RawRows] = {}
             nbytes, maps = valid.nbytes, 0
             if valid.any():
                 for name, array in entry.arrays.items():
                     source = files[name]
-                    data = source.read(chunk) if source is not None else np.asarray(array[start:stop])
-                    if _is_mapped(data):
+                    data = source.open_rows(chunk) if source is not None else np.asarray(array[start:stop])
+                    if isinstance(data, _RawRows):
                         maps += 1
                     else:
                         nbytes += data.nbytes

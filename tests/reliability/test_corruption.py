@@ -88,3 +88,54 @@ def test_damaged_chunks_are_recomputed_and_reported(store_path, compressor, capl
 
     code, report = _verify(store_path)
     assert code == 0, report
+
+
+_CHANGED_IN_PLACE = """
+import json, logging, os, sys, time
+import torch
+from cachedfeatures import CachedFeatureDataset
+from tests.helpers import Backbone, Samples, reference
+
+path, how, checksum = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+n, chunk = 128, 16
+records = []
+logging.getLogger("cachedfeatures").addHandler(logging.Handler())
+handler = logging.getLogger("cachedfeatures").handlers[-1]
+handler.emit = lambda record: records.append(record.getMessage())
+def open_cached(data, module):
+    return CachedFeatureDataset(data, module, path, chunk_rows=chunk, batch_size=32, compressor=None,
+                                checksum=checksum, chunk_cache_bytes=2000)
+open_cached(Samples(n), Backbone()).__getitems__(list(range(n)))
+data, module = Samples(n), Backbone()
+cached = open_cached(data, module)
+cached.__getitems__(list(range(n)))  # every chunk read (mapped, where the reader maps)
+assert module.calls == 0, module.calls
+time.sleep(0.05)  # a later mtime than the write's, even on a coarse clock
+target = os.path.join(path, cached.entry_name, "features", "c", "2", "0")
+if how == "flip":
+    with open(target, "r+b") as file:  # the same inode, changed where it is
+        file.seek(100)
+        byte = file.read(1)
+        file.seek(100)
+        file.write(bytes([byte[0] ^ 0x10]))
+else:
+    os.truncate(target, os.path.getsize(target) // 2)
+wrong = 0
+for _ in range(2):
+    for index, (features, label) in enumerate(cached.__getitems__(list(range(n)))):
+        wrong += not torch.equal(features, reference(module, data, index))
+print(json.dumps({"wrong": wrong, "calls": module.calls, "warnings": [m for m in records if "chunk 2" in m]}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("how", "checksum"), [("flip", True), ("truncate", True), ("truncate", False)])
+def test_a_chunk_changed_in_place_under_a_reader_is_recomputed(store_path, how, checksum) -> None:
+    """A raw chunk this process already read (and may hold mapped) is changed where it is: a
+    flipped byte must not be served, and a truncated file must be a miss, not a SIGBUS."""
+    from tests.helpers import run_script
+
+    result = run_script(_CHANGED_IN_PLACE, str(store_path), how, "1" if checksum else "0")
+    assert result["wrong"] == 0, result
+    assert result["calls"] >= 1, result  # the changed chunk's rows were recomputed
+    assert len(result["warnings"]) == 1, result

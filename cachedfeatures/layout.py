@@ -31,7 +31,7 @@ Kind = Literal["tensor", "ndarray", "npscalar", "int", "float", "bool", "str"]
 Path = tuple[Hashable, ...]
 
 FEATURES = "features"
-RESERVED = frozenset({"valid", "access"})
+RESERVED = frozenset({"valid", "access", "chunk_crc"})
 _STRING_DTYPE = "str"
 
 

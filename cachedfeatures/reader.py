@@ -8,13 +8,15 @@ the reader's buffers). Decoded chunks stay in memory within a byte budget, in on
 - when the whole entry fits the budget, in one array per column, filled chunk by chunk as
   chunks are first read (``_Dense``): a batch is then one gather per column, like a memmap;
 - otherwise in a :class:`ChunkCache`, least recently used first out, of decoded chunks (raw
-  local chunks are memory-mapped there: they cost page cache, not this process's memory).
+  local chunks are held there as open files, read row by row with ``pread``: they cost page
+  cache, not this process's memory; never memory-mapped, so a chunk file changed or truncated
+  in place is a miss, never wrong bytes or a ``SIGBUS``).
 
 Two routes read a chunk:
 
 - ``"auto"`` (the default) reads chunk files of a local store directly when an array's codecs
   are plain (``bytes``, optionally followed by one of Blosc, Zstd or Gzip): raw chunks are
-  read (or memory-mapped) as they are, compressed chunks are decoded with numcodecs. Arrays it
+  read as they are, compressed chunks are decoded with numcodecs. Arrays it
   cannot read this way (strings, sharding, other codecs, other stores) take the zarr route.
 - ``"zarr"`` reads every chunk through plain zarr (``array[start:stop]``).
 
@@ -134,7 +136,7 @@ class _Chunk:
 class ChunkCache:
     """A least-recently-used cache of decoded chunks that never holds more than ``max_bytes``.
 
-    Memory-mapped raw chunks live in the OS page cache, not in this process's memory, so they
+    Raw chunk files held open live in the OS page cache, not in this process's memory, so they
     cost only their ``valid`` mask here; their number is bounded by ``max_maps`` instead,
     since each map holds a file descriptor.
     """
@@ -194,6 +196,9 @@ class ChunkCache:
 # Reading one array's chunk
 
 
+# Raises unless the rows given (all of one chunk of one array, decoded) were written for it.
+RowCheck = Callable[[np.ndarray], None]
+
 _DECODERS: dict[type, Callable[[], Any]] = {
     zarr.codecs.BloscCodec: numcodecs.Blosc,
     zarr.codecs.ZstdCodec: numcodecs.Zstd,
@@ -218,7 +223,7 @@ class _ChunkFile:
         self.decoder = decoder
         self.checksum = checksum
         # Raw checksummed chunks: the file versions (inode, size, mtime) whose crc32c this process
-        # has verified; later loads of the same version are memory-mapped without a re-read.
+        # has verified; later loads of the same version are held open without a re-read.
         self._verified: dict[int, tuple[int, int, int]] = {}
         self.chunk_shape: tuple[int, ...] = tuple(array.chunks)
         self.nbytes = int(np.prod(self.chunk_shape, dtype=np.int64)) * dtype.itemsize
@@ -265,10 +270,11 @@ class _ChunkFile:
             path = self._paths[chunk] = os.path.join(self.root, self.array.path, key)
         return path
 
-    def read(self, chunk: int) -> np.ndarray:
+    def read(self, chunk: int, check: RowCheck | None = None) -> np.ndarray:
         """The whole chunk, decoded into memory of this process (never a map of the file).
 
-        A missing chunk file holds only the fill value (zarr deletes such chunks).
+        A missing chunk file holds only the fill value (zarr deletes such chunks). ``check``
+        is called on the chunk's rows (of a file that exists) before they are returned.
         """
         path = self.path(chunk)
         try:
@@ -282,16 +288,24 @@ class _ChunkFile:
         data = np.frombuffer(payload, dtype=self.dtype)
         if data.size * self.dtype.itemsize != self.nbytes:
             raise ValueError(f"chunk {path} decodes to {data.nbytes} bytes; expected {self.nbytes}")
-        return data.reshape(self.chunk_shape)
+        data = data.reshape(self.chunk_shape)
+        if check is not None:
+            check(data[: self.rows_in(chunk)])
+        return data
 
-    def open_rows(self, chunk: int) -> _RawRows | np.ndarray:
+    def rows_in(self, chunk: int) -> int:
+        """Rows of the array in ``chunk`` (the last chunk may be partial)."""
+        rows = self.chunk_shape[0]
+        return min(rows, int(self.array.shape[0]) - chunk * rows)
+
+    def open_rows(self, chunk: int, check: RowCheck | None = None) -> _RawRows | np.ndarray:
         """The chunk for the chunk cache: a raw chunk file held open (rows read on demand, see
         :class:`_RawRows`), else the decoded chunk.
 
         A raw chunk's checksum is verified once per version of its file (inode, size, mtime).
         """
         if self.decoder is not None:
-            return self.read(chunk)
+            return self.read(chunk, check)
         path = self.path(chunk)
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -303,15 +317,20 @@ class _ChunkFile:
             if stat.st_size != expected:
                 raise ValueError(f"raw chunk {path} holds {stat.st_size} bytes; expected {expected}")
             version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-            if self.checksum and self._verified.get(chunk) != version:
-                _verified(os.pread(fd, expected, 0), path)
+            if (self.checksum or check is not None) and self._verified.get(chunk) != version:
+                stored = os.pread(fd, expected, 0)
+                if self.checksum:
+                    _verified(stored, path)
+                if check is not None:
+                    count = self.rows_in(chunk) * (self.nbytes // self.dtype.itemsize // self.chunk_shape[0])
+                    check(np.frombuffer(stored, self.dtype, count).reshape(-1, *self.chunk_shape[1:]))
                 self._verified[chunk] = version
             return _RawRows(fd, path, version, self.dtype, self.chunk_shape)
         except BaseException:
             os.close(fd)
             raise
 
-    def read_into(self, chunk: int, target: np.ndarray) -> None:
+    def read_into(self, chunk: int, target: np.ndarray, check: RowCheck | None = None) -> None:
         """Copy the chunk's first ``len(target)`` rows into ``target`` (C-contiguous).
 
         A raw chunk is read straight into ``target``: one copy out of the page cache, with no
@@ -325,13 +344,17 @@ class _ChunkFile:
             or target.dtype != self.dtype
             or not target.flags.c_contiguous
         ):
-            target[...] = self.read(chunk)[: len(target)]
+            target[...] = self.read(chunk, check)[: len(target)]
             return
         path = self.path(chunk)
         try:
             file = open(path, "rb", buffering=0)  # noqa: SIM115
         except FileNotFoundError:
             target[...] = self.array.fill_value
+            return
+        if check is not None and len(target) != self.rows_in(chunk):
+            file.close()
+            target[...] = self.read(chunk, check)[: len(target)]
             return
         expected = self.nbytes + (4 if self.checksum else 0)
         with file:
@@ -354,6 +377,8 @@ class _ChunkFile:
                     raise ValueError(
                         f"chunk {path} fails its crc32c checksum: its bytes changed after writing"
                     )
+        if check is not None:
+            check(target)
 
     def _filled(self) -> np.ndarray:
         return np.full(self.chunk_shape, self.array.fill_value, dtype=self.dtype)
@@ -396,22 +421,25 @@ class _RawRows:
             raise ValueError(f"raw chunk {self.path} changed in place after it was verified")
 
     def gather(self, rows: np.ndarray, out: np.ndarray, positions: np.ndarray) -> None:
-        """``out[positions] = chunk[rows]``, read from the file."""
-        self._check()
+        """``out[positions] = chunk[rows]``, read from the file.
+
+        One ``fstat`` after the reads: a change in place before or while they ran has already
+        changed the file's mtime (or size) by then.
+        """
+        size = self.row_nbytes
         if len(rows) * 8 >= self.shape[0]:  # many rows: one read of the whole chunk
-            size = self.shape[0] * self.row_nbytes
-            data = os.pread(self.fd, size, 0)
-            if len(data) != size:
+            data = os.pread(self.fd, self.shape[0] * size, 0)
+            if len(data) != self.shape[0] * size:
                 raise ValueError(f"raw chunk {self.path} ended after {len(data)} bytes")
             self._check()
             out[positions] = np.frombuffer(data, dtype=self.dtype).reshape(self.shape)[rows]
             return
         buffer = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
         view = memoryview(buffer.reshape(-1).view(np.uint8))
-        size = self.row_nbytes
-        for k, row in enumerate(rows.tolist()):
-            if os.preadv(self.fd, [view[k * size : (k + 1) * size]], row * size) != size:
-                raise ValueError(f"raw chunk {self.path} ended before row {row}")
+        fd, preadv = self.fd, os.preadv
+        for k, offset in enumerate((rows * size).tolist()):
+            if preadv(fd, (view[k * size : (k + 1) * size],), offset) != size:
+                raise ValueError(f"raw chunk {self.path} ended before byte {offset + size}")
         self._check()
         out[positions] = buffer
 
@@ -472,9 +500,9 @@ class ChunkReader:
         entry: the entry to read.
         cache_bytes: the most bytes of decoded chunks this process keeps; ``0`` keeps none.
             Default ``None``: an eighth of physical memory, split between DataLoader workers.
-        route: ``"auto"`` reads plain local chunk files directly (memory-mapping raw ones) and
+        route: ``"auto"`` reads plain local chunk files directly (raw ones row by row) and
             everything else through zarr; ``"zarr"`` reads everything through zarr.
-        max_maps: the most memory-mapped chunk files kept open (each holds a descriptor).
+        max_maps: the most raw chunk files kept open (each holds a descriptor).
     """
 
     def __init__(
@@ -497,6 +525,7 @@ class ChunkReader:
         self._dense: _Dense | bool | None = False  # False: not decided yet
         self._files: dict[str, _ChunkFile | None] | None = None
         self._valid_file: _ChunkFile | None = None
+        self._records_file: _ChunkFile | None = None
         self._reported: set[tuple[str, int]] = set()
         self._valid_signatures: ValidSignatures | None = None
 
@@ -626,13 +655,17 @@ class ChunkReader:
         try:
             valid = self._read_valid(chunk, start, stop)
             if valid.any():
+                accepted = self._accepted(chunk)
                 for name, array in self.entry.arrays.items():
                     target = dense.arrays[name][start:stop]
                     source = files[name]
+                    check = self._row_check(name, chunk, accepted)
                     if source is not None:
-                        source.read_into(chunk, target)
+                        source.read_into(chunk, target, check)
                     else:
                         target[...] = np.asarray(array[start:stop])
+                        if check is not None:
+                            check(target)
         except Exception as error:  # a torn or garbled chunk is a miss, never a crash
             self._report(chunk, error)
             return
@@ -665,7 +698,21 @@ class ChunkReader:
                 name: _ChunkFile.maybe(array) if auto else None for name, array in self.entry.arrays.items()
             }
             self._valid_file = _ChunkFile.maybe(self.entry.valid) if auto else None
+            records = self.entry.records
+            self._records_file = _ChunkFile.maybe(records) if auto and records is not None else None
         return self._files
+
+    def _accepted(self, chunk: int) -> np.ndarray | None:
+        """The identity-bound checksums of ``chunk`` (``None``: the entry has none)."""
+        if self._records_file is not None:
+            return self._records_file.read(chunk)[0]
+        return self.entry.accepted_checksums(chunk)
+
+    def _row_check(self, name: str, chunk: int, accepted: np.ndarray | None) -> RowCheck | None:
+        if accepted is None:
+            return None
+        entry = self.entry
+        return lambda rows: entry.check_rows(name, chunk, rows, accepted)
 
     @property
     def _signatures(self) -> ValidSignatures:
@@ -684,9 +731,16 @@ class ChunkReader:
             arrays: dict[str, np.ndarray | _RawRows] = {}
             nbytes, maps = valid.nbytes, 0
             if valid.any():
+                accepted = self._accepted(chunk)
                 for name, array in entry.arrays.items():
                     source = files[name]
-                    data = source.open_rows(chunk) if source is not None else np.asarray(array[start:stop])
+                    check = self._row_check(name, chunk, accepted)
+                    if source is not None:
+                        data = source.open_rows(chunk, check)
+                    else:
+                        data = np.asarray(array[start:stop])
+                        if check is not None:
+                            check(data)
                     if isinstance(data, _RawRows):
                         maps += 1
                     else:

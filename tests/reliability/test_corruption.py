@@ -139,3 +139,46 @@ def test_a_chunk_changed_in_place_under_a_reader_is_recomputed(store_path, how, 
     assert result["wrong"] == 0, result
     assert result["calls"] >= 1, result  # the changed chunk's rows were recomputed
     assert len(result["warnings"]) == 1, result
+
+
+@pytest.mark.parametrize("compressor", ["default", None], ids=["blosc", "raw"])
+def test_a_chunk_file_replaced_by_another_chunks_file_is_not_served(store_path, compressor, caplog) -> None:
+    """Chunk 5's file copied over chunk 2's checks fine by its own crc32c; it must still be a miss."""
+    filled = _fill(store_path, compressor)
+    features = store_path / filled.entry_name / "features" / "c"
+    (features / "2" / "0").write_bytes((features / "5" / "0").read_bytes())
+
+    code, report = _verify(store_path)
+    assert code == 1 and [p["chunk"] for p in report["problems"]] == [2], report  # type: ignore[index]
+
+    data, module = Samples(N), Backbone()
+    cached = CachedFeatureDataset(data, module, store_path, chunk_rows=CHUNK, batch_size=32)
+    with caplog.at_level(logging.WARNING, logger="cachedfeatures"):
+        for _ in range(2):
+            for index, (features_row, _label) in enumerate(cached.__getitems__(list(range(N)))):
+                assert torch.equal(features_row, reference(module, data, index)), index
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "chunk 2 " in warnings[0], warnings
+    assert data.loads - 4 == CHUNK  # only chunk 2's rows were recomputed (4: construction probes)
+    code, report = _verify(store_path)
+    assert code == 0, report
+
+
+def test_entries_written_before_bound_checksums_are_still_read(store_path) -> None:
+    """An entry without per-chunk identity checksums (written by earlier versions) is served as
+    it was: its chunk files' own crc32c is checked, and its rows are hits."""
+    import zarr
+
+    filled = _fill(store_path, None)
+    group = zarr.open_group(store_path / filled.entry_name, mode="a")
+    attrs = dict(group.attrs["cachedfeatures"])  # type: ignore[arg-type]
+    del attrs["chunk_checksums"]
+    group.attrs["cachedfeatures"] = attrs
+    del group["chunk_crc"]
+    data, module = Samples(N), Backbone()
+    cached = CachedFeatureDataset(data, module, store_path, chunk_rows=CHUNK, batch_size=32)
+    for index, (features_row, _label) in enumerate(cached.__getitems__(list(range(N)))):
+        assert torch.equal(features_row, reference(module, data, index)), index
+    assert data.loads == 4 and module.calls == 0
+    cached.write(np.arange(N), cached.compute(np.arange(N)))  # and written as before
+    assert _verify(store_path)[0] == 0

@@ -435,7 +435,7 @@ class _RawRows:
             out[positions] = np.frombuffer(data, dtype=self.dtype).reshape(self.shape)[rows]
             return
         buffer = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
-        view = memoryview(buffer.reshape(-1).view(np.uint8))
+        view = memoryview(buffer.reshape(-1).view(np.uint8).data)
         fd, preadv = self.fd, os.preadv
         for k, offset in enumerate((rows * size).tolist()):
             if preadv(fd, (view[k * size : (k + 1) * size],), offset) != size:
@@ -705,7 +705,7 @@ class ChunkReader:
     def _accepted(self, chunk: int) -> np.ndarray | None:
         """The identity-bound checksums of ``chunk`` (``None``: the entry has none)."""
         if self._records_file is not None:
-            return self._records_file.read(chunk)[0]
+            return np.asarray(self._records_file.read(chunk)[0])
         return self.entry.accepted_checksums(chunk)
 
     def _row_check(self, name: str, chunk: int, accepted: np.ndarray | None) -> RowCheck | None:

@@ -56,6 +56,7 @@ from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.metadata import ArrayV3Metadata
 from zarr.storage import LocalStore
 
+from cachedfeatures.chunk_identity import IdentityMismatchError
 from cachedfeatures.signatures import ValidSignatures
 from cachedfeatures.store import Entry, RowsRead
 
@@ -667,7 +668,7 @@ class ChunkReader:
                         if check is not None:
                             check(target)
         except Exception as error:  # a torn or garbled chunk is a miss, never a crash
-            self._report(chunk, error)
+            self._report_unless_raced(chunk, signature, error)
             return
         if self._signatures.fresh(chunk) == signature:  # else: changed meanwhile, read next time
             dense.accept(chunk, start, stop, valid, signature)
@@ -747,7 +748,7 @@ class ChunkReader:
                         nbytes += data.nbytes
                     arrays[name] = data
         except Exception as error:  # a torn or garbled chunk is a miss, never a crash
-            self._report(chunk, error)
+            self._report_unless_raced(chunk, signature, error)
             return None
         if self._signatures.fresh(chunk) != signature:
             return None  # written or pruned while we read: read again next time
@@ -758,6 +759,16 @@ class ChunkReader:
         if source is None:
             return np.asarray(self.entry.valid[start:stop], dtype=bool)
         return np.array(source.read(chunk)[: stop - start], dtype=bool)  # a copy, never a map
+
+    def _report_unless_raced(self, chunk: int, signature: Hashable, error: Exception) -> None:
+        """Report ``error`` as damage unless a write or prune of the chunk explains it: ``valid``
+        changed meanwhile, or (checksums read while a writer replaced the bytes) the chunk's rows
+        check out under its lock."""
+        if self._signatures.fresh(chunk) != signature:
+            return
+        if isinstance(error, IdentityMismatchError) and self.entry.rows_bound_now(chunk):
+            return
+        self._report(chunk, error)
 
     def _report(self, chunk: int, error: Exception) -> None:
         key = (self.entry.name, chunk)

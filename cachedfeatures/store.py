@@ -7,6 +7,8 @@ Layout (plain Zarr v3, readable with ``zarr`` and ``xarray`` alone)::
         features                (N, *out_shape), or features_<key> per module output
         <field>                 passthrough fields (labels, ids, ...), (N, *shape)
         valid                   (N,) bool: a row is served only where it is set
+        chunk_crc               (chunks, arrays, 2) uint32: checksums bound to each chunk
+                                (see cachedfeatures.chunk_identity; absent in older entries)
 
 All arrays share one chunking along the sample dimension. A row becomes valid only after
 its bytes are written: features first, then ``valid``, each chunk under its lock. A crash
@@ -166,6 +168,27 @@ class Entry:
         decoded) were written for that chunk; nothing to check for entries without records."""
         if accepted is not None:
             chunk_identity.check(self.name, name, chunk, rows, accepted[self._array_index[name]])
+
+    def rows_bound_now(self, chunk: int) -> bool:
+        """Whether every array's rows of ``chunk`` match its checksums, checked under the chunk's
+        lock (no writer mid-way): tells a read that raced a writer from a chunk file that is not
+        this chunk's. ``False`` if the lock cannot be taken (read-only store): damage, then."""
+        start = chunk * self.chunk_rows
+        stop = min(start + self.chunk_rows, self.num_rows)
+        try:
+            lock = self.locks.chunk(self.name, chunk)
+            lock.__enter__()
+        except OSError:
+            return False
+        try:
+            accepted = self.accepted_checksums(chunk)
+            for name, array in self.arrays.items():
+                self.check_rows(name, chunk, np.asarray(array[start:stop]), accepted)
+            return True
+        except Exception:
+            return False
+        finally:
+            lock.__exit__(None, None, None)
 
     @functools.cached_property
     def _array_index(self) -> dict[str, int]:

@@ -248,7 +248,13 @@ class Writer:
             self._write_chunk(chunk)
         spent = time.monotonic() - now
         self._hold = max(self.max_hold_seconds, HOLD_COST_RATIO * spent)
-        logger.debug("entry %s: wrote %d chunks held %.1f s or more", self.entry.name, len(due), self._hold)
+        logger.debug(
+            "entry %s: wrote %d held chunks in %.3f s; hold now %.3f s",
+            self.entry.name,
+            len(due),
+            spent,
+            self._hold,
+        )
 
     def _count_missing(self) -> np.ndarray:
         entry = self.entry

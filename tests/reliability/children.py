@@ -5,6 +5,7 @@ Kept in an importable module: spawned processes import their target by name.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -60,10 +61,16 @@ def loader_main(argv: list[str]) -> None:
     One shuffled ``loader()`` epoch (the writer holding rows at most ``HOLD`` seconds), with
     every raw load logged to ``LOG_DIR/loads-PID``; prints ``ready`` first, ``finished`` last.
     """
+    import logging
+
     from cachedfeatures import writer
 
     store, log_dir, n, chunk_rows, batch_size, delay, hold = argv
     writer.DEFAULT_MAX_HOLD_SECONDS = float(hold)
+    # Each round of writes of held chunks, with the hold it leaves in force, for the bound.
+    rounds = logging.FileHandler(Path(log_dir) / f"rounds-{os.getpid()}")
+    writer.logger.addHandler(rounds)
+    writer.logger.setLevel(logging.DEBUG)
     cached, samples = open_cached(
         store, int(n), chunk_rows=int(chunk_rows), batch_size=int(batch_size), delay=float(delay)
     )

@@ -149,7 +149,9 @@ class ChunkCache:
         self.maps = 0
         self.hits = 0
         self.misses = 0
+        self.batch = 0  # counts reads, so that chunks a recent batch used are never pushed out
         self._chunks: OrderedDict[int, _Chunk] = OrderedDict()
+        self._used: dict[int, int] = {}  # the batch that last used each chunk
         self._lock = threading.Lock()
 
     def get(self, key: int) -> _Chunk | None:
@@ -157,7 +159,20 @@ class ChunkCache:
             chunk = self._chunks.get(key)
             if chunk is not None:
                 self._chunks.move_to_end(key)
+                self._used[key] = self.batch
             return chunk
+
+    def room_for(self, nbytes: int) -> bool:
+        """Make room for ``nbytes`` more by dropping only chunks that neither this batch nor the
+        one before used; whether there is room now. (A private copy of a chunk read row by row
+        is worth it for reads with locality, never at the cost of thrashing a shuffled read.)"""
+        with self._lock:
+            while self.nbytes + nbytes > self.max_bytes and self._chunks:
+                oldest = next(iter(self._chunks))
+                if self._used.get(oldest, -2) >= self.batch - 1:
+                    return False
+                self._discard(oldest)
+            return self.nbytes + nbytes <= self.max_bytes
 
     def put(self, key: int, chunk: _Chunk) -> bool:
         """Keep ``chunk``, evicting the least recently used; ``False`` if it cannot fit at all."""
@@ -184,6 +199,7 @@ class ChunkCache:
             self.nbytes = self.maps = 0
 
     def _discard(self, key: int) -> None:
+        self._used.pop(key, None)
         old = self._chunks.pop(key, None)
         if old is not None:
             self.nbytes -= old.nbytes
@@ -421,6 +437,15 @@ class _RawRows:
         if (stat.st_ino, stat.st_size, stat.st_mtime_ns) != self.version:
             raise ValueError(f"raw chunk {self.path} changed in place after it was verified")
 
+    def copy(self) -> np.ndarray:
+        """The whole chunk in private memory: the bytes of the verified version, or raises."""
+        size = self.shape[0] * self.row_nbytes
+        data = os.pread(self.fd, size, 0)
+        if len(data) != size:
+            raise ValueError(f"raw chunk {self.path} ended after {len(data)} bytes")
+        self._check()
+        return np.frombuffer(data, dtype=self.dtype).reshape(self.shape)
+
     def gather(self, rows: np.ndarray, out: np.ndarray, positions: np.ndarray) -> None:
         """``out[positions] = chunk[rows]``, read from the file.
 
@@ -582,6 +607,7 @@ class ChunkReader:
             self._setup()
         if self._dense is False:
             self._dense = _Dense(entry) if _Dense.fits(entry, self.cache.max_bytes) else None
+        self.cache.batch += 1
         generation = self._signatures.look()
         if isinstance(self._dense, _Dense):
             return self._read_dense(self._dense, indices, generation)
@@ -681,6 +707,8 @@ class ChunkReader:
         chunk = cache.get(chunk_id)
         if chunk is not None and chunk.signature == signature:
             cache.hits += 1
+            if chunk.maps:  # used again: a private copy, where that pushes out nothing in use
+                chunk = self._promoted(chunk_id, chunk)
             return chunk
         cache.misses += 1
         chunk = self._load(chunk_id, signature)
@@ -689,6 +717,24 @@ class ChunkReader:
         else:
             cache.put(chunk_id, chunk)
         return chunk
+
+    def _promoted(self, chunk_id: int, chunk: _Chunk) -> _Chunk:
+        """``chunk`` with its raw files read into private copies, if the cache has room."""
+        held = [data for data in chunk.arrays.values() if isinstance(data, _RawRows)]
+        nbytes = sum(data.shape[0] * data.row_nbytes for data in held)
+        cache = self.cache
+        if not cache.room_for(nbytes):
+            return chunk
+        try:
+            arrays = {
+                name: data.copy() if isinstance(data, _RawRows) else data
+                for name, data in chunk.arrays.items()
+            }
+        except Exception:  # changed in place: the next gather from the open file reports it
+            return chunk
+        promoted = _Chunk(chunk.signature, chunk.valid, arrays, chunk.nbytes + nbytes, 0)
+        cache.put(chunk_id, promoted)
+        return promoted
 
     # -- internals -----------------------------------------------------------------------------
 

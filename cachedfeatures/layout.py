@@ -494,8 +494,15 @@ class OutputLayout:
     def from_json(cls, data: Mapping[str, Any]) -> OutputLayout:
         return cls(data["kind"], tuple(data["keys"]), tuple(ArraySpec.from_json(a) for a in data["arrays"]))
 
-    def split(self, output: Any, batch_size: int, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-        """The module's output as one CPU tensor per array, cast to the storage dtype."""
+    def split(
+        self, output: Any, batch_size: int, dtype: torch.dtype | None, *, copy: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """The module's output as one CPU tensor per array, cast to the storage dtype.
+
+        With ``copy`` (the default) each tensor is in memory of its own, never the module's (see
+        :func:`_copied_out`); ``copy=False`` is for a caller that copies them out itself before
+        it calls the module again.
+        """
         kind, items = _output_items(output)
         if kind != self.kind or tuple(key for key, _ in items) != self.keys:
             raise OutputShapeError(
@@ -506,7 +513,8 @@ class OutputLayout:
         split = {}
         for spec, (_, tensor) in zip(self.arrays, items, strict=True):
             _check_batch_dim(spec.name, tensor, batch_size)
-            split[spec.name] = _copied_out(tensor, cast_for_storage(tensor, dtype).to("cpu"))
+            stored = cast_for_storage(tensor, dtype).to("cpu")
+            split[spec.name] = _copied_out(tensor, stored) if copy else stored
         return split
 
     def unbind(self, tensors: Mapping[str, torch.Tensor]) -> list[Any]:

@@ -5,9 +5,8 @@ zarr's ``crc32c`` codec ends every chunk file in a checksum of its own bytes, so
 garbled chunk is caught, but a whole valid chunk file put in another chunk's place (or another
 entry's) checks fine and would be served as that chunk's rows. Entries written with the
 ``"crc32c-identity"`` flavour (``Entry.meta["chunk_checksums"]``) also keep, per chunk and
-per array (and for ``valid``, last), the crc32c of the chunk's decoded rows seeded with
-``"<entry>/<array>/<chunk>"``, in the small array ``chunk_crc`` of shape
-``(num_chunks, num_arrays + 1, 2)``:
+per array, the crc32c of the chunk's decoded rows seeded with ``"<entry>/<array>/<chunk>"``,
+in the small array ``chunk_crc`` of shape ``(num_chunks, num_arrays, 2)``:
 
 - slot 1 holds the checksum of the rows being written, slot 0 that of the rows before; a
   chunk write stores both (under the chunk's lock) *before* it writes the arrays' bytes, so

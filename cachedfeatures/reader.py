@@ -58,7 +58,7 @@ from zarr.storage import LocalStore
 
 from cachedfeatures.chunk_identity import IdentityMismatchError
 from cachedfeatures.signatures import ValidSignatures
-from cachedfeatures.store import VALID, Entry, RowsRead
+from cachedfeatures.store import Entry, RowsRead
 
 __all__ = [
     "CacheInfo",
@@ -683,7 +683,6 @@ class ChunkReader:
             valid = self._read_valid(chunk, start, stop)
             if valid.any():
                 accepted = self._accepted(chunk)
-                self.entry.check_rows(VALID, chunk, valid, accepted)
                 for name, array in self.entry.arrays.items():
                     target = dense.arrays[name][start:stop]
                     source = files[name]
@@ -780,7 +779,6 @@ class ChunkReader:
             nbytes, maps = valid.nbytes, 0
             if valid.any():
                 accepted = self._accepted(chunk)
-                entry.check_rows(VALID, chunk, valid, accepted)
                 for name, array in entry.arrays.items():
                     source = files[name]
                     check = self._row_check(name, chunk, accepted)

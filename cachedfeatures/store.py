@@ -7,7 +7,7 @@ Layout (plain Zarr v3, readable with ``zarr`` and ``xarray`` alone)::
         features                (N, *out_shape), or features_<key> per module output
         <field>                 passthrough fields (labels, ids, ...), (N, *shape)
         valid                   (N,) bool: a row is served only where it is set
-        chunk_crc               (chunks, arrays + 1, 2) uint32: checksums bound to each chunk
+        chunk_crc               (chunks, arrays, 2) uint32: checksums bound to each chunk
                                 (see cachedfeatures.chunk_identity; absent in older entries)
 
 All arrays share one chunking along the sample dimension. A row becomes valid only after
@@ -182,7 +182,7 @@ class Entry:
             return False
         try:
             accepted = self.accepted_checksums(chunk)
-            for name, array in {**self.arrays, VALID: self.valid}.items():
+            for name, array in self.arrays.items():
                 self.check_rows(name, chunk, np.asarray(array[start:stop]), accepted)
             return True
         except Exception:
@@ -192,7 +192,7 @@ class Entry:
 
     @functools.cached_property
     def _array_index(self) -> dict[str, int]:
-        return {**{spec.name: i for i, spec in enumerate(self.specs)}, VALID: len(self.specs)}
+        return {spec.name: i for i, spec in enumerate(self.specs)}
 
     def valid_mask(self) -> np.ndarray:
         """The whole ``valid`` mask, as read now."""
@@ -258,12 +258,11 @@ class Entry:
         chunk = int(rows[0]) // self.chunk_rows
         start = chunk * self.chunk_rows
         stop = min(start + self.chunk_rows, self.num_rows)
-        valid = np.array(self.valid[start:stop], dtype=bool)
-        any_valid = bool(valid.any())
+        any_valid = bool(np.asarray(self.valid[start:stop]).any())
         accepted = np.asarray(records[chunk])
         merged: dict[str, np.ndarray] = {}
-        slots = np.zeros((len(self.specs) + 1, 2), dtype=np.uint32)  # the arrays', then valid's
-        for j, (name, array) in enumerate({**self.arrays, VALID: self.valid}.items()):
+        slots = np.zeros((len(self.specs), 2), dtype=np.uint32)
+        for j, (name, array) in enumerate(self.arrays.items()):
             if any_valid:  # rows that may be served: they must be this chunk's own
                 old = np.array(array[start:stop])
                 before = chunk_identity.content_crc(self.name, name, chunk, old)
@@ -274,13 +273,13 @@ class Entry:
                 slots[j, 0] = before
             else:  # nothing valid: what the chunk held does not matter
                 old = np.full((stop - start, *array.shape[1:]), array.fill_value, dtype=array.dtype)
-            old[rows - start] = True if name == VALID else columns[name][source]
+            old[rows - start] = columns[name][source]
             merged[name] = old
             slots[j, 1] = chunk_identity.content_crc(self.name, name, chunk, old)
         records[chunk] = slots  # both, before the bytes: a crash leaves each chunk matching one
         for name, array in self.arrays.items():
             array[start:stop] = merged[name]
-        self.valid[start:stop] = merged[VALID]
+        self.valid.oindex[rows] = True
 
     # -- statistics (shared by the CLI, pruning and notebook display) --------------------------
 
@@ -542,8 +541,8 @@ class FeatureStore:
             if checksum:
                 group.create_array(
                     chunk_identity.RECORDS,
-                    shape=(-(-num_rows // chunk_rows), len(specs) + 1, 2),  # the arrays, then valid
-                    chunks=(1, len(specs) + 1, 2),
+                    shape=(-(-num_rows // chunk_rows), len(specs), 2),
+                    chunks=(1, len(specs), 2),
                     dtype="uint32",
                     fill_value=0,
                     compressors=(zarr.codecs.Crc32cCodec(),),

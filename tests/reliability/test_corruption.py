@@ -182,21 +182,3 @@ def test_entries_written_before_bound_checksums_are_still_read(store_path) -> No
     assert data.loads == 4 and module.calls == 0
     cached.write(np.arange(N), cached.compute(np.arange(N)))  # and written as before
     assert _verify(store_path)[0] == 0
-
-
-def test_a_valid_chunk_replaced_by_another_chunks_is_not_trusted(store_path, caplog) -> None:
-    """Chunk 1's ``valid`` file (every row set) over chunk 2's (half set) would mark rows valid
-    whose bytes were never written: they must be recomputed, not served as fill values."""
-    cached = CachedFeatureDataset(Samples(N), Backbone(), store_path, chunk_rows=CHUNK, batch_size=32)
-    cached.__getitems__([i for i in range(N) if not 2 * CHUNK + CHUNK // 2 <= i < 3 * CHUNK])
-    valid = store_path / cached.entry_name / "valid" / "c"
-    (valid / "2").write_bytes((valid / "1").read_bytes())
-
-    assert _verify(store_path)[0] == 1
-    data, module = Samples(N), Backbone()
-    again = CachedFeatureDataset(data, module, store_path, chunk_rows=CHUNK, batch_size=32)
-    with caplog.at_level(logging.WARNING, logger="cachedfeatures"):
-        for index, (features, _label) in enumerate(again.__getitems__(list(range(N)))):
-            assert torch.equal(features, reference(module, data, index)), index
-    assert any("chunk 2 " in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
-    assert _verify(store_path)[0] == 0

@@ -76,8 +76,9 @@ class FeatureComputer:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def __call__(
-        self, inputs: Sequence[Any], layout: OutputLayout, *, pin_memory: bool = False
+        self, inputs: Sequence[Any], layout: OutputLayout, *, pin_memory: bool = False, copy: bool = True
     ) -> dict[str, torch.Tensor]:
-        """One CPU tensor per output array, cast to the storage dtype."""
+        """One CPU tensor per output array, cast to the storage dtype; in memory of its own
+        unless ``copy=False`` (the caller copies before the module's next call)."""
         output = self.run(inputs, pin_memory=pin_memory)
-        return layout.split(output, len(inputs), self.dtype)
+        return layout.split(output, len(inputs), self.dtype, copy=copy)

@@ -111,14 +111,15 @@ class CachedFeatureDataset(Dataset[Any]):
         chunk_cache_bytes: the most bytes of decoded chunks each process keeps in memory
             (``0``: none). Default ``None``: an eighth of physical memory, split between
             DataLoader workers. An entry that fits is held whole, one array per column; else
-            raw chunks of a local store are memory-mapped rather than held.
+            raw chunks of a local store are held open and read row by row rather than held.
         read_route: ``"auto"`` reads plain local chunk files directly; ``"zarr"`` reads
             every chunk through zarr. See :mod:`cachedfeatures.reader`.
         checksum: end every chunk with a crc32c of its bytes, checked on every read, so a torn,
             overwritten or bit-flipped chunk is recomputed instead of served (uncompressed
-            chunks have no other guard). Default ``True``; ``False`` lets raw chunks of an entry
-            larger than the chunk cache be mapped without reading each version of a chunk once
-            to verify it. Used when the entry is created.
+            chunks have no other guard), and a per-chunk checksum bound to the chunk's identity,
+            so a chunk file put in another chunk's place is recomputed too. Default ``True``;
+            ``False`` reads raw chunks of an entry larger than the chunk cache without reading
+            each version of a chunk once to verify it. Used when the entry is created.
         storage_options: fsspec options for a URL store (``store="s3://bucket/f.zarr"``),
             such as ``{"endpoint_url": ...}`` or credentials.
         read_only: never write to the store: hits are served, misses are computed and served
@@ -223,6 +224,19 @@ class CachedFeatureDataset(Dataset[Any]):
         self.entry_name = f"{_entry_prefix(module)}-{key}"
         self._entry: Entry | None = None
         if self._length > 0:
+            found = self._feature_store.entry(self.entry_name)
+            if found is not None and not OutputLayout.from_json(found.meta["outputs"]).names_unique:
+                # Written before output names were made unique: two outputs share one array, so
+                # one is served the other's values. A new entry (the old one is pruned first).
+                self.options["output_names"] = "unique"
+                key = entry_id(self.module_fingerprint, self.dataset_fingerprint, self.options)
+                self.entry_name = f"{type(module).__name__}-{key}"
+                logger.warning(
+                    "cachedfeatures: entry %s stores two module outputs in one array (their keys "
+                    "sanitise to one name); caching into a new entry %s instead.",
+                    found.name,
+                    self.entry_name,
+                )
             self._entry = self._feature_store.entry(self.entry_name) or self._create_entry_guarded(
                 probes, chunk_rows, compressor
             )

@@ -24,6 +24,7 @@ import torch
 import zarr
 import zarr.core.sync
 
+from cachedfeatures.chunk_identity import RECORDS
 from cachedfeatures.errors import RowsNotCachedError, UnknownArrayError
 from cachedfeatures.layout import ArraySpec
 from cachedfeatures.store import ACCESS, VALID, Entry, FeatureStore
@@ -198,7 +199,7 @@ def to_xarray(entry: Entry, valid_only: bool = True) -> xarray.Dataset:
     import xarray as xr
 
     group = entry.group
-    drop = [ACCESS] if ACCESS in group else []
+    drop = [name for name in (ACCESS, RECORDS) if name in group]  # bookkeeping, not features
     dataset = xr.open_zarr(
         group.store,
         group=group.path,

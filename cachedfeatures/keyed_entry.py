@@ -30,6 +30,7 @@ import numpy as np
 import zarr
 import zarr.core.sync
 
+from cachedfeatures import chunk_identity
 from cachedfeatures.errors import BudgetError
 from cachedfeatures.layout import ArraySpec
 from cachedfeatures.row_keys import KEY_BYTES
@@ -291,6 +292,9 @@ class KeyedEntry:
         for spec in self.entry.specs:
             group[spec.name].resize((capacity, *spec.shape))  # type: ignore[union-attr]
         group[VALID].resize((capacity,))  # type: ignore[union-attr]
+        if self.entry.records is not None:
+            records = group[chunk_identity.RECORDS]
+            records.resize((-(-capacity // self.entry.chunk_rows), *records.shape[1:]))  # type: ignore[union-attr]
         meta = dict(group.attrs[ATTRS_KEY])  # type: ignore[arg-type]
         meta["num_rows"] = capacity
         group.attrs[ATTRS_KEY] = meta

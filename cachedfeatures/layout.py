@@ -31,7 +31,7 @@ Kind = Literal["tensor", "ndarray", "npscalar", "int", "float", "bool", "str"]
 Path = tuple[Hashable, ...]
 
 FEATURES = "features"
-RESERVED = frozenset({"valid", "access"})
+RESERVED = frozenset({"valid", "access", "chunk_crc"})
 _STRING_DTYPE = "str"
 
 
@@ -505,11 +505,18 @@ class OutputLayout:
         """Learn the layout from one batch of module output (before storage casting)."""
         kind, items = _output_items(output)
         arrays = []
+        taken: set[str] = set()  # keys that sanitise to one name ("a b", "a_b") get _2, _3...
         for key, tensor in items:
-            name = FEATURES if kind == "tensor" else f"{FEATURES}_{_sanitize(str(key))}"
+            name = FEATURES if kind == "tensor" else _unique_name(f"{FEATURES}_{_sanitize(str(key))}", taken)
             _check_batch_dim(name, tensor, batch_size)
             arrays.append(_tensor_spec(name, "tensor", cast_for_storage(tensor[0], dtype)))
         return cls(kind, tuple(key for key, _ in items), tuple(arrays))
+
+    @property
+    def names_unique(self) -> bool:
+        """Whether every output has an array of its own (entries written before names were made
+        unique may store two outputs whose keys sanitise to one name in one array)."""
+        return len({spec.name for spec in self.arrays}) == len(self.arrays)
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "keys": list(self.keys), "arrays": [a.to_json() for a in self.arrays]}
@@ -518,8 +525,15 @@ class OutputLayout:
     def from_json(cls, data: Mapping[str, Any]) -> OutputLayout:
         return cls(data["kind"], tuple(data["keys"]), tuple(ArraySpec.from_json(a) for a in data["arrays"]))
 
-    def split(self, output: Any, batch_size: int, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-        """The module's output as one CPU tensor per array, cast to the storage dtype."""
+    def split(
+        self, output: Any, batch_size: int, dtype: torch.dtype | None, *, copy: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """The module's output as one CPU tensor per array, cast to the storage dtype.
+
+        With ``copy`` (the default) each tensor is in memory of its own, never the module's (see
+        :func:`_copied_out`); ``copy=False`` is for a caller that copies them out itself before
+        it calls the module again.
+        """
         kind, items = _output_items(output)
         if kind != self.kind or tuple(key for key, _ in items) != self.keys:
             raise OutputShapeError(
@@ -530,7 +544,8 @@ class OutputLayout:
         split = {}
         for spec, (_, tensor) in zip(self.arrays, items, strict=True):
             _check_batch_dim(spec.name, tensor, batch_size)
-            split[spec.name] = cast_for_storage(tensor, dtype).to("cpu")
+            stored = cast_for_storage(tensor, dtype).to("cpu")
+            split[spec.name] = _copied_out(tensor, stored) if copy else stored
         return split
 
     def unbind(self, tensors: Mapping[str, torch.Tensor]) -> list[Any]:
@@ -584,6 +599,22 @@ def _check_batch_dim(name: str, tensor: torch.Tensor, batch_size: int) -> None:
             "inputs; its first dimension must be the batch. If the module works on single "
             "samples, wrap it so that it maps over the batch."
         )
+
+
+def _copied_out(output: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """``stored`` (``output`` cast and on the CPU) in memory of its own.
+
+    A module may return a view of a buffer it overwrites on its next call (optimized inference
+    code, CUDA graphs), so its outputs must be copied out before the next batch runs. A cast or
+    a copy off the device already made one; a CPU ``.to("cpu")`` did not, so copy then (once,
+    contiguous, so storing it copies nothing more).
+    """
+    if (
+        output.device.type == "cpu"
+        and stored.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
+    ):
+        return stored.clone(memory_format=torch.contiguous_format)
+    return stored
 
 
 def cast_for_storage(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

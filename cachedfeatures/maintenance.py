@@ -298,6 +298,11 @@ def _chunk_problems(entry: Entry, chunk: int) -> list[dict[str, Any]]:
         problems.append(_problem("unreadable", entry.name, chunk, f"'valid' does not decode: {error}"))
     keys = chunk_keys(entry, chunk)
     store = entry.group.store
+    try:
+        accepted = entry.accepted_checksums(chunk) if valid_rows else None
+    except Exception as error:
+        accepted = None
+        problems.append(_problem("unreadable", entry.name, chunk, f"its checksums do not decode: {error}"))
     specs = {spec.name: spec for spec in entry.specs}
     outputs = entry.feature_names
     for name, array in entry.arrays.items():
@@ -317,6 +322,11 @@ def _chunk_problems(entry: Entry, chunk: int) -> list[dict[str, Any]]:
             data = np.asarray(array[start:stop])
         except Exception as error:
             problems.append(_problem("unreadable", entry.name, chunk, f"{name!r} does not decode: {error}"))
+            continue
+        try:
+            entry.check_rows(name, chunk, data, accepted)
+        except ValueError as error:  # another chunk's (or entry's) rows, or changed after writing
+            problems.append(_problem("unreadable", entry.name, chunk, str(error)))
             continue
         want = (stop - start, *specs[name].shape)
         if data.shape != want or not _same_dtype(data.dtype, specs[name].dtype):

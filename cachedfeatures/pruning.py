@@ -320,14 +320,21 @@ def drop_chunk(entry: Entry, chunk: int) -> None:
 
 
 def delete_chunk_bytes(entry: Entry, chunk: int) -> None:
-    """Delete ``chunk``'s key in ``valid``, then in every data array (caller holds the lock)."""
+    """Delete ``chunk``'s key in ``valid``, then in every data array, then its checksums
+    (caller holds the lock)."""
     store = entry.group.store
     valid = f"{entry.valid.path}/{entry.valid.metadata.encode_chunk_key((chunk,))}"
     data = list(chunk_keys(entry, chunk).values())
+    records = entry.records
+    checksums = (
+        None if records is None else f"{records.path}/{records.metadata.encode_chunk_key((chunk, 0, 0))}"
+    )
 
     async def delete_all() -> None:
         await store.delete(valid)
         await asyncio.gather(*(store.delete(key) for key in data))
+        if checksums is not None:
+            await store.delete(checksums)
 
     sync(delete_all())
 

@@ -8,13 +8,15 @@ the reader's buffers). Decoded chunks stay in memory within a byte budget, in on
 - when the whole entry fits the budget, in one array per column, filled chunk by chunk as
   chunks are first read (``_Dense``): a batch is then one gather per column, like a memmap;
 - otherwise in a :class:`ChunkCache`, least recently used first out, of decoded chunks (raw
-  local chunks are memory-mapped there: they cost page cache, not this process's memory).
+  local chunks are held there as open files, read row by row with ``pread``: they cost page
+  cache, not this process's memory; never memory-mapped, so a chunk file changed or truncated
+  in place is a miss, never wrong bytes or a ``SIGBUS``).
 
 Two routes read a chunk:
 
 - ``"auto"`` (the default) reads chunk files of a local store directly when an array's codecs
   are plain (``bytes``, optionally followed by one of Blosc, Zstd or Gzip): raw chunks are
-  read (or memory-mapped) as they are, compressed chunks are decoded with numcodecs. Arrays it
+  read as they are, compressed chunks are decoded with numcodecs. Arrays it
   cannot read this way (strings, sharding, other codecs, other stores) take the zarr route.
 - ``"zarr"`` reads every chunk through plain zarr (``array[start:stop]``).
 
@@ -36,9 +38,9 @@ only shows with a nondeterministic module.
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,6 +56,7 @@ from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.metadata import ArrayV3Metadata
 from zarr.storage import LocalStore
 
+from cachedfeatures.chunk_identity import IdentityMismatchError
 from cachedfeatures.signatures import ValidSignatures
 from cachedfeatures.store import Entry, RowsRead
 
@@ -126,15 +129,15 @@ class _Chunk:
 
     signature: Hashable
     valid: np.ndarray
-    arrays: Mapping[str, np.ndarray]
-    nbytes: int  # what it costs in this process's memory (mapped files cost nothing here)
-    maps: int  # how many arrays are memory-mapped files (each holds a file descriptor)
+    arrays: Mapping[str, np.ndarray | _RawRows]
+    nbytes: int  # what it costs in this process's memory (open raw files cost nothing here)
+    maps: int  # how many arrays are raw chunk files held open (each holds a file descriptor)
 
 
 class ChunkCache:
     """A least-recently-used cache of decoded chunks that never holds more than ``max_bytes``.
 
-    Memory-mapped raw chunks live in the OS page cache, not in this process's memory, so they
+    Raw chunk files held open live in the OS page cache, not in this process's memory, so they
     cost only their ``valid`` mask here; their number is bounded by ``max_maps`` instead,
     since each map holds a file descriptor.
     """
@@ -146,7 +149,9 @@ class ChunkCache:
         self.maps = 0
         self.hits = 0
         self.misses = 0
+        self.batch = 0  # counts reads, so that chunks a recent batch used are never pushed out
         self._chunks: OrderedDict[int, _Chunk] = OrderedDict()
+        self._used: dict[int, int] = {}  # the batch that last used each chunk
         self._lock = threading.Lock()
 
     def get(self, key: int) -> _Chunk | None:
@@ -154,7 +159,20 @@ class ChunkCache:
             chunk = self._chunks.get(key)
             if chunk is not None:
                 self._chunks.move_to_end(key)
+                self._used[key] = self.batch
             return chunk
+
+    def room_for(self, nbytes: int) -> bool:
+        """Make room for ``nbytes`` more by dropping only chunks that neither this batch nor the
+        one before used; whether there is room now. (A private copy of a chunk read row by row
+        is worth it for reads with locality, never at the cost of thrashing a shuffled read.)"""
+        with self._lock:
+            while self.nbytes + nbytes > self.max_bytes and self._chunks:
+                oldest = next(iter(self._chunks))
+                if self._used.get(oldest, -2) >= self.batch - 1:
+                    return False
+                self._discard(oldest)
+            return self.nbytes + nbytes <= self.max_bytes
 
     def put(self, key: int, chunk: _Chunk) -> bool:
         """Keep ``chunk``, evicting the least recently used; ``False`` if it cannot fit at all."""
@@ -181,6 +199,7 @@ class ChunkCache:
             self.nbytes = self.maps = 0
 
     def _discard(self, key: int) -> None:
+        self._used.pop(key, None)
         old = self._chunks.pop(key, None)
         if old is not None:
             self.nbytes -= old.nbytes
@@ -193,6 +212,9 @@ class ChunkCache:
 # ---------------------------------------------------------------------------------------
 # Reading one array's chunk
 
+
+# Raises unless the rows given (all of one chunk of one array, decoded) were written for it.
+RowCheck = Callable[[np.ndarray], None]
 
 _DECODERS: dict[type, Callable[[], Any]] = {
     zarr.codecs.BloscCodec: numcodecs.Blosc,
@@ -218,7 +240,7 @@ class _ChunkFile:
         self.decoder = decoder
         self.checksum = checksum
         # Raw checksummed chunks: the file versions (inode, size, mtime) whose crc32c this process
-        # has verified; later loads of the same version are memory-mapped without a re-read.
+        # has verified; later loads of the same version are held open without a re-read.
         self._verified: dict[int, tuple[int, int, int]] = {}
         self.chunk_shape: tuple[int, ...] = tuple(array.chunks)
         self.nbytes = int(np.prod(self.chunk_shape, dtype=np.int64)) * dtype.itemsize
@@ -265,72 +287,67 @@ class _ChunkFile:
             path = self._paths[chunk] = os.path.join(self.root, self.array.path, key)
         return path
 
-    def read(self, chunk: int) -> np.ndarray:
-        """The whole chunk: a read-only map of a raw chunk file, else a decoded array.
+    def read(self, chunk: int, check: RowCheck | None = None) -> np.ndarray:
+        """The whole chunk, decoded into memory of this process (never a map of the file).
 
-        A missing chunk file holds only the fill value (zarr deletes such chunks).
+        A missing chunk file holds only the fill value (zarr deletes such chunks). ``check``
+        is called on the chunk's rows (of a file that exists) before they are returned.
         """
         path = self.path(chunk)
-        if self.checksum and self.decoder is None:
-            return self._read_raw_verified(chunk, path)
-        if self.checksum:
-            try:
-                with open(path, "rb") as file:
-                    stored = file.read()
-            except FileNotFoundError:
-                return self._filled()
-            payload = _verified(stored, path)
-            if self.decoder is not None:
-                payload = self.decoder.decode(payload)
-            data = np.frombuffer(payload, dtype=self.dtype)
-            if data.size * self.dtype.itemsize != self.nbytes:
-                raise ValueError(f"chunk {path} decodes to {data.nbytes} bytes; expected {self.nbytes}")
-            return data.reshape(self.chunk_shape)
-        if self.decoder is None:
-            try:
-                size = os.stat(path).st_size
-            except FileNotFoundError:
-                return self._filled()
-            if size != self.nbytes:
-                raise ValueError(f"raw chunk {path} holds {size} bytes; expected {self.nbytes}")
-            with open(path, "rb") as file:
-                mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-            # A plain ndarray over the map (np.memmap's indexing costs microseconds per call).
-            return np.frombuffer(mapped, dtype=self.dtype).reshape(self.chunk_shape)
         try:
             with open(path, "rb") as file:
-                encoded = file.read()
+                stored = file.read()
         except FileNotFoundError:
             return self._filled()
-        decoded = self.decoder.decode(encoded)
-        data = np.frombuffer(decoded, dtype=self.dtype)
+        payload: Any = _verified(stored, path) if self.checksum else stored
+        if self.decoder is not None:
+            payload = self.decoder.decode(payload)
+        data = np.frombuffer(payload, dtype=self.dtype)
         if data.size * self.dtype.itemsize != self.nbytes:
             raise ValueError(f"chunk {path} decodes to {data.nbytes} bytes; expected {self.nbytes}")
-        return data.reshape(self.chunk_shape)
+        data = data.reshape(self.chunk_shape)
+        if check is not None:
+            check(data[: self.rows_in(chunk)])
+        return data
 
-    def _read_raw_verified(self, chunk: int, path: str) -> np.ndarray:
-        """A map of a raw chunk whose checksum was verified once for this version of its file.
+    def rows_in(self, chunk: int) -> int:
+        """Rows of the array in ``chunk`` (the last chunk may be partial)."""
+        rows = self.chunk_shape[0]
+        return min(rows, int(self.array.shape[0]) - chunk * rows)
 
-        The version is taken from the open descriptor, so the bytes mapped are the bytes
-        verified even if a writer renames a new chunk into place meanwhile.
+    def open_rows(self, chunk: int, check: RowCheck | None = None) -> _RawRows | np.ndarray:
+        """The chunk for the chunk cache: a raw chunk file held open (rows read on demand, see
+        :class:`_RawRows`), else the decoded chunk.
+
+        A raw chunk's checksum is verified once per version of its file (inode, size, mtime).
         """
+        if self.decoder is not None:
+            return self.read(chunk, check)
+        path = self.path(chunk)
         try:
-            file = open(path, "rb")  # noqa: SIM115
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return self._filled()
-        with file:
-            stat = os.fstat(file.fileno())
-            if stat.st_size != self.nbytes + 4:
-                raise ValueError(f"raw chunk {path} holds {stat.st_size} bytes; expected {self.nbytes + 4}")
+        try:
+            expected = self.nbytes + (4 if self.checksum else 0)
+            stat = os.fstat(fd)
+            if stat.st_size != expected:
+                raise ValueError(f"raw chunk {path} holds {stat.st_size} bytes; expected {expected}")
             version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-            if self._verified.get(chunk) != version:
-                _verified(file.read(), path)
+            if (self.checksum or check is not None) and self._verified.get(chunk) != version:
+                stored = os.pread(fd, expected, 0)
+                if self.checksum:
+                    _verified(stored, path)
+                if check is not None:
+                    count = self.rows_in(chunk) * (self.nbytes // self.dtype.itemsize // self.chunk_shape[0])
+                    check(np.frombuffer(stored, self.dtype, count).reshape(-1, *self.chunk_shape[1:]))
                 self._verified[chunk] = version
-            mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-        count = self.nbytes // self.dtype.itemsize
-        return np.frombuffer(mapped, dtype=self.dtype, count=count).reshape(self.chunk_shape)
+            return _RawRows(fd, path, version, self.dtype, self.chunk_shape)
+        except BaseException:
+            os.close(fd)
+            raise
 
-    def read_into(self, chunk: int, target: np.ndarray) -> None:
+    def read_into(self, chunk: int, target: np.ndarray, check: RowCheck | None = None) -> None:
         """Copy the chunk's first ``len(target)`` rows into ``target`` (C-contiguous).
 
         A raw chunk is read straight into ``target``: one copy out of the page cache, with no
@@ -344,13 +361,17 @@ class _ChunkFile:
             or target.dtype != self.dtype
             or not target.flags.c_contiguous
         ):
-            target[...] = self.read(chunk)[: len(target)]
+            target[...] = self.read(chunk, check)[: len(target)]
             return
         path = self.path(chunk)
         try:
             file = open(path, "rb", buffering=0)  # noqa: SIM115
         except FileNotFoundError:
             target[...] = self.array.fill_value
+            return
+        if check is not None and len(target) != self.rows_in(chunk):
+            file.close()
+            target[...] = self.read(chunk, check)[: len(target)]
             return
         expected = self.nbytes + (4 if self.checksum else 0)
         with file:
@@ -373,6 +394,8 @@ class _ChunkFile:
                     raise ValueError(
                         f"chunk {path} fails its crc32c checksum: its bytes changed after writing"
                     )
+        if check is not None:
+            check(target)
 
     def _filled(self) -> np.ndarray:
         return np.full(self.chunk_shape, self.array.fill_value, dtype=self.dtype)
@@ -388,11 +411,63 @@ def _verified(stored: bytes, path: str) -> np.ndarray:
     return payload
 
 
-def _is_mapped(data: np.ndarray) -> bool:
-    base = data
-    while isinstance(base, np.ndarray) and base.base is not None:
-        base = base.base
-    return isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
+class _RawRows:
+    """A raw chunk file held open by the chunk cache; rows are read from it with ``pread``.
+
+    Never a memory map: a file changed in place under a map serves its new bytes, and one
+    truncated under a map kills the process with ``SIGBUS``. Every gather checks the file's
+    version (inode, size, mtime) before and after reading against the version verified when it
+    was opened: a file changed in place (zarr only ever renames new chunk files into place)
+    raises, and its rows become misses.
+    """
+
+    def __init__(
+        self, fd: int, path: str, version: tuple[int, int, int], dtype: np.dtype[Any], shape: tuple[int, ...]
+    ) -> None:
+        self.fd = fd
+        self.path = path
+        self.version = version
+        self.dtype = dtype
+        self.shape = shape
+        self.row_nbytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        self._close = weakref.finalize(self, os.close, fd)
+
+    def _check(self) -> None:
+        stat = os.fstat(self.fd)
+        if (stat.st_ino, stat.st_size, stat.st_mtime_ns) != self.version:
+            raise ValueError(f"raw chunk {self.path} changed in place after it was verified")
+
+    def copy(self) -> np.ndarray:
+        """The whole chunk in private memory: the bytes of the verified version, or raises."""
+        size = self.shape[0] * self.row_nbytes
+        data = os.pread(self.fd, size, 0)
+        if len(data) != size:
+            raise ValueError(f"raw chunk {self.path} ended after {len(data)} bytes")
+        self._check()
+        return np.frombuffer(data, dtype=self.dtype).reshape(self.shape)
+
+    def gather(self, rows: np.ndarray, out: np.ndarray, positions: np.ndarray) -> None:
+        """``out[positions] = chunk[rows]``, read from the file.
+
+        One ``fstat`` after the reads: a change in place before or while they ran has already
+        changed the file's mtime (or size) by then.
+        """
+        size = self.row_nbytes
+        if len(rows) * 8 >= self.shape[0]:  # many rows: one read of the whole chunk
+            data = os.pread(self.fd, self.shape[0] * size, 0)
+            if len(data) != self.shape[0] * size:
+                raise ValueError(f"raw chunk {self.path} ended after {len(data)} bytes")
+            self._check()
+            out[positions] = np.frombuffer(data, dtype=self.dtype).reshape(self.shape)[rows]
+            return
+        buffer = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        view = memoryview(buffer.reshape(-1).view(np.uint8).data)
+        fd, preadv = self.fd, os.preadv
+        for k, offset in enumerate((rows * size).tolist()):
+            if preadv(fd, (view[k * size : (k + 1) * size],), offset) != size:
+                raise ValueError(f"raw chunk {self.path} ended before byte {offset + size}")
+        self._check()
+        out[positions] = buffer
 
 
 # ---------------------------------------------------------------------------------------
@@ -451,9 +526,9 @@ class ChunkReader:
         entry: the entry to read.
         cache_bytes: the most bytes of decoded chunks this process keeps; ``0`` keeps none.
             Default ``None``: an eighth of physical memory, split between DataLoader workers.
-        route: ``"auto"`` reads plain local chunk files directly (memory-mapping raw ones) and
+        route: ``"auto"`` reads plain local chunk files directly (raw ones row by row) and
             everything else through zarr; ``"zarr"`` reads everything through zarr.
-        max_maps: the most memory-mapped chunk files kept open (each holds a descriptor).
+        max_maps: the most raw chunk files kept open (each holds a descriptor).
     """
 
     def __init__(
@@ -476,6 +551,7 @@ class ChunkReader:
         self._dense: _Dense | bool | None = False  # False: not decided yet
         self._files: dict[str, _ChunkFile | None] | None = None
         self._valid_file: _ChunkFile | None = None
+        self._records_file: _ChunkFile | None = None
         self._reported: set[tuple[str, int]] = set()
         self._valid_signatures: ValidSignatures | None = None
 
@@ -531,6 +607,7 @@ class ChunkReader:
             self._setup()
         if self._dense is False:
             self._dense = _Dense(entry) if _Dense.fits(entry, self.cache.max_bytes) else None
+        self.cache.batch += 1
         generation = self._signatures.look()
         if isinstance(self._dense, _Dense):
             return self._read_dense(self._dense, indices, generation)
@@ -551,10 +628,18 @@ class ChunkReader:
                 continue
             lo, hi = bounds[k], bounds[k + 1]
             rows, positions = local[lo:hi], order[lo:hi]
+            try:
+                for name, column in chunk.arrays.items():
+                    # straight to the requested positions, in our own buffer (never a cached one)
+                    if isinstance(column, _RawRows):
+                        column.gather(rows, gathered[name], positions)
+                    else:
+                        gathered[name][positions] = column[rows]
+            except Exception as error:  # a chunk file changed in place: a miss, never a crash
+                self.cache.discard(chunk_id)
+                self._report(chunk_id, error)
+                continue
             hit[positions] = chunk.valid[rows]
-            for name, column in chunk.arrays.items():
-                # straight to the requested positions, in our own buffer (never a cached one)
-                gathered[name][positions] = column[rows]
         hits = int(np.count_nonzero(hit))
         if not hits:
             return RowsRead(hit, {}, distinct)
@@ -597,15 +682,19 @@ class ChunkReader:
         try:
             valid = self._read_valid(chunk, start, stop)
             if valid.any():
+                accepted = self._accepted(chunk)
                 for name, array in self.entry.arrays.items():
                     target = dense.arrays[name][start:stop]
                     source = files[name]
+                    check = self._row_check(name, chunk, accepted)
                     if source is not None:
-                        source.read_into(chunk, target)
+                        source.read_into(chunk, target, check)
                     else:
                         target[...] = np.asarray(array[start:stop])
+                        if check is not None:
+                            check(target)
         except Exception as error:  # a torn or garbled chunk is a miss, never a crash
-            self._report(chunk, error)
+            self._report_unless_raced(chunk, signature, error)
             return
         if self._signatures.fresh(chunk) == signature:  # else: changed meanwhile, read next time
             dense.accept(chunk, start, stop, valid, signature)
@@ -618,6 +707,8 @@ class ChunkReader:
         chunk = cache.get(chunk_id)
         if chunk is not None and chunk.signature == signature:
             cache.hits += 1
+            if chunk.maps:  # used again: a private copy, where that pushes out nothing in use
+                chunk = self._promoted(chunk_id, chunk)
             return chunk
         cache.misses += 1
         chunk = self._load(chunk_id, signature)
@@ -626,6 +717,24 @@ class ChunkReader:
         else:
             cache.put(chunk_id, chunk)
         return chunk
+
+    def _promoted(self, chunk_id: int, chunk: _Chunk) -> _Chunk:
+        """``chunk`` with its raw files read into private copies, if the cache has room."""
+        held = [data for data in chunk.arrays.values() if isinstance(data, _RawRows)]
+        nbytes = sum(data.shape[0] * data.row_nbytes for data in held)
+        cache = self.cache
+        if not cache.room_for(nbytes):
+            return chunk
+        try:
+            arrays = {
+                name: data.copy() if isinstance(data, _RawRows) else data
+                for name, data in chunk.arrays.items()
+            }
+        except Exception:  # changed in place: the next gather from the open file reports it
+            return chunk
+        promoted = _Chunk(chunk.signature, chunk.valid, arrays, chunk.nbytes + nbytes, 0)
+        cache.put(chunk_id, promoted)
+        return promoted
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -636,7 +745,21 @@ class ChunkReader:
                 name: _ChunkFile.maybe(array) if auto else None for name, array in self.entry.arrays.items()
             }
             self._valid_file = _ChunkFile.maybe(self.entry.valid) if auto else None
+            records = self.entry.records
+            self._records_file = _ChunkFile.maybe(records) if auto and records is not None else None
         return self._files
+
+    def _accepted(self, chunk: int) -> np.ndarray | None:
+        """The identity-bound checksums of ``chunk`` (``None``: the entry has none)."""
+        if self._records_file is not None:
+            return np.asarray(self._records_file.read(chunk)[0])
+        return self.entry.accepted_checksums(chunk)
+
+    def _row_check(self, name: str, chunk: int, accepted: np.ndarray | None) -> RowCheck | None:
+        if accepted is None:
+            return None
+        entry = self.entry
+        return lambda rows: entry.check_rows(name, chunk, rows, accepted)
 
     @property
     def _signatures(self) -> ValidSignatures:
@@ -652,19 +775,26 @@ class ChunkReader:
         files = self._sources()
         try:
             valid = self._read_valid(chunk, start, stop)
-            arrays: dict[str, np.ndarray] = {}
+            arrays: dict[str, np.ndarray | _RawRows] = {}
             nbytes, maps = valid.nbytes, 0
             if valid.any():
+                accepted = self._accepted(chunk)
                 for name, array in entry.arrays.items():
                     source = files[name]
-                    data = source.read(chunk) if source is not None else np.asarray(array[start:stop])
-                    if _is_mapped(data):
+                    check = self._row_check(name, chunk, accepted)
+                    if source is not None:
+                        data = source.open_rows(chunk, check)
+                    else:
+                        data = np.asarray(array[start:stop])
+                        if check is not None:
+                            check(data)
+                    if isinstance(data, _RawRows):
                         maps += 1
                     else:
                         nbytes += data.nbytes
                     arrays[name] = data
         except Exception as error:  # a torn or garbled chunk is a miss, never a crash
-            self._report(chunk, error)
+            self._report_unless_raced(chunk, signature, error)
             return None
         if self._signatures.fresh(chunk) != signature:
             return None  # written or pruned while we read: read again next time
@@ -675,6 +805,16 @@ class ChunkReader:
         if source is None:
             return np.asarray(self.entry.valid[start:stop], dtype=bool)
         return np.array(source.read(chunk)[: stop - start], dtype=bool)  # a copy, never a map
+
+    def _report_unless_raced(self, chunk: int, signature: Hashable, error: Exception) -> None:
+        """Report ``error`` as damage unless a write or prune of the chunk explains it: ``valid``
+        changed meanwhile, or (checksums read while a writer replaced the bytes) the chunk's rows
+        check out under its lock."""
+        if self._signatures.fresh(chunk) != signature:
+            return
+        if isinstance(error, IdentityMismatchError) and self.entry.rows_bound_now(chunk):
+            return
+        self._report(chunk, error)
 
     def _report(self, chunk: int, error: Exception) -> None:
         key = (self.entry.name, chunk)

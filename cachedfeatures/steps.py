@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from cachedfeatures.compute import FeatureComputer
@@ -78,12 +77,20 @@ def compute_loaded(
         batch_size: the module sees at most this many inputs per call.
         pin_memory: pin collated inputs so the copy to a CUDA device can be asynchronous.
     """
-    parts: list[dict[str, torch.Tensor]] = []
     rows = loaded.rows
+    # Several batches are copied into one column each as they come (before the module's next
+    # call, which may overwrite its last output); one batch is copied out of the module's
+    # memory by the split, where a cast or a device copy has not done it already.
+    several = len(rows) > batch_size
+    columns: dict[str, np.ndarray] = {}
+    if several:
+        columns = {
+            spec.name: np.empty((len(rows), *spec.shape), dtype=spec.numpy_dtype) for spec in outputs.arrays
+        }
     for start in range(0, len(rows), batch_size):
         inputs = loaded.inputs[start : start + batch_size]
         try:
-            parts.append(computer(inputs, outputs, pin_memory=pin_memory))
+            part = computer(inputs, outputs, pin_memory=pin_memory, copy=not several)
         except CacheError:
             raise
         except Exception as error:
@@ -93,11 +100,11 @@ def compute_loaded(
                 f"{'...' if len(batch) > 8 else ''}; nothing from this batch was stored."
             )
             raise
-    columns = {
-        spec.name: spec.tensor_batch_to_numpy(
-            parts[0][spec.name] if len(parts) == 1 else torch.cat([part[spec.name] for part in parts])
-        )
-        for spec in outputs.arrays
-    }
+        for spec in outputs.arrays:
+            values = spec.tensor_batch_to_numpy(part[spec.name])
+            if several:
+                columns[spec.name][start : start + len(inputs)] = values
+            else:
+                columns[spec.name] = values
     columns.update(loaded.fields)
     return columns

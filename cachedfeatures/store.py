@@ -7,6 +7,8 @@ Layout (plain Zarr v3, readable with ``zarr`` and ``xarray`` alone)::
         features                (N, *out_shape), or features_<key> per module output
         <field>                 passthrough fields (labels, ids, ...), (N, *shape)
         valid                   (N,) bool: a row is served only where it is set
+        chunk_crc               (chunks, arrays, 2) uint32: checksums bound to each chunk
+                                (see cachedfeatures.chunk_identity; absent in older entries)
 
 All arrays share one chunking along the sample dimension. A row becomes valid only after
 its bytes are written: features first, then ``valid``, each chunk under its lock. A crash
@@ -32,6 +34,7 @@ from zarr.abc.codec import BytesBytesCodec
 from zarr.abc.store import Store
 from zarr.storage import LocalStore, MemoryStore
 
+from cachedfeatures import chunk_identity
 from cachedfeatures.errors import (
     ChunkSizeError,
     DamagedStoreError,
@@ -171,6 +174,10 @@ class Entry:
         self.num_rows: int = self.meta["num_rows"]
         self.chunk_rows: int = self.meta["chunk_rows"]
         self.specs = [ArraySpec.from_json(spec) for spec in self.meta["arrays"]]
+        # Per-chunk checksums bound to each chunk's identity (cachedfeatures.chunk_identity);
+        # entries written before them have none and rely on each chunk file's own crc32c.
+        self.bound_checksums = self.meta.get("chunk_checksums") == chunk_identity.FLAVOUR
+        self._records: zarr.Array[Any] | None = None
         self._arrays: dict[str, zarr.Array[Any]] | None = None
         self._valid: zarr.Array[Any] | None = None
         self._reader: ChunkReader | None = None
@@ -223,6 +230,49 @@ class Entry:
         """Open every array of the entry now: a :class:`DamagedStoreError` if one is damaged."""
         _ = self.arrays, self.valid
 
+    @property
+    def records(self) -> zarr.Array[Any] | None:
+        """The ``(num_chunks, num_arrays, 2)`` identity-bound checksums, or ``None`` (older entries)."""
+        if self.bound_checksums and self._records is None:
+            self._records = self.group[chunk_identity.RECORDS]  # type: ignore[assignment]
+        return self._records
+
+    def accepted_checksums(self, chunk: int) -> np.ndarray | None:
+        """The two checksums each array's rows of ``chunk`` may have, ``(num_arrays, 2)``."""
+        records = self.records
+        return None if records is None else np.asarray(records[chunk])
+
+    def check_rows(self, name: str, chunk: int, rows: np.ndarray, accepted: np.ndarray | None) -> None:
+        """Raise ``IdentityMismatchError`` unless ``rows`` (all of ``chunk`` in array ``name``,
+        decoded) were written for that chunk; nothing to check for entries without records."""
+        if accepted is not None:
+            chunk_identity.check(self.name, name, chunk, rows, accepted[self._array_index[name]])
+
+    def rows_bound_now(self, chunk: int) -> bool:
+        """Whether every array's rows of ``chunk`` match its checksums, checked under the chunk's
+        lock (no writer mid-way): tells a read that raced a writer from a chunk file that is not
+        this chunk's. ``False`` if the lock cannot be taken (read-only store): damage, then."""
+        start = chunk * self.chunk_rows
+        stop = min(start + self.chunk_rows, self.num_rows)
+        try:
+            lock = self.locks.chunk(self.name, chunk)
+            lock.__enter__()
+        except OSError:
+            return False
+        try:
+            accepted = self.accepted_checksums(chunk)
+            for name, array in self.arrays.items():
+                self.check_rows(name, chunk, np.asarray(array[start:stop]), accepted)
+            return True
+        except Exception:
+            return False
+        finally:
+            lock.__exit__(None, None, None)
+
+    @functools.cached_property
+    def _array_index(self) -> dict[str, int]:
+        return {spec.name: i for i, spec in enumerate(self.specs)}
+
     def valid_mask(self) -> np.ndarray:
         """The whole ``valid`` mask, as read now."""
         return np.asarray(self.valid[:], dtype=bool)
@@ -272,9 +322,42 @@ class Entry:
     def _write_chunk_rows(
         self, rows: np.ndarray, source: np.ndarray, columns: Mapping[str, np.ndarray]
     ) -> None:
-        """The bytes of every array first, then ``valid`` (the caller holds the chunk lock)."""
+        """The bytes of every array first, then ``valid`` (the caller holds the chunk lock).
+
+        With identity-bound checksums the chunk is rewritten whole: its stored rows are checked
+        first (rows that were not written for it are dropped, not merged and re-blessed), then
+        the checksums of the rows before and after are stored, then the bytes.
+        """
+        records = self.records
+        if records is None:
+            for name, array in self.arrays.items():
+                array.oindex[rows] = columns[name][source]
+            self.valid.oindex[rows] = True
+            return
+        chunk = int(rows[0]) // self.chunk_rows
+        start = chunk * self.chunk_rows
+        stop = min(start + self.chunk_rows, self.num_rows)
+        any_valid = bool(np.asarray(self.valid[start:stop]).any())
+        accepted = np.asarray(records[chunk])
+        merged: dict[str, np.ndarray] = {}
+        slots = np.zeros((len(self.specs), 2), dtype=np.uint32)
+        for j, (name, array) in enumerate(self.arrays.items()):
+            if any_valid:  # rows that may be served: they must be this chunk's own
+                old = np.array(array[start:stop])
+                before = chunk_identity.content_crc(self.name, name, chunk, old)
+                if before not in (int(accepted[j, 0]), int(accepted[j, 1])):
+                    raise chunk_identity.IdentityMismatchError(
+                        f"chunk {chunk} of {self.name}/{name} holds rows that were not written for it"
+                    )
+                slots[j, 0] = before
+            else:  # nothing valid: what the chunk held does not matter
+                old = np.full((stop - start, *array.shape[1:]), array.fill_value, dtype=array.dtype)
+            old[rows - start] = columns[name][source]
+            merged[name] = old
+            slots[j, 1] = chunk_identity.content_crc(self.name, name, chunk, old)
+        records[chunk] = slots  # both, before the bytes: a crash leaves each chunk matching one
         for name, array in self.arrays.items():
-            array.oindex[rows] = columns[name][source]
+            array[start:stop] = merged[name]
         self.valid.oindex[rows] = True
 
     # -- statistics (shared by the CLI, pruning and notebook display) --------------------------
@@ -530,6 +613,18 @@ class FeatureStore:
             codec = default_compressor() if compressor == "default" else compressor
             for spec in specs:
                 _create_array(group, spec, num_rows, chunk_rows, codec, checksum)
+            if checksum:
+                group.create_array(
+                    chunk_identity.RECORDS,
+                    shape=(-(-num_rows // chunk_rows), len(specs), 2),
+                    chunks=(1, len(specs), 2),
+                    dtype="uint32",
+                    fill_value=0,
+                    compressors=(zarr.codecs.Crc32cCodec(),),
+                    dimension_names=("chunk", "array", "slot"),
+                    config={"write_empty_chunks": True},
+                    overwrite=True,
+                )
             _create_valid(group, num_rows, chunk_rows, checksum)
             group.attrs[ATTRS_KEY] = {
                 **meta,
@@ -539,6 +634,7 @@ class FeatureStore:
                 "chunk_rows": chunk_rows,
                 "arrays": [spec.to_json() for spec in specs],
                 "compressor": repr(codec),
+                **({"chunk_checksums": chunk_identity.FLAVOUR} if checksum else {}),
                 "created": _now(),
             }
             return Entry(group, self.locks)

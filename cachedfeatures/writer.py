@@ -4,8 +4,10 @@ Compression and disk writes run in one thread behind a bounded queue, so the mod
 wait on them (and a slow disk slows the pipeline down instead of filling memory). Every chunk
 write is a read-modify-write of the whole compressed chunk, and a shuffled epoch touches many
 chunks per batch, so rows are coalesced per chunk: a chunk is written once all of its missing
-rows have arrived, when the buffer is over its byte budget (fullest chunk first), or at
-:meth:`Writer.flush`. ``Entry.write`` marks rows valid only after their bytes are stored.
+rows have arrived, when the buffer is over its byte budget (fullest chunk first), when its
+rows have been held for ``max_hold_seconds`` (so a kill loses at most about that much computed
+work, not a whole shuffled epoch), or at :meth:`Writer.flush`. ``Entry.write`` marks rows
+valid only after their bytes are stored.
 
 An error in the thread is kept and re-raised (as :class:`~cachedfeatures.errors.WriterError`)
 by the next :meth:`Writer.submit`, :meth:`Writer.check` or :meth:`Writer.flush`: never lost.
@@ -17,6 +19,7 @@ import functools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -31,6 +34,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PENDING = 8
 DEFAULT_MAX_BUFFER_BYTES = 256 * 1024 * 1024
+# Rows held longer than this are written (their chunks partially): what a kill can cost.
+DEFAULT_MAX_HOLD_SECONDS = 10.0
+# Writes of held chunks take at most about 1/HOLD_COST_RATIO of the writer's time: the hold
+# grows to this many times the duration of the last such round of writes.
+HOLD_COST_RATIO = 4.0
 
 
 @dataclass
@@ -46,6 +54,7 @@ class _Chunk:
     columns: list[dict[str, np.ndarray]] = field(default_factory=list)
     count: int = 0
     nbytes: int = 0
+    since: float = 0.0  # when its first held row arrived (time.monotonic)
 
 
 class Writer:
@@ -59,6 +68,12 @@ class Writer:
             written early. Default 256 MiB; ``0`` writes every batch as it comes.
         write: stores the rows of one chunk; default ``entry.write``. The pipeline passes
             ``CachedFeatureDataset.write``, which also enforces the size budget.
+        max_hold_seconds: rows held this long are written even if their chunk is not complete
+            (one partial write per chunk per hold at most), so a kill loses at most about this
+            much computed work plus the queued batches. The hold stretches to
+            ``HOLD_COST_RATIO`` times the last round of such writes, so that rewriting partial
+            chunks never takes most of the writer's time. Default ``DEFAULT_MAX_HOLD_SECONDS``
+            (10 s); ``None`` takes the module default at construction.
     """
 
     def __init__(
@@ -68,8 +83,11 @@ class Writer:
         max_pending: int = DEFAULT_MAX_PENDING,
         max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
         write: Callable[[np.ndarray, Mapping[str, np.ndarray]], None] | None = None,
+        max_hold_seconds: float | None = None,
     ) -> None:
         self.entry = entry
+        self.max_hold_seconds = DEFAULT_MAX_HOLD_SECONDS if max_hold_seconds is None else max_hold_seconds
+        self._hold = self.max_hold_seconds
         self._store_rows = write or entry.write
         self.max_buffer_bytes = max_buffer_bytes
         self._queue: queue.Queue[tuple[np.ndarray, dict[str, np.ndarray]] | _Flush | None] = queue.Queue(
@@ -163,7 +181,12 @@ class Writer:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=self._until_aged())
+            except queue.Empty:  # idle while rows are held: write those held too long
+                if self._error is None:
+                    self._guarded(self._write_aged)
+                continue
             if item is None:
                 return
             if isinstance(item, _Flush):
@@ -192,7 +215,9 @@ class Writer:
         for chunk in np.unique(chunks):
             take = np.flatnonzero(chunks == chunk)
             part = {name: column[take] for name, column in columns.items()}
-            pending = self._buffer.setdefault(int(chunk), _Chunk())
+            pending = self._buffer.get(int(chunk))
+            if pending is None:
+                pending = self._buffer[int(chunk)] = _Chunk(since=time.monotonic())
             pending.rows.append(rows[take])
             pending.columns.append(part)
             pending.count += len(take)
@@ -204,6 +229,32 @@ class Writer:
         while self._buffered_bytes > self.max_buffer_bytes and self._buffer:
             fullest = max(self._buffer, key=lambda c: self._buffer[c].count)
             self._write_chunk(fullest)
+        self._write_aged()
+
+    def _until_aged(self) -> float | None:
+        """Seconds until the oldest held rows are due (``None``: nothing held)."""
+        if not self._buffer:
+            return None
+        oldest = min(pending.since for pending in self._buffer.values())
+        return max(0.0, oldest + self._hold - time.monotonic()) + 0.001
+
+    def _write_aged(self) -> None:
+        """Write every chunk whose rows have been held for the hold time, oldest first."""
+        now = time.monotonic()
+        due = sorted((p.since, c) for c, p in self._buffer.items() if now - p.since >= self._hold)
+        if not due:
+            return
+        for _, chunk in due:
+            self._write_chunk(chunk)
+        spent = time.monotonic() - now
+        self._hold = max(self.max_hold_seconds, HOLD_COST_RATIO * spent)
+        logger.debug(
+            "entry %s: wrote %d held chunks in %.3f s; hold now %.3f s",
+            self.entry.name,
+            len(due),
+            spent,
+            self._hold,
+        )
 
     def _count_missing(self) -> np.ndarray:
         entry = self.entry

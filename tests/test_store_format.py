@@ -53,7 +53,8 @@ print(json.dumps(out))
     out = json.loads(result.stdout)
     assert out["imported"] is False
     assert out["root"]["cachedfeatures"]["format_version"] == 1
-    assert out["arrays"] == ["features", "label", "name", "valid"]
+    assert out["arrays"] == ["chunk_crc", "features", "label", "name", "valid"]
+    assert out["dims"]["chunk_crc"] == ["chunk", "array", "slot"]  # checksums bound to each chunk
     assert out["dims"]["features"] == ["sample", "features_dim1"]
     assert out["dims"]["valid"] == ["sample"]
     assert np.array_equal(np.array(out["row5"], dtype=np.float32), expected)

@@ -5,6 +5,7 @@ Kept in an importable module: spawned processes import their target by name.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -51,6 +52,36 @@ def prefill_main(argv: list[str]) -> None:
     samples.log_dir = log_dir
     print("ready", flush=True)
     cached.prefill(progress=False)
+    print("finished", flush=True)
+
+
+def loader_main(argv: list[str]) -> None:
+    """``python -m tests.reliability.children loader STORE LOG_DIR N CHUNK_ROWS BATCH_SIZE DELAY HOLD``.
+
+    One shuffled ``loader()`` epoch (the writer holding rows at most ``HOLD`` seconds), with
+    every raw load logged to ``LOG_DIR/loads-PID``; prints ``ready`` first, ``finished`` last.
+    """
+    import logging
+
+    from cachedfeatures import writer
+
+    store, log_dir, n, chunk_rows, batch_size, delay, hold = argv
+    writer.DEFAULT_MAX_HOLD_SECONDS = float(hold)
+    # Each round of writes of held chunks, with the hold it leaves in force, for the bound.
+    rounds = logging.FileHandler(Path(log_dir) / f"rounds-{os.getpid()}")
+    writer.logger.addHandler(rounds)
+    writer.logger.setLevel(logging.DEBUG)
+    cached, samples = open_cached(
+        store, int(n), chunk_rows=int(chunk_rows), batch_size=int(batch_size), delay=float(delay)
+    )
+    samples.log_dir = log_dir
+    print("ready", flush=True)
+    loader = cached.loader(shuffle=True, seed=int(time.time()))
+    try:
+        for _ in loader:
+            pass
+    finally:
+        loader.close()
     print("finished", flush=True)
 
 
@@ -122,4 +153,7 @@ def load_role(role: str, index: int, config: dict[str, Any], barrier: Any, resul
 
 
 if __name__ == "__main__":
-    prefill_main(sys.argv[1:])
+    if sys.argv[1] == "loader":
+        loader_main(sys.argv[2:])
+    else:
+        prefill_main(sys.argv[1:])

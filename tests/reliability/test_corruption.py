@@ -88,3 +88,97 @@ def test_damaged_chunks_are_recomputed_and_reported(store_path, compressor, capl
 
     code, report = _verify(store_path)
     assert code == 0, report
+
+
+_CHANGED_IN_PLACE = """
+import json, logging, os, sys, time
+import torch
+from cachedfeatures import CachedFeatureDataset
+from tests.helpers import Backbone, Samples, reference
+
+path, how, checksum = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+n, chunk = 128, 16
+records = []
+logging.getLogger("cachedfeatures").addHandler(logging.Handler())
+handler = logging.getLogger("cachedfeatures").handlers[-1]
+handler.emit = lambda record: records.append(record.getMessage())
+def open_cached(data, module):
+    return CachedFeatureDataset(data, module, path, chunk_rows=chunk, batch_size=32, compressor=None,
+                                checksum=checksum, chunk_cache_bytes=2000)
+open_cached(Samples(n), Backbone()).__getitems__(list(range(n)))
+data, module = Samples(n), Backbone()
+cached = open_cached(data, module)
+cached.__getitems__(list(range(n)))  # every chunk read (mapped, where the reader maps)
+assert module.calls == 0, module.calls
+time.sleep(0.05)  # a later mtime than the write's, even on a coarse clock
+target = os.path.join(path, cached.entry_name, "features", "c", "2", "0")
+if how == "flip":
+    with open(target, "r+b") as file:  # the same inode, changed where it is
+        file.seek(100)
+        byte = file.read(1)
+        file.seek(100)
+        file.write(bytes([byte[0] ^ 0x10]))
+else:
+    os.truncate(target, os.path.getsize(target) // 2)
+wrong = 0
+for _ in range(2):
+    for index, (features, label) in enumerate(cached.__getitems__(list(range(n)))):
+        wrong += not torch.equal(features, reference(module, data, index))
+print(json.dumps({"wrong": wrong, "calls": module.calls, "warnings": [m for m in records if "chunk 2" in m]}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("how", "checksum"), [("flip", True), ("truncate", True), ("truncate", False)])
+def test_a_chunk_changed_in_place_under_a_reader_is_recomputed(store_path, how, checksum) -> None:
+    """A raw chunk this process already read (and may hold mapped) is changed where it is: a
+    flipped byte must not be served, and a truncated file must be a miss, not a SIGBUS."""
+    from tests.helpers import run_script
+
+    result = run_script(_CHANGED_IN_PLACE, str(store_path), how, "1" if checksum else "0")
+    assert result["wrong"] == 0, result
+    assert result["calls"] >= 1, result  # the changed chunk's rows were recomputed
+    assert len(result["warnings"]) == 1, result
+
+
+@pytest.mark.parametrize("compressor", ["default", None], ids=["blosc", "raw"])
+def test_a_chunk_file_replaced_by_another_chunks_file_is_not_served(store_path, compressor, caplog) -> None:
+    """Chunk 5's file copied over chunk 2's checks fine by its own crc32c; it must still be a miss."""
+    filled = _fill(store_path, compressor)
+    features = store_path / filled.entry_name / "features" / "c"
+    (features / "2" / "0").write_bytes((features / "5" / "0").read_bytes())
+
+    code, report = _verify(store_path)
+    assert code == 1 and [p["chunk"] for p in report["problems"]] == [2], report  # type: ignore[index]
+
+    data, module = Samples(N), Backbone()
+    cached = CachedFeatureDataset(data, module, store_path, chunk_rows=CHUNK, batch_size=32)
+    with caplog.at_level(logging.WARNING, logger="cachedfeatures"):
+        for _ in range(2):
+            for index, (features_row, _label) in enumerate(cached.__getitems__(list(range(N)))):
+                assert torch.equal(features_row, reference(module, data, index)), index
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "chunk 2 " in warnings[0], warnings
+    assert data.loads - 4 == CHUNK  # only chunk 2's rows were recomputed (4: construction probes)
+    code, report = _verify(store_path)
+    assert code == 0, report
+
+
+def test_entries_written_before_bound_checksums_are_still_read(store_path) -> None:
+    """An entry without per-chunk identity checksums (written by earlier versions) is served as
+    it was: its chunk files' own crc32c is checked, and its rows are hits."""
+    import zarr
+
+    filled = _fill(store_path, None)
+    group = zarr.open_group(store_path / filled.entry_name, mode="a")
+    attrs = dict(group.attrs["cachedfeatures"])  # type: ignore[arg-type]
+    del attrs["chunk_checksums"]
+    group.attrs["cachedfeatures"] = attrs
+    del group["chunk_crc"]
+    data, module = Samples(N), Backbone()
+    cached = CachedFeatureDataset(data, module, store_path, chunk_rows=CHUNK, batch_size=32)
+    for index, (features_row, _label) in enumerate(cached.__getitems__(list(range(N)))):
+        assert torch.equal(features_row, reference(module, data, index)), index
+    assert data.loads == 4 and module.calls == 0
+    cached.write(np.arange(N), cached.compute(np.arange(N)))  # and written as before
+    assert _verify(store_path)[0] == 0

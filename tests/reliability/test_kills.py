@@ -134,3 +134,91 @@ def test_prefill_survives_twenty_sigkills(store_path: Path, tmp_path: Path) -> N
         f"{recomputed} of {N} rows ({recomputed / kills:.1f} per kill; bound {LOST_PER_KILL} per kill)",
     )
     record("*.partial files seen after kills", orphans_seen)
+
+
+# A shuffled loader() epoch finishes no chunk until near its end: without a bound on how long
+# the writer holds rows, a kill at 85% lost nearly every row computed.
+L_N, L_CHUNK_ROWS, L_BATCH, L_DELAY, L_HOLD = 2048, 64, 16, 0.001, 1.0
+L_KILLS, L_KILL_AT = 3, 0.85
+
+
+@pytest.mark.slow
+def test_a_killed_shuffled_loader_epoch_loses_at_most_the_hold(store_path: Path, tmp_path: Path) -> None:
+    log_dir = tmp_path / "loads"
+    log_dir.mkdir()
+    _, samples = open_cached(store_path, L_N, chunk_rows=L_CHUNK_ROWS, batch_size=L_BATCH)
+    backbone = Backbone()
+    expected = torch.stack([reference(backbone, samples, i) for i in range(L_N)])
+    valid = check_valid_rows(store_path, expected)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "tests.reliability.children", "loader", str(store_path), str(log_dir)]
+    command += [str(L_N), str(L_CHUNK_ROWS), str(L_BATCH), str(L_DELAY), str(L_HOLD)]
+
+    def run(kill_at: int | None) -> tuple[int, float, str]:
+        """Run one epoch; SIGKILL it once it has loaded ``kill_at`` rows. Returns the pid, the
+        seconds it ran (from ready to kill or end) and its output."""
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        try:
+            assert process.stdout is not None
+            first = process.stdout.readline()
+            assert first.strip() == "ready", first + process.stdout.read()
+            start = time.monotonic()
+            output = ""
+            if kill_at is not None:
+                process.stdout.close()
+                while len(loads_of(log_dir, process.pid)) < kill_at:
+                    assert process.poll() is None, "the epoch ended before its kill: slow it down"
+                    time.sleep(0.01)
+                os.kill(process.pid, signal.SIGKILL)
+            else:
+                output = process.communicate(timeout=300)[0]
+            seconds = time.monotonic() - start
+            process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=60)
+        return process.pid, seconds, output
+
+    figures = []
+    for _ in range(L_KILLS):
+        before = valid
+        missing = int((~before).sum())
+        pid, seconds, _ = run(int(L_KILL_AT * missing))
+        valid = check_valid_rows(store_path, expected)
+        assert (valid | ~before).all(), "a kill lost rows that were valid"
+        loaded = np.asarray(loads_of(log_dir, pid), dtype=np.int64)
+        assert not before[loaded].any(), "the epoch loaded rows that were already valid"
+        lost = int((~valid[loaded]).sum())
+        rate = len(loaded) / seconds
+        # The bound the README states: rows computed within the hold in force (which stretches to
+        # 4x the last round of writes of held chunks) and the round under way, plus what waits in
+        # the writer's queue and the batch in hand; 1.5x for a rate that varies over the run.
+        hold, spent = rounds_of(log_dir, pid)
+        bound = int(1.5 * rate * (max(L_HOLD, hold) + 2 * spent)) + (DEFAULT_MAX_PENDING + 2) * L_BATCH
+        assert lost <= bound, f"{lost} of {len(loaded)} rows loaded and not stored (bound {bound})"
+        figures.append((len(loaded), len(loaded) - lost, lost, bound, seconds, max(L_HOLD, hold)))
+
+    pid, _, output = run(None)
+    assert "finished" in output, output
+    assert sorted(loads_of(log_dir, pid)) == np.flatnonzero(~valid).tolist()  # only what was missing
+    assert check_valid_rows(store_path, expected).all()
+    record(
+        "shuffled loader() epoch killed at 85%, hold 1 s (computed / stored / lost / bound / seconds / hold)",
+        "; ".join(f"{c} / {s} / {lost} / {b} / {t:.1f} s / {h:.1f} s" for c, s, lost, b, t, h in figures),
+    )
+
+
+def rounds_of(log_dir: Path, pid: int) -> tuple[float, float]:
+    """The longest hold in force and the longest round of writes of held chunks in a run."""
+    path = log_dir / f"rounds-{pid}"
+    hold = spent = 0.0
+    for line in path.read_text().splitlines() if path.exists() else []:
+        if "hold now" not in line:
+            continue  # the writer's other debug lines
+        words = line.split()  # "... in <spent> s; hold now <hold> s"
+        spent = max(spent, float(words[words.index("in") + 1]))
+        hold = max(hold, float(words[words.index("now") + 1]))
+    return hold, spent

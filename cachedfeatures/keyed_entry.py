@@ -340,7 +340,7 @@ class KeyedEntry:
             )
 
     def _drop_chunk(self, chunk: int) -> None:
-        """Clear ``valid`` for the chunk's rows, then delete its chunk files."""
+        """Clear ``valid`` for the chunk's rows, then delete its chunk files and checksums."""
         rows = self.entry.chunk_rows
         start, stop = chunk * rows, min((chunk + 1) * rows, self.entry.num_rows)
         with self.store.locks.chunk(self.name, chunk):
@@ -349,6 +349,10 @@ class KeyedEntry:
                 array = self.entry.arrays[spec.name]
                 path = f"{array.path}/{array.metadata.encode_chunk_key((chunk,) + (0,) * len(spec.shape))}"
                 zarr.core.sync.sync(array.store.delete(path))
+            records = self.entry.records
+            if records is not None:  # its checksums go with it, or they would add up forever
+                path = f"{records.path}/{records.metadata.encode_chunk_key((chunk, 0, 0))}"
+                zarr.core.sync.sync(records.store.delete(path))
         self._access.pop(chunk, None)
         cached = self._chunks.pop(chunk, None)
         if cached is not None:

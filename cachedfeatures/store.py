@@ -562,6 +562,8 @@ class FeatureStore:
         # new path at once (the first run of a torchrun job) would both create it. A file lock
         # serialises them on one machine; elsewhere a lost race is an existing group to open.
         with locks.lock("root"):
+            if isinstance(zarr_store, LocalStore) and isinstance(store, (str, os.PathLike)):
+                check_store_directory(Path(zarr_store.root))
             return cls(_open_root(zarr_store, mode, location), locks, location)
 
     @property
@@ -793,6 +795,22 @@ def _store_location(store: Store) -> str:
     return str(store.root) if isinstance(store, LocalStore) else "STORE"
 
 
+def check_store_directory(path: Path) -> None:
+    """Refuse a directory that is not a store: a clear error for a lost root, or for other files."""
+    if not path.is_dir() or (path / "zarr.json").exists():
+        return
+    if holds_entries(path):
+        raise DamagedStoreError(
+            f"store {str(path)!r} has lost its root metadata (zarr.json) but still holds entries. "
+            f"Run 'cachedfeatures verify --repair {path}': it rebuilds it, keeping the entries."
+        )
+    if any(path.iterdir()):
+        raise StorePathError(
+            f"store path {str(path)!r} is a non-empty directory that is not a Zarr store; "
+            "pass a new path (for example 'features.zarr') or an existing cache."
+        )
+
+
 def _resolve(
     store: StoreLike, mode: Literal["r", "a"], storage_options: Mapping[str, Any] | None = None
 ) -> tuple[Store, Locks, str]:
@@ -818,18 +836,10 @@ def _resolve(
                 f"store path {str(path)!r} is a file; pass a directory path (for example "
                 f"{str(path.with_suffix('.zarr'))!r}) where the cache can live."
             )
-        if path.is_dir() and not (path / "zarr.json").exists() and holds_entries(path):
-            raise DamagedStoreError(
-                f"store {str(path)!r} has lost its root metadata (zarr.json) but still holds entries. "
-                f"Run 'cachedfeatures verify --repair {path}': it rebuilds it, keeping the entries."
-            )
-        if path.is_dir() and not (path / "zarr.json").exists() and any(path.iterdir()):
-            raise StorePathError(
-                f"store path {str(path)!r} is a non-empty directory that is not a Zarr store; "
-                "pass a new path (for example 'features.zarr') or an existing cache."
-            )
-        if mode == "r" and not path.exists():
-            raise StorePathError(f"no cachedfeatures store at {str(path)!r}; check the path.")
+        if mode == "r":  # mode "a" checks under the root lock, once a racing creator is done
+            check_store_directory(path)
+            if not path.exists():
+                raise StorePathError(f"no cachedfeatures store at {str(path)!r}; check the path.")
         if mode == "a":
             path.mkdir(parents=True, exist_ok=True)
         return LocalStore(path, read_only=mode == "r"), FileLocks(path), str(path)

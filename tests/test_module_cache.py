@@ -752,3 +752,19 @@ def test_cuda_inputs_come_back_on_cuda(store_path: Path) -> None:
     torch.testing.assert_close(out, direct(module, x))
     parallel = nn.DataParallel(module)
     assert torch.equal(parallel(x), out)
+
+
+def test_a_budgeted_entry_stays_within_its_budget_over_many_chunks(store_path) -> None:
+    """Dropping a chunk drops its checksum record too: otherwise the records of dropped chunks
+    add up until the budget cannot hold a single chunk."""
+
+    @cached_module(store=store_path, chunk_rows=4, max_bytes=8000, max_memory_bytes=0, version="v")
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(300):  # 300 chunks of 4 rows, about 0.4 MB unpruned
+        x = torch.randn(4, 16, generator=generator)
+        assert torch.equal(embed(x), x * 2)
+    size = sum(path.stat().st_size for path in store_path.rglob("*") if path.is_file())
+    assert size <= 8000 + 1000  # the budget, plus at most about one chunk being written

@@ -190,7 +190,9 @@ def test_a_killed_shuffled_loader_epoch_loses_at_most_the_hold(store_path: Path,
         valid = check_valid_rows(store_path, expected)
         assert (valid | ~before).all(), "a kill lost rows that were valid"
         loaded = np.asarray(loads_of(log_dir, pid), dtype=np.int64)
-        assert not before[loaded].any(), "the epoch loaded rows that were already valid"
+        # Rows valid before are loaded only by the epoch's spot check: at most 8, once.
+        assert before[loaded].sum() <= 8, "the epoch loaded rows that were already valid"
+        loaded = loaded[~before[loaded]]
         lost = int((~valid[loaded]).sum())
         rate = len(loaded) / seconds
         # The bound the README states: rows computed within the hold in force (which stretches to
@@ -203,7 +205,9 @@ def test_a_killed_shuffled_loader_epoch_loses_at_most_the_hold(store_path: Path,
 
     pid, _, output = run(None)
     assert "finished" in output, output
-    assert sorted(loads_of(log_dir, pid)) == np.flatnonzero(~valid).tolist()  # only what was missing
+    loads = np.asarray(loads_of(log_dir, pid), dtype=np.int64)
+    assert valid[loads].sum() <= 8  # the spot check's rows
+    assert sorted(loads[~valid[loads]].tolist()) == np.flatnonzero(~valid).tolist()  # only what was missing
     assert check_valid_rows(store_path, expected).all()
     record(
         "shuffled loader() epoch killed at 85%, hold 1 s (computed / stored / lost / bound / seconds / hold)",

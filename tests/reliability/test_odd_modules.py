@@ -72,7 +72,7 @@ def test_reused_output_buffer_getitems(tmp_path) -> None:
     _check_store(tmp_path / "f.zarr")
     again = _cached(tmp_path / "f.zarr", ReusedBuffer())
     _check_rows(again.__getitems__(list(range(N))), list(range(N)))
-    assert again.module_calls == 0
+    assert again.module_calls == again.spot_check_calls  # every row a hit: only the spot check ran
 
 
 def test_reused_output_buffer_loader(tmp_path) -> None:
@@ -113,7 +113,7 @@ def test_dict_keys_that_sanitise_to_one_name_get_their_own_arrays(tmp_path) -> N
             assert torch.equal(out["a b"], x * 2 + 1), (attempt, row)
             assert torch.equal(out["a_b"], x * 3), (attempt, row)
             assert torch.equal(out["a/b"], x - 1), (attempt, row)
-        assert attempt == 0 or cached.module_calls == 0
+        assert attempt == 0 or cached.module_calls == cached.spot_check_calls  # hits, and the spot check
     names = FeatureStore.open(path).entries[0].feature_names
     assert names == ["features_a_b", "features_a_b_2", "features_a_b_3"]
 

@@ -67,14 +67,15 @@ def test_processes_opening_a_new_store_at_once_all_succeed(
     record("processes opening one new store at once", f"{PROCESSES * ROUNDS}/{PROCESSES * ROUNDS} opens ok")
 
 
-# Each process calls a cached function under a small budget on its own inputs, so every
-# append measures the entry while the others prune it.
+# Each process calls a cached function under a small budget (the entry's metadata, about 6 kB,
+# and a few chunks) on its own inputs, so every append measures the entry while the others
+# prune it.
 BUDGET_SCRIPT = """
 import json, sys, torch
 from cachedfeatures import cached_module
 store, seed = sys.argv[1], int(sys.argv[2])
 
-@cached_module(store=store, chunk_rows=4, max_bytes=6000, max_memory_bytes=0, version="v")
+@cached_module(store=store, chunk_rows=4, max_bytes=8000, max_memory_bytes=0, version="v")
 def embed(x):
     return x * 2
 

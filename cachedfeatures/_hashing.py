@@ -49,7 +49,10 @@ def update_value(hasher: Hasher, value: Any) -> None:
             hasher.update(np.ascontiguousarray(value).tobytes())  # .data.cast fails on empty arrays
     elif isinstance(value, Mapping):
         hasher.update(f"D{len(value)}".encode())
-        for key, item in value.items():
+        items = list(value.items())
+        if type(value) is dict:  # equal dicts hash alike, whatever order they were built in
+            items.sort(key=lambda item: hash_value(item[0]))
+        for key, item in items:
             hasher.update(repr(key).encode())
             update_value(hasher, item)
     elif isinstance(value, (tuple, list)):
@@ -58,12 +61,11 @@ def update_value(hasher: Hasher, value: Any) -> None:
             update_value(hasher, item)
     elif value is None or isinstance(value, (bool, int, float, str, bytes, np.generic)):
         hasher.update(f"S{type(value).__name__}:{value!r}".encode())
-    elif hasattr(value, "tobytes"):  # PIL images and similar buffers
-        hasher.update(f"B{type(value).__qualname__}".encode())
-        hasher.update(value.tobytes())
-    else:
-        hasher.update(f"P{type(value).__qualname__}".encode())
-        hasher.update(pickle.dumps(value))
+    else:  # sets, dataclasses, other objects: walked, never pickled (pickles of tensors
+        # name their storage by address, and of sets follow the hash seed)
+        state = state_hash.StateHasher()
+        state.update(value, type(value).__qualname__)
+        hasher.update(f"O{type(value).__qualname__}{state.hexdigest()}".encode())
 
 
 def hash_value(value: Any) -> str:

@@ -38,7 +38,7 @@ import torch
 
 from cachedfeatures import _hashing
 from cachedfeatures.errors import FingerprintWarning, NonDeterministicDatasetError
-from cachedfeatures.state_hash import StateHasher, excluded_attributes, is_user_code
+from cachedfeatures.state_hash import StateHasher, excluded_attributes, is_user_code, unwrap_compiled
 
 FORMAT_VERSION = 1
 NUM_PROBES = 8
@@ -74,6 +74,8 @@ def module_fingerprint(module: Callable[..., Any], version: str | None = None) -
     With ``version``, the user vouches for the weights and code: only the class and the
     version string are hashed, which skips hashing a very large model at start-up.
     """
+    if isinstance(module, torch.nn.Module):
+        module = unwrap_compiled(module)
     name = _callable_name(module)
     if version is not None:
         kind = "module" if isinstance(module, torch.nn.Module) else "fn"
@@ -100,7 +102,7 @@ def module_fingerprint(module: Callable[..., Any], version: str | None = None) -
     code = _hashing.hash_strings(
         *(f"{qualified_name(c)}:{_hashing.code_fingerprint(c)}" for c in classes if is_user_code(c))
     )
-    _warn_unhashed(state.unhashed, f"the module {name}", "module_version")
+    _warn_unhashed([*weights_hasher.unhashed, *state.unhashed], f"the module {name}", "module_version")
     digest = _hashing.hash_strings("module", name, config, weights)
     description = (
         f"{name}, {_count(num_params)} weights and buffers, weights {weights[:12]}, "

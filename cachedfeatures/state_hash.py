@@ -22,17 +22,25 @@ under a second; it is not a cryptographic hash (a cache is not a security bounda
 from __future__ import annotations
 
 import ast
+import contextlib
+import dis
 import enum
 import functools
 import inspect
+import io
+import logging
 import os
+import pathlib
 import pickle
+import random
 import site
 import sys
 import sysconfig
 import textwrap
+import threading
 import types
 from collections.abc import Callable, Iterator, Mapping
+from stat import S_ISREG
 from typing import Any
 
 import numpy as np
@@ -47,6 +55,7 @@ __all__ = [
     "is_user_code",
     "module_state_digests",
     "module_tree_items",
+    "unwrap_compiled",
 ]
 
 # nn.Module attributes that are torch's bookkeeping, not state that changes outputs. Parameters,
@@ -77,6 +86,8 @@ _MODULE_INTERNALS = frozenset(
 _HOOKS = ("_forward_pre_hooks", "_forward_hooks")
 _SCALARS = (bool, int, float, complex, str, bytes, type(None))
 _MAX_OBJECTS = 2_000_000  # past this many objects, stop and report the rest as not hashed
+_MAX_DEPTH = 200  # past this nesting, report instead of recursing (a long linked list)
+_LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()), threading.Condition, threading.Event)
 _MAX_STATS = 4096  # files stat'ed per hasher; longer file lists are sampled evenly
 _OWN_PACKAGE = __name__.split(".")[0]
 
@@ -148,6 +159,7 @@ class StateHasher:
         self._seen: dict[int, int] = {}
         self._alive: list[Any] = []  # keeps visited objects alive, so their ids stay unique
         self._code: dict[int, str] = {}
+        self._depth = 0
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
@@ -167,6 +179,16 @@ class StateHasher:
             if self.num_objects == _MAX_OBJECTS + 1:
                 self.unhashed.append(f"{path} (more than {_MAX_OBJECTS:,} objects)")
             return
+        if self._depth >= _MAX_DEPTH:
+            self.unhashed.append(f"{path or 'object'} (nested more than {_MAX_DEPTH} levels deep)")
+            return
+        self._depth += 1
+        try:
+            self._update(obj, path)
+        finally:
+            self._depth -= 1
+
+    def _update(self, obj: Any, path: str) -> None:
         kind = type(obj)
         if kind in _SCALARS:
             self._update_scalar(obj)
@@ -180,9 +202,12 @@ class StateHasher:
         if isinstance(obj, (np.generic, torch.dtype, torch.device, enum.Enum)):
             self.feed("V", qualified_name(kind), repr(obj))
             return
-        if isinstance(obj, os.PathLike):
-            self.feed("path", os.fspath(obj))
-            self._stat(os.fspath(obj))
+        if isinstance(obj, os.PathLike):  # the same as its string: Path("a") and "a" agree
+            self._update_scalar(os.fspath(obj))
+            return
+        if isinstance(obj, nn.Module):
+            obj = unwrap_compiled(obj)
+        if self._update_special(obj, path):
             return
         seen = self._seen.get(id(obj))
         if seen is not None:  # shared or cyclic reference: its place, not its contents again
@@ -203,7 +228,10 @@ class StateHasher:
             self.feed("set", qualified_name(kind), *digests)
         elif isinstance(obj, Mapping):
             self.feed("map", qualified_name(kind), str(len(obj)))
-            for key, value in obj.items():
+            items = list(obj.items())
+            if kind is dict:  # equal dicts hash alike, whatever order they were built in
+                items.sort(key=lambda item: self._digest_of(item[0], path))
+            for key, value in items:
                 self.update(key, f"{path}[key]")
                 self.update(value, f"{path}[{key!r}]")
         elif isinstance(obj, type):
@@ -225,6 +253,27 @@ class StateHasher:
         else:
             self._update_object(obj, path)
 
+    def _update_special(self, obj: Any, path: str) -> bool:
+        """Objects whose state is outside their ``__dict__`` or does not change values."""
+        if isinstance(obj, (logging.Logger, logging.Handler, logging.Filter)):
+            self.feed("logger", type(obj).__qualname__, str(getattr(obj, "name", "")))
+        elif isinstance(obj, _LOCK_TYPES):
+            self.feed("lock", type(obj).__qualname__)
+        elif isinstance(obj, io.IOBase):  # an open file: by its name (and size and time, if asked)
+            name = getattr(obj, "name", None)
+            self.feed("file", type(obj).__qualname__, repr(name))
+            if isinstance(name, str):
+                self._stat(name)
+        elif isinstance(obj, torch.Generator):
+            self.feed("generator", str(obj.device))
+            self._update_tensor(obj.get_state(), path)
+        elif isinstance(obj, random.Random):
+            self.feed("random", qualified_name(type(obj)))
+            self.update(obj.getstate(), path)
+        else:
+            return False
+        return True
+
     def _update_scalar(self, obj: Any) -> None:
         if isinstance(obj, float):
             self.feed("f", obj.hex())
@@ -237,11 +286,12 @@ class StateHasher:
             self.feed(type(obj).__name__, repr(obj))
 
     def _update_tensor(self, tensor: torch.Tensor, path: str) -> None:
-        self.feed("T", str(tensor.dtype), repr(tuple(tensor.shape)))
         try:
+            self.feed("T", str(tensor.dtype), repr(tuple(tensor.shape)))
             self._hash.update(tensor_bytes(tensor))
-        except (RuntimeError, NotImplementedError, TypeError):  # meta, sparse, quantized, ...
-            self.unhashed.append(f"{path} ({type(tensor).__name__} of layout {tensor.layout})")
+        except (RuntimeError, NotImplementedError, TypeError, ValueError):  # lazy, meta, sparse, ...
+            self.feed("T?", type(tensor).__qualname__)
+            self.unhashed.append(f"{path} ({type(tensor).__name__})")
 
     def _update_array(self, array: np.ndarray) -> None:
         self.feed("A", array.dtype.str, repr(array.shape))
@@ -252,7 +302,7 @@ class StateHasher:
 
     def _update_sequence(self, items: list[Any] | tuple[Any, ...], path: str) -> None:
         self.feed("seq", qualified_name(type(items)), str(len(items)))
-        if len(items) > 64 and all(type(item) in _SCALARS or _plain_tuple(item) for item in items):
+        if len(items) > 64 and all(_plain(item) or _plain_tuple(item) for item in items):
             # A long list of plain values (a file list, labels): one pickle instead of a Python
             # walk per item; files are stat'ed for an evenly spread sample.
             self.feed(pickle.dumps(items, protocol=5))
@@ -260,8 +310,8 @@ class StateHasher:
                 stride = max(1, len(items) // max(1, _MAX_STATS - self.num_stats))
                 for item in items[::stride]:
                     for value in item if isinstance(item, tuple) else (item,):
-                        if isinstance(value, str):
-                            self._stat(value)
+                        if isinstance(value, (str, pathlib.PurePath)):
+                            self._stat(os.fspath(value))
             return
         for position, item in enumerate(items):
             self.update(item, f"{path}[{position}]")
@@ -275,30 +325,29 @@ class StateHasher:
             stat = os.stat(value)
         except (OSError, ValueError):
             return
+        if not S_ISREG(stat.st_mode):  # a directory's time changes with every file made in it
+            return
         self.num_stats += 1
         self.feed("stat", str(stat.st_size), str(stat.st_mtime_ns))
 
     def _update_object(self, obj: Any, path: str) -> None:
         kind = type(obj)
         self.update_class(kind)
-        hf_fingerprint = getattr(obj, "_fingerprint", None)
+        hf_fingerprint = _safe_getattr(obj, "_fingerprint")
         if kind.__module__.startswith("datasets.") and isinstance(hf_fingerprint, str):
             # A Hugging Face datasets.Dataset: its own fingerprint tracks every transform, where
             # pickling its Arrow table could cost gigabytes. Its format changes the samples.
             self.feed("hf", hf_fingerprint, repr(getattr(obj, "format", None)))
             return
+        to_bytes = _safe_getattr(obj, "tobytes")
+        if callable(to_bytes):  # PIL images and similar buffers: their pixels live outside __dict__
+            with contextlib.suppress(Exception):  # else the attributes alone
+                self.feed("B", to_bytes())
         state = _object_state(obj)
         if state is not None:
             for name, value in state:
                 self.update(value, f"{path}.{name}")
             return
-        to_bytes = getattr(obj, "tobytes", None)
-        if callable(to_bytes):  # PIL images and similar buffers
-            try:
-                self.feed("B", to_bytes())
-                return
-            except Exception:  # fall through to pickle
-                pass
         try:
             self.feed("P", pickle.dumps(obj, protocol=5))
         except Exception:  # anything unpicklable is reported, not raised
@@ -314,7 +363,8 @@ class StateHasher:
     # -- modules --------------------------------------------------------------------------------
 
     def update_module(self, module: nn.Module, path: str = "") -> None:
-        """Feed a module tree: classes, weights and buffers, hooks and every other attribute."""
+        """Feed a module tree: classes, hooks and every other attribute (not the weights)."""
+        module = unwrap_compiled(module)
         for name, sub in module.named_modules(remove_duplicate=False):
             where = f"{path}.{name}" if name else (path or type(module).__name__)
             self.feed("mod", name)
@@ -332,7 +382,8 @@ class StateHasher:
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             self.feed("w", name)
             self._update_tensor(tensor, name)
-            count += tensor.numel()
+            with contextlib.suppress(ValueError, RuntimeError):  # an uninitialised lazy parameter
+                count += tensor.numel()
         return count
 
     # -- code -----------------------------------------------------------------------------------
@@ -396,14 +447,14 @@ class StateHasher:
         if fn.__kwdefaults__:
             self.update(fn.__kwdefaults__, f"{path}.__kwdefaults__")
         namespace = fn.__globals__
-        names = sorted(_global_names(fn.__code__))
-        for name in names:
+        attributes = sorted(_all_names(fn.__code__))
+        for name in sorted(_global_names(fn.__code__)):
             if name not in namespace:
                 continue
             value = namespace[name]
             if isinstance(value, types.ModuleType):
                 if _is_user_module(value.__name__):  # `helpers.transform(x)`: what it names there
-                    for attribute in names:
+                    for attribute in attributes:
                         member = vars(value).get(attribute)
                         if member is not None and not isinstance(member, types.ModuleType):
                             self.feed("global", f"{name}.{attribute}")
@@ -414,6 +465,12 @@ class StateHasher:
                 continue
             self.feed("global", name)
             self.update(value, f"{fn.__module__}.{name}")
+
+
+def unwrap_compiled(module: nn.Module) -> nn.Module:
+    """What ``torch.compile`` wraps: the compiled wrapper's own attributes are per process."""
+    inner = getattr(module, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else module
 
 
 def module_tree_items(module: nn.Module) -> Iterator[tuple[str, Any]]:
@@ -448,6 +505,13 @@ def module_state_digests(module: nn.Module) -> dict[str, str]:
     return digests
 
 
+def _safe_getattr(obj: Any, name: str) -> Any:
+    try:
+        return getattr(obj, name, None)
+    except Exception:  # a __getattr__ that raises something else than AttributeError
+        return None
+
+
 def _object_state(obj: Any) -> list[tuple[str, Any]] | None:
     """An object's attributes from ``__dict__`` and ``__slots__``, or ``None`` if it has none."""
     state: dict[str, Any] = {}
@@ -455,7 +519,7 @@ def _object_state(obj: Any) -> list[tuple[str, Any]] | None:
     try:
         state.update(vars(obj))
         found = True
-    except TypeError:
+    except Exception:  # no __dict__, or an odd __getattribute__
         pass
     for name in excluded_attributes(obj):
         state.pop(name, None)
@@ -465,8 +529,9 @@ def _object_state(obj: Any) -> list[tuple[str, Any]] | None:
             if slot in ("__dict__", "__weakref__"):
                 continue
             found = True
-            if hasattr(obj, slot):
-                state[slot] = getattr(obj, slot)
+            value = _safe_getattr(obj, slot)
+            if value is not None:
+                state[slot] = value
     if not found or (not state and _custom_reduce(obj)):
         return None  # no Python-level state: let pickle (a C extension's own) try
     return sorted(state.items())
@@ -478,16 +543,36 @@ def _custom_reduce(obj: Any) -> bool:
     return reduce is not object.__reduce_ex__
 
 
+def _plain(value: Any) -> bool:
+    return type(value) in _SCALARS or isinstance(value, pathlib.PurePath)
+
+
 def _plain_tuple(item: Any) -> bool:
-    return type(item) is tuple and len(item) <= 8 and all(type(value) in _SCALARS for value in item)
+    return type(item) is tuple and len(item) <= 8 and all(_plain(value) for value in item)
 
 
-def _global_names(code: types.CodeType) -> set[str]:
-    names = set(code.co_names)
+@functools.lru_cache(maxsize=8192)
+def _global_names(code: types.CodeType) -> frozenset[str]:
+    """The global names ``code`` (and code nested in it) loads: not attribute names."""
+    names = {
+        str(instruction.argval)
+        for instruction in dis.get_instructions(code)
+        if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME")
+    }
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             names |= _global_names(const)
-    return names
+    return frozenset(names)
+
+
+@functools.lru_cache(maxsize=8192)
+def _all_names(code: types.CodeType) -> frozenset[str]:
+    """Every name ``code`` uses, attributes included (``helpers.transform``)."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _all_names(const)
+    return frozenset(names)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -596,5 +681,10 @@ def _compiled_parts(obj: Any) -> list[str]:
 def _code_parts(code: Any) -> list[str]:
     parts = [code.co_code.hex(), repr(code.co_names)]
     for const in code.co_consts:
-        parts.extend(_code_parts(const) if hasattr(const, "co_code") else [repr(const)])
+        if hasattr(const, "co_code"):
+            parts.extend(_code_parts(const))
+        elif isinstance(const, frozenset):  # `x in {...}`: its repr follows the hash seed
+            parts.append(repr(sorted(repr(item) for item in const)))
+        else:
+            parts.append(repr(const))
     return parts

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -540,7 +541,8 @@ class HoldsALock(nn.Module):
         super().__init__()
         import threading
 
-        self.lock = threading.Lock()  # no __dict__, does not pickle
+        self.lock = threading.Lock()  # by its type: a lock changes no value
+        self.rows = (i for i in range(3))  # a generator: no __dict__, does not pickle
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1)
@@ -548,7 +550,8 @@ class HoldsALock(nn.Module):
 
 def test_state_that_cannot_be_hashed_is_named_in_a_warning(store_path) -> None:
     with pytest.warns(
-        FingerprintWarning, match=r"cannot see into HoldsALock.lock \(_thread.lock\).*module_version="
+        FingerprintWarning,
+        match=r"cannot see into HoldsALock.rows \(builtins.generator\) of.*module_version=",
     ):
         CachedFeatureDataset(Samples(10), HoldsALock(), store_path)
 
@@ -575,3 +578,137 @@ def test_attributes_a_forward_changes_are_named_and_can_be_excluded(store_path) 
     first.__getitems__(list(range(10)))
     assert module.seen > 0
     assert CachedFeatureDataset(Samples(10), module, store_path).entry_name == first.entry_name
+
+
+# -- stable across processes, blind to what changes no value -----------------------------------------
+
+STABILITY = """
+import dataclasses, json, logging, sys
+import torch
+from torch import nn
+from cachedfeatures.fingerprint import module_fingerprint
+from cachedfeatures import _hashing
+
+log = logging.getLogger("user.model")
+
+class Logs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.log = logging.getLogger("user.attr")
+
+    def forward(self, x):
+        log.debug("forward")
+        return self.linear(x)
+
+class Seeded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(0)
+
+    def forward(self, x):
+        return x
+
+@dataclasses.dataclass
+class Sample:
+    image: torch.Tensor
+    tags: set
+
+torch.manual_seed(0)
+digests = {
+    "compiled": module_fingerprint(torch.compile(nn.Linear(4, 4))).digest,
+    "logger": module_fingerprint(Logs()).digest,
+    "generator": module_fingerprint(Seeded()).digest,
+    "sample": _hashing.hash_value(Sample(torch.arange(6.0), {"a", "b", "c", "d"})),
+    "dict_from_set": _hashing.hash_value({k: 1 for k in {"x", "y", "z", "w"}}),
+}
+print(json.dumps(digests))
+"""
+
+
+def test_fingerprints_agree_across_processes_and_hash_seeds(tmp_path) -> None:
+    import os
+
+    runs = []
+    for seed in ("1", "2"):
+        os.environ["PYTHONHASHSEED"] = seed
+        try:
+            runs.append(run_script(STABILITY))
+        finally:
+            del os.environ["PYTHONHASHSEED"]
+    assert runs[0] == runs[1]
+
+
+def test_a_compiled_module_is_fingerprinted_as_what_it_compiles() -> None:
+    from cachedfeatures.fingerprint import module_fingerprint
+
+    torch.manual_seed(0)
+    plain = nn.Linear(4, 4)
+    with warnings.catch_warnings():  # importing the compiler stack warns about torch.jit in torch
+        warnings.simplefilter("ignore", DeprecationWarning)
+        compiled = torch.compile(plain)
+    assert module_fingerprint(compiled).digest == module_fingerprint(plain).digest
+
+
+class Settings:
+    def __init__(self, lr: float) -> None:
+        self.lr, self.hidden = lr, 4
+
+
+SETTINGS = Settings(0.1)  # a training script's config: `self.settings.hidden` below is an attribute
+
+
+class ReadsAnAttributeNamedLikeAGlobal(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.settings = Settings(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, : self.settings.hidden]
+
+
+def test_an_attribute_named_like_a_global_does_not_pull_the_global_in() -> None:
+    from cachedfeatures.fingerprint import module_fingerprint
+
+    module = ReadsAnAttributeNamedLikeAGlobal()
+    before = module_fingerprint(module).digest
+    SETTINGS.lr = 0.01  # the global's learning rate: no value of the module depends on it
+    try:
+        assert module_fingerprint(module).digest == before
+    finally:
+        SETTINGS.lr = 0.1
+
+
+def test_odd_objects_are_hashed_or_reported_never_a_crash() -> None:
+    from cachedfeatures.state_hash import StateHasher
+
+    class Raising:
+        def __getattr__(self, name: str) -> Any:
+            raise KeyError(name)
+
+    deep: list[Any] = []
+    for _ in range(5000):
+        deep = [deep]
+    hasher = StateHasher()
+    for value in (nn.LazyLinear(3), Raising(), deep, torch.empty(2, device="meta")):
+        hasher.update(value, "value")
+    assert any("nested more than" in what for what in hasher.unhashed)
+
+
+def test_paths_and_directories(tmp_path) -> None:
+
+    from cachedfeatures.state_hash import StateHasher
+
+    def digest(value: Any) -> str:
+        hasher = StateHasher(stat_files=True)
+        hasher.update(value)
+        return hasher.hexdigest()
+
+    (tmp_path / "a.npy").write_bytes(b"1")
+    assert digest(str(tmp_path / "a.npy")) == digest(tmp_path / "a.npy")
+    root = digest(str(tmp_path))
+    (tmp_path / "train.log").write_text("a new file in the data directory")
+    assert digest(str(tmp_path)) == root  # a directory counts by name, not by its mtime
+    before = digest([tmp_path / "a.npy"] * 100)
+    (tmp_path / "a.npy").write_bytes(b"22")
+    assert digest([tmp_path / "a.npy"] * 100) != before

@@ -108,8 +108,7 @@ def precision_of(
     CUDA may use it for float32 matmuls or convolutions.
     """
     names: list[str | None] = []
-    owner = getattr(module, "__self__", module)  # a bound method's module
-    if isinstance(owner, torch.nn.Module):
+    for owner in _modules_behind(module):
         dtypes = {t.dtype for t in (*owner.parameters(), *owner.buffers()) if t.is_floating_point()}
         names.extend(_precision_name(dtype) for dtype in dtypes)
     if autocast_dtype is not None:
@@ -120,6 +119,27 @@ def precision_of(
             names.append("tf32")
     known = [name for name in names if name is not None]
     return _coarsest(known) if known else None
+
+
+def _modules_behind(module: Any, depth: int = 0) -> list[torch.nn.Module]:
+    """The modules a callable runs: itself, a bound method's ``self``, a ``partial``'s function
+    and arguments, a closure's cells (a lambda around a half-precision model)."""
+    if isinstance(module, torch.nn.Module):
+        return [module]
+    if depth > 3:
+        return []
+    found: list[torch.nn.Module] = []
+    candidates: list[Any] = [getattr(module, "__self__", None), getattr(module, "func", None)]
+    candidates += [*getattr(module, "args", ()), *getattr(module, "keywords", {}).values()]
+    for cell in getattr(module, "__closure__", None) or ():
+        try:
+            candidates.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            continue
+    for candidate in candidates:
+        if candidate is not None and candidate is not module:
+            found += _modules_behind(candidate, depth + 1)
+    return found
 
 
 def tolerance(spec: ArraySpec, compute_precision: str | None = None) -> Tolerance | None:

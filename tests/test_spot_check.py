@@ -433,3 +433,20 @@ def test_allow_nondeterministic_turns_spot_checks_off(tmp_path: Path) -> None:
     )
     cached.prefill(progress=False)
     assert cached.spot_check() == 0 and cached.spot_checked_rows == []
+
+
+def test_the_precision_of_a_model_behind_a_lambda_or_partial_is_seen() -> None:
+    """A half-precision model wrapped in a lambda or a partial gets the half-precision tolerance."""
+    import functools
+
+    from cachedfeatures.spot_check import precision_of
+
+    half = torch.nn.Linear(4, 4).half()
+    cpu = torch.device("cpu")
+
+    def encode(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return model(x)  # type: ignore[no-any-return]
+
+    assert precision_of(lambda x: half(x), cpu, None) == precision_of(half, cpu, None)
+    assert precision_of(functools.partial(encode, half), cpu, None) == precision_of(half, cpu, None)
+    assert precision_of(lambda x: x * 2, cpu, None) is None

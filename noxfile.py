@@ -68,10 +68,12 @@ def bench(session: nox.Session) -> None:
     """The benchmarks, each printing ratios against baselines measured in the same run.
 
     Read path against a NumPy memmap, no cache and torchcache; the pipeline's filling epoch
-    against no cache; ``cached_module`` against torchcache. ``-- --quick``: about a minute each.
+    against no cache; ``cached_module`` against torchcache; fingerprinting a 100M-parameter model
+    against one copy of its weights. ``-- --quick``: about a minute each.
     """
     install(session, "test")  # the test extra brings torchcache, the prior art
     quick = ["--quick"] if "--quick" in session.posargs else []
     session.run("python", "benchmarks/bench_read.py", *session.posargs)
     session.run("python", "benchmarks/bench_pipeline.py", *quick)
     session.run("python", "benchmarks/bench_module_cache.py", *quick)
+    session.run("python", "benchmarks/bench_fingerprint.py", *quick)

@@ -36,6 +36,9 @@ def lint(session: nox.Session) -> None:
     ]
     session.run("ruff", "check", *paths)
     session.run("ruff", "format", "--check", *paths)
+    # The layers contract in pyproject.toml: no import cycles, no import from a higher layer.
+    session.install("import-linter>=2.1")
+    session.run("lint-imports", env={"PYTHONPATH": os.getcwd()})
 
 
 @nox.session

@@ -205,7 +205,7 @@ def spot_check_seconds(cached: CachedFeatureDataset, repeats: int = 50) -> float
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        checked = cached._spot_check_hits(rows, read.arrays)
+        checked = cached.spot_check_hits(rows, read.arrays)
         times.append(time.perf_counter() - start)
         assert checked == cached.spot_check_rows
     return float(np.median(times))

@@ -2,8 +2,13 @@
 
 Wrap a map-style dataset and a frozen module in :class:`CachedFeatureDataset`; features are
 computed once, stored chunked in a Zarr store, and served from it on every later epoch.
+
+The modules form layers, each importing only from the layers below it (see "Layout" in the
+README; the import-linter contract in ``pyproject.toml`` enforces it); this package re-exports
+the public API.
 """
 
+from cachedfeatures._version import __version__
 from cachedfeatures.dataset import CachedFeatureDataset
 from cachedfeatures.errors import (
     BudgetError,
@@ -42,8 +47,6 @@ from cachedfeatures.prefill import PrefillResult
 from cachedfeatures.reader import ChunkReader
 from cachedfeatures.sampler import ChunkShuffleSampler
 from cachedfeatures.store import Entry, FeatureStore
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BudgetError",

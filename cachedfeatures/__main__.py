@@ -1,4 +1,7 @@
-"""``python -m cachedfeatures``: the same command line as the ``cachedfeatures`` script."""
+"""``python -m cachedfeatures``: the same command line as the ``cachedfeatures`` script.
+
+Layer: entry points (see "Layout" in the README).
+"""
 
 import sys
 

@@ -3,6 +3,8 @@
 Hashes must be equal across processes and sessions for equal content, and differ when the
 content differs. They cover every byte (no subsampling), with BLAKE2b, which hashes at
 about 1 GB/s on one core.
+
+Layer: compute (see "Layout" in the README).
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ Recording sits on the hot read path, so an :class:`AccessLog` counts in memory a
 to the store only now and then: every ``flush_every`` seconds, at :meth:`AccessLog.flush`
 and at process exit, merging with what other processes wrote (latest time wins, counts
 add) under a lock. A pruner in the same process merges in what is still pending.
+
+Layer: store (see "Layout" in the README).
 """
 
 from __future__ import annotations

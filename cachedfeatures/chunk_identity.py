@@ -16,6 +16,8 @@ in the small array ``chunk_crc`` of shape ``(num_chunks, num_arrays, 2)``:
 Entries written before this flavour have no ``chunk_crc`` and are read as before (their
 chunk files are checked by the file's own crc32c only). The chunk files themselves are plain
 zarr, so the store stays readable without this library.
+
+Layer: format (see "Layout" in the README).
 """
 
 from __future__ import annotations

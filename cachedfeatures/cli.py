@@ -8,6 +8,8 @@
 Exit codes scripts can rely on: 0 clean, 1 problems found (``verify`` found damage, even
 if ``--repair`` fixed it; ``prune`` could not reach the budget), 2 usage error (bad
 arguments, a path that is not a cachedfeatures store, an unknown entry).
+
+Layer: cli (see "Layout" in the README).
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
+from cachedfeatures._version import __version__
 from cachedfeatures.errors import CacheError, EntryNotFoundError
+from cachedfeatures.maintenance import describe_store, remove_entry, repair_root, verify_store
+from cachedfeatures.pruning import open_entries, prune, remove_orphans
 from cachedfeatures.store import FeatureStore
 from cachedfeatures.units import format_bytes, parse_bytes
 
@@ -48,8 +53,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from cachedfeatures import __version__
-
     parser = argparse.ArgumentParser(
         prog="cachedfeatures",
         description="Inspect and maintain a cachedfeatures Zarr store.",
@@ -118,7 +121,6 @@ def _open(path: str, *, write: bool = False) -> FeatureStore:
 
 
 def _info(args: argparse.Namespace, out: TextIO) -> int:
-    from cachedfeatures.maintenance import describe_store
 
     report = describe_store(_open(args.store))
     if args.json:
@@ -162,7 +164,6 @@ def _info(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _prune(args: argparse.Namespace, out: TextIO) -> int:
-    from cachedfeatures.pruning import prune, remove_orphans
 
     store = _open(args.store, write=not args.dry_run)
     report = prune(store, args.max_bytes, args.policy, dry_run=args.dry_run)
@@ -220,8 +221,6 @@ def _ranges(chunks: list[int]) -> str:
 
 
 def _rm(args: argparse.Namespace, out: TextIO) -> int:
-    from cachedfeatures.maintenance import remove_entry
-    from cachedfeatures.pruning import open_entries
 
     store = _open(args.store, write=True)
     entries, broken = open_entries(store)
@@ -242,7 +241,6 @@ def _rm(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _verify(args: argparse.Namespace, out: TextIO) -> int:
-    from cachedfeatures.maintenance import repair_root, verify_store
 
     root = repair_root(args.store) if args.repair else None
     store = _open(args.store, write=args.repair)

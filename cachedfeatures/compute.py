@@ -1,5 +1,8 @@
 """Running the module on a batch of inputs: collate, move to the device, call it under
-``torch.inference_mode()``, and bring the outputs back to the CPU in the storage dtype."""
+``torch.inference_mode()``, and bring the outputs back to the CPU in the storage dtype.
+
+Layer: compute (see "Layout" in the README).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """``CachedFeatureDataset``: a map-style dataset that serves a frozen module's features from
-a Zarr store, and computes (in batches) and stores the ones it does not have yet."""
+a Zarr store, and computes (in batches) and stores the ones it does not have yet.
+
+Layer: faces, the two public ones (see "Layout" in the README).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
+from cachedfeatures._version import __version__
 from cachedfeatures.access import AccessLog
 from cachedfeatures.compute import Collate, FeatureComputer
 from cachedfeatures.errors import DeviceInWorkerError, DtypeError, FingerprintWarning, TrainingModeError
@@ -31,10 +35,10 @@ from cachedfeatures.layout import ArraySpec, InputKey, OutputLayout, SampleLayou
 from cachedfeatures.locks import FileLocks
 from cachedfeatures.modes import mode_dependent_submodules, training_mode_message
 from cachedfeatures.ownership import ChunkOwnership, parse_ownership
-from cachedfeatures.pipeline import Loader, WorkerMethod
+from cachedfeatures.pipeline import Loader, WorkerMethod, parse_positive_int
 from cachedfeatures.prefill import PrefillResult, prefill
 from cachedfeatures.pruning import Budget, Policy, parse_policy, serve_backed_rows
-from cachedfeatures.reader import ChunkReader, ReadRoute
+from cachedfeatures.reader import ChunkReader, ReadRoute, RowsRead
 from cachedfeatures.remote import is_url
 from cachedfeatures.spot_check import (
     DEFAULT_SPOT_CHECK,
@@ -46,7 +50,7 @@ from cachedfeatures.spot_check import (
 )
 from cachedfeatures.state_hash import module_state_digests
 from cachedfeatures.steps import LoadedRows, RowLoader, compute_loaded
-from cachedfeatures.store import Compressor, Entry, FeatureStore, RowsRead, StoreLike, default_chunk_rows
+from cachedfeatures.store import Compressor, Entry, FeatureStore, StoreLike, default_chunk_rows
 from cachedfeatures.units import parse_bytes
 
 __all__ = ["CachedFeatureDataset"]
@@ -331,7 +335,7 @@ class CachedFeatureDataset(Dataset[Any]):
                 "field_paths": [list(path) for path in sample_layout.field_paths],
             },
             "outputs": output_layout.to_json(),
-            "library_version": _version(),
+            "library_version": __version__,
         }
         entry = feature_store.create_entry(
             self.entry_name,
@@ -382,9 +386,9 @@ class CachedFeatureDataset(Dataset[Any]):
         entry = self._entry_for_this_process()
         read = self._checked_read(entry, rows)
         if self.spot_check_rows and self._spot.due_on_serve(len(rows), read.hits):
-            self._spot_check_hits(rows if read.all_hit else rows[read.hit], read.arrays)
+            self.spot_check_hits(rows if read.all_hit else rows[read.hit], read.arrays)
         if read.all_hit:
-            return self._assemble_all(read.arrays)
+            return self.assemble_all(read.arrays)
         columns = {
             name: np.empty((len(rows), *spec.shape), dtype=spec.numpy_dtype)
             for name, spec in ((s.name, s) for s in entry.specs)
@@ -398,7 +402,7 @@ class CachedFeatureDataset(Dataset[Any]):
             computed = self.compute(miss_rows)
             for name, column in computed.items():
                 columns[name][missing] = column[where]
-        return self._assemble_all(columns)
+        return self.assemble_all(columns)
 
     def compute(self, rows: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
         """Load, compute and store ``rows`` (whether cached or not), in batches.
@@ -445,7 +449,7 @@ class CachedFeatureDataset(Dataset[Any]):
         read = serve_backed_rows(entry, picked, entry.read(picked))  # no access recorded
         return self._compare_with_recomputed(entry, picked[read.hit], read.arrays)
 
-    def _spot_check_hits(self, rows: np.ndarray, stored: Mapping[str, np.ndarray]) -> int:
+    def spot_check_hits(self, rows: np.ndarray, stored: Mapping[str, np.ndarray]) -> int:
         """A spot check of up to ``spot_check`` random rows among ``rows``, just read as hits.
 
         ``stored`` holds their columns, one row per row of ``rows``: the stored values are
@@ -545,7 +549,7 @@ class CachedFeatureDataset(Dataset[Any]):
             raise AssertionError("unreachable: write to an empty dataset")
         self._write(self._entry_for_this_process(), np.asarray(rows, dtype=np.int64), columns)
 
-    def _record_hits(self, rows: np.ndarray) -> None:
+    def record_hits(self, rows: np.ndarray) -> None:
         """Count reads of ``rows`` that the pipeline's workers served from the store."""
         if self._entry is not None and len(rows):
             self._record_access(rows // self._entry.chunk_rows)
@@ -642,7 +646,7 @@ class CachedFeatureDataset(Dataset[Any]):
                 self._attach_statistics(enforce=False)
         return self._entry
 
-    def _assemble_all(self, columns: Mapping[str, np.ndarray]) -> list[Any]:
+    def assemble_all(self, columns: Mapping[str, np.ndarray]) -> list[Any]:
         """One sample per row of ``columns``; each output array becomes one tensor first."""
         layout, outputs = self._sample_layout, self._output_layout
         if layout is None or outputs is None:
@@ -812,12 +816,6 @@ def _say_chunking_once(location: str, entry: Entry, chunk_rows: int) -> None:
 # -- argument parsing ---------------------------------------------------------------------------
 
 
-def parse_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"Expected {name} to be a positive int. Got {value!r}.")
-    return int(value)
-
-
 def parse_device(device: object) -> torch.device:
     try:
         return torch.device(device)  # type: ignore[call-overload,no-any-return]
@@ -878,9 +876,3 @@ def _describe_callable(value: object) -> str:
         name = getattr(value, "__qualname__", type(value).__qualname__)
         return f"{name}:{callable_digest(value)[:16]}"
     return repr(value)
-
-
-def _version() -> str:
-    from cachedfeatures import __version__
-
-    return __version__

@@ -8,6 +8,8 @@ Rows that are not valid hold no data a user may trust (never computed, pruned, o
 by a process that died before setting ``valid``), so no function here returns them as data:
 reads take the valid rows only, and ask for a row that is not valid raises
 :class:`~cachedfeatures.errors.RowsNotCachedError`.
+
+Layer: store (see "Layout" in the README).
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ import zarr.core.sync
 from cachedfeatures.chunk_identity import RECORDS
 from cachedfeatures.errors import RowsNotCachedError, UnknownArrayError
 from cachedfeatures.layout import ArraySpec
-from cachedfeatures.store import ACCESS, VALID, Entry, FeatureStore
+from cachedfeatures.names import ACCESS, VALID
 
 if TYPE_CHECKING:
     import xarray
+
+    from cachedfeatures.store import Entry, FeatureStore
 
 __all__ = [
     "ArrayInfo",

@@ -12,6 +12,8 @@ marks a chunk's rows valid only after all their arrays were stored, and a failed
 
 The guard is a plain callable object, so any writer (the map-style dataset, a background
 writer thread) can share it: ``guard.run(lambda: entry.write(rows, columns))``.
+
+Layer: store (see "Layout" in the README).
 """
 
 from __future__ import annotations

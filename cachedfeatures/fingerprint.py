@@ -18,6 +18,8 @@ Comments, docstrings and formatting are not part of any fingerprint: a fingerpri
 when something that affects values changes. What no fingerprint can see (a file edited in place,
 an object that neither has a ``__dict__`` nor pickles) is named in a :class:`FingerprintWarning`,
 and the run-time spot checks are the safety net for it.
+
+Layer: compute (see "Layout" in the README).
 """
 
 from __future__ import annotations

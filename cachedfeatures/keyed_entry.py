@@ -16,6 +16,8 @@ when needed), then writes key and outputs before ``valid``, each chunk under its
 ``key`` and ``valid``; it catches up with other writers by reading the rows added since.
 A pruned row is cleared in ``valid`` before its bytes go; readers check ``valid`` again
 after reading, so a race costs a recompute, never a wrong row.
+
+Layer: store (see "Layout" in the README).
 """
 
 from __future__ import annotations

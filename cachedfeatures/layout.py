@@ -7,6 +7,8 @@ never needs the wrapped dataset. An :class:`OutputLayout` does the same for what
 returns: one tensor, or a tuple or dict of tensors, each stored in its own array.
 
 Both are plain data that serialise to JSON, so they live in the entry's Zarr attributes.
+
+Layer: format (see "Layout" in the README).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ daemons; a daemon is only reaped when its parent exits normally, so a SIGKILLed 
 leave them running (parent 1), holding its pipes open. A worker calls :func:`exit_with_parent`
 as it starts: on Linux the kernel kills it when its parent dies (``PR_SET_PDEATHSIG``);
 elsewhere, or if ``prctl`` is unavailable, a daemon thread watches the parent's pid.
+
+Layer: pipeline (see "Layout" in the README).
 """
 
 from __future__ import annotations

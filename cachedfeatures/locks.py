@@ -7,6 +7,8 @@ lock files live outside the Zarr hierarchy (Zarr warns about unknown files insid
 in a directory derived from the store's real path; set ``CACHEDFEATURES_LOCK_DIR`` to move
 them. Stores without a filesystem (memory, object storage) get in-process locks only; there
 each chunk must have exactly one writer process (see DESIGN.md, chunk ownership).
+
+Layer: store (see "Layout" in the README).
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 These back the ``cachedfeatures`` command line (``info``, ``verify``, ``rm``) and return
 plain JSON-ready dicts, so scripts and notebooks can use them too.
+
+Layer: maintenance (see "Layout" in the README).
 """
 
 from __future__ import annotations
@@ -18,11 +20,10 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from cachedfeatures.access import last_used, read_access
+from cachedfeatures.chunk_bytes import chunk_keys, delete_chunk_bytes
 from cachedfeatures.layout import ArraySpec
 from cachedfeatures.pruning import (
     STALE_PARTIAL_SECONDS,
-    chunk_keys,
-    delete_chunk_bytes,
     measure,
     open_entries,
     remove_orphans,

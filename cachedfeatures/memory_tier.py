@@ -4,6 +4,8 @@ Rows are kept as CPU tensors (one per module output), keyed by their content key
 new row does not fit in ``max_bytes``, the most recently used rows are dropped first (MRU):
 for the cyclic access of training epochs the most recently used row is the one needed
 furthest in the future, so MRU keeps a stable subset hitting while LRU would hit nothing.
+
+Layer: compute (see "Layout" in the README).
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ A module in training mode is refused only where that changes its outputs: dropou
 ``p > 0``, batch norm (batch statistics), instance norm that tracks running statistics, and any
 module whose own code reads ``self.training`` (``F.dropout(x, training=self.training)``). A
 wrapper left in training mode around an eval-mode backbone, or a bare ``nn.Linear``, is fine.
+
+Layer: compute (see "Layout" in the README).
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ state changes (:mod:`cachedfeatures.state_token`), so loading a fine-tuned check
 Every instance of a decorated class has its own cache, created on its first call, with the
 decorator's options overridden by instance (or class) attributes named
 ``cachedfeatures_<option>``, e.g. ``self.cachedfeatures_store = path`` in ``__init__``.
+
+Layer: faces, the two public ones (see "Layout" in the README).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from torch import nn
 from zarr.abc.store import Store
 
 from cachedfeatures import _hashing
+from cachedfeatures._version import __version__
 from cachedfeatures.errors import (
     DtypeError,
     InputBatchError,
@@ -596,7 +599,7 @@ class ModuleCache:
             },
             "options": self._options_json(),
             "outputs": layout.to_json(),
-            "library_version": _version(),
+            "library_version": __version__,
         }
         entry = KeyedEntry.open(
             store,
@@ -763,9 +766,3 @@ def _check_frozen(module: Callable[..., Any]) -> None:
                 module, active, "Call .eval() on the cached module (again after model.train())."
             )
         )
-
-
-def _version() -> str:
-    from cachedfeatures import __version__
-
-    return __version__

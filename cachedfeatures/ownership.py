@@ -6,6 +6,8 @@ two processes writing rows of one chunk can each overwrite the other's rows. The
 every chunk has exactly one writer. Writers declare which chunks they own with a
 :class:`ChunkOwnership` (``rank`` of ``world_size``, chunk ``c`` owned by rank
 ``c % world_size``); rows of other chunks are computed and served, never stored.
+
+Layer: store (see "Layout" in the README).
 """
 
 from __future__ import annotations

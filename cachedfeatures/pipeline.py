@@ -13,6 +13,8 @@
 Every stage is a ``BaseNode`` whose state is a plain dict, so :class:`Loader` resumes
 mid-epoch from ``state_dict()`` with the same remaining order. Pending writes are flushed at
 the end of every epoch; a writer error is raised at the next batch.
+
+Layer: pipeline (see "Layout" in the README).
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from __future__ import annotations
 import gc
 import multiprocessing.util
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -36,20 +38,70 @@ from cachedfeatures.steps import LoadedRows, RowLoader
 from cachedfeatures.store import Entry
 from cachedfeatures.writer import Writer
 
-if TYPE_CHECKING:
-    from cachedfeatures.dataset import CachedFeatureDataset
-
-__all__ = ["ComputeMisses", "IOBatch", "Indices", "Loader", "ReadOrLoad", "WorkerMethod"]
+__all__ = ["CachedSource", "ComputeMisses", "IOBatch", "Indices", "Loader", "ReadOrLoad", "WorkerMethod"]
 
 WorkerMethod = Literal["thread", "process"]
 T = TypeVar("T")
 Collate = Callable[[list[Any]], Any]
 
 
+class CachedSource(Protocol):
+    """What the miss pipeline needs of the dataset it serves.
+
+    :class:`~cachedfeatures.CachedFeatureDataset` satisfies it; the pipeline sits below the
+    dataset and knows it only through this protocol.
+    """
+
+    @property
+    def entry(self) -> Entry | None: ...
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def spot_check_rows(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def row_loader(self) -> RowLoader:
+        """How workers load the raw inputs of missing rows."""
+        ...
+
+    def compute_loaded(self, loaded: LoadedRows, *, pin_memory: bool = False) -> dict[str, np.ndarray]:
+        """The module's outputs for loaded misses, as storable columns."""
+        ...
+
+    def write(self, rows: Sequence[int] | np.ndarray, columns: Mapping[str, np.ndarray]) -> None:
+        """Store computed columns for ``rows`` (what the background writer calls)."""
+        ...
+
+    def record_hits(self, rows: np.ndarray) -> None:
+        """Count reads of ``rows`` served from the store by the workers."""
+        ...
+
+    def spot_check_hits(self, rows: np.ndarray, stored: Mapping[str, np.ndarray]) -> int:
+        """Spot-check a few of ``rows`` just read as hits against recomputed values."""
+        ...
+
+    def spot_check(self, rows: int | None = None, *, among: Sequence[int] | np.ndarray | None = None) -> int:
+        """Spot-check rows cached before (prefill, before computing anything)."""
+        ...
+
+    def assemble_all(self, columns: Mapping[str, np.ndarray]) -> list[Any]:
+        """One sample per row of ``columns``."""
+        ...
+
+
 def parse_worker_method(value: object) -> WorkerMethod:
     if value not in ("thread", "process"):
         raise ValueError(f"Expected worker_method to be 'thread' or 'process'. Got {value!r}.")
     return value  # type: ignore[return-value]
+
+
+def parse_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"Expected {name} to be a positive int. Got {value!r}.")
+    return int(value)
 
 
 def parse_nonnegative_int(name: str, value: object) -> int:
@@ -256,7 +308,7 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
     def __init__(
         self,
         source: tn.BaseNode[IOBatch],
-        cached: CachedFeatureDataset,
+        cached: CachedSource,
         writer: Writer,
         finish: Callable[[ComputedBatch], T],
         pin_memory: bool = False,
@@ -285,12 +337,12 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
         except StopIteration:
             self.writer.flush()
             raise
-        self.cached._record_hits(batch.rows[batch.hit])
+        self.cached.record_hits(batch.rows[batch.hit])
         if self._spot_due and batch.hit.any():
             self._spot_due = False
             hit = np.flatnonzero(batch.hit)
             try:
-                self.cached._spot_check_hits(batch.rows[hit], {n: c[hit] for n, c in batch.columns.items()})
+                self.cached.spot_check_hits(batch.rows[hit], {n: c[hit] for n, c in batch.columns.items()})
             except StaleFeaturesError as error:
                 self.spot_error = error
                 raise
@@ -312,12 +364,12 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
 class _Assemble:
     """Builds the samples of a computed batch and collates them."""
 
-    def __init__(self, cached: CachedFeatureDataset, collate_fn: Collate) -> None:
+    def __init__(self, cached: CachedSource, collate_fn: Collate) -> None:
         self.cached = cached
         self.collate_fn = collate_fn
 
     def __call__(self, batch: ComputedBatch) -> Any:
-        samples = self.cached._assemble_all(batch.columns)
+        samples = self.cached.assemble_all(batch.columns)
         return self.collate_fn(samples)
 
 
@@ -348,7 +400,7 @@ class Loader:
 
     def __init__(
         self,
-        cached: CachedFeatureDataset,
+        cached: CachedSource,
         batch_size: int,
         *,
         shuffle: bool = False,
@@ -361,8 +413,6 @@ class Loader:
         worker_method: WorkerMethod = "thread",
         prefetch_factor: int = 2,
     ) -> None:
-        from cachedfeatures.dataset import parse_positive_int
-
         entry = cached.entry
         if entry is None:
             raise CacheError("the dataset is empty; there is nothing to load.")

@@ -9,6 +9,8 @@ Under ``torch.distributed`` each rank owns whole chunks (chunk ``c`` belongs to 
 ``c % world_size``), computes and writes only the missing rows of its chunks, so no chunk has
 two writers even where the store has no locks; all ranks meet at a barrier at the end and
 then every rank sees every row.
+
+Layer: pipeline (see "Layout" in the README).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch.distributed as dist
@@ -24,6 +25,7 @@ import torchdata.nodes as tn
 from tqdm.auto import tqdm
 
 from cachedfeatures.pipeline import (
+    CachedSource,
     ComputedBatch,
     ComputeMisses,
     IOBatch,
@@ -35,9 +37,6 @@ from cachedfeatures.pipeline import (
 from cachedfeatures.pruning import serve_backed_rows
 from cachedfeatures.store import Entry
 from cachedfeatures.writer import Writer
-
-if TYPE_CHECKING:
-    from cachedfeatures.dataset import CachedFeatureDataset
 
 __all__ = ["PrefillResult", "owned_chunks", "prefill"]
 
@@ -105,7 +104,7 @@ def _unreadable_rows(entry: Entry, rows: np.ndarray) -> np.ndarray:
 
 
 def prefill(
-    cached: CachedFeatureDataset,
+    cached: CachedSource,
     *,
     num_workers: int = 0,
     progress: bool = True,

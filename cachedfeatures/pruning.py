@@ -16,6 +16,8 @@ checks ``valid`` again after reading the bytes), and a crash in between leaves b
 nothing serves. The budget counts the store's actual bytes (every process's writes, earlier
 sessions included), ignoring the ``*.partial`` temporary files that Zarr's local store leaves
 behind when killed mid-write.
+
+Layer: pruning (see "Layout" in the README).
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
-from zarr.abc.store import Store
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from cachedfeatures.access import LAST, AccessLog, read_access
+from cachedfeatures.chunk_bytes import PARTIAL_SUFFIX, chunk_keys, delete_chunk_bytes, key_sizes, stored_bytes
 from cachedfeatures.errors import BudgetError
-from cachedfeatures.store import ACCESS, Entry, FeatureStore, RowsRead
+from cachedfeatures.reader import RowsRead
+from cachedfeatures.store import ACCESS, Entry, FeatureStore
 from cachedfeatures.units import format_bytes, parse_bytes
 
 __all__ = [
@@ -79,7 +82,6 @@ POLICIES: Mapping[Policy, PolicySpec] = {
     "mru": PolicySpec(True, "drop the most recently used chunk first (repeated passes)"),
     "lru": PolicySpec(False, "drop the least recently used chunk first (non-cyclic access)"),
 }
-PARTIAL_SUFFIX = ".partial"
 STALE_PARTIAL_SECONDS = 3600.0
 
 
@@ -114,7 +116,7 @@ class StoreUsage:
 def measure(store: FeatureStore) -> StoreUsage:
     """What ``store`` occupies now, from one listing of its keys and their sizes."""
     usage = StoreUsage()
-    for key, size in _sizes(store.root.store, store.root.path):
+    for key, size in key_sizes(store.root.store, store.root.path):
         if key.endswith(PARTIAL_SUFFIX):
             usage.orphans.append(key)
             continue
@@ -127,51 +129,6 @@ def measure(store: FeatureStore) -> StoreUsage:
             per_entry = usage.chunks.setdefault(parts[0], {})
             per_entry[int(parts[3])] = per_entry.get(int(parts[3]), 0) + size
     return usage
-
-
-def stored_bytes(store: Store, prefix: str) -> int:
-    """Bytes under ``prefix`` now, less ``*.partial`` temporaries; keys deleted while listed
-    (by another process's pruner) count as gone instead of raising."""
-    return sum(size for key, size in _sizes(store, prefix) if not key.endswith(PARTIAL_SUFFIX))
-
-
-def _sizes(store: Store, prefix: str) -> Iterable[tuple[str, int]]:
-    """(key relative to ``prefix``, size) for every key under ``prefix``."""
-    if isinstance(store, LocalStore):
-        yield from _walk(Path(store.root) / prefix, "")
-        return
-
-    async def listing() -> list[tuple[str, int]]:
-        keys = [key async for key in store.list_prefix(f"{prefix}/" if prefix else "")]
-
-        async def size(key: str) -> int:
-            try:
-                return await store.getsize(key)
-            except FileNotFoundError:  # deleted since listed
-                return 0
-
-        sizes = await asyncio.gather(*(size(key) for key in keys))
-        start = len(prefix) + 1 if prefix else 0
-        return [(key[start:], size) for key, size in zip(keys, sizes, strict=True)]
-
-    yield from sync(listing())
-
-
-def _walk(directory: Path, relative: str) -> Iterable[tuple[str, int]]:
-    try:
-        scanner = os.scandir(directory)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    with scanner:
-        for item in scanner:
-            key = f"{relative}{item.name}"
-            try:
-                if item.is_dir(follow_symlinks=False):
-                    yield from _walk(Path(item.path), f"{key}/")
-                elif item.is_file(follow_symlinks=False):
-                    yield key, item.stat(follow_symlinks=False).st_size
-            except FileNotFoundError:  # removed while we walked
-                continue
 
 
 def remove_orphans(store: FeatureStore, older_than: float = STALE_PARTIAL_SECONDS) -> list[str]:
@@ -319,26 +276,6 @@ def drop_chunk(entry: Entry, chunk: int) -> None:
         delete_chunk_bytes(entry, chunk)
 
 
-def delete_chunk_bytes(entry: Entry, chunk: int) -> None:
-    """Delete ``chunk``'s key in ``valid``, then in every data array, then its checksums
-    (caller holds the lock)."""
-    store = entry.group.store
-    valid = f"{entry.valid.path}/{entry.valid.metadata.encode_chunk_key((chunk,))}"
-    data = list(chunk_keys(entry, chunk).values())
-    records = entry.records
-    checksums = (
-        None if records is None else f"{records.path}/{records.metadata.encode_chunk_key((chunk, 0, 0))}"
-    )
-
-    async def delete_all() -> None:
-        await store.delete(valid)
-        await asyncio.gather(*(store.delete(key) for key in data))
-        if checksums is not None:
-            await store.delete(checksums)
-
-    sync(delete_all())
-
-
 def prune(
     store: FeatureStore,
     max_bytes: int | float | str,
@@ -471,15 +408,6 @@ class Budget:
 
 
 # -- rows whose bytes are gone -----------------------------------------------------------------
-
-
-def chunk_keys(entry: Entry, chunk: int) -> dict[str, str]:
-    """The store key of ``chunk`` in each data array of ``entry`` (``valid`` excluded)."""
-    keys = {}
-    for name, array in entry.arrays.items():
-        coords = (chunk, *(0 for _ in array.shape[1:]))
-        keys[name] = f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
-    return keys
 
 
 def missing_chunks(entry: Entry, chunks: Iterable[int]) -> list[int]:

@@ -33,10 +33,13 @@ On a local store the bytes served are also the ones written when it was set; on 
 a chunk pruned and refilled between two reads, leaving ``valid`` as it was, may be served from
 the cache as first read: the same entry (same fingerprints) refills the same features, so this
 only shows with a nondeterministic module.
+
+Layer: reader (see "Layout" in the README).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -44,7 +47,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import google_crc32c
 import numcodecs
@@ -58,13 +61,16 @@ from zarr.storage import LocalStore
 
 from cachedfeatures.chunk_identity import IdentityMismatchError
 from cachedfeatures.signatures import ValidSignatures
-from cachedfeatures.store import Entry, RowsRead
+
+if TYPE_CHECKING:
+    from cachedfeatures.store import Entry
 
 __all__ = [
     "CacheInfo",
     "ChunkCache",
     "ChunkReader",
     "ReadRoute",
+    "RowsRead",
     "default_chunk_cache_bytes",
     "parse_read_route",
 ]
@@ -117,6 +123,35 @@ def parse_cache_bytes(value: object) -> int | None:
             f"Got {value!r}."
         )
     return int(value)
+
+
+@dataclass(frozen=True)
+class RowsRead:
+    """What a read found: ``hit[i]`` for each requested row, and the arrays of the hits.
+
+    ``arrays[name]`` holds one row per hit, in the order of the requested indices.
+    ``chunks`` holds the distinct chunks of the requested rows, ascending, when the reader
+    already knew them (it groups rows by chunk), so later steps need not find them again.
+    """
+
+    hit: np.ndarray
+    arrays: Mapping[str, np.ndarray]
+    chunks: np.ndarray | None = None
+
+    @functools.cached_property
+    def hits(self) -> int:
+        """How many requested rows were hits (counted once: every batch asks)."""
+        return int(np.count_nonzero(self.hit))
+
+    @property
+    def all_hit(self) -> bool:
+        return self.hits == len(self.hit)
+
+    def hit_chunks(self, rows: np.ndarray, chunk_rows: int) -> np.ndarray:
+        """The distinct chunks the hits among ``rows`` (the rows read) came from, ascending."""
+        if self.chunks is not None and self.all_hit:
+            return self.chunks
+        return np.unique(rows[self.hit] // chunk_rows)
 
 
 # ---------------------------------------------------------------------------------------

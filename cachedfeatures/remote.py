@@ -5,6 +5,8 @@ everything above it is unchanged. Object stores have no locks, so concurrent wri
 follow the chunk-ownership rule (:mod:`cachedfeatures.ownership`). fsspec's async file
 systems refuse to be used in a forked child (``This class is not fork-safe``), so a process
 that finds itself forked reopens the store from its URL (:func:`open_url_store`).
+
+Layer: store (see "Layout" in the README).
 """
 
 from __future__ import annotations

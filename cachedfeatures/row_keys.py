@@ -8,6 +8,8 @@ The hash is XXH3-128 over the full bytes (about 20 GB/s on one core, so hashing 
 image rows runs at over 100,000 rows/s); BLAKE2b would manage about 6,000. XXH3 is not a
 cryptographic hash: keys separate honest inputs (random collisions need about 2**64
 rows), not inputs crafted by an adversary to collide. A cache is not a security boundary.
+
+Layer: format (see "Layout" in the README).
 """
 
 from __future__ import annotations

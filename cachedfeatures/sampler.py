@@ -12,6 +12,8 @@ structure (rows stored in random order), batches are as well mixed as with a ful
 When it does (for example rows sorted by class), a batch only sees the classes present in its
 window's chunks: raise ``window`` (or lower ``chunk_rows``) until a window spans many
 classes, or store the dataset in a shuffled order. ``tests/test_sampler.py`` measures this.
+
+Layer: pipeline (see "Layout" in the README).
 """
 
 from __future__ import annotations

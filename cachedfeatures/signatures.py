@@ -17,6 +17,8 @@ machines sharing a network file system agree to within that margin, as ``make`` 
 
 Elsewhere (object stores), the signature is the ``valid`` chunk's encoded bytes, fetched for
 every batch.
+
+Layer: format (see "Layout" in the README).
 """
 
 from __future__ import annotations

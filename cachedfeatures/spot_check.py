@@ -15,6 +15,8 @@ precision): a row matches when ``max |stored - recomputed| <= atol + rtol * scal
 ``scale`` the largest finite magnitude of the row (stored or recomputed). ``rtol`` follows
 the coarsest precision the values went through (see :func:`tolerance`). NaN matches NaN and
 an infinity matches the same infinity. Integers, bools and strings must be equal.
+
+Layer: compute (see "Layout" in the README).
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ What it cannot see into (an object that neither has a ``__dict__`` nor pickles) 
 be recorded with their size and modification time (``stat_files=True``), for datasets whose
 state is a file list. XXH3 streams at over 10 GB/s, so a 100M-parameter model hashes in well
 under a second; it is not a cryptographic hash (a cache is not a security boundary).
+
+Layer: compute (see "Layout" in the README).
 """
 
 from __future__ import annotations

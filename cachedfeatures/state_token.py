@@ -19,6 +19,8 @@ state may have changed since the last call:
 What the token cannot see within one process: a large NumPy array or a big container changed
 in place, objects nested more than two levels deep changed in place, and globals read by
 helper functions. The fingerprint, taken afresh by every new process, covers what it hashes.
+
+Layer: compute (see "Layout" in the README).
 """
 
 from __future__ import annotations

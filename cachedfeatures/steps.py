@@ -5,6 +5,8 @@ module on loaded rows (only in the process that owns the device), and ``write`` 
 result (synchronously through ``Entry.write``, or in the background through
 :class:`cachedfeatures.writer.Writer`). ``CachedFeatureDataset.compute`` chains the three;
 the pipeline in :mod:`cachedfeatures.pipeline` runs them on different workers.
+
+Layer: compute (see "Layout" in the README).
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ Layout (plain Zarr v3, readable with ``zarr`` and ``xarray`` alone)::
 All arrays share one chunking along the sample dimension. A row becomes valid only after
 its bytes are written: features first, then ``valid``, each chunk under its lock. A crash
 in between costs a recompute, never a wrong answer.
+
+Layer: store (see "Layout" in the README).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -34,7 +35,8 @@ from zarr.abc.codec import BytesBytesCodec
 from zarr.abc.store import Store
 from zarr.storage import LocalStore, MemoryStore
 
-from cachedfeatures import chunk_identity
+from cachedfeatures import chunk_identity, explore, remote
+from cachedfeatures.chunk_bytes import delete_chunk_bytes, stored_bytes
 from cachedfeatures.errors import (
     ChunkSizeError,
     DamagedStoreError,
@@ -44,9 +46,12 @@ from cachedfeatures.errors import (
 )
 from cachedfeatures.layout import ArraySpec
 from cachedfeatures.locks import FileLocks, Locks, ThreadLocks
+from cachedfeatures.names import ACCESS as ACCESS
+from cachedfeatures.names import VALID as VALID
+from cachedfeatures.reader import ChunkReader, RowsRead
 
 if TYPE_CHECKING:
-    from cachedfeatures.reader import ChunkReader
+    import xarray
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +71,6 @@ Compressor = BytesBytesCodec | Literal["default"] | None
 
 ATTRS_KEY = "cachedfeatures"
 FORMAT_VERSION = 1
-VALID = "valid"
-# (num_chunks, 2) float64: last access (unix seconds) and access count per chunk. Written by
-# the pruning layer; absent in entries that were never read under a budget.
-ACCESS = "access"
 SAMPLE_DIM = "sample"
 TARGET_CHUNK_BYTES = 2 * 1024 * 1024
 # Blosc (through numcodecs) refuses buffers over 2**31 - 1 bytes, and so does the crc32c of a
@@ -132,35 +133,6 @@ def default_chunk_rows(row_nbytes: int, num_rows: int) -> int:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-
-
-@dataclass(frozen=True)
-class RowsRead:
-    """What a read found: ``hit[i]`` for each requested row, and the arrays of the hits.
-
-    ``arrays[name]`` holds one row per hit, in the order of the requested indices.
-    ``chunks`` holds the distinct chunks of the requested rows, ascending, when the reader
-    already knew them (it groups rows by chunk), so later steps need not find them again.
-    """
-
-    hit: np.ndarray
-    arrays: Mapping[str, np.ndarray]
-    chunks: np.ndarray | None = None
-
-    @functools.cached_property
-    def hits(self) -> int:
-        """How many requested rows were hits (counted once: every batch asks)."""
-        return int(np.count_nonzero(self.hit))
-
-    @property
-    def all_hit(self) -> bool:
-        return self.hits == len(self.hit)
-
-    def hit_chunks(self, rows: np.ndarray, chunk_rows: int) -> np.ndarray:
-        """The distinct chunks the hits among ``rows`` (the rows read) came from, ascending."""
-        if self.chunks is not None and self.all_hit:
-            return self.chunks
-        return np.unique(rows[self.hit] // chunk_rows)
 
 
 class Entry:
@@ -306,8 +278,6 @@ class Entry:
                     # A partial write merges into the stored chunk, which cannot be decoded
                     # (torn, garbage): drop the chunk (valid first) and write it afresh. Its
                     # other rows were unreadable anyway; they become misses.
-                    from cachedfeatures.pruning import delete_chunk_bytes
-
                     logger.info(
                         "cachedfeatures: rewriting chunk %d of %s from scratch: %s: %s",
                         chunk,
@@ -392,8 +362,6 @@ class Entry:
         Files another process deletes while they are listed (a pruner) count as gone, and
         the ``*.partial`` temporaries of killed writes are not counted.
         """
-        from cachedfeatures.pruning import stored_bytes
-
         return stored_bytes(self.group.store, self.group.path)
 
     def describe(self) -> str:
@@ -435,8 +403,6 @@ class Entry:
         ``RowsNotCachedError``: rows that are not valid are never returned as data. For a lazy
         view of everything, use ``to_xarray()`` or the Zarr array ``arrays[name]``.
         """
-        from cachedfeatures import explore
-
         as_ = explore.parse_as(as_)
         if name is None:
             name = self.feature_names[0]
@@ -455,8 +421,6 @@ class Entry:
 
     def read_fields(self, rows: Sequence[int] | np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Each passthrough field at ``rows`` (default: the valid rows), as NumPy arrays."""
-        from cachedfeatures import explore
-
         _, columns = explore.read_arrays(self, self.field_names, rows)
         return {
             spec.name: explore.convert(spec, columns[spec.name], "numpy")
@@ -464,57 +428,41 @@ class Entry:
             if spec.name in columns
         }
 
-    def to_xarray(self, valid_only: bool = True) -> Any:
+    def to_xarray(self, valid_only: bool = True) -> xarray.Dataset:
         """The entry as a lazily read ``xarray.Dataset``: features as variables, fields as coords.
 
         See :func:`cachedfeatures.explore.to_xarray`; needs ``xarray`` installed.
         """
-        from cachedfeatures import explore
-
         return explore.to_xarray(self, valid_only)
 
     def nbytes_per_chunk(self) -> np.ndarray:
         """Bytes on disk of each chunk (all arrays), shape ``(num_chunks,)``."""
-        from cachedfeatures import explore
-
         return explore.chunk_nbytes(self)
 
     def access_stats(self) -> np.ndarray | None:
         """Per-chunk ``[last access unix time, count]`` recorded by pruning, or ``None``."""
-        from cachedfeatures import explore
-
         return explore.access_stats(self)
 
     @property
     def last_used(self) -> _dt.datetime | None:
         """When a chunk was last read (recorded by pruning), or ``None`` if never recorded."""
-        from cachedfeatures import explore
-
         return explore.last_used(self)
 
     def compression_ratio(self) -> float:
         """Uncompressed bytes of the cached rows over their chunks' bytes on disk (``nan``: none)."""
-        from cachedfeatures import explore
-
         return explore.compression_ratio(self)
 
-    def info(self) -> Any:
+    def info(self) -> explore.EntryInfo:
         """An :class:`cachedfeatures.explore.EntryInfo` snapshot: sizes, rows, dtypes, dates."""
-        from cachedfeatures import explore
-
         return explore.entry_info(self)
 
     def __repr__(self) -> str:
-        from cachedfeatures import explore
-
         try:
             return explore.entry_repr(explore.entry_info(self))
         except Exception as error:  # a repr must not raise (debuggers, logs): say what failed
             return f"<Entry {self.name} (unreadable: {type(error).__name__}: {error})>"
 
     def _repr_html_(self) -> str:
-        from cachedfeatures import explore
-
         return explore.entry_html(explore.entry_info(self), self.valid_mask())
 
     # -- reading -------------------------------------------------------------------------------
@@ -523,8 +471,6 @@ class Entry:
     def reader(self) -> ChunkReader:
         """The chunk-aware reader behind :meth:`read` (default budget and route until set)."""
         if self._reader is None:
-            from cachedfeatures.reader import ChunkReader
-
             self._reader = ChunkReader(self)
         return self._reader
 
@@ -654,10 +600,8 @@ class FeatureStore:
         if isinstance(key, int) and not isinstance(key, bool):
             entries = self.entries
             if not -len(entries) <= key < len(entries):
-                from cachedfeatures.explore import plural
-
                 raise IndexError(
-                    f"store {self.location} has {plural(len(entries), 'entry')}; got index {key}."
+                    f"store {self.location} has {explore.plural(len(entries), 'entry')}; got index {key}."
                 )
             return entries[key]
         entry = self.entry(str(key))
@@ -671,16 +615,12 @@ class FeatureStore:
         return sum(entry.nbytes_stored() for entry in self.entries)
 
     def __repr__(self) -> str:
-        from cachedfeatures import explore
-
         try:
             return explore.store_repr(self, [entry.info() for entry in self.entries])
         except Exception as error:  # a repr must not raise (debuggers, logs): say what failed
             return f"<FeatureStore {self.location} (unreadable: {type(error).__name__}: {error})>"
 
     def _repr_html_(self) -> str:
-        from cachedfeatures import explore
-
         return explore.store_html(self, [(entry.info(), entry.valid_mask()) for entry in self.entries])
 
 
@@ -815,8 +755,6 @@ def _resolve(
     store: StoreLike, mode: Literal["r", "a"], storage_options: Mapping[str, Any] | None = None
 ) -> tuple[Store, Locks, str]:
     """The zarr Store, the locks that go with it, and a readable location."""
-    from cachedfeatures import remote
-
     options = remote.parse_storage_options(storage_options, store)
     if remote.is_url(store):
         url = os.fspath(store)  # type: ignore[arg-type]

@@ -11,6 +11,8 @@ valid only after their bytes are stored.
 
 An error in the thread is kept and re-raised (as :class:`~cachedfeatures.errors.WriterError`)
 by the next :meth:`Writer.submit`, :meth:`Writer.check` or :meth:`Writer.flush`: never lost.
+
+Layer: store (see "Layout" in the README).
 """
 
 from __future__ import annotations

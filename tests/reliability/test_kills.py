@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from cachedfeatures import FeatureStore
-from cachedfeatures.pruning import PARTIAL_SUFFIX
+from cachedfeatures.chunk_bytes import PARTIAL_SUFFIX
 from cachedfeatures.writer import DEFAULT_MAX_PENDING
 from tests.helpers import Backbone, reference
 from tests.reliability.children import open_cached

@@ -16,6 +16,8 @@ from typing import Any
 
 from torch import nn
 
+from cachedfeatures.state_hash import all_names
+
 __all__ = ["mode_dependent_submodules", "training_mode_message"]
 
 # Methods that mention ``training`` to set or show it, not to compute with it.
@@ -83,14 +85,6 @@ def _scan_for_training(cls: type) -> bool:
             function = getattr(member, "__func__", member)
             if name in _MODE_METHODS or not isinstance(function, types.FunctionType):
                 continue
-            if "training" in _names(function.__code__):
+            if "training" in all_names(function.__code__):
                 return True
     return False
-
-
-def _names(code: types.CodeType) -> set[str]:
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _names(const)
-    return names

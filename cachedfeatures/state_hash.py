@@ -52,6 +52,7 @@ from torch import nn
 
 __all__ = [
     "StateHasher",
+    "all_names",
     "code_digest",
     "excluded_attributes",
     "is_user_code",
@@ -449,7 +450,7 @@ class StateHasher:
         if fn.__kwdefaults__:
             self.update(fn.__kwdefaults__, f"{path}.__kwdefaults__")
         namespace = fn.__globals__
-        attributes = sorted(_all_names(fn.__code__))
+        attributes = sorted(all_names(fn.__code__))
         for name in sorted(_global_names(fn.__code__)):
             if name not in namespace:
                 continue
@@ -568,12 +569,12 @@ def _global_names(code: types.CodeType) -> frozenset[str]:
 
 
 @functools.lru_cache(maxsize=8192)
-def _all_names(code: types.CodeType) -> frozenset[str]:
-    """Every name ``code`` uses, attributes included (``helpers.transform``)."""
+def all_names(code: types.CodeType) -> frozenset[str]:
+    """Every name ``code`` (and code nested in it) uses, attributes included (``helpers.transform``)."""
     names = set(code.co_names)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            names |= _all_names(const)
+            names |= all_names(const)
     return frozenset(names)
 
 

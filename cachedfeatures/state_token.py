@@ -35,6 +35,8 @@ import torch
 import xxhash
 from torch import nn
 
+from cachedfeatures.state_hash import all_names
+
 __all__ = ["state_token"]
 
 _VALUE_TYPES = frozenset({int, float, str, bool, bytes, type(None), complex})
@@ -127,19 +129,10 @@ def _class_globals(cls: type) -> list[tuple[dict[str, Any], tuple[str, ...]]]:
             if function.__module__ is None or function.__module__.split(".")[0] in _LIBRARIES:
                 continue  # the cache's own wrapper class
             namespace = function.__globals__
-            names.setdefault(id(namespace), (namespace, set()))[1].update(_code_names(function.__code__))
+            names.setdefault(id(namespace), (namespace, set()))[1].update(all_names(function.__code__))
     found = [(namespace, tuple(sorted(used))) for namespace, used in names.values()]
     _CLASS_GLOBALS[cls] = found
     return found
-
-
-def _code_names(code: types.CodeType) -> set[str]:
-    """The global and attribute names a code object (and the code nested in it) uses."""
-    used = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            used |= _code_names(const)
-    return used
 
 
 def _module_parts(sub: nn.Module, parts: list[Any]) -> None:

@@ -40,7 +40,7 @@ import torch
 
 from cachedfeatures import _hashing
 from cachedfeatures.errors import FingerprintWarning, NonDeterministicDatasetError
-from cachedfeatures.state_hash import StateHasher, excluded_attributes, is_user_code, unwrap_compiled
+from cachedfeatures.state_hash import StateHasher, excluded_attributes, unwrap_compiled
 
 FORMAT_VERSION = 1
 NUM_PROBES = 8
@@ -101,8 +101,8 @@ def module_fingerprint(module: Callable[..., Any], version: str | None = None) -
     state.update_module(module)  # classes and their code, hooks, every non-weight attribute
     config = state.hexdigest()
     classes = sorted({type(m) for m in module.modules()}, key=qualified_name)
-    code = _hashing.hash_strings(
-        *(f"{qualified_name(c)}:{_hashing.code_fingerprint(c)}" for c in classes if is_user_code(c))
+    code = _hashing.hash_strings(  # the class code the walk above hashed, not parsed again
+        *(f"{qualified_name(c)}:{state.code_digests[id(c)]}" for c in classes if id(c) in state.code_digests)
     )
     _warn_unhashed([*weights_hasher.unhashed, *state.unhashed], f"the module {name}", "module_version")
     digest = _hashing.hash_strings("module", name, config, weights)

@@ -164,6 +164,11 @@ class StateHasher:
         self._code: dict[int, str] = {}
         self._depth = 0
 
+    @property
+    def code_digests(self) -> Mapping[int, str]:
+        """The code digest of each user-code class and function hashed so far, by ``id``."""
+        return self._code
+
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
 

@@ -59,6 +59,19 @@ class Samples(Dataset[Any]):
         return {"image": image, "label": index % 7, "name": f"sample-{index}"}
 
 
+class Listed(Dataset[Any]):
+    """A map-style dataset over a list of samples, as given."""
+
+    def __init__(self, samples: list[Any]) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.samples[index]
+
+
 class SlowSamples(Samples):
     """Samples that take ``delay`` seconds each to load (same entry whatever the delay), so a
     prefill lasts long enough to interrupt."""

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from cachedfeatures import CachedFeatureDataset
-
-
-class Listed(Dataset[Any]):
-    def __init__(self, samples: list[Any]) -> None:
-        self.samples = samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.samples[index]
+from tests.helpers import Listed
 
 
 class Affine(nn.Module):

@@ -8,13 +8,11 @@ from __future__ import annotations
 import errno
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from cachedfeatures import CachedFeatureDataset, cached_module
 from cachedfeatures.errors import (
@@ -25,21 +23,10 @@ from cachedfeatures.errors import (
 )
 from cachedfeatures.keyed_entry import keyed_chunk_rows
 from cachedfeatures.store import MAX_CHUNK_BYTES, default_chunk_rows
-from tests.helpers import Backbone, Samples, reference
+from tests.helpers import Backbone, Listed, Samples, reference
 from tests.reliability.faulty import FaultyStore
 
 ROW_144MB = 144 * 1024 * 1024
-
-
-class Listed(Dataset[Any]):
-    def __init__(self, samples: list[Any]) -> None:
-        self.samples = samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.samples[index]
 
 
 class Wide(nn.Module):

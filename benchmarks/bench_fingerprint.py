@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from cachedfeatures.fingerprint import dataset_fingerprint, module_fingerprint
+from cachedfeatures.compute.fingerprint import dataset_fingerprint, module_fingerprint
 
 
 class Table(Dataset[tuple[torch.Tensor, int]]):

@@ -41,7 +41,7 @@ from torchcache import torchcache  # type: ignore[import-untyped]
 from torchcache.torchcache import _TorchCache  # type: ignore[import-untyped]
 
 from cachedfeatures import cached_module
-from cachedfeatures.row_keys import gather_inputs, row_keys
+from cachedfeatures.format.row_keys import gather_inputs, row_keys
 
 SHAPE = (3, 112, 112)  # 150,528 bytes per float32 row
 BATCH = 64

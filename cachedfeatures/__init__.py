@@ -39,14 +39,14 @@ from cachedfeatures.errors import (
     UnknownArrayError,
     WriterError,
 )
-from cachedfeatures.faults import WriteGuard
 from cachedfeatures.module_cache import ModuleCache, cached_module
-from cachedfeatures.ownership import ChunkOwnership
-from cachedfeatures.pipeline import Loader
-from cachedfeatures.prefill import PrefillResult
-from cachedfeatures.reader import ChunkReader
-from cachedfeatures.sampler import ChunkShuffleSampler
-from cachedfeatures.store import Entry, FeatureStore
+from cachedfeatures.pipeline.nodes import Loader
+from cachedfeatures.pipeline.prefill import PrefillResult
+from cachedfeatures.pipeline.sampler import ChunkShuffleSampler
+from cachedfeatures.reader.chunk_reader import ChunkReader
+from cachedfeatures.store.faults import WriteGuard
+from cachedfeatures.store.feature_store import Entry, FeatureStore
+from cachedfeatures.store.ownership import ChunkOwnership
 
 __all__ = [
     "BudgetError",

@@ -1,7 +1,4 @@
-"""``python -m cachedfeatures``: the same command line as the ``cachedfeatures`` script.
-
-Layer: entry points (see "Layout" in the README).
-"""
+"""``python -m cachedfeatures``: the same command line as the ``cachedfeatures`` script."""
 
 import sys
 

@@ -1,6 +1,3 @@
-"""The package's version: a leaf that imports nothing, so any module may read it.
-
-Layer: base, below everything (see "Layout" in the README).
-"""
+"""The package's version: a leaf that imports nothing, so any module may read it."""
 
 __version__ = "0.1.0"

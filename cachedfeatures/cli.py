@@ -8,8 +8,6 @@
 Exit codes scripts can rely on: 0 clean, 1 problems found (``verify`` found damage, even
 if ``--repair`` fixed it; ``prune`` could not reach the budget), 2 usage error (bad
 arguments, a path that is not a cachedfeatures store, an unknown entry).
-
-Layer: cli (see "Layout" in the README).
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ from cachedfeatures._version import __version__
 from cachedfeatures.errors import CacheError, EntryNotFoundError
 from cachedfeatures.maintenance import describe_store, remove_entry, repair_root, verify_store
 from cachedfeatures.pruning import open_entries, prune, remove_orphans
-from cachedfeatures.store import FeatureStore
+from cachedfeatures.store.feature_store import FeatureStore
 from cachedfeatures.units import format_bytes, parse_bytes
 
 __all__ = ["main"]

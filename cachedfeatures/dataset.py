@@ -1,7 +1,5 @@
 """``CachedFeatureDataset``: a map-style dataset that serves a frozen module's features from
 a Zarr store, and computes (in batches) and stores the ones it does not have yet.
-
-Layer: faces, the two public ones (see "Layout" in the README).
 """
 
 from __future__ import annotations
@@ -20,27 +18,17 @@ import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from cachedfeatures._version import __version__
-from cachedfeatures.access import AccessLog
-from cachedfeatures.compute import Collate, FeatureComputer
-from cachedfeatures.errors import DeviceInWorkerError, DtypeError, FingerprintWarning, TrainingModeError
-from cachedfeatures.faults import WriteGuard, is_store_fault
-from cachedfeatures.fingerprint import (
+from cachedfeatures.compute.fingerprint import (
     callable_digest,
     dataset_fingerprint,
     entry_id,
     module_fingerprint,
     qualified_name,
 )
-from cachedfeatures.layout import ArraySpec, InputKey, OutputLayout, SampleLayout
-from cachedfeatures.locks import FileLocks
-from cachedfeatures.modes import mode_dependent_submodules, training_mode_message
-from cachedfeatures.ownership import ChunkOwnership, parse_ownership
-from cachedfeatures.pipeline import Loader, WorkerMethod, parse_positive_int
-from cachedfeatures.prefill import PrefillResult, prefill
-from cachedfeatures.pruning import Budget, Policy, parse_policy, serve_backed_rows
-from cachedfeatures.reader import ChunkReader, ReadRoute, RowsRead
-from cachedfeatures.remote import is_url
-from cachedfeatures.spot_check import (
+from cachedfeatures.compute.layout import InputKey, OutputLayout, SampleLayout
+from cachedfeatures.compute.modes import mode_dependent_submodules, training_mode_message
+from cachedfeatures.compute.runner import Collate, FeatureComputer
+from cachedfeatures.compute.spot_check import (
     DEFAULT_SPOT_CHECK,
     SpotCheckState,
     compare_columns,
@@ -48,9 +36,26 @@ from cachedfeatures.spot_check import (
     precision_of,
     stale_error,
 )
-from cachedfeatures.state_hash import module_state_digests
-from cachedfeatures.steps import LoadedRows, RowLoader, compute_loaded
-from cachedfeatures.store import Compressor, Entry, FeatureStore, StoreLike, default_chunk_rows
+from cachedfeatures.compute.state_hash import module_state_digests
+from cachedfeatures.compute.steps import LoadedRows, RowLoader, compute_loaded
+from cachedfeatures.errors import DeviceInWorkerError, DtypeError, FingerprintWarning, TrainingModeError
+from cachedfeatures.format.specs import ArraySpec
+from cachedfeatures.pipeline.nodes import Loader, WorkerMethod, parse_positive_int
+from cachedfeatures.pipeline.prefill import PrefillResult, prefill
+from cachedfeatures.pruning import Budget, Policy, parse_policy, serve_backed_rows
+from cachedfeatures.reader.chunk_reader import ChunkReader, ReadRoute, RowsRead
+from cachedfeatures.store.access import AccessLog
+from cachedfeatures.store.faults import WriteGuard, is_store_fault
+from cachedfeatures.store.feature_store import (
+    Compressor,
+    Entry,
+    FeatureStore,
+    StoreLike,
+    default_chunk_rows,
+)
+from cachedfeatures.store.locks import FileLocks
+from cachedfeatures.store.ownership import ChunkOwnership, parse_ownership
+from cachedfeatures.store.remote import is_url
 from cachedfeatures.units import parse_bytes
 
 __all__ = ["CachedFeatureDataset"]
@@ -117,7 +122,7 @@ class CachedFeatureDataset(Dataset[Any]):
             DataLoader workers. An entry that fits is held whole, one array per column; else
             raw chunks of a local store are held open and read row by row rather than held.
         read_route: ``"auto"`` reads plain local chunk files directly; ``"zarr"`` reads
-            every chunk through zarr. See :mod:`cachedfeatures.reader`.
+            every chunk through zarr. See :mod:`cachedfeatures.reader.chunk_reader`.
         checksum: end every chunk with a crc32c of its bytes, checked on every read, so a torn,
             overwritten or bit-flipped chunk is recomputed instead of served (uncompressed
             chunks have no other guard), and a per-chunk checksum bound to the chunk's identity,
@@ -128,10 +133,10 @@ class CachedFeatureDataset(Dataset[Any]):
             such as ``{"endpoint_url": ...}`` or credentials.
         read_only: never write to the store: hits are served, misses are computed and served
             but not stored (one :class:`~cachedfeatures.errors.ReadOnlyStoreWarning`).
-        owned_chunks: a :class:`~cachedfeatures.ownership.ChunkOwnership`: store only the rows
+        owned_chunks: a :class:`~cachedfeatures.store.ownership.ChunkOwnership`: store only the rows
             of the chunks this process owns (several writers on an object store, which has no
             locks). Default ``None``: this process may write every chunk.
-        write_guard: the :class:`~cachedfeatures.faults.WriteGuard` that runs store writes and
+        write_guard: the :class:`~cachedfeatures.store.faults.WriteGuard` that runs store writes and
             pauses caching when the store fails (disk full, I/O error); default a new one.
 
     With ``device="cuda"``, compute misses through :meth:`loader` (workers do I/O, the module
@@ -707,7 +712,7 @@ class CachedFeatureDataset(Dataset[Any]):
     ) -> Loader:
         """A resumable batch loader: workers do I/O, the module runs in this process.
 
-        See :class:`cachedfeatures.pipeline.Loader` for the arguments; ``batch_size`` defaults
+        See :class:`cachedfeatures.pipeline.nodes.Loader` for the arguments; ``batch_size`` defaults
         to this dataset's ``batch_size``.
         """
         return Loader(
@@ -735,7 +740,7 @@ class CachedFeatureDataset(Dataset[Any]):
     ) -> PrefillResult:
         """Compute and store every missing row, with a progress bar; resumable.
 
-        See :func:`cachedfeatures.prefill.prefill`.
+        See :func:`cachedfeatures.pipeline.prefill.prefill`.
         """
         return prefill(
             self,

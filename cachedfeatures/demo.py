@@ -4,8 +4,6 @@ Run it with ``python -m cachedfeatures.demo [--store PATH] [--samples N] [--epoc
 The dataset is synthetic but costs what real data costs: each sample is a zlib-compressed
 64x64 RGB image decoded and normalised on every access, as a JPEG would be. The backbone is
 a small randomly initialised conv net, frozen; the head is a linear classifier.
-
-Layer: entry points (see "Layout" in the README).
 """
 
 from __future__ import annotations

@@ -3,8 +3,6 @@
 Every error derives from :class:`CacheError`, and most also from the matching built-in
 (``InputKeyError`` is a ``KeyError``), so callers can catch the family or one case.
 Each message says what happened and what to do about it.
-
-Layer: base, below everything (see "Layout" in the README).
 """
 
 from __future__ import annotations

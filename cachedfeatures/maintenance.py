@@ -2,8 +2,6 @@
 
 These back the ``cachedfeatures`` command line (``info``, ``verify``, ``rm``) and return
 plain JSON-ready dicts, so scripts and notebooks can use them too.
-
-Layer: maintenance (see "Layout" in the README).
 """
 
 from __future__ import annotations
@@ -19,16 +17,16 @@ import zarr.codecs
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from cachedfeatures.access import last_used, read_access
-from cachedfeatures.chunk_bytes import chunk_keys, delete_chunk_bytes
-from cachedfeatures.layout import ArraySpec
+from cachedfeatures.format.specs import ArraySpec
 from cachedfeatures.pruning import (
     STALE_PARTIAL_SECONDS,
     measure,
     open_entries,
     remove_orphans,
 )
-from cachedfeatures.store import (
+from cachedfeatures.store.access import last_used, read_access
+from cachedfeatures.store.chunk_bytes import chunk_keys, delete_chunk_bytes
+from cachedfeatures.store.feature_store import (
     ACCESS,
     VALID,
     Entry,

@@ -9,19 +9,17 @@ the fly, so that the dataset cannot be wrapped::
     @cached_module()
     def embed(x: torch.Tensor) -> torch.Tensor: ...
 
-Each batch row is looked up by a content key of its inputs (:mod:`cachedfeatures.row_keys`):
-first in a byte-budgeted memory tier (:mod:`cachedfeatures.memory_tier`), then in a
-content-addressed entry of a Zarr feature store (:mod:`cachedfeatures.keyed_entry`). Only the
+Each batch row is looked up by a content key of its inputs (:mod:`cachedfeatures.format.row_keys`):
+first in a byte-budgeted memory tier (:mod:`cachedfeatures.compute.memory_tier`), then in a
+content-addressed entry of a Zarr feature store (:mod:`cachedfeatures.store.keyed_entry`). Only the
 missing rows go through the module; a fully cached batch never calls it. Entries are scoped
 by the module's fingerprint (class, code and state), taken again whenever a cheap token of the
-state changes (:mod:`cachedfeatures.state_token`), so loading a fine-tuned checkpoint, setting
+state changes (:mod:`cachedfeatures.compute.state_token`), so loading a fine-tuned checkpoint, setting
 ``self.scale`` or swapping a submodule never serves the old outputs.
 
 Every instance of a decorated class has its own cache, created on its first call, with the
 decorator's options overridden by instance (or class) attributes named
 ``cachedfeatures_<option>``, e.g. ``self.cachedfeatures_store = path`` in ``__init__``.
-
-Layer: faces, the two public ones (see "Layout" in the README).
 """
 
 from __future__ import annotations
@@ -41,8 +39,13 @@ import torch
 from torch import nn
 from zarr.abc.store import Store
 
-from cachedfeatures import _hashing
 from cachedfeatures._version import __version__
+from cachedfeatures.compute import hashing as _hashing
+from cachedfeatures.compute.fingerprint import Fingerprint, module_fingerprint, options_json
+from cachedfeatures.compute.layout import OutputLayout, cast_for_storage
+from cachedfeatures.compute.memory_tier import MemoryTier, Row
+from cachedfeatures.compute.modes import mode_dependent_submodules, training_mode_message
+from cachedfeatures.compute.state_token import state_token
 from cachedfeatures.errors import (
     DtypeError,
     InputBatchError,
@@ -50,14 +53,9 @@ from cachedfeatures.errors import (
     RequiresGradError,
     TrainingModeError,
 )
-from cachedfeatures.fingerprint import Fingerprint, module_fingerprint, options_json
-from cachedfeatures.keyed_entry import KeyedEntry, keyed_chunk_rows
-from cachedfeatures.layout import OutputLayout, cast_for_storage
-from cachedfeatures.memory_tier import MemoryTier, Row
-from cachedfeatures.modes import mode_dependent_submodules, training_mode_message
-from cachedfeatures.row_keys import KEY_ALGORITHM, CallInputs, gather_inputs, row_keys
-from cachedfeatures.state_token import state_token
-from cachedfeatures.store import Compressor, FeatureStore, StoreLike
+from cachedfeatures.format.row_keys import KEY_ALGORITHM, CallInputs, gather_inputs, row_keys
+from cachedfeatures.store.feature_store import Compressor, FeatureStore, StoreLike
+from cachedfeatures.store.keyed_entry import KeyedEntry, keyed_chunk_rows
 
 __all__ = ["OPTION_PREFIX", "CacheOptions", "ModuleCache", "cached_module"]
 
@@ -624,7 +622,7 @@ class ModuleCache:
     def _fingerprint(self, module: Callable[..., Any]) -> Fingerprint:
         """The module's fingerprint, taken again whenever its state may have changed.
 
-        A cheap token of the state (:mod:`cachedfeatures.state_token`: the module tree, every
+        A cheap token of the state (:mod:`cachedfeatures.compute.state_token`: the module tree, every
         submodule's ``__dict__``, tensors by pointer and version counter) is compared on every
         call; a new token means a new fingerprint and an empty memory tier.
 

@@ -16,8 +16,6 @@ checks ``valid`` again after reading the bytes), and a crash in between leaves b
 nothing serves. The budget counts the store's actual bytes (every process's writes, earlier
 sessions included), ignoring the ``*.partial`` temporary files that Zarr's local store leaves
 behind when killed mid-write.
-
-Layer: pruning (see "Layout" in the README).
 """
 
 from __future__ import annotations
@@ -36,11 +34,17 @@ import numpy as np
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from cachedfeatures.access import LAST, AccessLog, read_access
-from cachedfeatures.chunk_bytes import PARTIAL_SUFFIX, chunk_keys, delete_chunk_bytes, key_sizes, stored_bytes
 from cachedfeatures.errors import BudgetError
-from cachedfeatures.reader import RowsRead
-from cachedfeatures.store import ACCESS, Entry, FeatureStore
+from cachedfeatures.reader.chunk_reader import RowsRead
+from cachedfeatures.store.access import LAST, AccessLog, read_access
+from cachedfeatures.store.chunk_bytes import (
+    PARTIAL_SUFFIX,
+    chunk_keys,
+    delete_chunk_bytes,
+    key_sizes,
+    stored_bytes,
+)
+from cachedfeatures.store.feature_store import ACCESS, Entry, FeatureStore
 from cachedfeatures.units import format_bytes, parse_bytes
 
 __all__ = [

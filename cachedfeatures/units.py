@@ -3,8 +3,6 @@
 Decimal units (kB, MB, GB, TB, PB) are powers of 1000, binary units (KiB, MiB, GiB, TiB,
 PiB) powers of 1024, as ``ls --si`` and ``ls -h`` print them. Unit letters are case-insensitive
 ("10gb" is 10 GB); a bare "G" or "M" is refused because it is ambiguous between the two.
-
-Layer: base, below everything (see "Layout" in the README).
 """
 
 from __future__ import annotations

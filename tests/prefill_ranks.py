@@ -29,7 +29,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     handler = logging.FileHandler(log_dir / f"writes-rank{rank}.log")
-    writer_log = logging.getLogger("cachedfeatures.writer")
+    writer_log = logging.getLogger("cachedfeatures.store.writer")
     writer_log.setLevel(logging.DEBUG)
     writer_log.addHandler(handler)
 

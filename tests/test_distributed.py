@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cachedfeatures import FeatureStore
-from cachedfeatures.prefill import owned_chunks
+from cachedfeatures.pipeline.prefill import owned_chunks
 from tests.helpers import Backbone, Samples, reference
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ from cachedfeatures import (
     RowsNotCachedError,
     UnknownArrayError,
 )
-from cachedfeatures.store import ACCESS
+from cachedfeatures.store.feature_store import ACCESS
 from tests.helpers import Backbone, Samples, reference
 
 FILLED = [*range(40), 70, 75, 99]  # chunks of 16 rows: 0-2 full, 4 partly, 6 partly

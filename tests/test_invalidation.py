@@ -156,7 +156,7 @@ def _load_module(path, name: str, source: str) -> Any:
 
 
 def test_code_fingerprint_ignores_comments_and_docstrings_but_not_code(tmp_path) -> None:
-    from cachedfeatures._hashing import code_fingerprint
+    from cachedfeatures.compute.hashing import code_fingerprint
 
     base = "import torch\nclass Net(torch.nn.Module):\n    def forward(self, x):\n        return x * 2\n"
     cosmetic = (

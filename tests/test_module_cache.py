@@ -24,8 +24,8 @@ from cachedfeatures import (
     UnhashableArgumentError,
     cached_module,
 )
-from cachedfeatures.memory_tier import MemoryTier
-from cachedfeatures.row_keys import gather_inputs, row_keys
+from cachedfeatures.compute.memory_tier import MemoryTier
+from cachedfeatures.format.row_keys import gather_inputs, row_keys
 from tests.helpers import Backbone
 
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from cachedfeatures import CachedFeatureDataset, CachingPausedWarning, DeviceInWorkerError, WriterError
-from cachedfeatures.pipeline import Indices
+from cachedfeatures.pipeline.nodes import Indices
 from tests.helpers import SHAPES, Backbone, Samples, features_of, reference
 
 

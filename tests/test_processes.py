@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cachedfeatures import CachedFeatureDataset
-from cachedfeatures.fingerprint import NUM_PROBES, NUM_RELOADED_PROBES, RELOAD_SEEDS
+from cachedfeatures.compute.fingerprint import NUM_PROBES, NUM_RELOADED_PROBES, RELOAD_SEEDS
 from tests.helpers import Backbone, Samples, reference, run_script
 
 

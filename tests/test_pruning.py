@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cachedfeatures import BudgetError, CachedFeatureDataset, FeatureStore
-from cachedfeatures.access import read_access
 from cachedfeatures.pruning import drop_chunk, measure, parse_policy, plan
+from cachedfeatures.store.access import read_access
 from cachedfeatures.units import format_bytes, parse_bytes
 from tests.helpers import Samples, Tile
 

@@ -17,10 +17,10 @@ import zarr
 from torch.utils.data import DataLoader, Dataset
 
 from cachedfeatures import CachedFeatureDataset, FeatureStore
-from cachedfeatures import signatures as signature_module
-from cachedfeatures.layout import ArraySpec
-from cachedfeatures.reader import ChunkReader, default_chunk_cache_bytes
-from cachedfeatures.signatures import QUIET_NS, ValidSignatures
+from cachedfeatures.format.specs import ArraySpec
+from cachedfeatures.reader import signatures as signature_module
+from cachedfeatures.reader.chunk_reader import ChunkReader, default_chunk_cache_bytes
+from cachedfeatures.reader.signatures import QUIET_NS, ValidSignatures
 from tests.helpers import Backbone, Samples, features_of, reference
 
 ROUTES = ("auto", "zarr")
@@ -305,7 +305,7 @@ def test_garbled_chunk_is_a_miss_logged_once(
     chunk = store_path / "e" / "features" / "c" / "1" / "0"
     chunk.write_bytes(b"not a chunk")
     reader = ChunkReader(entry, cache_bytes=budget)
-    with caplog.at_level(logging.WARNING, logger="cachedfeatures.reader"):
+    with caplog.at_level(logging.WARNING, logger="cachedfeatures.reader.chunk_reader"):
         for _ in range(3):
             read = reader.read(np.arange(10, 40))
             np.testing.assert_array_equal(read.hit, (np.arange(10, 40) < 16) | (np.arange(10, 40) >= 32))

@@ -19,9 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cachedfeatures import CachedFeatureDataset, FeatureStore, StaleFeaturesError
+from cachedfeatures.compute.spot_check import compare_columns, parse_spot_check, tolerance
 from cachedfeatures.errors import CacheError
-from cachedfeatures.layout import ArraySpec
-from cachedfeatures.spot_check import compare_columns, parse_spot_check, tolerance
+from cachedfeatures.format.specs import ArraySpec
 from tests.helpers import Backbone, run_script
 
 N = 64
@@ -439,7 +439,7 @@ def test_the_precision_of_a_model_behind_a_lambda_or_partial_is_seen() -> None:
     """A half-precision model wrapped in a lambda or a partial gets the half-precision tolerance."""
     import functools
 
-    from cachedfeatures.spot_check import precision_of
+    from cachedfeatures.compute.spot_check import precision_of
 
     half = torch.nn.Linear(4, 4).half()
     cpu = torch.device("cpu")

@@ -586,8 +586,8 @@ STABILITY = """
 import dataclasses, json, logging, sys
 import torch
 from torch import nn
-from cachedfeatures.fingerprint import module_fingerprint
-from cachedfeatures import _hashing
+from cachedfeatures.compute.fingerprint import module_fingerprint
+from cachedfeatures.compute import hashing as _hashing
 
 log = logging.getLogger("user.model")
 
@@ -640,7 +640,7 @@ def test_fingerprints_agree_across_processes_and_hash_seeds(tmp_path) -> None:
 
 
 def test_a_compiled_module_is_fingerprinted_as_what_it_compiles() -> None:
-    from cachedfeatures.fingerprint import module_fingerprint
+    from cachedfeatures.compute.fingerprint import module_fingerprint
 
     torch.manual_seed(0)
     plain = nn.Linear(4, 4)
@@ -668,7 +668,7 @@ class ReadsAnAttributeNamedLikeAGlobal(nn.Module):
 
 
 def test_an_attribute_named_like_a_global_does_not_pull_the_global_in() -> None:
-    from cachedfeatures.fingerprint import module_fingerprint
+    from cachedfeatures.compute.fingerprint import module_fingerprint
 
     module = ReadsAnAttributeNamedLikeAGlobal()
     before = module_fingerprint(module).digest
@@ -680,7 +680,7 @@ def test_an_attribute_named_like_a_global_does_not_pull_the_global_in() -> None:
 
 
 def test_odd_objects_are_hashed_or_reported_never_a_crash() -> None:
-    from cachedfeatures.state_hash import StateHasher
+    from cachedfeatures.compute.state_hash import StateHasher
 
     class Raising:
         def __getattr__(self, name: str) -> Any:
@@ -697,7 +697,7 @@ def test_odd_objects_are_hashed_or_reported_never_a_crash() -> None:
 
 def test_paths_and_directories(tmp_path) -> None:
 
-    from cachedfeatures.state_hash import StateHasher
+    from cachedfeatures.compute.state_hash import StateHasher
 
     def digest(value: Any) -> str:
         hasher = StateHasher(stat_files=True)

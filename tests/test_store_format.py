@@ -15,7 +15,7 @@ from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import LocalStore, WrapperStore
 
 from cachedfeatures import CachedFeatureDataset
-from cachedfeatures.fingerprint import probe_indices
+from cachedfeatures.compute.fingerprint import probe_indices
 from tests.helpers import Backbone, Samples, reference
 
 
@@ -133,7 +133,7 @@ def test_default_compression_and_raw_chunks(store_path) -> None:
 
 
 def test_default_chunking_targets_megabyte_chunks(store_path) -> None:
-    from cachedfeatures.store import default_chunk_rows
+    from cachedfeatures.store.feature_store import default_chunk_rows
 
     assert default_chunk_rows(384 * 4, 65536) == 1024  # 1.5 MiB chunks of ViT-S features
     assert default_chunk_rows(384 * 4, 100) == 128  # a small dataset is not one huge chunk

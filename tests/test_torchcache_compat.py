@@ -576,7 +576,7 @@ def test_the_state_token_is_cheap() -> None:
     of 50 submodules it stays within a small multiple of a bare Python loop over them."""
     import time
 
-    from cachedfeatures.state_token import state_token
+    from cachedfeatures.compute.state_token import state_token
 
     class Block(nn.Module):
         def __init__(self) -> None:

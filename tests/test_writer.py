@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cachedfeatures import CachedFeatureDataset, WriterError
-from cachedfeatures.writer import Writer
+from cachedfeatures.store.writer import Writer
 from tests.helpers import Backbone, Samples, reference
 
 

@@ -63,7 +63,7 @@ def loader_main(argv: list[str]) -> None:
     """
     import logging
 
-    from cachedfeatures import writer
+    from cachedfeatures.store import writer
 
     store, log_dir, n, chunk_rows, batch_size, delay, hold = argv
     writer.DEFAULT_MAX_HOLD_SECONDS = float(hold)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from cachedfeatures import CachedFeatureDataset, FeatureStore
 from cachedfeatures.errors import CachingPausedWarning, ReadOnlyStoreWarning, StorePathError
-from cachedfeatures.faults import WriteGuard, is_store_fault
+from cachedfeatures.store.faults import WriteGuard, is_store_fault
 from tests.helpers import Backbone, Samples, reference
 from tests.reliability.faulty import FaultyStore
 from tests.reliability.figures import record

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from cachedfeatures import FeatureStore
-from cachedfeatures.chunk_bytes import PARTIAL_SUFFIX
-from cachedfeatures.writer import DEFAULT_MAX_PENDING
+from cachedfeatures.store.chunk_bytes import PARTIAL_SUFFIX
+from cachedfeatures.store.writer import DEFAULT_MAX_PENDING
 from tests.helpers import Backbone, reference
 from tests.reliability.children import open_cached
 from tests.reliability.figures import record

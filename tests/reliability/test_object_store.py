@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from cachedfeatures import CachedFeatureDataset, FeatureStore
 from cachedfeatures.errors import StorePathError
-from cachedfeatures.ownership import ChunkOwnership
+from cachedfeatures.store.ownership import ChunkOwnership
 from tests.helpers import Backbone, Samples, reference, run_script
 from tests.reliability.conftest import S3Server
 from tests.reliability.figures import record
@@ -99,7 +99,7 @@ def test_fill_in_one_process_read_in_another(s3_server: S3Server, tmp_path: Path
 WRITER = """
     import json, sys
     from cachedfeatures import CachedFeatureDataset
-    from cachedfeatures.ownership import ChunkOwnership
+    from cachedfeatures.store.ownership import ChunkOwnership
     from tests.helpers import Backbone, Samples
 
     url, options, n, rank = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])

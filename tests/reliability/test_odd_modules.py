@@ -120,7 +120,7 @@ def test_dict_keys_that_sanitise_to_one_name_get_their_own_arrays(tmp_path) -> N
 
 def test_an_entry_written_with_colliding_output_names_is_not_reused(tmp_path, monkeypatch, caplog) -> None:
     """Entries written before names were made unique hold two outputs in one array: a new entry."""
-    from cachedfeatures import layout
+    from cachedfeatures.compute import layout
 
     path = tmp_path / "f.zarr"
     with monkeypatch.context() as patch:  # the old naming: one name for "a b", "a_b" and "a/b"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cachedfeatures import CachedFeatureDataset
-from cachedfeatures.ownership import ChunkOwnership
+from cachedfeatures.store.ownership import ChunkOwnership
 from tests.helpers import Backbone, Samples
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from cachedfeatures import FeatureStore
-from cachedfeatures.layout import ArraySpec
+from cachedfeatures.format.specs import ArraySpec
 from tests.helpers import ROOT
 from tests.reliability.figures import record
 
@@ -192,7 +192,7 @@ def _death_signal(results: Any) -> None:
 def test_other_children_forked_meanwhile_keep_their_lifetime(store_path: Path) -> None:
     """Only the stage's own worker processes are tied to their parent, not the user's children."""
     from cachedfeatures import CachedFeatureDataset
-    from cachedfeatures.pipeline import ReadOrLoad
+    from cachedfeatures.pipeline.nodes import ReadOrLoad
     from tests.helpers import Backbone, Samples
 
     cached = CachedFeatureDataset(Samples(8), Backbone(), store_path)

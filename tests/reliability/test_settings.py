@@ -21,8 +21,8 @@ from cachedfeatures.errors import (
     FieldNotStorableError,
     ReadOnlyStoreWarning,
 )
-from cachedfeatures.keyed_entry import keyed_chunk_rows
-from cachedfeatures.store import MAX_CHUNK_BYTES, default_chunk_rows
+from cachedfeatures.store.feature_store import MAX_CHUNK_BYTES, default_chunk_rows
+from cachedfeatures.store.keyed_entry import keyed_chunk_rows
 from tests.helpers import Backbone, Listed, Samples, reference
 from tests.reliability.faulty import FaultyStore
 
@@ -188,7 +188,7 @@ def test_chunk_rows_of_an_existing_entry_with_other_chunking_is_logged_once(stor
 def test_store_fill_value_sentinel_is_not_nan() -> None:
     # Guard for the fix above: a NaN fill value makes all-NaN rows indistinguishable from
     # missing bytes; the sentinel must be an ordinary value no module plausibly outputs.
-    from cachedfeatures.store import float_fill_value
+    from cachedfeatures.store.feature_store import float_fill_value
 
     for dtype in ("<f2", "<f4", "<f8"):
         fill = float_fill_value(np.dtype(dtype))

@@ -1,0 +1,419 @@
+"""How samples and module outputs map onto arrays in the store.
+
+A :class:`SampleLayout` is learnt from one probe sample. It knows which field feeds the
+module (``input_key``), which other leaves are passthrough fields stored beside the
+features, and how to rebuild a sample of the same structure from stored rows, so a hit
+never needs the wrapped dataset. An :class:`OutputLayout` does the same for what the module
+returns: one tensor, or a tuple or dict of tensors, each stored in its own array.
+
+Both are plain data that serialise to JSON, so they live in the entry's Zarr attributes; the
+arrays themselves are described by :class:`~cachedfeatures.format.specs.ArraySpec`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from cachedfeatures.errors import (
+    InputKeyError,
+    ModuleOutputError,
+    OutputShapeError,
+)
+from cachedfeatures.format.specs import (
+    FEATURES,
+    RESERVED,
+    ArraySpec,
+    Path,
+    check_utf8,
+    field_spec,
+    tensor_spec,
+    unstorable,
+)
+
+InputKey = int | str | Callable[[Any], Any]
+
+# ---------------------------------------------------------------------------------------
+# The sample's structure
+
+
+@dataclass(frozen=True)
+class SampleLayout:
+    """Where the input and the passthrough fields sit in a sample, and how to rebuild one.
+
+    ``template`` is a JSON tree: ``{"kind": "input"}``, ``{"kind": "field", "name": ...}``,
+    ``{"kind": "tuple"|"list", "items": [...]}`` or ``{"kind": "dict", "keys": [...],
+    "items": [...]}``. Fields read by a callable ``input_key`` other than the first are left
+    out of the rebuilt sample: their content is folded into the features.
+    """
+
+    template: dict[str, Any]
+    fields: tuple[ArraySpec, ...]
+    field_paths: tuple[Path, ...]
+    input_key: InputKey
+
+    @classmethod
+    def from_sample(cls, sample: Any, input_key: InputKey) -> SampleLayout:
+        input_paths = _input_paths(sample, input_key)
+        fields: list[ArraySpec] = []
+        paths: list[Path] = []
+        taken: set[str] = set(RESERVED)
+
+        def walk(value: Any, path: Path) -> dict[str, Any] | None:
+            if path in input_paths:
+                return {"kind": "input"} if path == input_paths[0] else None
+            if isinstance(value, Mapping):
+                keys = list(value.keys())
+                for key in keys:
+                    if not isinstance(key, (str, int)) or isinstance(key, bool):
+                        raise unstorable(path, value, "dict keys must be strings or ints")
+                pairs = [(key, walk(value[key], (*path, key))) for key in keys]
+                kept = [(key, item) for key, item in pairs if item is not None]
+                return {
+                    "kind": "dict",
+                    "keys": [key for key, _ in kept],
+                    "items": [item for _, item in kept],
+                }
+            if isinstance(value, (tuple, list)):
+                nodes = [walk(item, (*path, i)) for i, item in enumerate(value)]
+                return {
+                    "kind": "list" if isinstance(value, list) else "tuple",
+                    "items": [node for node in nodes if node is not None],
+                }
+            name = _unique_name(_field_name(path), taken)
+            fields.append(field_spec(name, path, value))
+            paths.append(path)
+            return {"kind": "field", "name": name}
+
+        template = walk(sample, ())
+        if template is None:  # unreachable: the root is either the input or a container
+            raise AssertionError("empty sample template")
+        return cls(template, tuple(fields), tuple(paths), input_key)
+
+    def extract_input(self, sample: Any) -> Any:
+        """The value that feeds the module."""
+        if callable(self.input_key):
+            return self.input_key(sample)
+        if isinstance(sample, torch.Tensor):
+            return sample
+        return _lookup(sample, self.input_key)
+
+    def field_values(
+        self, samples: Sequence[Any], rows: Sequence[int] | np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """Each passthrough field of ``samples``, stacked into the array to store.
+
+        ``rows`` (the samples' dataset indices) only serve to name the sample in errors.
+        """
+        columns: dict[str, np.ndarray] = {}
+        for spec, path in zip(self.fields, self.field_paths, strict=True):
+            values = []
+            for sample in samples:
+                value = sample
+                for key in path:
+                    value = value[key]
+                values.append(value)
+            if spec.kind == "str":
+                check_utf8(values, path, rows)
+            columns[spec.name] = spec.values_to_numpy(values)
+        return columns
+
+    def build(self, features: Any, fields: Mapping[str, Any]) -> Any:
+        """A sample shaped like the dataset's, with the input replaced by ``features``."""
+        return _build(self.template, features, fields, {s.name: s for s in self.fields})
+
+    def build_many(self, features: Sequence[Any], fields: Mapping[str, np.ndarray]) -> list[Any]:
+        """One sample per row: ``features[i]`` with row ``i`` of each stored field."""
+        values = {spec.name: spec.rows_to_values(fields[spec.name]) for spec in self.fields}
+        node = self.template
+        if node["kind"] == "input":
+            return list(features)
+        items = node.get("items", [])
+        if items and all(item["kind"] in ("input", "field") for item in items):  # flat: zip in C
+            columns = [features if item["kind"] == "input" else values[item["name"]] for item in items]
+            rows = zip(*columns, strict=True)
+            if node["kind"] == "tuple":
+                return list(rows)
+            if node["kind"] == "list":
+                return [list(row) for row in rows]
+            return [dict(zip(node["keys"], row, strict=True)) for row in rows]
+        row = _row_builder(node, features, values)
+        return [row(i) for i in range(len(features))]
+
+    def describe_input_key(self) -> str:
+        if callable(self.input_key):
+            return getattr(self.input_key, "__qualname__", repr(self.input_key))
+        return repr(self.input_key)
+
+
+def _row_builder(
+    node: Mapping[str, Any], features: Sequence[Any], values: Mapping[str, list[Any]]
+) -> Callable[[int], Any]:
+    """``_build`` compiled once per batch into closures: row ``i`` -> its sample."""
+    kind = node["kind"]
+    if kind == "input":
+        return features.__getitem__
+    if kind == "field":
+        return values[node["name"]].__getitem__
+    parts = [_row_builder(item, features, values) for item in node["items"]]
+    if kind == "dict":
+        keys = node["keys"]
+        return lambda i: dict(zip(keys, [part(i) for part in parts], strict=True))
+    if kind == "list":
+        return lambda i: [part(i) for part in parts]
+    return lambda i: tuple([part(i) for part in parts])
+
+
+def _build(
+    node: Mapping[str, Any], features: Any, fields: Mapping[str, Any], specs: Mapping[str, ArraySpec]
+) -> Any:
+    kind = node["kind"]
+    if kind == "input":
+        return features
+    if kind == "field":
+        return specs[node["name"]].row_to_value(fields[node["name"]])
+    items = [_build(item, features, fields, specs) for item in node["items"]]
+    if kind == "dict":
+        return dict(zip(node["keys"], items, strict=True))
+    return items if kind == "list" else tuple(items)
+
+
+def _lookup(sample: Any, key: int | str) -> Any:
+    if isinstance(sample, Mapping):
+        if key in sample:
+            return sample[key]
+        keys = list(sample.keys())
+        hint = f"pass input_key={keys[0]!r}" if keys else "return a non-empty sample"
+        raise InputKeyError(f"input_key {key!r} not in sample keys {keys}; {hint}")
+    if isinstance(sample, (tuple, list)):
+        if isinstance(key, int) and -len(sample) <= key < len(sample):
+            return sample[key]
+        raise InputKeyError(
+            f"input_key {key!r} does not index a sample of {len(sample)} items; pass an int "
+            f"from 0 to {len(sample) - 1}, or a callable that picks the input."
+        )
+    raise InputKeyError(
+        f"input_key {key!r} cannot index a sample of type {type(sample).__name__}; samples must "
+        "be tensors, tuples, lists or dicts, or pass a callable input_key."
+    )
+
+
+def _input_paths(sample: Any, input_key: InputKey) -> tuple[Path, ...]:
+    """The top-level fields that hold the input, in the order they are read."""
+    if isinstance(sample, torch.Tensor) and not callable(input_key):
+        return ((),)
+    if not callable(input_key):
+        _lookup(sample, input_key)
+        if isinstance(sample, (tuple, list)) and isinstance(input_key, int):
+            return ((input_key % len(sample),),)
+        return ((input_key,),)
+    read: list[Hashable] = []
+    traced: Any = sample
+    if isinstance(sample, Mapping):
+        traced = _TracingDict(sample, read)
+    elif isinstance(sample, (tuple, list)):
+        traced = _TracingTuple(sample, read)
+    input_key(traced)
+    paths: list[Path] = []
+    for key in read:
+        if isinstance(key, int) and isinstance(sample, (tuple, list)):
+            key %= len(sample)
+        if (key,) not in paths:
+            paths.append((key,))
+    return tuple(paths) or ((),)
+
+
+class _TracingDict(dict[Any, Any]):
+    """A dict that records which keys a callable ``input_key`` reads."""
+
+    def __init__(self, data: Mapping[Any, Any], read: list[Hashable]) -> None:
+        super().__init__(data)
+        self._read = read
+
+    def __getitem__(self, key: Any) -> Any:
+        self._read.append(key)
+        return super().__getitem__(key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if key in self:
+            self._read.append(key)
+        return super().get(key, default)
+
+
+class _TracingTuple(tuple[Any, ...]):
+    """A tuple that records which indices a callable ``input_key`` reads."""
+
+    _read: list[Hashable]
+
+    def __new__(cls, data: Sequence[Any], read: list[Hashable]) -> _TracingTuple:
+        self = super().__new__(cls, data)
+        self._read = read
+        return self
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, int):
+            self._read.append(index)
+        return super().__getitem__(index)
+
+
+def _sanitize(name: str) -> str:
+    """A Zarr node name: no slashes, nothing that needs quoting in a path."""
+    return re.sub(r"[^0-9A-Za-z_.\-]", "_", name)
+
+
+def _field_name(path: Path) -> str:
+    name = _sanitize(".".join(str(key) for key in path) or "value")
+    if name[0].isdigit() or name.startswith((FEATURES, "_", ".")):
+        name = f"field_{name}"
+    return name
+
+
+def _unique_name(name: str, taken: set[str]) -> str:
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}_{n}"
+    taken.add(candidate)
+    return candidate
+
+
+# ---------------------------------------------------------------------------------------
+# The module's outputs
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """The structure of the module's output: one tensor, or a tuple or dict of tensors."""
+
+    kind: Literal["tensor", "tuple", "dict"]
+    keys: tuple[str | int, ...]
+    arrays: tuple[ArraySpec, ...]
+
+    @classmethod
+    def from_output(cls, output: Any, batch_size: int, dtype: torch.dtype | None) -> OutputLayout:
+        """Learn the layout from one batch of module output (before storage casting)."""
+        kind, items = _output_items(output)
+        arrays = []
+        taken: set[str] = set()  # keys that sanitise to one name ("a b", "a_b") get _2, _3...
+        for key, tensor in items:
+            name = FEATURES if kind == "tensor" else _unique_name(f"{FEATURES}_{_sanitize(str(key))}", taken)
+            _check_batch_dim(name, tensor, batch_size)
+            arrays.append(tensor_spec(name, "tensor", cast_for_storage(tensor[0], dtype)))
+        return cls(kind, tuple(key for key, _ in items), tuple(arrays))
+
+    @property
+    def names_unique(self) -> bool:
+        """Whether every output has an array of its own (entries written before names were made
+        unique may store two outputs whose keys sanitise to one name in one array)."""
+        return len({spec.name for spec in self.arrays}) == len(self.arrays)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "keys": list(self.keys), "arrays": [a.to_json() for a in self.arrays]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> OutputLayout:
+        return cls(data["kind"], tuple(data["keys"]), tuple(ArraySpec.from_json(a) for a in data["arrays"]))
+
+    def split(
+        self, output: Any, batch_size: int, dtype: torch.dtype | None, *, copy: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """The module's output as one CPU tensor per array, cast to the storage dtype.
+
+        With ``copy`` (the default) each tensor is in memory of its own, never the module's (see
+        :func:`_copied_out`); ``copy=False`` is for a caller that copies them out itself before
+        it calls the module again.
+        """
+        kind, items = _output_items(output)
+        if kind != self.kind or tuple(key for key, _ in items) != self.keys:
+            raise OutputShapeError(
+                f"the module returned a {kind} with keys {[k for k, _ in items]} but this entry "
+                f"stores a {self.kind} with keys {list(self.keys)}; the module must return the "
+                "same structure for every batch."
+            )
+        split = {}
+        for spec, (_, tensor) in zip(self.arrays, items, strict=True):
+            _check_batch_dim(spec.name, tensor, batch_size)
+            stored = cast_for_storage(tensor, dtype).to("cpu")
+            split[spec.name] = _copied_out(tensor, stored) if copy else stored
+        return split
+
+    def unbind(self, tensors: Mapping[str, torch.Tensor]) -> list[Any]:
+        """Per-array batch tensors as one output structure per row (views of the batch)."""
+        rows = [tensors[spec.name].unbind(0) for spec in self.arrays]
+        if self.kind == "tensor":
+            return list(rows[0])
+        if self.kind == "tuple":
+            return list(zip(*rows, strict=True))
+        return [dict(zip(self.keys, row, strict=True)) for row in zip(*rows, strict=True)]
+
+    def join(self, tensors: Mapping[str, torch.Tensor]) -> Any:
+        """Per-array tensors (one row or a batch) back in the module's output structure."""
+        values = [tensors[spec.name] for spec in self.arrays]
+        if self.kind == "tensor":
+            return values[0]
+        if self.kind == "tuple":
+            return tuple(values)
+        return dict(zip(self.keys, values, strict=True))
+
+
+def _output_items(output: Any) -> tuple[Literal["tensor", "tuple", "dict"], list[tuple[Any, torch.Tensor]]]:
+    if isinstance(output, torch.Tensor):
+        return "tensor", [(0, output)]
+    if isinstance(output, (tuple, list)) and output and all(isinstance(t, torch.Tensor) for t in output):
+        return "tuple", list(enumerate(output))
+    if (
+        isinstance(output, Mapping)
+        and output
+        and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in output.items())
+    ):
+        return "dict", list(output.items())
+    raise ModuleOutputError(
+        f"the module returned {_describe_output(output)}; it must return a tensor, or a tuple or "
+        "dict (with string keys) of tensors, each with the batch as its first dimension. Wrap the "
+        "module in one whose forward picks the tensors to cache."
+    )
+
+
+def _describe_output(output: Any) -> str:
+    if isinstance(output, (tuple, list, Mapping)):
+        inner = output.values() if isinstance(output, Mapping) else output
+        return f"a {type(output).__name__} of {[type(v).__name__ for v in inner]}"
+    return f"a {type(output).__name__}"
+
+
+def _check_batch_dim(name: str, tensor: torch.Tensor, batch_size: int) -> None:
+    if tensor.ndim == 0 or tensor.shape[0] != batch_size:
+        raise ModuleOutputError(
+            f"module output {name!r} has shape {tuple(tensor.shape)} for a batch of {batch_size} "
+            "inputs; its first dimension must be the batch. If the module works on single "
+            "samples, wrap it so that it maps over the batch."
+        )
+
+
+def _copied_out(output: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """``stored`` (``output`` cast and on the CPU) in memory of its own.
+
+    A module may return a view of a buffer it overwrites on its next call (optimized inference
+    code, CUDA graphs), so its outputs must be copied out before the next batch runs. A cast or
+    a copy off the device already made one; a CPU ``.to("cpu")`` did not, so copy then (once,
+    contiguous, so storing it copies nothing more).
+    """
+    if (
+        output.device.type == "cpu"
+        and stored.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
+    ):
+        return stored.clone(memory_format=torch.contiguous_format)
+    return stored
+
+
+def cast_for_storage(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Cast floating-point outputs to the storage dtype; other dtypes are kept as they are."""
+    tensor = tensor.detach()
+    if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+        return tensor.to(dtype)
+    return tensor

@@ -1,0 +1,200 @@
+"""``prefill()``: compute every missing row ahead of training, resumably, on one or many ranks.
+
+It drains the miss pipeline over the rows that are not valid yet, in row order, so chunks
+complete one after another and the writer stores each chunk once, as soon as it is complete.
+After an interruption (Ctrl-C, or the process killed), a second call finds the stored chunks
+valid and recomputes only the rest: at most the rows of the chunks that were unfinished.
+
+Under ``torch.distributed`` each rank owns whole chunks (chunk ``c`` belongs to rank
+``c % world_size``), computes and writes only the missing rows of its chunks, so no chunk has
+two writers even where the store has no locks; all ranks meet at a barrier at the end and
+then every rank sees every row.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch.distributed as dist
+import torchdata.nodes as tn
+from tqdm.auto import tqdm
+
+from cachedfeatures.pipeline.nodes import (
+    CachedSource,
+    ComputedBatch,
+    ComputeMisses,
+    IOBatch,
+    ReadOrLoad,
+    WorkerMethod,
+    parse_nonnegative_int,
+    parse_worker_method,
+)
+from cachedfeatures.pruning import serve_backed_rows
+from cachedfeatures.store.feature_store import Entry
+from cachedfeatures.store.writer import Writer
+
+__all__ = ["PrefillResult", "owned_chunks", "prefill"]
+
+logger = logging.getLogger(__name__)
+READ_CHUNKS = 16  # chunks read at a time when checking that valid rows can be served
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """What one ``prefill()`` call did on this rank.
+
+    Args:
+        computed: rows run through the module and stored.
+        skipped: rows of this rank's chunks that were already cached.
+        seconds: wall time of the call, barrier included.
+        rank / world_size: this process's place in the process group (0 / 1 without one).
+        chunks: the chunks this rank owned.
+    """
+
+    computed: int
+    skipped: int
+    seconds: float
+    rank: int
+    world_size: int
+    chunks: int
+
+
+def owned_chunks(num_chunks: int, rank: int, world_size: int) -> np.ndarray:
+    """The chunks ``rank`` computes and writes: every ``world_size``-th, starting at ``rank``.
+
+    Depends only on the chunk index, so every rank agrees without communicating, whatever it
+    sees in the store when it starts.
+    """
+    return np.arange(rank, num_chunks, world_size, dtype=np.int64)
+
+
+def _process_group(distributed: bool | None) -> tuple[int, int]:
+    active = dist.is_available() and dist.is_initialized()
+    if distributed is None:
+        distributed = active
+    if distributed and not active:
+        raise RuntimeError(
+            "prefill(distributed=True) needs an initialised process group; call "
+            "torch.distributed.init_process_group() first (torchrun sets up the environment)."
+        )
+    if not distributed:
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _count(batch: ComputedBatch) -> int:
+    return batch.computed
+
+
+def _unreadable_rows(entry: Entry, rows: np.ndarray) -> np.ndarray:
+    """The rows among ``rows`` (valid ones) that a read does not serve: damaged chunks."""
+    lost = []
+    step = entry.chunk_rows * READ_CHUNKS
+    for start in range(0, len(rows), step):
+        part = rows[start : start + step]
+        read = serve_backed_rows(entry, part, entry.read(part))
+        if not read.all_hit:
+            lost.append(part[~read.hit])
+    return np.concatenate(lost) if lost else np.zeros(0, dtype=np.int64)
+
+
+def prefill(
+    cached: CachedSource,
+    *,
+    num_workers: int = 0,
+    progress: bool = True,
+    worker_method: WorkerMethod = "thread",
+    distributed: bool | None = None,
+    check_valid: bool = True,
+) -> PrefillResult:
+    """Compute and store every missing row of ``cached``, with a progress bar.
+
+    Args:
+        cached: the dataset to fill.
+        num_workers: workers that load raw samples; the module runs in this process, in
+            batches of ``cached.batch_size``. Default 0 (load inline).
+        progress: show a tqdm bar (rows/s, rows already cached, ETA). Default ``True``.
+        worker_method: ``"thread"`` (default) or ``"process"`` workers.
+        distributed: split the chunks across ``torch.distributed`` ranks; default: when a
+            process group is initialised.
+        check_valid: read each valid chunk this rank owns once and compute the rows of those
+            that no longer read back (torn, garbage, deleted). Default ``True``; ``False`` skips
+            valid rows unread (a store known to be sound, too big to read through).
+
+    Before computing anything, ``cached.spot_check()`` recomputes a few random rows of this
+    rank's chunks that were cached before the call (``spot_check=`` rows; none when 0) and
+    raises :class:`~cachedfeatures.errors.StaleFeaturesError` if they differ from the store.
+
+    Returns:
+        a :class:`PrefillResult` for this rank.
+    """
+    started = time.perf_counter()
+    num_workers = parse_nonnegative_int("num_workers", num_workers)
+    worker_method = parse_worker_method(worker_method)
+    rank, world_size = _process_group(distributed)
+    entry = cached.entry
+    if entry is None:
+        return PrefillResult(0, 0, time.perf_counter() - started, rank, world_size, 0)
+
+    chunks = owned_chunks(entry.num_chunks, rank, world_size)
+    mask = entry.valid_mask()
+    owned = np.zeros(entry.num_rows, dtype=bool)
+    for chunk in chunks:
+        owned[chunk * entry.chunk_rows : (chunk + 1) * entry.chunk_rows] = True
+    rows = np.flatnonzero(owned & ~mask)
+    # Valid rows are only skipped if they can be served: rows of chunks that are torn,
+    # garbage or missing (found by reading each valid chunk once) are computed too.
+    damaged = _unreadable_rows(entry, np.flatnonzero(owned & mask)) if check_valid else np.zeros(0, np.int64)
+    if len(damaged):
+        rows = np.union1d(rows, damaged)
+    skipped = int((owned & mask).sum()) - len(damaged)
+    if skipped:  # rows cached before this call: stale ones raise before any new row is computed
+        cached.spot_check(among=np.setdiff1d(np.flatnonzero(owned & mask), damaged))
+
+    computed = 0
+    if len(rows):
+        writer = Writer(entry, write=cached.write)
+        batches = tn.Batcher(tn.IterableWrapper(rows.tolist()), cached.batch_size, drop_last=False)
+        io = ReadOrLoad(
+            entry,
+            cached.row_loader(),
+            read_hits=False,
+            in_processes=num_workers > 0 and worker_method == "process",
+        )
+        read: tn.BaseNode[IOBatch] = (
+            tn.ParallelMapper(batches, io, num_workers=num_workers, method=worker_method)
+            if num_workers > 0
+            else tn.Mapper(batches, io)
+        )
+        node = ComputeMisses(read, cached, writer, _count)
+        bar = tqdm(
+            total=len(rows),
+            unit="rows",
+            desc=f"prefill {entry.name}" + (f" [rank {rank}/{world_size}]" if world_size > 1 else ""),
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        bar.set_postfix(cached=skipped)
+        try:
+            with writer:  # flushes what was computed even on Ctrl-C, so a rerun skips it
+                for count in node:
+                    computed += count
+                    bar.update(count)
+        finally:
+            bar.close()
+    if world_size > 1:
+        dist.barrier()
+    seconds = time.perf_counter() - started
+    logger.info(
+        "prefill %s: computed %d rows, %d already cached, in %.1fs (rank %d/%d)",
+        entry.name,
+        computed,
+        skipped,
+        seconds,
+        rank,
+        world_size,
+    )
+    return PrefillResult(computed, skipped, seconds, rank, world_size, len(chunks))

@@ -1,0 +1,146 @@
+"""``ChunkShuffleSampler``: shuffled epochs that read each chunk about once.
+
+With ``shuffle=True`` a batch of 256 random rows touches up to 256 chunks, so every batch
+decodes (or finds in the cache) dozens of chunks. This sampler shuffles the order of the
+chunks, lays their rows end to end, and shuffles rows within windows of ``window`` chunks'
+worth of rows. A window's chunks are needed only while its rows are being served, so a
+chunk cache holding ``window + 1`` chunks decodes every chunk about once per epoch.
+
+Mixing: a batch draws its rows from the few chunks of one window (``window`` chunks, or
+``window + 1`` where a batch straddles two windows). When the dataset's order carries no
+structure (rows stored in random order), batches are as well mixed as with a full shuffle.
+When it does (for example rows sorted by class), a batch only sees the classes present in its
+window's chunks: raise ``window`` (or lower ``chunk_rows``) until a window spans many
+classes, or store the dataset in a shuffled order. ``tests/test_sampler.py`` measures this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sized
+from typing import Any
+
+import numpy as np
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+__all__ = ["ChunkShuffleSampler"]
+
+
+class ChunkShuffleSampler(Sampler[int]):
+    """Shuffle chunks, then rows within windows of chunks; seeded per epoch, optionally per rank.
+
+    Args:
+        data_source: the dataset (anything with ``len``) or its length. A
+            :class:`~cachedfeatures.CachedFeatureDataset` also gives ``chunk_rows``.
+        chunk_rows: rows per chunk of the store; default that of ``data_source``'s entry.
+        window: how many chunks' rows are shuffled together. Default 4.
+        seed: the seed shared by all ranks; each epoch draws from ``(seed, epoch)``.
+        shuffle: ``False`` yields rows in order (split across ranks all the same).
+        world_size / rank: split every epoch between ranks like ``DistributedSampler``:
+            rank ``r`` gets the ``r``-th contiguous share of the epoch's order, so a chunk is
+            read by one rank (two at a share's edge). Default: from ``torch.distributed`` if
+            it is initialised, else one rank.
+        drop_last: drop the tail that does not divide evenly between ranks, instead of
+            repeating rows from the start of the epoch to even the shares out.
+    """
+
+    def __init__(
+        self,
+        data_source: Sized | int,
+        chunk_rows: int | None = None,
+        *,
+        window: int = 4,
+        seed: int = 0,
+        shuffle: bool = True,
+        world_size: int | None = None,
+        rank: int | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        self.num_rows = _parse_length(data_source)
+        self.chunk_rows = _parse_positive("chunk_rows", _chunk_rows_of(data_source, chunk_rows))
+        self.window = _parse_positive("window", window)
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        if world_size is None:
+            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if rank is None:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self.world_size = _parse_positive("world_size", world_size)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.world_size:
+            raise ValueError(f"Expected rank to be an int from 0 to {self.world_size - 1}. Got {rank!r}.")
+        self.rank = rank
+        self.drop_last = bool(drop_last)
+        self.epoch = 0
+        if self.drop_last:
+            self.num_samples = self.num_rows // self.world_size
+        else:
+            self.num_samples = -(-self.num_rows // self.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the next ``__iter__`` from this epoch's seed (call it before every epoch)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices().tolist())
+
+    def indices(self) -> np.ndarray:
+        """This rank's row order for the current epoch."""
+        n, per_chunk = self.num_rows, self.chunk_rows
+        rng = np.random.default_rng([self.seed, self.epoch])
+        num_chunks = -(-n // per_chunk)
+        chunks = rng.permutation(num_chunks) if self.shuffle else np.arange(num_chunks)
+        starts = chunks.astype(np.int64) * per_chunk
+        lengths = np.minimum(per_chunk, n - starts)
+        # Rows of the chunks laid end to end: position p of chunk k holds starts[k] + (p - offset[k]).
+        offsets = np.cumsum(lengths) - lengths
+        rows = np.arange(n, dtype=np.int64) + np.repeat(starts - offsets, lengths)
+        total = self.num_samples * self.world_size
+        if total > n:  # even the shares out with rows from the start of the epoch
+            rows = np.concatenate([rows, np.resize(rows, total - n)])
+        share: np.ndarray = rows[self.rank * self.num_samples : (self.rank + 1) * self.num_samples]
+        if self.shuffle:  # rows within each window of this rank's share
+            keys = rng.random(total)[self.rank * self.num_samples : (self.rank + 1) * self.num_samples]
+            block = np.arange(len(share), dtype=np.int64) // (self.window * per_chunk)
+            share = share[np.lexsort((keys, block))]
+        return share
+
+    def __repr__(self) -> str:
+        return (
+            f"ChunkShuffleSampler({self.num_rows} rows, chunk_rows={self.chunk_rows}, window={self.window}, "
+            f"seed={self.seed}, shuffle={self.shuffle}, rank={self.rank}/{self.world_size})"
+        )
+
+
+def _parse_length(data_source: object) -> int:
+    if isinstance(data_source, bool):
+        raise TypeError(f"Expected data_source to be a dataset or a length. Got {data_source!r}.")
+    if isinstance(data_source, (int, np.integer)):
+        if data_source < 0:
+            raise ValueError(f"Expected a non-negative length. Got {data_source!r}.")
+        return int(data_source)
+    if isinstance(data_source, Sized):
+        return len(data_source)
+    raise TypeError(f"Expected data_source to be a dataset (with len) or a length. Got {data_source!r}.")
+
+
+def _chunk_rows_of(data_source: object, chunk_rows: int | None) -> Any:
+    if chunk_rows is not None:
+        return chunk_rows
+    entry = getattr(data_source, "entry", None)
+    if entry is not None and hasattr(entry, "chunk_rows"):
+        return entry.chunk_rows
+    if isinstance(data_source, Sized) and len(data_source) == 0:
+        return 1
+    raise ValueError(
+        "Expected chunk_rows: pass the store's rows per chunk (for a CachedFeatureDataset, pass the "
+        "dataset itself and it is read from its entry)."
+    )
+
+
+def _parse_positive(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"Expected {name} to be a positive int. Got {value!r}.")
+    return int(value)

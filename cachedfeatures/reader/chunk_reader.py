@@ -1,0 +1,887 @@
+"""Chunk-aware reads of an entry, with a bounded per-process cache of decoded chunks.
+
+Zarr reads whole chunks, and one zarr call per row (or per random batch) costs far more than
+the bytes it returns. A :class:`ChunkReader` groups the requested rows by chunk, reads each
+needed chunk once per batch, and gathers the rows from it (always copying: callers never see
+the reader's buffers). Decoded chunks stay in memory within a byte budget, in one of two ways:
+
+- when the whole entry fits the budget, in one array per column, filled chunk by chunk as
+  chunks are first read (``_Dense``): a batch is then one gather per column, like a memmap;
+- otherwise in a :class:`ChunkCache`, least recently used first out, of decoded chunks (raw
+  local chunks are held there as open files, read row by row with ``pread``: they cost page
+  cache, not this process's memory; never memory-mapped, so a chunk file changed or truncated
+  in place is a miss, never wrong bytes or a ``SIGBUS``).
+
+Two routes read a chunk:
+
+- ``"auto"`` (the default) reads chunk files of a local store directly when an array's codecs
+  are plain (``bytes``, optionally followed by one of Blosc, Zstd or Gzip): raw chunks are
+  read as they are, compressed chunks are decoded with numcodecs. Arrays it
+  cannot read this way (strings, sharding, other codecs, other stores) take the zarr route.
+- ``"zarr"`` reads every chunk through plain zarr (``array[start:stop]``).
+
+Correctness follows the entry's protocol: a row is served only if ``valid`` is set and the
+bytes served were read while it was. Each cached chunk carries a *signature* of its ``valid``
+chunk taken before and after its bytes were read (for a local store: the chunk file's inode,
+size and times; zarr's ``LocalStore`` replaces a chunk file by renaming a new one into place,
+so every write changes it; elsewhere: the encoded bytes of the ``valid`` chunk). Every batch
+checks the signatures of its chunks again, and a chunk whose signature changed (a write, a
+prune) is read again. A cached chunk is therefore only ever served for rows whose ``valid``
+bit is set now. On a local store that check is usually one ``stat`` of the ``valid``
+directory per batch, not one per chunk (see :mod:`cachedfeatures.reader.signatures`).
+On a local store the bytes served are also the ones written when it was set; on other stores
+a chunk pruned and refilled between two reads, leaving ``valid`` as it was, may be served from
+the cache as first read: the same entry (same fingerprints) refills the same features, so this
+only shows with a nondeterministic module.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import google_crc32c
+import numcodecs
+import numpy as np
+import zarr
+import zarr.codecs
+from torch.utils.data import get_worker_info
+from zarr.core.chunk_grids import RegularChunkGrid
+from zarr.core.metadata import ArrayV3Metadata
+from zarr.storage import LocalStore
+
+from cachedfeatures.format.chunk_identity import IdentityMismatchError
+from cachedfeatures.reader.signatures import ValidSignatures
+
+if TYPE_CHECKING:
+    from cachedfeatures.store.feature_store import Entry
+
+__all__ = [
+    "CacheInfo",
+    "ChunkCache",
+    "ChunkReader",
+    "ReadRoute",
+    "RowsRead",
+    "default_chunk_cache_bytes",
+    "parse_read_route",
+]
+
+logger = logging.getLogger(__name__)
+
+ReadRoute = Literal["auto", "zarr"]
+READ_ROUTES: tuple[ReadRoute, ...] = ("auto", "zarr")
+# Share of physical memory a process's decoded-chunk cache may use by default; DataLoader
+# workers split it between them.
+DEFAULT_CACHE_FRACTION = 0.125
+FALLBACK_CACHE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """Counters of a reader's chunk cache: chunks served from it and chunks (re)read."""
+
+    hits: int
+    misses: int
+    chunks: int
+    nbytes: int
+    max_bytes: int
+    maps: int
+
+
+def default_chunk_cache_bytes() -> int:
+    """An eighth of physical memory, split between DataLoader workers when called in one."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        total = FALLBACK_CACHE_BYTES * 8
+    info = get_worker_info()
+    workers = info.num_workers if info is not None else 1
+    return int(total * DEFAULT_CACHE_FRACTION) // max(1, workers)
+
+
+def parse_read_route(route: object) -> ReadRoute:
+    if route not in READ_ROUTES:
+        raise ValueError(f"Expected read_route to be one of {list(READ_ROUTES)}. Got {route!r}.")
+    return route  # type: ignore[return-value]
+
+
+def parse_cache_bytes(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(
+            "Expected chunk_cache_bytes to be a non-negative int (0 disables the cache) or None. "
+            f"Got {value!r}."
+        )
+    return int(value)
+
+
+@dataclass(frozen=True)
+class RowsRead:
+    """What a read found: ``hit[i]`` for each requested row, and the arrays of the hits.
+
+    ``arrays[name]`` holds one row per hit, in the order of the requested indices.
+    ``chunks`` holds the distinct chunks of the requested rows, ascending, when the reader
+    already knew them (it groups rows by chunk), so later steps need not find them again.
+    """
+
+    hit: np.ndarray
+    arrays: Mapping[str, np.ndarray]
+    chunks: np.ndarray | None = None
+
+    @functools.cached_property
+    def hits(self) -> int:
+        """How many requested rows were hits (counted once: every batch asks)."""
+        return int(np.count_nonzero(self.hit))
+
+    @property
+    def all_hit(self) -> bool:
+        return self.hits == len(self.hit)
+
+    def hit_chunks(self, rows: np.ndarray, chunk_rows: int) -> np.ndarray:
+        """The distinct chunks the hits among ``rows`` (the rows read) came from, ascending."""
+        if self.chunks is not None and self.all_hit:
+            return self.chunks
+        return np.unique(rows[self.hit] // chunk_rows)
+
+
+# ---------------------------------------------------------------------------------------
+# The cache
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """One chunk as read: its ``valid`` signature and mask, and each array's rows."""
+
+    signature: Hashable
+    valid: np.ndarray
+    arrays: Mapping[str, np.ndarray | _RawRows]
+    nbytes: int  # what it costs in this process's memory (open raw files cost nothing here)
+    maps: int  # how many arrays are raw chunk files held open (each holds a file descriptor)
+
+
+class ChunkCache:
+    """A least-recently-used cache of decoded chunks that never holds more than ``max_bytes``.
+
+    Raw chunk files held open live in the OS page cache, not in this process's memory, so they
+    cost only their ``valid`` mask here; their number is bounded by ``max_maps`` instead,
+    since each map holds a file descriptor.
+    """
+
+    def __init__(self, max_bytes: int, max_maps: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_maps = max_maps
+        self.nbytes = 0
+        self.maps = 0
+        self.hits = 0
+        self.misses = 0
+        self.batch = 0  # counts reads, so that chunks a recent batch used are never pushed out
+        self._chunks: OrderedDict[int, _Chunk] = OrderedDict()
+        self._used: dict[int, int] = {}  # the batch that last used each chunk
+        self._lock = threading.Lock()
+
+    def get(self, key: int) -> _Chunk | None:
+        with self._lock:
+            chunk = self._chunks.get(key)
+            if chunk is not None:
+                self._chunks.move_to_end(key)
+                self._used[key] = self.batch
+            return chunk
+
+    def room_for(self, nbytes: int) -> bool:
+        """Make room for ``nbytes`` more by dropping only chunks that neither this batch nor the
+        one before used; whether there is room now. (A private copy of a chunk read row by row
+        is worth it for reads with locality, never at the cost of thrashing a shuffled read.)"""
+        with self._lock:
+            while self.nbytes + nbytes > self.max_bytes and self._chunks:
+                oldest = next(iter(self._chunks))
+                if self._used.get(oldest, -2) >= self.batch - 1:
+                    return False
+                self._discard(oldest)
+            return self.nbytes + nbytes <= self.max_bytes
+
+    def put(self, key: int, chunk: _Chunk) -> bool:
+        """Keep ``chunk``, evicting the least recently used; ``False`` if it cannot fit at all."""
+        with self._lock:
+            self._discard(key)
+            if chunk.nbytes > self.max_bytes or chunk.maps > self.max_maps:
+                return False
+            while self._chunks and (
+                self.nbytes + chunk.nbytes > self.max_bytes or self.maps + chunk.maps > self.max_maps
+            ):
+                self._discard(next(iter(self._chunks)))
+            self._chunks[key] = chunk
+            self.nbytes += chunk.nbytes
+            self.maps += chunk.maps
+            return True
+
+    def discard(self, key: int) -> None:
+        with self._lock:
+            self._discard(key)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._chunks.clear()
+            self.nbytes = self.maps = 0
+
+    def _discard(self, key: int) -> None:
+        self._used.pop(key, None)
+        old = self._chunks.pop(key, None)
+        if old is not None:
+            self.nbytes -= old.nbytes
+            self.maps -= old.maps
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading one array's chunk
+
+
+# Raises unless the rows given (all of one chunk of one array, decoded) were written for it.
+RowCheck = Callable[[np.ndarray], None]
+
+_DECODERS: dict[type, Callable[[], Any]] = {
+    zarr.codecs.BloscCodec: numcodecs.Blosc,
+    zarr.codecs.ZstdCodec: numcodecs.Zstd,
+    zarr.codecs.GzipCodec: numcodecs.GZip,
+}
+
+
+class _ChunkFile:
+    """Reads one array's chunks straight from a local store's chunk files.
+
+    Built only for arrays whose chunks are ``bytes`` (any endianness), optionally followed by
+    one Blosc, Zstd or Gzip codec, optionally followed by a ``crc32c`` checksum, which is
+    verified on every read; :meth:`maybe` returns ``None`` for anything else.
+    """
+
+    def __init__(
+        self, array: zarr.Array[Any], root: str, dtype: np.dtype[Any], decoder: Any, checksum: bool = False
+    ) -> None:
+        self.array = array
+        self.root = root
+        self.dtype = dtype
+        self.decoder = decoder
+        self.checksum = checksum
+        # Raw checksummed chunks: the file versions (inode, size, mtime) whose crc32c this process
+        # has verified; later loads of the same version are held open without a re-read.
+        self._verified: dict[int, tuple[int, int, int]] = {}
+        self.chunk_shape: tuple[int, ...] = tuple(array.chunks)
+        self.nbytes = int(np.prod(self.chunk_shape, dtype=np.int64)) * dtype.itemsize
+        self.tail = (0,) * (len(self.chunk_shape) - 1)
+        self._paths: dict[int, str] = {}
+
+    @classmethod
+    def maybe(cls, array: zarr.Array[Any]) -> _ChunkFile | None:
+        store = array.store
+        metadata = array.metadata
+        if not isinstance(store, LocalStore) or not isinstance(metadata, ArrayV3Metadata):
+            return None
+        if not isinstance(metadata.chunk_grid, RegularChunkGrid):
+            return None
+        if tuple(metadata.chunk_grid.chunk_shape[1:]) != tuple(array.shape[1:]):
+            return None
+        try:
+            dtype = np.dtype(array.dtype)
+        except TypeError:
+            return None
+        if dtype.kind not in "biufc":
+            return None
+        codecs = list(metadata.codecs)
+        checksum = bool(codecs) and type(codecs[-1]) is zarr.codecs.Crc32cCodec
+        if checksum:
+            codecs = codecs[:-1]
+        if not codecs or type(codecs[0]) is not zarr.codecs.BytesCodec or len(codecs) > 2:
+            return None
+        endian = codecs[0].endian
+        if dtype.itemsize > 1 and endian is not None:
+            dtype = dtype.newbyteorder("<" if endian.value == "little" else ">")
+        decoder = None
+        if len(codecs) == 2:
+            factory = _DECODERS.get(type(codecs[1]))
+            if factory is None:
+                return None
+            decoder = factory()
+        return cls(array, str(store.root), dtype, decoder, checksum)
+
+    def path(self, chunk: int) -> str:
+        path = self._paths.get(chunk)
+        if path is None:
+            key = self.array.metadata.encode_chunk_key((chunk, *self.tail))
+            path = self._paths[chunk] = os.path.join(self.root, self.array.path, key)
+        return path
+
+    def read(self, chunk: int, check: RowCheck | None = None) -> np.ndarray:
+        """The whole chunk, decoded into memory of this process (never a map of the file).
+
+        A missing chunk file holds only the fill value (zarr deletes such chunks). ``check``
+        is called on the chunk's rows (of a file that exists) before they are returned.
+        """
+        path = self.path(chunk)
+        try:
+            with open(path, "rb") as file:
+                stored = file.read()
+        except FileNotFoundError:
+            return self._filled()
+        payload: Any = _verified(stored, path) if self.checksum else stored
+        if self.decoder is not None:
+            payload = self.decoder.decode(payload)
+        data = np.frombuffer(payload, dtype=self.dtype)
+        if data.size * self.dtype.itemsize != self.nbytes:
+            raise ValueError(f"chunk {path} decodes to {data.nbytes} bytes; expected {self.nbytes}")
+        data = data.reshape(self.chunk_shape)
+        if check is not None:
+            check(data[: self.rows_in(chunk)])
+        return data
+
+    def rows_in(self, chunk: int) -> int:
+        """Rows of the array in ``chunk`` (the last chunk may be partial)."""
+        rows = self.chunk_shape[0]
+        return min(rows, int(self.array.shape[0]) - chunk * rows)
+
+    def open_rows(self, chunk: int, check: RowCheck | None = None) -> _RawRows | np.ndarray:
+        """The chunk for the chunk cache: a raw chunk file held open (rows read on demand, see
+        :class:`_RawRows`), else the decoded chunk.
+
+        A raw chunk's checksum is verified once per version of its file (inode, size, mtime).
+        """
+        if self.decoder is not None:
+            return self.read(chunk, check)
+        path = self.path(chunk)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return self._filled()
+        try:
+            expected = self.nbytes + (4 if self.checksum else 0)
+            stat = os.fstat(fd)
+            if stat.st_size != expected:
+                raise ValueError(f"raw chunk {path} holds {stat.st_size} bytes; expected {expected}")
+            version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            if (self.checksum or check is not None) and self._verified.get(chunk) != version:
+                stored = os.pread(fd, expected, 0)
+                if self.checksum:
+                    _verified(stored, path)
+                if check is not None:
+                    count = self.rows_in(chunk) * (self.nbytes // self.dtype.itemsize // self.chunk_shape[0])
+                    check(np.frombuffer(stored, self.dtype, count).reshape(-1, *self.chunk_shape[1:]))
+                self._verified[chunk] = version
+            return _RawRows(fd, path, version, self.dtype, self.chunk_shape)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def read_into(self, chunk: int, target: np.ndarray, check: RowCheck | None = None) -> None:
+        """Copy the chunk's first ``len(target)`` rows into ``target`` (C-contiguous).
+
+        A raw chunk is read straight into ``target``: one copy out of the page cache, with no
+        map to fault in page by page. A checksummed one is verified on the bytes as they
+        landed in ``target``, so the bytes checked are the bytes served.
+        """
+        whole = target.nbytes == self.nbytes
+        if (
+            self.decoder is not None
+            or (self.checksum and not whole)  # the checksum covers the whole chunk
+            or target.dtype != self.dtype
+            or not target.flags.c_contiguous
+        ):
+            target[...] = self.read(chunk, check)[: len(target)]
+            return
+        path = self.path(chunk)
+        try:
+            file = open(path, "rb", buffering=0)  # noqa: SIM115
+        except FileNotFoundError:
+            target[...] = self.array.fill_value
+            return
+        if check is not None and len(target) != self.rows_in(chunk):
+            file.close()
+            target[...] = self.read(chunk, check)[: len(target)]
+            return
+        expected = self.nbytes + (4 if self.checksum else 0)
+        with file:
+            size = os.fstat(file.fileno()).st_size
+            if size != expected:
+                raise ValueError(f"raw chunk {path} holds {size} bytes; expected {expected}")
+            payload = target.reshape(-1).view(np.uint8)
+            view = memoryview(payload.data)
+            done = 0
+            while done < len(view):  # one read from the page cache, no intermediate copy
+                count = file.readinto(view[done:])
+                if not count:
+                    raise ValueError(f"raw chunk {path} ended after {done} bytes")
+                done += count
+            if self.checksum:
+                stored = file.read(4)
+                payload = payload.view()
+                payload.flags.writeable = False  # google_crc32c takes read-only buffers only
+                if len(stored) != 4 or google_crc32c.value(payload) != int.from_bytes(stored, "little"):
+                    raise ValueError(
+                        f"chunk {path} fails its crc32c checksum: its bytes changed after writing"
+                    )
+        if check is not None:
+            check(target)
+
+    def _filled(self) -> np.ndarray:
+        return np.full(self.chunk_shape, self.array.fill_value, dtype=self.dtype)
+
+
+def _verified(stored: bytes, path: str) -> np.ndarray:
+    """The payload of a chunk that ends in its crc32c (little-endian), if the checksum holds."""
+    if len(stored) < 4:
+        raise ValueError(f"chunk {path} holds {len(stored)} bytes: too short for its checksum")
+    payload = np.frombuffer(stored, dtype=np.uint8)[:-4]  # a read-only view, no copy
+    if google_crc32c.value(payload) != int.from_bytes(stored[-4:], "little"):
+        raise ValueError(f"chunk {path} fails its crc32c checksum: its bytes changed after writing")
+    return payload
+
+
+class _RawRows:
+    """A raw chunk file held open by the chunk cache; rows are read from it with ``pread``.
+
+    Never a memory map: a file changed in place under a map serves its new bytes, and one
+    truncated under a map kills the process with ``SIGBUS``. Every gather checks the file's
+    version (inode, size, mtime) before and after reading against the version verified when it
+    was opened: a file changed in place (zarr only ever renames new chunk files into place)
+    raises, and its rows become misses.
+    """
+
+    def __init__(
+        self, fd: int, path: str, version: tuple[int, int, int], dtype: np.dtype[Any], shape: tuple[int, ...]
+    ) -> None:
+        self.fd = fd
+        self.path = path
+        self.version = version
+        self.dtype = dtype
+        self.shape = shape
+        self.row_nbytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        self._close = weakref.finalize(self, os.close, fd)
+
+    def _check(self) -> None:
+        stat = os.fstat(self.fd)
+        if (stat.st_ino, stat.st_size, stat.st_mtime_ns) != self.version:
+            raise ValueError(f"raw chunk {self.path} changed in place after it was verified")
+
+    def copy(self) -> np.ndarray:
+        """The whole chunk in private memory: the bytes of the verified version, or raises."""
+        size = self.shape[0] * self.row_nbytes
+        data = os.pread(self.fd, size, 0)
+        if len(data) != size:
+            raise ValueError(f"raw chunk {self.path} ended after {len(data)} bytes")
+        self._check()
+        return np.frombuffer(data, dtype=self.dtype).reshape(self.shape)
+
+    def gather(self, rows: np.ndarray, out: np.ndarray, positions: np.ndarray) -> None:
+        """``out[positions] = chunk[rows]``, read from the file.
+
+        One ``fstat`` after the reads: a change in place before or while they ran has already
+        changed the file's mtime (or size) by then.
+        """
+        size = self.row_nbytes
+        if len(rows) * 8 >= self.shape[0]:  # many rows: one read of the whole chunk
+            data = os.pread(self.fd, self.shape[0] * size, 0)
+            if len(data) != self.shape[0] * size:
+                raise ValueError(f"raw chunk {self.path} ended after {len(data)} bytes")
+            self._check()
+            out[positions] = np.frombuffer(data, dtype=self.dtype).reshape(self.shape)[rows]
+            return
+        buffer = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        view = memoryview(buffer.reshape(-1).view(np.uint8).data)
+        fd, preadv = self.fd, os.preadv
+        for k, offset in enumerate((rows * size).tolist()):
+            if preadv(fd, (view[k * size : (k + 1) * size],), offset) != size:
+                raise ValueError(f"raw chunk {self.path} ended before byte {offset + size}")
+        self._check()
+        out[positions] = buffer
+
+
+# ---------------------------------------------------------------------------------------
+# The reader
+
+
+_UNREAD = object()  # a chunk the dense copy does not hold
+
+
+class _Dense:
+    """The whole entry decoded into one array per column, filled chunk by chunk as read.
+
+    Used when the entry fits the cache budget: a batch then costs one gather per array,
+    however many chunks it touches. ``signatures[c]`` is the ``valid`` signature chunk ``c``
+    was copied under; rows of chunks not (or no longer) held are marked not valid.
+    """
+
+    def __init__(self, entry: Entry) -> None:
+        self.arrays = {s.name: np.empty((entry.num_rows, *s.shape), dtype=s.numpy_dtype) for s in entry.specs}
+        self.valid = np.zeros(entry.num_rows, dtype=bool)
+        self.signatures: list[Hashable] = [_UNREAD] * entry.num_chunks
+        self.row_nbytes = sum(spec.row_nbytes for spec in entry.specs) + 1
+        self.chunk_rows = entry.chunk_rows
+        self.held = 0  # rows of chunks held
+        # The signature generation (see ValidSignatures.look) in which each chunk's copy was
+        # last confirmed current: such chunks need no look at their signature in that generation.
+        self.confirmed = np.full(entry.num_chunks, -1, dtype=np.int64)
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def fits(entry: Entry, budget: int) -> bool:
+        numeric = all(spec.dtype != "str" for spec in entry.specs)
+        return numeric and (sum(spec.row_nbytes for spec in entry.specs) + 1) * entry.num_rows <= budget
+
+    def release(self, chunk: int, start: int, stop: int, signature: Hashable = _UNREAD) -> None:
+        """Stop serving chunk ``chunk`` (before its bytes are overwritten)."""
+        before = self.signatures[chunk]
+        self.held -= (stop - start) * (before is not _UNREAD and before is not None)
+        self.valid[start:stop] = False
+        self.signatures[chunk] = signature
+
+    def accept(self, chunk: int, start: int, stop: int, valid: np.ndarray, signature: Hashable) -> None:
+        """Serve chunk ``chunk``, whose bytes are in place, for its ``valid`` rows."""
+        self.valid[start:stop] = valid
+        self.signatures[chunk] = signature
+        self.held += stop - start
+
+
+class ChunkReader:
+    """Reads rows of an entry chunk by chunk, through a bounded cache of decoded chunks.
+
+    When the whole entry fits the budget, decoded chunks are kept in one array per column
+    (filled as chunks are first read), so a batch is one gather per array, like a memmap.
+
+    Args:
+        entry: the entry to read.
+        cache_bytes: the most bytes of decoded chunks this process keeps; ``0`` keeps none.
+            Default ``None``: an eighth of physical memory, split between DataLoader workers.
+        route: ``"auto"`` reads plain local chunk files directly (raw ones row by row) and
+            everything else through zarr; ``"zarr"`` reads everything through zarr.
+        max_maps: the most raw chunk files kept open (each holds a descriptor).
+    """
+
+    def __init__(
+        self,
+        entry: Entry,
+        *,
+        cache_bytes: int | None = None,
+        route: ReadRoute = "auto",
+        max_maps: int | None = None,
+    ) -> None:
+        self.entry = entry
+        self.cache_bytes = parse_cache_bytes(cache_bytes)
+        self.route = parse_read_route(route)
+        self.max_maps = max_maps if max_maps is not None else _default_max_maps()
+        self._setup()
+
+    def _setup(self) -> None:
+        self._owner = os.getpid()
+        self._cache: ChunkCache | None = None
+        self._dense: _Dense | bool | None = False  # False: not decided yet
+        self._files: dict[str, _ChunkFile | None] | None = None
+        self._valid_file: _ChunkFile | None = None
+        self._records_file: _ChunkFile | None = None
+        self._reported: set[tuple[str, int]] = set()
+        self._valid_signatures: ValidSignatures | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Caches, maps and descriptors stay in the process that made them.
+        return {
+            "entry": self.entry,
+            "cache_bytes": self.cache_bytes,
+            "route": self.route,
+            "max_maps": self.max_maps,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._setup()
+
+    # -- public --------------------------------------------------------------------------------
+
+    @property
+    def cache(self) -> ChunkCache:
+        """This process's cache (created on first use, so workers size their own budget)."""
+        if self._owner != os.getpid():  # a forked worker starts afresh, with its own budget
+            self._setup()
+        if self._cache is None:
+            budget = self.cache_bytes if self.cache_bytes is not None else default_chunk_cache_bytes()
+            self._cache = ChunkCache(budget, self.max_maps)
+        return self._cache
+
+    def cache_info(self) -> CacheInfo:
+        cache = self.cache
+        dense = self._dense
+        if isinstance(dense, _Dense):
+            chunks = sum(s is not _UNREAD and s is not None for s in dense.signatures)
+            return CacheInfo(
+                cache.hits, cache.misses, chunks, dense.held * dense.row_nbytes, cache.max_bytes, 0
+            )
+        return CacheInfo(cache.hits, cache.misses, len(cache), cache.nbytes, cache.max_bytes, cache.maps)
+
+    def clear(self) -> None:
+        """Forget every cached chunk (the next read of each chunk goes to the store)."""
+        self.cache.clear()
+        self._dense = False
+
+    def read(self, indices: Sequence[int] | np.ndarray) -> RowsRead:
+        """Read the rows at ``indices``; each needed chunk is read at most once."""
+        entry = self.entry
+        rows_per_chunk = entry.chunk_rows
+        indices = np.asarray(indices, dtype=np.int64)
+        n = len(indices)
+        if n == 0:
+            return RowsRead(np.zeros(0, dtype=bool), {})
+        if self._owner != os.getpid():  # forked: the parent's copies are not ours to extend
+            self._setup()
+        if self._dense is False:
+            self._dense = _Dense(entry) if _Dense.fits(entry, self.cache.max_bytes) else None
+        self.cache.batch += 1
+        generation = self._signatures.look()
+        if isinstance(self._dense, _Dense):
+            return self._read_dense(self._dense, indices, generation)
+        chunk_of = indices // rows_per_chunk
+        order = np.argsort(chunk_of, kind="stable")
+        sorted_chunks = chunk_of[order]
+        local = indices[order] - sorted_chunks * rows_per_chunk
+        starts = np.flatnonzero(np.diff(sorted_chunks, prepend=-1))
+        bounds = [*starts.tolist(), n]
+        distinct = sorted_chunks[starts]
+        ids: list[int] = distinct.tolist()
+        hit = np.zeros(n, dtype=bool)
+        gathered = {spec.name: np.empty((n, *spec.shape), dtype=spec.numpy_dtype) for spec in entry.specs}
+        # One chunk at a time, so a batch holds at most one chunk beyond the cache's budget.
+        for k, (chunk_id, signature) in enumerate(zip(ids, self._signatures.now(ids), strict=True)):
+            chunk = self._chunk(chunk_id, signature)
+            if chunk is None or not chunk.arrays:
+                continue
+            lo, hi = bounds[k], bounds[k + 1]
+            rows, positions = local[lo:hi], order[lo:hi]
+            try:
+                for name, column in chunk.arrays.items():
+                    # straight to the requested positions, in our own buffer (never a cached one)
+                    if isinstance(column, _RawRows):
+                        column.gather(rows, gathered[name], positions)
+                    else:
+                        gathered[name][positions] = column[rows]
+            except Exception as error:  # a chunk file changed in place: a miss, never a crash
+                self.cache.discard(chunk_id)
+                self._report(chunk_id, error)
+                continue
+            hit[positions] = chunk.valid[rows]
+        hits = int(np.count_nonzero(hit))
+        if not hits:
+            return RowsRead(hit, {}, distinct)
+        if hits < n:
+            gathered = {name: column[hit] for name, column in gathered.items()}
+        return RowsRead(hit, gathered, distinct)
+
+    def _read_dense(self, dense: _Dense, indices: np.ndarray, generation: int) -> RowsRead:
+        entry, cache = self.entry, self.cache
+        distinct = _distinct(indices // entry.chunk_rows, entry.num_chunks)
+        with dense.lock:
+            stale = distinct[dense.confirmed[distinct] != generation]
+            cache.hits += len(distinct) - len(stale)
+            ids: list[int] = stale.tolist()
+            for chunk_id, signature in zip(ids, self._signatures.now(ids), strict=True):
+                if signature == dense.signatures[chunk_id]:
+                    cache.hits += 1
+                    dense.confirmed[chunk_id] = generation
+                    continue
+                cache.misses += 1
+                start = chunk_id * entry.chunk_rows
+                stop = min(start + entry.chunk_rows, entry.num_rows)
+                # An absent valid chunk (None) has no valid rows: remembered, nothing to read.
+                dense.release(chunk_id, start, stop, None if signature is None else _UNREAD)
+                if signature is not None:
+                    self._load_into(dense, chunk_id, start, stop, signature)
+                if dense.signatures[chunk_id] == signature:  # held (or known absent) as it is now
+                    dense.confirmed[chunk_id] = generation
+            hit = dense.valid[indices]
+            hits = int(np.count_nonzero(hit))
+            if not hits:
+                return RowsRead(hit, {}, distinct)
+            rows = indices if hits == len(indices) else indices[hit]
+            arrays = {name: column.take(rows, axis=0) for name, column in dense.arrays.items()}
+            return RowsRead(hit, arrays, distinct)
+
+    def _load_into(self, dense: _Dense, chunk: int, start: int, stop: int, signature: Hashable) -> None:
+        """Read chunk ``chunk`` of every array straight into ``dense`` (released beforehand)."""
+        files = self._sources()
+        try:
+            valid = self._read_valid(chunk, start, stop)
+            if valid.any():
+                accepted = self._accepted(chunk)
+                for name, array in self.entry.arrays.items():
+                    target = dense.arrays[name][start:stop]
+                    source = files[name]
+                    check = self._row_check(name, chunk, accepted)
+                    if source is not None:
+                        source.read_into(chunk, target, check)
+                    else:
+                        target[...] = np.asarray(array[start:stop])
+                        if check is not None:
+                            check(target)
+        except Exception as error:  # a torn or garbled chunk is a miss, never a crash
+            self._report_unless_raced(chunk, signature, error)
+            return
+        if self._signatures.fresh(chunk) == signature:  # else: changed meanwhile, read next time
+            dense.accept(chunk, start, stop, valid, signature)
+
+    def _chunk(self, chunk_id: int, signature: Hashable) -> _Chunk | None:
+        """The chunk as it is now: from the cache if its signature still holds, else read."""
+        if signature is None:  # no valid chunk: nothing in it was ever written
+            return None
+        cache = self.cache
+        chunk = cache.get(chunk_id)
+        if chunk is not None and chunk.signature == signature:
+            cache.hits += 1
+            if chunk.maps:  # used again: a private copy, where that pushes out nothing in use
+                chunk = self._promoted(chunk_id, chunk)
+            return chunk
+        cache.misses += 1
+        chunk = self._load(chunk_id, signature)
+        if chunk is None:
+            cache.discard(chunk_id)
+        else:
+            cache.put(chunk_id, chunk)
+        return chunk
+
+    def _promoted(self, chunk_id: int, chunk: _Chunk) -> _Chunk:
+        """``chunk`` with its raw files read into private copies, if the cache has room."""
+        held = [data for data in chunk.arrays.values() if isinstance(data, _RawRows)]
+        nbytes = sum(data.shape[0] * data.row_nbytes for data in held)
+        cache = self.cache
+        if not cache.room_for(nbytes):
+            return chunk
+        try:
+            arrays = {
+                name: data.copy() if isinstance(data, _RawRows) else data
+                for name, data in chunk.arrays.items()
+            }
+        except Exception:  # changed in place: the next gather from the open file reports it
+            return chunk
+        promoted = _Chunk(chunk.signature, chunk.valid, arrays, chunk.nbytes + nbytes, 0)
+        cache.put(chunk_id, promoted)
+        return promoted
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _sources(self) -> dict[str, _ChunkFile | None]:
+        if self._files is None:
+            auto = self.route == "auto"
+            self._files = {
+                name: _ChunkFile.maybe(array) if auto else None for name, array in self.entry.arrays.items()
+            }
+            self._valid_file = _ChunkFile.maybe(self.entry.valid) if auto else None
+            records = self.entry.records
+            self._records_file = _ChunkFile.maybe(records) if auto and records is not None else None
+        return self._files
+
+    def _accepted(self, chunk: int) -> np.ndarray | None:
+        """The identity-bound checksums of ``chunk`` (``None``: the entry has none)."""
+        if self._records_file is not None:
+            return np.asarray(self._records_file.read(chunk)[0])
+        return self.entry.accepted_checksums(chunk)
+
+    def _row_check(self, name: str, chunk: int, accepted: np.ndarray | None) -> RowCheck | None:
+        if accepted is None:
+            return None
+        entry = self.entry
+        return lambda rows: entry.check_rows(name, chunk, rows, accepted)
+
+    @property
+    def _signatures(self) -> ValidSignatures:
+        if self._valid_signatures is None:
+            self._valid_signatures = ValidSignatures(self.entry.valid, self.entry.chunk_rows)
+        return self._valid_signatures
+
+    def _load(self, chunk: int, signature: Hashable) -> _Chunk | None:
+        """Chunk ``chunk`` of every array; ``None`` if unreadable or ``valid`` changed meanwhile."""
+        entry = self.entry
+        start = chunk * entry.chunk_rows
+        stop = min(start + entry.chunk_rows, entry.num_rows)
+        files = self._sources()
+        try:
+            valid = self._read_valid(chunk, start, stop)
+            arrays: dict[str, np.ndarray | _RawRows] = {}
+            nbytes, maps = valid.nbytes, 0
+            if valid.any():
+                accepted = self._accepted(chunk)
+                for name, array in entry.arrays.items():
+                    source = files[name]
+                    check = self._row_check(name, chunk, accepted)
+                    if source is not None:
+                        data = source.open_rows(chunk, check)
+                    else:
+                        data = np.asarray(array[start:stop])
+                        if check is not None:
+                            check(data)
+                    if isinstance(data, _RawRows):
+                        maps += 1
+                    else:
+                        nbytes += data.nbytes
+                    arrays[name] = data
+        except Exception as error:  # a torn or garbled chunk is a miss, never a crash
+            self._report_unless_raced(chunk, signature, error)
+            return None
+        if self._signatures.fresh(chunk) != signature:
+            return None  # written or pruned while we read: read again next time
+        return _Chunk(signature, valid, arrays, nbytes, maps)
+
+    def _read_valid(self, chunk: int, start: int, stop: int) -> np.ndarray:
+        source = self._valid_file
+        if source is None:
+            return np.asarray(self.entry.valid[start:stop], dtype=bool)
+        return np.array(source.read(chunk)[: stop - start], dtype=bool)  # a copy, never a map
+
+    def _report_unless_raced(self, chunk: int, signature: Hashable, error: Exception) -> None:
+        """Report ``error`` as damage unless a write or prune of the chunk explains it: ``valid``
+        changed meanwhile, or (checksums read while a writer replaced the bytes) the chunk's rows
+        check out under its lock."""
+        if self._signatures.fresh(chunk) != signature:
+            return
+        if isinstance(error, IdentityMismatchError) and self.entry.rows_bound_now(chunk):
+            return
+        self._report(chunk, error)
+
+    def _report(self, chunk: int, error: Exception) -> None:
+        key = (self.entry.name, chunk)
+        if key not in self._reported:
+            self._reported.add(key)
+            logger.warning(
+                "cachedfeatures: chunk %d of entry %s cannot be read (%s: %s); its rows are "
+                "treated as missing and recomputed.",
+                chunk,
+                self.entry.name,
+                type(error).__name__,
+                error,
+            )
+
+
+def _distinct(chunks: np.ndarray, num_chunks: int) -> np.ndarray:
+    """The distinct values of ``chunks`` (chunk ids below ``num_chunks``), ascending.
+
+    A mark per chunk when the entry has few chunks for the batch (a few times faster than
+    ``np.unique`` for a batch of hundreds of rows), else ``np.unique``.
+    """
+    if num_chunks > 16 * len(chunks):
+        return np.unique(chunks)
+    marks = np.zeros(num_chunks, dtype=bool)
+    marks[chunks] = True
+    return np.flatnonzero(marks)
+
+
+def _default_max_maps() -> int:
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return 256
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 512
+    return max(0, min(512, soft // 4))

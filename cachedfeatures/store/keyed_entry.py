@@ -1,0 +1,448 @@
+"""A content-addressed entry: rows found by their content key, not by a dataset index.
+
+The in-model cache (:func:`cachedfeatures.cached_module`) has no dataset index to address
+rows by, only content keys. It stores them in an ordinary entry of the feature store (so the
+CLI, pruning and notebooks see it like any other), grown append-only::
+
+    <Module>-<id>/
+      key           (capacity, 16) uint8: the content key of each row
+      features      (capacity, *out_shape), or features_<key> per module output
+      valid         (capacity,) bool: a row is served only where it is set
+      next_row      (1,) int64: rows handed out so far (rows are never reused)
+
+A writer reserves rows by bumping ``next_row`` under the entry lock (doubling the capacity
+when needed), then writes key and outputs before ``valid``, each chunk under its chunk lock
+(``Entry.write``). Any process can open the entry and build the key -> row index from
+``key`` and ``valid``; it catches up with other writers by reading the rows added since.
+A pruned row is cleared in ``valid`` before its bytes go; readers check ``valid`` again
+after reading, so a race costs a recompute, never a wrong row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+import numpy as np
+import zarr
+import zarr.core.sync
+
+from cachedfeatures.errors import BudgetError
+from cachedfeatures.format import chunk_identity
+from cachedfeatures.format.row_keys import KEY_BYTES
+from cachedfeatures.format.specs import ArraySpec
+from cachedfeatures.store.feature_store import (
+    ATTRS_KEY,
+    MAX_DEFAULT_CHUNK_BYTES,
+    VALID,
+    Compressor,
+    Entry,
+    FeatureStore,
+)
+
+__all__ = ["KEY", "NEXT_ROW", "KeyedEntry", "keyed_chunk_rows"]
+
+logger = logging.getLogger(__name__)
+
+KEY = "key"
+NEXT_ROW = "next_row"
+KEY_SPEC = ArraySpec(KEY, "ndarray", np.dtype(np.uint8).str, (KEY_BYTES,))
+_MEASURE_EVERY = 64  # appends between measurements of the stored bytes under a budget
+TARGET_CHUNK_BYTES = 256 * 1024
+CHUNK_CACHE_BYTES = 64 * 1024 * 1024
+READAHEAD = 4  # chunks fetched beyond the last one a read needs (see KeyedEntry._readahead)
+
+
+def keyed_chunk_rows(row_nbytes: int) -> int:
+    """Rows per chunk: a power of two giving chunks of about 256 KiB, between 16 and 4096.
+
+    Smaller than a dataset entry's 2 MiB: a batch finds its rows by content, scattered over
+    the entry in the order they were first computed, and each row read decodes its chunk.
+    """
+    rows = max(1, TARGET_CHUNK_BYTES // max(1, row_nbytes))
+    rows = 1 << (rows.bit_length() - 1)
+    rows = min(max(rows, 16), 4096)
+    while rows > 1 and rows * row_nbytes > MAX_DEFAULT_CHUNK_BYTES:  # huge rows: fewer per chunk
+        rows //= 2
+    return rows
+
+
+class KeyedEntry:
+    """Content-addressed rows in one entry of a :class:`FeatureStore`.
+
+    Args:
+        store: the open feature store.
+        entry: the entry (created by :meth:`open`).
+        max_bytes: budget for this entry's stored bytes, or ``None``. Over it, whole chunks
+            are dropped, most recently used first.
+        chunk_cache_bytes: budget for decoded chunks kept in memory. Default 64 MiB.
+    """
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        entry: Entry,
+        max_bytes: int | None = None,
+        chunk_cache_bytes: int = CHUNK_CACHE_BYTES,
+    ) -> None:
+        self.store = store
+        self.entry = entry
+        self.name = entry.name
+        self.max_bytes = max_bytes
+        self.output_specs = [spec for spec in entry.specs if spec.name != KEY]
+        self._row_nbytes = sum(spec.row_nbytes for spec in self.output_specs)
+        self._index: dict[bytes, int] = {}
+        self._scanned = 0  # rows [0, _scanned) have been read into the index (or pending)
+        self._pending: set[int] = set()  # scanned rows that were not valid yet
+        self._access: dict[int, int] = {}  # chunk -> tick of its last use in this process
+        self._ticks = itertools.count()
+        self._measured = -1  # stored bytes at the last measurement (-1: not measured yet)
+        self._written = 0  # raw bytes appended since
+        self._appends = 0
+        self.chunk_cache_bytes = chunk_cache_bytes
+        self._chunks: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}  # chunk -> columns, valid rows
+        self._chunk_bytes = 0
+        self._broken: set[int] = set()  # chunks that failed to decode (logged once each)
+        self._uncached: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}  # this read's, over budget
+
+    @classmethod
+    def open(
+        cls,
+        store: FeatureStore,
+        name: str,
+        meta: Mapping[str, Any],
+        output_specs: Sequence[ArraySpec],
+        *,
+        chunk_rows: int,
+        compressor: Compressor,
+        max_bytes: int | None = None,
+    ) -> KeyedEntry:
+        """Open the entry ``name``, creating it (with room for a few chunks) if needed."""
+        entry = store.entry(name)
+        if entry is None:
+            entry = store.create_entry(
+                name,
+                meta,
+                [KEY_SPEC, *output_specs],
+                num_rows=4 * chunk_rows,
+                chunk_rows=chunk_rows,
+                compressor=compressor,
+            )
+        return cls(store, entry, max_bytes)
+
+    # -- looking rows up -----------------------------------------------------------------------
+
+    def lookup(self, keys: Sequence[bytes]) -> np.ndarray:
+        """The row of each key, or -1; catches up with other writers when a key is missing."""
+        rows = np.fromiter((self._index.get(key, -1) for key in keys), dtype=np.int64, count=len(keys))
+        if (rows < 0).any() and self._refresh():
+            rows = np.fromiter((self._index.get(key, -1) for key in keys), dtype=np.int64, count=len(keys))
+        return rows
+
+    def read(self, rows: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Read rows (no -1): a hit mask, and each output's rows for the hits, in order.
+
+        Whole chunks are read (a batch found by content is scattered over the entry, and
+        zarr's cost is per chunk) and kept decoded within ``chunk_cache_bytes``, each with
+        the mask of its rows that were valid when it was read. ``valid`` is read after the
+        bytes, in the same trip to zarr's I/O loop. A row is indexed only once valid, an
+        indexed row never holds other bytes (rows are not reused), and its ``valid`` bit can
+        only be cleared, by a pruner, before its bytes go: so a row valid after its bytes were
+        read was valid throughout, and those bytes stay its key's output for good (a decoded
+        chunk needs no second look). A row found invalid is a miss and leaves the index.
+        """
+        if len(rows) == 0:
+            return np.zeros(0, dtype=bool), {}
+        if rows.max() >= self.entry.num_rows:
+            self._reload()
+        unique, inverse = np.unique(rows, return_inverse=True)
+        size = self.entry.chunk_rows
+        chunks, where = np.unique(unique // size, return_inverse=True)
+        offsets = unique - chunks[where] * size
+        stale = []
+        for position, chunk in enumerate(chunks.tolist()):
+            cached = self._chunks.get(chunk)
+            if cached is None or not cached[1][offsets[where == position]].all():
+                stale.append(chunk)
+        if stale:
+            stale += self._readahead(max(stale), size)
+            arrays = [self.entry.arrays[spec.name] for spec in self.output_specs]
+            spans = [(chunk * size, min((chunk + 1) * size, self.entry.num_rows)) for chunk in stale]
+            try:
+                fetched, valid = zarr.core.sync.sync(_read_then_check(arrays, self.entry.valid, spans))
+            except Exception:  # a chunk that does not decode: find it, the others still serve
+                fetched, valid = self._read_chunks_one_by_one(arrays, spans)
+            for index, chunk in enumerate(stale):
+                self._keep(chunk, fetched[index], valid[index])
+        ok = np.zeros(len(unique), dtype=bool)
+        data = {
+            spec.name: np.empty((len(unique), *spec.shape), dtype=spec.numpy_dtype)
+            for spec in self.output_specs
+        }
+        for position, chunk in enumerate(chunks.tolist()):
+            mine = np.flatnonzero(where == position)
+            columns, mask = self._chunks.get(chunk) or self._uncached[chunk]
+            good = mine[mask[offsets[mine]]]
+            ok[good] = True
+            for spec, column in zip(self.output_specs, columns, strict=True):
+                data[spec.name][good] = column[offsets[good]]
+        self._uncached.clear()
+        data = {name: column[ok] for name, column in data.items()}
+        self._touch(unique[ok])
+        gone = set(unique[~ok].tolist())
+        if gone:
+            self._index = {key: row for key, row in self._index.items() if row not in gone}
+        hit = ok[inverse]
+        packed = np.cumsum(ok) - 1
+        take = packed[inverse[hit]]
+        return hit, {name: column[take] for name, column in data.items()}
+
+    def _read_chunks_one_by_one(
+        self, arrays: Sequence[zarr.Array[Any]], spans: Sequence[tuple[int, int]]
+    ) -> tuple[list[list[np.ndarray]], list[np.ndarray]]:
+        """Read each span alone; one that fails (torn, truncated, garbage) is all misses.
+
+        Its rows are recomputed into new rows; an index maps a key to its newest row, so
+        other processes find the new copies, not the broken chunk. Logged once per chunk.
+        """
+        fetched: list[list[np.ndarray]] = []
+        valid: list[np.ndarray] = []
+        for span in spans:
+            try:
+                columns, masks = zarr.core.sync.sync(_read_then_check(arrays, self.entry.valid, [span]))
+                fetched.append(columns[0])
+                valid.append(masks[0])
+            except Exception as error:
+                chunk = span[0] // self.entry.chunk_rows
+                if chunk not in self._broken:
+                    self._broken.add(chunk)
+                    logger.warning(
+                        "cachedfeatures: chunk %d of %s cannot be read (%s: %s); its rows are recomputed.",
+                        chunk,
+                        self.name,
+                        type(error).__name__,
+                        error,
+                    )
+                length = span[1] - span[0]
+                fetched.append(
+                    [np.zeros((length, *spec.shape), spec.numpy_dtype) for spec in self.output_specs]
+                )
+                valid.append(np.zeros(length, dtype=bool))
+        return fetched, valid
+
+    def _readahead(self, last: int, size: int) -> list[int]:
+        """Up to READAHEAD chunks after ``last`` worth fetching in the same trip to zarr.
+
+        Rows are stored in the order they were first computed, so a later pass in the same
+        order wants the following chunks next. Only chunks with indexed rows, not decoded
+        yet, and only while the chunk cache has room for them.
+        """
+        room = (self.chunk_cache_bytes - self._chunk_bytes) // max(1, size * self._row_nbytes)
+        chunks = range(last + 1, min(last + 1 + READAHEAD, -(-self._scanned // size)))
+        return [chunk for chunk in chunks if chunk not in self._chunks][: max(0, room - 1)]
+
+    def _keep(self, chunk: int, columns: list[np.ndarray], valid: np.ndarray) -> None:
+        """Keep a decoded chunk; over the budget it serves this read only (the first kept stay)."""
+        old = self._chunks.pop(chunk, None)
+        if old is not None:
+            self._chunk_bytes -= sum(column.nbytes for column in old[0])
+        size = sum(column.nbytes for column in columns)
+        if self._chunk_bytes + size <= self.chunk_cache_bytes:
+            self._chunks[chunk] = (columns, valid)
+            self._chunk_bytes += size
+        else:
+            self._uncached[chunk] = (columns, valid)
+
+    # -- writing rows --------------------------------------------------------------------------
+
+    def append(self, keys: Sequence[bytes], columns: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Store new rows (one per key) and return the rows they got."""
+        count = len(keys)
+        if count == 0:
+            return np.zeros(0, dtype=np.int64)
+        start = self._reserve(count)
+        rows = np.arange(start, start + count, dtype=np.int64)
+        key_matrix = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(count, KEY_BYTES)
+        self.entry.write(rows, {KEY: key_matrix, **columns})
+        for key, row in zip(keys, rows.tolist(), strict=True):
+            self._index[key] = row
+        self._touch(rows)
+        self._written += sum(column.nbytes for column in columns.values()) + key_matrix.nbytes
+        self._appends += 1
+        if self.max_bytes is not None:
+            self._enforce_budget(self.max_bytes)
+        return rows
+
+    def _reserve(self, count: int) -> int:
+        """Hand out ``count`` fresh rows, growing the arrays when they are full."""
+        with self.store.locks.entry(self.name):
+            group = self._fresh_group()
+            if NEXT_ROW not in group:
+                group.create_array(NEXT_ROW, shape=(1,), chunks=(1,), dtype="int64", fill_value=0)
+            counter = cast("zarr.Array[Any]", group[NEXT_ROW])
+            start = int(np.asarray(counter[0]))
+            meta = cast(dict[str, Any], group.attrs[ATTRS_KEY])
+            capacity = int(meta["num_rows"])
+            if start + count > capacity:
+                size = self.entry.chunk_rows
+                self._grow(group, max(2 * capacity, -(-(start + count) // size) * size))
+            counter[0] = start + count
+        if start + count > self.entry.num_rows:
+            self._reload()
+        return start
+
+    def _grow(self, group: zarr.Group, capacity: int) -> None:
+        """Resize every row array to ``capacity`` rows (under the entry lock)."""
+        for spec in self.entry.specs:
+            group[spec.name].resize((capacity, *spec.shape))  # type: ignore[union-attr]
+        group[VALID].resize((capacity,))  # type: ignore[union-attr]
+        if self.entry.records is not None:
+            records = group[chunk_identity.RECORDS]
+            records.resize((-(-capacity // self.entry.chunk_rows), *records.shape[1:]))  # type: ignore[union-attr]
+        meta = dict(group.attrs[ATTRS_KEY])  # type: ignore[arg-type]
+        meta["num_rows"] = capacity
+        group.attrs[ATTRS_KEY] = meta
+
+    # -- the budget: drop whole chunks, most recently used first --------------------------------
+
+    def nbytes_stored(self) -> int:
+        return self.entry.nbytes_stored()
+
+    def _enforce_budget(self, max_bytes: int) -> None:
+        due = self._measured < 0 or self._appends % _MEASURE_EVERY == 0
+        if not due and self._measured + self._written <= max_bytes:
+            return
+        self._measured, self._written = self.nbytes_stored(), 0
+        if self._measured <= max_bytes:
+            return
+        used = -(-self._next_row() // self.entry.chunk_rows)
+        recent = sorted(self._access, key=self._access.__getitem__, reverse=True)
+        others = [chunk for chunk in range(used - 1, -1, -1) if chunk not in self._access]
+        candidates = [*recent, *others]
+        dropped = 0
+        largest = 0  # the bytes freed by the biggest single drop: about one chunk
+        for chunk in candidates:
+            if self._measured <= max_bytes:
+                break
+            before = self._measured
+            self._drop_chunk(chunk)
+            dropped += 1
+            self._measured = self.nbytes_stored()
+            largest = max(largest, before - self._measured)
+        logger.debug(
+            "cachedfeatures: dropped %d chunks of %s to keep it under %d bytes", dropped, self.name, max_bytes
+        )
+        if candidates and dropped == len(candidates):
+            # Nothing is left: every write would be dropped as soon as it is made, and the
+            # module re-run on every call. Say so instead of caching nothing in silence.
+            need = self._measured + largest
+            raise BudgetError(
+                f"max_bytes={max_bytes} cannot hold a single chunk of entry {self.name}: its "
+                f"metadata alone takes {self._measured} bytes and one chunk about {largest}, so "
+                f"every row written was dropped at once. Set max_bytes to at least {need} (better: "
+                "room for the rows you want cached), lower chunk_rows, or pass max_bytes=None."
+            )
+
+    def _drop_chunk(self, chunk: int) -> None:
+        """Clear ``valid`` for the chunk's rows, then delete its chunk files and checksums."""
+        rows = self.entry.chunk_rows
+        start, stop = chunk * rows, min((chunk + 1) * rows, self.entry.num_rows)
+        with self.store.locks.chunk(self.name, chunk):
+            self.entry.valid[start:stop] = False
+            for spec in self.entry.specs:
+                array = self.entry.arrays[spec.name]
+                path = f"{array.path}/{array.metadata.encode_chunk_key((chunk,) + (0,) * len(spec.shape))}"
+                zarr.core.sync.sync(array.store.delete(path))
+            records = self.entry.records
+            if records is not None:  # its checksums go with it, or they would add up forever
+                path = f"{records.path}/{records.metadata.encode_chunk_key((chunk, 0, 0))}"
+                zarr.core.sync.sync(records.store.delete(path))
+        self._access.pop(chunk, None)
+        cached = self._chunks.pop(chunk, None)
+        if cached is not None:
+            self._chunk_bytes -= sum(column.nbytes for column in cached[0])
+        gone = range(start, stop)
+        self._index = {key: row for key, row in self._index.items() if row not in gone}
+
+    # -- keeping up with other processes ---------------------------------------------------------
+
+    def _touch(self, rows: np.ndarray) -> None:
+        tick = next(self._ticks)
+        for chunk in np.unique(rows // self.entry.chunk_rows).tolist():
+            self._access[chunk] = tick
+
+    def _fresh_group(self) -> zarr.Group:
+        return zarr.open_group(self.store.root.store, path=self.entry.group.path, mode="a")
+
+    def _reload(self) -> None:
+        entry = self.store.entry(self.name)
+        if entry is not None:
+            self.entry = entry
+
+    def _next_row(self) -> int:
+        try:
+            counter = self.entry.group[NEXT_ROW]
+        except KeyError:
+            return 0
+        return int(np.asarray(cast("zarr.Array[Any]", counter)[0]))
+
+    def _refresh(self) -> bool:
+        """Index rows other writers added (or validated) since the last look; True if any."""
+        total = self._next_row()
+        if total > self.entry.num_rows:
+            self._reload()
+        added = False
+        if self._pending:
+            # Rows reserved but not valid at the last look: a write in flight then. Look once
+            # more; a row still invalid (pruned, or its writer died) is left for good, and
+            # its key, if asked again, is recomputed into a new row.
+            pending = np.array(sorted(self._pending), dtype=np.int64)
+            self._pending.clear()
+            now = np.asarray(self.entry.valid.oindex[pending], dtype=bool)
+            if now.any():
+                self._add(pending[now])
+                added = True
+        if total > self._scanned:
+            rows = np.arange(self._scanned, total, dtype=np.int64)
+            # valid first, keys after (one trip): a key is written before its valid bit.
+            valid, keys = zarr.core.sync.sync(
+                _valid_then_keys(self.entry.valid, self.entry.arrays[KEY], self._scanned, total)
+            )
+            self._pending.update(rows[~valid].tolist())
+            for row, key in zip(rows[valid].tolist(), keys[valid], strict=True):
+                self._index[key.tobytes()] = row
+                added = True
+            self._scanned = total
+        return added
+
+    def _add(self, rows: np.ndarray) -> None:
+        keys = np.asarray(self.entry.arrays[KEY].oindex[rows])
+        for row, key in zip(rows.tolist(), keys, strict=True):
+            self._index[key.tobytes()] = row
+
+
+async def _read_then_check(
+    arrays: Sequence[zarr.Array[Any]], valid: zarr.Array[Any], spans: Sequence[tuple[int, int]]
+) -> tuple[list[list[np.ndarray]], list[np.ndarray]]:
+    """Row ``spans`` of every array (concurrently), then the same spans of ``valid``.
+
+    The ``valid`` reads start only after every byte read finished: that order is what makes
+    a row found valid safe to serve.
+    """
+    reads = [array._async_array.getitem(slice(*span)) for span in spans for array in arrays]
+    flat = [np.asarray(column) for column in await asyncio.gather(*reads)]
+    per_chunk = [flat[i : i + len(arrays)] for i in range(0, len(flat), len(arrays))]
+    masks = await asyncio.gather(*(valid._async_array.getitem(slice(*span)) for span in spans))
+    return per_chunk, [np.asarray(mask, dtype=bool) for mask in masks]
+
+
+async def _valid_then_keys(
+    valid: zarr.Array[Any], keys: zarr.Array[Any], start: int, stop: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [start, stop) of ``valid``, then of ``keys``: a key read after its valid bit is set
+    is the durable one."""
+    mask = np.asarray(await valid._async_array.getitem(slice(start, stop)), dtype=bool)
+    return mask, np.asarray(await keys._async_array.getitem(slice(start, stop)))

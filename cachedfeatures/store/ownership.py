@@ -1,0 +1,77 @@
+"""Chunk ownership: on stores without locks, each chunk has exactly one writer.
+
+A chunk write is read-modify-write. On a local filesystem, per-chunk file locks serialise
+writers (``cachedfeatures.store.locks``). Object stores (S3, GCS through fsspec) have no locks, so
+two processes writing rows of one chunk can each overwrite the other's rows. The rule there:
+every chunk has exactly one writer. Writers declare which chunks they own with a
+:class:`ChunkOwnership` (``rank`` of ``world_size``, chunk ``c`` owned by rank
+``c % world_size``); rows of other chunks are computed and served, never stored.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["ChunkOwnership", "parse_ownership"]
+
+
+@dataclass(frozen=True)
+class ChunkOwnership:
+    """This writer owns the chunks ``c`` with ``c % world_size == rank``.
+
+    Args:
+        rank: this writer's index, ``0 <= rank < world_size``.
+        world_size: how many writers share the store.
+    """
+
+    rank: int
+    world_size: int
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "world_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"Expected {name} to be an int. Got {value!r}.")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(
+                f"Expected 0 <= rank < world_size. Got rank={self.rank}, world_size={self.world_size}."
+            )
+
+    @classmethod
+    def from_env(cls) -> ChunkOwnership:
+        """Ownership from torchrun's ``RANK`` and ``WORLD_SIZE`` (``0`` of ``1`` if unset)."""
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+
+    def split(self, part: int, parts: int) -> ChunkOwnership:
+        """The share of ``part`` of ``parts`` (say DataLoader workers) of this writer's chunks.
+
+        Chunk ``c`` goes to this writer if ``c % world_size == rank``, then to part
+        ``(c // world_size) % parts``: together, ``rank + world_size * part`` of
+        ``world_size * parts``.
+        """
+        return ChunkOwnership(self.rank + self.world_size * part, self.world_size * parts)
+
+    def owns(self, chunk: int) -> bool:
+        return chunk % self.world_size == self.rank
+
+    def chunks(self, num_chunks: int) -> list[int]:
+        """The chunks this writer owns among ``range(num_chunks)``."""
+        return list(range(self.rank, num_chunks, self.world_size))
+
+    def owned_rows(self, rows: np.ndarray, chunk_rows: int) -> np.ndarray:
+        """A boolean mask over ``rows``: which of them lie in a chunk this writer owns."""
+        mask: np.ndarray = (np.asarray(rows, dtype=np.int64) // chunk_rows) % self.world_size == self.rank
+        return mask
+
+
+def parse_ownership(value: object) -> ChunkOwnership | None:
+    """``None`` (this process writes every chunk) or a :class:`ChunkOwnership`."""
+    if value is None or isinstance(value, ChunkOwnership):
+        return value
+    raise TypeError(
+        "Expected owned_chunks to be None or a ChunkOwnership(rank, world_size) "
+        f"(or ChunkOwnership.from_env() under torchrun). Got {value!r}."
+    )

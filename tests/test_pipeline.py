@@ -302,3 +302,36 @@ def test_loader_writes_within_the_size_budget(store_path: Path) -> None:
     assert cached.store.nbytes_stored() <= budget
     assert cached.entry is not None
     assert 0 < cached.entry.valid_mask().sum() < 256  # part of the entry kept, within budget
+
+
+class ThreadCounting(Backbone):
+    """Records torch's intra-op thread count each time the module runs."""
+
+    __cachedfeatures_exclude__ = (*Backbone.__cachedfeatures_exclude__, "seen_threads")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen_threads: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen_threads.append(torch.get_num_threads())
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("worker_method", ["thread", "process"])
+def test_module_runs_on_the_process_thread_count_with_workers(store_path: Path, worker_method: str) -> None:
+    """torchdata's thread workers set torch's thread count to 1, and the thread that runs the
+    module inherits it: the module would run on one core. It runs on the caller's count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        module = ThreadCounting()
+        cached = CachedFeatureDataset(
+            Samples(96, "tuple"), module, store_path, batch_size=16, chunk_rows=16, spot_check=0
+        )
+        module.seen_threads.clear()  # the dataset probe ran the module in this thread
+        for _ in cached.loader(batch_size=32, num_workers=2, worker_method=worker_method):
+            pass
+        assert module.seen_threads and set(module.seen_threads) == {2}
+    finally:
+        torch.set_num_threads(before)

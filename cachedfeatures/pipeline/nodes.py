@@ -321,6 +321,10 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
         self.spot_check = spot_check
         self._spot_due = spot_check
         self.spot_error: StaleFeaturesError | None = None  # the original, for the main thread
+        # torchdata's thread workers call torch.set_num_threads(1), and threads started after
+        # that (the prefetcher's, which runs this node) inherit it: the module would run on one
+        # core. The compute stage runs on the thread count of the process that built it.
+        self._num_threads = torch.get_num_threads()
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
@@ -336,6 +340,8 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
             self.writer.flush()
             raise
         self.cached.record_hits(batch.rows[batch.hit])
+        if torch.get_num_threads() != self._num_threads:  # the module runs in this thread
+            torch.set_num_threads(self._num_threads)
         if self._spot_due and batch.hit.any():
             self._spot_due = False
             hit = np.flatnonzero(batch.hit)

@@ -145,15 +145,23 @@ def _create_access_array(entry: Entry) -> zarr.Array[Any]:
         existing = _access_array(entry)
         if existing is not None:
             return existing
-        return entry.group.create_array(
-            ACCESS,
-            shape=(entry.num_chunks, 2),
-            chunks=(min(entry.num_chunks, 65536), 2),
-            dtype="float64",
-            fill_value=0.0,
-            dimension_names=("chunk", "access_stat"),
-            attributes={"columns": ["last_access_unix_seconds", "count"], "chunk_rows": entry.chunk_rows},
-        )
+        try:
+            return _new_access_array(entry)
+        except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError):
+            # Created by another process (no lock between processes on an object store).
+            return _access_array(entry) or _new_access_array(entry)
+
+
+def _new_access_array(entry: Entry) -> zarr.Array[Any]:
+    return entry.group.create_array(
+        ACCESS,
+        shape=(entry.num_chunks, 2),
+        chunks=(min(entry.num_chunks, 65536), 2),
+        dtype="float64",
+        fill_value=0.0,
+        dimension_names=("chunk", "access_stat"),
+        attributes={"columns": ["last_access_unix_seconds", "count"], "chunk_rows": entry.chunk_rows},
+    )
 
 
 # -- flushing at process exit ------------------------------------------------------------------

@@ -550,19 +550,30 @@ class FeatureStore:
 
         With ``checksum`` every chunk ends in a crc32c of its bytes, verified on every read.
         The group's attrs, which mark it complete, are written last, under the entry lock.
+
+        Creation is idempotent, so processes that create one entry at the same moment need no
+        lock between them (an object store has none): an array another process already created
+        with the same metadata is kept as it is, rows and all, never reset; only one that
+        differs (left by a creation that died before its attrs, with other options) is
+        replaced. Every creator writes the same attrs, so the last writer's copy is as good.
         """
         check_chunk_bytes(chunk_rows, sum(spec.row_nbytes for spec in specs))
         with self.locks.entry(name):
             existing = self.entry(name)
             if existing is not None:
                 return existing
-            group = self.root.require_group(name)
+            try:
+                group = self.root.require_group(name)
+            except zarr.errors.ContainsGroupError:  # created by another process since we looked
+                group = self.root.require_group(name)
             codec = default_compressor() if compressor == "default" else compressor
             for spec in specs:
-                _create_array(group, spec, num_rows, chunk_rows, codec, checksum)
+                _create_array(group, spec, num_rows, chunk_rows, codec, checksum, keep_existing=True)
             if checksum:
-                group.create_array(
+                _create_node(
+                    group,
                     chunk_identity.RECORDS,
+                    keep_existing=True,
                     shape=(-(-num_rows // chunk_rows), len(specs), 2),
                     chunks=(1, len(specs), 2),
                     dtype="uint32",
@@ -570,9 +581,8 @@ class FeatureStore:
                     compressors=(zarr.codecs.Crc32cCodec(),),
                     dimension_names=("chunk", "array", "slot"),
                     config={"write_empty_chunks": True},
-                    overwrite=True,
                 )
-            _create_valid(group, num_rows, chunk_rows, checksum)
+            _create_valid(group, num_rows, chunk_rows, checksum, keep_existing=True)
             group.attrs[ATTRS_KEY] = {
                 **meta,
                 "format_version": FORMAT_VERSION,
@@ -642,6 +652,13 @@ def _open_root(zarr_store: Store, mode: Literal["r", "a"], location: str) -> zar
     except FileNotFoundError as error:
         raise StorePathError(f"no cachedfeatures store at {location}; check the path.") from error
     meta: Any = root.attrs.get(ATTRS_KEY)
+    if meta is None and _holds_our_entries(root):
+        # Entries of ours under a root whose attrs are gone: zarr rewrites a missing parent's
+        # zarr.json when it creates a child, and on an object store two processes creating the
+        # store and its first entry at once can interleave so that the bare copy lands last.
+        if mode == "a":
+            root.attrs[ATTRS_KEY] = {"format_version": FORMAT_VERSION, "created": _now()}
+        return root
     if meta is None:
         if mode == "r" or any(True for _ in root):
             raise NotAFeatureStoreError(
@@ -657,6 +674,14 @@ def _open_root(zarr_store: Store, mode: Literal["r", "a"], location: str) -> zar
     return root
 
 
+def _holds_our_entries(root: zarr.Group) -> bool:
+    """Whether some group under ``root`` carries this library's attrs (an entry)."""
+    try:
+        return any(ATTRS_KEY in group.attrs for _name, group in root.groups())
+    except (ValueError, UnicodeDecodeError, KeyError):  # a damaged child: not ours to judge here
+        return False
+
+
 def _with_checksum(codec: BytesBytesCodec | None, checksum: bool) -> tuple[BytesBytesCodec, ...]:
     """``codec`` followed by a crc32c of the stored bytes: a flipped bit, a torn or overwritten
     chunk fails the check and is recomputed instead of served (raw chunks have no other guard)."""
@@ -664,17 +689,46 @@ def _with_checksum(codec: BytesBytesCodec | None, checksum: bool) -> tuple[Bytes
     return (*codecs, zarr.codecs.Crc32cCodec()) if checksum else codecs
 
 
-def _create_valid(group: zarr.Group, num_rows: int, chunk_rows: int, checksum: bool) -> None:
-    """The ``valid`` mask of an entry, all false (its fill value), replacing any there."""
-    group.create_array(
+def _create_node(group: zarr.Group, name: str, *, keep_existing: bool, **options: Any) -> None:
+    """Create array ``name`` in ``group``; with ``keep_existing``, keep one that is already
+    there with exactly the metadata ``options`` give (created by a concurrent creator, maybe
+    holding its rows), and replace any other. Without it, replace whatever is there."""
+    if keep_existing:
+        try:
+            group.create_array(name, overwrite=False, **options)
+            return
+        except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError):
+            if _holds_array_like(group, name, options):
+                return
+    group.create_array(name, overwrite=True, **options)
+
+
+def _holds_array_like(group: zarr.Group, name: str, options: Mapping[str, Any]) -> bool:
+    try:
+        existing = group[name]
+    except (KeyError, ValueError):
+        return False
+    if not isinstance(existing, zarr.Array):
+        return False
+    wanted = zarr.create_array(zarr.storage.MemoryStore(), **options)  # the metadata only
+    return bool(existing.metadata.to_dict() == wanted.metadata.to_dict())
+
+
+def _create_valid(
+    group: zarr.Group, num_rows: int, chunk_rows: int, checksum: bool, keep_existing: bool = False
+) -> None:
+    """The ``valid`` mask of an entry, all false (its fill value), replacing any there (or,
+    with ``keep_existing``, keeping an identical one: see :func:`_create_node`)."""
+    _create_node(
+        group,
         VALID,
+        keep_existing=keep_existing,
         shape=(num_rows,),
         chunks=(chunk_rows,),
         dtype="bool",
         fill_value=False,
         compressors=_with_checksum(default_compressor(), checksum),
         dimension_names=(SAMPLE_DIM,),
-        overwrite=True,
     )
 
 
@@ -685,14 +739,17 @@ def _create_array(
     chunk_rows: int,
     codec: BytesBytesCodec | None,
     checksum: bool = True,
+    keep_existing: bool = False,
 ) -> None:
     dims = (SAMPLE_DIM, *(f"{spec.name}_dim{i}" for i in range(1, len(spec.shape) + 1)))
     is_string = spec.dtype == "str"
     fill: Any = "" if is_string else 0
     if not is_string and np.dtype(spec.dtype).kind in "fc":
         fill = float_fill_value(np.dtype(spec.dtype))
-    group.create_array(
+    _create_node(
+        group,
         spec.name,
+        keep_existing=keep_existing,
         shape=(num_rows, *spec.shape),
         chunks=(chunk_rows, *spec.shape),
         dtype=spec.numpy_dtype if not is_string else str,
@@ -701,7 +758,6 @@ def _create_array(
         dimension_names=dims,
         attributes={"torch_dtype": spec.torch_dtype} if spec.torch_dtype else {},
         config={"write_empty_chunks": True},
-        overwrite=True,
     )
 
 

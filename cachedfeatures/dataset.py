@@ -148,8 +148,10 @@ class CachedFeatureDataset(Dataset[Any]):
         output: what to cache from what the module returns (a ``ModelOutput``, a dict or a tuple
             that also holds non-tensors): a key (``"sentence_embedding"``,
             ``"last_hidden_state"``), an attribute name, an index, or a callable ``output ->
-            tensors`` (run under inference mode, right after the module). Part of the entry
-            key (a callable with its code and what it reads). Default ``None``: all of it.
+            tensors``, or ``(output, batch) -> tensors`` given the batch the module got (mean
+            pooling needs its ``attention_mask``); it runs under inference mode right after
+            the module. Part of the entry key (a callable with its code and what it reads).
+            Default ``None``: all of it.
 
     With ``device="cuda"``, compute misses through :meth:`loader` (workers do I/O, the module
     runs in this process) or fill the cache first with :meth:`prefill`; a plain DataLoader

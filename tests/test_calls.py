@@ -276,3 +276,14 @@ def test_a_bare_string_sample_is_its_own_input(store_path) -> None:
     assert cached[2].tolist() == [6.0]
     with pytest.raises(KeyError, match="input_key 'text' cannot index a sample of type str"):
         CachedFeatureDataset(data, lambda x: x * 2, store_path, collate_fn=lengths, input_key="text")
+
+
+def test_a_callable_output_of_two_arguments_gets_the_batch(store_path) -> None:
+    def masked_sum(out: Any, batch: Any) -> torch.Tensor:
+        return (out.last_hidden_state * batch["attention_mask"][..., None]).sum(1)
+
+    data, encoder = token_samples(6), KeywordEncoder()
+    cached = CachedFeatureDataset(data, encoder, store_path, input_key="tokens", output=masked_sum)
+    tokens = data[4]["tokens"]
+    hidden = expected(encoder, tokens, "last_hidden_state")
+    torch.testing.assert_close(cached[4]["tokens"], (hidden * tokens["attention_mask"][:, None]).sum(0))

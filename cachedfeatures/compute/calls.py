@@ -16,9 +16,11 @@
 ``output=`` picks what to cache from what the module returns: a key of a ``Mapping`` (a
 ``transformers`` ``ModelOutput``, a ``SentenceTransformer``'s features dict), an attribute of
 another object, an index of a tuple (or the position in a ``ModelOutput``), or a callable
-``output -> tensors`` (mean pooling, say), which runs under ``torch.inference_mode()`` right
-after the module. The selection is part of the entry key; a callable is hashed with what it
-reads, like ``collate_fn``.
+``output -> tensors``, which runs under ``torch.inference_mode()`` right after the module. A
+callable that takes two arguments is called as ``selection(output, batch)`` with the batch the
+module was given (on the device): mean pooling needs the batch's ``attention_mask``. The
+selection is part of the entry key; a callable is hashed with what it reads, like
+``collate_fn``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "parse_call",
     "parse_output",
     "select_output",
+    "takes_batch",
 ]
 
 Call = Literal["positional", "kwargs", "auto"]
@@ -144,12 +147,25 @@ class ModuleCaller:
         )
 
 
-def select_output(output: Any, selection: OutputSelection | None) -> Any:
-    """The part of the module's ``output`` to cache (see the module docstring)."""
+def takes_batch(selection: Callable[..., Any]) -> bool:
+    """Whether a callable ``output=`` takes the batch as a second argument."""
+    try:
+        parameters = list(inspect.signature(selection).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return True
+    return sum(p.kind in positional for p in parameters) >= 2
+
+
+def select_output(output: Any, selection: OutputSelection | None, batch: Any = None) -> Any:
+    """The part of the module's ``output`` to cache (see the module docstring); ``batch`` is
+    what the module was given, for a callable that takes two arguments."""
     if selection is None:
         return output
     if callable(selection):
-        return selection(output)
+        return selection(output, batch) if takes_batch(selection) else selection(output)
     if isinstance(selection, str):
         if isinstance(output, Mapping):
             if selection in output:

@@ -66,7 +66,8 @@ class FeatureComputer:
         call: ``"positional"`` (``module(batch)``), ``"kwargs"`` (``module(**batch)``) or
             ``"auto"`` (default); see :mod:`cachedfeatures.compute.calls`.
         output: what to cache from the module's output: a key, an attribute, an index or a
-            callable; ``None`` (default) caches it whole.
+            callable ``output -> tensors`` or ``(output, batch) -> tensors``; ``None`` (default)
+            caches it whole.
     """
 
     def __init__(
@@ -102,7 +103,7 @@ class FeatureComputer:
         batch = _to_device(self.collate_fn(list(inputs)), self.device, pin)
         self.calls += 1
         with torch.inference_mode(), self._autocast():
-            return select_output(self.caller(batch), self.output)
+            return select_output(self.caller(batch), self.output, batch)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast_dtype is None:

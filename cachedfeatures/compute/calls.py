@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 Call = Literal["positional", "kwargs", "auto"]
-OutputSelection = str | int | Callable[[Any], Any]
+OutputSelection = str | int | Callable[..., Any]
 
 # Outputs to suggest first in an error, most likely to be what a user caches.
 _LIKELY_OUTPUTS = ("sentence_embedding", "pooler_output", "last_hidden_state", "embeddings", "logits")

@@ -15,7 +15,7 @@ from typing import Any, Literal, cast
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler, get_worker_info
+from torch.utils.data import Dataset, Sampler, default_collate, get_worker_info
 
 from cachedfeatures._version import __version__
 from cachedfeatures.compute.calls import Call, OutputSelection, describe_selection, parse_call, parse_output
@@ -28,6 +28,7 @@ from cachedfeatures.compute.fingerprint import (
 )
 from cachedfeatures.compute.layout import InputKey, OutputLayout, SampleLayout
 from cachedfeatures.compute.modes import mode_dependent_submodules, training_mode_message
+from cachedfeatures.compute.probe import explain_probe_failure
 from cachedfeatures.compute.runner import Collate, FeatureComputer
 from cachedfeatures.compute.spot_check import (
     DEFAULT_SPOT_CHECK,
@@ -303,7 +304,9 @@ class CachedFeatureDataset(Dataset[Any]):
             return FeatureStore.open(None, mode="a")
 
     def _extract_input_unchecked(self, sample: Any) -> Any:
-        return SampleLayout.from_sample(sample, self.input_key).extract_input(sample)
+        # Without learning the fields: one that cannot be stored is reported (with the probe's
+        # index and the likely fix) when the entry is created.
+        return SampleLayout({"kind": "input"}, (), (), self.input_key).extract_input(sample)
 
     def _create_entry_guarded(
         self, probes: dict[int, Any], chunk_rows: int | None, compressor: Compressor
@@ -340,12 +343,25 @@ class CachedFeatureDataset(Dataset[Any]):
     ) -> Entry:
         index = next(iter(probes), 0)
         sample = probes[index] if probes else self.dataset[index]
-        sample_layout = SampleLayout.from_sample(sample, self.input_key)
-        fields = sample_layout.field_values([sample], [index])
         module = self.module
         tracked = self._module_state_tracked and isinstance(module, torch.nn.Module)
         before = module_state_digests(module) if tracked and isinstance(module, torch.nn.Module) else {}
-        raw = self._computer.run([sample_layout.extract_input(sample)])
+        try:
+            sample_layout = SampleLayout.from_sample(sample, self.input_key)
+            fields = sample_layout.field_values([sample], [index])
+            raw = self._computer.run([sample_layout.extract_input(sample)])
+        except Exception as error:  # name the sample, the field, its type and the fix
+            explained = explain_probe_failure(
+                error,
+                index=index,
+                sample=sample,
+                input_key=self.input_key,
+                dataset=self.dataset,
+                default_collate=self._computer.collate_fn is default_collate,
+            )
+            if explained is None:
+                raise
+            raise explained from error
         if before:
             _warn_if_state_changed(self.module, before)
         output_layout = OutputLayout.from_output(raw, 1, self.dtype)

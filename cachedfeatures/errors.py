@@ -11,6 +11,7 @@ __all__ = [
     "BudgetError",
     "CacheError",
     "CacheWarning",
+    "CallConventionError",
     "CachingPausedWarning",
     "ChunkSizeError",
     "DamagedStoreError",
@@ -21,6 +22,7 @@ __all__ = [
     "FingerprintWarning",
     "InputBatchError",
     "InputKeyError",
+    "InputTypeError",
     "ModuleOutputError",
     "NonDeterministicDatasetError",
     "NotAFeatureStoreError",
@@ -51,6 +53,15 @@ class InputKeyError(CacheError, KeyError):
 
 class FieldNotStorableError(CacheError, TypeError):
     """A sample field cannot be stored beside the features."""
+
+
+class InputTypeError(CacheError, TypeError):
+    """The module cannot take the input the samples give it (a ``PIL.Image``, a label, a
+    ``datasets.Dataset`` row of Python lists); the message names the sample, the field and the fix."""
+
+
+class CallConventionError(CacheError, TypeError):
+    """``call="kwargs"`` was asked for, but the collated batch is not a Mapping with string keys."""
 
 
 class ModuleOutputError(CacheError, TypeError):

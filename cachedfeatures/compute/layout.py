@@ -20,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from cachedfeatures.compute.calls import non_tensor_output_message
 from cachedfeatures.errors import (
     InputKeyError,
     ModuleOutputError,
@@ -99,7 +100,7 @@ class SampleLayout:
         """The value that feeds the module."""
         if callable(self.input_key):
             return self.input_key(sample)
-        if isinstance(sample, torch.Tensor):
+        if _is_own_input(sample, self.input_key):
             return sample
         return _lookup(sample, self.input_key)
 
@@ -203,9 +204,17 @@ def _lookup(sample: Any, key: int | str) -> Any:
     )
 
 
+def _is_own_input(sample: Any, input_key: int | str) -> bool:
+    """A bare tensor is its own input; so is any other sample that is not a container (a
+    string, a number, an image) under the default ``input_key=0``."""
+    if isinstance(sample, torch.Tensor):
+        return True
+    return input_key == 0 and not isinstance(sample, (Mapping, tuple, list))
+
+
 def _input_paths(sample: Any, input_key: InputKey) -> tuple[Path, ...]:
     """The top-level fields that hold the input, in the order they are read."""
-    if isinstance(sample, torch.Tensor) and not callable(input_key):
+    if not callable(input_key) and _is_own_input(sample, input_key):
         return ((),)
     if not callable(input_key):
         _lookup(sample, input_key)
@@ -372,18 +381,7 @@ def _output_items(output: Any) -> tuple[Literal["tensor", "tuple", "dict"], list
         and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in output.items())
     ):
         return "dict", list(output.items())
-    raise ModuleOutputError(
-        f"the module returned {_describe_output(output)}; it must return a tensor, or a tuple or "
-        "dict (with string keys) of tensors, each with the batch as its first dimension. Wrap the "
-        "module in one whose forward picks the tensors to cache."
-    )
-
-
-def _describe_output(output: Any) -> str:
-    if isinstance(output, (tuple, list, Mapping)):
-        inner = output.values() if isinstance(output, Mapping) else output
-        return f"a {type(output).__name__} of {[type(v).__name__ for v in inner]}"
-    return f"a {type(output).__name__}"
+    raise ModuleOutputError(non_tensor_output_message(output))
 
 
 def _check_batch_dim(name: str, tensor: torch.Tensor, batch_size: int) -> None:

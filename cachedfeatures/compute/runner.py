@@ -5,12 +5,15 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+import copy
+from collections import UserDict
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import default_collate
 
+from cachedfeatures.compute.calls import Call, ModuleCaller, OutputSelection, select_output
 from cachedfeatures.compute.layout import OutputLayout
 
 Collate = Callable[[list[Any]], Any]
@@ -21,11 +24,33 @@ def _to_device(batch: Any, device: torch.device, pin: bool = False) -> Any:
         if pin and batch.device.type == "cpu" and not batch.is_pinned():
             batch = batch.pin_memory()
         return batch.to(device, non_blocking=batch.is_pinned())
-    if isinstance(batch, dict):
-        return {key: _to_device(value, device, pin) for key, value in batch.items()}
+    if isinstance(batch, Mapping):
+        return _mapping_to_device(batch, device, pin)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple takes its fields one by one
+        return type(batch)(*(_to_device(value, device, pin) for value in batch))
     if isinstance(batch, (tuple, list)):
         return type(batch)(_to_device(value, device, pin) for value in batch)
     return batch
+
+
+def _mapping_to_device(batch: Mapping[Any, Any], device: torch.device, pin: bool) -> Mapping[Any, Any]:
+    """Any Mapping moved, recursively; a copy of its own type where that can be made safely
+    (``dict`` subclasses, ``UserDict`` such as a tokenizer's ``BatchEncoding``), else a ``dict``.
+
+    The collated batch is never changed in place: it may hold the dataset's own tensors.
+    """
+    moved = {key: _to_device(value, device, pin) for key, value in batch.items()}
+    if type(batch) is dict:
+        return moved
+    if isinstance(batch, (dict, UserDict)):
+        try:
+            same = copy.copy(batch)
+            for key, value in moved.items():
+                same[key] = value
+        except Exception:  # an odd subclass: the values matter, not the type
+            return moved
+        return same
+    return moved
 
 
 class FeatureComputer:
@@ -38,6 +63,11 @@ class FeatureComputer:
         collate_fn: turns a list of inputs into the module's argument (default: stack).
         autocast_dtype: run the module under ``torch.autocast`` with this dtype (for example
             ``torch.bfloat16``), or ``None`` (default) for no autocast.
+        call: ``"positional"`` (``module(batch)``), ``"kwargs"`` (``module(**batch)``) or
+            ``"auto"`` (default); see :mod:`cachedfeatures.compute.calls`.
+        output: what to cache from the module's output: a key, an attribute, an index or a
+            callable ``output -> tensors`` or ``(output, batch) -> tensors``; ``None`` (default)
+            caches it whole.
     """
 
     def __init__(
@@ -47,8 +77,12 @@ class FeatureComputer:
         dtype: torch.dtype | None,
         collate_fn: Collate | None = None,
         autocast_dtype: torch.dtype | None = None,
+        call: Call = "auto",
+        output: OutputSelection | None = None,
     ) -> None:
         self.module = module
+        self.caller = ModuleCaller(module, call)
+        self.output = output
         self.device = device
         self.dtype = dtype
         self.collate_fn = collate_fn or default_collate
@@ -69,7 +103,14 @@ class FeatureComputer:
         batch = _to_device(self.collate_fn(list(inputs)), self.device, pin)
         self.calls += 1
         with torch.inference_mode(), self._autocast():
-            return self.module(batch)
+            try:
+                output = self.caller(batch)
+            except Exception as error:
+                why = self.caller.explain(batch)  # a Mapping batch passed as one argument
+                if why is not None:
+                    error.add_note(f"cachedfeatures: {why}")
+                raise
+            return select_output(output, self.output, batch)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast_dtype is None:

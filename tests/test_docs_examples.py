@@ -5,11 +5,14 @@ Each page's fenced ``python`` blocks run in order, as one script, in a fresh tem
 the line before it is ``<!-- no-run -->`` or ``<!-- no-run: why -->`` (it needs a GPU, a network, a
 model download); other info strings (``bash``, ``text``, ``console``) never run. Hidden set-up code
 a reader does not need to see goes in an HTML comment that starts with ``<!-- setup:``. The script
-keeps each line at its line number in the page, so a traceback points into the markdown file.
+keeps each line at its line number in the page, so a traceback points into the markdown file. A
+page that needs an optional package says so with ``<!-- requires: datasets -->`` and is skipped
+where it is not installed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -25,6 +28,7 @@ PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
 FENCE = re.compile(r"^(`{3,}|~{3,})\s*([\w+-]*)")
 NO_RUN = re.compile(r"^<!--\s*no-run\b.*-->\s*$")
 SETUP = "<!-- setup:"
+REQUIRES = re.compile(r"^<!--\s*requires:\s*([\w., ]+?)\s*-->\s*$", re.MULTILINE)
 PRELUDE = (
     "import warnings; import cachedfeatures.errors; "
     "warnings.simplefilter('error', cachedfeatures.errors.CacheWarning)"
@@ -89,6 +93,10 @@ RUNNABLE = [page for page in PAGES if any(b.runs for b in blocks(page.read_text(
 @pytest.mark.slow
 @pytest.mark.parametrize("page", RUNNABLE, ids=[str(p.relative_to(ROOT)) for p in RUNNABLE])
 def test_page_examples_run(page: Path, tmp_path: Path) -> None:
+    for found in REQUIRES.findall(page.read_text()):
+        missing = [name for name in found.replace(",", " ").split() if importlib.util.find_spec(name) is None]
+        if missing:
+            pytest.skip(f"{page.name} needs {', '.join(missing)}")
     path = tmp_path / f"{page.stem}.py"
     path.write_text(script(page.read_text()))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}

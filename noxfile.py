@@ -15,6 +15,8 @@ nox.options.sessions = ["tests", "lint", "typecheck", "notebooks", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
 TORCH = os.environ.get("CACHEDFEATURES_TORCH_SPEC", "torch==2.13.0")
+# mkdocs-material prints a banner about MkDocs 2 on every build; it is not about this site.
+QUIET = {"NO_MKDOCS_2_WARNING": "1"}
 
 
 def install(session: nox.Session, *extras: str) -> None:
@@ -79,9 +81,9 @@ def docs(session: nox.Session) -> None:
         extra = tomllib.load(file)["project"]["optional-dependencies"]["docs"]
     session.install(*extra)
     if session.posargs[:1] == ["serve"]:
-        session.run("mkdocs", "serve", *session.posargs[1:])
+        session.run("mkdocs", "serve", *session.posargs[1:], env=QUIET)
     else:
-        session.run("mkdocs", "build", "--strict", *session.posargs)
+        session.run("mkdocs", "build", "--strict", *session.posargs, env=QUIET)
 
 
 @nox.session

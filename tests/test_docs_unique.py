@@ -10,9 +10,12 @@ docs/ point at pages that exist.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections import defaultdict
 from pathlib import Path
+
+import pytest
 
 import cachedfeatures
 
@@ -106,3 +109,13 @@ def test_the_readme_links_point_at_pages_that_exist() -> None:
     assert targets, "the README links into docs/"
     missing = [target for target in targets if not (ROOT / target).exists()]
     assert not missing, f"README links to missing files: {missing}"
+
+
+def test_sphinx_roles_in_docstrings_read_as_code_in_the_api_reference() -> None:
+    pytest.importorskip("griffe")
+    spec = importlib.util.spec_from_file_location("griffe_roles", ROOT / "docs" / "griffe_roles.py")
+    assert spec is not None and spec.loader is not None
+    roles = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(roles)
+    text = "See :class:`~cachedfeatures.Entry` and :func:`cachedfeatures.pipeline.prefill.prefill`."
+    assert roles.plain(text) == "See `Entry` and `cachedfeatures.pipeline.prefill.prefill`."

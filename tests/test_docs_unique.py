@@ -119,3 +119,12 @@ def test_sphinx_roles_in_docstrings_read_as_code_in_the_api_reference() -> None:
     spec.loader.exec_module(roles)
     text = "See :class:`~cachedfeatures.Entry` and :func:`cachedfeatures.pipeline.prefill.prefill`."
     assert roles.plain(text) == "See `Entry` and `cachedfeatures.pipeline.prefill.prefill`."
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    first_block = (ROOT / "README.md").read_text().split("```")[1]
+    assert command in first_block.splitlines(), f"the README's first lines must show {command!r}"
+    sessions = command.split("nox -s ", 1)[1].split()
+    noxfile = (ROOT / "noxfile.py").read_text()
+    assert f"nox.options.sessions = {sessions!r}".replace("'", '"') in noxfile

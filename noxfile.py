@@ -1,4 +1,4 @@
-"""Sessions: tests, lint, typecheck, demo (and, as they land, notebooks and bench).
+"""Sessions: tests, lint, typecheck, notebooks, docs, demo and bench.
 
 Torch is installed first from ``CACHEDFEATURES_TORCH_SPEC`` (default ``torch==2.13.0``, a
 CPU wheel), so the package's own ``torch>=2.2`` range never pulls a multi-GB CUDA build.
@@ -7,13 +7,16 @@ CPU wheel), so the package's own ``torch>=2.2`` range never pulls a multi-GB CUD
 from __future__ import annotations
 
 import os
+import tomllib
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "typecheck", "notebooks"]
+nox.options.sessions = ["tests", "lint", "typecheck", "notebooks", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
 TORCH = os.environ.get("CACHEDFEATURES_TORCH_SPEC", "torch==2.13.0")
+# mkdocs-material prints a banner about MkDocs 2 on every build; it is not about this site.
+QUIET = {"NO_MKDOCS_2_WARNING": "1"}
 
 
 def install(session: nox.Session, *extras: str) -> None:
@@ -32,7 +35,9 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.6")
     paths = [
-        p for p in ("cachedfeatures", "tests", "benchmarks", "notebooks", "noxfile.py") if os.path.exists(p)
+        p
+        for p in ("cachedfeatures", "tests", "benchmarks", "notebooks", "docs/griffe_roles.py", "noxfile.py")
+        if os.path.exists(p)
     ]
     session.run("ruff", "check", *paths)
     session.run("ruff", "format", "--check", *paths)
@@ -64,6 +69,23 @@ def notebooks(session: nox.Session) -> None:
     """
     install(session, "notebooks")
     session.run("python", "notebooks/execute.py", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site into ``site/``; any warning (a broken link, a missing reference,
+    a docstring griffe cannot parse) fails.
+
+    Only the ``docs`` extra is installed, not the package or torch: mkdocstrings reads the docstrings
+    from the source without importing it. ``nox -s docs -- serve`` serves the site while editing.
+    """
+    with open("pyproject.toml", "rb") as file:
+        extra = tomllib.load(file)["project"]["optional-dependencies"]["docs"]
+    session.install(*extra)
+    if session.posargs[:1] == ["serve"]:
+        session.run("mkdocs", "serve", *session.posargs[1:], env=QUIET)
+    else:
+        session.run("mkdocs", "build", "--strict", *session.posargs, env=QUIET)
 
 
 @nox.session

@@ -3,8 +3,8 @@
 Wrap a map-style dataset and a frozen module in :class:`CachedFeatureDataset`; features are
 computed once, stored chunked in a Zarr store, and served from it on every later epoch.
 
-The modules form layers, each importing only from the layers below it (see "Layout" in the
-README; the import-linter contract in ``pyproject.toml`` enforces it); this package re-exports
+The modules form layers, each importing only from the layers below it (see "Layout" in
+docs/development.md; the import-linter contract in ``pyproject.toml`` enforces it); this package re-exports
 the public API.
 """
 

@@ -88,8 +88,10 @@ class CachedFeatureDataset(Dataset[Any]):
             or ``None`` for raw chunks. Used when the entry is created.
         chunk_rows: rows per chunk; default gives chunks of about 2 MiB.
         collate_fn: turns a list of inputs into the module's argument; default stacks them.
-        module_version / dataset_version: strings that stand in for hashing the module's
-            weights / probing the dataset; change them whenever the module / data change.
+        module_version: a string that stands in for hashing the module's weights and code;
+            change it whenever the module changes.
+        dataset_version: a string that stands in for hashing the dataset's state and probing
+            its samples; change it whenever the data change.
         allow_nondeterministic: cache a dataset whose inputs change from load to load (random
             augmentation), freezing one draw. Default ``False``, which raises instead. It also
             turns spot checks off: a random draw never matches the stored one.

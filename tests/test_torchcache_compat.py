@@ -1,7 +1,7 @@
 """The predecessor's scenarios, translated to ``@cached_module``.
 
 Each test mirrors one behaviour of torchcache 0.6 (its README and its own test suite, read
-and rewritten here, not copied) or of the ``cached_module`` section of our README, and says
+and rewritten here, not copied) or of our docs (docs/guides/module-cache.md), and says
 which in its docstring. Where torchcache's behaviour is a defect (state it never sees, a
 budget that silently drops every write), the test asserts what a careful user expects.
 """
@@ -186,7 +186,7 @@ def test_pure_function_arguments_bind_to_its_signature() -> None:
 
 
 def test_a_batch_of_scalars_is_a_one_dimensional_tensor() -> None:
-    """torchcache refuses 1-D inputs ("at least 2 dimensions"); our README takes the first
+    """torchcache refuses 1-D inputs ("at least 2 dimensions"); our docs take the first
     dimension as the batch, so a 1-D tensor is a batch of scalars for an element-wise
     function such as torchcache's ``x * 2``, and is cached row by row."""
     calls = []
@@ -691,7 +691,7 @@ def test_a_new_process_with_other_state_serves_its_own_outputs(
 
 def test_outputs_of_hits_are_fresh_tensors() -> None:
     """torchcache returns a full hit as a view of an internal buffer that its next call
-    overwrites (our README, "Against torchcache"); ours returns fresh tensors."""
+    overwrites (docs/performance.md, "cached_module against torchcache"); ours returns fresh tensors."""
     model = cached_module()(Doubler)()
     x = pair()
     model(x)

@@ -342,8 +342,11 @@ class StateHasher:
         hf_fingerprint = _safe_getattr(obj, "_fingerprint")
         if kind.__module__.startswith("datasets.") and isinstance(hf_fingerprint, str):
             # A Hugging Face datasets.Dataset: its own fingerprint tracks every transform, where
-            # pickling its Arrow table could cost gigabytes. Its format changes the samples.
-            self.feed("hf", hf_fingerprint, repr(getattr(obj, "format", None)))
+            # pickling its Arrow table could cost gigabytes. Its format changes the samples; it is
+            # walked like any value, so a ``with_transform`` function counts by its code (its repr
+            # holds an address that changes from process to process).
+            self.feed("hf", hf_fingerprint)
+            self.update(getattr(obj, "format", None), f"{path}.format")
             return
         to_bytes = _safe_getattr(obj, "tobytes")
         if callable(to_bytes):  # PIL images and similar buffers: their pixels live outside __dict__

@@ -50,7 +50,8 @@ class PrefillResult:
         computed: rows run through the module and stored.
         skipped: rows of this rank's chunks that were already cached.
         seconds: wall time of the call, barrier included.
-        rank / world_size: this process's place in the process group (0 / 1 without one).
+        rank: this process's rank in the process group (0 without one).
+        world_size: the number of ranks (1 without a process group).
         chunks: the chunks this rank owned.
     """
 

@@ -36,10 +36,11 @@ class ChunkShuffleSampler(Sampler[int]):
         window: how many chunks' rows are shuffled together. Default 4.
         seed: the seed shared by all ranks; each epoch draws from ``(seed, epoch)``.
         shuffle: ``False`` yields rows in order (split across ranks all the same).
-        world_size / rank: split every epoch between ranks like ``DistributedSampler``:
+        world_size: split every epoch between this many ranks like ``DistributedSampler``:
             rank ``r`` gets the ``r``-th contiguous share of the epoch's order, so a chunk is
             read by one rank (two at a share's edge). Default: from ``torch.distributed`` if
             it is initialised, else one rank.
+        rank: this process's rank among ``world_size``; default as for ``world_size``.
         drop_last: drop the tail that does not divide evenly between ranks, instead of
             repeating rows from the start of the epoch to even the shares out.
     """

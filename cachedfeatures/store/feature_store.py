@@ -397,10 +397,18 @@ class Entry:
     ) -> Any:
         """Stored module outputs: the valid rows (``rows=None``) or the given rows, in order.
 
-        Reads only the chunks that hold the rows. ``name`` picks one output of a module that
-        returns several (see ``feature_names``). A requested row that is not cached raises
-        ``RowsNotCachedError``: rows that are not valid are never returned as data. For a lazy
-        view of everything, use ``to_xarray()`` or the Zarr array ``arrays[name]``.
+        Reads only the chunks that hold the rows. For a lazy view of everything, use
+        ``to_xarray()`` or the Zarr array ``arrays[name]``.
+
+        Args:
+            name: one output of a module that returns several (see ``feature_names``);
+                default the first.
+            rows: dataset indices to read, in this order; default every valid row.
+            as_: ``"numpy"`` (bfloat16 comes back as float32) or ``"torch"``.
+
+        Raises:
+            RowsNotCachedError: a requested row is not cached; rows that are not valid are
+                never returned as data.
         """
         as_ = explore.parse_as(as_)
         if name is None:
@@ -496,9 +504,17 @@ class FeatureStore:
     ) -> FeatureStore:
         """Open (``mode="r"``) or open-or-create (``mode="a"``) a store.
 
-        ``store`` is a local path, an fsspec URL (``"s3://bucket/features.zarr"``, with
-        ``storage_options`` passed to fsspec), a ``zarr`` Store, or ``None`` for a new in-memory
-        store. ``mode="r"`` opens local and URL stores read-only: nothing is ever written.
+        Args:
+            store: a local path, an fsspec URL (``"s3://bucket/features.zarr"``), a ``zarr``
+                Store, or ``None`` for a new in-memory store.
+            mode: ``"r"`` opens local and URL stores read-only: nothing is ever written.
+                ``"a"`` opens the store for writing, creating it if there is none.
+            storage_options: passed to fsspec for a URL store (credentials, a profile).
+
+        Raises:
+            StorePathError: the path is a file or a directory that is not a Zarr store, or
+                (``mode="r"``) there is no store there.
+            NotAFeatureStoreError: the Zarr store was not written by cachedfeatures.
         """
         zarr_store, locks, location = _resolve(store, mode, storage_options)
         if mode == "r":
@@ -513,6 +529,7 @@ class FeatureStore:
 
     @property
     def entries(self) -> list[Entry]:
+        """The store's complete entries, sorted by name (``store[i]`` indexes this list)."""
         found = []
         for _name, group in sorted(self.root.groups(), key=lambda item: item[0]):
             if ATTRS_KEY in group.attrs and "arrays" in group.attrs[ATTRS_KEY]:  # type: ignore[operator]

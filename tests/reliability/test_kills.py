@@ -195,7 +195,7 @@ def test_a_killed_shuffled_loader_epoch_loses_at_most_the_hold(store_path: Path,
         loaded = loaded[~before[loaded]]
         lost = int((~valid[loaded]).sum())
         rate = len(loaded) / seconds
-        # The bound the README states: rows computed within the hold in force (which stretches to
+        # The bound docs/reliability.md states: rows computed within the hold in force (which stretches to
         # 4x the last round of writes of held chunks) and the round under way, plus what waits in
         # the writer's queue and the batch in hand; 1.5x for a rate that varies over the run.
         hold, spent = rounds_of(log_dir, pid)

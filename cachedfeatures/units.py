@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["format_bytes", "parse_bytes"]
+__all__ = ["format_bytes", "format_ratio", "parse_bytes"]
 
 _UNITS: dict[str, int] = {
     "b": 1,
@@ -65,7 +65,15 @@ def parse_bytes(value: object, name: str = "max_bytes") -> int:
 
 
 def format_bytes(count: float) -> str:
-    """``count`` bytes in decimal units with three significant digits: ``"1.52 GB"``."""
+    """``count`` bytes in decimal units with three significant digits: ``"1.52 GB"``.
+
+    The one way the library prints a size (``cachedfeatures info``, ``repr(entry)``, the
+    notebook display, budget messages). Decimal, as disks, object stores and ``du --si`` count,
+    and as budgets are usually written (``max_bytes="10GB"``); binary units are still accepted
+    on input (:func:`parse_bytes`).
+    """
+    if count < 0:
+        return f"-{format_bytes(-count)}"
     if count < 1000:
         return f"{int(count)} B"
     for unit in ("kB", "MB", "GB", "TB"):
@@ -73,6 +81,14 @@ def format_bytes(count: float) -> str:
         if count < 1000:
             return f"{count:.3g} {unit}"
     return f"{count / 1000:.3g} PB"
+
+
+def format_ratio(ratio: float | None) -> str:
+    """A compression ratio as printed everywhere: ``"1.45x"``; ``"n/a"`` for ``None`` or NaN
+    (no chunk stored yet)."""
+    if ratio is None or ratio != ratio:
+        return "n/a"
+    return f"{ratio:.2f}x"
 
 
 def _display_units() -> list[str]:

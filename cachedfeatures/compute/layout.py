@@ -25,9 +25,8 @@ from cachedfeatures.errors import (
     ModuleOutputError,
     OutputShapeError,
 )
+from cachedfeatures.format.names import FEATURES, RESERVED
 from cachedfeatures.format.specs import (
-    FEATURES,
-    RESERVED,
     ArraySpec,
     Path,
     check_utf8,

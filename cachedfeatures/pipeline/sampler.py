@@ -20,8 +20,9 @@ from collections.abc import Iterator, Sized
 from typing import Any
 
 import numpy as np
-import torch.distributed as dist
 from torch.utils.data import Sampler
+
+from cachedfeatures.store.ranks import discover_rank
 
 __all__ = ["ChunkShuffleSampler"]
 
@@ -38,8 +39,9 @@ class ChunkShuffleSampler(Sampler[int]):
         shuffle: ``False`` yields rows in order (split across ranks all the same).
         world_size / rank: split every epoch between ranks like ``DistributedSampler``:
             rank ``r`` gets the ``r``-th contiguous share of the epoch's order, so a chunk is
-            read by one rank (two at a share's edge). Default: from ``torch.distributed`` if
-            it is initialised, else one rank.
+            read by one rank (two at a share's edge). Default: this process's
+            (:func:`~cachedfeatures.store.ranks.discover_rank`: the initialised
+            ``torch.distributed`` group, else torchrun's ``RANK``/``WORLD_SIZE``, else one rank).
         drop_last: drop the tail that does not divide evenly between ranks, instead of
             repeating rows from the start of the epoch to even the shares out.
     """
@@ -61,10 +63,10 @@ class ChunkShuffleSampler(Sampler[int]):
         self.window = _parse_positive("window", window)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
-        if world_size is None:
-            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if rank is None:
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if world_size is None or rank is None:
+            found = discover_rank()
+            world_size = found.world_size if world_size is None else world_size
+            rank = found.rank if rank is None else rank
         self.world_size = _parse_positive("world_size", world_size)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.world_size:
             raise ValueError(f"Expected rank to be an int from 0 to {self.world_size - 1}. Got {rank!r}.")

@@ -10,10 +10,11 @@ every chunk has exactly one writer. Writers declare which chunks they own with a
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from cachedfeatures.store.ranks import discover_rank
 
 __all__ = ["ChunkOwnership", "parse_ownership"]
 
@@ -42,8 +43,10 @@ class ChunkOwnership:
 
     @classmethod
     def from_env(cls) -> ChunkOwnership:
-        """Ownership from torchrun's ``RANK`` and ``WORLD_SIZE`` (``0`` of ``1`` if unset)."""
-        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+        """This process's ownership, from :func:`~cachedfeatures.store.ranks.discover_rank`: the
+        initialised process group, else torchrun's ``RANK`` and ``WORLD_SIZE``, else ``0`` of ``1``."""
+        found = discover_rank()
+        return cls(found.rank, found.world_size)
 
     def split(self, part: int, parts: int) -> ChunkOwnership:
         """The share of ``part`` of ``parts`` (say DataLoader workers) of this writer's chunks.

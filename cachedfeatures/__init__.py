@@ -11,6 +11,7 @@ the public API.
 from cachedfeatures._version import __version__
 from cachedfeatures.dataset import CachedFeatureDataset
 from cachedfeatures.errors import (
+    ArgumentTypeError,
     BudgetError,
     CacheError,
     CacheWarning,
@@ -24,6 +25,7 @@ from cachedfeatures.errors import (
     FingerprintWarning,
     InputBatchError,
     InputKeyError,
+    InvalidArgumentError,
     ModuleOutputError,
     NonDeterministicDatasetError,
     NotAFeatureStoreError,
@@ -49,6 +51,7 @@ from cachedfeatures.store.feature_store import Entry, FeatureStore
 from cachedfeatures.store.ownership import ChunkOwnership
 
 __all__ = [
+    "ArgumentTypeError",
     "BudgetError",
     "CacheError",
     "CacheWarning",
@@ -68,6 +71,7 @@ __all__ = [
     "FingerprintWarning",
     "InputBatchError",
     "InputKeyError",
+    "InvalidArgumentError",
     "Loader",
     "ModuleCache",
     "ModuleOutputError",

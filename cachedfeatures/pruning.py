@@ -37,6 +37,7 @@ from zarr.storage import LocalStore
 from cachedfeatures.errors import BudgetError
 from cachedfeatures.format.chunk_keys import chunk_key, parse_chunk_key
 from cachedfeatures.format.names import NOT_ROW_CHUNKED
+from cachedfeatures.parse import parse_choice
 from cachedfeatures.reader.chunk_reader import RowsRead
 from cachedfeatures.store.access import LAST, AccessLog, last_used, read_access
 from cachedfeatures.store.chunk_bytes import (
@@ -93,10 +94,7 @@ STALE_PARTIAL_SECONDS = 3600.0
 
 def parse_policy(value: object) -> Policy:
     """``value`` if it names a policy, else a ``ValueError`` listing the valid names."""
-    if isinstance(value, str) and value in POLICIES:
-        return value  # type: ignore[return-value]
-    names = ", ".join(repr(name) for name in get_args(Policy))
-    raise ValueError(f"Expected policy to be one of {names}. Got {value!r}.")
+    return parse_choice("policy", value, get_args(Policy))
 
 
 # -- measuring ---------------------------------------------------------------------------------

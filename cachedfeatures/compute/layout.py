@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from cachedfeatures.errors import (
+    ArgumentTypeError,
     InputKeyError,
     ModuleOutputError,
     OutputShapeError,
@@ -34,8 +35,19 @@ from cachedfeatures.format.specs import (
     tensor_spec,
     unstorable,
 )
+from cachedfeatures.parse import expected
 
 InputKey = int | str | Callable[[Any], Any]
+
+
+def parse_input_key(input_key: object) -> InputKey:
+    """An int index, a dict key (str) or a callable ``sample -> input``."""
+    if callable(input_key) or (isinstance(input_key, (int, str)) and not isinstance(input_key, bool)):
+        return input_key  # type: ignore[return-value]
+    raise ArgumentTypeError(
+        expected("input_key to be an int index, a dict key (str) or a callable sample -> input", input_key)
+    )
+
 
 # ---------------------------------------------------------------------------------------
 # The sample's structure

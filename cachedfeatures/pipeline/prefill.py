@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torchdata.nodes as tn
 from tqdm.auto import tqdm
 
+from cachedfeatures.parse import parse_nonnegative_int
 from cachedfeatures.pipeline.nodes import (
     CachedSource,
     ComputedBatch,
@@ -29,7 +30,6 @@ from cachedfeatures.pipeline.nodes import (
     IOBatch,
     ReadOrLoad,
     WorkerMethod,
-    parse_nonnegative_int,
     parse_worker_method,
 )
 from cachedfeatures.pruning import serve_backed_rows

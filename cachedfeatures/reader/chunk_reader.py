@@ -59,6 +59,7 @@ from zarr.storage import LocalStore
 
 from cachedfeatures.format.chunk_identity import IdentityMismatchError
 from cachedfeatures.format.chunk_keys import chunk_key
+from cachedfeatures.parse import parse_choice, parse_int
 from cachedfeatures.reader.signatures import ValidSignatures
 
 if TYPE_CHECKING:
@@ -108,20 +109,14 @@ def default_chunk_cache_bytes() -> int:
 
 
 def parse_read_route(route: object) -> ReadRoute:
-    if route not in READ_ROUTES:
-        raise ValueError(f"Expected read_route to be one of {list(READ_ROUTES)}. Got {route!r}.")
-    return route  # type: ignore[return-value]
+    return parse_choice("read_route", route, READ_ROUTES)
 
 
 def parse_cache_bytes(value: object) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(
-            "Expected chunk_cache_bytes to be a non-negative int (0 disables the cache) or None. "
-            f"Got {value!r}."
-        )
-    return int(value)
+    what = "an int >= 0 (0 disables the cache) or None"
+    return parse_int("chunk_cache_bytes", value, minimum=0, what=what)
 
 
 @dataclass(frozen=True)

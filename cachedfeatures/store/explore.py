@@ -16,7 +16,7 @@ import datetime as _dt
 import html
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ import zarr
 from cachedfeatures.errors import RowsNotCachedError, UnknownArrayError
 from cachedfeatures.format.names import ACCESS, CHUNK_CRC, SAMPLE_DIM, VALID
 from cachedfeatures.format.specs import ArraySpec
+from cachedfeatures.parse import parse_choice
 from cachedfeatures.store import access, chunk_bytes
 from cachedfeatures.units import format_bytes, format_ratio
 
@@ -93,9 +94,7 @@ class EntryInfo:
 
 
 def parse_as(as_: object) -> ArrayFormat:
-    if as_ not in ("numpy", "torch"):
-        raise ValueError(f"Expected as_ to be 'numpy' or 'torch'. Got {as_!r}.")
-    return as_  # type: ignore[return-value]
+    return parse_choice("as_", as_, get_args(ArrayFormat))
 
 
 def spec_of(entry: Entry, name: str) -> ArraySpec:

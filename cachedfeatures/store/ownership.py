@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cachedfeatures.errors import ArgumentTypeError, InvalidArgumentError
+from cachedfeatures.parse import expected, parse_int
 from cachedfeatures.store.ranks import discover_rank
 
 __all__ = ["ChunkOwnership", "parse_ownership"]
@@ -33,11 +35,9 @@ class ChunkOwnership:
 
     def __post_init__(self) -> None:
         for name in ("rank", "world_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise TypeError(f"Expected {name} to be an int. Got {value!r}.")
+            parse_int(name, getattr(self, name), strict_type=True)
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"Expected 0 <= rank < world_size. Got rank={self.rank}, world_size={self.world_size}."
             )
 
@@ -74,7 +74,10 @@ def parse_ownership(value: object) -> ChunkOwnership | None:
     """``None`` (this process writes every chunk) or a :class:`ChunkOwnership`."""
     if value is None or isinstance(value, ChunkOwnership):
         return value
-    raise TypeError(
-        "Expected owned_chunks to be None or a ChunkOwnership(rank, world_size) "
-        f"(or ChunkOwnership.from_env() under torchrun). Got {value!r}."
+    raise ArgumentTypeError(
+        expected(
+            "owned_chunks to be None or a ChunkOwnership(rank, world_size)",
+            value,
+            "Under torchrun, pass ChunkOwnership.from_env().",
+        )
     )

@@ -22,6 +22,7 @@ from typing import Any
 
 __all__ = [
     "ACCESS",
+    "ACCESS_COLUMNS",
     "ACCESS_DIMS",
     "ATTRS_KEY",
     "CHUNK_CRC",
@@ -107,6 +108,8 @@ NOT_ROW_CHUNKED = frozenset({ACCESS, NEXT_ROW})
 # The first dimension of every row-chunked array: the row index in the wrapped dataset.
 SAMPLE_DIM = "sample"
 ACCESS_DIMS = ("chunk", "access_stat")
+# The "columns" attribute of ACCESS: what its two columns hold.
+ACCESS_COLUMNS = ("last_access_unix_seconds", "count")
 CHUNK_CRC_DIMS = ("chunk", "array", "slot")
 
 

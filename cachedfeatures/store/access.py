@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
-from cachedfeatures.format.names import ACCESS, ACCESS_DIMS
+from cachedfeatures.format.names import ACCESS, ACCESS_COLUMNS, ACCESS_DIMS
 
 if TYPE_CHECKING:
     from cachedfeatures.store.feature_store import Entry
@@ -159,7 +159,7 @@ def _create_access_array(entry: Entry) -> zarr.Array[Any]:
             dtype="float64",
             fill_value=0.0,
             dimension_names=ACCESS_DIMS,
-            attributes={"columns": ["last_access_unix_seconds", "count"], "chunk_rows": entry.chunk_rows},
+            attributes={"columns": list(ACCESS_COLUMNS), "chunk_rows": entry.chunk_rows},
         )
 
 

@@ -458,7 +458,8 @@ class Entry:
         return explore.last_used(self)
 
     def compression_ratio(self) -> float:
-        """Uncompressed bytes of the cached rows over their chunks' bytes on disk (``nan``: none)."""
+        """What the codecs achieve: the bytes the stored chunks decode to over their bytes on disk
+        (``nan``: no chunk yet); the figure ``cachedfeatures info`` prints too."""
         return explore.compression_ratio(self)
 
     def info(self) -> explore.EntryInfo:

@@ -47,7 +47,7 @@ __all__ = ["describe_store", "remove_entry", "repair_root", "verify_store"]
 
 def describe_store(store: FeatureStore) -> dict[str, Any]:
     """Every entry with its descriptions, rows valid, bytes, compression, layout and use."""
-    usage = measure(store)
+    usage = measure(store, per_array=True)
     readable, broken = open_entries(store)
     entries = []
     for entry in readable:

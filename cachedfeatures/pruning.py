@@ -107,8 +107,8 @@ class StoreUsage:
     ``total`` counts every key except ``*.partial`` temporaries; ``entries[name]`` the part
     under one entry (metadata included); ``chunks[name][chunk]`` the bytes of one row-chunk
     across the entry's arrays (``valid`` included, ``access`` excluded), which is what
-    dropping it frees; ``array_chunks[name][array, chunk]`` the bytes of one chunk file;
-    ``orphans`` are the ``*.partial`` keys.
+    dropping it frees; ``array_chunks[name][array, chunk]`` the bytes of one chunk file (only
+    when measured ``per_array``); ``orphans`` are the ``*.partial`` keys.
     """
 
     total: int = 0
@@ -119,8 +119,12 @@ class StoreUsage:
     measured_at: float = field(default_factory=time.monotonic)
 
 
-def measure(store: FeatureStore) -> StoreUsage:
-    """What ``store`` occupies now, from one listing of its keys and their sizes."""
+def measure(store: FeatureStore, *, per_array: bool = False) -> StoreUsage:
+    """What ``store`` occupies now, from one listing of its keys and their sizes.
+
+    ``per_array`` also fills ``array_chunks`` (for the compression ratio of ``describe_store``);
+    budgets, which measure after every chunk written, leave it out.
+    """
     usage = StoreUsage()
     for key, size in key_sizes(store.root.store, store.root.path):
         if key.endswith(PARTIAL_SUFFIX):
@@ -137,8 +141,8 @@ def measure(store: FeatureStore) -> StoreUsage:
         if array and "/" not in array and array not in NOT_ROW_CHUNKED:
             per_entry = usage.chunks.setdefault(entry_name, {})
             per_entry[found.chunk] = per_entry.get(found.chunk, 0) + size
-            per_array = usage.array_chunks.setdefault(entry_name, {})
-            per_array[array, found.chunk] = size
+            if per_array:
+                usage.array_chunks.setdefault(entry_name, {})[array, found.chunk] = size
     return usage
 
 

@@ -436,8 +436,8 @@ def missing_chunks(entry: Entry, chunks: Iterable[int]) -> list[int]:
     if not chunks:
         return []
     store = entry.group.store
-    arrays = [entry.arrays[name] for name in entry.feature_names]
-    per_chunk = [[chunk_key(array.path, chunk, array.ndim) for array in arrays] for chunk in chunks]
+    arrays = [(entry.arrays[name].path, entry.arrays[name].ndim) for name in entry.feature_names]
+    per_chunk = [[chunk_key(path, chunk, ndim) for path, ndim in arrays] for chunk in chunks]
     if isinstance(store, LocalStore):  # the hot read path: plain stat calls
         root = f"{store.root}/"
         return [

@@ -25,6 +25,7 @@ from cachedfeatures.format.names import (
     STORE_FORMAT_VERSION,
     VALID,
 )
+from cachedfeatures.pruning import measure
 from cachedfeatures.store.chunk_bytes import array_chunk_sizes
 from tests.helpers import Backbone, Samples
 
@@ -122,6 +123,12 @@ def test_chunk_keys_of_a_keyed_entry_are_zarrs(store_path: Path) -> None:
     sizes = array_chunk_sizes(entry)
     assert {chunk for _, chunk in sizes} == {0, 1, 2}  # 10 rows in chunks of 4
     assert not {name for name, _ in sizes} & NOT_ROW_CHUNKED  # next_row holds no rows
+    # The store-wide listing of the pruner parses the same keys to the same chunks.
+    usage = measure(FeatureStore.open(store_path), per_array=True)
+    assert usage.array_chunks[entry.name] == sizes
+    assert usage.chunks[entry.name] == {
+        chunk: sum(size for (_, c), size in sizes.items() if c == chunk) for chunk in (0, 1, 2)
+    }
 
 
 def test_store_and_entry_attrs_name_the_store_format_version(store_path: Path) -> None:

@@ -35,7 +35,7 @@ def chunk_key(path: str, chunk: int, ndim: int = 1) -> str:
     ``path`` is the array's path (``array.path``, relative to the store root), or ``""`` for the
     key relative to the array itself.
     """
-    relative = "c/" + "/".join([str(int(chunk)), *("0" for _ in range(ndim - 1))])
+    relative = f"c/{int(chunk)}" + "/0" * (ndim - 1)
     return f"{path}/{relative}" if path else relative
 
 

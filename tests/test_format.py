@@ -18,12 +18,14 @@ from cachedfeatures.format.chunk_keys import ChunkKey, chunk_key, parse_chunk_ke
 from cachedfeatures.format.names import (
     ATTRS_KEY,
     CHUNK_CRC,
+    ENTRY_META_KEYS,
     FORMAT_VERSION_KEY,
     KEY,
     NEXT_ROW,
     NOT_ROW_CHUNKED,
     STORE_FORMAT_VERSION,
     VALID,
+    is_entry_meta,
 )
 from cachedfeatures.pruning import measure
 from cachedfeatures.store.chunk_bytes import array_chunk_sizes
@@ -137,3 +139,17 @@ def test_store_and_entry_attrs_name_the_store_format_version(store_path: Path) -
     root: Any = json.loads((store_path / "zarr.json").read_text())["attributes"][ATTRS_KEY]
     entry: Any = json.loads((store_path / cached.entry_name / "zarr.json").read_text())["attributes"]
     assert root[FORMAT_VERSION_KEY] == entry[ATTRS_KEY][FORMAT_VERSION_KEY] == STORE_FORMAT_VERSION == 1
+
+
+def test_entry_metadata_holds_only_the_keys_names_lists(store_path: Path) -> None:
+    """names.ENTRY_META_KEYS is the list of what an entry's metadata may hold: kept true here."""
+    cached = CachedFeatureDataset(Samples(8, "dict"), Backbone(), store_path, input_key="image")
+    cached.__getitems__([0, 1])
+    module = cached_module(store=store_path)(Backbone)().requires_grad_(False)
+    module(torch.randn(2, 3, 8, 8))
+    entries = FeatureStore.open(store_path).entries
+    assert len(entries) == 2
+    for entry in entries:
+        assert set(entry.meta) <= set(ENTRY_META_KEYS), set(entry.meta) - set(ENTRY_META_KEYS)
+        assert is_entry_meta(entry.group.attrs)
+    assert not is_entry_meta(zarr.open_group(store_path, mode="r").attrs)  # the root is no entry

@@ -60,6 +60,11 @@ def gloo_group(tmp_path: Path) -> Iterator[None]:
         dist.destroy_process_group()
 
 
+def test_without_the_environment_only_a_process_group_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "x")  # not even read
+    assert discover_rank(environment=False) == ProcessRank(0, 1, "single process")
+
+
 def test_an_initialised_process_group_wins_over_the_environment(
     monkeypatch: pytest.MonkeyPatch, gloo_group: None
 ) -> None:

@@ -73,7 +73,7 @@ def owned_chunks(num_chunks: int, rank: int, world_size: int) -> np.ndarray:
 
 
 def _process_group(distributed: bool | None) -> tuple[int, int]:
-    found = discover_rank()
+    found = discover_rank(environment=False)  # ranks meet at a barrier: the group is needed
     active = found.from_process_group
     if distributed is None:
         distributed = active

@@ -32,18 +32,20 @@ class ProcessRank:
         return self.source == "process group"
 
 
-def discover_rank() -> ProcessRank:
+def discover_rank(*, environment: bool = True) -> ProcessRank:
     """The rank and world size of this process.
 
-    From the initialised ``torch.distributed`` process group if there is one; else from the
-    ``RANK`` and ``WORLD_SIZE`` environment variables that ``torchrun`` sets (before
-    ``init_process_group`` is called, or for jobs that never call it); else rank 0 of 1.
-    Environment variables that are not a valid rank of a world size raise ``ValueError``.
+    From the initialised ``torch.distributed`` process group if there is one; else (with
+    ``environment``, the default) from the ``RANK`` and ``WORLD_SIZE`` environment variables
+    that ``torchrun`` sets (before ``init_process_group`` is called, or for jobs that never call
+    it); else rank 0 of 1. Environment variables that are not a valid rank of a world size
+    raise ``ValueError``. ``environment=False`` is for callers that need the process group
+    itself (collectives such as ``prefill()``'s barrier).
     """
     if dist.is_available() and dist.is_initialized():
         return ProcessRank(dist.get_rank(), dist.get_world_size(), "process group")
     rank, world_size = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
-    if rank is None and world_size is None:
+    if not environment or (rank is None and world_size is None):
         return ProcessRank(0, 1, "single process")
     try:
         found = ProcessRank(int(rank or "0"), int(world_size or "1"), "environment")

@@ -118,8 +118,10 @@ def compression_ratio(entry: Entry, sizes: Mapping[tuple[str, int], int]) -> flo
     :func:`array_chunk_sizes`); the arrays of :func:`decoded_chunk_nbytes` count, on both
     sides. Only chunks that exist count, each as a whole chunk, so the
     ratio does not depend on how full the entry or a chunk is: raw (uncompressed) chunks read
-    about 1.0x whether one row or all are cached. The one definition behind ``Entry.info()``,
-    the notebook display and ``cachedfeatures info``.
+    about 1.0x whether one row or all are cached. The rows of a partly cached chunk that are not
+    cached hold the fill value, which compresses well, so a sparsely cached entry reads high;
+    what a cached row costs on disk is ``nbytes_stored / valid_rows``. The one definition behind
+    ``Entry.info()``, the notebook display and ``cachedfeatures info``.
     """
     decoded = decoded_chunk_nbytes(entry)
     known = [(decoded[name], size) for (name, _), size in sizes.items() if name in decoded]

@@ -11,6 +11,7 @@ the public API.
 from cachedfeatures._version import __version__
 from cachedfeatures.dataset import CachedFeatureDataset
 from cachedfeatures.errors import (
+    ArgumentTypeError,
     BudgetError,
     CacheError,
     CacheWarning,
@@ -26,6 +27,7 @@ from cachedfeatures.errors import (
     InputBatchError,
     InputKeyError,
     InputTypeError,
+    InvalidArgumentError,
     ModuleOutputError,
     NonDeterministicDatasetError,
     NotAFeatureStoreError,
@@ -51,6 +53,7 @@ from cachedfeatures.store.feature_store import Entry, FeatureStore
 from cachedfeatures.store.ownership import ChunkOwnership
 
 __all__ = [
+    "ArgumentTypeError",
     "BudgetError",
     "CacheError",
     "CacheWarning",
@@ -72,6 +75,7 @@ __all__ = [
     "InputBatchError",
     "InputKeyError",
     "InputTypeError",
+    "InvalidArgumentError",
     "Loader",
     "ModuleCache",
     "ModuleOutputError",

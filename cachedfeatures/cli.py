@@ -23,7 +23,7 @@ from cachedfeatures.errors import CacheError, EntryNotFoundError
 from cachedfeatures.maintenance import describe_store, remove_entry, repair_root, verify_store
 from cachedfeatures.pruning import open_entries, prune, remove_orphans
 from cachedfeatures.store.feature_store import FeatureStore
-from cachedfeatures.units import format_bytes, parse_bytes
+from cachedfeatures.units import format_bytes, format_ratio, parse_bytes
 
 __all__ = ["main"]
 
@@ -138,7 +138,7 @@ def _info(args: argparse.Namespace, out: TextIO) -> int:
     for broken in report["broken"]:
         out.write(f"  {broken['name']}: {broken['problem']}; run 'cachedfeatures verify'\n")
     for entry in entries:
-        ratio = f"{entry['compression_ratio']:.2f}x" if entry["compression_ratio"] else "n/a"
+        ratio = format_ratio(entry["compression_ratio"])
         arrays = ", ".join(
             f"{array['name']} {array['dtype']} {tuple(array['shape'])}" for array in entry["arrays"]
         )

@@ -26,7 +26,7 @@ from cachedfeatures.compute.fingerprint import (
     module_fingerprint,
     qualified_name,
 )
-from cachedfeatures.compute.layout import InputKey, OutputLayout, SampleLayout
+from cachedfeatures.compute.layout import InputKey, OutputLayout, SampleLayout, parse_input_key
 from cachedfeatures.compute.modes import mode_dependent_submodules, training_mode_message
 from cachedfeatures.compute.probe import explain_probe_failure
 from cachedfeatures.compute.runner import Collate, FeatureComputer
@@ -40,9 +40,10 @@ from cachedfeatures.compute.spot_check import (
 )
 from cachedfeatures.compute.state_hash import module_state_digests
 from cachedfeatures.compute.steps import LoadedRows, RowLoader, compute_loaded
-from cachedfeatures.errors import DeviceInWorkerError, DtypeError, FingerprintWarning, TrainingModeError
+from cachedfeatures.errors import DeviceInWorkerError, FingerprintWarning, TrainingModeError
 from cachedfeatures.format.specs import ArraySpec
-from cachedfeatures.pipeline.nodes import Loader, WorkerMethod, parse_positive_int
+from cachedfeatures.parse import parse_device, parse_float_dtype, parse_positive_int
+from cachedfeatures.pipeline.nodes import Loader, WorkerMethod
 from cachedfeatures.pipeline.prefill import PrefillResult, prefill
 from cachedfeatures.pruning import Budget, Policy, parse_policy, serve_backed_rows
 from cachedfeatures.reader.chunk_reader import ChunkReader, ReadRoute, RowsRead
@@ -196,8 +197,8 @@ class CachedFeatureDataset(Dataset[Any]):
         self.input_key = parse_input_key(input_key)
         self.batch_size = parse_positive_int("batch_size", batch_size)
         self.device = parse_device(device)
-        self.dtype = parse_dtype(dtype)
-        self.autocast_dtype = parse_dtype(autocast_dtype, "autocast_dtype")
+        self.dtype = parse_float_dtype(dtype)
+        self.autocast_dtype = parse_float_dtype(autocast_dtype, "autocast_dtype")
         if chunk_rows is not None:
             chunk_rows = parse_positive_int("chunk_rows", chunk_rows)
         self.max_bytes = None if max_bytes is None else parse_bytes(max_bytes)
@@ -856,39 +857,6 @@ def _say_chunking_once(location: str, entry: Entry, chunk_rows: int) -> None:
         entry.name,
         location,
         entry.chunk_rows,
-    )
-
-
-# -- argument parsing ---------------------------------------------------------------------------
-
-
-def parse_device(device: object) -> torch.device:
-    try:
-        return torch.device(device)  # type: ignore[call-overload,no-any-return]
-    except (RuntimeError, TypeError):
-        raise ValueError(f"Expected device to be like 'cpu', 'cuda' or 'cuda:1'. Got {device!r}.") from None
-
-
-def parse_dtype(dtype: object, name: str = "dtype") -> torch.dtype | None:
-    """A floating-point ``torch.dtype`` or ``None``; anything else is a :class:`DtypeError`.
-
-    Features cast to an integer or bool type would be rounded away without a word (values in
-    -0.76..0.12 become zeros), so only floating types are storage dtypes.
-    """
-    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        return dtype
-    raise DtypeError(
-        f"Expected {name} to be a torch.dtype of a floating-point type (torch.float16, torch.bfloat16, "
-        f"torch.float32, torch.float64) or None. Got {dtype!r}."
-    )
-
-
-def parse_input_key(input_key: object) -> InputKey:
-    if callable(input_key) or (isinstance(input_key, (int, str)) and not isinstance(input_key, bool)):
-        return input_key  # type: ignore[return-value]
-    raise TypeError(
-        "Expected input_key to be an int index, a dict key (str) or a callable sample -> input. "
-        f"Got {input_key!r}."
     )
 
 

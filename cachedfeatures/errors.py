@@ -8,6 +8,7 @@ Each message says what happened and what to do about it.
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentTypeError",
     "BudgetError",
     "CacheError",
     "CacheWarning",
@@ -21,6 +22,7 @@ __all__ = [
     "FieldNotStorableError",
     "FingerprintWarning",
     "InputBatchError",
+    "InvalidArgumentError",
     "InputKeyError",
     "InputTypeError",
     "ModuleOutputError",
@@ -42,6 +44,15 @@ __all__ = [
 
 class CacheError(Exception):
     """Base class of every error raised by cachedfeatures."""
+
+
+class InvalidArgumentError(CacheError, ValueError):
+    """An argument has a value the function cannot take (``batch_size=0``, ``policy="fifo"``);
+    the message reads "Expected X. Got Y." and says how to fix it where it can."""
+
+
+class ArgumentTypeError(CacheError, TypeError):
+    """An argument is of a type the function cannot take (``storage_options=[...]``)."""
 
 
 class InputKeyError(CacheError, KeyError):

@@ -17,6 +17,7 @@ import zarr.codecs
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from cachedfeatures.format.names import ACCESS, VALID
 from cachedfeatures.format.specs import ArraySpec
 from cachedfeatures.pruning import (
     STALE_PARTIAL_SECONDS,
@@ -25,10 +26,13 @@ from cachedfeatures.pruning import (
     remove_orphans,
 )
 from cachedfeatures.store.access import last_used, read_access
-from cachedfeatures.store.chunk_bytes import chunk_keys, delete_chunk_bytes
+from cachedfeatures.store.chunk_bytes import (
+    chunk_keys,
+    compression_ratio,
+    decoded_chunk_nbytes,
+    delete_chunk_bytes,
+)
 from cachedfeatures.store.feature_store import (
-    ACCESS,
-    VALID,
     Entry,
     FeatureStore,
     _create_array,
@@ -43,14 +47,14 @@ __all__ = ["describe_store", "remove_entry", "repair_root", "verify_store"]
 
 def describe_store(store: FeatureStore) -> dict[str, Any]:
     """Every entry with its descriptions, rows valid, bytes, compression, layout and use."""
-    usage = measure(store)
+    usage = measure(store, per_array=True)
     readable, broken = open_entries(store)
     entries = []
     for entry in readable:
         stored = usage.chunks.get(entry.name, {})
-        row_bytes = sum(spec.row_nbytes for spec in entry.specs) + 1  # + the valid flag
-        logical = sum(_rows_in(entry, chunk) for chunk in stored) * row_bytes
-        chunk_bytes = sum(stored.values())
+        sizes = usage.array_chunks.get(entry.name, {})
+        decoded = decoded_chunk_nbytes(entry)
+        ratio = compression_ratio(entry, sizes)
         try:
             rows_valid: int | None = int(entry.valid_mask().sum())
         except Exception:  # a damaged valid chunk: verify says which
@@ -67,8 +71,9 @@ def describe_store(store: FeatureStore) -> dict[str, Any]:
                 "rows": entry.num_rows,
                 "rows_valid": rows_valid,
                 "bytes": usage.entries.get(entry.name, 0),
-                "logical_bytes": logical,
-                "compression_ratio": round(logical / chunk_bytes, 3) if chunk_bytes else None,
+                # What the stored chunks decode to, and that over their stored bytes (None: no chunk).
+                "logical_bytes": sum(decoded.get(name, 0) for name, _ in sizes),
+                "compression_ratio": None if ratio != ratio else ratio,
                 "arrays": [
                     {"name": spec.name, "dtype": _dtype_name(spec), "shape": list(spec.shape)}
                     for spec in entry.specs
@@ -190,7 +195,7 @@ def _layout_problems(entry: Entry) -> list[dict[str, Any]]:
         spec.name: ((entry.num_rows, *spec.shape), (entry.chunk_rows, *spec.shape), spec.dtype)
         for spec in entry.specs
     }
-    expected["valid"] = ((entry.num_rows,), (entry.chunk_rows,), "bool")
+    expected[VALID] = ((entry.num_rows,), (entry.chunk_rows,), "bool")
     for name, (shape, chunks, dtype) in expected.items():
         try:
             array = entry.group[name]
@@ -355,10 +360,6 @@ def _same_dtype(actual: Any, expected: str) -> bool:
 
 def _problem(kind: str, entry: str, chunk: int | None, detail: str, repaired: bool = False) -> dict[str, Any]:
     return {"kind": kind, "entry": entry, "chunk": chunk, "detail": detail, "repaired": repaired}
-
-
-def _rows_in(entry: Entry, chunk: int) -> int:
-    return min(entry.chunk_rows, entry.num_rows - chunk * entry.chunk_rows)
 
 
 def _is_stale(store: FeatureStore, key: str) -> bool:

@@ -47,13 +47,13 @@ from cachedfeatures.compute.memory_tier import MemoryTier, Row
 from cachedfeatures.compute.modes import mode_dependent_submodules, training_mode_message
 from cachedfeatures.compute.state_token import state_token
 from cachedfeatures.errors import (
-    DtypeError,
     InputBatchError,
     OptionWithoutStoreError,
     RequiresGradError,
     TrainingModeError,
 )
 from cachedfeatures.format.row_keys import KEY_ALGORITHM, CallInputs, gather_inputs, row_keys
+from cachedfeatures.parse import parse_float_dtype, parse_int
 from cachedfeatures.store.feature_store import Compressor, FeatureStore, StoreLike
 from cachedfeatures.store.keyed_entry import KeyedEntry, keyed_chunk_rows
 
@@ -90,17 +90,9 @@ class CacheOptions:
                 raise ValueError(
                     f"Expected {name} to be a number of bytes (int >= 0) or None. Got {value!r}."
                 )
-        if self.chunk_rows is not None and (
-            isinstance(self.chunk_rows, bool) or not isinstance(self.chunk_rows, int) or self.chunk_rows < 1
-        ):
-            raise ValueError(f"Expected chunk_rows to be a positive int or None. Got {self.chunk_rows!r}.")
-        if self.cache_dtype is not None and not (
-            isinstance(self.cache_dtype, torch.dtype) and self.cache_dtype.is_floating_point
-        ):
-            raise DtypeError(
-                "Expected cache_dtype to be a torch.dtype of a floating-point type (e.g. torch.float16) or "
-                f"None: integer and bool types would round outputs away. Got {self.cache_dtype!r}."
-            )
+        if self.chunk_rows is not None:
+            parse_int("chunk_rows", self.chunk_rows, minimum=1, what="a positive int or None")
+        parse_float_dtype(self.cache_dtype, "cache_dtype")
         if self.version is not None and not isinstance(self.version, str):
             raise TypeError(f"Expected version to be a str or None. Got {self.version!r}.")
 

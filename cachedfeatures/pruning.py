@@ -35,8 +35,11 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from cachedfeatures.errors import BudgetError
+from cachedfeatures.format.chunk_keys import chunk_key, parse_chunk_key
+from cachedfeatures.format.names import NOT_ROW_CHUNKED
+from cachedfeatures.parse import parse_choice
 from cachedfeatures.reader.chunk_reader import RowsRead
-from cachedfeatures.store.access import LAST, AccessLog, read_access
+from cachedfeatures.store.access import LAST, AccessLog, last_used, read_access
 from cachedfeatures.store.chunk_bytes import (
     PARTIAL_SUFFIX,
     chunk_keys,
@@ -44,7 +47,7 @@ from cachedfeatures.store.chunk_bytes import (
     key_sizes,
     stored_bytes,
 )
-from cachedfeatures.store.feature_store import ACCESS, Entry, FeatureStore
+from cachedfeatures.store.feature_store import Entry, FeatureStore
 from cachedfeatures.units import format_bytes, parse_bytes
 
 __all__ = [
@@ -91,10 +94,7 @@ STALE_PARTIAL_SECONDS = 3600.0
 
 def parse_policy(value: object) -> Policy:
     """``value`` if it names a policy, else a ``ValueError`` listing the valid names."""
-    if isinstance(value, str) and value in POLICIES:
-        return value  # type: ignore[return-value]
-    names = ", ".join(repr(name) for name in get_args(Policy))
-    raise ValueError(f"Expected policy to be one of {names}. Got {value!r}.")
+    return parse_choice("policy", value, get_args(Policy))
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -107,31 +107,42 @@ class StoreUsage:
     ``total`` counts every key except ``*.partial`` temporaries; ``entries[name]`` the part
     under one entry (metadata included); ``chunks[name][chunk]`` the bytes of one row-chunk
     across the entry's arrays (``valid`` included, ``access`` excluded), which is what
-    dropping it frees; ``orphans`` are the ``*.partial`` keys.
+    dropping it frees; ``array_chunks[name][array, chunk]`` the bytes of one chunk file (only
+    when measured ``per_array``); ``orphans`` are the ``*.partial`` keys.
     """
 
     total: int = 0
     entries: dict[str, int] = field(default_factory=dict)
     chunks: dict[str, dict[int, int]] = field(default_factory=dict)
+    array_chunks: dict[str, dict[tuple[str, int], int]] = field(default_factory=dict)
     orphans: list[str] = field(default_factory=list)
     measured_at: float = field(default_factory=time.monotonic)
 
 
-def measure(store: FeatureStore) -> StoreUsage:
-    """What ``store`` occupies now, from one listing of its keys and their sizes."""
+def measure(store: FeatureStore, *, per_array: bool = False) -> StoreUsage:
+    """What ``store`` occupies now, from one listing of its keys and their sizes.
+
+    ``per_array`` also fills ``array_chunks`` (for the compression ratio of ``describe_store``);
+    budgets, which measure after every chunk written, leave it out.
+    """
     usage = StoreUsage()
     for key, size in key_sizes(store.root.store, store.root.path):
         if key.endswith(PARTIAL_SUFFIX):
             usage.orphans.append(key)
             continue
         usage.total += size
-        parts = key.split("/")
-        if len(parts) > 1:
-            usage.entries[parts[0]] = usage.entries.get(parts[0], 0) + size
-        # <entry>/<array>/c/<row chunk>[/<other dims>...]
-        if len(parts) >= 4 and parts[2] == "c" and parts[1] != ACCESS and parts[3].isdigit():
-            per_entry = usage.chunks.setdefault(parts[0], {})
-            per_entry[int(parts[3])] = per_entry.get(int(parts[3]), 0) + size
+        name, slash, _ = key.partition("/")
+        if slash:
+            usage.entries[name] = usage.entries.get(name, 0) + size
+        found = parse_chunk_key(key)  # <entry>/<array>/c/<row chunk>[/<other dims>...]
+        if found is None:
+            continue
+        entry_name, _, array = found.path.partition("/")
+        if array and "/" not in array and array not in NOT_ROW_CHUNKED:
+            per_entry = usage.chunks.setdefault(entry_name, {})
+            per_entry[found.chunk] = per_entry.get(found.chunk, 0) + size
+            if per_array:
+                usage.array_chunks.setdefault(entry_name, {})[array, found.chunk] = size
     return usage
 
 
@@ -210,8 +221,8 @@ class PruneReport:
 
 def entry_last_used(entry: Entry, stats: np.ndarray) -> float:
     """Latest access of any chunk, or the entry's creation time if never recorded."""
-    latest = float(stats[:, LAST].max(initial=0.0))
-    if latest:
+    latest = last_used(entry, stats)
+    if latest is not None:
         return latest
     try:
         return _dt.datetime.fromisoformat(entry.created).timestamp()
@@ -425,13 +436,8 @@ def missing_chunks(entry: Entry, chunks: Iterable[int]) -> list[int]:
     if not chunks:
         return []
     store = entry.group.store
-    arrays = [
-        (entry.arrays[name], (0,) * (len(entry.arrays[name].shape) - 1)) for name in entry.feature_names
-    ]
-    per_chunk = [
-        [f"{array.path}/{array.metadata.encode_chunk_key((chunk, *rest))}" for array, rest in arrays]
-        for chunk in chunks
-    ]
+    arrays = [(entry.arrays[name].path, entry.arrays[name].ndim) for name in entry.feature_names]
+    per_chunk = [[chunk_key(path, chunk, ndim) for path, ndim in arrays] for chunk in chunks]
     if isinstance(store, LocalStore):  # the hot read path: plain stat calls
         root = f"{store.root}/"
         return [

@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["format_bytes", "parse_bytes"]
+from cachedfeatures.errors import ArgumentTypeError, InvalidArgumentError
+
+__all__ = ["format_bytes", "format_ratio", "parse_bytes"]
 
 _UNITS: dict[str, int] = {
     "b": 1,
@@ -32,14 +34,17 @@ _EXAMPLES = "10e9, '10GB', '512MiB' or '1.5 TB'"
 def parse_bytes(value: object, name: str = "max_bytes") -> int:
     """A non-negative byte count from an int, a float (``10e9``) or a string (``"10GB"``).
 
-    Fractions of a byte round down. Raises ``ValueError`` (``TypeError`` for other types)
-    with a message naming ``name``.
+    Fractions of a byte round down. Raises :class:`~cachedfeatures.errors.InvalidArgumentError`
+    (a ``ValueError``; :class:`~cachedfeatures.errors.ArgumentTypeError`, a ``TypeError``, for
+    other types) with a message naming ``name``.
     """
     if isinstance(value, bool):
-        raise TypeError(f"Expected {name} to be a number of bytes like {_EXAMPLES}. Got {value!r}.")
+        raise ArgumentTypeError(f"Expected {name} to be a number of bytes like {_EXAMPLES}. Got {value!r}.")
     if isinstance(value, int):
         if value < 0:
-            raise ValueError(f"Expected {name} to be a non-negative number of bytes. Got {value!r}.")
+            raise InvalidArgumentError(
+                f"Expected {name} to be a non-negative number of bytes. Got {value!r}."
+            )
         return value
     if isinstance(value, float):
         number = value
@@ -47,7 +52,7 @@ def parse_bytes(value: object, name: str = "max_bytes") -> int:
         match = _PATTERN.match(value)
         unit = match.group(2).lower() if match else ""
         if match is None or (unit and unit not in _UNITS):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"Expected {name} to be a number of bytes like {_EXAMPLES} (units: "
                 f"{', '.join(_display_units())}). Got {value!r}."
             )
@@ -56,16 +61,26 @@ def parse_bytes(value: object, name: str = "max_bytes") -> int:
             return int(digits) * scale
         number = float(digits) * scale
     else:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"Expected {name} to be a number of bytes like {_EXAMPLES}. Got {type(value).__name__} {value!r}."
         )
     if not math.isfinite(number) or number < 0:
-        raise ValueError(f"Expected {name} to be a finite, non-negative number of bytes. Got {value!r}.")
+        raise InvalidArgumentError(
+            f"Expected {name} to be a finite, non-negative number of bytes. Got {value!r}."
+        )
     return int(number)
 
 
 def format_bytes(count: float) -> str:
-    """``count`` bytes in decimal units with three significant digits: ``"1.52 GB"``."""
+    """``count`` bytes in decimal units with three significant digits: ``"1.52 GB"``.
+
+    The one way the library prints a size (``cachedfeatures info``, ``repr(entry)``, the
+    notebook display, budget messages). Decimal, as disks, object stores and ``du --si`` count,
+    and as budgets are usually written (``max_bytes="10GB"``); binary units are still accepted
+    on input (:func:`parse_bytes`).
+    """
+    if count < 0:
+        return f"-{format_bytes(-count)}"
     if count < 1000:
         return f"{int(count)} B"
     for unit in ("kB", "MB", "GB", "TB"):
@@ -73,6 +88,14 @@ def format_bytes(count: float) -> str:
         if count < 1000:
             return f"{count:.3g} {unit}"
     return f"{count / 1000:.3g} PB"
+
+
+def format_ratio(ratio: float | None) -> str:
+    """A compression ratio as printed everywhere: ``"1.45x"``; ``"n/a"`` for ``None`` or NaN
+    (no chunk stored yet)."""
+    if ratio is None or ratio != ratio:
+        return "n/a"
+    return f"{ratio:.2f}x"
 
 
 def _display_units() -> list[str]:

@@ -15,6 +15,7 @@ import zarr
 
 from cachedfeatures import CachedFeatureDataset, FeatureStore
 from cachedfeatures.pruning import measure
+from cachedfeatures.units import format_bytes
 from tests.helpers import Samples, Tile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,6 +101,29 @@ def test_info_json(store_path: Path, two_entries: tuple[CachedFeatureDataset, ..
         assert entry["compression_ratio"] > 0.5
         assert entry["last_used"] >= entry["created"]
         assert [array["name"] for array in entry["arrays"]] == ["features", "label", "name"]
+
+
+def test_info_shows_the_size_and_ratio_the_notebook_display_shows(
+    store_path: Path, two_entries: tuple[CachedFeatureDataset, ...]
+) -> None:
+    """One entry, three displays (``cachedfeatures info``, ``repr(entry)``, the HTML of the
+    notebook): one size string and one compression ratio (they once read "2.14 MB, 1.45x"
+    beside "2.0 MiB, 1.16x")."""
+    result = cli("info", str(store_path))
+    assert result.returncode == 0, result.stderr
+    store = FeatureStore.open(store_path)
+    for entry in store.entries:
+        block = result.stdout.split(f"\n{entry.name}\n", 1)[1]
+        line = next(line for line in block.splitlines() if line.strip().startswith("on disk"))
+        shown = line.split("on disk", 1)[1].strip()  # "<size>, compression <ratio>"
+        size, ratio = shown.split(", compression ")
+        info = entry.info()
+        assert size == format_bytes(info.nbytes_stored) and ratio == f"{info.compression_ratio:.2f}x"
+        assert f"on disk  {size}, compression {ratio} (" in repr(entry)
+        assert f"{size}, compression {ratio} (" in entry._repr_html_()
+        assert f'<td style="padding:1px 8px;text-align:left;vertical-align:top">{ratio}</td>' in (
+            store._repr_html_()
+        )
 
 
 BAD_PATHS = {

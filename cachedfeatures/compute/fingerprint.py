@@ -39,8 +39,8 @@ import torch
 from cachedfeatures.compute import hashing as _hashing
 from cachedfeatures.compute.state_hash import StateHasher, excluded_attributes, unwrap_compiled
 from cachedfeatures.errors import FingerprintWarning, NonDeterministicDatasetError
+from cachedfeatures.format.names import ENTRY_KEY_VERSION, FORMAT_VERSION_KEY
 
-FORMAT_VERSION = 1
 NUM_PROBES = 8
 # Augmentation check: this many probes are each reloaded under this many fixed seeds. A transform
 # that flips with p = 0.5 agrees across the 4 loads of a probe with p = 1/8, so it escapes all four
@@ -374,7 +374,7 @@ def _without_input(sample: Any, extract_input: Callable[[Any], Any]) -> Any:
 
 
 def options_json(options: Mapping[str, Any]) -> str:
-    return json.dumps({"format_version": FORMAT_VERSION, **options}, sort_keys=True, default=str)
+    return json.dumps({FORMAT_VERSION_KEY: ENTRY_KEY_VERSION, **options}, sort_keys=True, default=str)
 
 
 def entry_id(module: Fingerprint, dataset: Fingerprint, options: Mapping[str, Any]) -> str:

@@ -22,13 +22,13 @@ import torch
 
 from cachedfeatures.compute.calls import non_tensor_output_message
 from cachedfeatures.errors import (
+    ArgumentTypeError,
     InputKeyError,
     ModuleOutputError,
     OutputShapeError,
 )
+from cachedfeatures.format.names import FEATURES, RESERVED
 from cachedfeatures.format.specs import (
-    FEATURES,
-    RESERVED,
     ArraySpec,
     Path,
     check_utf8,
@@ -36,8 +36,19 @@ from cachedfeatures.format.specs import (
     tensor_spec,
     unstorable,
 )
+from cachedfeatures.parse import expected
 
 InputKey = int | str | Callable[[Any], Any]
+
+
+def parse_input_key(input_key: object) -> InputKey:
+    """An int index, a dict key (str) or a callable ``sample -> input``."""
+    if callable(input_key) or (isinstance(input_key, (int, str)) and not isinstance(input_key, bool)):
+        return input_key  # type: ignore[return-value]
+    raise ArgumentTypeError(
+        expected("input_key to be an int index, a dict key (str) or a callable sample -> input", input_key)
+    )
+
 
 # ---------------------------------------------------------------------------------------
 # The sample's structure

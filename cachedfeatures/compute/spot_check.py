@@ -30,6 +30,7 @@ import torch
 
 from cachedfeatures.errors import StaleFeaturesError
 from cachedfeatures.format.specs import ArraySpec
+from cachedfeatures.parse import parse_int
 
 __all__ = [
     "DEFAULT_SPOT_CHECK",
@@ -64,12 +65,10 @@ _COARSENESS = ["float64", "float32", "tf32", "float16", "bfloat16"]
 
 def parse_spot_check(value: object) -> int:
     """``spot_check=``: rows recomputed per epoch, an int >= 0 (0 turns spot checks off)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(
-            "Expected spot_check to be an int >= 0: the number of cached rows recomputed and "
-            f"compared each epoch (0 turns spot checks off). Got {value!r}."
-        )
-    return int(value)
+    what = (
+        "an int >= 0: the number of cached rows recomputed and compared each epoch (0 turns spot checks off)"
+    )
+    return parse_int("spot_check", value, minimum=0, what=what)
 
 
 @dataclass(frozen=True)

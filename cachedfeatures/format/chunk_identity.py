@@ -25,10 +25,11 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
-__all__ = ["FLAVOUR", "RECORDS", "IdentityMismatchError", "content_crc", "check"]
+__all__ = ["FLAVOUR", "IdentityMismatchError", "content_crc", "check"]
 
+# The value of an entry's "chunk_checksums" metadata where it keeps the array
+# cachedfeatures.format.names.CHUNK_CRC.
 FLAVOUR = "crc32c-identity"
-RECORDS = "chunk_crc"
 
 
 class IdentityMismatchError(ValueError):

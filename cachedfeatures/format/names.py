@@ -1,14 +1,125 @@
-"""The names of the bookkeeping arrays of an entry.
+"""Every name a store holds on disk, and the format versions: the one place they are spelled.
 
-Every entry holds ``valid`` beside its features and fields, and ``access`` once it was read
-under a budget; :mod:`cachedfeatures.store.feature_store` creates them,
-:mod:`cachedfeatures.store.explore` and the pruning layer read them.
+A store is plain Zarr v3::
+
+    <root>/                     attrs[ATTRS_KEY] = {"format_version": STORE_FORMAT_VERSION, "created"}
+      <entry>/                  attrs[ATTRS_KEY]: the entry's metadata (ENTRY_META_KEYS)
+        features                (N, *out_shape), or features_<key> per module output (FEATURES)
+        <field>                 passthrough fields (labels, ids, ...)
+        valid                   (N,) bool: a row is served only where it is set (VALID)
+        chunk_crc               (chunks, arrays, 2) uint32: identity-bound checksums (CHUNK_CRC)
+        access                  (chunks, 2) float64: last access and count per chunk (ACCESS)
+        key, next_row           keyed entries only (cached_module): content keys, rows handed out
+
+Arrays chunked along rows have the dimension ``SAMPLE_DIM`` first; their chunk keys are built
+and parsed by :mod:`cachedfeatures.format.chunk_keys`.
 """
 
-__all__ = ["ACCESS", "VALID"]
+from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "ACCESS",
+    "ACCESS_COLUMNS",
+    "ACCESS_DIMS",
+    "ATTRS_KEY",
+    "CHUNK_CRC",
+    "CHUNK_CRC_DIMS",
+    "ENTRY_KEY_VERSION",
+    "ENTRY_META_KEYS",
+    "FEATURES",
+    "FORMAT_VERSION_KEY",
+    "KEY",
+    "NEXT_ROW",
+    "NOT_ROW_CHUNKED",
+    "RESERVED",
+    "SAMPLE_DIM",
+    "STORE_FORMAT_VERSION",
+    "TORCH_DTYPE_ATTR",
+    "VALID",
+    "dimension_names",
+    "is_entry_meta",
+]
+
+# -- versions ------------------------------------------------------------------------------------
+
+# The layout of a store (the names here, the arrays' shapes and meaning), written as
+# "format_version" into the root's and every entry's attrs. A reader refuses a store whose
+# version is higher than its own; bump it only for a change older readers would misread.
+STORE_FORMAT_VERSION = 1
+# The scheme of entry names: mixed into every entry's option digest (as "format_version", see
+# cachedfeatures.compute.fingerprint.options_json). Bumping it gives every entry a new name, so
+# nothing cached before is served; stores stay readable.
+ENTRY_KEY_VERSION = 1
+
+# -- attributes ----------------------------------------------------------------------------------
+
+# The attribute (of the root group and of each entry group) that holds the library's metadata.
+ATTRS_KEY = "cachedfeatures"
+# The key of the version inside that attribute (root and entries).
+FORMAT_VERSION_KEY = "format_version"
+# The keys of an entry's metadata. "arrays" marks an entry as complete: it is written last.
+ENTRY_META_KEYS = (
+    "kind",  # "module_cache" for keyed entries; absent for dataset entries
+    "module",  # {"description", "digest", ...}: the module's fingerprint
+    "dataset",  # {"description", "digest", ...}: the dataset's fingerprint
+    "options",
+    "outputs",  # the OutputLayout: which arrays hold module outputs
+    "sample",  # the SampleLayout: how a sample is rebuilt from the arrays
+    FORMAT_VERSION_KEY,
+    "entry",  # the entry's name
+    "num_rows",
+    "chunk_rows",
+    "arrays",  # one ArraySpec.to_json() per data array
+    "compressor",
+    "chunk_checksums",  # "crc32c-identity" where CHUNK_CRC exists
+    "created",
+    "library_version",
+)
+# An attribute of each data array: the torch dtype its rows are served as (bfloat16 bits...).
+TORCH_DTYPE_ATTR = "torch_dtype"
+
+# -- arrays --------------------------------------------------------------------------------------
+
+# The module output of a module returning one tensor; "features_<key>" for tuples and dicts.
+FEATURES = "features"
 # (N,) bool: a row is served only where it is set.
 VALID = "valid"
 # (num_chunks, 2) float64: last access (unix seconds) and access count per chunk. Written by
-# the pruning layer; absent in entries that were never read under a budget.
+# the access log; absent in entries that were never read under a budget.
 ACCESS = "access"
+# (num_chunks, num_arrays, 2) uint32: checksums bound to each chunk's identity (see
+# cachedfeatures.format.chunk_identity); absent in entries written before them.
+CHUNK_CRC = "chunk_crc"
+# Keyed entries (cached_module): (capacity, 16) uint8 content key of each row, and the
+# (1,) int64 count of rows handed out so far.
+KEY = "key"
+NEXT_ROW = "next_row"
+# Names a dataset's passthrough field may not take: the bookkeeping arrays of every entry.
+RESERVED = frozenset({VALID, ACCESS, CHUNK_CRC})
+# Arrays of an entry whose chunks are not row chunks: their bytes are not part of any row chunk
+# (dropping a chunk does not free them).
+NOT_ROW_CHUNKED = frozenset({ACCESS, NEXT_ROW})
+
+# -- dimensions ----------------------------------------------------------------------------------
+
+# The first dimension of every row-chunked array: the row index in the wrapped dataset.
+SAMPLE_DIM = "sample"
+ACCESS_DIMS = ("chunk", "access_stat")
+# The "columns" attribute of ACCESS: what its two columns hold.
+ACCESS_COLUMNS = ("last_access_unix_seconds", "count")
+CHUNK_CRC_DIMS = ("chunk", "array", "slot")
+
+
+def dimension_names(array: str, ndim: int) -> tuple[str, ...]:
+    """The dimension names of data array ``array`` of ``ndim`` dimensions (xarray reads them):
+    ``("sample", "<array>_dim1", ...)``."""
+    return (SAMPLE_DIM, *(f"{array}_dim{i}" for i in range(1, ndim)))
+
+
+def is_entry_meta(attrs: Mapping[str, Any]) -> bool:
+    """Whether a group's ``attrs`` mark it as a complete entry (its metadata names its arrays)."""
+    meta = attrs.get(ATTRS_KEY)
+    return isinstance(meta, Mapping) and "arrays" in meta

@@ -22,8 +22,6 @@ from cachedfeatures.errors import (
 Kind = Literal["tensor", "ndarray", "npscalar", "int", "float", "bool", "str"]
 Path = tuple[Hashable, ...]
 
-FEATURES = "features"
-RESERVED = frozenset({"valid", "access", "chunk_crc"})
 _STRING_DTYPE = "str"
 
 

@@ -22,7 +22,7 @@ import multiprocessing.util
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar, get_args
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from torch.utils.data import Sampler, default_collate
 
 from cachedfeatures.compute.steps import LoadedRows, RowLoader
 from cachedfeatures.errors import CacheError, StaleFeaturesError, WriterError
+from cachedfeatures.parse import parse_choice, parse_nonnegative_int, parse_positive_int
 from cachedfeatures.pipeline.lifetime import exit_with_parent
 from cachedfeatures.pruning import serve_backed_rows
 from cachedfeatures.store.feature_store import Entry
@@ -91,21 +92,7 @@ class CachedSource(Protocol):
 
 
 def parse_worker_method(value: object) -> WorkerMethod:
-    if value not in ("thread", "process"):
-        raise ValueError(f"Expected worker_method to be 'thread' or 'process'. Got {value!r}.")
-    return value  # type: ignore[return-value]
-
-
-def parse_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"Expected {name} to be a positive int. Got {value!r}.")
-    return int(value)
-
-
-def parse_nonnegative_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"Expected {name} to be an int >= 0. Got {value!r}.")
-    return int(value)
+    return parse_choice("worker_method", value, get_args(WorkerMethod))
 
 
 class Indices(tn.BaseNode[int]):  # type: ignore[misc]

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torchdata.nodes as tn
 from tqdm.auto import tqdm
 
+from cachedfeatures.parse import parse_nonnegative_int
 from cachedfeatures.pipeline.nodes import (
     CachedSource,
     ComputedBatch,
@@ -29,11 +30,11 @@ from cachedfeatures.pipeline.nodes import (
     IOBatch,
     ReadOrLoad,
     WorkerMethod,
-    parse_nonnegative_int,
     parse_worker_method,
 )
 from cachedfeatures.pruning import serve_backed_rows
 from cachedfeatures.store.feature_store import Entry
+from cachedfeatures.store.ranks import discover_rank
 from cachedfeatures.store.writer import Writer
 
 __all__ = ["PrefillResult", "owned_chunks", "prefill"]
@@ -73,7 +74,8 @@ def owned_chunks(num_chunks: int, rank: int, world_size: int) -> np.ndarray:
 
 
 def _process_group(distributed: bool | None) -> tuple[int, int]:
-    active = dist.is_available() and dist.is_initialized()
+    found = discover_rank(environment=False)  # ranks meet at a barrier: the group is needed
+    active = found.from_process_group
     if distributed is None:
         distributed = active
     if distributed and not active:
@@ -83,7 +85,7 @@ def _process_group(distributed: bool | None) -> tuple[int, int]:
         )
     if not distributed:
         return 0, 1
-    return dist.get_rank(), dist.get_world_size()
+    return found.rank, found.world_size
 
 
 def _count(batch: ComputedBatch) -> int:

@@ -20,8 +20,11 @@ from collections.abc import Iterator, Sized
 from typing import Any
 
 import numpy as np
-import torch.distributed as dist
 from torch.utils.data import Sampler
+
+from cachedfeatures.errors import ArgumentTypeError, InvalidArgumentError
+from cachedfeatures.parse import expected, parse_int, parse_positive_int
+from cachedfeatures.store.ranks import discover_rank
 
 __all__ = ["ChunkShuffleSampler"]
 
@@ -38,8 +41,9 @@ class ChunkShuffleSampler(Sampler[int]):
         shuffle: ``False`` yields rows in order (split across ranks all the same).
         world_size: split every epoch between this many ranks like ``DistributedSampler``:
             rank ``r`` gets the ``r``-th contiguous share of the epoch's order, so a chunk is
-            read by one rank (two at a share's edge). Default: from ``torch.distributed`` if
-            it is initialised, else one rank.
+            read by one rank (two at a share's edge). Default: this process's
+            (:func:`~cachedfeatures.store.ranks.discover_rank`: the initialised
+            ``torch.distributed`` group, else torchrun's ``RANK``/``WORLD_SIZE``, else one rank).
         rank: this process's rank among ``world_size``; default as for ``world_size``.
         drop_last: drop the tail that does not divide evenly between ranks, instead of
             repeating rows from the start of the epoch to even the shares out.
@@ -58,18 +62,16 @@ class ChunkShuffleSampler(Sampler[int]):
         drop_last: bool = False,
     ) -> None:
         self.num_rows = _parse_length(data_source)
-        self.chunk_rows = _parse_positive("chunk_rows", _chunk_rows_of(data_source, chunk_rows))
-        self.window = _parse_positive("window", window)
+        self.chunk_rows = parse_positive_int("chunk_rows", _chunk_rows_of(data_source, chunk_rows))
+        self.window = parse_positive_int("window", window)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
-        if world_size is None:
-            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if rank is None:
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        self.world_size = _parse_positive("world_size", world_size)
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.world_size:
-            raise ValueError(f"Expected rank to be an int from 0 to {self.world_size - 1}. Got {rank!r}.")
-        self.rank = rank
+        if world_size is None or rank is None:
+            found = discover_rank()
+            world_size = found.world_size if world_size is None else world_size
+            rank = found.rank if rank is None else rank
+        self.world_size = parse_positive_int("world_size", world_size)
+        self.rank = parse_int("rank", rank, minimum=0, maximum=self.world_size - 1)
         self.drop_last = bool(drop_last)
         self.epoch = 0
         if self.drop_last:
@@ -116,15 +118,12 @@ class ChunkShuffleSampler(Sampler[int]):
 
 
 def _parse_length(data_source: object) -> int:
-    if isinstance(data_source, bool):
-        raise TypeError(f"Expected data_source to be a dataset or a length. Got {data_source!r}.")
-    if isinstance(data_source, (int, np.integer)):
-        if data_source < 0:
-            raise ValueError(f"Expected a non-negative length. Got {data_source!r}.")
-        return int(data_source)
+    what = "a dataset (with len) or a length (an int >= 0)"
+    if isinstance(data_source, (int, np.integer)) and not isinstance(data_source, bool):
+        return parse_int("data_source", data_source, minimum=0, what=what)
     if isinstance(data_source, Sized):
         return len(data_source)
-    raise TypeError(f"Expected data_source to be a dataset (with len) or a length. Got {data_source!r}.")
+    raise ArgumentTypeError(expected(f"data_source to be {what}", data_source))
 
 
 def _chunk_rows_of(data_source: object, chunk_rows: int | None) -> Any:
@@ -135,13 +134,10 @@ def _chunk_rows_of(data_source: object, chunk_rows: int | None) -> Any:
         return entry.chunk_rows
     if isinstance(data_source, Sized) and len(data_source) == 0:
         return 1
-    raise ValueError(
-        "Expected chunk_rows: pass the store's rows per chunk (for a CachedFeatureDataset, pass the "
-        "dataset itself and it is read from its entry)."
+    raise InvalidArgumentError(
+        expected(
+            "chunk_rows, the store's rows per chunk",
+            chunk_rows,
+            "Pass it, or pass a CachedFeatureDataset itself as data_source: it is read from its entry.",
+        )
     )
-
-
-def _parse_positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"Expected {name} to be a positive int. Got {value!r}.")
-    return int(value)

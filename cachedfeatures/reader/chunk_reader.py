@@ -58,6 +58,8 @@ from zarr.core.metadata import ArrayV3Metadata
 from zarr.storage import LocalStore
 
 from cachedfeatures.format.chunk_identity import IdentityMismatchError
+from cachedfeatures.format.chunk_keys import chunk_key
+from cachedfeatures.parse import parse_choice, parse_int
 from cachedfeatures.reader.signatures import ValidSignatures
 
 if TYPE_CHECKING:
@@ -107,20 +109,14 @@ def default_chunk_cache_bytes() -> int:
 
 
 def parse_read_route(route: object) -> ReadRoute:
-    if route not in READ_ROUTES:
-        raise ValueError(f"Expected read_route to be one of {list(READ_ROUTES)}. Got {route!r}.")
-    return route  # type: ignore[return-value]
+    return parse_choice("read_route", route, READ_ROUTES)
 
 
 def parse_cache_bytes(value: object) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(
-            "Expected chunk_cache_bytes to be a non-negative int (0 disables the cache) or None. "
-            f"Got {value!r}."
-        )
-    return int(value)
+    what = "an int >= 0 (0 disables the cache) or None"
+    return parse_int("chunk_cache_bytes", value, minimum=0, what=what)
 
 
 @dataclass(frozen=True)
@@ -277,7 +273,6 @@ class _ChunkFile:
         self._verified: dict[int, tuple[int, int, int]] = {}
         self.chunk_shape: tuple[int, ...] = tuple(array.chunks)
         self.nbytes = int(np.prod(self.chunk_shape, dtype=np.int64)) * dtype.itemsize
-        self.tail = (0,) * (len(self.chunk_shape) - 1)
         self._paths: dict[int, str] = {}
 
     @classmethod
@@ -290,6 +285,8 @@ class _ChunkFile:
             return None
         if tuple(metadata.chunk_grid.chunk_shape[1:]) != tuple(array.shape[1:]):
             return None
+        if metadata.encode_chunk_key((0,) * array.ndim) != chunk_key("", 0, array.ndim):
+            return None  # not the chunk key encoding this library writes: the generic route
         try:
             dtype = np.dtype(array.dtype)
         except TypeError:
@@ -316,8 +313,8 @@ class _ChunkFile:
     def path(self, chunk: int) -> str:
         path = self._paths.get(chunk)
         if path is None:
-            key = self.array.metadata.encode_chunk_key((chunk, *self.tail))
-            path = self._paths[chunk] = os.path.join(self.root, self.array.path, key)
+            key = chunk_key(self.array.path, chunk, len(self.chunk_shape))
+            path = self._paths[chunk] = os.path.join(self.root, key)
         return path
 
     def read(self, chunk: int, check: RowCheck | None = None) -> np.ndarray:

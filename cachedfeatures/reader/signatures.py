@@ -32,6 +32,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from cachedfeatures.format.chunk_keys import chunk_key
+
 __all__ = ["QUIET_NS", "ValidSignatures"]
 
 # How old a directory's times must be before its signature vouches for its files.
@@ -66,7 +68,7 @@ class ValidSignatures:
     def key(self, chunk: int) -> str:
         """The store key (relative to the array) of the ``valid`` chunk or shard holding ``chunk``."""
         grid_index = chunk * self.chunk_rows // self._grid_rows
-        return str(self.valid.metadata.encode_chunk_key((grid_index,)))
+        return chunk_key("", grid_index)
 
     def path(self, chunk: int) -> str:
         """The file of the ``valid`` chunk holding entry chunk ``chunk`` (local stores only)."""

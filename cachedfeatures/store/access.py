@@ -20,12 +20,15 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
 
-from cachedfeatures.store.feature_store import ACCESS, Entry
+from cachedfeatures.format.names import ACCESS, ACCESS_COLUMNS, ACCESS_DIMS
+
+if TYPE_CHECKING:
+    from cachedfeatures.store.feature_store import Entry
 
 __all__ = ["AccessLog", "read_access"]
 
@@ -43,10 +46,14 @@ def read_access(entry: Entry) -> np.ndarray:
     return np.asarray(array[:], dtype=np.float64)
 
 
-def last_used(entry: Entry) -> float | None:
-    """When any chunk of ``entry`` was last read or written (unix seconds), or ``None``."""
-    latest = float(read_access(entry)[:, LAST].max(initial=0.0))
-    return latest or None
+def last_used(entry: Entry, stats: np.ndarray | None = None) -> float | None:
+    """When any chunk of ``entry`` was last read or written (unix seconds), or ``None`` if
+    never recorded: the one definition behind ``Entry.last_used``, ``cachedfeatures info`` and
+    the order in which pruning empties entries. ``stats`` (as :func:`read_access` returns
+    them) saves reading them again."""
+    stats = read_access(entry) if stats is None else stats
+    latest = float(np.nanmax(stats[:, LAST], initial=0.0)) if len(stats) else 0.0
+    return latest if latest > 0 else None
 
 
 class AccessLog:
@@ -159,8 +166,8 @@ def _new_access_array(entry: Entry) -> zarr.Array[Any]:
         chunks=(min(entry.num_chunks, 65536), 2),
         dtype="float64",
         fill_value=0.0,
-        dimension_names=("chunk", "access_stat"),
-        attributes={"columns": ["last_access_unix_seconds", "count"], "chunk_rows": entry.chunk_rows},
+        dimension_names=ACCESS_DIMS,
+        attributes={"columns": list(ACCESS_COLUMNS), "chunk_rows": entry.chunk_rows},
     )
 
 

@@ -14,20 +14,20 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import torch
 import zarr
-import zarr.core.sync
 
 from cachedfeatures.errors import RowsNotCachedError, UnknownArrayError
-from cachedfeatures.format.chunk_identity import RECORDS
-from cachedfeatures.format.names import ACCESS, VALID
+from cachedfeatures.format.names import ACCESS, CHUNK_CRC, SAMPLE_DIM, VALID
 from cachedfeatures.format.specs import ArraySpec
+from cachedfeatures.parse import parse_choice
+from cachedfeatures.store import access, chunk_bytes
+from cachedfeatures.units import format_bytes, format_ratio
 
 if TYPE_CHECKING:
     import xarray
@@ -41,7 +41,6 @@ __all__ = [
     "entry_html",
     "entry_info",
     "entry_repr",
-    "format_bytes",
     "read_arrays",
     "store_html",
     "store_repr",
@@ -49,9 +48,6 @@ __all__ = [
 ]
 
 ArrayFormat = Literal["numpy", "torch"]
-# A chunk key inside an entry: "<array>/c/<i>[/<j>...]" (Zarr v3 default chunk key encoding).
-# Temporary "*.partial" files left by a killed writer do not match, so they are not counted.
-_CHUNK_KEY = re.compile(r"^(?P<array>[^/]+)/c/(?P<chunk>\d+)(?:/\d+)*$")
 
 
 @dataclass(frozen=True)
@@ -70,9 +66,10 @@ class EntryInfo:
     """A snapshot of what an entry holds, for display and for scripts.
 
     ``nbytes_stored`` is the entry's size on disk (chunks and metadata); ``nbytes_logical`` the
-    uncompressed size of all its rows once full. ``compression_ratio`` is the uncompressed size
-    of the cached rows over the bytes their chunks take (see :func:`compression_ratio`), so a
-    half-filled entry is not mistaken for a well-compressed one.
+    uncompressed size of all its rows once full. ``compression_ratio`` is what the codecs
+    achieve: the bytes the stored chunks decode to over the bytes they take (see
+    :func:`cachedfeatures.store.chunk_bytes.compression_ratio`), the same figure
+    ``cachedfeatures info`` prints.
     """
 
     name: str
@@ -97,9 +94,7 @@ class EntryInfo:
 
 
 def parse_as(as_: object) -> ArrayFormat:
-    if as_ not in ("numpy", "torch"):
-        raise ValueError(f"Expected as_ to be 'numpy' or 'torch'. Got {as_!r}.")
-    return as_  # type: ignore[return-value]
+    return parse_choice("as_", as_, get_args(ArrayFormat))
 
 
 def spec_of(entry: Entry, name: str) -> ArraySpec:
@@ -201,7 +196,7 @@ def to_xarray(entry: Entry, valid_only: bool = True) -> xarray.Dataset:
     import xarray as xr
 
     group = entry.group
-    drop = [name for name in (ACCESS, RECORDS) if name in group]  # bookkeeping, not features
+    drop = [name for name in (ACCESS, CHUNK_CRC) if name in group]  # bookkeeping, not features
     dataset = xr.open_zarr(
         group.store,
         group=group.path,
@@ -209,16 +204,16 @@ def to_xarray(entry: Entry, valid_only: bool = True) -> xarray.Dataset:
         zarr_format=3,
         drop_variables=drop,
     )
-    dataset = dataset.assign_coords(sample=np.arange(entry.num_rows))
+    dataset = dataset.assign_coords({SAMPLE_DIM: np.arange(entry.num_rows)})
     dataset = dataset.set_coords([name for name in entry.field_names if name in dataset])
     mask = entry.valid_mask()
     if valid_only:
         selected: xarray.Dataset = dataset.drop_vars(VALID)
         if not mask.all():  # (fancy indexing is slow in zarr; skip it when every row is valid)
-            selected = selected.isel(sample=np.flatnonzero(mask))
+            selected = selected.isel({SAMPLE_DIM: np.flatnonzero(mask)})
         return selected
     dataset = dataset.set_coords(VALID)
-    valid = xr.DataArray(mask, dims=("sample",))
+    valid = xr.DataArray(mask, dims=(SAMPLE_DIM,))
     masked: xarray.Dataset = dataset.assign({name: dataset[name].where(valid) for name in dataset.data_vars})
     return masked
 
@@ -231,18 +226,9 @@ def chunk_nbytes(entry: Entry) -> np.ndarray:
 
     Temporary ``*.partial`` files (left by a killed writer) and metadata are not counted.
     """
-    store = entry.group.store
-    prefix = f"{entry.group.path}/" if entry.group.path else ""
     nbytes = np.zeros(entry.num_chunks, dtype=np.int64)
-
-    async def collect() -> None:
-        async for key in store.list_prefix(prefix):
-            match = _CHUNK_KEY.match(key[len(prefix) :])
-            if match is None or match["array"] == ACCESS or int(match["chunk"]) >= entry.num_chunks:
-                continue
-            nbytes[int(match["chunk"])] += await store.getsize(key)
-
-    zarr.core.sync.sync(collect())
+    for (_, chunk), size in chunk_bytes.array_chunk_sizes(entry).items():
+        nbytes[chunk] += size
     return nbytes
 
 
@@ -255,14 +241,9 @@ def access_stats(entry: Entry) -> np.ndarray | None:
 
 
 def last_used(entry: Entry) -> _dt.datetime | None:
-    """When a chunk of the entry was last read, as recorded by the pruning layer, or ``None``."""
-    stats = access_stats(entry)
-    if stats is None or stats.size == 0:
-        return None
-    latest = float(np.nanmax(stats[:, 0]))
-    if not latest > 0:
-        return None
-    return _dt.datetime.fromtimestamp(latest, _dt.UTC)
+    """When a chunk of the entry was last used (:func:`cachedfeatures.store.access.last_used`)."""
+    latest = access.last_used(entry)
+    return None if latest is None else _dt.datetime.fromtimestamp(latest, _dt.UTC)
 
 
 def describe_codecs(array: zarr.Array[Any]) -> str:
@@ -278,19 +259,10 @@ def describe_codecs(array: zarr.Array[Any]) -> str:
     return ", ".join(parts) or "none"
 
 
-def compression_ratio(entry: Entry, per_chunk: np.ndarray | None = None) -> float:
-    """Uncompressed bytes of the cached rows over the bytes of the chunks on disk.
-
-    Every array of the entry (features, fields, ``valid``) counts; metadata does not. A chunk
-    only partly filled still costs its whole compressed size, so the ratio is what a cached
-    row really costs; ``nan`` while no chunk exists.
-    """
-    per_chunk = chunk_nbytes(entry) if per_chunk is None else per_chunk
-    stored = int(per_chunk.sum())
-    if stored == 0:
-        return float("nan")
-    row_nbytes = sum(spec.row_nbytes for spec in entry.specs) + 1  # + 1: the valid flag
-    return float(int(entry.valid_mask().sum()) * row_nbytes / stored)
+def compression_ratio(entry: Entry) -> float:
+    """The bytes the entry's stored chunks decode to over their bytes on disk (``nan``: none);
+    see :func:`cachedfeatures.store.chunk_bytes.compression_ratio`."""
+    return chunk_bytes.compression_ratio(entry, chunk_bytes.array_chunk_sizes(entry))
 
 
 def entry_info(entry: Entry) -> EntryInfo:
@@ -342,15 +314,6 @@ def plural(count: int, word: str) -> str:
     return f"{count} {word[:-1]}ies" if word.endswith("y") else f"{count} {word}s"
 
 
-def format_bytes(nbytes: float) -> str:
-    """``1536`` -> ``'1.5 KiB'``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(nbytes) < 1024 or unit == "TiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    raise AssertionError("unreachable")
-
-
 def _when(value: _dt.datetime | str | None) -> str:
     if value is None:
         return "never recorded"
@@ -363,8 +326,7 @@ def _when(value: _dt.datetime | str | None) -> str:
 
 
 def _ratio(info: EntryInfo) -> str:
-    ratio = info.compression_ratio
-    return "n/a" if ratio != ratio else f"{ratio:.2f}x"
+    return format_ratio(info.compression_ratio)
 
 
 def _rows(info: EntryInfo) -> str:

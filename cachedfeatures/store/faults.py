@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cachedfeatures.errors import CacheError, CachingPausedWarning, ReadOnlyStoreWarning
+from cachedfeatures.errors import CacheError, CachingPausedWarning, InvalidArgumentError, ReadOnlyStoreWarning
+from cachedfeatures.parse import expected, parse_int
 
 if TYPE_CHECKING:
     from cachedfeatures.store.feature_store import Entry
@@ -95,12 +96,13 @@ class WriteGuard:
         read_only: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if isinstance(retry_after_batches, bool) or not isinstance(retry_after_batches, int):
-            raise TypeError(f"Expected retry_after_batches to be an int. Got {retry_after_batches!r}.")
-        if retry_after_batches < 1:
-            raise ValueError(f"Expected retry_after_batches >= 1. Got {retry_after_batches}.")
+        retry_after_batches = parse_int(
+            "retry_after_batches", retry_after_batches, minimum=1, strict_type=True
+        )
         if not retry_after_seconds >= 0:
-            raise ValueError(f"Expected retry_after_seconds >= 0. Got {retry_after_seconds!r}.")
+            raise InvalidArgumentError(
+                expected("retry_after_seconds to be a number >= 0", retry_after_seconds)
+            )
         self.location = location
         self.retry_after_batches = retry_after_batches
         self.retry_after_seconds = float(retry_after_seconds)

@@ -3,6 +3,7 @@
 Layout (plain Zarr v3, readable with ``zarr`` and ``xarray`` alone)::
 
     features.zarr/              root group; attrs["cachedfeatures"] names the format
+                                (every name here is spelled in cachedfeatures.format.names)
       <Module>-<entry id>/      one group per entry; attrs describe the fingerprints
         features                (N, *out_shape), or features_<key> per module output
         <field>                 passthrough fields (labels, ids, ...), (N, *shape)
@@ -41,8 +42,19 @@ from cachedfeatures.errors import (
     StorePathError,
 )
 from cachedfeatures.format import chunk_identity
-from cachedfeatures.format.names import ACCESS as ACCESS
-from cachedfeatures.format.names import VALID as VALID
+from cachedfeatures.format.names import (
+    ATTRS_KEY,
+    CHUNK_CRC,
+    CHUNK_CRC_DIMS,
+    FEATURES,
+    FORMAT_VERSION_KEY,
+    SAMPLE_DIM,
+    STORE_FORMAT_VERSION,
+    TORCH_DTYPE_ATTR,
+    VALID,
+    dimension_names,
+    is_entry_meta,
+)
 from cachedfeatures.format.specs import ArraySpec
 from cachedfeatures.reader.chunk_reader import ChunkReader, RowsRead
 from cachedfeatures.store import explore, remote
@@ -68,10 +80,8 @@ __all__ = [
 StoreLike = str | os.PathLike[str] | Store | None
 Compressor = BytesBytesCodec | Literal["default"] | None
 
-ATTRS_KEY = "cachedfeatures"
-FORMAT_VERSION = 1
-SAMPLE_DIM = "sample"
-TARGET_CHUNK_BYTES = 2 * 1024 * 1024
+# The size default_chunk_rows aims a dataset entry's chunk at (all arrays' rows together).
+DATASET_TARGET_CHUNK_BYTES = 2 * 1024 * 1024
 # Blosc (through numcodecs) refuses buffers over 2**31 - 1 bytes, and so does the crc32c of a
 # chunk; a chunk of all arrays' rows must stay below it.
 MAX_CHUNK_BYTES = 2**31 - 1
@@ -120,7 +130,7 @@ def default_chunk_rows(row_nbytes: int, num_rows: int) -> int:
     Rows so large that 16 of them pass 256 MiB get fewer per chunk, down to one, so a chunk
     stays well within what the codecs take (``MAX_CHUNK_BYTES``).
     """
-    rows = max(1, TARGET_CHUNK_BYTES // max(1, row_nbytes))
+    rows = max(1, DATASET_TARGET_CHUNK_BYTES // max(1, row_nbytes))
     rows = 1 << (rows.bit_length() - 1)
     rows = min(max(rows, 16), 65536)
     while rows > 16 and rows // 2 >= num_rows:  # no chunk much larger than the dataset
@@ -205,7 +215,7 @@ class Entry:
     def records(self) -> zarr.Array[Any] | None:
         """The ``(num_chunks, num_arrays, 2)`` identity-bound checksums, or ``None`` (older entries)."""
         if self.bound_checksums and self._records is None:
-            self._records = self.group[chunk_identity.RECORDS]  # type: ignore[assignment]
+            self._records = self.group[CHUNK_CRC]  # type: ignore[assignment]
         return self._records
 
     def accepted_checksums(self, chunk: int) -> np.ndarray | None:
@@ -375,7 +385,7 @@ class Entry:
         """The arrays that hold module outputs (``["features"]`` for a module returning a tensor)."""
         outputs = self.meta.get("outputs")
         if outputs is None:
-            return [spec.name for spec in self.specs if spec.name.startswith("features")]
+            return [spec.name for spec in self.specs if spec.name.startswith(FEATURES)]
         return [array["name"] for array in outputs["arrays"]]
 
     @property
@@ -456,7 +466,8 @@ class Entry:
         return explore.last_used(self)
 
     def compression_ratio(self) -> float:
-        """Uncompressed bytes of the cached rows over their chunks' bytes on disk (``nan``: none)."""
+        """What the codecs achieve: the bytes the stored chunks decode to over their bytes on disk
+        (``nan``: no chunk yet); the figure ``cachedfeatures info`` prints too."""
         return explore.compression_ratio(self)
 
     def info(self) -> explore.EntryInfo:
@@ -532,7 +543,7 @@ class FeatureStore:
         """The store's complete entries, sorted by name (``store[i]`` indexes this list)."""
         found = []
         for _name, group in sorted(self.root.groups(), key=lambda item: item[0]):
-            if ATTRS_KEY in group.attrs and "arrays" in group.attrs[ATTRS_KEY]:  # type: ignore[operator]
+            if is_entry_meta(group.attrs):
                 found.append(Entry(group, self.locks))
         return found
 
@@ -548,7 +559,7 @@ class FeatureStore:
                 f"{error}). Run 'cachedfeatures verify --repair {self.location}': it drops the entry, "
                 "whose rows are then recomputed."
             ) from error
-        if not isinstance(group, zarr.Group) or "arrays" not in group.attrs.get(ATTRS_KEY, {}):  # type: ignore[operator]
+        if not isinstance(group, zarr.Group) or not is_entry_meta(group.attrs):
             return None
         return Entry(group, self.locks)
 
@@ -589,20 +600,20 @@ class FeatureStore:
             if checksum:
                 _create_node(
                     group,
-                    chunk_identity.RECORDS,
+                    CHUNK_CRC,
                     keep_existing=True,
                     shape=(-(-num_rows // chunk_rows), len(specs), 2),
                     chunks=(1, len(specs), 2),
                     dtype="uint32",
                     fill_value=0,
                     compressors=(zarr.codecs.Crc32cCodec(),),
-                    dimension_names=("chunk", "array", "slot"),
+                    dimension_names=CHUNK_CRC_DIMS,
                     config={"write_empty_chunks": True},
                 )
             _create_valid(group, num_rows, chunk_rows, checksum, keep_existing=True)
             group.attrs[ATTRS_KEY] = {
                 **meta,
-                "format_version": FORMAT_VERSION,
+                FORMAT_VERSION_KEY: STORE_FORMAT_VERSION,
                 "entry": name,
                 "num_rows": num_rows,
                 "chunk_rows": chunk_rows,
@@ -674,7 +685,7 @@ def _open_root(zarr_store: Store, mode: Literal["r", "a"], location: str) -> zar
         # zarr.json when it creates a child, and on an object store two processes creating the
         # store and its first entry at once can interleave so that the bare copy lands last.
         if mode == "a":
-            root.attrs[ATTRS_KEY] = {"format_version": FORMAT_VERSION, "created": _now()}
+            root.attrs[ATTRS_KEY] = {FORMAT_VERSION_KEY: STORE_FORMAT_VERSION, "created": _now()}
         return root
     if meta is None:
         if mode == "r" or any(True for _ in root):
@@ -682,11 +693,11 @@ def _open_root(zarr_store: Store, mode: Literal["r", "a"], location: str) -> zar
                 f"{location} is a Zarr store that cachedfeatures did not write (no "
                 f"'{ATTRS_KEY}' attribute); pass a new path for the cache."
             )
-        root.attrs[ATTRS_KEY] = {"format_version": FORMAT_VERSION, "created": _now()}
-    elif int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        root.attrs[ATTRS_KEY] = {FORMAT_VERSION_KEY: STORE_FORMAT_VERSION, "created": _now()}
+    elif int(meta.get(FORMAT_VERSION_KEY, 0)) > STORE_FORMAT_VERSION:
         raise NotAFeatureStoreError(
             f"{location} was written by a newer cachedfeatures (format "
-            f"{meta['format_version']}); upgrade cachedfeatures to read it."
+            f"{meta[FORMAT_VERSION_KEY]}); upgrade cachedfeatures to read it."
         )
     return root
 
@@ -758,7 +769,7 @@ def _create_array(
     checksum: bool = True,
     keep_existing: bool = False,
 ) -> None:
-    dims = (SAMPLE_DIM, *(f"{spec.name}_dim{i}" for i in range(1, len(spec.shape) + 1)))
+    dims = dimension_names(spec.name, 1 + len(spec.shape))
     is_string = spec.dtype == "str"
     fill: Any = "" if is_string else 0
     if not is_string and np.dtype(spec.dtype).kind in "fc":
@@ -773,7 +784,7 @@ def _create_array(
         fill_value=fill,
         compressors=_with_checksum(codec, checksum),
         dimension_names=dims,
-        attributes={"torch_dtype": spec.torch_dtype} if spec.torch_dtype else {},
+        attributes={TORCH_DTYPE_ATTR: spec.torch_dtype} if spec.torch_dtype else {},
         config={"write_empty_chunks": True},
     )
 
@@ -795,7 +806,9 @@ def rebuild_root(path: str | os.PathLike[str]) -> None:
     meta = {
         "zarr_format": 3,
         "node_type": "group",
-        "attributes": {ATTRS_KEY: {"format_version": FORMAT_VERSION, "created": _now(), "rebuilt": True}},
+        "attributes": {
+            ATTRS_KEY: {FORMAT_VERSION_KEY: STORE_FORMAT_VERSION, "created": _now(), "rebuilt": True}
+        },
     }
     target = Path(path) / "zarr.json"
     partial = target.with_name(f"zarr.json.{os.getpid()}.partial")

@@ -31,27 +31,26 @@ import zarr
 import zarr.core.sync
 
 from cachedfeatures.errors import BudgetError
-from cachedfeatures.format import chunk_identity
+from cachedfeatures.format.chunk_keys import chunk_key
+from cachedfeatures.format.names import ATTRS_KEY, CHUNK_CRC, KEY, NEXT_ROW, VALID
 from cachedfeatures.format.row_keys import KEY_BYTES
 from cachedfeatures.format.specs import ArraySpec
 from cachedfeatures.store.feature_store import (
-    ATTRS_KEY,
     MAX_DEFAULT_CHUNK_BYTES,
-    VALID,
     Compressor,
     Entry,
     FeatureStore,
 )
 
-__all__ = ["KEY", "NEXT_ROW", "KeyedEntry", "keyed_chunk_rows"]
+__all__ = ["KeyedEntry", "keyed_chunk_rows"]
 
 logger = logging.getLogger(__name__)
 
-KEY = "key"
-NEXT_ROW = "next_row"
 KEY_SPEC = ArraySpec(KEY, "ndarray", np.dtype(np.uint8).str, (KEY_BYTES,))
 _MEASURE_EVERY = 64  # appends between measurements of the stored bytes under a budget
-TARGET_CHUNK_BYTES = 256 * 1024
+# The size keyed_chunk_rows aims a keyed entry's chunk at: smaller than a dataset entry's
+# (cachedfeatures.store.feature_store.DATASET_TARGET_CHUNK_BYTES), see keyed_chunk_rows.
+KEYED_TARGET_CHUNK_BYTES = 256 * 1024
 CHUNK_CACHE_BYTES = 64 * 1024 * 1024
 READAHEAD = 4  # chunks fetched beyond the last one a read needs (see KeyedEntry._readahead)
 
@@ -62,7 +61,7 @@ def keyed_chunk_rows(row_nbytes: int) -> int:
     Smaller than a dataset entry's 2 MiB: a batch finds its rows by content, scattered over
     the entry in the order they were first computed, and each row read decodes its chunk.
     """
-    rows = max(1, TARGET_CHUNK_BYTES // max(1, row_nbytes))
+    rows = max(1, KEYED_TARGET_CHUNK_BYTES // max(1, row_nbytes))
     rows = 1 << (rows.bit_length() - 1)
     rows = min(max(rows, 16), 4096)
     while rows > 1 and rows * row_nbytes > MAX_DEFAULT_CHUNK_BYTES:  # huge rows: fewer per chunk
@@ -300,7 +299,7 @@ class KeyedEntry:
             group[spec.name].resize((capacity, *spec.shape))  # type: ignore[union-attr]
         group[VALID].resize((capacity,))  # type: ignore[union-attr]
         if self.entry.records is not None:
-            records = group[chunk_identity.RECORDS]
+            records = group[CHUNK_CRC]
             records.resize((-(-capacity // self.entry.chunk_rows), *records.shape[1:]))  # type: ignore[union-attr]
         meta = dict(group.attrs[ATTRS_KEY])  # type: ignore[arg-type]
         meta["num_rows"] = capacity
@@ -354,12 +353,10 @@ class KeyedEntry:
             self.entry.valid[start:stop] = False
             for spec in self.entry.specs:
                 array = self.entry.arrays[spec.name]
-                path = f"{array.path}/{array.metadata.encode_chunk_key((chunk,) + (0,) * len(spec.shape))}"
-                zarr.core.sync.sync(array.store.delete(path))
+                zarr.core.sync.sync(array.store.delete(chunk_key(array.path, chunk, array.ndim)))
             records = self.entry.records
             if records is not None:  # its checksums go with it, or they would add up forever
-                path = f"{records.path}/{records.metadata.encode_chunk_key((chunk, 0, 0))}"
-                zarr.core.sync.sync(records.store.delete(path))
+                zarr.core.sync.sync(records.store.delete(chunk_key(records.path, chunk, records.ndim)))
         self._access.pop(chunk, None)
         cached = self._chunks.pop(chunk, None)
         if cached is not None:

@@ -10,10 +10,13 @@ every chunk has exactly one writer. Writers declare which chunks they own with a
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from cachedfeatures.errors import ArgumentTypeError, InvalidArgumentError
+from cachedfeatures.parse import expected, parse_int
+from cachedfeatures.store.ranks import discover_rank
 
 __all__ = ["ChunkOwnership", "parse_ownership"]
 
@@ -32,18 +35,18 @@ class ChunkOwnership:
 
     def __post_init__(self) -> None:
         for name in ("rank", "world_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise TypeError(f"Expected {name} to be an int. Got {value!r}.")
+            parse_int(name, getattr(self, name), strict_type=True)
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"Expected 0 <= rank < world_size. Got rank={self.rank}, world_size={self.world_size}."
             )
 
     @classmethod
     def from_env(cls) -> ChunkOwnership:
-        """Ownership from torchrun's ``RANK`` and ``WORLD_SIZE`` (``0`` of ``1`` if unset)."""
-        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+        """This process's ownership, from :func:`~cachedfeatures.store.ranks.discover_rank`: the
+        initialised process group, else torchrun's ``RANK`` and ``WORLD_SIZE``, else ``0`` of ``1``."""
+        found = discover_rank()
+        return cls(found.rank, found.world_size)
 
     def split(self, part: int, parts: int) -> ChunkOwnership:
         """The share of ``part`` of ``parts`` (say DataLoader workers) of this writer's chunks.
@@ -71,7 +74,10 @@ def parse_ownership(value: object) -> ChunkOwnership | None:
     """``None`` (this process writes every chunk) or a :class:`ChunkOwnership`."""
     if value is None or isinstance(value, ChunkOwnership):
         return value
-    raise TypeError(
-        "Expected owned_chunks to be None or a ChunkOwnership(rank, world_size) "
-        f"(or ChunkOwnership.from_env() under torchrun). Got {value!r}."
+    raise ArgumentTypeError(
+        expected(
+            "owned_chunks to be None or a ChunkOwnership(rank, world_size)",
+            value,
+            "Under torchrun, pass ChunkOwnership.from_env().",
+        )
     )

@@ -15,6 +15,9 @@ from typing import Any
 
 from zarr.abc.store import Store
 
+from cachedfeatures.errors import ArgumentTypeError, InvalidArgumentError
+from cachedfeatures.parse import expected
+
 __all__ = ["is_url", "open_url_store", "parse_storage_options"]
 
 
@@ -30,11 +33,11 @@ def parse_storage_options(storage_options: object, store: object) -> dict[str, A
     if storage_options is None:
         return None
     if not isinstance(storage_options, Mapping):
-        raise TypeError(f"Expected storage_options to be a dict or None. Got {storage_options!r}.")
+        raise ArgumentTypeError(expected("storage_options to be a dict or None", storage_options))
     if not is_url(store):
-        raise ValueError(
-            "storage_options apply only to URL stores such as 's3://bucket/features.zarr'. "
-            f"Got store={store!r}; drop storage_options or pass a URL."
+        raise InvalidArgumentError(
+            "Expected a URL store (such as 's3://bucket/features.zarr'), since storage_options apply "
+            f"only to URL stores. Got store={store!r}. Drop storage_options or pass a URL."
         )
     return dict(storage_options)
 

@@ -15,7 +15,6 @@ import numpy as np
 import zarr
 import zarr.codecs
 from zarr.core.sync import sync
-from zarr.storage import LocalStore
 
 from cachedfeatures.format.specs import ArraySpec
 from cachedfeatures.pruning import (
@@ -362,11 +361,10 @@ def _rows_in(entry: Entry, chunk: int) -> int:
 
 
 def _is_stale(store: FeatureStore, key: str) -> bool:
-    zarr_store = store.root.store
-    if not isinstance(zarr_store, LocalStore):
+    if store.backend.root is None:
         return False
     try:
-        mtime = (Path(zarr_store.root) / store.root.path / key).stat().st_mtime
+        mtime = (store.backend.root / store.root.path / key).stat().st_mtime
     except FileNotFoundError:
         return False
     return _dt.datetime.now().timestamp() - mtime >= STALE_PARTIAL_SECONDS

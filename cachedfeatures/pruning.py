@@ -27,12 +27,10 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
 from zarr.core.sync import sync
-from zarr.storage import LocalStore
 
 from cachedfeatures.errors import BudgetError
 from cachedfeatures.reader.chunk_reader import RowsRead
@@ -120,7 +118,7 @@ class StoreUsage:
 def measure(store: FeatureStore) -> StoreUsage:
     """What ``store`` occupies now, from one listing of its keys and their sizes."""
     usage = StoreUsage()
-    for key, size in key_sizes(store.root.store, store.root.path):
+    for key, size in key_sizes(store.root.store, store.root.path, store.backend):
         if key.endswith(PARTIAL_SUFFIX):
             usage.orphans.append(key)
             continue
@@ -137,9 +135,9 @@ def measure(store: FeatureStore) -> StoreUsage:
 
 def remove_orphans(store: FeatureStore, older_than: float = STALE_PARTIAL_SECONDS) -> list[str]:
     """Delete ``*.partial`` files older than ``older_than`` seconds (a live write's are new)."""
-    if not isinstance(store.root.store, LocalStore):
+    if store.backend.root is None:  # only zarr's LocalStore leaves *.partial files
         return []
-    root = Path(store.root.store.root) / store.root.path
+    root = store.backend.root / store.root.path
     removed = []
     for key in measure(store).orphans:
         path = root / key
@@ -432,8 +430,8 @@ def missing_chunks(entry: Entry, chunks: Iterable[int]) -> list[int]:
         [f"{array.path}/{array.metadata.encode_chunk_key((chunk, *rest))}" for array, rest in arrays]
         for chunk in chunks
     ]
-    if isinstance(store, LocalStore):  # the hot read path: plain stat calls
-        root = f"{store.root}/"
+    if entry.backend.root is not None and entry.backend.direct_exists:  # the hot read path: stat calls
+        root = f"{entry.backend.root}/"
         return [
             chunk
             for chunk, keys in zip(chunks, per_chunk, strict=True)

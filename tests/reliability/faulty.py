@@ -72,7 +72,8 @@ class FaultyReadStore(FaultyStore):
         self.read_failures = 0
 
     async def get(self, key: str, prototype: Any, byte_range: ByteRequest | None = None) -> Buffer | None:
-        if self.failing_reads and (not self.fail_read_keys or any(part in key for part in self.fail_read_keys)):
+        keys = self.fail_read_keys
+        if self.failing_reads and (not keys or any(part in key for part in keys)):
             self.read_failures += 1
             raise OSError(errno.EIO, os.strerror(errno.EIO), key)
         return await self._store.get(key, prototype, byte_range)

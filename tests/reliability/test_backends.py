@@ -23,7 +23,8 @@ def _feature_chunk_gets(store: Any, monkeypatch: pytest.MonkeyPatch) -> list[str
     """Fill an entry through ``store``, then serve every row again from a fresh open of it; the
     feature chunk keys that ``LocalStore.get`` was asked for while serving those hits."""
     data, module = Samples(32, "tuple"), Backbone()
-    CachedFeatureDataset(data, module, store, chunk_rows=8, compressor=None, spot_check=0).__getitems__(list(range(32)))
+    first = CachedFeatureDataset(data, module, store, chunk_rows=8, compressor=None, spot_check=0)
+    first.__getitems__(list(range(32)))
     asked: list[str] = []
     plain_get = LocalStore.get
 
@@ -71,7 +72,8 @@ def test_a_read_fault_wrapper_is_read_through_zarr_and_its_faults_are_seen(
     the served rows are still exact."""
     store = FaultyReadStore(store_path)
     data, module = Samples(32, "tuple"), Backbone()
-    CachedFeatureDataset(data, module, store, chunk_rows=8, compressor=None, spot_check=0).__getitems__(list(range(32)))
+    first = CachedFeatureDataset(data, module, store, chunk_rows=8, compressor=None, spot_check=0)
+    first.__getitems__(list(range(32)))
     opened = FeatureStore.open(store, mode="a")
     assert opened.backend.is_local and not opened.backend.direct_reads
     assert isinstance(opened.locks, FileLocks)  # still the local store's file locks
@@ -109,7 +111,7 @@ class _ExistsOverride(WrapperStore[LocalStore]):
         (lambda path: MemoryStore(), "memory", False, False, False, ThreadLocks),
         (lambda path: WrapperStore(MemoryStore()), "memory", False, False, False, ThreadLocks),
     ],
-    ids=["local", "faulty", "faulty-reads", "exists-override", "logging", "nested", "memory", "memory-wrapped"],
+    ids=["local", "faulty", "faulty-reads", "exists", "logging", "nested", "memory", "wrapped-memory"],
 )
 def test_backend_capabilities_are_seen_through_wrappers(
     store_path: Path,

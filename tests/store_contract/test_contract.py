@@ -195,7 +195,8 @@ def test_the_explore_api_describes_the_entry(kind: StoreKind) -> None:
     store = _open(kind, mode="r")
     (entry,) = store.entries
     info = entry.info()
-    assert (info.num_rows, info.valid_rows, info.chunk_rows, info.num_chunks) == (N, len(rows), CHUNK_ROWS, CHUNKS)
+    shape = (info.num_rows, info.valid_rows, info.chunk_rows, info.num_chunks)
+    assert shape == (N, len(rows), CHUNK_ROWS, CHUNKS)
     assert {array.name for array in info.arrays} >= {"features", "label", "name"}
     assert 0 < info.nbytes_stored == entry.nbytes_stored()
     assert store.location in repr(store) and entry.name in repr(entry)

@@ -23,7 +23,8 @@ Two routes read a chunk:
 
 Correctness follows the entry's protocol: a row is served only if ``valid`` is set and the
 bytes served were read while it was. Each cached chunk carries a *signature* of its ``valid``
-chunk taken before and after its bytes were read (for a local store: the chunk file's inode,
+chunk taken before and after its bytes were read (for a local store whose backend allows
+``direct_reads``, see :mod:`cachedfeatures.store.backend`: the chunk file's inode,
 size and times; zarr's ``LocalStore`` replaces a chunk file by renaming a new one into place,
 so every write changes it; elsewhere: the encoded bytes of the ``valid`` chunk). Every batch
 checks the signatures of its chunks again, and a chunk whose signature changed (a write, a

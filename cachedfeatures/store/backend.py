@@ -11,10 +11,12 @@ The rule for wrappers (``WrapperStore`` layers are unwrapped through their ``_st
   on the same path), ``*.partial`` cleanup, and the directory as the store's location.
 - **A file operation that stands in for a Store method is used only where no layer overrides
   that method.** Direct ``pread`` chunk reads and ``stat`` signatures of ``valid`` stand in for
-  ``get``; ``stat`` existence checks for ``exists``; the directory walk for ``list_prefix`` and
-  ``getsize``. A wrapper that changes one of them (fault injection, logging, caching,
+  ``get`` (and ``get_partial_values``, ``_get_many``); ``stat`` existence checks for ``exists``;
+  the directory walk for ``list``, ``list_prefix``, ``list_dir``, ``getsize`` and
+  ``getsize_prefix``. A wrapper that changes one of them (fault injection, logging, caching,
   decryption) is then asked through zarr, so what it does is never bypassed; a wrapper that
-  leaves them alone (one that only fails writes) gets the same route as the plain store.
+  leaves them alone (one that only fails writes) gets the same route as the plain store. A
+  subclass of ``LocalStore`` is held to the same rule.
 - **Writes and deletes always go through zarr**, and so through every wrapper.
 
 Wrappers must keep the wrapped store's keys (zarr's ``WrapperStore`` contract); a wrapper that

@@ -99,6 +99,13 @@ class _ExistsOverride(WrapperStore[LocalStore]):
         return await self._store.exists(key)
 
 
+class _LocalSubclass(LocalStore):
+    """A ``LocalStore`` subclass that overrides ``get``: held to the same rule as a wrapper."""
+
+    async def get(self, key: str, *args: Any, **kwargs: Any) -> Any:
+        return await super().get(key, *args, **kwargs)
+
+
 @pytest.mark.parametrize(
     ("make", "kind", "local", "direct_reads", "direct_exists", "locks"),
     [
@@ -108,10 +115,11 @@ class _ExistsOverride(WrapperStore[LocalStore]):
         (lambda path: _ExistsOverride(LocalStore(path)), "local", True, True, False, FileLocks),
         (lambda path: LoggingStore(LocalStore(path)), "local", True, False, False, FileLocks),
         (lambda path: WrapperStore(WrapperStore(LocalStore(path))), "local", True, True, True, FileLocks),
+        (lambda path: _LocalSubclass(path), "local", True, False, True, FileLocks),
         (lambda path: MemoryStore(), "memory", False, False, False, ThreadLocks),
         (lambda path: WrapperStore(MemoryStore()), "memory", False, False, False, ThreadLocks),
     ],
-    ids=["local", "faulty", "faulty-reads", "exists", "logging", "nested", "memory", "wrapped-memory"],
+    ids=["local", "faulty", "faulty-get", "exists", "logging", "nested", "subclass", "memory", "wrapped-mem"],
 )
 def test_backend_capabilities_are_seen_through_wrappers(
     store_path: Path,

@@ -56,7 +56,6 @@ from cachedfeatures.store.feature_store import (
     StoreLike,
     default_chunk_rows,
 )
-from cachedfeatures.store.locks import FileLocks
 from cachedfeatures.store.ownership import ChunkOwnership, parse_ownership
 from cachedfeatures.store.remote import is_url
 from cachedfeatures.units import parse_bytes
@@ -555,7 +554,7 @@ class CachedFeatureDataset(Dataset[Any]):
         precision = precision_of(self.module, self.device, self.autocast_dtype)
         mismatches = compare_columns(entry.specs, rows, stored, recomputed, entry.feature_names, precision)
         if mismatches:
-            raise stale_error(entry.name, self._feature_store.location, len(rows), mismatches)
+            raise stale_error(entry.name, self._feature_store.backend, len(rows), mismatches)
         return len(rows)
 
     def load(self, rows: Sequence[int] | np.ndarray) -> LoadedRows:
@@ -673,8 +672,7 @@ class CachedFeatureDataset(Dataset[Any]):
 
     def _needs_chunk_ownership(self) -> bool:
         """Whether processes writing this store must own disjoint chunks (no file locks)."""
-        store = self._feature_store
-        return not isinstance(store.locks, FileLocks) and store.location != "<memory>"
+        return self._feature_store.backend.needs_chunk_ownership
 
     def _entry_for_this_process(self) -> Entry:
         """The entry, reopened after a fork for URL stores (fsspec file systems are not fork-safe)."""
@@ -728,7 +726,7 @@ class CachedFeatureDataset(Dataset[Any]):
         return rows
 
     def _warn_if_private_store_in_worker(self) -> None:
-        private = get_worker_info() is not None and self._feature_store.location == "<memory>"
+        private = get_worker_info() is not None and self._feature_store.backend.is_memory
         if private and not getattr(self, "_warned_memory_worker", False):
             self._warned_memory_worker = True
             logger.warning(

@@ -15,7 +15,6 @@ import numpy as np
 import zarr
 import zarr.codecs
 from zarr.core.sync import sync
-from zarr.storage import LocalStore
 
 from cachedfeatures.format.names import ACCESS, VALID
 from cachedfeatures.format.specs import ArraySpec
@@ -363,11 +362,10 @@ def _problem(kind: str, entry: str, chunk: int | None, detail: str, repaired: bo
 
 
 def _is_stale(store: FeatureStore, key: str) -> bool:
-    zarr_store = store.root.store
-    if not isinstance(zarr_store, LocalStore):
+    if store.backend.root is None:
         return False
     try:
-        mtime = (Path(zarr_store.root) / store.root.path / key).stat().st_mtime
+        mtime = (store.backend.root / store.root.path / key).stat().st_mtime
     except FileNotFoundError:
         return False
     return _dt.datetime.now().timestamp() - mtime >= STALE_PARTIAL_SECONDS

@@ -27,12 +27,10 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
 from zarr.core.sync import sync
-from zarr.storage import LocalStore
 
 from cachedfeatures.errors import BudgetError
 from cachedfeatures.format.chunk_keys import chunk_key, parse_chunk_key
@@ -126,7 +124,7 @@ def measure(store: FeatureStore, *, per_array: bool = False) -> StoreUsage:
     budgets, which measure after every chunk written, leave it out.
     """
     usage = StoreUsage()
-    for key, size in key_sizes(store.root.store, store.root.path):
+    for key, size in key_sizes(store.root.store, store.root.path, store.backend):
         if key.endswith(PARTIAL_SUFFIX):
             usage.orphans.append(key)
             continue
@@ -148,9 +146,9 @@ def measure(store: FeatureStore, *, per_array: bool = False) -> StoreUsage:
 
 def remove_orphans(store: FeatureStore, older_than: float = STALE_PARTIAL_SECONDS) -> list[str]:
     """Delete ``*.partial`` files older than ``older_than`` seconds (a live write's are new)."""
-    if not isinstance(store.root.store, LocalStore):
+    if store.backend.root is None:  # only zarr's LocalStore leaves *.partial files
         return []
-    root = Path(store.root.store.root) / store.root.path
+    root = store.backend.root / store.root.path
     removed = []
     for key in measure(store).orphans:
         path = root / key
@@ -438,8 +436,8 @@ def missing_chunks(entry: Entry, chunks: Iterable[int]) -> list[int]:
     store = entry.group.store
     arrays = [(entry.arrays[name].path, entry.arrays[name].ndim) for name in entry.feature_names]
     per_chunk = [[chunk_key(path, chunk, ndim) for path, ndim in arrays] for chunk in chunks]
-    if isinstance(store, LocalStore):  # the hot read path: plain stat calls
-        root = f"{store.root}/"
+    if entry.backend.root is not None and entry.backend.direct_exists:  # the hot read path: stat calls
+        root = f"{entry.backend.root}/"
         return [
             chunk
             for chunk, keys in zip(chunks, per_chunk, strict=True)

@@ -284,7 +284,7 @@ def test_a_change_within_the_timestamp_resolution_is_not_trusted(
     valid_dir = store_path / "e" / "valid" / "c"
     st = os.stat(valid_dir)
     newest = max(st.st_mtime_ns, st.st_ctime_ns)
-    signatures = ValidSignatures(entry.valid, entry.chunk_rows)
+    signatures = ValidSignatures(entry.valid, entry.chunk_rows, entry.backend.root)
     clock = {"now": newest + QUIET_NS // 2}
     monkeypatch.setattr(signature_module.time, "time_ns", lambda: clock["now"])
     first = signatures.look()

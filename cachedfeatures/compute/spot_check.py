@@ -31,6 +31,7 @@ import torch
 from cachedfeatures.errors import StaleFeaturesError
 from cachedfeatures.format.specs import ArraySpec
 from cachedfeatures.parse import parse_int
+from cachedfeatures.store.backend import Backend
 
 __all__ = [
     "DEFAULT_SPOT_CHECK",
@@ -267,13 +268,14 @@ def compare_columns(
 
 
 def stale_error(
-    entry_name: str, location: str, checked: int, mismatches: Sequence[Mismatch]
+    entry_name: str, backend: Backend, checked: int, mismatches: Sequence[Mismatch]
 ) -> StaleFeaturesError:
     """The error for a failed spot check: the entry, the rows that differ and by how much, the fix."""
     rows = tuple(sorted({m.row for m in mismatches}))
+    location = backend.location
     remove = (
         "an in-memory store lives only in this process: open a new one"
-        if location == "<memory>"
+        if backend.is_memory
         else f"'cachedfeatures rm {location} {entry_name}'"
     )
     shown = [f"  {m.describe()}" for m in mismatches[:8]]

@@ -14,7 +14,8 @@ the reader's buffers). Decoded chunks stay in memory within a byte budget, in on
 
 Two routes read a chunk:
 
-- ``"auto"`` (the default) reads chunk files of a local store directly when an array's codecs
+- ``"auto"`` (the default) reads chunk files of a local store directly (where the entry's
+  :class:`~cachedfeatures.store.backend.Backend` allows ``direct_reads``) when an array's codecs
   are plain (``bytes``, optionally followed by one of Blosc, Zstd or Gzip): raw chunks are
   read as they are, compressed chunks are decoded with numcodecs. Arrays it
   cannot read this way (strings, sharding, other codecs, other stores) take the zarr route.
@@ -22,7 +23,8 @@ Two routes read a chunk:
 
 Correctness follows the entry's protocol: a row is served only if ``valid`` is set and the
 bytes served were read while it was. Each cached chunk carries a *signature* of its ``valid``
-chunk taken before and after its bytes were read (for a local store: the chunk file's inode,
+chunk taken before and after its bytes were read (for a local store whose backend allows
+``direct_reads``, see :mod:`cachedfeatures.store.backend`: the chunk file's inode,
 size and times; zarr's ``LocalStore`` replaces a chunk file by renaming a new one into place,
 so every write changes it; elsewhere: the encoded bytes of the ``valid`` chunk). Every batch
 checks the signatures of its chunks again, and a chunk whose signature changed (a write, a
@@ -55,7 +57,6 @@ import zarr.codecs
 from torch.utils.data import get_worker_info
 from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.metadata import ArrayV3Metadata
-from zarr.storage import LocalStore
 
 from cachedfeatures.format.chunk_identity import IdentityMismatchError
 from cachedfeatures.format.chunk_keys import chunk_key
@@ -276,10 +277,11 @@ class _ChunkFile:
         self._paths: dict[int, str] = {}
 
     @classmethod
-    def maybe(cls, array: zarr.Array[Any]) -> _ChunkFile | None:
-        store = array.store
+    def maybe(cls, array: zarr.Array[Any], root: str | os.PathLike[str] | None) -> _ChunkFile | None:
+        """A direct reader of ``array``'s chunk files under the store directory ``root``, where
+        one can read them (``root`` is ``None`` where the store's backend rules it out)."""
         metadata = array.metadata
-        if not isinstance(store, LocalStore) or not isinstance(metadata, ArrayV3Metadata):
+        if root is None or not isinstance(metadata, ArrayV3Metadata):
             return None
         if not isinstance(metadata.chunk_grid, RegularChunkGrid):
             return None
@@ -308,7 +310,7 @@ class _ChunkFile:
             if factory is None:
                 return None
             decoder = factory()
-        return cls(array, str(store.root), dtype, decoder, checksum)
+        return cls(array, os.fspath(root), dtype, decoder, checksum)
 
     def path(self, chunk: int) -> str:
         path = self._paths.get(chunk)
@@ -770,13 +772,14 @@ class ChunkReader:
 
     def _sources(self) -> dict[str, _ChunkFile | None]:
         if self._files is None:
-            auto = self.route == "auto"
-            self._files = {
-                name: _ChunkFile.maybe(array) if auto else None for name, array in self.entry.arrays.items()
-            }
-            self._valid_file = _ChunkFile.maybe(self.entry.valid) if auto else None
+            # The entry's backend says whether its chunk files may be read directly (a local store,
+            # seen through wrappers that leave reads alone: cachedfeatures.store.backend).
+            backend = self.entry.backend
+            root = backend.root if self.route == "auto" and backend.direct_reads else None
+            self._files = {name: _ChunkFile.maybe(array, root) for name, array in self.entry.arrays.items()}
+            self._valid_file = _ChunkFile.maybe(self.entry.valid, root)
             records = self.entry.records
-            self._records_file = _ChunkFile.maybe(records) if auto and records is not None else None
+            self._records_file = _ChunkFile.maybe(records, root) if records is not None else None
         return self._files
 
     def _accepted(self, chunk: int) -> np.ndarray | None:
@@ -794,7 +797,10 @@ class ChunkReader:
     @property
     def _signatures(self) -> ValidSignatures:
         if self._valid_signatures is None:
-            self._valid_signatures = ValidSignatures(self.entry.valid, self.entry.chunk_rows)
+            backend = self.entry.backend
+            self._valid_signatures = ValidSignatures(
+                self.entry.valid, self.entry.chunk_rows, backend.root if backend.direct_reads else None
+            )
         return self._valid_signatures
 
     def _load(self, chunk: int, signature: Hashable) -> _Chunk | None:

@@ -30,7 +30,6 @@ from typing import Any
 import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
-from zarr.storage import LocalStore
 
 from cachedfeatures.format.chunk_keys import chunk_key
 
@@ -47,14 +46,19 @@ class ValidSignatures:
     Args:
         valid: the entry's ``valid`` array (one dimension).
         chunk_rows: rows per entry chunk (the ``valid`` array may be sharded more coarsely).
+        root: the directory of the local store whose files may be signed with ``stat``; ``None``
+            (the default) fetches the encoded ``valid`` chunks through the store instead.
     """
 
-    def __init__(self, valid: zarr.Array[Any], chunk_rows: int) -> None:
+    def __init__(
+        self, valid: zarr.Array[Any], chunk_rows: int, root: str | os.PathLike[str] | None = None
+    ) -> None:
         self.valid = valid
         self.chunk_rows = chunk_rows
         grid = valid.chunks[0] if valid.shards is None else valid.shards[0]
         self._grid_rows = int(grid)
-        self._local = isinstance(valid.store, LocalStore)
+        self._root = None if root is None else os.fspath(root)
+        self._local = self._root is not None
         self._paths: dict[int, str] = {}
         self._directory: str | None = None
         if self._local:
@@ -74,8 +78,9 @@ class ValidSignatures:
         """The file of the ``valid`` chunk holding entry chunk ``chunk`` (local stores only)."""
         found = self._paths.get(chunk)
         if found is None:
-            root = str(self.valid.store.root)  # type: ignore[attr-defined]
-            found = self._paths[chunk] = os.path.join(root, self.valid.path, self.key(chunk))
+            if self._root is None:
+                raise ValueError("Expected a store directory (root=) to name chunk files. Got None.")
+            found = self._paths[chunk] = os.path.join(self._root, self.valid.path, self.key(chunk))
         return found
 
     def look(self) -> int:

@@ -3,6 +3,7 @@
 Imports the reader, the format layer and the base; never pruning, compute, the pipeline or the faces.
 """
 
+from cachedfeatures.store.backend import Backend
 from cachedfeatures.store.feature_store import Entry, FeatureStore
 
-__all__ = ["Entry", "FeatureStore"]
+__all__ = ["Backend", "Entry", "FeatureStore"]

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 from zarr.abc.store import Store
 from zarr.core.sync import sync
-from zarr.storage import LocalStore
 
 from cachedfeatures.format.chunk_keys import chunk_key, parse_chunk_key
 from cachedfeatures.format.names import NOT_ROW_CHUNKED, VALID
+from cachedfeatures.store.backend import Backend
 
 if TYPE_CHECKING:
     from cachedfeatures.store.feature_store import Entry
@@ -38,16 +38,22 @@ __all__ = [
 PARTIAL_SUFFIX = ".partial"
 
 
-def stored_bytes(store: Store, prefix: str) -> int:
+def stored_bytes(store: Store, prefix: str, backend: Backend | None = None) -> int:
     """Bytes under ``prefix`` now, less ``*.partial`` temporaries; keys deleted while listed
     (by another process's pruner) count as gone instead of raising."""
-    return sum(size for key, size in key_sizes(store, prefix) if not key.endswith(PARTIAL_SUFFIX))
+    pairs = key_sizes(store, prefix, backend)
+    return sum(size for key, size in pairs if not key.endswith(PARTIAL_SUFFIX))
 
 
-def key_sizes(store: Store, prefix: str) -> Iterable[tuple[str, int]]:
-    """(key relative to ``prefix``, size) for every key under ``prefix``."""
-    if isinstance(store, LocalStore):
-        yield from _walk(Path(store.root) / prefix, "")
+def key_sizes(store: Store, prefix: str, backend: Backend | None = None) -> Iterable[tuple[str, int]]:
+    """(key relative to ``prefix``, size) for every key under ``prefix``.
+
+    A walk of the directory where ``backend`` (default: asked of ``store``) allows it, else
+    the store's listing.
+    """
+    backend = backend if backend is not None else Backend.of(store)
+    if backend.root is not None and backend.direct_listing:
+        yield from _walk(backend.root / prefix, "")
         return
 
     async def listing() -> list[tuple[str, int]]:

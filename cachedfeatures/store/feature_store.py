@@ -58,8 +58,9 @@ from cachedfeatures.format.names import (
 from cachedfeatures.format.specs import ArraySpec
 from cachedfeatures.reader.chunk_reader import ChunkReader, RowsRead
 from cachedfeatures.store import explore, remote
+from cachedfeatures.store.backend import Backend
 from cachedfeatures.store.chunk_bytes import delete_chunk_bytes, stored_bytes
-from cachedfeatures.store.locks import FileLocks, Locks, ThreadLocks
+from cachedfeatures.store.locks import Locks
 
 if TYPE_CHECKING:
     import xarray
@@ -147,9 +148,11 @@ def _now() -> str:
 class Entry:
     """One cached (module, dataset, options) combination: its arrays and its metadata."""
 
-    def __init__(self, group: zarr.Group, locks: Locks) -> None:
+    def __init__(self, group: zarr.Group, locks: Locks, backend: Backend | None = None) -> None:
         self.group = group
         self.locks = locks
+        # What the store can do (local files, direct reads...): the store's, or asked of the group's.
+        self.backend = backend if backend is not None else Backend.of(group.store)
         self.name = group.basename
         self.meta: dict[str, Any] = dict(group.attrs[ATTRS_KEY])  # type: ignore[arg-type]
         self.num_rows: int = self.meta["num_rows"]
@@ -201,10 +204,10 @@ class Entry:
             if isinstance(array, zarr.Array):
                 return array
             problem = "is not an array"
+        location = self.backend.location if self.backend.is_local else "STORE"
         raise DamagedStoreError(
             f"array {name!r} of entry {self.name} {problem}. Run 'cachedfeatures verify --repair "
-            f"{_store_location(self.group.store)}': it rebuilds the array (its rows become misses, "
-            "recomputed on the next pass)."
+            f"{location}': it rebuilds the array (its rows become misses, recomputed on the next pass)."
         )
 
     def check_metadata(self) -> None:
@@ -371,7 +374,7 @@ class Entry:
         Files another process deletes while they are listed (a pruner) count as gone, and
         the ``*.partial`` temporaries of killed writes are not counted.
         """
-        return stored_bytes(self.group.store, self.group.path)
+        return stored_bytes(self.group.store, self.group.path, self.backend)
 
     def describe(self) -> str:
         module = self.meta["module"]["description"]
@@ -500,10 +503,15 @@ class Entry:
 class FeatureStore:
     """A cachedfeatures Zarr store: a root group whose child groups are entries."""
 
-    def __init__(self, root: zarr.Group, locks: Locks, location: str) -> None:
+    def __init__(self, root: zarr.Group, locks: Locks, backend: Backend) -> None:
         self.root = root
         self.locks = locks
-        self.location = location
+        self.backend = backend
+
+    @property
+    def location(self) -> str:
+        """Readable text naming the store: its directory, its URL, or ``<memory>``."""
+        return self.backend.location
 
     @classmethod
     def open(
@@ -527,16 +535,17 @@ class FeatureStore:
                 (``mode="r"``) there is no store there.
             NotAFeatureStoreError: the Zarr store was not written by cachedfeatures.
         """
-        zarr_store, locks, location = _resolve(store, mode, storage_options)
+        zarr_store, backend = _resolve(store, mode, storage_options)
+        locks = backend.new_locks()
         if mode == "r":
-            return cls(_open_root(zarr_store, mode, location), locks, location)
+            return cls(_open_root(zarr_store, mode, backend.location), locks, backend)
         # Creating the root group and its attrs is a check-then-write: two processes opening a
         # new path at once (the first run of a torchrun job) would both create it. A file lock
         # serialises them on one machine; elsewhere a lost race is an existing group to open.
         with locks.lock("root"):
-            if isinstance(zarr_store, LocalStore) and isinstance(store, (str, os.PathLike)):
-                check_store_directory(Path(zarr_store.root))
-            return cls(_open_root(zarr_store, mode, location), locks, location)
+            if backend.root is not None and isinstance(store, (str, os.PathLike)):
+                check_store_directory(backend.root)
+            return cls(_open_root(zarr_store, mode, backend.location), locks, backend)
 
     @property
     def entries(self) -> list[Entry]:
@@ -544,7 +553,7 @@ class FeatureStore:
         found = []
         for _name, group in sorted(self.root.groups(), key=lambda item: item[0]):
             if is_entry_meta(group.attrs):
-                found.append(Entry(group, self.locks))
+                found.append(Entry(group, self.locks, self.backend))
         return found
 
     def entry(self, name: str) -> Entry | None:
@@ -561,7 +570,7 @@ class FeatureStore:
             ) from error
         if not isinstance(group, zarr.Group) or not is_entry_meta(group.attrs):
             return None
-        return Entry(group, self.locks)
+        return Entry(group, self.locks, self.backend)
 
     def create_entry(
         self,
@@ -622,7 +631,7 @@ class FeatureStore:
                 **({"chunk_checksums": chunk_identity.FLAVOUR} if checksum else {}),
                 "created": _now(),
             }
-            return Entry(group, self.locks)
+            return Entry(group, self.locks, self.backend)
 
     def __iter__(self) -> Iterator[Entry]:
         return iter(self.entries)
@@ -816,10 +825,6 @@ def rebuild_root(path: str | os.PathLike[str]) -> None:
     os.replace(partial, target)  # the garbage one, if any, goes in one step
 
 
-def _store_location(store: Store) -> str:
-    return str(store.root) if isinstance(store, LocalStore) else "STORE"
-
-
 def check_store_directory(path: Path) -> None:
     """Refuse a directory that is not a store: a clear error for a lost root, or for other files."""
     if not path.is_dir() or (path / "zarr.json").exists():
@@ -838,19 +843,19 @@ def check_store_directory(path: Path) -> None:
 
 def _resolve(
     store: StoreLike, mode: Literal["r", "a"], storage_options: Mapping[str, Any] | None = None
-) -> tuple[Store, Locks, str]:
-    """The zarr Store, the locks that go with it, and a readable location."""
+) -> tuple[Store, Backend]:
+    """The zarr Store and its backend (what it can do, its readable location)."""
     options = remote.parse_storage_options(storage_options, store)
     if remote.is_url(store):
         url = os.fspath(store)  # type: ignore[arg-type]
         # No locks across processes on object stores: chunk ownership (cachedfeatures.store.ownership).
-        return remote.open_url_store(url, options, read_only=mode == "r"), ThreadLocks(), url
+        zarr_store = remote.open_url_store(url, options, read_only=mode == "r")
+        return zarr_store, Backend.of(zarr_store, url)
     if store is None:
-        return MemoryStore(), ThreadLocks(), "<memory>"
-    if isinstance(store, LocalStore):
-        return store, FileLocks(store.root), str(store.root)
+        memory = MemoryStore()
+        return memory, Backend.of(memory, "<memory>")
     if isinstance(store, Store):
-        return store, ThreadLocks(), repr(store)
+        return store, Backend.of(store)
     if isinstance(store, (str, os.PathLike)):
         text = os.fspath(store)
         path = Path(text.removeprefix("file://") if isinstance(text, str) else text).expanduser()
@@ -865,5 +870,6 @@ def _resolve(
                 raise StorePathError(f"no cachedfeatures store at {str(path)!r}; check the path.")
         if mode == "a":
             path.mkdir(parents=True, exist_ok=True)
-        return LocalStore(path, read_only=mode == "r"), FileLocks(path), str(path)
+        local = LocalStore(path, read_only=mode == "r")
+        return local, Backend.of(local, str(path))
     raise TypeError(f"store must be a path, a zarr Store or None; got {type(store).__name__}.")

@@ -18,6 +18,9 @@ class FaultyStore(WrapperStore[LocalStore]):
     ``fail_keys`` limits the failures to keys containing one of these substrings (for
     example ``"valid"``: feature chunks are written, the valid mask is not). ``attempts``
     and ``failures`` count calls, so tests can prove writes were tried and refused.
+
+    It overrides writes only, so its backend is the plain local store's: file locks and direct
+    chunk reads (see cachedfeatures.store.backend). Read faults: :class:`FaultyReadStore`.
     """
 
     def __init__(self, path: str | os.PathLike[str], fail_errno: int = errno.ENOSPC) -> None:
@@ -29,7 +32,7 @@ class FaultyStore(WrapperStore[LocalStore]):
         self.failures = 0
 
     def _with_store(self, store: LocalStore) -> FaultyStore:
-        clone = FaultyStore(store.root, self.fail_errno)
+        clone = type(self)(store.root, self.fail_errno)
         clone.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_store"})
         clone._store = store
         return clone
@@ -49,11 +52,31 @@ class FaultyStore(WrapperStore[LocalStore]):
             raise OSError(self.fail_errno, os.strerror(self.fail_errno), key)
         await self._store.set_if_not_exists(key, value)
 
-    async def get(self, key: str, prototype: Any, byte_range: ByteRequest | None = None) -> Buffer | None:
-        return await self._store.get(key, prototype, byte_range)
-
     def __repr__(self) -> str:
-        return f"FaultyStore({str(self._store.root)!r})"
+        return f"{type(self).__name__}({str(self._store.root)!r})"
+
+
+class FaultyReadStore(FaultyStore):
+    """A :class:`FaultyStore` whose ``get`` also raises ``OSError(EIO)`` while ``failing_reads``
+    is set, for keys containing one of ``fail_read_keys`` (all keys if empty).
+
+    Because it overrides ``get``, cachedfeatures reads its chunks through zarr (never with a
+    ``pread`` that would bypass it), so every injected read fault is seen. ``read_failures``
+    counts them.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], fail_errno: int = errno.ENOSPC) -> None:
+        super().__init__(path, fail_errno)
+        self.failing_reads = False
+        self.fail_read_keys: tuple[str, ...] = ()
+        self.read_failures = 0
+
+    async def get(self, key: str, prototype: Any, byte_range: ByteRequest | None = None) -> Buffer | None:
+        keys = self.fail_read_keys
+        if self.failing_reads and (not keys or any(part in key for part in keys)):
+            self.read_failures += 1
+            raise OSError(errno.EIO, os.strerror(errno.EIO), key)
+        return await self._store.get(key, prototype, byte_range)
 
 
 def snapshot(path: Path) -> dict[str, bytes]:

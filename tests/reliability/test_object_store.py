@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 from cachedfeatures import CachedFeatureDataset, FeatureStore
 from cachedfeatures.errors import StorePathError
 from cachedfeatures.store.ownership import ChunkOwnership
+from tests.conftest import S3Server
 from tests.helpers import Backbone, Samples, reference, run_script
-from tests.reliability.conftest import S3Server
 from tests.reliability.figures import record
 
 ROOT = Path(__file__).resolve().parents[2]

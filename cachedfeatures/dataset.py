@@ -143,6 +143,10 @@ class CachedFeatureDataset(Dataset[Any]):
     With ``device="cuda"``, compute misses through :meth:`loader` (workers do I/O, the module
     runs in this process) or fill the cache first with :meth:`prefill`; a plain DataLoader
     worker cannot use CUDA.
+
+    The keyword options are validated once, before anything is loaded or opened, into
+    :attr:`settings`, a frozen :class:`~cachedfeatures.options.DatasetOptions`; ``batch_size``,
+    ``device``, ``dtype``, ``max_bytes``, ``policy`` and the like read from it.
     """
 
     def __init__(

@@ -42,7 +42,7 @@ from cachedfeatures.store.chunk_bytes import (
     stored_bytes,
 )
 from cachedfeatures.store.feature_store import ACCESS, Entry, FeatureStore
-from cachedfeatures.store.integrity import missing_chunks, repair_missing
+from cachedfeatures.store.integrity import missing_chunks  # its old home: the import path stays
 from cachedfeatures.units import format_bytes, parse_bytes
 
 __all__ = [
@@ -62,7 +62,6 @@ __all__ = [
     "plan",
     "prune",
     "remove_orphans",
-    "repair_missing",
     "stored_bytes",
 ]
 

@@ -58,7 +58,10 @@ class CachedSource(Protocol):
     def __len__(self) -> int: ...
 
     def hit_reader(self) -> CheckedReader:
-        """How workers read hits: the entry's reads, less rows whose bytes are gone (not empty)."""
+        """How workers read hits: the entry's reads, less rows whose feature bytes are gone.
+
+        Only asked of a dataset with rows (an empty one has no entry).
+        """
         ...
 
     def row_loader(self) -> RowLoader:

@@ -44,6 +44,7 @@ from cachedfeatures.errors import (
     WriterError,
 )
 from cachedfeatures.module_cache import ModuleCache, cached_module
+from cachedfeatures.options import DatasetOptions
 from cachedfeatures.pipeline.nodes import Loader
 from cachedfeatures.pipeline.prefill import PrefillResult
 from cachedfeatures.pipeline.sampler import ChunkShuffleSampler
@@ -65,6 +66,7 @@ __all__ = [
     "ChunkShuffleSampler",
     "ChunkSizeError",
     "DamagedStoreError",
+    "DatasetOptions",
     "DeviceInWorkerError",
     "DtypeError",
     "Entry",

@@ -1,5 +1,9 @@
 """``CachedFeatureDataset``: a map-style dataset that serves a frozen module's features from
 a Zarr store, and computes (in batches) and stores the ones it does not have yet.
+
+A facade: the keyword options are validated into a :class:`~cachedfeatures.options.DatasetOptions`,
+the store and entry are held by an :class:`~cachedfeatures.binding.EntryBinding` (which reads,
+writes and records access), and the module runs in a :class:`~cachedfeatures.compute.runner.FeatureComputer`.
 """
 
 from __future__ import annotations
@@ -7,26 +11,25 @@ from __future__ import annotations
 import functools
 import logging
 import operator
-import os
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate, get_worker_info
 
 from cachedfeatures._version import __version__
-from cachedfeatures.compute.calls import Call, OutputSelection, describe_selection, parse_call, parse_output
+from cachedfeatures.binding import EntryBinding, NewEntry, OpenedStore, open_store
+from cachedfeatures.compute.calls import Call, OutputSelection
 from cachedfeatures.compute.fingerprint import (
-    callable_digest,
     dataset_fingerprint,
     entry_id,
     module_fingerprint,
     qualified_name,
 )
-from cachedfeatures.compute.layout import InputKey, OutputLayout, SampleLayout, parse_input_key
+from cachedfeatures.compute.layout import InputKey, OutputLayout, SampleLayout
 from cachedfeatures.compute.modes import mode_dependent_submodules, training_mode_message
 from cachedfeatures.compute.probe import explain_probe_failure
 from cachedfeatures.compute.runner import Collate, FeatureComputer
@@ -40,15 +43,14 @@ from cachedfeatures.compute.spot_check import (
 )
 from cachedfeatures.compute.state_hash import module_state_digests
 from cachedfeatures.compute.steps import LoadedRows, RowLoader, compute_loaded
-from cachedfeatures.errors import DeviceInWorkerError, FingerprintWarning, TrainingModeError
+from cachedfeatures.errors import CacheError, DeviceInWorkerError, FingerprintWarning, TrainingModeError
 from cachedfeatures.format.specs import ArraySpec
-from cachedfeatures.parse import parse_device, parse_float_dtype, parse_positive_int
+from cachedfeatures.options import DatasetOptions
 from cachedfeatures.pipeline.nodes import Loader, WorkerMethod
 from cachedfeatures.pipeline.prefill import PrefillResult, prefill
-from cachedfeatures.pruning import Budget, Policy, parse_policy, serve_backed_rows
-from cachedfeatures.reader.chunk_reader import ChunkReader, ReadRoute, RowsRead
-from cachedfeatures.store.access import AccessLog
-from cachedfeatures.store.faults import WriteGuard, is_store_fault
+from cachedfeatures.pruning import Policy
+from cachedfeatures.reader.chunk_reader import ReadRoute
+from cachedfeatures.store.faults import WriteGuard
 from cachedfeatures.store.feature_store import (
     Compressor,
     Entry,
@@ -56,9 +58,8 @@ from cachedfeatures.store.feature_store import (
     StoreLike,
     default_chunk_rows,
 )
-from cachedfeatures.store.ownership import ChunkOwnership, parse_ownership
-from cachedfeatures.store.remote import is_url
-from cachedfeatures.units import parse_bytes
+from cachedfeatures.store.integrity import CheckedReader
+from cachedfeatures.store.ownership import ChunkOwnership
 
 __all__ = ["CachedFeatureDataset"]
 
@@ -159,6 +160,10 @@ class CachedFeatureDataset(Dataset[Any]):
     With ``device="cuda"``, compute misses through :meth:`loader` (workers do I/O, the module
     runs in this process) or fill the cache first with :meth:`prefill`; a plain DataLoader
     worker cannot use CUDA.
+
+    The keyword options are validated once, before anything is loaded or opened, into
+    :attr:`settings`, a frozen :class:`~cachedfeatures.options.DatasetOptions`; ``batch_size``,
+    ``device``, ``dtype``, ``max_bytes``, ``policy`` and the like read from it.
     """
 
     def __init__(
@@ -193,18 +198,30 @@ class CachedFeatureDataset(Dataset[Any]):
     ) -> None:
         self.dataset = dataset
         self.module = module
-        self.input_key = parse_input_key(input_key)
-        self.batch_size = parse_positive_int("batch_size", batch_size)
-        self.device = parse_device(device)
-        self.dtype = parse_float_dtype(dtype)
-        self.autocast_dtype = parse_float_dtype(autocast_dtype, "autocast_dtype")
-        if chunk_rows is not None:
-            chunk_rows = parse_positive_int("chunk_rows", chunk_rows)
-        self.max_bytes = None if max_bytes is None else parse_bytes(max_bytes)
-        self.policy = parse_policy(policy)
-        self._checksum = checksum
-        self.spot_check_rows = parse_spot_check(spot_check)
-        self._allow_nondeterministic = bool(allow_nondeterministic)
+        self.settings = settings = DatasetOptions(
+            input_key=input_key,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            compressor=compressor,
+            chunk_rows=chunk_rows,
+            collate_fn=collate_fn,
+            module_version=module_version,
+            dataset_version=dataset_version,
+            allow_nondeterministic=allow_nondeterministic,
+            spot_check=spot_check,
+            max_bytes=max_bytes,
+            policy=policy,
+            autocast_dtype=autocast_dtype,
+            chunk_cache_bytes=chunk_cache_bytes,
+            read_route=read_route,
+            checksum=checksum,
+            storage_options=storage_options,
+            read_only=read_only,
+            owned_chunks=owned_chunks,
+            call=call,
+            output=output,
+        )
         mode_dependent = mode_dependent_submodules(module)
         if mode_dependent:
             raise TrainingModeError(
@@ -213,136 +230,70 @@ class CachedFeatureDataset(Dataset[Any]):
                 )
             )
         self._length = len(dataset)  # type: ignore[arg-type]
-        self._spot = SpotCheckState(self.spot_check_rows, self._length)
-        self._output = parse_output(output)
+        self._spot = SpotCheckState(settings.spot_check, self._length)
         self._computer = FeatureComputer(
-            module, self.device, self.dtype, collate_fn, self.autocast_dtype, parse_call(call), self._output
+            module,
+            settings.device,
+            settings.dtype,
+            settings.collate_fn,
+            settings.autocast_dtype,
+            settings.call,
+            settings.output,
         )
-        self._chunk_cache_bytes, self._read_route = chunk_cache_bytes, read_route
-        self.owned_chunks = parse_ownership(owned_chunks)
-        self._store_arg, self._storage_options, self._read_only = store, storage_options, bool(read_only)
-        self._pid = os.getpid()
-        self._scratch_entry = False
-        self._access: AccessLog | None = None
-        self._budget: Budget | None = None
-        self.write_guard = write_guard or WriteGuard(str(store), read_only=self._read_only)
-        if self._read_only and not self.write_guard.read_only:
-            self.write_guard.set_read_only("the store was opened read-only")
-        self._feature_store = self._open_store()
-        if write_guard is None:
-            self.write_guard.location = self._feature_store.location
-        self.module_fingerprint = module_fingerprint(module, module_version)
-        self._module_state_tracked = module_version is None and isinstance(module, torch.nn.Module)
+        self._opened: OpenedStore = open_store(store, settings, write_guard)
+        self.write_guard = self._opened.guard
+        self.module_fingerprint = module_fingerprint(module, settings.module_version)
+        self._module_state_tracked = settings.module_version is None and isinstance(module, torch.nn.Module)
 
         probe = dataset_fingerprint(
             dataset,
             dataset.__getitem__,
             self._extract_input_unchecked,
-            version=dataset_version,
-            allow_nondeterministic=allow_nondeterministic,
+            version=settings.dataset_version,
+            allow_nondeterministic=settings.allow_nondeterministic,
         )
         self.dataset_fingerprint = probe.fingerprint
         self.probe_loads = probe.loads
-        probes = probe.samples
-        self.options = {
-            "dtype": None if self.dtype is None else str(self.dtype),
-            "input_key": _describe_callable(self.input_key),
-            "collate_fn": None if collate_fn is None else _describe_callable(collate_fn),
-        }
-        if self.autocast_dtype is not None:  # only when set, so entries without it keep their key
-            self.options["autocast"] = str(self.autocast_dtype)
-        if self._output is not None:  # likewise
-            self.options["output"] = describe_selection(self._output)
-        if call != "auto":  # an explicit convention; "auto" follows from what is fingerprinted
-            self.options["call"] = call
+        self.options: dict[str, Any] = settings.key_options()
         key = entry_id(self.module_fingerprint, self.dataset_fingerprint, self.options)
         self.entry_name = f"{_entry_prefix(module)}-{key}"
-        self._entry: Entry | None = None
+        # An empty dataset has no entry, so no binding: nothing can be read or written.
+        self._binding: EntryBinding | None = None
         if self._length > 0:
-            found = self._feature_store.entry(self.entry_name)
-            if found is not None and not OutputLayout.from_json(found.meta["outputs"]).names_unique:
-                # Written before output names were made unique: two outputs share one array, so
-                # one is served the other's values. A new entry (the old one is pruned first).
-                self.options["output_names"] = "unique"
-                key = entry_id(self.module_fingerprint, self.dataset_fingerprint, self.options)
-                self.entry_name = f"{type(module).__name__}-{key}"
-                logger.warning(
-                    "cachedfeatures: entry %s stores two module outputs in one array (their keys "
-                    "sanitise to one name); caching into a new entry %s instead.",
-                    found.name,
-                    self.entry_name,
-                )
-            self._entry = self._feature_store.entry(self.entry_name) or self._create_entry_guarded(
-                probes, chunk_rows, compressor
+            self._rename_if_names_collide(self._opened.store)
+            self._binding = EntryBinding(
+                self._opened,
+                store,
+                settings,
+                self.entry_name,
+                functools.partial(self._new_entry, probe.samples),
             )
-            self._entry.check_metadata()  # a damaged array: a clear error naming the repair, now
-            if chunk_rows is not None and self._entry.chunk_rows != chunk_rows and not self._scratch_entry:
-                _say_chunking_once(self._feature_store.location, self._entry, chunk_rows)
-        self._attach_reader()
-        self._load_layouts()
-        self._attach_statistics(enforce=True)
 
     # -- construction helpers -------------------------------------------------------------------
 
-    def _open_store(self) -> FeatureStore:
-        """Open the store; one that cannot be created (full disk, permissions) becomes a scratch one.
-
-        A store that exists but refuses writes is opened read-only, so its hits are still served.
-        """
-        mode: Literal["r", "a"] = "r" if self._read_only else "a"
-        try:
-            return FeatureStore.open(self._store_arg, mode=mode, storage_options=self._storage_options)
-        except Exception as error:
-            if self._read_only or not is_store_fault(error):
-                raise
-            failure = error
-        reason = f"the store could not be opened for writing ({type(failure).__name__}: {failure})"
-        self.write_guard.set_read_only(f"{reason}, so caching is off for this run", failure)
-        try:
-            self._read_only = True
-            return FeatureStore.open(self._store_arg, mode="r", storage_options=self._storage_options)
-        except Exception:
-            self._scratch_entry = True
-            return FeatureStore.open(None, mode="a")
+    def _rename_if_names_collide(self, store: FeatureStore) -> None:
+        """Move to a new entry where the existing one was written before output names were unique."""
+        found = store.entry(self.entry_name)
+        if found is not None and not OutputLayout.from_json(found.meta["outputs"]).names_unique:
+            # Written before output names were made unique: two outputs share one array, so
+            # one is served the other's values. A new entry (the old one is pruned first).
+            self.options["output_names"] = "unique"
+            key = entry_id(self.module_fingerprint, self.dataset_fingerprint, self.options)
+            self.entry_name = f"{type(self.module).__name__}-{key}"
+            logger.warning(
+                "cachedfeatures: entry %s stores two module outputs in one array (their keys "
+                "sanitise to one name); caching into a new entry %s instead.",
+                found.name,
+                self.entry_name,
+            )
 
     def _extract_input_unchecked(self, sample: Any) -> Any:
         # Without learning the fields: one that cannot be stored is reported (with the probe's
         # index and the likely fix) when the entry is created.
         return SampleLayout({"kind": "input"}, (), (), self.input_key).extract_input(sample)
 
-    def _create_entry_guarded(
-        self, probes: dict[int, Any], chunk_rows: int | None, compressor: Compressor
-    ) -> Entry:
-        """Create the entry; where the store cannot take it, an in-memory one that is never written.
-
-        A read-only store (or one that fails to create the entry: full disk, permissions)
-        still serves: every row is computed on demand, and the guard warns once.
-        """
-        if not self._read_only:
-            try:
-                return self._create_entry(probes, chunk_rows, compressor, self._feature_store)
-            except Exception as error:
-                if not is_store_fault(error):
-                    raise
-                self.write_guard.set_read_only(
-                    f"the store could not create entry {self.entry_name} ({type(error).__name__}: "
-                    f"{error}), so caching is off for this run",
-                    error,
-                )
-        elif not self._scratch_entry:
-            self.write_guard.set_read_only(
-                f"the store was opened read-only and has no entry {self.entry_name}"
-            )
-        self._scratch_entry = True
-        return self._create_entry(probes, chunk_rows, compressor, FeatureStore.open(None, mode="a"))
-
-    def _create_entry(
-        self,
-        probes: dict[int, Any],
-        chunk_rows: int | None,
-        compressor: Compressor,
-        feature_store: FeatureStore,
-    ) -> Entry:
+    def _new_entry(self, probes: dict[int, Any]) -> NewEntry:
+        """What creating the entry takes: the layouts and the features of one probe sample."""
         index = next(iter(probes), 0)
         sample = probes[index] if probes else self.dataset[index]
         module = self.module
@@ -369,6 +320,7 @@ class CachedFeatureDataset(Dataset[Any]):
         output_layout = OutputLayout.from_output(raw, 1, self.dtype)
         outputs = output_layout.split(raw, 1, self.dtype)
         specs: list[ArraySpec] = [*output_layout.arrays, *sample_layout.fields]
+        chunk_rows = self.settings.chunk_rows
         if chunk_rows is None:
             chunk_rows = default_chunk_rows(sum(spec.row_nbytes for spec in specs), self._length)
         meta = {
@@ -383,34 +335,55 @@ class CachedFeatureDataset(Dataset[Any]):
             "outputs": output_layout.to_json(),
             "library_version": __version__,
         }
-        entry = feature_store.create_entry(
-            self.entry_name,
-            meta,
-            specs,
-            num_rows=self._length,
-            chunk_rows=chunk_rows,
-            compressor=compressor,
-            checksum=self._checksum,
-        )
         columns = {spec.name: spec.tensor_batch_to_numpy(outputs[spec.name]) for spec in output_layout.arrays}
-        if not self._scratch_entry:  # the probe's features are already paid for
-            self._write(entry, np.array([index]), {**columns, **fields})
-        return entry
+        return NewEntry(meta, specs, self._length, chunk_rows, index, {**columns, **fields})
 
-    def _load_layouts(self) -> None:
-        self._sample_layout: SampleLayout | None = None
-        self._output_layout: OutputLayout | None = None
-        if self._entry is None:
-            return
-        meta = self._entry.meta
-        specs = {spec.name: spec for spec in self._entry.specs}
-        self._output_layout = OutputLayout.from_json(meta["outputs"])
-        self._sample_layout = SampleLayout(
-            template=meta["sample"]["template"],
-            fields=tuple(specs[name] for name in meta["sample"]["fields"]),
-            field_paths=tuple(tuple(path) for path in meta["sample"]["field_paths"]),
-            input_key=self.input_key,
-        )
+    def _bound(self) -> EntryBinding:
+        """The binding to the entry; an empty dataset has none, so there is nothing to read or write."""
+        if self._binding is None:
+            raise CacheError(
+                f"the dataset is empty, so it has no entry in {self.store.location}: there is nothing "
+                "to read, compute or write. Wrap a dataset that has samples."
+            )
+        return self._binding
+
+    # -- the options, as attributes ------------------------------------------------------------
+
+    @property
+    def input_key(self) -> InputKey:
+        return self.settings.input_key
+
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.settings.device
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return self.settings.dtype
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return self.settings.autocast_dtype
+
+    @property
+    def max_bytes(self) -> int | None:
+        return self.settings.max_bytes
+
+    @property
+    def policy(self) -> Policy:
+        return self.settings.policy
+
+    @property
+    def spot_check_rows(self) -> int:
+        return self.settings.spot_check
+
+    @property
+    def owned_chunks(self) -> ChunkOwnership | None:
+        return self.settings.owned_chunks
 
     # -- the map-style API -----------------------------------------------------------------------
 
@@ -425,19 +398,16 @@ class CachedFeatureDataset(Dataset[Any]):
         rows = self._normalize(indices)
         if len(rows) == 0:
             return []
-        entry, layout = self._entry, self._sample_layout
-        if entry is None or layout is None:  # only an empty dataset has no entry
-            raise AssertionError("unreachable: non-empty index into an empty dataset")
+        binding = self._bound()
         self._warn_if_private_store_in_worker()
-        entry = self._entry_for_this_process()
-        read = self._checked_read(entry, rows)
+        read = binding.read(rows)
         if self.spot_check_rows and self._spot.due_on_serve(len(rows), read.hits):
             self.spot_check_hits(rows if read.all_hit else rows[read.hit], read.arrays)
         if read.all_hit:
             return self.assemble_all(read.arrays)
         columns = {
             name: np.empty((len(rows), *spec.shape), dtype=spec.numpy_dtype)
-            for name, spec in ((s.name, s) for s in entry.specs)
+            for name, spec in ((s.name, s) for s in binding.entry.specs)
         }
         for name, column in read.arrays.items():
             columns[name][read.hit] = column
@@ -455,15 +425,13 @@ class CachedFeatureDataset(Dataset[Any]):
 
         Returns the stored columns, one row per requested row, exactly as a later hit reads them.
         """
-        if self._entry is None:
-            raise AssertionError("unreachable: compute on an empty dataset")
-        entry = self._entry_for_this_process()
+        binding = self._bound()
         rows = np.asarray(rows, dtype=np.int64)
         parts: list[dict[str, np.ndarray]] = []
         for start in range(0, len(rows), self.batch_size):
             batch = rows[start : start + self.batch_size]
             columns = self.compute_loaded(self.load(batch))
-            self._write(entry, batch, columns)
+            binding.write(batch, columns)
             parts.append(columns)
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
@@ -481,10 +449,10 @@ class CachedFeatureDataset(Dataset[Any]):
         """
         state = self._spot.here()
         count = state.rows if rows is None else parse_spot_check(rows)
-        if not self._can_spot_check(count):
+        if self._binding is None or not self._can_spot_check(count):
             return 0
-        entry = self._entry_for_this_process()
-        valid = entry.valid_mask()
+        hits = self._binding.hits
+        valid = hits.entry.valid_mask()
         candidates = np.flatnonzero(valid)
         if among is not None:
             among = np.unique(np.asarray(among, dtype=np.int64))
@@ -492,8 +460,8 @@ class CachedFeatureDataset(Dataset[Any]):
         picked = state.choose(candidates, count)
         if len(picked) == 0:
             return 0
-        read = serve_backed_rows(entry, picked, entry.read(picked))  # no access recorded
-        return self._compare_with_recomputed(entry, picked[read.hit], read.arrays)
+        read = hits.read(picked)  # no access recorded
+        return self._compare_with_recomputed(hits.entry, picked[read.hit], read.arrays)
 
     def spot_check_hits(self, rows: np.ndarray, stored: Mapping[str, np.ndarray]) -> int:
         """A spot check of up to ``spot_check`` random rows among ``rows``, just read as hits.
@@ -503,17 +471,17 @@ class CachedFeatureDataset(Dataset[Any]):
         cache and the access statistics as they are).
         """
         state = self._spot.here()
-        if not self._can_spot_check(state.rows) or self._entry is None or len(rows) == 0:
+        if self._binding is None or not self._can_spot_check(state.rows) or len(rows) == 0:
             return 0
         distinct, first = np.unique(rows, return_index=True)
         if len(distinct) > state.rows:
             keep = np.sort(state.generator.choice(len(distinct), size=state.rows, replace=False))
             distinct, first = distinct[keep], first[keep]
         columns = {name: column[first] for name, column in stored.items()}
-        return self._compare_with_recomputed(self._entry, distinct, columns)
+        return self._compare_with_recomputed(self._binding.entry, distinct, columns)
 
     def _can_spot_check(self, count: int) -> bool:
-        if count == 0 or self._entry is None or self._allow_nondeterministic:
+        if count == 0 or self.settings.allow_nondeterministic:
             return False
         # The module cannot run in a DataLoader worker on CUDA; loader() and prefill() check
         # in the main process.
@@ -554,7 +522,7 @@ class CachedFeatureDataset(Dataset[Any]):
         precision = precision_of(self.module, self.device, self.autocast_dtype)
         mismatches = compare_columns(entry.specs, rows, stored, recomputed, entry.feature_names, precision)
         if mismatches:
-            raise stale_error(entry.name, self._feature_store.backend, len(rows), mismatches)
+            raise stale_error(entry.name, self.store.backend, len(rows), mismatches)
         return len(rows)
 
     def load(self, rows: Sequence[int] | np.ndarray) -> LoadedRows:
@@ -563,18 +531,13 @@ class CachedFeatureDataset(Dataset[Any]):
 
     def row_loader(self) -> RowLoader:
         """A picklable, module-free loader of raw samples, for worker processes."""
-        if self._sample_layout is None:
-            raise AssertionError("unreachable: load on an empty dataset")
-        return RowLoader(self.dataset, self._sample_layout)
+        return RowLoader(self.dataset, self._bound().sample_layout)
 
     def compute_loaded(self, loaded: LoadedRows, *, pin_memory: bool = False) -> dict[str, np.ndarray]:
         """Run the module on loaded rows (in batches of ``batch_size``); the columns to store."""
-        if self._output_layout is None:
-            raise AssertionError("unreachable: compute on an empty dataset")
+        output_layout = self._bound().output_layout
         self._check_can_compute_here()
-        return compute_loaded(
-            self._computer, self._output_layout, loaded, self.batch_size, pin_memory=pin_memory
-        )
+        return compute_loaded(self._computer, output_layout, loaded, self.batch_size, pin_memory=pin_memory)
 
     def _check_can_compute_here(self) -> None:
         if self.device.type == "cuda" and get_worker_info() is not None:
@@ -591,111 +554,22 @@ class CachedFeatureDataset(Dataset[Any]):
 
         The pipeline's background writer stores through this, like :meth:`compute` does.
         """
-        if self._entry is None:
-            raise AssertionError("unreachable: write to an empty dataset")
-        self._write(self._entry_for_this_process(), np.asarray(rows, dtype=np.int64), columns)
+        self._bound().write(np.asarray(rows, dtype=np.int64), columns)
 
     def record_hits(self, rows: np.ndarray) -> None:
         """Count reads of ``rows`` that the pipeline's workers served from the store."""
-        if self._entry is not None and len(rows):
-            self._record_access(rows // self._entry.chunk_rows)
+        if self._binding is not None:
+            self._binding.record_hits(rows)
 
-    def _checked_read(self, entry: Entry, rows: np.ndarray) -> RowsRead:
-        """``entry.read``, less hits that would serve fill values; records the chunks hit."""
-        read = serve_backed_rows(entry, rows, entry.read(rows))
-        if self._access is not None:
-            self._record_access(read.hit_chunks(rows, entry.chunk_rows))
-        return read
-
-    def _write(self, entry: Entry, rows: np.ndarray, columns: Mapping[str, np.ndarray]) -> bool:
-        """Store ``rows`` through the write guard, only those in chunks this process owns.
-
-        Under a budget, chunk by chunk, so pruning follows every chunk. On a store without
-        cross-process locks (object storage), DataLoader workers split this process's chunks
-        between them, so that no two workers ever write one chunk. Whether all rows were stored.
-        """
-        ownership = self.owned_chunks
-        worker = get_worker_info()
-        if worker is not None and self._needs_chunk_ownership():
-            ownership = (ownership or ChunkOwnership(0, 1)).split(worker.id, worker.num_workers)
-        if ownership is not None:
-            mine = ownership.owned_rows(rows, entry.chunk_rows)
-            if not mine.all():
-                rows, columns = rows[mine], {name: column[mine] for name, column in columns.items()}
-        if len(rows) == 0:
-            return True
-        chunks = rows // entry.chunk_rows
-        if self._budget is None:
-            stored = self.write_guard.write(entry, rows, columns)
-            if stored:
-                self._record_access(chunks)
-            return stored
-        stored = True
-        for chunk in np.unique(chunks):
-            pick = chunks == chunk
-            if not self.write_guard.write(entry, rows[pick], {name: c[pick] for name, c in columns.items()}):
-                stored = False
-                continue
-            self._record_access([chunk])
-            self.write_guard.run(functools.partial(self._budget.after_write, int(chunk)))
-        return stored
-
-    def _record_access(self, chunks: Sequence[int] | np.ndarray) -> None:
-        """Count chunk accesses for pruning; statistics are advisory, so a store fault is not fatal."""
-        if self._access is None:
-            return
-        try:
-            self._access.record(chunks)
-        except Exception as error:
-            if not is_store_fault(error):
-                raise
-            logger.debug("cachedfeatures: could not record access statistics: %s", error)
-
-    def _attach_reader(self) -> None:
-        """The entry's chunk reader, with this dataset's cache size and read route."""
-        if self._entry is not None:
-            self._entry.reader = ChunkReader(
-                self._entry, cache_bytes=self._chunk_cache_bytes, route=self._read_route
-            )
-
-    def _attach_statistics(self, enforce: bool) -> None:
-        """The access log and the budget of this entry (none on a store this process cannot write)."""
-        self._access = None
-        self._budget = None
-        if self._entry is None or self._scratch_entry or self.write_guard.read_only:
-            return
-        self._access = AccessLog(self._entry)
-        if self.max_bytes is not None:
-            self._budget = Budget(self._feature_store, self._entry, self.max_bytes, self.policy, self._access)
-            if enforce:  # a store left over budget by an earlier session
-                self.write_guard.run(self._budget.enforce)
-
-    def _needs_chunk_ownership(self) -> bool:
-        """Whether processes writing this store must own disjoint chunks (no file locks)."""
-        return self._feature_store.backend.needs_chunk_ownership
-
-    def _entry_for_this_process(self) -> Entry:
-        """The entry, reopened after a fork for URL stores (fsspec file systems are not fork-safe)."""
-        if self._entry is None:
-            raise AssertionError("unreachable: no entry for an empty dataset")
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            if is_url(self._store_arg) and not self._scratch_entry:
-                self._feature_store = FeatureStore.open(
-                    self._store_arg,
-                    mode="r" if self._read_only else "a",
-                    storage_options=self._storage_options,
-                )
-                self._entry = self._feature_store.entry(self.entry_name) or self._entry
-                self._attach_reader()
-                self._attach_statistics(enforce=False)
-        return self._entry
+    def hit_reader(self) -> CheckedReader:
+        """The entry's reads, less hits whose feature bytes are gone: how the pipeline's
+        workers read hits. A :class:`~cachedfeatures.errors.CacheError` for an empty dataset."""
+        return self._bound().hits
 
     def assemble_all(self, columns: Mapping[str, np.ndarray]) -> list[Any]:
         """One sample per row of ``columns``; each output array becomes one tensor first."""
-        layout, outputs = self._sample_layout, self._output_layout
-        if layout is None or outputs is None:
-            raise AssertionError("unreachable")
+        binding = self._bound()
+        layout, outputs = binding.sample_layout, binding.output_layout
         tensors = {spec.name: spec.numpy_to_tensor(columns[spec.name]) for spec in outputs.arrays}
         return layout.build_many(outputs.unbind(tensors), columns)
 
@@ -726,7 +600,7 @@ class CachedFeatureDataset(Dataset[Any]):
         return rows
 
     def _warn_if_private_store_in_worker(self) -> None:
-        private = get_worker_info() is not None and self._feature_store.backend.is_memory
+        private = get_worker_info() is not None and self.store.backend.is_memory
         if private and not getattr(self, "_warned_memory_worker", False):
             self._warned_memory_worker = True
             logger.warning(
@@ -796,11 +670,11 @@ class CachedFeatureDataset(Dataset[Any]):
     @property
     def entry(self) -> Entry | None:
         """The store entry this dataset reads and writes (``None`` for an empty dataset)."""
-        return self._entry
+        return None if self._binding is None else self._binding.entry
 
     @property
     def store(self) -> FeatureStore:
-        return self._feature_store
+        return self._opened.store if self._binding is None else self._binding.store
 
     @property
     def module_calls(self) -> int:
@@ -821,10 +695,10 @@ class CachedFeatureDataset(Dataset[Any]):
         return self._spot.here().module_calls
 
     def __repr__(self) -> str:
-        valid = int(self._entry.valid_mask().sum()) if self._entry is not None else 0
+        valid = 0 if self._binding is None else int(self._binding.entry.valid_mask().sum())
         return (
             f"CachedFeatureDataset({qualified_name(self.dataset)}, {type(self.module).__name__}, "
-            f"store={self._feature_store.location!r}, entry={self.entry_name!r}, "
+            f"store={self.store.location!r}, entry={self.entry_name!r}, "
             f"{valid}/{self._length} rows cached)"
         )
 
@@ -833,29 +707,11 @@ class CachedFeatureDataset(Dataset[Any]):
 
         They are also written every few seconds while reading, and when the process exits.
         """
-        if self._access is not None:
-            # Through the guard: a store that turned out read-only gives its one warning.
-            self.write_guard.run(self._access.flush)
+        if self._binding is not None:
+            self._binding.flush_access()
 
 
-_CHUNKING_SAID: set[tuple[str, str, int]] = set()
-
-
-def _say_chunking_once(location: str, entry: Entry, chunk_rows: int) -> None:
-    """Log (once per store, entry and value) that ``chunk_rows`` does not apply to ``entry``."""
-    key = (location, entry.name, chunk_rows)
-    if key in _CHUNKING_SAID:
-        return
-    _CHUNKING_SAID.add(key)
-    logger.warning(
-        "cachedfeatures: chunk_rows=%d is ignored: entry %s of %s already exists with chunks of "
-        "%d rows, which stay (the chunking is fixed when an entry is created). To rechunk, "
-        "'cachedfeatures rm' the entry and fill it again.",
-        chunk_rows,
-        entry.name,
-        location,
-        entry.chunk_rows,
-    )
+# -- helpers ------------------------------------------------------------------------------------
 
 
 def _warn_if_state_changed(module: Any, before: Mapping[str, str]) -> None:
@@ -881,10 +737,3 @@ def _entry_prefix(module: Callable[..., Any]) -> str:
     target = getattr(module, "func", module)  # a functools.partial names its function
     name = re.sub(r"[^A-Za-z0-9_]", "", str(getattr(target, "__name__", type(module).__name__)))
     return name or "function"
-
-
-def _describe_callable(value: object) -> str:
-    if callable(value):
-        name = getattr(value, "__qualname__", type(value).__qualname__)
-        return f"{name}:{callable_digest(value)[:16]}"
-    return repr(value)

@@ -328,9 +328,8 @@ def test_recomputing_in_another_batch_does_not_false_alarm_but_a_small_change_is
     if autocast is None:  # one row alone (gemv) is not bit-identical to it in a batch (gemm)
         stored = cached.entry.read(np.arange(256)).arrays["features"]
         spec = cached.entry.specs[0]
-        alone = [
-            cached._computer([cached.dataset[i][0]], cached._output_layout)["features"] for i in range(256)
-        ]
+        layout = cached._bound().output_layout
+        alone = [cached._computer([cached.dataset[i][0]], layout)["features"] for i in range(256)]
         assert not np.array_equal(spec.tensor_batch_to_numpy(torch.cat(alone)), stored)
     # Rows recomputed one at a time (spot_check(1)) and eight at a time; none may fail.
     for count in [1] * 48 + [8] * 8:

@@ -157,11 +157,6 @@ class SampleLayout:
         row = _row_builder(node, features, values)
         return [row(i) for i in range(len(features))]
 
-    def describe_input_key(self) -> str:
-        if callable(self.input_key):
-            return getattr(self.input_key, "__qualname__", repr(self.input_key))
-        return repr(self.input_key)
-
 
 def _row_builder(
     node: Mapping[str, Any], features: Sequence[Any], values: Mapping[str, list[Any]]

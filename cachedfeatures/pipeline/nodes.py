@@ -33,8 +33,7 @@ from cachedfeatures.compute.steps import LoadedRows, RowLoader
 from cachedfeatures.errors import CacheError, StaleFeaturesError, WriterError
 from cachedfeatures.parse import parse_choice, parse_nonnegative_int, parse_positive_int
 from cachedfeatures.pipeline.lifetime import exit_with_parent
-from cachedfeatures.pruning import serve_backed_rows
-from cachedfeatures.store.feature_store import Entry
+from cachedfeatures.store.integrity import CheckedReader
 from cachedfeatures.store.writer import Writer
 
 __all__ = ["CachedSource", "ComputeMisses", "IOBatch", "Indices", "Loader", "ReadOrLoad", "WorkerMethod"]
@@ -52,15 +51,19 @@ class CachedSource(Protocol):
     """
 
     @property
-    def entry(self) -> Entry | None: ...
-
-    @property
     def batch_size(self) -> int: ...
 
     @property
     def spot_check_rows(self) -> int: ...
 
     def __len__(self) -> int: ...
+
+    def hit_reader(self) -> CheckedReader:
+        """How workers read hits: the entry's reads, less rows whose feature bytes are gone.
+
+        Only asked of a dataset with rows (an empty one has no entry).
+        """
+        ...
 
     def row_loader(self) -> RowLoader:
         """How workers load the raw inputs of missing rows."""
@@ -197,20 +200,20 @@ class IOBatch:
 class ReadOrLoad:
     """The I/O stage: read hits from the store, load raw samples of misses. No module.
 
-    Picklable (the entry, the wrapped dataset and the sample layout), so it runs in worker
-    threads or processes without a copy of the module.
+    Picklable (the entry's reader, the wrapped dataset and the sample layout), so it runs in
+    worker threads or processes without a copy of the module.
 
     Args:
-        entry: the store entry to read.
+        hits: reads the store entry's hits.
         row_loader: loads raw samples.
         read_hits: when ``False`` every row is treated as a miss without reading the store
             (prefill asks only for rows it knows are missing).
     """
 
     def __init__(
-        self, entry: Entry, row_loader: RowLoader, read_hits: bool = True, in_processes: bool = False
+        self, hits: CheckedReader, row_loader: RowLoader, read_hits: bool = True, in_processes: bool = False
     ) -> None:
-        self.entry = entry
+        self.hits = hits
         self.row_loader = row_loader
         self.read_hits = read_hits
         # Worker processes must not outlive the trainer (a SIGKILL skips the daemon cleanup):
@@ -242,11 +245,12 @@ class ReadOrLoad:
         self._arm()
         rows = np.asarray(rows, dtype=np.int64)
         columns = {
-            spec.name: np.empty((len(rows), *spec.shape), dtype=spec.numpy_dtype) for spec in self.entry.specs
+            spec.name: np.empty((len(rows), *spec.shape), dtype=spec.numpy_dtype)
+            for spec in self.hits.entry.specs
         }
         hit = np.zeros(len(rows), dtype=bool)
         if self.read_hits:
-            read = serve_backed_rows(self.entry, rows, self.entry.read(rows))
+            read = self.hits.read(rows)
             hit = read.hit
             for name, column in read.arrays.items():
                 columns[name][hit] = column
@@ -404,9 +408,9 @@ class Loader:
         worker_method: WorkerMethod = "thread",
         prefetch_factor: int = 2,
     ) -> None:
-        entry = cached.entry
-        if entry is None:
+        if len(cached) == 0:
             raise CacheError("the dataset is empty; there is nothing to load.")
+        hits = cached.hit_reader()
         self.cached = cached
         self.batch_size = parse_positive_int("batch_size", batch_size)
         self.num_workers = parse_nonnegative_int("num_workers", num_workers)
@@ -415,7 +419,7 @@ class Loader:
         self.drop_last = bool(drop_last)
         self.sampler = sampler
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
-        self.writer = Writer(entry, write=cached.write)
+        self.writer = Writer(hits.entry, write=cached.write)
 
         source: tn.BaseNode[int] = (
             tn.SamplerWrapper(sampler) if sampler is not None else Indices(len(cached), shuffle, seed)
@@ -424,7 +428,7 @@ class Loader:
         if self.num_workers > 0 and self.worker_method == "process":
             batches = CollectBeforeFork(batches)
         io = ReadOrLoad(
-            entry, cached.row_loader(), in_processes=self.num_workers > 0 and self.worker_method == "process"
+            hits, cached.row_loader(), in_processes=self.num_workers > 0 and self.worker_method == "process"
         )
         read: tn.BaseNode[IOBatch] = (
             tn.ParallelMapper(batches, io, num_workers=self.num_workers, method=self.worker_method)

@@ -32,8 +32,7 @@ from cachedfeatures.pipeline.nodes import (
     WorkerMethod,
     parse_worker_method,
 )
-from cachedfeatures.pruning import serve_backed_rows
-from cachedfeatures.store.feature_store import Entry
+from cachedfeatures.store.integrity import CheckedReader
 from cachedfeatures.store.ranks import discover_rank
 from cachedfeatures.store.writer import Writer
 
@@ -92,13 +91,13 @@ def _count(batch: ComputedBatch) -> int:
     return batch.computed
 
 
-def _unreadable_rows(entry: Entry, rows: np.ndarray) -> np.ndarray:
+def _unreadable_rows(hits: CheckedReader, rows: np.ndarray) -> np.ndarray:
     """The rows among ``rows`` (valid ones) that a read does not serve: damaged chunks."""
     lost = []
-    step = entry.chunk_rows * READ_CHUNKS
+    step = hits.entry.chunk_rows * READ_CHUNKS
     for start in range(0, len(rows), step):
         part = rows[start : start + step]
-        read = serve_backed_rows(entry, part, entry.read(part))
+        read = hits.read(part)
         if not read.all_hit:
             lost.append(part[~read.hit])
     return np.concatenate(lost) if lost else np.zeros(0, dtype=np.int64)
@@ -138,9 +137,10 @@ def prefill(
     num_workers = parse_nonnegative_int("num_workers", num_workers)
     worker_method = parse_worker_method(worker_method)
     rank, world_size = _process_group(distributed)
-    entry = cached.entry
-    if entry is None:
+    if len(cached) == 0:  # nothing to fill, and no entry
         return PrefillResult(0, 0, time.perf_counter() - started, rank, world_size, 0)
+    hits = cached.hit_reader()
+    entry = hits.entry
 
     chunks = owned_chunks(entry.num_chunks, rank, world_size)
     mask = entry.valid_mask()
@@ -150,7 +150,7 @@ def prefill(
     rows = np.flatnonzero(owned & ~mask)
     # Valid rows are only skipped if they can be served: rows of chunks that are torn,
     # garbage or missing (found by reading each valid chunk once) are computed too.
-    damaged = _unreadable_rows(entry, np.flatnonzero(owned & mask)) if check_valid else np.zeros(0, np.int64)
+    damaged = _unreadable_rows(hits, np.flatnonzero(owned & mask)) if check_valid else np.zeros(0, np.int64)
     if len(damaged):
         rows = np.union1d(rows, damaged)
     skipped = int((owned & mask).sum()) - len(damaged)
@@ -162,7 +162,7 @@ def prefill(
         writer = Writer(entry, write=cached.write)
         batches = tn.Batcher(tn.IterableWrapper(rows.tolist()), cached.batch_size, drop_last=False)
         io = ReadOrLoad(
-            entry,
+            hits,
             cached.row_loader(),
             read_hits=False,
             in_processes=num_workers > 0 and worker_method == "process",

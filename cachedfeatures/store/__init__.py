@@ -1,4 +1,5 @@
-"""The Zarr feature store: backends, entries, locks, ownership, access log, the writer, the write guard.
+"""The Zarr feature store: backends, entries, locks, ownership, access log, the hit-path integrity
+check, the writer, the write guard.
 
 Imports the reader, the format layer and the base; never pruning, compute, the pipeline or the faces.
 """

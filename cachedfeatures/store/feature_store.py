@@ -90,7 +90,7 @@ MAX_CHUNK_BYTES = 2**31 - 1
 MAX_DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
 # Fill values of new floating-point arrays: what a missing chunk reads as. Not NaN, so an
 # all-NaN row of features (a module's honest output) is not taken for missing bytes; an odd
-# subnormal that no module plausibly outputs across a whole row (see pruning.serve_backed_rows).
+# subnormal that no module plausibly outputs across a whole row (see cachedfeatures.store.integrity).
 _FILL_BITS = {2: (np.uint16, 0x03A5), 4: (np.uint32, 0x0041C0DE), 8: (np.uint64, 0x000C0FFEE0C0FFEE)}
 
 
@@ -165,10 +165,6 @@ class Entry:
         self._arrays: dict[str, zarr.Array[Any]] | None = None
         self._valid: zarr.Array[Any] | None = None
         self._reader: ChunkReader | None = None
-        # Chunks this process has seen the output bytes of while their rows were valid; the
-        # read path checks a chunk's files once, not on every batch (see pruning.serve_backed_rows).
-        self.backed_chunks: set[int] = set()
-        self.reported_chunks: set[int] = set()  # damaged chunks already warned about
 
     @property
     def num_chunks(self) -> int:
@@ -298,7 +294,6 @@ class Entry:
                         error,
                     )
                     delete_chunk_bytes(self, int(chunk))
-                    self.backed_chunks.discard(int(chunk))
                     self._write_chunk_rows(rows, source, columns)
 
     def _write_chunk_rows(
@@ -375,11 +370,6 @@ class Entry:
         the ``*.partial`` temporaries of killed writes are not counted.
         """
         return stored_bytes(self.group.store, self.group.path, self.backend)
-
-    def describe(self) -> str:
-        module = self.meta["module"]["description"]
-        dataset = self.meta["dataset"]["description"]
-        return f"{self.name}: {module}; {dataset}"
 
     # -- exploring (notebooks); the logic lives in cachedfeatures.store.explore ----------------------
 

@@ -6,7 +6,7 @@ which the kernel releases when a process dies, so a crash never leaves a chunk l
 lock files live outside the Zarr hierarchy (Zarr warns about unknown files inside a group),
 in a directory derived from the store's real path; set ``CACHEDFEATURES_LOCK_DIR`` to move
 them. Stores without a filesystem (memory, object storage) get in-process locks only; there
-each chunk must have exactly one writer process (see DESIGN.md, chunk ownership).
+each chunk must have exactly one writer process (see :mod:`cachedfeatures.store.ownership`).
 """
 
 from __future__ import annotations

@@ -197,7 +197,7 @@ def test_other_children_forked_meanwhile_keep_their_lifetime(store_path: Path) -
 
     cached = CachedFeatureDataset(Samples(8), Backbone(), store_path)
     assert cached.entry is not None
-    stage = ReadOrLoad(cached.entry, cached.row_loader(), in_processes=True)
+    stage = ReadOrLoad(cached.hit_reader(), cached.row_loader(), in_processes=True)
     context = multiprocessing.get_context("fork")
     results = context.Queue()
     child = context.Process(target=_death_signal, args=(results,))

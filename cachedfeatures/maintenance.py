@@ -25,7 +25,7 @@ from cachedfeatures.pruning import (
     remove_orphans,
 )
 from cachedfeatures.store.access import last_used, read_access
-from cachedfeatures.store.chunk_bytes import chunk_keys, delete_chunk_bytes
+from cachedfeatures.store.chunk_bytes import chunk_keys, drop_chunk
 from cachedfeatures.store.feature_store import (
     ACCESS,
     VALID,
@@ -164,8 +164,7 @@ def verify_store(store: FeatureStore, *, repair: bool = False) -> dict[str, Any]
             found = _chunk_problems(entry, chunk)
             checked += 1
             if found and repair:
-                with entry.locks.chunk(entry.name, chunk):
-                    delete_chunk_bytes(entry, chunk)
+                drop_chunk(entry, chunk)
                 for problem in found:
                     problem["repaired"] = True
             problems.extend(found)

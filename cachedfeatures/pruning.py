@@ -9,11 +9,10 @@ first; then chunks of the entry in use. Within an entry the policy orders the ch
 - ``"lru"`` drops the least recently used chunk first: right for access that is not cyclic,
   and useless for repeated sequential passes (each pass evicts what the next one needs).
 
-Dropping a chunk clears its rows' ``valid`` bits under the chunk's lock (by deleting the
-chunk's key in ``valid``, whose fill value is ``False``) *before* deleting its bytes in every
-array, so a concurrent reader gets either the right features or a miss (``Entry.read``
-checks ``valid`` again after reading the bytes), and a crash in between leaves bytes that
-nothing serves. The budget counts the store's actual bytes (every process's writes, earlier
+A chunk is dropped by :func:`cachedfeatures.store.chunk_bytes.drop_chunk`, the store's one
+protocol for it (``valid`` first, then the bytes, then the checksum record, under the chunk's
+lock), so a concurrent reader gets either the right features or a miss, and a crash in between
+leaves bytes that nothing serves. The budget counts the store's actual bytes (every process's writes, earlier
 sessions included), ignoring the ``*.partial`` temporary files that Zarr's local store leaves
 behind when killed mid-write.
 """
@@ -41,6 +40,7 @@ from cachedfeatures.store.chunk_bytes import (
     PARTIAL_SUFFIX,
     chunk_keys,
     delete_chunk_bytes,
+    drop_chunk,
     key_sizes,
     stored_bytes,
 )
@@ -267,17 +267,6 @@ def plan(
             if excess <= 0:
                 return chosen
     return chosen
-
-
-def drop_chunk(entry: Entry, chunk: int) -> None:
-    """Make ``chunk``'s rows misses, then delete its bytes in every array.
-
-    Deleting the chunk's key in ``valid`` clears all its rows at once (the fill value is
-    ``False``); the data keys go after it. Both run under the chunk's lock, so no writer can
-    mark rows valid in between.
-    """
-    with entry.locks.chunk(entry.name, chunk):
-        delete_chunk_bytes(entry, chunk)
 
 
 def prune(

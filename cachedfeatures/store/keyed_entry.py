@@ -14,8 +14,9 @@ A writer reserves rows by bumping ``next_row`` under the entry lock (doubling th
 when needed), then writes key and outputs before ``valid``, each chunk under its chunk lock
 (``Entry.write``). Any process can open the entry and build the key -> row index from
 ``key`` and ``valid``; it catches up with other writers by reading the rows added since.
-A pruned row is cleared in ``valid`` before its bytes go; readers check ``valid`` again
-after reading, so a race costs a recompute, never a wrong row.
+A pruned chunk is dropped by the store's one protocol (``valid`` cleared before its bytes and
+checksums go, see :mod:`cachedfeatures.store.chunk_bytes`); readers check ``valid`` again
+after reading, so a race or a crash in between costs a recompute, never a wrong row.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from cachedfeatures.errors import BudgetError
 from cachedfeatures.format import chunk_identity
 from cachedfeatures.format.row_keys import KEY_BYTES
 from cachedfeatures.format.specs import ArraySpec
+from cachedfeatures.store.chunk_bytes import drop_chunk
 from cachedfeatures.store.feature_store import (
     ATTRS_KEY,
     MAX_DEFAULT_CHUNK_BYTES,
@@ -347,19 +349,16 @@ class KeyedEntry:
             )
 
     def _drop_chunk(self, chunk: int) -> None:
-        """Clear ``valid`` for the chunk's rows, then delete its chunk files and checksums."""
+        """Drop the chunk from the store (``valid`` first, then its bytes and checksums: the
+        store's one protocol, :func:`~cachedfeatures.store.chunk_bytes.drop_chunk`), then from
+        this process's index and chunk cache."""
+        drop_chunk(self.entry, chunk)
+        self._forget(chunk)
+
+    def _forget(self, chunk: int) -> None:
+        """Forget a chunk dropped from the store: its rows leave the index and the chunk cache."""
         rows = self.entry.chunk_rows
-        start, stop = chunk * rows, min((chunk + 1) * rows, self.entry.num_rows)
-        with self.store.locks.chunk(self.name, chunk):
-            self.entry.valid[start:stop] = False
-            for spec in self.entry.specs:
-                array = self.entry.arrays[spec.name]
-                path = f"{array.path}/{array.metadata.encode_chunk_key((chunk,) + (0,) * len(spec.shape))}"
-                zarr.core.sync.sync(array.store.delete(path))
-            records = self.entry.records
-            if records is not None:  # its checksums go with it, or they would add up forever
-                path = f"{records.path}/{records.metadata.encode_chunk_key((chunk, 0, 0))}"
-                zarr.core.sync.sync(records.store.delete(path))
+        start, stop = chunk * rows, (chunk + 1) * rows
         self._access.pop(chunk, None)
         cached = self._chunks.pop(chunk, None)
         if cached is not None:

@@ -9,12 +9,13 @@ first; then chunks of the entry in use. Within an entry the policy orders the ch
 - ``"lru"`` drops the least recently used chunk first: right for access that is not cyclic,
   and useless for repeated sequential passes (each pass evicts what the next one needs).
 
-A chunk is dropped by :func:`cachedfeatures.store.chunk_bytes.drop_chunk`, the store's one
-protocol for it (``valid`` first, then the bytes, then the checksum record, under the chunk's
-lock), so a concurrent reader gets either the right features or a miss, and a crash in between
-leaves bytes that nothing serves. The budget counts the store's actual bytes (every process's writes, earlier
-sessions included), ignoring the ``*.partial`` temporary files that Zarr's local store leaves
-behind when killed mid-write.
+The policies are the in-memory caches' (:mod:`cachedfeatures.reader.bounded_cache`, where they
+are declared). A chunk is dropped by :func:`cachedfeatures.store.chunk_bytes.drop_chunk`, the
+store's one protocol for it (``valid`` first, then the bytes, then the checksum record, under
+the chunk's lock), so a concurrent reader gets either the right features or a miss, and a crash
+in between leaves bytes that nothing serves. The budget counts the store's actual bytes (every
+process's writes, earlier sessions included), ignoring the ``*.partial`` temporary files that
+Zarr's local store leaves behind when killed mid-write.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
 
 import numpy as np
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from cachedfeatures.errors import BudgetError
+from cachedfeatures.reader.bounded_cache import POLICIES, Policy, parse_policy
 from cachedfeatures.reader.chunk_reader import RowsRead
 from cachedfeatures.store.access import LAST, AccessLog, read_access
 from cachedfeatures.store.chunk_bytes import (
@@ -70,31 +71,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Policy = Literal["mru", "lru"]
-
-
-@dataclass(frozen=True)
-class PolicySpec:
-    """What a policy needs: whether the most recently used chunk of an entry goes first."""
-
-    most_recent_first: bool
-    summary: str
-
-
-# Policies as data: adding one is adding an entry here and a name to ``Policy``.
-POLICIES: Mapping[Policy, PolicySpec] = {
-    "mru": PolicySpec(True, "drop the most recently used chunk first (repeated passes)"),
-    "lru": PolicySpec(False, "drop the least recently used chunk first (non-cyclic access)"),
-}
 STALE_PARTIAL_SECONDS = 3600.0
-
-
-def parse_policy(value: object) -> Policy:
-    """``value`` if it names a policy, else a ``ValueError`` listing the valid names."""
-    if isinstance(value, str) and value in POLICIES:
-        return value  # type: ignore[return-value]
-    names = ", ".join(repr(name) for name in get_args(Policy))
-    raise ValueError(f"Expected policy to be one of {names}. Got {value!r}.")
 
 
 # -- measuring ---------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -35,6 +35,7 @@ from cachedfeatures.errors import BudgetError
 from cachedfeatures.format import chunk_identity
 from cachedfeatures.format.row_keys import KEY_BYTES
 from cachedfeatures.format.specs import ArraySpec
+from cachedfeatures.reader.bounded_cache import BoundedCache
 from cachedfeatures.store.chunk_bytes import drop_chunk
 from cachedfeatures.store.feature_store import (
     ATTRS_KEY,
@@ -56,6 +57,18 @@ _MEASURE_EVERY = 64  # appends between measurements of the stored bytes under a 
 TARGET_CHUNK_BYTES = 256 * 1024
 CHUNK_CACHE_BYTES = 64 * 1024 * 1024
 READAHEAD = 4  # chunks fetched beyond the last one a read needs (see KeyedEntry._readahead)
+
+
+_Decoded = tuple[list[np.ndarray], np.ndarray]  # a chunk's columns, and which of its rows were valid
+
+
+def _decoded_nbytes(decoded: _Decoded) -> int:
+    return sum(column.nbytes for column in decoded[0])
+
+
+def _holds_valid(rows: np.ndarray) -> Callable[[_Decoded], bool]:
+    """Whether a decoded chunk saw every row of ``rows`` valid (else it is read again)."""
+    return lambda decoded: bool(decoded[1][rows].all())
 
 
 def keyed_chunk_rows(row_nbytes: int) -> int:
@@ -80,7 +93,8 @@ class KeyedEntry:
         entry: the entry (created by :meth:`open`).
         max_bytes: budget for this entry's stored bytes, or ``None``. Over it, whole chunks
             are dropped, most recently used first.
-        chunk_cache_bytes: budget for decoded chunks kept in memory. Default 64 MiB.
+        chunk_cache_bytes: budget for decoded chunks kept in memory (most recently used
+            dropped first). Default 64 MiB.
     """
 
     def __init__(
@@ -105,10 +119,10 @@ class KeyedEntry:
         self._written = 0  # raw bytes appended since
         self._appends = 0
         self.chunk_cache_bytes = chunk_cache_bytes
-        self._chunks: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}  # chunk -> columns, valid rows
-        self._chunk_bytes = 0
+        # Decoded chunks (chunk -> columns, valid rows), most recently used first out: rows are
+        # found by content, often in the same order pass after pass, so MRU keeps a stable subset.
+        self._chunks: BoundedCache[int, _Decoded] = BoundedCache(chunk_cache_bytes, "mru", _decoded_nbytes)
         self._broken: set[int] = set()  # chunks that failed to decode (logged once each)
-        self._uncached: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}  # this read's, over budget
 
     @classmethod
     def open(
@@ -164,11 +178,15 @@ class KeyedEntry:
         size = self.entry.chunk_rows
         chunks, where = np.unique(unique // size, return_inverse=True)
         offsets = unique - chunks[where] * size
+        held: dict[int, _Decoded] = {}  # this read's chunks (the cache may push some out meanwhile)
         stale = []
         for position, chunk in enumerate(chunks.tolist()):
-            cached = self._chunks.get(chunk)
-            if cached is None or not cached[1][offsets[where == position]].all():
+            needed = offsets[where == position]
+            cached = self._chunks.get(chunk, current=_holds_valid(needed))
+            if cached is None:
                 stale.append(chunk)
+            else:
+                held[chunk] = cached
         if stale:
             stale += self._readahead(max(stale), size)
             arrays = [self.entry.arrays[spec.name] for spec in self.output_specs]
@@ -178,7 +196,8 @@ class KeyedEntry:
             except Exception:  # a chunk that does not decode: find it, the others still serve
                 fetched, valid = self._read_chunks_one_by_one(arrays, spans)
             for index, chunk in enumerate(stale):
-                self._keep(chunk, fetched[index], valid[index])
+                held[chunk] = (fetched[index], valid[index])
+                self._chunks.put(chunk, held[chunk])
         ok = np.zeros(len(unique), dtype=bool)
         data = {
             spec.name: np.empty((len(unique), *spec.shape), dtype=spec.numpy_dtype)
@@ -186,12 +205,11 @@ class KeyedEntry:
         }
         for position, chunk in enumerate(chunks.tolist()):
             mine = np.flatnonzero(where == position)
-            columns, mask = self._chunks.get(chunk) or self._uncached[chunk]
+            columns, mask = held[chunk]
             good = mine[mask[offsets[mine]]]
             ok[good] = True
             for spec, column in zip(self.output_specs, columns, strict=True):
                 data[spec.name][good] = column[offsets[good]]
-        self._uncached.clear()
         data = {name: column[ok] for name, column in data.items()}
         self._touch(unique[ok])
         gone = set(unique[~ok].tolist())
@@ -242,21 +260,9 @@ class KeyedEntry:
         order wants the following chunks next. Only chunks with indexed rows, not decoded
         yet, and only while the chunk cache has room for them.
         """
-        room = (self.chunk_cache_bytes - self._chunk_bytes) // max(1, size * self._row_nbytes)
+        room = (self.chunk_cache_bytes - self._chunks.nbytes) // max(1, size * self._row_nbytes)
         chunks = range(last + 1, min(last + 1 + READAHEAD, -(-self._scanned // size)))
         return [chunk for chunk in chunks if chunk not in self._chunks][: max(0, room - 1)]
-
-    def _keep(self, chunk: int, columns: list[np.ndarray], valid: np.ndarray) -> None:
-        """Keep a decoded chunk; over the budget it serves this read only (the first kept stay)."""
-        old = self._chunks.pop(chunk, None)
-        if old is not None:
-            self._chunk_bytes -= sum(column.nbytes for column in old[0])
-        size = sum(column.nbytes for column in columns)
-        if self._chunk_bytes + size <= self.chunk_cache_bytes:
-            self._chunks[chunk] = (columns, valid)
-            self._chunk_bytes += size
-        else:
-            self._uncached[chunk] = (columns, valid)
 
     # -- writing rows --------------------------------------------------------------------------
 
@@ -360,9 +366,7 @@ class KeyedEntry:
         rows = self.entry.chunk_rows
         start, stop = chunk * rows, (chunk + 1) * rows
         self._access.pop(chunk, None)
-        cached = self._chunks.pop(chunk, None)
-        if cached is not None:
-            self._chunk_bytes -= sum(column.nbytes for column in cached[0])
+        self._chunks.discard(chunk)
         gone = range(start, stop)
         self._index = {key: row for key, row in self._index.items() if row not in gone}
 

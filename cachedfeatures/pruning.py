@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from zarr.core.sync import sync
@@ -46,10 +47,12 @@ from cachedfeatures.store.chunk_bytes import (
     stored_bytes,
 )
 from cachedfeatures.store.feature_store import ACCESS, Entry, FeatureStore
+from cachedfeatures.store.keyed_entry import NEXT_ROW
 from cachedfeatures.units import format_bytes, parse_bytes
 
 __all__ = [
     "POLICIES",
+    "AccessStats",
     "Budget",
     "DroppedChunk",
     "Policy",
@@ -72,6 +75,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 STALE_PARTIAL_SECONDS = 3600.0
+# Arrays of an entry that are not chunked along its rows: their bytes belong to no row-chunk.
+_NOT_ROW_CHUNKED = frozenset({ACCESS, NEXT_ROW})
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -106,7 +111,7 @@ def measure(store: FeatureStore) -> StoreUsage:
         if len(parts) > 1:
             usage.entries[parts[0]] = usage.entries.get(parts[0], 0) + size
         # <entry>/<array>/c/<row chunk>[/<other dims>...]
-        if len(parts) >= 4 and parts[2] == "c" and parts[1] != ACCESS and parts[3].isdigit():
+        if len(parts) >= 4 and parts[2] == "c" and parts[1] not in _NOT_ROW_CHUNKED and parts[3].isdigit():
             per_entry = usage.chunks.setdefault(parts[0], {})
             per_entry[int(parts[3])] = per_entry.get(int(parts[3]), 0) + size
     return usage
@@ -287,6 +292,13 @@ def prune(
 # -- the budget of a dataset -------------------------------------------------------------------
 
 
+class AccessStats(Protocol):
+    """What a budget needs of the entry in use: its chunks' access statistics, ``(chunks, 2)``
+    (an ``AccessLog``, or a ``KeyedEntry``'s in-process ticks)."""
+
+    def stats(self) -> np.ndarray: ...
+
+
 class Budget:
     """Keeps ``store`` under ``max_bytes`` while ``entry`` is being filled.
 
@@ -303,7 +315,7 @@ class Budget:
         entry: Entry,
         max_bytes: int | float | str,
         policy: Policy = "mru",
-        log: AccessLog | None = None,
+        log: AccessStats | None = None,
     ) -> None:
         self.store = store
         self.entry = entry
@@ -315,16 +327,20 @@ class Budget:
             raise BudgetError(
                 f"max_bytes={self.max_bytes} ({format_bytes(self.max_bytes)}) is smaller than one "
                 f"chunk of this entry ({format_bytes(chunk_bytes)}: {entry.chunk_rows} rows of "
-                f"{format_bytes(chunk_bytes // entry.chunk_rows)}), so nothing could stay cached. "
-                "Raise max_bytes or pass a smaller chunk_rows."
+                f"{format_bytes(chunk_bytes // entry.chunk_rows)}), so nothing could stay cached: it "
+                f"needs at least {chunk_bytes} bytes, and more for the store's metadata. Raise "
+                "max_bytes or pass a smaller chunk_rows."
             )
         self._others: dict[str, Entry] = {}
         self.skipped: dict[str, str] = {}  # entries it cannot read (reported once): name -> why
+        self.measured: int | None = None  # the store's bytes at the last enforce(), after pruning
+        self.usage: StoreUsage | None = None  # what the last enforce() measured, before pruning
 
     def enforce(self) -> PruneReport | None:
         """Measure the store and prune it if it is over budget (one pruner at a time)."""
         with self.store.locks.lock("prune"):
-            usage = measure(self.store)
+            usage = self.usage = measure(self.store)
+            self.measured = usage.total
             if usage.total <= self.max_bytes:
                 return None
             stats = {self.entry.name: self.log.stats()} if self.log is not None else None
@@ -333,7 +349,7 @@ class Budget:
             by_name = {entry.name: entry for entry in entries}
             for item in chosen:
                 drop_chunk(by_name[item.entry], item.chunk)
-        after = usage.total - sum(item.nbytes for item in chosen)
+        after = self.measured = usage.total - sum(item.nbytes for item in chosen)
         logger.debug(
             "cachedfeatures: pruned %d chunks (%s) to stay under %s",
             len(chosen),
@@ -354,6 +370,9 @@ class Budget:
                 continue
             if name in self.skipped:
                 continue
+            known = self._others.get(name)
+            if known is not None and max(usage.chunks[name]) >= known.num_chunks:
+                del self._others[name]  # grown since opened (a keyed entry): open it afresh
             if name not in self._others:
                 try:
                     entry = self.store.entry(name)

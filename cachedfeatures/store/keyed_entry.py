@@ -14,7 +14,8 @@ A writer reserves rows by bumping ``next_row`` under the entry lock (doubling th
 when needed), then writes key and outputs before ``valid``, each chunk under its chunk lock
 (``Entry.write``). Any process can open the entry and build the key -> row index from
 ``key`` and ``valid``; it catches up with other writers by reading the rows added since.
-A pruned chunk is dropped by the store's one protocol (``valid`` cleared before its bytes and
+A budget (``cached_module(max_bytes=)``, enforced by :mod:`cachedfeatures.pruning` for the whole
+store) drops whole chunks by the store's one protocol (``valid`` cleared before its bytes and
 checksums go, see :mod:`cachedfeatures.store.chunk_bytes`); readers check ``valid`` again
 after reading, so a race or a crash in between costs a recompute, never a wrong row.
 """
@@ -31,12 +32,11 @@ import numpy as np
 import zarr
 import zarr.core.sync
 
-from cachedfeatures.errors import BudgetError
 from cachedfeatures.format import chunk_identity
 from cachedfeatures.format.row_keys import KEY_BYTES
 from cachedfeatures.format.specs import ArraySpec
 from cachedfeatures.reader.bounded_cache import BoundedCache
-from cachedfeatures.store.chunk_bytes import drop_chunk
+from cachedfeatures.store.access import COUNT, LAST
 from cachedfeatures.store.feature_store import (
     ATTRS_KEY,
     MAX_DEFAULT_CHUNK_BYTES,
@@ -53,7 +53,6 @@ logger = logging.getLogger(__name__)
 KEY = "key"
 NEXT_ROW = "next_row"
 KEY_SPEC = ArraySpec(KEY, "ndarray", np.dtype(np.uint8).str, (KEY_BYTES,))
-_MEASURE_EVERY = 64  # appends between measurements of the stored bytes under a budget
 TARGET_CHUNK_BYTES = 256 * 1024
 CHUNK_CACHE_BYTES = 64 * 1024 * 1024
 READAHEAD = 4  # chunks fetched beyond the last one a read needs (see KeyedEntry._readahead)
@@ -91,8 +90,6 @@ class KeyedEntry:
     Args:
         store: the open feature store.
         entry: the entry (created by :meth:`open`).
-        max_bytes: budget for this entry's stored bytes, or ``None``. Over it, whole chunks
-            are dropped, most recently used first.
         chunk_cache_bytes: budget for decoded chunks kept in memory (most recently used
             dropped first). Default 64 MiB.
     """
@@ -101,23 +98,18 @@ class KeyedEntry:
         self,
         store: FeatureStore,
         entry: Entry,
-        max_bytes: int | None = None,
         chunk_cache_bytes: int = CHUNK_CACHE_BYTES,
     ) -> None:
         self.store = store
         self.entry = entry
         self.name = entry.name
-        self.max_bytes = max_bytes
         self.output_specs = [spec for spec in entry.specs if spec.name != KEY]
         self._row_nbytes = sum(spec.row_nbytes for spec in self.output_specs)
         self._index: dict[bytes, int] = {}
         self._scanned = 0  # rows [0, _scanned) have been read into the index (or pending)
         self._pending: set[int] = set()  # scanned rows that were not valid yet
         self._access: dict[int, int] = {}  # chunk -> tick of its last use in this process
-        self._ticks = itertools.count()
-        self._measured = -1  # stored bytes at the last measurement (-1: not measured yet)
-        self._written = 0  # raw bytes appended since
-        self._appends = 0
+        self._ticks = itertools.count(1)
         self.chunk_cache_bytes = chunk_cache_bytes
         # Decoded chunks (chunk -> columns, valid rows), most recently used first out: rows are
         # found by content, often in the same order pass after pass, so MRU keeps a stable subset.
@@ -134,7 +126,6 @@ class KeyedEntry:
         *,
         chunk_rows: int,
         compressor: Compressor,
-        max_bytes: int | None = None,
     ) -> KeyedEntry:
         """Open the entry ``name``, creating it (with room for a few chunks) if needed."""
         entry = store.entry(name)
@@ -147,7 +138,7 @@ class KeyedEntry:
                 chunk_rows=chunk_rows,
                 compressor=compressor,
             )
-        return cls(store, entry, max_bytes)
+        return cls(store, entry)
 
     # -- looking rows up -----------------------------------------------------------------------
 
@@ -278,10 +269,6 @@ class KeyedEntry:
         for key, row in zip(keys, rows.tolist(), strict=True):
             self._index[key] = row
         self._touch(rows)
-        self._written += sum(column.nbytes for column in columns.values()) + key_matrix.nbytes
-        self._appends += 1
-        if self.max_bytes is not None:
-            self._enforce_budget(self.max_bytes)
         return rows
 
     def _reserve(self, count: int) -> int:
@@ -314,55 +301,26 @@ class KeyedEntry:
         meta["num_rows"] = capacity
         group.attrs[ATTRS_KEY] = meta
 
-    # -- the budget: drop whole chunks, most recently used first --------------------------------
+    # -- the budget: pruning drops whole chunks, most recently used first ------------------------
 
     def nbytes_stored(self) -> int:
         return self.entry.nbytes_stored()
 
-    def _enforce_budget(self, max_bytes: int) -> None:
-        due = self._measured < 0 or self._appends % _MEASURE_EVERY == 0
-        if not due and self._measured + self._written <= max_bytes:
-            return
-        self._measured, self._written = self.nbytes_stored(), 0
-        if self._measured <= max_bytes:
-            return
-        used = -(-self._next_row() // self.entry.chunk_rows)
-        recent = sorted(self._access, key=self._access.__getitem__, reverse=True)
-        others = [chunk for chunk in range(used - 1, -1, -1) if chunk not in self._access]
-        candidates = [*recent, *others]
-        dropped = 0
-        largest = 0  # the bytes freed by the biggest single drop: about one chunk
-        for chunk in candidates:
-            if self._measured <= max_bytes:
-                break
-            before = self._measured
-            self._drop_chunk(chunk)
-            dropped += 1
-            self._measured = self.nbytes_stored()
-            largest = max(largest, before - self._measured)
-        logger.debug(
-            "cachedfeatures: dropped %d chunks of %s to keep it under %d bytes", dropped, self.name, max_bytes
-        )
-        if candidates and dropped == len(candidates):
-            # Nothing is left: every write would be dropped as soon as it is made, and the
-            # module re-run on every call. Say so instead of caching nothing in silence.
-            need = self._measured + largest
-            raise BudgetError(
-                f"max_bytes={max_bytes} cannot hold a single chunk of entry {self.name}: its "
-                f"metadata alone takes {self._measured} bytes and one chunk about {largest}, so "
-                f"every row written was dropped at once. Set max_bytes to at least {need} (better: "
-                "room for the rows you want cached), lower chunk_rows, or pass max_bytes=None."
-            )
+    def stats(self) -> np.ndarray:
+        """Access statistics of this process, ``(chunks, 2)`` like an ``AccessLog``'s: column
+        ``LAST`` orders the chunks by their last use here (a tick, not a time; 0: never), which
+        is all a pruning plan needs to drop the most recently used first."""
+        capacity = max(self.entry.num_chunks, -(-self._next_row() // self.entry.chunk_rows))
+        stats = np.zeros((capacity, 2), dtype=np.float64)
+        for chunk, tick in self._access.items():
+            if chunk < capacity:
+                stats[chunk, LAST] = tick
+                stats[chunk, COUNT] = 1
+        return stats
 
-    def _drop_chunk(self, chunk: int) -> None:
-        """Drop the chunk from the store (``valid`` first, then its bytes and checksums: the
-        store's one protocol, :func:`~cachedfeatures.store.chunk_bytes.drop_chunk`), then from
-        this process's index and chunk cache."""
-        drop_chunk(self.entry, chunk)
-        self._forget(chunk)
-
-    def _forget(self, chunk: int) -> None:
-        """Forget a chunk dropped from the store: its rows leave the index and the chunk cache."""
+    def forget(self, chunk: int) -> None:
+        """Forget a chunk dropped from the store (by a pruner of this process): its rows leave
+        the index, its decoded copy the chunk cache."""
         rows = self.entry.chunk_rows
         start, stop = chunk * rows, (chunk + 1) * rows
         self._access.pop(chunk, None)

@@ -4,7 +4,6 @@ a Zarr store, and computes (in batches) and stores the ones it does not have yet
 
 from __future__ import annotations
 
-import functools
 import logging
 import operator
 import os
@@ -596,7 +595,7 @@ class CachedFeatureDataset(Dataset[Any]):
                 stored = False
                 continue
             self._record_access([chunk])
-            self.write_guard.run(functools.partial(self._budget.after_write, int(chunk)))
+            self.write_guard.run(self._budget.after_write)
         return stored
 
     def _record_access(self, chunks: Sequence[int] | np.ndarray) -> None:

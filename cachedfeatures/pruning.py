@@ -358,8 +358,8 @@ class Budget:
         )
         return PruneReport(self.max_bytes, usage.total, after, chosen)
 
-    def after_write(self, chunk: int) -> PruneReport | None:
-        """Call after writing ``chunk``: prunes if the store is now over budget."""
+    def after_write(self) -> PruneReport | None:
+        """Call after writing a chunk: prunes if the store is now over budget."""
         return self.enforce()
 
     def _entries(self, usage: StoreUsage) -> list[Entry]:

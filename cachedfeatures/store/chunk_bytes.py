@@ -1,9 +1,10 @@
 """The bytes of an entry's chunks in its Zarr store: their keys, their sizes, their deletion.
 
 Store layer, below :mod:`cachedfeatures.store.feature_store`, which uses it for ``Entry.nbytes_stored`` and
-to rewrite a torn chunk; :mod:`cachedfeatures.pruning`, :mod:`cachedfeatures.maintenance` and
-:mod:`cachedfeatures.store.keyed_entry` drop chunks with :func:`drop_chunk`, the one protocol for
-removing a chunk. It sees :class:`~cachedfeatures.store.feature_store.Entry` as a type only.
+to rewrite a torn chunk; :mod:`cachedfeatures.pruning` (every size budget: the dataset's,
+``cached_module``'s, ``cachedfeatures prune``) and :mod:`cachedfeatures.maintenance` drop chunks
+with :func:`drop_chunk`, the one protocol for removing a chunk. It sees
+:class:`~cachedfeatures.store.feature_store.Entry` as a type only.
 
 Dropping a chunk, in this order, under the chunk's lock (so no writer marks rows valid in between):
 

@@ -8,7 +8,6 @@ budget and records chunk access. A binding always has its entry: an empty datase
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -281,7 +280,7 @@ class EntryBinding:
                 stored = False
                 continue
             self._record([chunk])
-            self.guard.run(functools.partial(self._budget.after_write, int(chunk)))
+            self.guard.run(self._budget.after_write)
         return stored
 
     def _record(self, chunks: Sequence[int] | np.ndarray) -> None:

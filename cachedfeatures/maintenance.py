@@ -29,7 +29,7 @@ from cachedfeatures.store.chunk_bytes import (
     chunk_keys,
     compression_ratio,
     decoded_chunk_nbytes,
-    delete_chunk_bytes,
+    drop_chunk,
 )
 from cachedfeatures.store.feature_store import (
     Entry,
@@ -168,8 +168,7 @@ def verify_store(store: FeatureStore, *, repair: bool = False) -> dict[str, Any]
             found = _chunk_problems(entry, chunk)
             checked += 1
             if found and repair:
-                with entry.locks.chunk(entry.name, chunk):
-                    delete_chunk_bytes(entry, chunk)
+                drop_chunk(entry, chunk)
                 for problem in found:
                     problem["repaired"] = True
             problems.extend(found)

@@ -9,13 +9,13 @@ first; then chunks of the entry in use. Within an entry the policy orders the ch
 - ``"lru"`` drops the least recently used chunk first: right for access that is not cyclic,
   and useless for repeated sequential passes (each pass evicts what the next one needs).
 
-Dropping a chunk clears its rows' ``valid`` bits under the chunk's lock (by deleting the
-chunk's key in ``valid``, whose fill value is ``False``) *before* deleting its bytes in every
-array, so a concurrent reader gets either the right features or a miss (``Entry.read``
-checks ``valid`` again after reading the bytes), and a crash in between leaves bytes that
-nothing serves. The budget counts the store's actual bytes (every process's writes, earlier
-sessions included), ignoring the ``*.partial`` temporary files that Zarr's local store leaves
-behind when killed mid-write.
+The policies are the in-memory caches' (:mod:`cachedfeatures.reader.bounded_cache`, where they
+are declared). A chunk is dropped by :func:`cachedfeatures.store.chunk_bytes.drop_chunk`, the
+store's one protocol for it (``valid`` first, then the bytes, then the checksum record, under
+the chunk's lock), so a concurrent reader gets either the right features or a miss, and a crash
+in between leaves bytes that nothing serves. The budget counts the store's actual bytes (every
+process's writes, earlier sessions included), ignoring the ``*.partial`` temporary files that
+Zarr's local store leaves behind when killed mid-write.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Protocol
 
 import numpy as np
 from zarr.core.sync import sync
@@ -33,12 +33,13 @@ from zarr.core.sync import sync
 from cachedfeatures.errors import BudgetError
 from cachedfeatures.format.chunk_keys import parse_chunk_key
 from cachedfeatures.format.names import NOT_ROW_CHUNKED
-from cachedfeatures.parse import parse_choice
+from cachedfeatures.reader.bounded_cache import POLICIES, Policy, parse_policy
 from cachedfeatures.store.access import LAST, AccessLog, last_used, read_access
 from cachedfeatures.store.chunk_bytes import (
     PARTIAL_SUFFIX,
     chunk_keys,
     delete_chunk_bytes,
+    drop_chunk,
     key_sizes,
     stored_bytes,
 )
@@ -48,6 +49,7 @@ from cachedfeatures.units import format_bytes, parse_bytes
 
 __all__ = [
     "POLICIES",
+    "AccessStats",
     "Budget",
     "DroppedChunk",
     "Policy",
@@ -68,28 +70,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Policy = Literal["mru", "lru"]
-
-
-@dataclass(frozen=True)
-class PolicySpec:
-    """What a policy needs: whether the most recently used chunk of an entry goes first."""
-
-    most_recent_first: bool
-    summary: str
-
-
-# Policies as data: adding one is adding an entry here and a name to ``Policy``.
-POLICIES: Mapping[Policy, PolicySpec] = {
-    "mru": PolicySpec(True, "drop the most recently used chunk first (repeated passes)"),
-    "lru": PolicySpec(False, "drop the least recently used chunk first (non-cyclic access)"),
-}
 STALE_PARTIAL_SECONDS = 3600.0
-
-
-def parse_policy(value: object) -> Policy:
-    """``value`` if it names a policy, else a ``ValueError`` listing the valid names."""
-    return parse_choice("policy", value, get_args(Policy))
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -275,17 +256,6 @@ def plan(
     return chosen
 
 
-def drop_chunk(entry: Entry, chunk: int) -> None:
-    """Make ``chunk``'s rows misses, then delete its bytes in every array.
-
-    Deleting the chunk's key in ``valid`` clears all its rows at once (the fill value is
-    ``False``); the data keys go after it. Both run under the chunk's lock, so no writer can
-    mark rows valid in between.
-    """
-    with entry.locks.chunk(entry.name, chunk):
-        delete_chunk_bytes(entry, chunk)
-
-
 def prune(
     store: FeatureStore,
     max_bytes: int | float | str,
@@ -327,6 +297,13 @@ def prune(
 # -- the budget of a dataset -------------------------------------------------------------------
 
 
+class AccessStats(Protocol):
+    """What a budget needs of the entry in use: its chunks' access statistics, ``(chunks, 2)``
+    (an ``AccessLog``, or a ``KeyedEntry``'s in-process ticks)."""
+
+    def stats(self) -> np.ndarray: ...
+
+
 class Budget:
     """Keeps ``store`` under ``max_bytes`` while ``entry`` is being filled.
 
@@ -343,7 +320,7 @@ class Budget:
         entry: Entry,
         max_bytes: int | float | str,
         policy: Policy = "mru",
-        log: AccessLog | None = None,
+        log: AccessStats | None = None,
     ) -> None:
         self.store = store
         self.entry = entry
@@ -355,16 +332,20 @@ class Budget:
             raise BudgetError(
                 f"max_bytes={self.max_bytes} ({format_bytes(self.max_bytes)}) is smaller than one "
                 f"chunk of this entry ({format_bytes(chunk_bytes)}: {entry.chunk_rows} rows of "
-                f"{format_bytes(chunk_bytes // entry.chunk_rows)}), so nothing could stay cached. "
-                "Raise max_bytes or pass a smaller chunk_rows."
+                f"{format_bytes(chunk_bytes // entry.chunk_rows)}), so nothing could stay cached: it "
+                f"needs at least {chunk_bytes} bytes, and more for the store's metadata. Raise "
+                "max_bytes or pass a smaller chunk_rows."
             )
         self._others: dict[str, Entry] = {}
         self.skipped: dict[str, str] = {}  # entries it cannot read (reported once): name -> why
+        self.measured: int | None = None  # the store's bytes at the last enforce(), after pruning
+        self.usage: StoreUsage | None = None  # what the last enforce() measured, before pruning
 
     def enforce(self) -> PruneReport | None:
         """Measure the store and prune it if it is over budget (one pruner at a time)."""
         with self.store.locks.lock("prune"):
-            usage = measure(self.store)
+            usage = self.usage = measure(self.store)
+            self.measured = usage.total
             if usage.total <= self.max_bytes:
                 return None
             stats = {self.entry.name: self.log.stats()} if self.log is not None else None
@@ -373,7 +354,7 @@ class Budget:
             by_name = {entry.name: entry for entry in entries}
             for item in chosen:
                 drop_chunk(by_name[item.entry], item.chunk)
-        after = usage.total - sum(item.nbytes for item in chosen)
+        after = self.measured = usage.total - sum(item.nbytes for item in chosen)
         logger.debug(
             "cachedfeatures: pruned %d chunks (%s) to stay under %s",
             len(chosen),
@@ -382,8 +363,8 @@ class Budget:
         )
         return PruneReport(self.max_bytes, usage.total, after, chosen)
 
-    def after_write(self, chunk: int) -> PruneReport | None:
-        """Call after writing ``chunk``: prunes if the store is now over budget."""
+    def after_write(self) -> PruneReport | None:
+        """Call after writing a chunk: prunes if the store is now over budget."""
         return self.enforce()
 
     def _entries(self, usage: StoreUsage) -> list[Entry]:
@@ -394,6 +375,9 @@ class Budget:
                 continue
             if name in self.skipped:
                 continue
+            known = self._others.get(name)
+            if known is not None and max(usage.chunks[name]) >= known.num_chunks:
+                del self._others[name]  # grown since opened (a keyed entry): open it afresh
             if name not in self._others:
                 try:
                     entry = self.store.entry(name)

@@ -26,6 +26,7 @@ from cachedfeatures import (
 )
 from cachedfeatures.compute.memory_tier import MemoryTier
 from cachedfeatures.format.row_keys import gather_inputs, row_keys
+from cachedfeatures.pruning import measure
 from tests.helpers import Backbone
 
 
@@ -375,6 +376,36 @@ def test_persistent_budget_drops_chunks_and_keeps_a_stable_subset(store_path: Pa
     assert hits[1] > 0 and hits[1] == hits[2]  # the same chunks survive every pass
     out = module(data)
     assert torch.equal(out, direct(module, data))
+
+
+def test_max_bytes_bounds_the_whole_store_that_two_cached_modules_share(store_path: Path) -> None:
+    """``max_bytes`` is store-wide, as ``CachedFeatureDataset``'s: two cached modules on one store,
+    each given it, keep the store's total within it (it used to bound each entry alone, so two
+    took twice the budget). Other entries' chunks go first, so each module keeps some rows."""
+    budget = 24_000
+    options: dict[str, Any] = {"store": store_path, "chunk_rows": 4, "max_bytes": budget}
+    options |= {"max_memory_bytes": 0, "version": "v", "compressor": None}
+
+    @cached_module(**options)
+    def double(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    @cached_module(**options)
+    def triple(x: torch.Tensor) -> torch.Tensor:
+        return x * 3
+
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randn(400, 16, generator=generator)
+    peak = 0
+    for start in range(0, 400, 4):
+        x = data[start : start + 4]
+        assert torch.equal(double(x), x * 2) and torch.equal(triple(x), x * 3)
+        peak = max(peak, measure(FeatureStore.open(store_path)).total)
+    assert peak <= budget + 1000  # the budget, plus at most about one chunk being written
+    entries = FeatureStore.open(store_path).entries
+    assert len(entries) == 2 and all(entry.valid_mask().any() for entry in entries)
+    for module, factor in ((double, 2), (triple, 3)):
+        assert torch.equal(module(data), data * factor)
 
 
 def test_entry_grows_past_its_first_capacity(store_path: Path) -> None:

@@ -333,6 +333,18 @@ def test_decoded_chunk_cache_respects_budget(store_path: Path, route: str) -> No
     assert reader.cache_info().hits >= 1
 
 
+def test_cache_info_counts_chunks_pushed_out(store_path: Path, route: str) -> None:
+    entry = make_entry(store_path, n=400, chunk_rows=16, compressor="default")
+    fill(entry, np.arange(400))
+    chunk_bytes = 16 * 4 * 4 + 16 * 8 + 16  # features + labels + valid mask
+    reader = ChunkReader(entry, cache_bytes=int(2.5 * chunk_bytes), route=route)  # type: ignore[arg-type]
+    for chunk in range(5):  # five chunks in turn through room for two: three pushed out (LRU)
+        assert reader.read(np.arange(chunk * 16, chunk * 16 + 4)).hit.all()
+    info = reader.cache_info()
+    assert (info.chunks, info.misses, info.evictions) == (2, 5, 3)
+    assert reader.read([4 * 16]).hit.all() and reader.cache_info().hits == 1
+
+
 def test_zero_budget_caches_nothing_and_still_reads(store_path: Path, route: str, compressor: Any) -> None:
     entry = make_entry(store_path, compressor=compressor)
     fill(entry, np.arange(100))

@@ -8,11 +8,11 @@ furthest in the future, so MRU keeps a stable subset hitting while LRU would hit
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
+
+from cachedfeatures.reader.bounded_cache import BoundedCache
 
 __all__ = ["MemoryTier", "Row"]
 
@@ -26,48 +26,36 @@ def _nbytes(row: Row) -> int:
 class MemoryTier:
     """Rows by key, within ``max_bytes`` (``None``: unbounded), dropping MRU rows first.
 
+    A :class:`~cachedfeatures.reader.bounded_cache.BoundedCache` with policy ``"mru"``
+    (``cache``, with its hit, miss and eviction counters), taking a batch of keys at a time.
     Thread-safe: DataParallel replicas share one tier and call it from several threads.
     Stored rows are private copies; :meth:`get` returns the stored tensors, which callers
     must copy (stack) before handing them out.
     """
 
     def __init__(self, max_bytes: int | None) -> None:
-        self.max_bytes = max_bytes
-        self.nbytes = 0
-        self._rows: OrderedDict[bytes, Row] = OrderedDict()  # least recently used first
-        self._lock = threading.Lock()
+        self.cache: BoundedCache[bytes, Row] = BoundedCache(max_bytes, "mru", _nbytes)
+
+    @property
+    def max_bytes(self) -> int | None:
+        return self.cache.max_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.nbytes
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self.cache)
 
     def get(self, keys: Sequence[bytes]) -> list[Row | None]:
         """The row for each key, or ``None``; hits become the most recently used."""
-        found: list[Row | None] = []
-        with self._lock:
-            for key in keys:
-                row = self._rows.get(key)
-                if row is not None:
-                    self._rows.move_to_end(key)
-                found.append(row)
-        return found
+        return [self.cache.get(key) for key in keys]
 
     def put(self, keys: Sequence[bytes], rows: Sequence[Row]) -> None:
-        """Store rows (already private CPU copies), dropping MRU rows to make room."""
-        with self._lock:
-            for key, row in zip(keys, rows, strict=True):
-                size = _nbytes(row)
-                if self.max_bytes is not None and size > self.max_bytes:
-                    continue
-                old = self._rows.pop(key, None)
-                if old is not None:
-                    self.nbytes -= _nbytes(old)
-                while self.max_bytes is not None and self.nbytes + size > self.max_bytes:
-                    _, dropped = self._rows.popitem(last=True)
-                    self.nbytes -= _nbytes(dropped)
-                self._rows[key] = row
-                self.nbytes += size
+        """Store rows (already private CPU copies), dropping MRU rows to make room; a row larger
+        than the whole budget is not kept."""
+        for key, row in zip(keys, rows, strict=True):
+            self.cache.put(key, row)
 
     def clear(self) -> None:
-        with self._lock:
-            self._rows.clear()
-            self.nbytes = 0
+        self.cache.clear()

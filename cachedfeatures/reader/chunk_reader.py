@@ -7,7 +7,8 @@ the reader's buffers). Decoded chunks stay in memory within a byte budget, in on
 
 - when the whole entry fits the budget, in one array per column, filled chunk by chunk as
   chunks are first read (``_Dense``): a batch is then one gather per column, like a memmap;
-- otherwise in a :class:`ChunkCache`, least recently used first out, of decoded chunks (raw
+- otherwise in a :class:`ChunkCache` (a :class:`~cachedfeatures.reader.bounded_cache.BoundedCache`
+  with policy ``"lru"``: a batch's neighbours are read again soon) of decoded chunks (raw
   local chunks are held there as open files, read row by row with ``pread``: they cost page
   cache, not this process's memory; never memory-mapped, so a chunk file changed or truncated
   in place is a miss, never wrong bytes or a ``SIGBUS``).
@@ -44,7 +45,6 @@ import logging
 import os
 import threading
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -61,6 +61,7 @@ from zarr.core.metadata import ArrayV3Metadata
 from cachedfeatures.format.chunk_identity import IdentityMismatchError
 from cachedfeatures.format.chunk_keys import chunk_key
 from cachedfeatures.parse import parse_choice, parse_int
+from cachedfeatures.reader.bounded_cache import BoundedCache
 from cachedfeatures.reader.signatures import ValidSignatures
 
 if TYPE_CHECKING:
@@ -96,6 +97,7 @@ class CacheInfo:
     nbytes: int
     max_bytes: int
     maps: int
+    evictions: int = 0  # chunks pushed out to make room
 
 
 def default_chunk_cache_bytes() -> int:
@@ -164,79 +166,53 @@ class _Chunk:
     maps: int  # how many arrays are raw chunk files held open (each holds a file descriptor)
 
 
-class ChunkCache:
-    """A least-recently-used cache of decoded chunks that never holds more than ``max_bytes``.
+class ChunkCache(BoundedCache[int, _Chunk]):
+    """The reader's cache of decoded chunks: a :class:`BoundedCache`, least recently used
+    first out, that never holds more than ``max_bytes``.
 
     Raw chunk files held open live in the OS page cache, not in this process's memory, so they
     cost only their ``valid`` mask here; their number is bounded by ``max_maps`` instead,
-    since each map holds a file descriptor.
+    since each map holds a file descriptor. ``batch`` (the cache's ``tick``) counts reads, so
+    that chunks a recent batch used are never pushed out to make a private copy (see
+    :meth:`room_for`).
     """
 
-    def __init__(self, max_bytes: int, max_maps: int) -> None:
-        self.max_bytes = max_bytes
-        self.max_maps = max_maps
-        self.nbytes = 0
-        self.maps = 0
-        self.hits = 0
-        self.misses = 0
-        self.batch = 0  # counts reads, so that chunks a recent batch used are never pushed out
-        self._chunks: OrderedDict[int, _Chunk] = OrderedDict()
-        self._used: dict[int, int] = {}  # the batch that last used each chunk
-        self._lock = threading.Lock()
+    max_bytes: int
 
-    def get(self, key: int) -> _Chunk | None:
-        with self._lock:
-            chunk = self._chunks.get(key)
-            if chunk is not None:
-                self._chunks.move_to_end(key)
-                self._used[key] = self.batch
-            return chunk
+    def __init__(self, max_bytes: int, max_maps: int) -> None:
+        super().__init__(max_bytes, "lru", _chunk_nbytes)
+        self.max_maps = max_maps
+        self.maps = 0
+
+    @property
+    def batch(self) -> int:
+        return self.tick
+
+    @batch.setter
+    def batch(self, value: int) -> None:
+        self.tick = value
 
     def room_for(self, nbytes: int) -> bool:
         """Make room for ``nbytes`` more by dropping only chunks that neither this batch nor the
         one before used; whether there is room now. (A private copy of a chunk read row by row
         is worth it for reads with locality, never at the cost of thrashing a shuffled read.)"""
-        with self._lock:
-            while self.nbytes + nbytes > self.max_bytes and self._chunks:
-                oldest = next(iter(self._chunks))
-                if self._used.get(oldest, -2) >= self.batch - 1:
-                    return False
-                self._discard(oldest)
-            return self.nbytes + nbytes <= self.max_bytes
+        return self.make_room(nbytes, spare_since=self.tick - 1)
 
-    def put(self, key: int, chunk: _Chunk) -> bool:
-        """Keep ``chunk``, evicting the least recently used; ``False`` if it cannot fit at all."""
-        with self._lock:
-            self._discard(key)
-            if chunk.nbytes > self.max_bytes or chunk.maps > self.max_maps:
-                return False
-            while self._chunks and (
-                self.nbytes + chunk.nbytes > self.max_bytes or self.maps + chunk.maps > self.max_maps
-            ):
-                self._discard(next(iter(self._chunks)))
-            self._chunks[key] = chunk
-            self.nbytes += chunk.nbytes
-            self.maps += chunk.maps
-            return True
+    def _never_fits(self, nbytes: int, value: _Chunk) -> bool:
+        return super()._never_fits(nbytes, value) or value.maps > self.max_maps
 
-    def discard(self, key: int) -> None:
-        with self._lock:
-            self._discard(key)
+    def _over(self, nbytes: int, value: _Chunk) -> bool:
+        return super()._over(nbytes, value) or self.maps + value.maps > self.max_maps
 
-    def clear(self) -> None:
-        with self._lock:
-            self._chunks.clear()
-            self.nbytes = self.maps = 0
+    def _added(self, value: _Chunk) -> None:
+        self.maps += value.maps
 
-    def _discard(self, key: int) -> None:
-        self._used.pop(key, None)
-        old = self._chunks.pop(key, None)
-        if old is not None:
-            self.nbytes -= old.nbytes
-            self.maps -= old.maps
+    def _removed(self, value: _Chunk) -> None:
+        self.maps -= value.maps
 
-    def __len__(self) -> int:
-        return len(self._chunks)
+
+def _chunk_nbytes(chunk: _Chunk) -> int:
+    return chunk.nbytes
 
 
 # ---------------------------------------------------------------------------------------
@@ -620,7 +596,9 @@ class ChunkReader:
             return CacheInfo(
                 cache.hits, cache.misses, chunks, dense.held * dense.row_nbytes, cache.max_bytes, 0
             )
-        return CacheInfo(cache.hits, cache.misses, len(cache), cache.nbytes, cache.max_bytes, cache.maps)
+        return CacheInfo(
+            cache.hits, cache.misses, len(cache), cache.nbytes, cache.max_bytes, cache.maps, cache.evictions
+        )
 
     def clear(self) -> None:
         """Forget every cached chunk (the next read of each chunk goes to the store)."""
@@ -736,18 +714,16 @@ class ChunkReader:
         if signature is None:  # no valid chunk: nothing in it was ever written
             return None
         cache = self.cache
-        chunk = cache.get(chunk_id)
-        if chunk is not None and chunk.signature == signature:
-            cache.hits += 1
+        chunk = cache.get(chunk_id, signature)
+        if chunk is not None:
             if chunk.maps:  # used again: a private copy, where that pushes out nothing in use
                 chunk = self._promoted(chunk_id, chunk)
             return chunk
-        cache.misses += 1
         chunk = self._load(chunk_id, signature)
         if chunk is None:
             cache.discard(chunk_id)
         else:
-            cache.put(chunk_id, chunk)
+            cache.put(chunk_id, chunk, version=signature)
         return chunk
 
     def _promoted(self, chunk_id: int, chunk: _Chunk) -> _Chunk:
@@ -765,7 +741,7 @@ class ChunkReader:
         except Exception:  # changed in place: the next gather from the open file reports it
             return chunk
         promoted = _Chunk(chunk.signature, chunk.valid, arrays, chunk.nbytes + nbytes, 0)
-        cache.put(chunk_id, promoted)
+        cache.put(chunk_id, promoted, version=promoted.signature)
         return promoted
 
     # -- internals -----------------------------------------------------------------------------

@@ -1,8 +1,25 @@
 """The bytes of an entry's chunks in its Zarr store: their keys, sizes, compression, deletion.
 
 Store layer, below :mod:`cachedfeatures.store.feature_store`, which uses it for ``Entry.nbytes_stored`` and
-to rewrite a torn chunk; :mod:`cachedfeatures.pruning` and :mod:`cachedfeatures.maintenance`
-use it to drop chunks. It sees :class:`~cachedfeatures.store.feature_store.Entry` as a type only.
+to rewrite a torn chunk; :mod:`cachedfeatures.pruning` (every size budget: the dataset's,
+``cached_module``'s, ``cachedfeatures prune``) and :mod:`cachedfeatures.maintenance` drop chunks
+with :func:`drop_chunk`, the one protocol for removing a chunk. It sees
+:class:`~cachedfeatures.store.feature_store.Entry` as a type only.
+
+Dropping a chunk, in this order, under the chunk's lock (so no writer marks rows valid in between):
+
+1. delete its key in ``valid``: every row of the chunk becomes a miss at once (the fill value is
+   ``False``), for this process and any other reading the store;
+2. delete its bytes in every data array;
+3. delete its ``chunk_crc`` record (:mod:`cachedfeatures.format.chunk_identity`), the checksums
+   its bytes were checked against: otherwise the records of dropped chunks add up forever.
+
+A reader checks ``valid`` again after reading a chunk's bytes (``ChunkReader``, ``KeyedEntry``),
+so one that races a drop gets either the bytes as written or a miss, never the fill values of
+deleted bytes nor the bytes of a later write. A crash after step 1 leaves bytes that nothing
+serves (they still count in the store's size, so pruning may drop them again, and a later write
+marks rows valid only together with their new bytes); the reverse order would leave valid rows
+whose bytes are gone.
 """
 
 from __future__ import annotations
@@ -30,6 +47,7 @@ __all__ = [
     "compression_ratio",
     "decoded_chunk_nbytes",
     "delete_chunk_bytes",
+    "drop_chunk",
     "key_sizes",
     "stored_bytes",
 ]
@@ -142,9 +160,20 @@ def chunk_keys(entry: Entry, chunk: int) -> dict[str, str]:
     return {name: chunk_key(array.path, chunk, array.ndim) for name, array in entry.arrays.items()}
 
 
+def drop_chunk(entry: Entry, chunk: int) -> None:
+    """Make ``chunk``'s rows misses, then delete its bytes and its checksums (see the module
+    docstring for the order and why), under the chunk's lock."""
+    with entry.locks.chunk(entry.name, chunk):
+        delete_chunk_bytes(entry, chunk)
+
+
 def delete_chunk_bytes(entry: Entry, chunk: int) -> None:
-    """Delete ``chunk``'s key in ``valid``, then in every data array, then its checksums
-    (caller holds the lock)."""
+    """The steps of :func:`drop_chunk` for a caller that holds the chunk's lock already: delete
+    ``chunk``'s key in ``valid``, then in every data array, then its checksum record.
+
+    Each step starts only after the one before finished, so a failure (or a crash) part way
+    leaves the chunk's rows invalid, never valid rows without their bytes.
+    """
     store = entry.group.store
     valid = chunk_key(entry.valid.path, chunk)
     data = list(chunk_keys(entry, chunk).values())

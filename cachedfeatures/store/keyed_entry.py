@@ -14,8 +14,10 @@ A writer reserves rows by bumping ``next_row`` under the entry lock (doubling th
 when needed), then writes key and outputs before ``valid``, each chunk under its chunk lock
 (``Entry.write``). Any process can open the entry and build the key -> row index from
 ``key`` and ``valid``; it catches up with other writers by reading the rows added since.
-A pruned row is cleared in ``valid`` before its bytes go; readers check ``valid`` again
-after reading, so a race costs a recompute, never a wrong row.
+A budget (``cached_module(max_bytes=)``, enforced by :mod:`cachedfeatures.pruning` for the whole
+store) drops whole chunks by the store's one protocol (``valid`` cleared before its bytes and
+checksums go, see :mod:`cachedfeatures.store.chunk_bytes`); readers check ``valid`` again
+after reading, so a race or a crash in between costs a recompute, never a wrong row.
 """
 
 from __future__ import annotations
@@ -23,18 +25,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import numpy as np
 import zarr
 import zarr.core.sync
 
-from cachedfeatures.errors import BudgetError
-from cachedfeatures.format.chunk_keys import chunk_key
 from cachedfeatures.format.names import ATTRS_KEY, CHUNK_CRC, KEY, NEXT_ROW, VALID
 from cachedfeatures.format.row_keys import KEY_BYTES
 from cachedfeatures.format.specs import ArraySpec
+from cachedfeatures.reader.bounded_cache import BoundedCache
+from cachedfeatures.store.access import COUNT, LAST
 from cachedfeatures.store.feature_store import (
     MAX_DEFAULT_CHUNK_BYTES,
     Compressor,
@@ -47,12 +49,23 @@ __all__ = ["KeyedEntry", "keyed_chunk_rows"]
 logger = logging.getLogger(__name__)
 
 KEY_SPEC = ArraySpec(KEY, "ndarray", np.dtype(np.uint8).str, (KEY_BYTES,))
-_MEASURE_EVERY = 64  # appends between measurements of the stored bytes under a budget
 # The size keyed_chunk_rows aims a keyed entry's chunk at: smaller than a dataset entry's
 # (cachedfeatures.store.feature_store.DATASET_TARGET_CHUNK_BYTES), see keyed_chunk_rows.
 KEYED_TARGET_CHUNK_BYTES = 256 * 1024
 CHUNK_CACHE_BYTES = 64 * 1024 * 1024
 READAHEAD = 4  # chunks fetched beyond the last one a read needs (see KeyedEntry._readahead)
+
+
+_Decoded = tuple[list[np.ndarray], np.ndarray]  # a chunk's columns, and which of its rows were valid
+
+
+def _decoded_nbytes(decoded: _Decoded) -> int:
+    return sum(column.nbytes for column in decoded[0])
+
+
+def _holds_valid(rows: np.ndarray) -> Callable[[_Decoded], bool]:
+    """Whether a decoded chunk saw every row of ``rows`` valid (else it is read again)."""
+    return lambda decoded: bool(decoded[1][rows].all())
 
 
 def keyed_chunk_rows(row_nbytes: int) -> int:
@@ -75,37 +88,31 @@ class KeyedEntry:
     Args:
         store: the open feature store.
         entry: the entry (created by :meth:`open`).
-        max_bytes: budget for this entry's stored bytes, or ``None``. Over it, whole chunks
-            are dropped, most recently used first.
-        chunk_cache_bytes: budget for decoded chunks kept in memory. Default 64 MiB.
+        chunk_cache_bytes: budget for decoded chunks kept in memory (most recently used
+            dropped first). Default 64 MiB.
     """
 
     def __init__(
         self,
         store: FeatureStore,
         entry: Entry,
-        max_bytes: int | None = None,
         chunk_cache_bytes: int = CHUNK_CACHE_BYTES,
     ) -> None:
         self.store = store
         self.entry = entry
         self.name = entry.name
-        self.max_bytes = max_bytes
         self.output_specs = [spec for spec in entry.specs if spec.name != KEY]
         self._row_nbytes = sum(spec.row_nbytes for spec in self.output_specs)
         self._index: dict[bytes, int] = {}
         self._scanned = 0  # rows [0, _scanned) have been read into the index (or pending)
         self._pending: set[int] = set()  # scanned rows that were not valid yet
         self._access: dict[int, int] = {}  # chunk -> tick of its last use in this process
-        self._ticks = itertools.count()
-        self._measured = -1  # stored bytes at the last measurement (-1: not measured yet)
-        self._written = 0  # raw bytes appended since
-        self._appends = 0
+        self._ticks = itertools.count(1)
         self.chunk_cache_bytes = chunk_cache_bytes
-        self._chunks: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}  # chunk -> columns, valid rows
-        self._chunk_bytes = 0
+        # Decoded chunks (chunk -> columns, valid rows), most recently used first out: rows are
+        # found by content, often in the same order pass after pass, so MRU keeps a stable subset.
+        self._chunks: BoundedCache[int, _Decoded] = BoundedCache(chunk_cache_bytes, "mru", _decoded_nbytes)
         self._broken: set[int] = set()  # chunks that failed to decode (logged once each)
-        self._uncached: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}  # this read's, over budget
 
     @classmethod
     def open(
@@ -117,7 +124,6 @@ class KeyedEntry:
         *,
         chunk_rows: int,
         compressor: Compressor,
-        max_bytes: int | None = None,
     ) -> KeyedEntry:
         """Open the entry ``name``, creating it (with room for a few chunks) if needed."""
         entry = store.entry(name)
@@ -130,7 +136,7 @@ class KeyedEntry:
                 chunk_rows=chunk_rows,
                 compressor=compressor,
             )
-        return cls(store, entry, max_bytes)
+        return cls(store, entry)
 
     # -- looking rows up -----------------------------------------------------------------------
 
@@ -161,11 +167,15 @@ class KeyedEntry:
         size = self.entry.chunk_rows
         chunks, where = np.unique(unique // size, return_inverse=True)
         offsets = unique - chunks[where] * size
+        held: dict[int, _Decoded] = {}  # this read's chunks (the cache may push some out meanwhile)
         stale = []
         for position, chunk in enumerate(chunks.tolist()):
-            cached = self._chunks.get(chunk)
-            if cached is None or not cached[1][offsets[where == position]].all():
+            needed = offsets[where == position]
+            cached = self._chunks.get(chunk, current=_holds_valid(needed))
+            if cached is None:
                 stale.append(chunk)
+            else:
+                held[chunk] = cached
         if stale:
             stale += self._readahead(max(stale), size)
             arrays = [self.entry.arrays[spec.name] for spec in self.output_specs]
@@ -175,7 +185,8 @@ class KeyedEntry:
             except Exception:  # a chunk that does not decode: find it, the others still serve
                 fetched, valid = self._read_chunks_one_by_one(arrays, spans)
             for index, chunk in enumerate(stale):
-                self._keep(chunk, fetched[index], valid[index])
+                held[chunk] = (fetched[index], valid[index])
+                self._chunks.put(chunk, held[chunk])
         ok = np.zeros(len(unique), dtype=bool)
         data = {
             spec.name: np.empty((len(unique), *spec.shape), dtype=spec.numpy_dtype)
@@ -183,12 +194,11 @@ class KeyedEntry:
         }
         for position, chunk in enumerate(chunks.tolist()):
             mine = np.flatnonzero(where == position)
-            columns, mask = self._chunks.get(chunk) or self._uncached[chunk]
+            columns, mask = held[chunk]
             good = mine[mask[offsets[mine]]]
             ok[good] = True
             for spec, column in zip(self.output_specs, columns, strict=True):
                 data[spec.name][good] = column[offsets[good]]
-        self._uncached.clear()
         data = {name: column[ok] for name, column in data.items()}
         self._touch(unique[ok])
         gone = set(unique[~ok].tolist())
@@ -239,21 +249,9 @@ class KeyedEntry:
         order wants the following chunks next. Only chunks with indexed rows, not decoded
         yet, and only while the chunk cache has room for them.
         """
-        room = (self.chunk_cache_bytes - self._chunk_bytes) // max(1, size * self._row_nbytes)
+        room = (self.chunk_cache_bytes - self._chunks.nbytes) // max(1, size * self._row_nbytes)
         chunks = range(last + 1, min(last + 1 + READAHEAD, -(-self._scanned // size)))
         return [chunk for chunk in chunks if chunk not in self._chunks][: max(0, room - 1)]
-
-    def _keep(self, chunk: int, columns: list[np.ndarray], valid: np.ndarray) -> None:
-        """Keep a decoded chunk; over the budget it serves this read only (the first kept stay)."""
-        old = self._chunks.pop(chunk, None)
-        if old is not None:
-            self._chunk_bytes -= sum(column.nbytes for column in old[0])
-        size = sum(column.nbytes for column in columns)
-        if self._chunk_bytes + size <= self.chunk_cache_bytes:
-            self._chunks[chunk] = (columns, valid)
-            self._chunk_bytes += size
-        else:
-            self._uncached[chunk] = (columns, valid)
 
     # -- writing rows --------------------------------------------------------------------------
 
@@ -269,10 +267,6 @@ class KeyedEntry:
         for key, row in zip(keys, rows.tolist(), strict=True):
             self._index[key] = row
         self._touch(rows)
-        self._written += sum(column.nbytes for column in columns.values()) + key_matrix.nbytes
-        self._appends += 1
-        if self.max_bytes is not None:
-            self._enforce_budget(self.max_bytes)
         return rows
 
     def _reserve(self, count: int) -> int:
@@ -305,62 +299,30 @@ class KeyedEntry:
         meta["num_rows"] = capacity
         group.attrs[ATTRS_KEY] = meta
 
-    # -- the budget: drop whole chunks, most recently used first --------------------------------
+    # -- the budget: pruning drops whole chunks, most recently used first ------------------------
 
     def nbytes_stored(self) -> int:
         return self.entry.nbytes_stored()
 
-    def _enforce_budget(self, max_bytes: int) -> None:
-        due = self._measured < 0 or self._appends % _MEASURE_EVERY == 0
-        if not due and self._measured + self._written <= max_bytes:
-            return
-        self._measured, self._written = self.nbytes_stored(), 0
-        if self._measured <= max_bytes:
-            return
-        used = -(-self._next_row() // self.entry.chunk_rows)
-        recent = sorted(self._access, key=self._access.__getitem__, reverse=True)
-        others = [chunk for chunk in range(used - 1, -1, -1) if chunk not in self._access]
-        candidates = [*recent, *others]
-        dropped = 0
-        largest = 0  # the bytes freed by the biggest single drop: about one chunk
-        for chunk in candidates:
-            if self._measured <= max_bytes:
-                break
-            before = self._measured
-            self._drop_chunk(chunk)
-            dropped += 1
-            self._measured = self.nbytes_stored()
-            largest = max(largest, before - self._measured)
-        logger.debug(
-            "cachedfeatures: dropped %d chunks of %s to keep it under %d bytes", dropped, self.name, max_bytes
-        )
-        if candidates and dropped == len(candidates):
-            # Nothing is left: every write would be dropped as soon as it is made, and the
-            # module re-run on every call. Say so instead of caching nothing in silence.
-            need = self._measured + largest
-            raise BudgetError(
-                f"max_bytes={max_bytes} cannot hold a single chunk of entry {self.name}: its "
-                f"metadata alone takes {self._measured} bytes and one chunk about {largest}, so "
-                f"every row written was dropped at once. Set max_bytes to at least {need} (better: "
-                "room for the rows you want cached), lower chunk_rows, or pass max_bytes=None."
-            )
+    def stats(self) -> np.ndarray:
+        """Access statistics of this process, ``(chunks, 2)`` like an ``AccessLog``'s: column
+        ``LAST`` orders the chunks by their last use here (a tick, not a time; 0: never), which
+        is all a pruning plan needs to drop the most recently used first."""
+        capacity = max(self.entry.num_chunks, -(-self._next_row() // self.entry.chunk_rows))
+        stats = np.zeros((capacity, 2), dtype=np.float64)
+        for chunk, tick in self._access.items():
+            if chunk < capacity:
+                stats[chunk, LAST] = tick
+                stats[chunk, COUNT] = 1
+        return stats
 
-    def _drop_chunk(self, chunk: int) -> None:
-        """Clear ``valid`` for the chunk's rows, then delete its chunk files and checksums."""
+    def forget(self, chunk: int) -> None:
+        """Forget a chunk dropped from the store (by a pruner of this process): its rows leave
+        the index, its decoded copy the chunk cache."""
         rows = self.entry.chunk_rows
-        start, stop = chunk * rows, min((chunk + 1) * rows, self.entry.num_rows)
-        with self.store.locks.chunk(self.name, chunk):
-            self.entry.valid[start:stop] = False
-            for spec in self.entry.specs:
-                array = self.entry.arrays[spec.name]
-                zarr.core.sync.sync(array.store.delete(chunk_key(array.path, chunk, array.ndim)))
-            records = self.entry.records
-            if records is not None:  # its checksums go with it, or they would add up forever
-                zarr.core.sync.sync(records.store.delete(chunk_key(records.path, chunk, records.ndim)))
+        start, stop = chunk * rows, (chunk + 1) * rows
         self._access.pop(chunk, None)
-        cached = self._chunks.pop(chunk, None)
-        if cached is not None:
-            self._chunk_bytes -= sum(column.nbytes for column in cached[0])
+        self._chunks.discard(chunk)
         gone = range(start, stop)
         self._index = {key: row for key, row in self._index.items() if row not in gone}
 

@@ -57,9 +57,6 @@ class ChunkOwnership:
         """
         return ChunkOwnership(self.rank + self.world_size * part, self.world_size * parts)
 
-    def owns(self, chunk: int) -> bool:
-        return chunk % self.world_size == self.rank
-
     def chunks(self, num_chunks: int) -> list[int]:
         """The chunks this writer owns among ``range(num_chunks)``."""
         return list(range(self.rank, num_chunks, self.world_size))

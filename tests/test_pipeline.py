@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,15 @@ import torch
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from cachedfeatures import CachedFeatureDataset, CachingPausedWarning, DeviceInWorkerError, WriterError
-from cachedfeatures.pipeline.nodes import Indices
-from tests.helpers import SHAPES, Backbone, Samples, features_of, reference
+from cachedfeatures import (
+    CachedFeatureDataset,
+    CachingPausedWarning,
+    DeviceInWorkerError,
+    InputKeyError,
+    WriterError,
+)
+from cachedfeatures.pipeline.nodes import Indices, WorkerMethod
+from tests.helpers import SHAPES, Backbone, BrokenSampleError, FailingSamples, Samples, features_of, reference
 
 
 def names_of(batch: dict[str, Any]) -> list[int]:
@@ -302,3 +309,27 @@ def test_loader_writes_within_the_size_budget(store_path: Path) -> None:
     assert cached.store.nbytes_stored() <= budget
     assert cached.entry is not None
     assert 0 < cached.entry.valid_mask().sum() < 256  # part of the entry kept, within budget
+
+
+@pytest.mark.parametrize(("num_workers", "worker_method"), [(0, "thread"), (2, "thread"), (2, "process")])
+@pytest.mark.parametrize("failure", ["key", "user"])
+def test_dataset_errors_reach_the_training_loop_as_their_own_type(
+    store_path: Path, num_workers: int, worker_method: WorkerMethod, failure: str
+) -> None:
+    """Not torchdata's ``ValueError: Caught ... in _populate_queue``: the original type, its
+    message, and the traceback of where it was raised."""
+    dataset = FailingSamples(64, fail_from=40)
+    cached = CachedFeatureDataset(dataset, Backbone(), store_path, input_key="image", chunk_rows=16)
+    dataset.failure = failure
+    expected: type[Exception] = InputKeyError if failure == "key" else BrokenSampleError
+    loader = cached.loader(batch_size=16, num_workers=num_workers, worker_method=worker_method)
+    with pytest.raises(expected) as raised:
+        for _batch in loader:
+            pass
+    message = str(raised.value)
+    assert "sample 40 is broken" in message if failure == "user" else "'image'" in message
+    assert "Caught" not in message
+    text = "".join(traceback.format_exception(raised.value))
+    raised_in = "in __getitem__" if failure == "user" else "in _lookup"
+    assert raised_in in text  # where it was raised, even in a worker process
+    loader.close()

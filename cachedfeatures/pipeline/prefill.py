@@ -28,6 +28,7 @@ from cachedfeatures.pipeline.nodes import (
     ComputeMisses,
     IOBatch,
     ReadOrLoad,
+    WorkerFailure,
     WorkerMethod,
     parse_nonnegative_int,
     parse_worker_method,
@@ -164,7 +165,7 @@ def prefill(
             read_hits=False,
             in_processes=num_workers > 0 and worker_method == "process",
         )
-        read: tn.BaseNode[IOBatch] = (
+        read: tn.BaseNode[IOBatch | WorkerFailure] = (
             tn.ParallelMapper(batches, io, num_workers=num_workers, method=worker_method)
             if num_workers > 0
             else tn.Mapper(batches, io)

@@ -39,7 +39,7 @@ from cachedfeatures.errors import (
     UnknownArrayError,
     WriterError,
 )
-from cachedfeatures.module_cache import ModuleCache, cached_module
+from cachedfeatures.module_cache import ModuleCache, cached_module, default_cache_dir, default_store_path
 from cachedfeatures.pipeline.nodes import Loader
 from cachedfeatures.pipeline.prefill import PrefillResult
 from cachedfeatures.pipeline.sampler import ChunkShuffleSampler
@@ -88,4 +88,6 @@ __all__ = [
     "WriterError",
     "__version__",
     "cached_module",
+    "default_cache_dir",
+    "default_store_path",
 ]

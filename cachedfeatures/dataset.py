@@ -25,7 +25,7 @@ from cachedfeatures.compute.fingerprint import (
     module_fingerprint,
     qualified_name,
 )
-from cachedfeatures.compute.layout import InputKey, OutputLayout, SampleLayout
+from cachedfeatures.compute.layout import FieldNames, InputKey, OutputLayout, SampleLayout, renamed_fields
 from cachedfeatures.compute.modes import mode_dependent_submodules, training_mode_message
 from cachedfeatures.compute.runner import Collate, FeatureComputer
 from cachedfeatures.compute.spot_check import (
@@ -138,6 +138,12 @@ class CachedFeatureDataset(Dataset[Any]):
             locks). Default ``None``: this process may write every chunk.
         write_guard: the :class:`~cachedfeatures.store.faults.WriteGuard` that runs store writes and
             pauses caching when the store fails (disk full, I/O error); default a new one.
+        field_names: names of the arrays the passthrough fields are stored in (and shown by
+            xarray and the CLI): ``{1: "label"}`` (a tuple position, a dict key, or a tuple path
+            into nested samples) or one name per item of a tuple sample, ``("image", "label")``
+            (the input's name is not used; ``None`` keeps a default). Default: a dict key names
+            its field, tuple position ``i`` gives ``field_i``. Names that change what is stored
+            are part of the entry key, so renaming a field creates a new entry.
 
     With ``device="cuda"``, compute misses through :meth:`loader` (workers do I/O, the module
     runs in this process) or fill the cache first with :meth:`prefill`; a plain DataLoader
@@ -171,8 +177,10 @@ class CachedFeatureDataset(Dataset[Any]):
         read_only: bool = False,
         owned_chunks: ChunkOwnership | None = None,
         write_guard: WriteGuard | None = None,
+        field_names: FieldNames | None = None,
     ) -> None:
         self.dataset = dataset
+        self._field_names = field_names
         self.module = module
         self.input_key = parse_input_key(input_key)
         self.batch_size = parse_positive_int("batch_size", batch_size)
@@ -229,6 +237,11 @@ class CachedFeatureDataset(Dataset[Any]):
         }
         if self.autocast_dtype is not None:  # only when set, so entries without it keep their key
             self.options["autocast"] = str(self.autocast_dtype)
+        if field_names is not None and self._length > 0:  # only names that change the arrays
+            sample = next(iter(probes.values())) if probes else dataset[0]
+            named = renamed_fields(sample, self.input_key, field_names)
+            if named:
+                self.options["field_names"] = named
         key = entry_id(self.module_fingerprint, self.dataset_fingerprint, self.options)
         self.entry_name = f"{_entry_prefix(module)}-{key}"
         self._entry: Entry | None = None
@@ -317,7 +330,7 @@ class CachedFeatureDataset(Dataset[Any]):
     ) -> Entry:
         index = next(iter(probes), 0)
         sample = probes[index] if probes else self.dataset[index]
-        sample_layout = SampleLayout.from_sample(sample, self.input_key)
+        sample_layout = SampleLayout.from_sample(sample, self.input_key, self._field_names)
         fields = sample_layout.field_values([sample], [index])
         module = self.module
         tracked = self._module_state_tracked and isinstance(module, torch.nn.Module)

@@ -17,6 +17,7 @@ __all__ = [
     "DtypeError",
     "DeviceInWorkerError",
     "EntryNotFoundError",
+    "FieldNameError",
     "FieldNotStorableError",
     "FingerprintWarning",
     "InputBatchError",
@@ -47,6 +48,11 @@ class InputKeyError(CacheError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it readable.
         return str(self.args[0]) if self.args else ""
+
+
+class FieldNameError(CacheError, ValueError):
+    """``field_names`` names something that is not a passthrough field, or gives a name that
+    cannot be an array's (reserved, taken twice, or with characters a path cannot hold)."""
 
 
 class FieldNotStorableError(CacheError, TypeError):

@@ -333,3 +333,31 @@ def test_dataset_errors_reach_the_training_loop_as_their_own_type(
     raised_in = "in __getitem__" if failure == "user" else "in _lookup"
     assert raised_in in text  # where it was raised, even in a worker process
     loader.close()
+
+
+class _FailingModule(Backbone):
+    """A module that raises the user's own error on its second batch."""
+
+    __cachedfeatures_exclude__ = (*Backbone.__cachedfeatures_exclude__, "armed")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+
+    def forward(self, x: torch.Tensor) -> Any:
+        if self.armed and self.calls >= 2:
+            raise BrokenSampleError("the module gave up")
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_module_errors_reach_the_training_loop_as_their_own_type(store_path: Path, num_workers: int) -> None:
+    module = _FailingModule()
+    cached = CachedFeatureDataset(Samples(64, "dict"), module, store_path, input_key="image", chunk_rows=16)
+    module.armed = True
+    loader = cached.loader(batch_size=16, num_workers=num_workers)
+    with pytest.raises(BrokenSampleError) as raised:
+        for _batch in loader:
+            pass
+    assert str(raised.value) == "the module gave up"  # its own message, not torchdata's text
+    loader.close()

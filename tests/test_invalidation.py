@@ -274,3 +274,37 @@ def test_two_scripts_with_a_class_of_the_same_name_keep_apart(store_path: Path, 
     assert doubled["class"] == shifted["class"] == "script.Model"
     assert doubled["entry"] != shifted["entry"]
     assert shifted["calls"] > 0
+
+
+_SPAWNING = """
+import json
+import multiprocessing
+
+from torch import nn
+
+from cachedfeatures.compute.fingerprint import module_fingerprint
+
+
+class Model(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+def fingerprint():
+    return module_fingerprint(Model().eval()).to_json()
+
+
+if __name__ == "__main__":
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        child = pool.apply(fingerprint)
+    print(json.dumps({"parent": fingerprint(), "child": child}))
+"""
+
+
+@pytest.mark.slow
+def test_a_spawned_worker_names_the_script_s_classes_as_its_parent_does(tmp_path: Path) -> None:
+    """A spawned process runs the script as ``__mp_main__``: still ``script.Model``, one entry."""
+    (tmp_path / "script.py").write_text(_SPAWNING)
+    result = _run_in(tmp_path, "script.py")
+    assert result["child"]["class"] == result["parent"]["class"] == "script.Model"
+    assert result["child"]["digest"] == result["parent"]["digest"]

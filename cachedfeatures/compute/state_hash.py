@@ -171,7 +171,8 @@ def module_name(name: str) -> str:
     ``import script`` give the same fingerprint and reuse the cache. Two different classes that
     share a name this way are still told apart: user code is fingerprinted by its code too.
     """
-    return _main_module_name() if name == "__main__" else name
+    # A spawned worker (multiprocessing, DataLoader workers) runs the script as ``__mp_main__``.
+    return _main_module_name() if name in ("__main__", "__mp_main__") else name
 
 
 def qualified_name(obj: Any) -> str:

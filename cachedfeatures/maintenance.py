@@ -26,6 +26,7 @@ from cachedfeatures.pruning import (
 )
 from cachedfeatures.store.access import last_used, read_access
 from cachedfeatures.store.chunk_bytes import chunk_keys, delete_chunk_bytes
+from cachedfeatures.store.explore import plural
 from cachedfeatures.store.feature_store import (
     ACCESS,
     VALID,
@@ -313,7 +314,7 @@ def _chunk_problems(entry: Entry, chunk: int) -> list[dict[str, Any]]:
                         "missing",
                         entry.name,
                         chunk,
-                        f"{valid_rows} row(s) marked valid but {name!r} has no bytes for this chunk",
+                        f"{plural(valid_rows, 'row')} marked valid but {name!r} has no bytes for this chunk",
                     )
                 )
             continue

@@ -307,6 +307,7 @@ def test_verify_finds_and_repairs_damage(
 
     text = cli("verify", str(store_path))
     assert text.returncode == 1 and "--repair" in text.stdout
+    assert "8 rows marked valid but" in text.stdout and "(s)" not in text.stdout
 
     repaired = cli("verify", str(store_path), "--repair")
     assert repaired.returncode == 1  # problems were found (and fixed)

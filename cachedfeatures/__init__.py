@@ -22,6 +22,7 @@ from cachedfeatures.errors import (
     DeviceInWorkerError,
     DtypeError,
     EntryNotFoundError,
+    FieldNameError,
     FieldNotStorableError,
     FingerprintWarning,
     InputBatchError,
@@ -43,7 +44,7 @@ from cachedfeatures.errors import (
     UnknownArrayError,
     WriterError,
 )
-from cachedfeatures.module_cache import ModuleCache, cached_module
+from cachedfeatures.module_cache import ModuleCache, cached_module, default_cache_dir, default_store_path
 from cachedfeatures.options import DatasetOptions
 from cachedfeatures.pipeline.nodes import Loader
 from cachedfeatures.pipeline.prefill import PrefillResult
@@ -72,6 +73,7 @@ __all__ = [
     "Entry",
     "EntryNotFoundError",
     "FeatureStore",
+    "FieldNameError",
     "FieldNotStorableError",
     "FingerprintWarning",
     "InputBatchError",
@@ -98,4 +100,6 @@ __all__ = [
     "WriterError",
     "__version__",
     "cached_module",
+    "default_cache_dir",
+    "default_store_path",
 ]

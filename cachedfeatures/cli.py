@@ -1,9 +1,12 @@
 """The ``cachedfeatures`` command: inspect and maintain a store.
 
     cachedfeatures info STORE [--json]
-    cachedfeatures prune STORE --max-bytes 5GB [--policy mru|lru] [--dry-run]
-    cachedfeatures rm STORE ENTRY [ENTRY ...]
+    cachedfeatures prune STORE --max-bytes 5GB [--policy mru|lru] [--dry-run] [--json]
+    cachedfeatures rm STORE ENTRY [ENTRY ...] [--json]
     cachedfeatures verify STORE [--repair] [--json]
+
+Every command takes ``--json``: one JSON object on stdout instead of text (errors stay one line
+on stderr, with the same exit status).
 
 Exit codes scripts can rely on: 0 clean, 1 problems found (``verify`` found damage, even
 if ``--repair`` fixed it; ``prune`` could not reach the budget), 2 usage error (bad
@@ -22,6 +25,7 @@ from cachedfeatures._version import __version__
 from cachedfeatures.errors import CacheError, EntryNotFoundError
 from cachedfeatures.maintenance import describe_store, remove_entry, repair_root, verify_store
 from cachedfeatures.pruning import open_entries, prune, remove_orphans
+from cachedfeatures.store.explore import plural
 from cachedfeatures.store.feature_store import FeatureStore
 from cachedfeatures.units import format_bytes, format_ratio, parse_bytes
 
@@ -61,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="list entries: rows cached, bytes, compression, last use")
     info.add_argument("store", metavar="STORE", help="path of the store (e.g. features.zarr)")
-    info.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _json_option(info)
     info.set_defaults(run=_info)
 
     prune = commands.add_parser("prune", help="drop whole chunks until the store fits a size budget")
@@ -76,11 +80,13 @@ def _parser() -> argparse.ArgumentParser:
         help="within an entry, drop the most (mru, default) or least (lru) recently used chunk first",
     )
     prune.add_argument("--dry-run", action="store_true", help="print what would go, delete nothing")
+    _json_option(prune)
     prune.set_defaults(run=_prune)
 
     rm = commands.add_parser("rm", help="delete entries (use 'info' to list their names)")
     rm.add_argument("store", metavar="STORE", help="path of the store")
     rm.add_argument("entries", metavar="ENTRY", nargs="+", help="entry name, as 'info' prints it")
+    _json_option(rm)
     rm.set_defaults(run=_rm)
 
     verify = commands.add_parser(
@@ -92,9 +98,18 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="clear the damaged rows (and their chunks) so they are recomputed",
     )
-    verify.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _json_option(verify)
     verify.set_defaults(run=_verify)
     return parser
+
+
+def _json_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _write_json(report: object, out: TextIO) -> None:
+    json.dump(report, out, indent=2)
+    out.write("\n")
 
 
 def _size(text: str) -> int:
@@ -122,17 +137,14 @@ def _info(args: argparse.Namespace, out: TextIO) -> int:
 
     report = describe_store(_open(args.store))
     if args.json:
-        json.dump(report, out, indent=2)
-        out.write("\n")
+        _write_json(report, out)
         return OK
     entries = report["entries"]
-    out.write(
-        f"{report['store']}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
-        f"{format_bytes(report['bytes'])} on disk\n"
-    )
+    size = format_bytes(report["bytes"])
+    out.write(f"{report['store']}: {plural(len(entries), 'entry')}, {size} on disk\n")
     if report["orphans"]:
         out.write(
-            f"  {report['orphans']} leftover temporary file(s) (*.partial) from interrupted writes; "
+            f"  {plural(report['orphans'], 'leftover temporary file')} (*.partial) from interrupted writes; "
             "'cachedfeatures verify --repair' removes stale ones\n"
         )
     for broken in report["broken"]:
@@ -165,6 +177,24 @@ def _prune(args: argparse.Namespace, out: TextIO) -> int:
 
     store = _open(args.store, write=not args.dry_run)
     report = prune(store, args.max_bytes, args.policy, dry_run=args.dry_run)
+    removed = [] if args.dry_run else remove_orphans(store)
+    if args.json:
+        _write_json(
+            {
+                "store": store.location,
+                "dry_run": report.dry_run,
+                "policy": args.policy,
+                "max_bytes": report.max_bytes,
+                "bytes_before": report.bytes_before,
+                "bytes_after": report.bytes_after,
+                "within_budget": report.within_budget,
+                "dropped": [{"entry": d.entry, "chunk": d.chunk, "bytes": d.nbytes} for d in report.dropped],
+                "orphans_removed": len(removed),
+                "skipped": report.skipped,
+            },
+            out,
+        )
+        return OK if report.within_budget else PROBLEMS
     verb = "would drop" if args.dry_run else "dropped"
     per_entry: dict[str, list[int]] = {}
     freed: dict[str, int] = {}
@@ -172,11 +202,10 @@ def _prune(args: argparse.Namespace, out: TextIO) -> int:
         per_entry.setdefault(item.entry, []).append(item.chunk)
         freed[item.entry] = freed.get(item.entry, 0) + item.nbytes
     for name, chunks in per_entry.items():
-        out.write(f"{verb} {name}: {len(chunks)} chunk(s) ({_ranges(chunks)}), {format_bytes(freed[name])}\n")
-    if not args.dry_run:
-        removed = remove_orphans(store)
-        if removed:
-            out.write(f"removed {len(removed)} stale temporary file(s) (*.partial)\n")
+        chunk_list = f"{plural(len(chunks), 'chunk')} ({_ranges(chunks)})"
+        out.write(f"{verb} {name}: {chunk_list}, {format_bytes(freed[name])}\n")
+    if removed:
+        out.write(f"removed {plural(len(removed), 'stale temporary file')} (*.partial)\n")
     after = "would be" if args.dry_run else "now"
     out.write(
         f"{store.location}: {format_bytes(report.bytes_before)} before, {after} "
@@ -187,9 +216,9 @@ def _prune(args: argparse.Namespace, out: TextIO) -> int:
     if not report.within_budget:
         if report.skipped:
             out.write(
-                f"still over budget: {len(report.skipped)} entr{'y' if len(report.skipped) == 1 else 'ies'} "
-                "could not be read and were not pruned; run 'cachedfeatures verify --repair' "
-                "(it rebuilds or drops them) or 'cachedfeatures rm' them\n"
+                f"still over budget: {plural(len(report.skipped), 'entry')} could not be read and were "
+                "not pruned; run 'cachedfeatures verify --repair' (it rebuilds or drops them) or "
+                "'cachedfeatures rm' them\n"
             )
         else:
             out.write(
@@ -229,8 +258,11 @@ def _rm(args: argparse.Namespace, out: TextIO) -> int:
             f"no entry {', '.join(map(repr, unknown))} in {store.location}; "
             f"its entries are: {', '.join(names) or 'none'}"
         )
-    for name in args.entries:
-        freed = remove_entry(store, name)
+    removed = [(name, remove_entry(store, name)) for name in args.entries]
+    if args.json:
+        _write_json({"store": store.location, "removed": [{"name": n, "bytes": b} for n, b in removed]}, out)
+        return OK
+    for name, freed in removed:
         out.write(f"removed {name} ({format_bytes(freed)})\n")
     return OK
 
@@ -247,8 +279,7 @@ def _verify(args: argparse.Namespace, out: TextIO) -> int:
         report["problems"].insert(0, root)
         report["ok"] = False
     if args.json:
-        json.dump(report, out, indent=2)
-        out.write("\n")
+        _write_json(report, out)
     else:
         for problem in report["problems"]:
             where = problem["entry"] + (f" chunk {problem['chunk']}" if problem["chunk"] is not None else "")
@@ -256,12 +287,13 @@ def _verify(args: argparse.Namespace, out: TextIO) -> int:
             out.write(f"{problem['kind']}: {where}: {problem['detail']}{fixed}\n")
         count = len(report["problems"])
         summary = (
-            f"{report['store']}: checked {report['chunks_checked']} chunk(s) in {report['entries']} entries"
+            f"{report['store']}: checked {plural(report['chunks_checked'], 'chunk')} "
+            f"in {plural(report['entries'], 'entry')}"
         )
         if count == 0:
             out.write(f"{summary}: ok\n")
         else:
             repaired = sum(problem["repaired"] for problem in report["problems"])
             hint = "" if args.repair else "; run with --repair to clear damaged rows so they are recomputed"
-            out.write(f"{summary}: {count} problem(s), {repaired} repaired{hint}\n")
+            out.write(f"{summary}: {plural(count, 'problem')}, {repaired} repaired{hint}\n")
     return OK if not report["problems"] else PROBLEMS

@@ -29,7 +29,7 @@ from cachedfeatures.compute.fingerprint import (
     module_fingerprint,
     qualified_name,
 )
-from cachedfeatures.compute.layout import InputKey, OutputLayout, SampleLayout
+from cachedfeatures.compute.layout import FieldNames, InputKey, OutputLayout, SampleLayout, renamed_fields
 from cachedfeatures.compute.modes import mode_dependent_submodules, training_mode_message
 from cachedfeatures.compute.probe import explain_probe_failure
 from cachedfeatures.compute.runner import Collate, FeatureComputer
@@ -156,6 +156,12 @@ class CachedFeatureDataset(Dataset[Any]):
             pooling needs its ``attention_mask``); it runs under inference mode right after
             the module. Part of the entry key (a callable with its code and what it reads).
             Default ``None``: all of it.
+        field_names: names of the arrays the passthrough fields are stored in (and shown by
+            xarray and the CLI): ``{1: "label"}`` (a tuple position, a dict key, or a tuple path
+            into nested samples) or one name per item of a tuple sample, ``("image", "label")``
+            (the input's name is not used; ``None`` keeps a default). Default: a dict key names
+            its field, tuple position ``i`` gives ``field_i``. Names that change what is stored
+            are part of the entry key, so renaming a field creates a new entry.
 
     With ``device="cuda"``, compute misses through :meth:`loader` (workers do I/O, the module
     runs in this process) or fill the cache first with :meth:`prefill`; a plain DataLoader
@@ -195,6 +201,7 @@ class CachedFeatureDataset(Dataset[Any]):
         write_guard: WriteGuard | None = None,
         call: Call = "auto",
         output: OutputSelection | None = None,
+        field_names: FieldNames | None = None,
     ) -> None:
         self.dataset = dataset
         self.module = module
@@ -221,6 +228,7 @@ class CachedFeatureDataset(Dataset[Any]):
             owned_chunks=owned_chunks,
             call=call,
             output=output,
+            field_names=field_names,
         )
         mode_dependent = mode_dependent_submodules(module)
         if mode_dependent:
@@ -255,6 +263,11 @@ class CachedFeatureDataset(Dataset[Any]):
         self.dataset_fingerprint = probe.fingerprint
         self.probe_loads = probe.loads
         self.options: dict[str, Any] = settings.key_options()
+        if settings.field_names is not None and self._length > 0:  # only names that change the arrays
+            sample = next(iter(probe.samples.values())) if probe.samples else dataset[0]
+            named = renamed_fields(sample, settings.input_key, settings.field_names)
+            if named:
+                self.options["field_names"] = named
         key = entry_id(self.module_fingerprint, self.dataset_fingerprint, self.options)
         self.entry_name = f"{_entry_prefix(module)}-{key}"
         # An empty dataset has no entry, so no binding: nothing can be read or written.
@@ -300,7 +313,7 @@ class CachedFeatureDataset(Dataset[Any]):
         tracked = self._module_state_tracked and isinstance(module, torch.nn.Module)
         before = module_state_digests(module) if tracked and isinstance(module, torch.nn.Module) else {}
         try:
-            sample_layout = SampleLayout.from_sample(sample, self.input_key)
+            sample_layout = SampleLayout.from_sample(sample, self.input_key, self.settings.field_names)
             fields = sample_layout.field_values([sample], [index])
             raw = self._computer.run([sample_layout.extract_input(sample)])
         except Exception as error:  # name the sample, the field, its type and the fix

@@ -19,6 +19,7 @@ __all__ = [
     "DtypeError",
     "DeviceInWorkerError",
     "EntryNotFoundError",
+    "FieldNameError",
     "FieldNotStorableError",
     "FingerprintWarning",
     "InputBatchError",
@@ -60,6 +61,11 @@ class InputKeyError(CacheError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it readable.
         return str(self.args[0]) if self.args else ""
+
+
+class FieldNameError(CacheError, ValueError):
+    """``field_names`` names something that is not a passthrough field, or gives a name that
+    cannot be an array's (reserved, taken twice, or with characters a path cannot hold)."""
 
 
 class FieldNotStorableError(CacheError, TypeError):

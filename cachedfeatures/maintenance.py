@@ -31,6 +31,7 @@ from cachedfeatures.store.chunk_bytes import (
     decoded_chunk_nbytes,
     drop_chunk,
 )
+from cachedfeatures.store.explore import plural
 from cachedfeatures.store.feature_store import (
     Entry,
     FeatureStore,
@@ -316,7 +317,7 @@ def _chunk_problems(entry: Entry, chunk: int) -> list[dict[str, Any]]:
                         "missing",
                         entry.name,
                         chunk,
-                        f"{valid_rows} row(s) marked valid but {name!r} has no bytes for this chunk",
+                        f"{plural(valid_rows, 'row')} marked valid but {name!r} has no bytes for this chunk",
                     )
                 )
             continue

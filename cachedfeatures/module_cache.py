@@ -6,6 +6,9 @@ the fly, so that the dataset cannot be wrapped::
     @cached_module(store="features.zarr")       # or store=None for memory only
     class Backbone(nn.Module): ...
 
+    @cached_module(persistent=True)             # a store in the user cache directory
+    class Encoder(nn.Module): ...
+
     @cached_module()
     def embed(x: torch.Tensor) -> torch.Tensor: ...
 
@@ -32,9 +35,11 @@ import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import numpy as np
+import platformdirs
 import torch
 from torch import nn
 from zarr.abc.store import Store
@@ -59,13 +64,38 @@ from cachedfeatures.pruning import Budget
 from cachedfeatures.store.feature_store import Compressor, FeatureStore, StoreLike
 from cachedfeatures.store.keyed_entry import KeyedEntry, keyed_chunk_rows
 
-__all__ = ["OPTION_PREFIX", "CacheOptions", "ModuleCache", "cached_module"]
+__all__ = [
+    "CACHE_DIR_ENV",
+    "OPTION_PREFIX",
+    "CacheOptions",
+    "ModuleCache",
+    "cached_module",
+    "default_cache_dir",
+    "default_store_path",
+]
 
 logger = logging.getLogger(__name__)
 
 OPTION_PREFIX = "cachedfeatures_"
 DEFAULT_MAX_MEMORY_BYTES = 1 << 30
+CACHE_DIR_ENV = "CACHEDFEATURES_CACHE_DIR"
+DEFAULT_STORE_NAME = "modules.zarr"
 T = TypeVar("T")
+
+
+def default_cache_dir() -> Path:
+    """The directory of the caches made without a store: ``$CACHEDFEATURES_CACHE_DIR`` if set,
+    else the user cache directory (``~/.cache/cachedfeatures`` on Linux,
+    ``~/Library/Caches/cachedfeatures`` on macOS, ``%LOCALAPPDATA%\\cachedfeatures\\Cache`` on
+    Windows; from ``platformdirs``)."""
+    configured = os.environ.get(CACHE_DIR_ENV, "").strip()
+    return Path(configured).expanduser() if configured else platformdirs.user_cache_path("cachedfeatures")
+
+
+def default_store_path() -> Path:
+    """The store ``cached_module(persistent=True)`` uses when no ``store`` is given:
+    ``modules.zarr`` in :func:`default_cache_dir` (read when a cache makes its first call)."""
+    return default_cache_dir() / DEFAULT_STORE_NAME
 
 
 @dataclass(frozen=True)
@@ -80,10 +110,18 @@ class CacheOptions:
     version: str | None = None
     chunk_rows: int | None = None
     compressor: Compressor = "default"
+    persistent: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.store, (str, os.PathLike, Store, type(None))):
             raise TypeError(f"Expected store to be a path, a zarr Store or None. Got {self.store!r}.")
+        if self.persistent not in (None, True, False):
+            raise TypeError(f"Expected persistent to be True, False or None. Got {self.persistent!r}.")
+        if self.persistent is False and self.store is not None:
+            raise ValueError(
+                f"Expected no store with persistent=False (memory only). Got store={self.store!r}; "
+                "drop persistent=False to use that store, or drop the store."
+            )
         if not isinstance(self.enabled, bool):
             raise TypeError(f"Expected enabled to be True or False. Got {self.enabled!r}.")
         for name in ("max_bytes", "max_memory_bytes"):
@@ -118,6 +156,12 @@ class CacheOptions:
             changes[name] = getattr(owner, attribute)
         return replace(self, **changes) if changes else self
 
+    def resolved(self) -> CacheOptions:
+        """These options with the default store filled in for ``persistent=True`` without one."""
+        if self.persistent and self.store is None:
+            return replace(self, store=default_store_path())
+        return self
+
 
 def cached_module(
     store: StoreLike = None,
@@ -129,6 +173,7 @@ def cached_module(
     version: str | None = None,
     chunk_rows: int | None = None,
     compressor: Compressor = "default",
+    persistent: bool | None = None,
 ) -> Callable[[T], T]:
     """Cache the outputs of an ``nn.Module`` class or a function of tensors, row by row.
 
@@ -151,6 +196,11 @@ def cached_module(
         chunk_rows: rows per chunk of the persistent entry; default gives about 256 KiB,
             smaller than a dataset entry's, since rows are found by content in any order.
         compressor: a Zarr bytes-to-bytes codec, ``"default"`` (Blosc zstd) or ``None``.
+        persistent: ``True`` keeps the outputs across processes and runs even without a
+            ``store``: they go to :func:`default_store_path` (``modules.zarr`` in the user cache
+            directory, or in ``$CACHEDFEATURES_CACHE_DIR`` when set), as torchcache's
+            ``persistent=True`` does. ``False``: memory only. Default ``None``: persistent
+            exactly when a ``store`` is given.
 
     ``compressor``, ``max_bytes`` and ``chunk_rows`` need a ``store``: without one the first
     call raises :class:`OptionWithoutStoreError`.
@@ -168,7 +218,7 @@ def cached_module(
     break): the rest of the model compiles, and the module itself runs uncompiled on misses.
     """
     options = CacheOptions(
-        store, enabled, max_bytes, max_memory_bytes, cache_dtype, version, chunk_rows, compressor
+        store, enabled, max_bytes, max_memory_bytes, cache_dtype, version, chunk_rows, compressor, persistent
     )
 
     def decorate(target: T) -> T:
@@ -261,7 +311,7 @@ class ModuleCache:
         with self._lock:
             if self._configured:
                 return
-            options = self.options.overridden_by(owner)
+            options = self.options.overridden_by(owner).resolved()
             _check_store_options(options, self.name)
             if options != self.options:
                 self.options = options
@@ -820,7 +870,7 @@ def _check_store_options(options: CacheOptions, name: str) -> None:
     if given:
         raise OptionWithoutStoreError(
             f"the cache of {name} has no persistent store, but {', '.join(given)} only applies to "
-            "a persistent store. Pass store=... (a path or a zarr Store), or drop "
+            "a persistent store. Pass store=... (a path or a zarr Store) or persistent=True, or drop "
             f"{', '.join(option + '=' for option in given)}"
             + (" (the memory tier's budget is max_memory_bytes=)." if "max_bytes" in given else ".")
         )

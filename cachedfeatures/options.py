@@ -15,7 +15,7 @@ import torch
 
 from cachedfeatures.compute.calls import Call, OutputSelection, describe_selection, parse_call, parse_output
 from cachedfeatures.compute.fingerprint import callable_digest
-from cachedfeatures.compute.layout import InputKey, parse_input_key
+from cachedfeatures.compute.layout import FieldNames, InputKey, parse_input_key
 from cachedfeatures.compute.runner import Collate
 from cachedfeatures.compute.spot_check import DEFAULT_SPOT_CHECK, parse_spot_check
 from cachedfeatures.parse import parse_device, parse_float_dtype, parse_positive_int
@@ -60,6 +60,7 @@ class DatasetOptions:
     owned_chunks: ChunkOwnership | None
     call: Call
     output: OutputSelection | None
+    field_names: FieldNames | None
 
     def __init__(
         self,
@@ -86,6 +87,7 @@ class DatasetOptions:
         owned_chunks: ChunkOwnership | None = None,
         call: Call = "auto",
         output: OutputSelection | None = None,
+        field_names: FieldNames | None = None,
     ) -> None:
         parsed = {
             "input_key": parse_input_key(input_key),
@@ -110,6 +112,7 @@ class DatasetOptions:
             "read_only": bool(read_only),
             "call": parse_call(call),
             "output": parse_output(output),
+            "field_names": field_names,  # checked against the sample when the layout is learnt
         }
         for name, value in parsed.items():
             object.__setattr__(self, name, value)

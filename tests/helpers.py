@@ -183,3 +183,26 @@ def run_script(script: str, *args: str, timeout: float = 300) -> dict[str, Any]:
     if result.returncode != 0:
         raise AssertionError(f"script failed with exit code {result.returncode}:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+class BrokenSampleError(RuntimeError):
+    """A user's own exception type, raised by :class:`FailingSamples`."""
+
+
+class FailingSamples(Samples):
+    """Dict samples whose rows from ``fail_from`` on fail once ``failure`` is set after the cache
+    is built: ``"key"`` drops the input key (an InputKeyError), ``"user"`` raises
+    :class:`BrokenSampleError`."""
+
+    def __init__(self, n: int, fail_from: int) -> None:
+        super().__init__(n, "dict")
+        self.fail_from = fail_from
+        self.failure = ""
+
+    def __getitem__(self, index: int) -> Any:
+        sample = super().__getitem__(index)
+        if self.failure and index >= self.fail_from:
+            if self.failure == "user":
+                raise BrokenSampleError(f"sample {index} is broken")
+            sample["img"] = sample.pop("image")
+        return sample

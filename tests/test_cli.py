@@ -151,6 +151,32 @@ def test_bad_paths_get_a_one_line_error(tmp_path: Path, kind: str) -> None:
     assert kind != "missing" or not path.exists()  # nothing was created
 
 
+WHAT_IT_IS = {
+    "file": "is a file",
+    "plain directory": "non-empty directory (sub) with no zarr.json",
+    "zarr array": "is a Zarr array",
+    "foreign zarr group": "Zarr group that cachedfeatures did not write",
+}
+
+
+@pytest.mark.parametrize("kind", list(WHAT_IT_IS))
+def test_info_on_a_non_store_says_what_it_is_and_what_to_pass(tmp_path: Path, kind: str) -> None:
+    """Not "pass a new path" (that is what creating a cache needs): reading needs an existing store."""
+    path = tmp_path / "thing"
+    if kind == "file":
+        path.write_text("hello")
+    elif kind == "plain directory":
+        (path / "sub").mkdir(parents=True)
+    elif kind == "zarr array":
+        zarr.create_array(str(path), shape=(3,), dtype="int32")
+    else:
+        zarr.open_group(str(path), mode="w").create_array("x", shape=(2,), dtype="int8")
+    result = cli("info", str(path))
+    assert_one_line_error(result)
+    assert WHAT_IT_IS[kind] in result.stderr
+    assert "pass the path of an existing store" in result.stderr and "new path" not in result.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "command", [["info"], ["verify"], ["prune", "--max-bytes", "1MB"], ["rm", "--", "x"]]
@@ -211,6 +237,38 @@ def test_prune_below_the_metadata_exits_1(
     assert all(not chunks for chunks in measure(FeatureStore.open(store_path)).chunks.values())
 
 
+def test_prune_json_reports_what_it_dropped(
+    store_path: Path, two_entries: tuple[CachedFeatureDataset, ...]
+) -> None:
+    full, _ = two_entries
+    store = FeatureStore.open(store_path)
+    usage = measure(store)
+    budget = usage.total - usage.entries[full.entry_name] // 2
+    result = cli("prune", str(store_path), "--max-bytes", str(budget), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    after = measure(store)
+    assert report["within_budget"] and not report["dry_run"] and report["policy"] == "mru"
+    assert report["bytes_before"] == usage.total and report["bytes_after"] == after.total <= budget
+    dropped = {(item["entry"], item["chunk"]) for item in report["dropped"]}
+    kept = {(name, chunk) for name, chunks in after.chunks.items() for chunk in chunks}
+    assert dropped and {entry for entry, _ in dropped} == {full.entry_name} and not dropped & kept
+    dry = json.loads(cli("prune", str(store_path), "--max-bytes", "1kB", "--dry-run", "--json").stdout)
+    assert dry["dry_run"] and not dry["within_budget"] and measure(store).total == after.total
+
+
+def test_one_of_a_thing_is_not_plural(store_path: Path) -> None:
+    fill(store_path, 0.0, rows=CHUNK_ROWS)  # one entry of one chunk
+    info = cli("info", str(store_path)).stdout
+    assert ": 1 entry, " in info
+    verify = cli("verify", str(store_path)).stdout
+    assert "checked 1 chunk in 1 entry: ok" in verify
+    total = measure(FeatureStore.open(store_path)).total
+    prune = cli("prune", str(store_path), "--max-bytes", str(total - 1), "--dry-run").stdout
+    assert " 1 chunk (0)," in prune
+    assert "entries" not in info + verify + prune and "(s)" not in info + verify + prune
+
+
 # -- rm -----------------------------------------------------------------------------------------
 
 
@@ -221,6 +279,16 @@ def test_rm_removes_one_entry(store_path: Path, two_entries: tuple[CachedFeature
     names = [entry.name for entry in FeatureStore.open(store_path).entries]
     assert names == [partial.entry_name]
     assert not (store_path / full.entry_name).exists()
+
+
+def test_rm_json(store_path: Path, two_entries: tuple[CachedFeatureDataset, ...]) -> None:
+    full, partial = two_entries
+    freed = measure(FeatureStore.open(store_path)).entries[full.entry_name]
+    result = cli("rm", str(store_path), full.entry_name, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["removed"] == [{"name": full.entry_name, "bytes": freed}]
+    assert [entry.name for entry in FeatureStore.open(store_path).entries] == [partial.entry_name]
 
 
 def test_rm_unknown_entry_lists_the_real_ones(
@@ -263,6 +331,7 @@ def test_verify_finds_and_repairs_damage(
 
     text = cli("verify", str(store_path))
     assert text.returncode == 1 and "--repair" in text.stdout
+    assert "8 rows marked valid but" in text.stdout and "(s)" not in text.stdout
 
     repaired = cli("verify", str(store_path), "--repair")
     assert repaired.returncode == 1  # problems were found (and fixed)

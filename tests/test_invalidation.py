@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 from cachedfeatures import CachedFeatureDataset, FeatureStore, NonDeterministicDatasetError
-from tests.helpers import Backbone, Samples, reference
+from tests.helpers import ROOT, Backbone, Samples, reference
 
 
 def _entry_names(store_path) -> set[str]:
@@ -175,3 +179,132 @@ def test_code_fingerprint_ignores_comments_and_docstrings_but_not_code(tmp_path)
     exec(base, ns_a)
     exec(changed, ns_c)
     assert code_fingerprint(ns_a["Net"]) != code_fingerprint(ns_c["Net"])
+
+
+_SCRIPT = """
+import json
+import sys
+
+import torch
+from torch import nn
+
+from cachedfeatures import CachedFeatureDataset
+
+
+class Model(nn.Module):
+    __cachedfeatures_exclude__ = ("calls",)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(4, 3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return FORWARD
+
+
+class Data(torch.utils.data.Dataset):
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, index):
+        return torch.full((4,), float(index)), index % 3
+
+
+def run(store):
+    model = Model().eval()
+    cached = CachedFeatureDataset(Data(), model, store, batch_size=8, spot_check=0)
+    for _batch in cached.loader(batch_size=8):
+        pass
+    return {"entry": cached.entry_name, "calls": model.calls, "class": cached.entry.meta["module"]["class"]}
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(sys.argv[1])))
+"""
+
+
+def _run_in(directory: Path, *args: str) -> dict[str, Any]:
+    """``python *args`` in ``directory`` (the repository on the path); the last line is JSON."""
+    result = subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        cwd=directory,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _script(directory: Path, forward: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "script.py").write_text(_SCRIPT.replace("FORWARD", forward))
+    return directory
+
+
+@pytest.mark.slow
+def test_a_class_run_as_a_script_and_later_imported_reuses_the_entry(
+    store_path: Path, tmp_path: Path
+) -> None:
+    """``python script.py`` and then ``import script``: one entry, no module call the second time."""
+    directory = _script(tmp_path / "project", "self.linear(x) * 2")
+    first = _run_in(directory, "script.py", str(store_path))
+    assert first["calls"] > 0 and first["class"] == "script.Model"  # named as its module, not __main__
+    again = _run_in(
+        directory,
+        "-c",
+        "import json, sys, script; print(json.dumps(script.run(sys.argv[1])))",
+        str(store_path),
+    )
+    assert again["entry"] == first["entry"]
+    assert again["calls"] == 0
+    as_module = _run_in(directory, "-m", "script", str(store_path))  # named by __spec__
+    assert as_module["entry"] == first["entry"] and as_module["calls"] == 0
+
+
+@pytest.mark.slow
+def test_two_scripts_with_a_class_of_the_same_name_keep_apart(store_path: Path, tmp_path: Path) -> None:
+    """Both are ``script.Model`` once named by their file; their code still tells them apart."""
+    doubled = _run_in(_script(tmp_path / "a", "self.linear(x) * 2"), "script.py", str(store_path))
+    shifted = _run_in(_script(tmp_path / "b", "self.linear(x) + 1"), "script.py", str(store_path))
+    assert doubled["class"] == shifted["class"] == "script.Model"
+    assert doubled["entry"] != shifted["entry"]
+    assert shifted["calls"] > 0
+
+
+_SPAWNING = """
+import json
+import multiprocessing
+
+from torch import nn
+
+from cachedfeatures.compute.fingerprint import module_fingerprint
+
+
+class Model(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+def fingerprint():
+    return module_fingerprint(Model().eval()).to_json()
+
+
+if __name__ == "__main__":
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        child = pool.apply(fingerprint)
+    print(json.dumps({"parent": fingerprint(), "child": child}))
+"""
+
+
+@pytest.mark.slow
+def test_a_spawned_worker_names_the_script_s_classes_as_its_parent_does(tmp_path: Path) -> None:
+    """A spawned process runs the script as ``__mp_main__``: still ``script.Model``, one entry."""
+    (tmp_path / "script.py").write_text(_SPAWNING)
+    result = _run_in(tmp_path, "script.py")
+    assert result["child"]["class"] == result["parent"]["class"] == "script.Model"
+    assert result["child"]["digest"] == result["parent"]["digest"]

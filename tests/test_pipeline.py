@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,15 @@ import torch
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from cachedfeatures import CachedFeatureDataset, CachingPausedWarning, DeviceInWorkerError, WriterError
-from cachedfeatures.pipeline.nodes import Indices
-from tests.helpers import SHAPES, Backbone, Samples, features_of, reference
+from cachedfeatures import (
+    CachedFeatureDataset,
+    CachingPausedWarning,
+    DeviceInWorkerError,
+    InputKeyError,
+    WriterError,
+)
+from cachedfeatures.pipeline.nodes import Indices, WorkerMethod
+from tests.helpers import SHAPES, Backbone, BrokenSampleError, FailingSamples, Samples, features_of, reference
 
 
 def names_of(batch: dict[str, Any]) -> list[int]:
@@ -335,3 +342,55 @@ def test_module_runs_on_the_process_thread_count_with_workers(store_path: Path, 
         assert module.seen_threads and set(module.seen_threads) == {2}
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("num_workers", "worker_method"), [(0, "thread"), (2, "thread"), (2, "process")])
+@pytest.mark.parametrize("failure", ["key", "user"])
+def test_dataset_errors_reach_the_training_loop_as_their_own_type(
+    store_path: Path, num_workers: int, worker_method: WorkerMethod, failure: str
+) -> None:
+    """Not torchdata's ``ValueError: Caught ... in _populate_queue``: the original type, its
+    message, and the traceback of where it was raised."""
+    dataset = FailingSamples(64, fail_from=40)
+    cached = CachedFeatureDataset(dataset, Backbone(), store_path, input_key="image", chunk_rows=16)
+    dataset.failure = failure
+    expected: type[Exception] = InputKeyError if failure == "key" else BrokenSampleError
+    loader = cached.loader(batch_size=16, num_workers=num_workers, worker_method=worker_method)
+    with pytest.raises(expected) as raised:
+        for _batch in loader:
+            pass
+    message = str(raised.value)
+    assert "sample 40 is broken" in message if failure == "user" else "'image'" in message
+    assert "Caught" not in message
+    text = "".join(traceback.format_exception(raised.value))
+    raised_in = "in __getitem__" if failure == "user" else "in _lookup"
+    assert raised_in in text  # where it was raised, even in a worker process
+    loader.close()
+
+
+class _FailingModule(Backbone):
+    """A module that raises the user's own error on its second batch."""
+
+    __cachedfeatures_exclude__ = (*Backbone.__cachedfeatures_exclude__, "armed")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+
+    def forward(self, x: torch.Tensor) -> Any:
+        if self.armed and self.calls >= 2:
+            raise BrokenSampleError("the module gave up")
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_module_errors_reach_the_training_loop_as_their_own_type(store_path: Path, num_workers: int) -> None:
+    module = _FailingModule()
+    cached = CachedFeatureDataset(Samples(64, "dict"), module, store_path, input_key="image", chunk_rows=16)
+    module.armed = True
+    loader = cached.loader(batch_size=16, num_workers=num_workers)
+    with pytest.raises(BrokenSampleError) as raised:
+        for _batch in loader:
+            pass
+    assert str(raised.value) == "the module gave up"  # its own message, not torchdata's text
+    loader.close()

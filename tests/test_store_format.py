@@ -14,9 +14,9 @@ from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import LocalStore, WrapperStore
 
-from cachedfeatures import CachedFeatureDataset
+from cachedfeatures import CachedFeatureDataset, FeatureStore, FieldNameError
 from cachedfeatures.compute.fingerprint import probe_indices
-from tests.helpers import Backbone, Samples, reference
+from tests.helpers import Backbone, Listed, Samples, reference
 
 
 def test_zarr_opens_the_store_without_cachedfeatures(store_path) -> None:
@@ -152,3 +152,61 @@ def test_attrs_are_json_with_fingerprints_in_words(store_path) -> None:
     assert meta["options"]["dtype"] == "torch.float16"
     assert meta["arrays"][0]["torch_dtype"] == "float16"
     assert meta["library_version"]
+
+
+def test_tuple_fields_are_stored_under_the_names_given(store_path) -> None:
+    """Not ``field_1``: the name given is the array's, in zarr, xarray and the sample's fields."""
+    xarray = pytest.importorskip("xarray")
+    data = Samples(30, "tuple")
+    cached = CachedFeatureDataset(data, Backbone(), store_path, field_names={1: "label"}, spot_check=0)
+    cached.__getitems__(list(range(30)))
+    assert cached.entry is not None
+    assert [spec.name for spec in cached.entry.specs] == ["features", "label"]
+    ds = xarray.open_zarr(store_path, group=cached.entry_name, consolidated=False)
+    assert "field_1" not in ds and [int(ds["label"][i]) for i in (3, 9)] == [3, 2]
+    features, label = cached[9]  # the sample keeps its structure
+    assert label == 2 and features.shape == (16,)
+    # A sequence naming every item (the input's name is not used) is the same entry.
+    again = CachedFeatureDataset(data, Backbone(), store_path, field_names=("image", "label"))
+    assert again.entry_name == cached.entry_name
+    assert [entry.name for entry in FeatureStore.open(store_path).entries] == [cached.entry_name]
+
+
+def test_field_names_are_part_of_the_key_only_when_they_change_the_arrays(store_path) -> None:
+    data = Samples(20, "dict")
+    plain = CachedFeatureDataset(data, Backbone(), store_path, input_key="image")
+    same = CachedFeatureDataset(
+        data, Backbone(), store_path, input_key="image", field_names={"label": "label"}
+    )
+    assert same.entry_name == plain.entry_name  # named what it is called anyway: the same cache
+    renamed = CachedFeatureDataset(
+        data, Backbone(), store_path, input_key="image", field_names={"label": "y"}
+    )
+    assert renamed.entry_name != plain.entry_name
+    assert renamed.entry is not None and [s.name for s in renamed.entry.specs] == ["features", "y", "name"]
+
+
+@pytest.mark.parametrize(
+    ("field_names", "match"),
+    [
+        ({2: "label"}, "not one"),  # no such field
+        ({0: "image"}, "the module's input"),
+        ({1: "valid"}, "reserved|nor one of"),
+        ({1: "features_label"}, "starting with 'features'"),
+        ({1: "a/b"}, "Got 'a/b'"),
+        ({(1, 0): "x"}, "not one"),
+        ("label", "Expected field_names to be a mapping"),
+    ],
+)
+def test_bad_field_names_are_clear_errors(store_path, field_names, match: str) -> None:
+    with pytest.raises(FieldNameError, match=match):
+        CachedFeatureDataset(Samples(10, "tuple"), Backbone(), store_path, field_names=field_names)
+
+
+def test_two_fields_cannot_share_a_name(store_path) -> None:
+    samples = Listed([(torch.zeros(3, 8, 8), 1, 2.0)] * 4)
+    with pytest.raises(FieldNameError, match="distinct"):
+        CachedFeatureDataset(samples, Backbone(), store_path, field_names={1: "y", 2: "y"})
+    # A given name wins over a default one that would have been the same.
+    cached = CachedFeatureDataset(samples, Backbone(), store_path, field_names={1: "field_2"})
+    assert cached.entry is not None and [s.name for s in cached.entry.specs][1:] == ["field_2", "field_2_2"]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import platformdirs
 import pytest
 import torch
 import zarr
@@ -25,6 +26,8 @@ from cachedfeatures import (
     RequiresGradError,
     UnhashableArgumentError,
     cached_module,
+    default_cache_dir,
+    default_store_path,
 )
 from tests.helpers import run_script
 
@@ -351,6 +354,55 @@ def test_pure_function_is_called_once_per_row() -> None:
 
 
 # -- the persistent tier -----------------------------------------------------------------------
+
+PERSISTENT_DEFAULT = """
+import json, torch
+from cachedfeatures import cached_module
+from tests.test_torchcache_compat import Doubler
+model = cached_module(persistent=True)(Doubler)()
+out = model(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+print(json.dumps({"out": out.tolist(), "rows": model.module_cache.miss_rows}))
+"""
+
+
+@pytest.mark.slow  # fresh interpreters importing torch
+def test_persistent_without_a_directory_serves_another_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchcache (persistent=True, no persistent_cache_dir): a cache that outlives the process
+    with no directory given. Ours: modules.zarr in the user cache directory, or where
+    CACHEDFEATURES_CACHE_DIR says."""
+    monkeypatch.setenv("CACHEDFEATURES_CACHE_DIR", str(tmp_path / "cache"))
+    first = run_script(PERSISTENT_DEFAULT)
+    second = run_script(PERSISTENT_DEFAULT)
+    assert first["rows"] == 2 and second["rows"] == 0
+    assert first["out"] == second["out"] == (pair() * 2).tolist()
+    assert len(FeatureStore.open(tmp_path / "cache" / "modules.zarr").entries) == 1
+
+
+def test_the_default_store_is_in_the_user_cache_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CACHEDFEATURES_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # platformdirs' Linux cache home
+    monkeypatch.setenv("CACHEDFEATURES_LOCK_DIR", str(tmp_path / "locks"))
+    expected = Path(platformdirs.user_cache_path("cachedfeatures"))
+    assert default_cache_dir() == expected and default_store_path() == expected / "modules.zarr"
+    model = cached_module(persistent=True, max_memory_bytes=0)(Doubler)()
+    model(pair())
+    assert model.module_cache.store is not None
+    assert len(FeatureStore.open(expected / "modules.zarr").entries) == 1
+    monkeypatch.setenv("CACHEDFEATURES_CACHE_DIR", str(tmp_path / "mine"))  # read at the first call
+    assert default_store_path() == tmp_path / "mine" / "modules.zarr"
+
+
+def test_persistent_false_with_a_store_is_a_contradiction(store_path: Path) -> None:
+    with pytest.raises(ValueError, match="Expected no store with persistent=False"):
+        cached_module(store=store_path, persistent=False)(Doubler)
+    model = cached_module(store=store_path, persistent=True)(Doubler)()  # the store given wins
+    model(pair())
+    assert len(FeatureStore.open(store_path).entries) == 1
+
 
 PERSISTENT = """
 import json, sys, torch

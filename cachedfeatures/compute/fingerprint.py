@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from cachedfeatures.compute import hashing as _hashing
-from cachedfeatures.compute.state_hash import StateHasher, excluded_attributes, unwrap_compiled
+from cachedfeatures.compute.state_hash import StateHasher, excluded_attributes, module_name, unwrap_compiled
 from cachedfeatures.errors import FingerprintWarning, NonDeterministicDatasetError
 from cachedfeatures.format.names import ENTRY_KEY_VERSION, FORMAT_VERSION_KEY
 
@@ -64,8 +64,9 @@ class Fingerprint:
 
 
 def qualified_name(obj: object) -> str:
+    """``module.Class`` of ``obj`` (or of the class ``obj``); the running script by its module name."""
     cls = obj if isinstance(obj, type) else type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
+    return f"{module_name(cls.__module__)}.{cls.__qualname__}"
 
 
 def module_fingerprint(module: Callable[..., Any], version: str | None = None) -> Fingerprint:
@@ -350,7 +351,7 @@ def _callable_name(value: Any) -> str:
     name = getattr(value, "__qualname__", None)
     module = getattr(value, "__module__", None)
     if isinstance(name, str):
-        return f"{module}.{name}" if isinstance(module, str) else name
+        return f"{module_name(module)}.{name}" if isinstance(module, str) else name
     return qualified_name(value)
 
 

@@ -12,6 +12,7 @@ arrays themselves are described by :class:`~cachedfeatures.format.specs.ArraySpe
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import torch
 from cachedfeatures.compute.calls import non_tensor_output_message
 from cachedfeatures.errors import (
     ArgumentTypeError,
+    FieldNameError,
     InputKeyError,
     ModuleOutputError,
     OutputShapeError,
@@ -39,6 +41,9 @@ from cachedfeatures.format.specs import (
 from cachedfeatures.parse import expected
 
 InputKey = int | str | Callable[[Any], Any]
+# Names for passthrough fields: {position or key (or a tuple path into nested samples): name},
+# or one name per item of a tuple sample (None keeps the automatic name).
+FieldNames = Mapping[int | str | tuple[int | str, ...], str] | Sequence[str | None]
 
 
 def parse_input_key(input_key: object) -> InputKey:
@@ -70,11 +75,16 @@ class SampleLayout:
     input_key: InputKey
 
     @classmethod
-    def from_sample(cls, sample: Any, input_key: InputKey) -> SampleLayout:
+    def from_sample(
+        cls, sample: Any, input_key: InputKey, field_names: FieldNames | None = None
+    ) -> SampleLayout:
+        """The layout of ``sample``; ``field_names`` names its passthrough fields' arrays (by
+        default a dict key names its field, a tuple position ``i`` gives ``field_i``)."""
         input_paths = _input_paths(sample, input_key)
+        given = _given_names(field_names, input_paths)
         fields: list[ArraySpec] = []
         paths: list[Path] = []
-        taken: set[str] = set(RESERVED)
+        taken: set[str] = set(RESERVED) | set(given.values())
 
         def walk(value: Any, path: Path) -> dict[str, Any] | None:
             if path in input_paths:
@@ -97,7 +107,7 @@ class SampleLayout:
                     "kind": "list" if isinstance(value, list) else "tuple",
                     "items": [node for node in nodes if node is not None],
                 }
-            name = _unique_name(_field_name(path), taken)
+            name = given[path] if path in given else _unique_name(_field_name(path), taken)
             fields.append(field_spec(name, path, value))
             paths.append(path)
             return {"kind": "field", "name": name}
@@ -105,7 +115,19 @@ class SampleLayout:
         template = walk(sample, ())
         if template is None:  # unreachable: the root is either the input or a container
             raise AssertionError("empty sample template")
+        unknown = [path for path in given if path not in paths]
+        if unknown:
+            known = ", ".join(_describe_path(path) for path in paths) or "none"
+            raise FieldNameError(
+                f"Expected field_names to name passthrough fields of the sample ({known}). Got "
+                f"{', '.join(_describe_path(path) for path in unknown)}, which "
+                f"{'is' if len(unknown) == 1 else 'are'} not one."
+            )
         return cls(template, tuple(fields), tuple(paths), input_key)
+
+    def stored_names(self) -> list[list[Any]]:
+        """``[[path, array name], ...]`` of the passthrough fields, JSON-ready."""
+        return [[list(path), spec.name] for spec, path in zip(self.fields, self.field_paths, strict=True)]
 
     def extract_input(self, sample: Any) -> Any:
         """The value that feeds the module."""
@@ -286,6 +308,70 @@ def _field_name(path: Path) -> str:
     if name[0].isdigit() or name.startswith((FEATURES, "_", ".")):
         name = f"field_{name}"
     return name
+
+
+def renamed_fields(sample: Any, input_key: InputKey, field_names: FieldNames) -> str | None:
+    """How ``field_names`` changes the arrays ``sample``'s fields are stored in, for the entry
+    key: every field's ``[path, name]`` as JSON when some name differs from the default, else
+    ``None`` (naming a field what it is called anyway leaves the entry as it was)."""
+    named = SampleLayout.from_sample(sample, input_key, field_names).stored_names()
+    if named == SampleLayout.from_sample(sample, input_key).stored_names():
+        return None
+    return json.dumps(named, default=str)
+
+
+def _given_names(field_names: FieldNames | None, input_paths: Sequence[Path]) -> dict[Path, str]:
+    """``field_names`` as ``{path: name}``, each name checked; a sequence's name for the input
+    (``("image", "label")``) is not used: the module's outputs name the features."""
+    if field_names is None:
+        return {}
+    pairs: list[tuple[Any, Any]]
+    if isinstance(field_names, Mapping):
+        pairs = list(field_names.items())
+    elif isinstance(field_names, (list, tuple)):
+        pairs = [((i,), name) for i, name in enumerate(field_names) if name is not None]
+        pairs = [(path, name) for path, name in pairs if path not in input_paths]
+    else:
+        raise FieldNameError(
+            "Expected field_names to be a mapping {position or key: name} or a sequence of names "
+            f"(one per item of a tuple sample). Got {field_names!r}."
+        )
+    given: dict[Path, str] = {}
+    for key, name in pairs:
+        path: Path = tuple(key) if isinstance(key, tuple) else (key,)
+        if not all(isinstance(k, (int, str)) and not isinstance(k, bool) for k in path):
+            raise FieldNameError(
+                f"Expected field_names keys to be ints, strings or tuples of them. Got {key!r}."
+            )
+        if path in input_paths:
+            raise FieldNameError(
+                f"field_names names {_describe_path(path)}, the module's input: its features are "
+                "named by the module's outputs. Name only the other fields."
+            )
+        if not isinstance(name, str) or not _valid_field_name(name):
+            raise FieldNameError(
+                "Expected each field name to be letters, digits, '_', '.' or '-' starting with a letter, "
+                f"neither starting with {FEATURES!r} (the outputs' names) nor one of {sorted(RESERVED)}. "
+                f"Got {name!r} for {_describe_path(path)}."
+            )
+        if name in given.values():
+            raise FieldNameError(f"Expected distinct field names. Got {name!r} twice in field_names.")
+        given[path] = name
+    return given
+
+
+def _valid_field_name(name: str) -> bool:
+    return (
+        bool(name)
+        and _sanitize(name) == name
+        and name[0].isalpha()
+        and not name.startswith(FEATURES)
+        and name not in RESERVED
+    )
+
+
+def _describe_path(path: Path) -> str:
+    return repr(path[0]) if len(path) == 1 else repr(path)
 
 
 def _unique_name(name: str, taken: set[str]) -> str:

@@ -139,8 +139,46 @@ def is_user_code(obj: Any) -> bool:
     return True
 
 
+@functools.cache
+def _main_module_name() -> str:
+    """The name ``import`` would give the running script, or ``"__main__"`` when none can be told.
+
+    ``python -m pkg.tool`` says it in ``__main__.__spec__``; ``python tool.py`` is named after its
+    file, with the packages (directories holding an ``__init__.py``) above it: ``pkg/tool.py``
+    is ``pkg.tool``. A REPL, ``python -c`` and notebooks have no file: they stay ``__main__``.
+    """
+    main = sys.modules.get("__main__")
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
+    if isinstance(spec_name, str) and spec_name:
+        return spec_name
+    file = getattr(main, "__file__", None)
+    if not isinstance(file, str) or not file.endswith(".py"):
+        return "__main__"
+    path = pathlib.Path(os.path.realpath(file))
+    parts = [path.stem]
+    directory = path.parent
+    while (directory / "__init__.py").is_file() and directory.parent != directory:
+        parts.insert(0, directory.name)
+        directory = directory.parent
+    return ".".join(parts) if all(part.isidentifier() for part in parts) else "__main__"
+
+
+def module_name(name: str) -> str:
+    """The name code from module ``name`` goes by in fingerprints.
+
+    A class or function defined in the running script is named as the script's module
+    (``script.Model``, not ``__main__.Model``), so running ``python script.py`` and later
+    ``import script`` give the same fingerprint and reuse the cache. Two different classes that
+    share a name this way are still told apart: user code is fingerprinted by its code too.
+    """
+    # A spawned worker (multiprocessing, DataLoader workers) runs the script as ``__mp_main__``.
+    return _main_module_name() if name in ("__main__", "__mp_main__") else name
+
+
 def qualified_name(obj: Any) -> str:
-    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+    module = getattr(obj, "__module__", "?")
+    qualname = getattr(obj, "__qualname__", type(obj).__qualname__)
+    return f"{module_name(module) if isinstance(module, str) else module}.{qualname}"
 
 
 class StateHasher:

@@ -13,6 +13,13 @@
 Every stage is a ``BaseNode`` whose state is a plain dict, so :class:`Loader` resumes
 mid-epoch from ``state_dict()`` with the same remaining order. Pending writes are flushed at
 the end of every epoch; a writer error is raised at the next batch.
+
+torchdata hands an exception raised in a worker or a background thread on as text (its
+``ExceptionWrapper`` re-raises ``type(f"Caught ... Original Traceback ...")``, or a
+``RuntimeError`` when the type takes other arguments). Here the I/O stage returns its error as a
+:class:`WorkerFailure` instead, the compute stage raises the original and keeps it, and
+:class:`Loader` re-raises that object in the training loop: the dataset's or module's own
+exception type and message, with the traceback of where it was raised.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from __future__ import annotations
 import gc
 import multiprocessing.util
 import os
+import pickle
+import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeVar, get_args
@@ -30,13 +39,22 @@ import torchdata.nodes as tn
 from torch.utils.data import Sampler, default_collate
 
 from cachedfeatures.compute.steps import LoadedRows, RowLoader
-from cachedfeatures.errors import CacheError, StaleFeaturesError, WriterError
+from cachedfeatures.errors import CacheError, WriterError
 from cachedfeatures.parse import parse_choice, parse_nonnegative_int, parse_positive_int
 from cachedfeatures.pipeline.lifetime import exit_with_parent
 from cachedfeatures.store.integrity import CheckedReader
 from cachedfeatures.store.writer import Writer
 
-__all__ = ["CachedSource", "ComputeMisses", "IOBatch", "Indices", "Loader", "ReadOrLoad", "WorkerMethod"]
+__all__ = [
+    "CachedSource",
+    "ComputeMisses",
+    "IOBatch",
+    "Indices",
+    "Loader",
+    "ReadOrLoad",
+    "WorkerFailure",
+    "WorkerMethod",
+]
 
 WorkerMethod = Literal["thread", "process"]
 T = TypeVar("T")
@@ -197,6 +215,37 @@ class IOBatch:
     where: np.ndarray
 
 
+@dataclass
+class WorkerFailure:
+    """The exception the I/O stage raised on a batch, handed on as a result so that it keeps its type.
+
+    Args:
+        error: the exception itself (from a worker process: a pickled copy, whose traceback text
+            is attached as a note).
+    """
+
+    error: Exception
+
+    @classmethod
+    def of(cls, error: Exception, in_process: bool) -> WorkerFailure | None:
+        """``error`` wrapped for the trip to the compute stage, or ``None`` when it cannot make it.
+
+        From a worker process the exception must survive pickling as itself (same type, same
+        message); one that does not is left to torchdata's own wrapping.
+        """
+        if not in_process:
+            return cls(error)
+        text = "".join(traceback.format_exception(error))
+        try:
+            copy = pickle.loads(pickle.dumps(error))
+        except Exception:
+            return None
+        if type(copy) is not type(error) or str(copy) != str(error):
+            return None
+        copy.add_note(f"Raised in a loader worker process (pid {os.getpid()}):\n{text.rstrip()}")
+        return cls(copy)
+
+
 class ReadOrLoad:
     """The I/O stage: read hits from the store, load raw samples of misses. No module.
 
@@ -220,7 +269,7 @@ class ReadOrLoad:
         # each arms its parent-death signal as it starts (fork: the after-fork hook) or, at the
         # latest, on its first batch (spawn).
         self.in_processes = in_processes
-        self._armed_pid = os.getpid()
+        self._created_pid = self._armed_pid = os.getpid()  # a worker process has another
         if in_processes:
             multiprocessing.util.register_after_fork(self, ReadOrLoad._arm)
 
@@ -241,7 +290,16 @@ class ReadOrLoad:
         if ours and parent is not None and parent.pid:
             exit_with_parent(parent.pid)
 
-    def __call__(self, rows: list[int] | np.ndarray) -> IOBatch:
+    def __call__(self, rows: list[int] | np.ndarray) -> IOBatch | WorkerFailure:
+        try:
+            return self._read_or_load(rows)
+        except Exception as error:
+            failure = WorkerFailure.of(error, in_process=os.getpid() != self._created_pid)
+            if failure is None:
+                raise
+            return failure
+
+    def _read_or_load(self, rows: list[int] | np.ndarray) -> IOBatch:
         self._arm()
         rows = np.asarray(rows, dtype=np.int64)
         columns = {
@@ -283,8 +341,11 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
     first batch that has any, on a batch of their own: here, off the training loop's thread
     when a prefetcher follows, while the I/O workers go on with the next batches.
 
+    A :class:`WorkerFailure` from the source is raised as its original exception; whatever this
+    stage raises is also kept in ``error``, so the training loop can re-raise the original.
+
     Args:
-        source: a node of :class:`IOBatch`.
+        source: a node of :class:`IOBatch` (or :class:`WorkerFailure`).
         cached: the dataset whose module and layouts to use.
         writer: the background writer of ``cached.entry``.
         finish: turns a :class:`ComputedBatch` into what this node yields.
@@ -296,7 +357,7 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
 
     def __init__(
         self,
-        source: tn.BaseNode[IOBatch],
+        source: tn.BaseNode[IOBatch | WorkerFailure],
         cached: CachedSource,
         writer: Writer,
         finish: Callable[[ComputedBatch], T],
@@ -311,7 +372,9 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
         self.pin_memory = pin_memory
         self.spot_check = spot_check
         self._spot_due = spot_check
-        self.spot_error: StaleFeaturesError | None = None  # the original, for the main thread
+        # The exception this stage raised last (the dataset's, the module's, a spot check's), for
+        # the training loop: torchdata re-raises it there as text.
+        self.error: Exception | None = None
         # torchdata's thread workers call torch.set_num_threads(1), and threads started after
         # that (the prefetcher's, which runs this node) inherit it: the module would run on one
         # core. The compute stage runs on the thread count of the process that built it.
@@ -322,25 +385,33 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
         self.writer.flush()  # rows of an epoch left early are stored before the next one starts
         self.source.reset(None if initial_state is None else initial_state[self.SOURCE_KEY])
         self._spot_due = self.spot_check
+        self.error = None
 
     def next(self) -> T:
+        try:
+            return self._next()
+        except StopIteration:
+            raise
+        except Exception as error:
+            self.error = error  # the original, for the training loop's thread
+            raise
+
+    def _next(self) -> T:
         self.writer.check()
         try:
             batch = next(self.source)
         except StopIteration:
             self.writer.flush()
             raise
+        if isinstance(batch, WorkerFailure):
+            raise batch.error
         self.cached.record_hits(batch.rows[batch.hit])
         if torch.get_num_threads() != self._num_threads:  # the module runs in this thread
             torch.set_num_threads(self._num_threads)
         if self._spot_due and batch.hit.any():
             self._spot_due = False
             hit = np.flatnonzero(batch.hit)
-            try:
-                self.cached.spot_check_hits(batch.rows[hit], {n: c[hit] for n, c in batch.columns.items()})
-            except StaleFeaturesError as error:
-                self.spot_error = error
-                raise
+            self.cached.spot_check_hits(batch.rows[hit], {n: c[hit] for n, c in batch.columns.items()})
         computed = 0
         if batch.misses is not None:
             values = self.cached.compute_loaded(batch.misses, pin_memory=self.pin_memory)
@@ -430,7 +501,7 @@ class Loader:
         io = ReadOrLoad(
             hits, cached.row_loader(), in_processes=self.num_workers > 0 and self.worker_method == "process"
         )
-        read: tn.BaseNode[IOBatch] = (
+        read: tn.BaseNode[IOBatch | WorkerFailure] = (
             tn.ParallelMapper(batches, io, num_workers=self.num_workers, method=self.worker_method)
             if self.num_workers > 0
             else tn.Mapper(batches, io)
@@ -462,8 +533,8 @@ class Loader:
             except WriterError:  # raised in the prefetch thread: re-raise with its cause
                 self.writer.check()
                 raise
-            except StaleFeaturesError:  # re-raised from the prefetch thread as text: the original
-                error, self._compute.spot_error = self._compute.spot_error, None
+            except Exception:  # re-raised from the prefetch thread as text: raise the original
+                error, self._compute.error = self._compute.error, None
                 if error is None:
                     raise
                 raise error from None

@@ -13,14 +13,16 @@ then every rank sees every row.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch.distributed as dist
 import torchdata.nodes as tn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from cachedfeatures.parse import parse_nonnegative_int
 from cachedfeatures.pipeline.nodes import (
@@ -29,6 +31,7 @@ from cachedfeatures.pipeline.nodes import (
     ComputeMisses,
     IOBatch,
     ReadOrLoad,
+    WorkerFailure,
     WorkerMethod,
     parse_worker_method,
 )
@@ -85,6 +88,17 @@ def _process_group(distributed: bool | None) -> tuple[int, int]:
     if not distributed:
         return 0, 1
     return found.rank, found.world_size
+
+
+def _progress_bar_class() -> Any:
+    """tqdm's widget bar in a Jupyter kernel that can draw it (ipywidgets installed), else the
+    text bar. ``tqdm.auto`` itself would warn "IProgress not found" in a kernel without ipywidgets,
+    so it is only imported where that cannot happen."""
+    if importlib.util.find_spec("ipywidgets") is None:
+        return tqdm
+    from tqdm.auto import tqdm as auto_tqdm  # optional: the notebook bar
+
+    return auto_tqdm
 
 
 def _count(batch: ComputedBatch) -> int:
@@ -167,13 +181,13 @@ def prefill(
             read_hits=False,
             in_processes=num_workers > 0 and worker_method == "process",
         )
-        read: tn.BaseNode[IOBatch] = (
+        read: tn.BaseNode[IOBatch | WorkerFailure] = (
             tn.ParallelMapper(batches, io, num_workers=num_workers, method=worker_method)
             if num_workers > 0
             else tn.Mapper(batches, io)
         )
         node = ComputeMisses(read, cached, writer, _count)
-        bar = tqdm(
+        bar = _progress_bar_class()(
             total=len(rows),
             unit="rows",
             desc=f"prefill {entry.name}" + (f" [rank {rank}/{world_size}]" if world_size > 1 else ""),

@@ -660,6 +660,14 @@ class FeatureStore:
         return explore.store_html(self, [(entry.info(), entry.valid_mask()) for entry in self.entries])
 
 
+def _what_to_do(mode: Literal["r", "a"]) -> str:
+    """What to pass instead of a path that is not a store: an existing store to read, a new path
+    (or a store) to create one."""
+    if mode == "r":
+        return "pass the path of an existing store (the directory given as store=... when the cache was made)"
+    return "pass a new path (for example 'features.zarr') for the cache, or an existing store"
+
+
 def _open_root(zarr_store: Store, mode: Literal["r", "a"], location: str) -> zarr.Group:
     """The store's root group, created with the format attrs when the store is new."""
     try:
@@ -674,7 +682,8 @@ def _open_root(zarr_store: Store, mode: Literal["r", "a"], location: str) -> zar
         ) from error
     except (zarr.errors.ContainsArrayError, zarr.errors.NodeTypeValidationError) as error:
         raise NotAFeatureStoreError(
-            f"{location} holds a Zarr array, not a cachedfeatures store; pass a new path."
+            f"{location} is a Zarr array, not a cachedfeatures store (a Zarr group of entries); "
+            f"{_what_to_do(mode)}."
         ) from error
     except FileNotFoundError as error:
         raise StorePathError(f"no cachedfeatures store at {location}; check the path.") from error
@@ -689,8 +698,8 @@ def _open_root(zarr_store: Store, mode: Literal["r", "a"], location: str) -> zar
     if meta is None:
         if mode == "r" or any(True for _ in root):
             raise NotAFeatureStoreError(
-                f"{location} is a Zarr store that cachedfeatures did not write (no "
-                f"'{ATTRS_KEY}' attribute); pass a new path for the cache."
+                f"{location} is a Zarr group that cachedfeatures did not write (its zarr.json has no "
+                f"'{ATTRS_KEY}' attribute); {_what_to_do(mode)}."
             )
         root.attrs[ATTRS_KEY] = {FORMAT_VERSION_KEY: STORE_FORMAT_VERSION, "created": _now()}
     elif int(meta.get(FORMAT_VERSION_KEY, 0)) > STORE_FORMAT_VERSION:
@@ -815,7 +824,7 @@ def rebuild_root(path: str | os.PathLike[str]) -> None:
     os.replace(partial, target)  # the garbage one, if any, goes in one step
 
 
-def check_store_directory(path: Path) -> None:
+def check_store_directory(path: Path, mode: Literal["r", "a"] = "a") -> None:
     """Refuse a directory that is not a store: a clear error for a lost root, or for other files."""
     if not path.is_dir() or (path / "zarr.json").exists():
         return
@@ -824,10 +833,12 @@ def check_store_directory(path: Path) -> None:
             f"store {str(path)!r} has lost its root metadata (zarr.json) but still holds entries. "
             f"Run 'cachedfeatures verify --repair {path}': it rebuilds it, keeping the entries."
         )
-    if any(path.iterdir()):
+    children = sorted(child.name for child in path.iterdir())
+    if children:
+        shown = ", ".join(children[:3]) + (", ..." if len(children) > 3 else "")
         raise StorePathError(
-            f"store path {str(path)!r} is a non-empty directory that is not a Zarr store; "
-            "pass a new path (for example 'features.zarr') or an existing cache."
+            f"store path {str(path)!r} is a non-empty directory ({shown}) with no zarr.json, so "
+            f"not a Zarr store; {_what_to_do(mode)}."
         )
 
 
@@ -850,12 +861,17 @@ def _resolve(
         text = os.fspath(store)
         path = Path(text.removeprefix("file://") if isinstance(text, str) else text).expanduser()
         if path.is_file():
+            if mode == "r":
+                raise StorePathError(
+                    f"store path {str(path)!r} is a file, not a cachedfeatures store (a directory); "
+                    f"{_what_to_do(mode)}."
+                )
             raise StorePathError(
                 f"store path {str(path)!r} is a file; pass a directory path (for example "
                 f"{str(path.with_suffix('.zarr'))!r}) where the cache can live."
             )
         if mode == "r":  # mode "a" checks under the root lock, once a racing creator is done
-            check_store_directory(path)
+            check_store_directory(path, mode)
             if not path.exists():
                 raise StorePathError(f"no cachedfeatures store at {str(path)!r}; check the path.")
         if mode == "a":

@@ -21,6 +21,7 @@ from cachedfeatures.errors import (
     DamagedStoreError,
     DeviceInWorkerError,
     DtypeError,
+    DuplicateKeyError,
     EntryNotFoundError,
     FieldNotStorableError,
     FingerprintWarning,
@@ -51,6 +52,7 @@ from cachedfeatures.reader.chunk_reader import ChunkReader
 from cachedfeatures.store.faults import WriteGuard
 from cachedfeatures.store.feature_store import Entry, FeatureStore
 from cachedfeatures.store.ownership import ChunkOwnership
+from cachedfeatures.stream_dataset import CachedIterableDataset
 
 __all__ = [
     "ArgumentTypeError",
@@ -58,6 +60,7 @@ __all__ = [
     "CacheError",
     "CacheWarning",
     "CachedFeatureDataset",
+    "CachedIterableDataset",
     "CachingPausedWarning",
     "CallConventionError",
     "ChunkOwnership",
@@ -67,6 +70,7 @@ __all__ = [
     "DamagedStoreError",
     "DeviceInWorkerError",
     "DtypeError",
+    "DuplicateKeyError",
     "Entry",
     "EntryNotFoundError",
     "FeatureStore",

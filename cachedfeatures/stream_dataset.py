@@ -491,10 +491,10 @@ class CachedIterableDataset(IterableDataset[Any]):
     def __iter__(self) -> Iterator[Any]:
         """One pass, in this process: samples one by one (the module runs here)."""
         plan = self._plan()
-        for samples in self._serve(
+        for columns in self._serve(
             iter(_Reader(self, plan, self.batch_size)), plan, record=get_worker_info() is None
         ):
-            yield from samples
+            yield from self._build(columns)
 
     def loader(
         self,
@@ -515,8 +515,11 @@ class CachedIterableDataset(IterableDataset[Any]):
         size = self.batch_size if batch_size is None else parse_positive_int("batch_size", batch_size)
         return _Pass(self, size, num_workers, collate_fn, loader_options)
 
-    def _serve(self, batches: Iterator[_Batch], plan: _Plan, *, record: bool) -> Iterator[list[Any]]:
-        """Compute and store the misses of each batch, spot-check, and yield its samples.
+    def _serve(
+        self, batches: Iterator[_Batch], plan: _Plan, *, record: bool
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Compute and store the misses of each batch, spot-check, and yield its stored columns
+        (every array's rows, in the batch's order).
 
         After the last batch, with every key cached and no duplicate, record the pass (when
         ``record``: a pass split between DataLoader workers by the caller sees one split each).
@@ -528,7 +531,7 @@ class CachedIterableDataset(IterableDataset[Any]):
         for batch in batches:
             self.decodes += batch.decodes
             if batch.cache_only:
-                yield self._build(batch.rows, batch.columns)
+                yield batch.columns
                 continue
             for key, name in zip(batch.keys, batch.names, strict=True):
                 if key in seen:
@@ -547,7 +550,7 @@ class CachedIterableDataset(IterableDataset[Any]):
             if batch.checks:
                 self._spot_check(batch, rows, columns)
             all_rows.append(rows)
-            yield self._build(rows, columns, batch)
+            yield self._columns_at(batch, rows, columns)
         if record and not plan.cache_only and seen:
             self._record_pass(list(seen), np.concatenate(all_rows))
 
@@ -619,22 +622,31 @@ class CachedIterableDataset(IterableDataset[Any]):
             location = str(self._open_store().location)
             raise stale_error(keyed.name, location, len(positions), mismatches)
 
-    def _build(
-        self, rows: np.ndarray, columns: dict[str, np.ndarray], batch: _Batch | None = None
-    ) -> list[Any]:
-        if len(rows) == 0:
+    def _layouts(self) -> tuple[OutputLayout, SampleLayout]:
+        missing = self._output_layout is None or self._sample_layout is None
+        if missing and self._keyed(create=False) is None:
+            raise RowsNotCachedError(f"entry {self.entry_name} is gone; stream the source again.")
+        return cast(OutputLayout, self._output_layout), cast(SampleLayout, self._sample_layout)
+
+    def _build(self, columns: dict[str, np.ndarray]) -> list[Any]:
+        """The samples of a batch of stored columns."""
+        if not columns or len(next(iter(columns.values()))) == 0:
             return []
-        outputs, layout = self._output_layout, self._sample_layout
-        if outputs is None or layout is None:
-            keyed = self._keyed(create=False)
-            if keyed is None:
-                raise RowsNotCachedError(f"entry {self.entry_name} is gone; stream the source again.")
-            outputs, layout = cast(OutputLayout, self._output_layout), cast(SampleLayout, self._sample_layout)
-        if batch is not None:
-            columns = self._columns_at(batch, rows, columns)
+        outputs, layout = self._layouts()
         tensors = {spec.name: spec.numpy_to_tensor(columns[spec.name]) for spec in outputs.arrays}
         fields = {spec.name: columns[spec.name] for spec in layout.fields}
         return layout.build_many(outputs.unbind(tensors), fields)
+
+    def _collate(self, columns: dict[str, np.ndarray]) -> Any:
+        """``default_collate`` of the batch's samples, made straight from the stored columns
+        (no sample is built and stacked again): the same types, dtypes and values."""
+        outputs, layout = self._layouts()
+        tensors = {spec.name: spec.numpy_to_tensor(columns[spec.name]) for spec in outputs.arrays}
+        features = outputs.join(tensors)
+        if isinstance(features, tuple):
+            features = list(features)  # default_collate turns tuples into lists
+        fields = {spec.name: _collated_field(spec, columns[spec.name]) for spec in layout.fields}
+        return _collate_template(layout.template, features, fields)
 
     def _record_pass(self, keys: Sequence[bytes], rows: np.ndarray) -> None:
         """Record a pass that ended with every key cached: the cache may then serve alone."""
@@ -716,10 +728,39 @@ class _Pass:
                 **self.loader_options,
             )
             batches = iter(loader)
-        for samples in owner._serve(batches, plan, record=True):
-            if samples:
-                yield samples if self.collate_fn is None else self.collate_fn(samples)
+        for columns in owner._serve(batches, plan, record=True):
+            if not columns or len(next(iter(columns.values()))) == 0:
+                continue
+            if self.collate_fn is default_collate:
+                yield owner._collate(columns)
+                continue
+            samples = owner._build(columns)
+            yield samples if self.collate_fn is None else self.collate_fn(samples)
 
 
 def _identity(batch: _Batch) -> _Batch:
     return batch
+
+
+def _collated_field(spec: ArraySpec, column: np.ndarray) -> Any:
+    """A passthrough field's column as ``default_collate`` makes it from the field's values."""
+    if spec.kind == "tensor":
+        return spec.numpy_to_tensor(column)
+    if spec.kind == "str":
+        return column.tolist()
+    dtype = {"int": np.int64, "float": np.float64, "bool": np.bool_}.get(spec.kind)
+    return torch.from_numpy(
+        np.ascontiguousarray(column if dtype is None else column.astype(dtype, copy=False))
+    )
+
+
+def _collate_template(node: Mapping[str, Any], features: Any, fields: Mapping[str, Any]) -> Any:
+    kind = node["kind"]
+    if kind == "input":
+        return features
+    if kind == "field":
+        return fields[node["name"]]
+    items = [_collate_template(item, features, fields) for item in node["items"]]
+    if kind == "dict":
+        return dict(zip(node["keys"], items, strict=True))
+    return items  # default_collate makes a list of a tuple or list sample

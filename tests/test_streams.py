@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from cachedfeatures import (
     CachedIterableDataset,
@@ -355,3 +355,47 @@ def test_hugging_face_streaming_dataset(tmp_path: Path) -> None:
         iterable, torch.nn.Identity(), tmp_path / "g.zarr", key="id", input_key="vector", spot_check=0
     )
     assert sorted(s["id"] for s in other) == sorted(r["id"] for r in rows)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        lambda i: (torch.full((2,), float(i)), i),
+        lambda i: {"x": torch.full((2,), float(i)), "name": f"s{i}", "w": i / 2, "ok": i % 2 == 0},
+        lambda i: [torch.full((2,), float(i)), np.int32(i), np.arange(3) + i],
+    ],
+    ids=["tuple", "dict", "list"],
+)
+def test_loader_collates_from_columns_as_default_collate_does(tmp_path: Path, shape: Any) -> None:
+    records = [{"__key__": str(i), "i": i} for i in range(20)]
+    input_key = "x" if isinstance(shape(0), dict) else 0
+
+    def module(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x * 2, x.sum(1, keepdim=True)
+
+    cached = CachedIterableDataset(
+        records,
+        module,
+        tmp_path / "f.zarr",
+        decode=lambda r: shape(r["i"]),
+        input_key=input_key,
+        batch_size=8,
+        spot_check=0,
+        shuffle=False,
+    )
+    for _ in range(2):  # computed, then served from the cache alone
+        fast = list(cached.loader())
+        slow = list(cached.loader(collate_fn=lambda samples: default_collate(samples)))
+        assert len(fast) == len(slow) == 3
+        for a, b in zip(fast, slow, strict=True):
+            assert _same(a, b), (a, b)

@@ -667,6 +667,7 @@ class CachedIterableDataset(IterableDataset[Any]):
                 shape=ordered.shape,
                 chunks=(max(1, len(ordered)),),
                 dtype="int64",
+                dimension_names=("stream_key",),
                 overwrite=True,
             )
             array[:] = ordered

@@ -17,9 +17,11 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from cachedfeatures import (
     CachedIterableDataset,
     DuplicateKeyError,
+    FeatureStore,
     RowsNotCachedError,
     StaleFeaturesError,
 )
+from cachedfeatures.maintenance import verify_store
 
 SHAPE = (3, 8, 8)
 
@@ -399,3 +401,26 @@ def test_loader_collates_from_columns_as_default_collate_does(tmp_path: Path, sh
         assert len(fast) == len(slow) == 3
         for a, b in zip(fast, slow, strict=True):
             assert _same(a, b), (a, b)
+
+
+def test_stream_entry_reads_like_any_entry(tmp_path: Path) -> None:
+    """describe, to_xarray (plain xarray over the entry, bookkeeping arrays left out) and verify."""
+    records = [{"__key__": str(i), "i": i} for i in range(40)]
+    cached = CachedIterableDataset(
+        records,
+        lambda x: x * 2,
+        tmp_path / "f.zarr",
+        decode=lambda r: (torch.full((4,), float(r["i"])), r["i"]),
+        spot_check=0,
+        chunk_rows=16,
+    )
+    list(cached)
+    entry = cached.entry
+    assert entry is not None and cached.completed() is not None
+    assert "keyed by '__key__'" in entry.describe()
+    table = entry.to_xarray()
+    assert table.sizes["sample"] == 40
+    assert sorted(table["field_1"].values.tolist()) == list(range(40))
+    assert np.array_equal(table["features"].values[:, 0], 2.0 * table["field_1"].values)
+    report = verify_store(FeatureStore.open(tmp_path / "f.zarr"))
+    assert report["ok"], report

@@ -263,8 +263,12 @@ class CachedIterableDataset(IterableDataset[Any]):
         seed: int = 0,
         split: Split = "records",
     ) -> None:
-        if not isinstance(source, Iterable):
-            raise ArgumentTypeError(f"Expected source to be an iterable of records. Got {source!r}.")
+        if not isinstance(source, Iterable) or isinstance(source, Iterator):
+            raise ArgumentTypeError(
+                "Expected source to be a re-iterable of records (a list, a dataset, an object whose "
+                f"__iter__ starts a new pass). Got {source!r}; an iterator or generator is spent "
+                "after one pass: wrap its making in a class with __iter__."
+            )
         if not (callable(key) or (isinstance(key, (str, int)) and not isinstance(key, bool))):
             raise ArgumentTypeError(
                 f"Expected key to be a field name, an index or a callable record -> key. Got {key!r}."

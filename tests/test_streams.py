@@ -424,3 +424,21 @@ def test_stream_entry_reads_like_any_entry(tmp_path: Path) -> None:
     assert np.array_equal(table["features"].values[:, 0], 2.0 * table["field_1"].values)
     report = verify_store(FeatureStore.open(tmp_path / "f.zarr"))
     assert report["ok"], report
+
+
+def test_an_iterator_source_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="re-iterable"):
+        CachedIterableDataset(iter([{"__key__": "a"}]), torch.nn.Identity(), tmp_path / "f.zarr")
+
+
+@pytest.mark.slow
+def test_plain_dataloader_workers_each_take_their_own_records(tmp_path: Path) -> None:
+    """Iterated inside a DataLoader with workers, each worker takes its split (split="records")."""
+    paths = write_shards(tmp_path, 60, 30)
+    expected = expected_rows(paths)
+    cached, _ = make(paths, tmp_path / "f.zarr", Decoder(), cache_only=False)
+    loader = torch.utils.data.DataLoader(cached, batch_size=None, num_workers=2)
+    check_exact(list(loader), expected)
+    assert cached.completed() is None  # a worker sees its split only: no pass is recorded complete
+    check_exact(list(cached), expected)  # ... but every row was stored: nothing computed here
+    assert cached.module_calls == 0

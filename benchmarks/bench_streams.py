@@ -2,19 +2,26 @@
 
 Run from the repository root::
 
-    python benchmarks/bench_streams.py                 # N=16384 PNG images in 16 tar shards
-    python benchmarks/bench_streams.py --n 4096        # scaled down for a busy machine
+    python benchmarks/bench_streams.py                       # N=16384 128x128 PNG images, 16 tar shards
+    python benchmarks/bench_streams.py --n 2048 --part passes  # scaled down for a busy machine
+    python benchmarks/bench_streams.py --part cache-only       # the cache-only part alone
 
 The source is WebDataset-style tar shards written with ``tarfile`` (``<key>.png``, ``<key>.cls``),
-read as cheap records; ``decode`` turns the PNG into a float tensor (Pillow; zlib-compressed arrays
-where Pillow is missing). A small frozen conv backbone makes 256 features per image.
+read as cheap records (streamed, ``tarfile`` mode ``r|``); ``decode`` turns the PNG into a float
+tensor (Pillow; zlib-compressed arrays where Pillow is missing). A small frozen conv backbone makes
+256 features per image, on one CPU thread.
 
-For ``--workers`` 0 and 2 (each on a fresh store): the first pass (stream, decode, compute, store)
-and the second (stream, look up by key, read hits; ``cache_only=False``), every row of the second
-compared with the first. Then a cache-only pass (``cache_only=True``: the source is not opened,
-chunk-aware shuffle) against a map-style ``CachedFeatureDataset`` hit epoch over the same decoded
-samples and module, read through a DataLoader with the chunk-aware sampler, batch 64 for both;
-epochs taken in turns, best of ``--repeats``. Ratios are printed; numbers go to stdout only.
+Passes, for ``--workers`` 0 and 2 (each on a fresh store, ``split="source"``: each worker reads its
+own shards): the first pass (stream, decode, compute, store) and the second (stream, look up by
+key, read hits; ``cache_only=False``), ``--repeats`` times; every row of each second pass is
+compared with the first. Ratio: first / second, best and range.
+
+Cache-only: ``--cache-n`` samples (default 16384) of 32x32 images (hit epochs read the same 256
+features whatever the image size, so they fill fast). A cache-only pass (``cache_only=True``: the
+source is not opened, chunk-aware shuffle) against a map-style ``CachedFeatureDataset`` hit epoch
+over the same decoded samples and module, read by a DataLoader with ``ChunkShuffleSampler``, both
+batch 64 with ``default_collate``; epochs taken in turns after one warm-up epoch each. Ratios are
+printed per epoch and as a range.
 """
 
 from __future__ import annotations
@@ -218,9 +225,11 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        paths = write_shards(directory, args.n, args.shards)
-        size = sum(path.stat().st_size for path in paths)
-        print(f"{args.n} samples, {args.shards} shards, {size / 1e6:.0f} MB ({'PNG' if Image else 'zlib'})")
+        if args.part != "cache-only":
+            paths = write_shards(directory, args.n, args.shards)
+            size = sum(path.stat().st_size for path in paths)
+            kind = "PNG" if Image else "zlib"
+            print(f"{args.n} samples of {SIZE}x{SIZE}, {args.shards} shards, {size / 1e6:.0f} MB ({kind})")
         for workers in args.workers if args.part != "cache-only" else []:
             store = directory / f"stream-{workers}.zarr"
             cached = stream(paths, store, cache_only=False)
@@ -248,6 +257,7 @@ def main() -> None:
         small.mkdir()
         paths = write_shards(small, args.cache_n, args.shards, size=32)
         args.n = args.cache_n
+        print(f"cache-only part: {args.n} samples of 32x32, 256 features each, batch {BATCH}")
         store = directory / "stream.zarr"
         cached = stream(paths, store)
         one_pass(cached, 0)  # fills and records the complete pass

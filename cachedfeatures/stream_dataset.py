@@ -543,7 +543,9 @@ class CachedIterableDataset(IterableDataset[Any]):
                     raise DuplicateKeyError(
                         f"the source yielded sample key {name!r} twice in one pass (first as "
                         f"{first!r}); rows are stored by key, so keys must be unique. Pass key= a "
-                        "callable that makes them unique (e.g. shard name + '/' + __key__)."
+                        "callable that makes them unique (e.g. shard name + '/' + __key__). With "
+                        "DataLoader workers and split='source', a source that does not split itself "
+                        "by get_worker_info() yields every record in every worker: use split='records'."
                     )
                 seen[key] = 1
                 names_of[key] = name

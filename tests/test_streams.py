@@ -442,3 +442,15 @@ def test_plain_dataloader_workers_each_take_their_own_records(tmp_path: Path) ->
     assert cached.completed() is None  # a worker sees its split only: no pass is recorded complete
     check_exact(list(cached), expected)  # ... but every row was stored: nothing computed here
     assert cached.module_calls == 0
+
+
+@pytest.mark.slow
+def test_spot_checks_decoded_in_workers_are_compared_in_the_main_process(tmp_path: Path) -> None:
+    paths = write_shards(tmp_path, 64, 32)
+    cached, _ = make(paths, tmp_path / "f.zarr", Decoder(), spot_check=64, cache_only=False)
+    list(cached.loader(num_workers=2))
+    list(cached.loader(num_workers=2))  # hits decoded again in the workers: nothing changed
+    assert cached.decodes == 128
+    write_shards(tmp_path, 64, 32, seed=1)
+    with pytest.raises(StaleFeaturesError, match="stale"):
+        list(cached.loader(num_workers=2))

@@ -21,6 +21,7 @@ from cachedfeatures.errors import (
     DamagedStoreError,
     DeviceInWorkerError,
     DtypeError,
+    DuplicateKeyError,
     EntryNotFoundError,
     FieldNameError,
     FieldNotStorableError,
@@ -53,6 +54,7 @@ from cachedfeatures.reader.chunk_reader import ChunkReader
 from cachedfeatures.store.faults import WriteGuard
 from cachedfeatures.store.feature_store import Entry, FeatureStore
 from cachedfeatures.store.ownership import ChunkOwnership
+from cachedfeatures.stream_dataset import CachedIterableDataset
 
 __all__ = [
     "ArgumentTypeError",
@@ -60,6 +62,7 @@ __all__ = [
     "CacheError",
     "CacheWarning",
     "CachedFeatureDataset",
+    "CachedIterableDataset",
     "CachingPausedWarning",
     "CallConventionError",
     "ChunkOwnership",
@@ -70,6 +73,7 @@ __all__ = [
     "DatasetOptions",
     "DeviceInWorkerError",
     "DtypeError",
+    "DuplicateKeyError",
     "Entry",
     "EntryNotFoundError",
     "FeatureStore",

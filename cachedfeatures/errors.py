@@ -17,6 +17,7 @@ __all__ = [
     "ChunkSizeError",
     "DamagedStoreError",
     "DtypeError",
+    "DuplicateKeyError",
     "DeviceInWorkerError",
     "EntryNotFoundError",
     "FieldNameError",
@@ -197,3 +198,8 @@ class StaleFeaturesError(CacheError, RuntimeError):
         super().__init__(message)
         self.entry = entry
         self.rows = rows
+
+
+class DuplicateKeyError(CacheError, ValueError):
+    """A stream yielded one sample key twice in one pass: rows are stored by key, so two
+    samples under one key would serve one's features for both."""

@@ -52,7 +52,6 @@ from cachedfeatures.compute.memory_tier import MemoryTier, Row
 from cachedfeatures.compute.modes import mode_dependent_submodules, training_mode_message
 from cachedfeatures.compute.state_token import state_token
 from cachedfeatures.errors import (
-    BudgetError,
     InputBatchError,
     OptionWithoutStoreError,
     RequiresGradError,
@@ -60,7 +59,7 @@ from cachedfeatures.errors import (
 )
 from cachedfeatures.format.row_keys import KEY_ALGORITHM, KEY_BYTES, CallInputs, gather_inputs, row_keys
 from cachedfeatures.parse import parse_float_dtype, parse_int
-from cachedfeatures.pruning import Budget
+from cachedfeatures.pruning import KeyedBudget
 from cachedfeatures.store.feature_store import Compressor, FeatureStore, StoreLike
 from cachedfeatures.store.keyed_entry import KeyedEntry, keyed_chunk_rows
 
@@ -327,7 +326,7 @@ class ModuleCache:
         self._scopes: dict[int, _Scope] = {}
         self._memory_digest: str | None = None
         self._entries: dict[str, KeyedEntry] = {}
-        self._budgets: dict[str, _StoreBudget] = {}  # entry name -> its store-wide budget
+        self._budgets: dict[str, KeyedBudget] = {}  # entry name -> its store-wide budget
         self._layouts: dict[str, OutputLayout] = {}
         self._contexts: dict[str, tuple[Fingerprint, str]] = {}
         self._signatures: dict[Any, inspect.Signature | None] = {}
@@ -665,7 +664,7 @@ class ModuleCache:
 
     def _budget_for(self, store: FeatureStore, entry: KeyedEntry) -> None:
         if self.options.max_bytes is not None and entry.name not in self._budgets:
-            self._budgets[entry.name] = _StoreBudget(store, entry, self.options.max_bytes)
+            self._budgets[entry.name] = KeyedBudget(store, entry, self.options.max_bytes)
 
     def _open_store(self) -> FeatureStore:
         if self.store is None:
@@ -730,83 +729,6 @@ class ModuleCache:
 
     def _entry_name(self, context: str) -> str:
         return f"{self.name}-{context}"
-
-
-class _Appended:
-    """Bytes appended by every cached module of this process, to any store: a budget's
-    estimate of its store's size counts them all (over-counting other stores' bytes only
-    makes it measure sooner), so two modules sharing one store keep it within its budget."""
-
-    def __init__(self) -> None:
-        self.total = 0
-        self._lock = threading.Lock()
-
-    def add(self, nbytes: int) -> int:
-        with self._lock:
-            self.total += nbytes
-            return self.total
-
-
-_APPENDED = _Appended()
-
-
-class _StoreBudget:
-    """``cached_module(max_bytes=)``: the whole store within ``max_bytes``, as a dataset's is.
-
-    After an append it prunes the store with :class:`~cachedfeatures.pruning.Budget` (other
-    entries first, least recently used first, then this entry's chunks, most recently used
-    first by their use in this process). Measuring lists the store, so it measures every
-    ``MEASURE_EVERY`` appends, or sooner when the bytes this process appended since (by any
-    cached module) could cross the budget; other processes' appends show at the next measurement.
-    """
-
-    MEASURE_EVERY = 64
-
-    def __init__(self, store: FeatureStore, entry: KeyedEntry, max_bytes: int) -> None:
-        self.entry = entry
-        self.budget = Budget(store, entry.entry, max_bytes, "mru", entry)
-        self.appends = 0
-        self.appended_at_measure = 0  # _APPENDED.total when the store was last measured
-        # Stored bytes per byte appended, as last seen (chunk files hold checksums, and each new
-        # chunk adds a valid mask and a checksum record): starts high, so it measures early.
-        self.growth = 2.0
-
-    def after_append(self, nbytes: int) -> None:
-        self.appends += 1
-        appended = _APPENDED.add(nbytes)
-        since = appended - self.appended_at_measure
-        budget = self.budget
-        before = budget.measured
-        if (
-            before is not None
-            and self.appends % self.MEASURE_EVERY
-            and before + self.growth * since <= budget.max_bytes
-        ):
-            return
-        self.appended_at_measure = appended
-        budget.entry = self.entry.entry  # the entry as it is now (it grows)
-        report = budget.enforce()
-        if before is not None and since > 0 and budget.usage is not None:
-            self.growth = max(1.0, (budget.usage.total - before) / since)
-        if report is None:
-            return
-        name = self.entry.name
-        dropped = {item.chunk for item in report.dropped if item.entry == name}
-        for chunk in dropped:
-            self.entry.forget(chunk)
-        stored = set(budget.usage.chunks.get(name, {})) if budget.usage is not None else set()
-        if dropped and stored <= dropped:
-            # Nothing is left: every write would be dropped as soon as it is made, and the
-            # module re-run on every call. Say so instead of caching nothing in silence.
-            largest = max(item.nbytes for item in report.dropped if item.entry == name)
-            need = report.bytes_after + largest
-            raise BudgetError(
-                f"max_bytes={budget.max_bytes} cannot hold a single chunk of entry {name}: the "
-                f"store's metadata (and what cannot be pruned) takes {report.bytes_after} bytes and "
-                f"one chunk about {largest}, so every row written was dropped at once. Set max_bytes "
-                f"to at least {need} (better: room for the rows you want cached), lower chunk_rows, "
-                "or pass max_bytes=None."
-            )
 
 
 def _output_tensors(layout: OutputLayout, output: Any, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

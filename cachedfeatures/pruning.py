@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from cachedfeatures.store.chunk_bytes import (
 )
 from cachedfeatures.store.feature_store import Entry, FeatureStore
 from cachedfeatures.store.integrity import missing_chunks  # its old home: the import path stays
+from cachedfeatures.store.keyed_entry import KeyedEntry
 from cachedfeatures.units import format_bytes, parse_bytes
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "AccessStats",
     "Budget",
     "DroppedChunk",
+    "KeyedBudget",
     "Policy",
     "PruneReport",
     "StoreUsage",
@@ -399,3 +402,84 @@ class Budget:
                 self._others[name] = entry
             found.append(self._others[name])
         return found
+
+
+# -- keyed entries (cached_module, CachedIterableDataset) ---------------------------------------
+
+
+class _Appended:
+    """Bytes appended by every cached module of this process, to any store: a budget's
+    estimate of its store's size counts them all (over-counting other stores' bytes only
+    makes it measure sooner), so two modules sharing one store keep it within its budget."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._lock = threading.Lock()
+
+    def add(self, nbytes: int) -> int:
+        with self._lock:
+            self.total += nbytes
+            return self.total
+
+
+_APPENDED = _Appended()
+
+
+class KeyedBudget:
+    """A keyed entry's store within ``max_bytes`` (``cached_module(max_bytes=)``, and
+    ``CachedIterableDataset(max_bytes=)``), as a dataset's is.
+
+    After an append it prunes the store with :class:`~cachedfeatures.pruning.Budget` (other
+    entries first, least recently used first, then this entry's chunks, most recently used
+    first by their use in this process). Measuring lists the store, so it measures every
+    ``MEASURE_EVERY`` appends, or sooner when the bytes this process appended since (by any
+    cached module) could cross the budget; other processes' appends show at the next measurement.
+    """
+
+    MEASURE_EVERY = 64
+
+    def __init__(self, store: FeatureStore, entry: KeyedEntry, max_bytes: int) -> None:
+        self.entry = entry
+        self.budget = Budget(store, entry.entry, max_bytes, "mru", entry)
+        self.appends = 0
+        self.appended_at_measure = 0  # _APPENDED.total when the store was last measured
+        # Stored bytes per byte appended, as last seen (chunk files hold checksums, and each new
+        # chunk adds a valid mask and a checksum record): starts high, so it measures early.
+        self.growth = 2.0
+
+    def after_append(self, nbytes: int) -> None:
+        self.appends += 1
+        appended = _APPENDED.add(nbytes)
+        since = appended - self.appended_at_measure
+        budget = self.budget
+        before = budget.measured
+        if (
+            before is not None
+            and self.appends % self.MEASURE_EVERY
+            and before + self.growth * since <= budget.max_bytes
+        ):
+            return
+        self.appended_at_measure = appended
+        budget.entry = self.entry.entry  # the entry as it is now (it grows)
+        report = budget.enforce()
+        if before is not None and since > 0 and budget.usage is not None:
+            self.growth = max(1.0, (budget.usage.total - before) / since)
+        if report is None:
+            return
+        name = self.entry.name
+        dropped = {item.chunk for item in report.dropped if item.entry == name}
+        for chunk in dropped:
+            self.entry.forget(chunk)
+        stored = set(budget.usage.chunks.get(name, {})) if budget.usage is not None else set()
+        if dropped and stored <= dropped:
+            # Nothing is left: every write would be dropped as soon as it is made, and the
+            # module re-run on every call. Say so instead of caching nothing in silence.
+            largest = max(item.nbytes for item in report.dropped if item.entry == name)
+            need = report.bytes_after + largest
+            raise BudgetError(
+                f"max_bytes={budget.max_bytes} cannot hold a single chunk of entry {name}: the "
+                f"store's metadata (and what cannot be pruned) takes {report.bytes_after} bytes and "
+                f"one chunk about {largest}, so every row written was dropped at once. Set max_bytes "
+                f"to at least {need} (better: room for the rows you want cached), lower chunk_rows, "
+                "or pass max_bytes=None."
+            )

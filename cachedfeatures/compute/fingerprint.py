@@ -239,7 +239,23 @@ def dataset_fingerprint(
     return DatasetProbe(Fingerprint(digest, description, details), probes, loads)
 
 
-def _state_digests(dataset: Any) -> tuple[dict[str, str], list[str]]:
+def source_state(source: Any) -> tuple[str, str, list[str]]:
+    """Digests of a stream source's own state (a few attribute levels deep): its identity, the
+    state of the files it names, and what was not hashed.
+
+    The identity covers the source's attributes with file names but not their sizes or mtimes,
+    so it stays the same when the files are gone. The files digest covers only the attributes
+    that name existing files, with their sizes and mtimes: a cheap "did a shard change" that a
+    counter the source keeps (records read, shards opened) does not move.
+    """
+    plain, unhashed = _state_digests(source, stat_files=False)
+    stat, _ = _state_digests(source, stat_files=True)
+    files = sorted((path, digest) for path, digest in stat.items() if plain.get(path) != digest)
+    identity = _hashing.hash_strings(*(f"{path}={digest}" for path, digest in sorted(plain.items())))
+    return identity, _hashing.hash_strings(*(f"{path}={digest}" for path, digest in files)), unhashed
+
+
+def _state_digests(dataset: Any, *, stat_files: bool = True) -> tuple[dict[str, str], list[str]]:
     """A digest per attribute path of ``dataset`` (a few levels deep), and what was not hashed."""
     digests: dict[str, str] = {}
     unhashed: list[str] = []
@@ -247,7 +263,7 @@ def _state_digests(dataset: Any) -> tuple[dict[str, str], list[str]]:
     def visit(obj: Any, path: str, depth: int) -> None:
         attributes = _plain_attributes(obj) if depth < _STATE_DEPTH else None
         if attributes is None:
-            hasher = StateHasher(stat_files=True)
+            hasher = StateHasher(stat_files=stat_files)
             hasher.update(obj, path)
             digests[path] = hasher.hexdigest()
             unhashed.extend(hasher.unhashed)

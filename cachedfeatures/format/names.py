@@ -37,6 +37,7 @@ __all__ = [
     "RESERVED",
     "SAMPLE_DIM",
     "STORE_FORMAT_VERSION",
+    "STREAM_ROWS",
     "TORCH_DTYPE_ATTR",
     "VALID",
     "dimension_names",
@@ -62,7 +63,8 @@ ATTRS_KEY = "cachedfeatures"
 FORMAT_VERSION_KEY = "format_version"
 # The keys of an entry's metadata. "arrays" marks an entry as complete: it is written last.
 ENTRY_META_KEYS = (
-    "kind",  # "module_cache" for keyed entries; absent for dataset entries
+    "kind",  # "module_cache" or "stream" for keyed entries; absent for dataset entries
+    "stream",  # stream entries: the record of a complete epoch (keys, digest, source state)
     "module",  # {"description", "digest", ...}: the module's fingerprint
     "dataset",  # {"description", "digest", ...}: the dataset's fingerprint
     "options",
@@ -97,11 +99,14 @@ CHUNK_CRC = "chunk_crc"
 # (1,) int64 count of rows handed out so far.
 KEY = "key"
 NEXT_ROW = "next_row"
+# Stream entries (CachedIterableDataset): (num_keys,) int64 rows of every key of the source,
+# written when an epoch ended with every key cached (the cache-only pass serves them).
+STREAM_ROWS = "stream_rows"
 # Names a dataset's passthrough field may not take: the bookkeeping arrays of every entry.
 RESERVED = frozenset({VALID, ACCESS, CHUNK_CRC})
 # Arrays of an entry whose chunks are not row chunks: their bytes are not part of any row chunk
 # (dropping a chunk does not free them).
-NOT_ROW_CHUNKED = frozenset({ACCESS, NEXT_ROW})
+NOT_ROW_CHUNKED = frozenset({ACCESS, NEXT_ROW, STREAM_ROWS})
 
 # -- dimensions ----------------------------------------------------------------------------------
 

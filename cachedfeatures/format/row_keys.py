@@ -22,7 +22,15 @@ import xxhash
 
 from cachedfeatures.errors import InputBatchError, UnhashableArgumentError
 
-__all__ = ["KEY_ALGORITHM", "KEY_BYTES", "CallInputs", "gather_inputs", "row_bytes", "row_keys"]
+__all__ = [
+    "KEY_ALGORITHM",
+    "KEY_BYTES",
+    "CallInputs",
+    "gather_inputs",
+    "row_bytes",
+    "row_keys",
+    "sample_key",
+]
 
 KEY_ALGORITHM = "xxh3_128"
 KEY_BYTES = 16
@@ -132,3 +140,18 @@ def row_keys(inputs: CallInputs) -> list[bytes]:
             hasher.update(matrix[index])
         keys.append(hasher.digest())
     return keys
+
+
+_SAMPLE_KEY_SEED = xxhash.xxh3_64_intdigest(b"cachedfeatures sample key")
+
+
+def sample_key(key: str | bytes | int) -> bytes:
+    """The 16-byte row key of a stream's sample key (``"000123"``, a path, an id).
+
+    XXH3-128 of the key's UTF-8 bytes (an int is written in decimal), seeded apart from
+    :func:`row_keys`, so keyed entries store stream rows in the same fixed-size key column.
+    """
+    if isinstance(key, bool) or not isinstance(key, (str, bytes, int)):
+        raise TypeError(f"Expected a sample key to be a str, bytes or int. Got {key!r}.")
+    data = key if isinstance(key, bytes) else str(key).encode("utf-8", "surrogatepass")
+    return xxhash.xxh3_128_digest(data, _SAMPLE_KEY_SEED)

@@ -23,7 +23,7 @@ import torch
 import zarr
 
 from cachedfeatures.errors import RowsNotCachedError, UnknownArrayError
-from cachedfeatures.format.names import ACCESS, CHUNK_CRC, SAMPLE_DIM, VALID
+from cachedfeatures.format.names import ACCESS, CHUNK_CRC, NEXT_ROW, SAMPLE_DIM, STREAM_ROWS, VALID
 from cachedfeatures.format.specs import ArraySpec
 from cachedfeatures.parse import parse_choice
 from cachedfeatures.store import access, chunk_bytes
@@ -196,7 +196,8 @@ def to_xarray(entry: Entry, valid_only: bool = True) -> xarray.Dataset:
     import xarray as xr
 
     group = entry.group
-    drop = [name for name in (ACCESS, CHUNK_CRC) if name in group]  # bookkeeping, not features
+    # bookkeeping, not features (keyed entries' row counter and a stream's rows: not along sample)
+    drop = [name for name in (ACCESS, CHUNK_CRC, NEXT_ROW, STREAM_ROWS) if name in group]
     dataset = xr.open_zarr(
         group.store,
         group=group.path,

@@ -274,7 +274,14 @@ class KeyedEntry:
         with self.store.locks.entry(self.name):
             group = self._fresh_group()
             if NEXT_ROW not in group:
-                group.create_array(NEXT_ROW, shape=(1,), chunks=(1,), dtype="int64", fill_value=0)
+                group.create_array(
+                    NEXT_ROW,
+                    shape=(1,),
+                    chunks=(1,),
+                    dtype="int64",
+                    fill_value=0,
+                    dimension_names=(NEXT_ROW,),
+                )
             counter = cast("zarr.Array[Any]", group[NEXT_ROW])
             start = int(np.asarray(counter[0]))
             meta = cast(dict[str, Any], group.attrs[ATTRS_KEY])

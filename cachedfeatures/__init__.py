@@ -40,6 +40,7 @@ from cachedfeatures.errors import (
     WriterError,
 )
 from cachedfeatures.module_cache import ModuleCache, cached_module
+from cachedfeatures.pipeline.collate import PadCollate, RaggedBatch, pad_collate
 from cachedfeatures.pipeline.nodes import Loader
 from cachedfeatures.pipeline.prefill import PrefillResult
 from cachedfeatures.pipeline.sampler import ChunkShuffleSampler
@@ -75,7 +76,9 @@ __all__ = [
     "NotAFeatureStoreError",
     "OptionWithoutStoreError",
     "OutputShapeError",
+    "PadCollate",
     "PrefillResult",
+    "RaggedBatch",
     "ReadOnlyStoreWarning",
     "RequiresGradError",
     "RowsNotCachedError",
@@ -88,4 +91,5 @@ __all__ = [
     "WriterError",
     "__version__",
     "cached_module",
+    "pad_collate",
 ]

@@ -40,6 +40,7 @@ from cachedfeatures.compute.state_hash import module_state_digests
 from cachedfeatures.compute.steps import LoadedRows, RowLoader, compute_loaded
 from cachedfeatures.errors import DeviceInWorkerError, DtypeError, FingerprintWarning, TrainingModeError
 from cachedfeatures.format.specs import ArraySpec
+from cachedfeatures.pipeline.collate import PadCollate
 from cachedfeatures.pipeline.nodes import Loader, WorkerMethod, parse_positive_int
 from cachedfeatures.pipeline.prefill import PrefillResult, prefill
 from cachedfeatures.pruning import Budget, Policy, parse_policy, serve_backed_rows
@@ -317,15 +318,24 @@ class CachedFeatureDataset(Dataset[Any]):
     ) -> Entry:
         index = next(iter(probes), 0)
         sample = probes[index] if probes else self.dataset[index]
-        sample_layout = SampleLayout.from_sample(sample, self.input_key)
+        others = [probe for row, probe in probes.items() if row != index]
+        sample_layout = SampleLayout.from_sample(sample, self.input_key, others=others)
         fields = sample_layout.field_values([sample], [index])
         module = self.module
         tracked = self._module_state_tracked and isinstance(module, torch.nn.Module)
         before = module_state_digests(module) if tracked and isinstance(module, torch.nn.Module) else {}
         raw = self._computer.run([sample_layout.extract_input(sample)])
+        per_sample = None
+        if isinstance(raw, list) and len(raw) == 1 and others:
+            # One output, or one tensor per sample? A list whose length follows the batch's is
+            # the latter (a sample whose length is 1 looks like a batch of one otherwise).
+            pair = self._computer.run([sample_layout.extract_input(s) for s in (sample, others[0])])
+            per_sample = isinstance(pair, list) and len(pair) == 2
         if before:
             _warn_if_state_changed(self.module, before)
-        output_layout = OutputLayout.from_output(raw, 1, self.dtype)
+        output_layout = OutputLayout.from_output(
+            raw, 1, self.dtype, detect_ragged=True, per_sample=per_sample
+        )
         outputs = output_layout.split(raw, 1, self.dtype)
         specs: list[ArraySpec] = [*output_layout.arrays, *sample_layout.fields]
         if chunk_rows is None:
@@ -371,6 +381,41 @@ class CachedFeatureDataset(Dataset[Any]):
             input_key=self.input_key,
         )
 
+    def ragged_positions(self) -> list[tuple[Any, ...]]:
+        """Where a served sample holds rows that vary in length (key/index paths; ``()`` for a
+        bare features tensor): ragged module outputs and ragged passthrough fields."""
+        layout, outputs = self._sample_layout, self._output_layout
+        if layout is None or outputs is None:
+            return []
+        ragged_fields = {spec.name for spec in layout.fields if spec.ragged}
+        ragged_outputs = [
+            () if outputs.kind == "tensor" else (key,)
+            for key, spec in zip(outputs.keys, outputs.arrays, strict=True)
+            if spec.ragged
+        ]
+        found: list[tuple[Any, ...]] = []
+
+        def walk(node: Mapping[str, Any], path: tuple[Any, ...]) -> None:
+            if node["kind"] == "input":
+                found.extend((*path, *inner) for inner in ragged_outputs)
+            elif node["kind"] == "field":
+                if node["name"] in ragged_fields:
+                    found.append(path)
+            else:
+                keys = node.get("keys") or range(len(node["items"]))
+                for key, item in zip(keys, node["items"], strict=True):
+                    walk(item, (*path, key))
+
+        walk(layout.template, ())
+        return found
+
+    @property
+    def pad_collate(self) -> PadCollate:
+        """A collate function for this dataset's samples: ragged outputs and fields become
+        :class:`~cachedfeatures.pipeline.collate.RaggedBatch` (padded values and lengths) in every
+        batch; the rest is collated as ``default_collate`` does. Pass it to a DataLoader."""
+        return PadCollate(self.ragged_positions())
+
     # -- the map-style API -----------------------------------------------------------------------
 
     def __len__(self) -> int:
@@ -394,10 +439,7 @@ class CachedFeatureDataset(Dataset[Any]):
             self.spot_check_hits(rows if read.all_hit else rows[read.hit], read.arrays)
         if read.all_hit:
             return self.assemble_all(read.arrays)
-        columns = {
-            name: np.empty((len(rows), *spec.shape), dtype=spec.numpy_dtype)
-            for name, spec in ((s.name, s) for s in entry.specs)
-        }
+        columns = {name: spec.empty_column(len(rows)) for name, spec in ((s.name, s) for s in entry.specs)}
         for name, column in read.arrays.items():
             columns[name][read.hit] = column
         missing = ~read.hit
@@ -656,7 +698,10 @@ class CachedFeatureDataset(Dataset[Any]):
         layout, outputs = self._sample_layout, self._output_layout
         if layout is None or outputs is None:
             raise AssertionError("unreachable")
-        tensors = {spec.name: spec.numpy_to_tensor(columns[spec.name]) for spec in outputs.arrays}
+        tensors = {
+            spec.name: (spec.numpy_to_tensors if spec.ragged else spec.numpy_to_tensor)(columns[spec.name])
+            for spec in outputs.arrays
+        }
         return layout.build_many(outputs.unbind(tensors), columns)
 
     def _normalize(self, indices: Sequence[int]) -> np.ndarray:
@@ -715,6 +760,8 @@ class CachedFeatureDataset(Dataset[Any]):
         See :class:`cachedfeatures.pipeline.nodes.Loader` for the arguments; ``batch_size`` defaults
         to this dataset's ``batch_size``.
         """
+        if collate_fn is None and self.ragged_positions():
+            collate_fn = self.pad_collate  # default_collate cannot stack rows of different lengths
         return Loader(
             self,
             batch_size=self.batch_size if batch_size is None else batch_size,

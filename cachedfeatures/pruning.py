@@ -35,6 +35,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from cachedfeatures.errors import BudgetError
+from cachedfeatures.format.names import ragged_values_chunk
 from cachedfeatures.reader.chunk_reader import RowsRead
 from cachedfeatures.store.access import LAST, AccessLog, read_access
 from cachedfeatures.store.chunk_bytes import (
@@ -128,10 +129,16 @@ def measure(store: FeatureStore) -> StoreUsage:
         parts = key.split("/")
         if len(parts) > 1:
             usage.entries[parts[0]] = usage.entries.get(parts[0], 0) + size
-        # <entry>/<array>/c/<row chunk>[/<other dims>...]
+        # <entry>/<array>/c/<row chunk>[/<other dims>...], or a ragged array's values of one
+        # row chunk: <entry>/<name>.values/<row chunk>/... (metadata and chunk)
+        chunk = None
         if len(parts) >= 4 and parts[2] == "c" and parts[1] != ACCESS and parts[3].isdigit():
+            chunk = int(parts[3])
+        elif len(parts) >= 3:
+            chunk = ragged_values_chunk("/".join(parts[1:]))
+        if chunk is not None:
             per_entry = usage.chunks.setdefault(parts[0], {})
-            per_entry[int(parts[3])] = per_entry.get(int(parts[3]), 0) + size
+            per_entry[chunk] = per_entry.get(chunk, 0) + size
     return usage
 
 
@@ -425,8 +432,13 @@ def missing_chunks(entry: Entry, chunks: Iterable[int]) -> list[int]:
     if not chunks:
         return []
     store = entry.group.store
+    # A ragged output's offsets are always written (its values may be empty).
     arrays = [
-        (entry.arrays[name], (0,) * (len(entry.arrays[name].shape) - 1)) for name in entry.feature_names
+        (array, (0,) * (len(array.shape) - 1))
+        for array in (
+            entry.ragged[name].offsets if name in entry.ragged else entry.arrays[name]
+            for name in entry.feature_names
+        )
     ]
     per_chunk = [
         [f"{array.path}/{array.metadata.encode_chunk_key((chunk, *rest))}" for array, rest in arrays]

@@ -13,7 +13,7 @@ arrays themselves are described by :class:`~cachedfeatures.format.specs.ArraySpe
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,6 +32,7 @@ from cachedfeatures.format.specs import (
     Path,
     check_utf8,
     field_spec,
+    number_list_dtype,
     tensor_spec,
     unstorable,
 )
@@ -58,7 +59,20 @@ class SampleLayout:
     input_key: InputKey
 
     @classmethod
-    def from_sample(cls, sample: Any, input_key: InputKey) -> SampleLayout:
+    def from_sample(
+        cls,
+        sample: Any,
+        input_key: InputKey,
+        *,
+        others: Sequence[Any] = (),
+        ragged: Collection[str] = (),
+    ) -> SampleLayout:
+        """The layout of ``sample``; lists of plain numbers become ragged fields.
+
+        A tensor or array field whose first dimension differs between ``sample`` and ``others``
+        (more samples of the dataset, e.g. its probes), or whose name is in ``ragged``, is ragged
+        too: stored unpadded, any length along its first dimension.
+        """
         input_paths = _input_paths(sample, input_key)
         fields: list[ArraySpec] = []
         paths: list[Path] = []
@@ -79,7 +93,10 @@ class SampleLayout:
                     "keys": [key for key, _ in kept],
                     "items": [item for _, item in kept],
                 }
-            if isinstance(value, (tuple, list)):
+            holds_input = any(p[: len(path)] == path for p in input_paths)
+            if isinstance(value, list) and not holds_input and number_list_dtype(value) is not None:
+                pass  # a list of numbers: one ragged field (below)
+            elif isinstance(value, (tuple, list)):
                 nodes = [walk(item, (*path, i)) for i, item in enumerate(value)]
                 return {
                     "kind": "list" if isinstance(value, list) else "tuple",
@@ -93,6 +110,11 @@ class SampleLayout:
         template = walk(sample, ())
         if template is None:  # unreachable: the root is either the input or a container
             raise AssertionError("empty sample template")
+        for position, (spec, path) in enumerate(zip(fields, paths, strict=True)):
+            fixed = spec.kind in ("tensor", "ndarray") and bool(spec.shape) and not spec.ragged
+            if fixed and (spec.name in ragged or _varies_in_length(spec, path, others)):
+                inner = ArraySpec(spec.name, spec.kind, spec.dtype, spec.shape[1:], spec.torch_dtype)
+                fields[position] = inner.as_ragged(spec.shape[0])
         return cls(template, tuple(fields), tuple(paths), input_key)
 
     def extract_input(self, sample: Any) -> Any:
@@ -149,6 +171,23 @@ class SampleLayout:
         if callable(self.input_key):
             return getattr(self.input_key, "__qualname__", repr(self.input_key))
         return repr(self.input_key)
+
+
+def _varies_in_length(spec: ArraySpec, path: Path, others: Sequence[Any]) -> bool:
+    """Whether the field at ``path`` has another length along its first dimension in some of
+    ``others`` (and otherwise the same type, dtype and trailing shape)."""
+    for sample in others:
+        value = sample
+        try:
+            for key in path:
+                value = value[key]
+        except (KeyError, IndexError, TypeError):
+            continue
+        if not isinstance(value, (torch.Tensor, np.ndarray)) or value.ndim != len(spec.shape):
+            continue
+        if tuple(value.shape[1:]) == spec.shape[1:] and value.shape[0] != spec.shape[0]:
+            return True
+    return False
 
 
 def _row_builder(
@@ -295,13 +334,42 @@ class OutputLayout:
     arrays: tuple[ArraySpec, ...]
 
     @classmethod
-    def from_output(cls, output: Any, batch_size: int, dtype: torch.dtype | None) -> OutputLayout:
-        """Learn the layout from one batch of module output (before storage casting)."""
-        kind, items = _output_items(output)
+    def from_output(
+        cls,
+        output: Any,
+        batch_size: int,
+        dtype: torch.dtype | None,
+        *,
+        detect_ragged: bool = False,
+        per_sample: bool | None = None,
+    ) -> OutputLayout:
+        """Learn the layout from one batch of module output (before storage casting).
+
+        With ``detect_ragged``, outputs whose rows vary in length are ragged arrays: a list with
+        one tensor per sample (``(L_i, ...)`` each; a tuple is always several outputs), or a
+        ``torch.nested`` tensor, as the whole output or as one item of a tuple or dict.
+        ``per_sample`` says whether a list output holds one tensor per sample when the caller
+        knows (a list's length that follows the batch size); ``None`` judges by the shapes.
+        """
+        if per_sample is None:
+            per_sample = _is_per_sample_list(output, batch_size)
+        per_sample = detect_ragged and per_sample and isinstance(output, list)
+        kind, items = _output_items(output, per_sample)
         arrays = []
         taken: set[str] = set()  # keys that sanitise to one name ("a b", "a_b") get _2, _3...
         for key, tensor in items:
             name = FEATURES if kind == "tensor" else _unique_name(f"{FEATURES}_{_sanitize(str(key))}", taken)
+            if per_sample or (detect_ragged and isinstance(tensor, torch.Tensor) and tensor.is_nested):
+                first = _ragged_rows(name, tensor, batch_size)[0]
+                if first.ndim == 0:
+                    raise ModuleOutputError(
+                        f"module output {name!r} holds a zero-dimensional tensor per sample; a ragged "
+                        "output needs at least one dimension, the one whose length varies."
+                    )
+                spec = tensor_spec(name, "tensor", cast_for_storage(first[0:0], dtype))
+                inner = ArraySpec(spec.name, spec.kind, spec.dtype, spec.shape[1:], spec.torch_dtype)
+                arrays.append(inner.as_ragged(int(first.shape[0])))
+                continue
             _check_batch_dim(name, tensor, batch_size)
             arrays.append(tensor_spec(name, "tensor", cast_for_storage(tensor[0], dtype)))
         return cls(kind, tuple(key for key, _ in items), tuple(arrays))
@@ -321,30 +389,37 @@ class OutputLayout:
 
     def split(
         self, output: Any, batch_size: int, dtype: torch.dtype | None, *, copy: bool = True
-    ) -> dict[str, torch.Tensor]:
+    ) -> dict[str, Any]:
         """The module's output as one CPU tensor per array, cast to the storage dtype.
+
+        A ragged array gets a list of one ``(L_i, ...)`` tensor per row instead.
 
         With ``copy`` (the default) each tensor is in memory of its own, never the module's (see
         :func:`_copied_out`); ``copy=False`` is for a caller that copies them out itself before
         it calls the module again.
         """
-        kind, items = _output_items(output)
+        per_sample = self.kind == "tensor" and self.arrays[0].ragged and isinstance(output, list)
+        kind, items = _output_items(output, per_sample)
         if kind != self.kind or tuple(key for key, _ in items) != self.keys:
             raise OutputShapeError(
                 f"the module returned a {kind} with keys {[k for k, _ in items]} but this entry "
                 f"stores a {self.kind} with keys {list(self.keys)}; the module must return the "
                 "same structure for every batch."
             )
-        split = {}
+        split: dict[str, Any] = {}
         for spec, (_, tensor) in zip(self.arrays, items, strict=True):
+            if spec.ragged:
+                # always copied: a ragged column holds the rows themselves, not a copy of them
+                split[spec.name] = _ragged_stored(spec.name, tensor, batch_size, dtype)
+                continue
             _check_batch_dim(spec.name, tensor, batch_size)
             stored = cast_for_storage(tensor, dtype).to("cpu")
             split[spec.name] = _copied_out(tensor, stored) if copy else stored
         return split
 
-    def unbind(self, tensors: Mapping[str, torch.Tensor]) -> list[Any]:
+    def unbind(self, tensors: Mapping[str, Any]) -> list[Any]:
         """Per-array batch tensors as one output structure per row (views of the batch)."""
-        rows = [tensors[spec.name].unbind(0) for spec in self.arrays]
+        rows = [_rows_of(tensors[spec.name]) for spec in self.arrays]
         if self.kind == "tensor":
             return list(rows[0])
         if self.kind == "tuple":
@@ -361,8 +436,10 @@ class OutputLayout:
         return dict(zip(self.keys, values, strict=True))
 
 
-def _output_items(output: Any) -> tuple[Literal["tensor", "tuple", "dict"], list[tuple[Any, torch.Tensor]]]:
-    if isinstance(output, torch.Tensor):
+def _output_items(
+    output: Any, per_sample: bool = False
+) -> tuple[Literal["tensor", "tuple", "dict"], list[tuple[Any, Any]]]:
+    if isinstance(output, torch.Tensor) or per_sample:
         return "tensor", [(0, output)]
     if isinstance(output, (tuple, list)) and output and all(isinstance(t, torch.Tensor) for t in output):
         return "tuple", list(enumerate(output))
@@ -377,6 +454,57 @@ def _output_items(output: Any) -> tuple[Literal["tensor", "tuple", "dict"], list
         "dict (with string keys) of tensors, each with the batch as its first dimension. Wrap the "
         "module in one whose forward picks the tensors to cache."
     )
+
+
+def _is_per_sample_list(output: Any, batch_size: int) -> bool:
+    """Whether ``output`` is a list of one tensor per sample (not a list of batched outputs)."""
+    return (
+        isinstance(output, list)
+        and len(output) == batch_size
+        and all(isinstance(t, torch.Tensor) and t.ndim >= 1 for t in output)
+        and not all(t.shape[0] == batch_size for t in output)
+    )
+
+
+def _rows_of(column: Any) -> Sequence[Any]:
+    """A batch's rows: a ragged column (a list of per-row tensors) as it is, else unbound."""
+    return column if isinstance(column, list) else column.unbind(0)
+
+
+def _ragged_rows(name: str, value: Any, batch_size: int) -> list[torch.Tensor]:
+    """One tensor per sample of a ragged output: a list of tensors, or a nested tensor."""
+    if isinstance(value, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in value):
+        rows = list(value)
+    elif isinstance(value, torch.Tensor) and value.is_nested:
+        rows = list(value.unbind())
+    else:
+        raise OutputShapeError(
+            f"module output {name!r} is stored as a ragged array (its rows vary in length), but the "
+            f"module returned {_describe_output(value)}; return one tensor per sample (a list, or "
+            "a torch.nested tensor) for every batch."
+        )
+    if len(rows) != batch_size:
+        raise ModuleOutputError(
+            f"module output {name!r} holds {len(rows)} per-sample tensors for a batch of {batch_size} "
+            "inputs; a ragged output needs one tensor per input."
+        )
+    return rows
+
+
+def _ragged_stored(name: str, value: Any, batch_size: int, dtype: torch.dtype | None) -> list[torch.Tensor]:
+    """A ragged output's rows on the CPU in the storage dtype, in memory of their own (never the
+    module's buffers)."""
+    if isinstance(value, torch.Tensor) and value.is_nested and value.layout == torch.jagged:
+        if value.size(0) != batch_size:
+            _ragged_rows(name, value, batch_size)  # raises, naming the counts
+        flat = value.values()
+        stored = _copied_out(flat, cast_for_storage(flat, dtype).to("cpu"))
+        bounds = value.offsets().to("cpu").tolist()  # type: ignore[attr-defined]
+        return [stored[bounds[k] : bounds[k + 1]] for k in range(batch_size)]
+    rows = []
+    for row in _ragged_rows(name, value, batch_size):
+        rows.append(_copied_out(row, cast_for_storage(row, dtype).to("cpu")))
+    return rows
 
 
 def _describe_output(output: Any) -> str:

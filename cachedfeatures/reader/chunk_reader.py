@@ -58,10 +58,12 @@ from zarr.core.metadata import ArrayV3Metadata
 from zarr.storage import LocalStore
 
 from cachedfeatures.format.chunk_identity import IdentityMismatchError
+from cachedfeatures.format.ragged import RaggedChunk
 from cachedfeatures.reader.signatures import ValidSignatures
 
 if TYPE_CHECKING:
     from cachedfeatures.store.feature_store import Entry
+    from cachedfeatures.store.ragged import RaggedArray
 
 __all__ = [
     "CacheInfo",
@@ -162,7 +164,7 @@ class _Chunk:
 
     signature: Hashable
     valid: np.ndarray
-    arrays: Mapping[str, np.ndarray | _RawRows]
+    arrays: Mapping[str, np.ndarray | _RawRows | RaggedChunk]
     nbytes: int  # what it costs in this process's memory (open raw files cost nothing here)
     maps: int  # how many arrays are raw chunk files held open (each holds a file descriptor)
 
@@ -433,6 +435,29 @@ class _ChunkFile:
     def _filled(self) -> np.ndarray:
         return np.full(self.chunk_shape, self.array.fill_value, dtype=self.dtype)
 
+    def read_values(self, path: str, total: int, ragged: RaggedArray) -> np.ndarray:
+        """The values array of one row chunk of a ragged array (whose offsets this file reads,
+        written with the same codecs), from its one chunk file at ``path``: ``total`` values.
+
+        A missing file with ``total > 0`` raises (never read as fill values).
+        """
+        spec = ragged.spec
+        dtype = spec.numpy_dtype
+        if dtype.itemsize > 1:
+            dtype = dtype.newbyteorder("<")
+        if total == 0:
+            return np.empty((0, *spec.shape), dtype=dtype)
+        with open(path, "rb") as file:
+            stored = file.read()
+        payload: Any = _verified(stored, path) if self.checksum else stored
+        if self.decoder is not None:
+            payload = self.decoder.decode(payload)
+        data = np.frombuffer(payload, dtype=dtype)
+        expected = total * int(np.prod(spec.shape, dtype=np.int64))
+        if data.size != expected:
+            raise ValueError(f"ragged values {path} hold {data.size} values; its offsets need {expected}")
+        return data.reshape(total, *spec.shape)
+
 
 def _verified(stored: bytes, path: str) -> np.ndarray:
     """The payload of a chunk that ends in its crc32c (little-endian), if the checksum holds."""
@@ -532,7 +557,8 @@ class _Dense:
 
     @staticmethod
     def fits(entry: Entry, budget: int) -> bool:
-        numeric = all(spec.dtype != "str" for spec in entry.specs)
+        # Ragged arrays' sizes are not known up front: such entries use the chunk cache.
+        numeric = all(spec.dtype != "str" and not spec.ragged for spec in entry.specs)
         return numeric and (sum(spec.row_nbytes for spec in entry.specs) + 1) * entry.num_rows <= budget
 
     def release(self, chunk: int, start: int, stop: int, signature: Hashable = _UNREAD) -> None:
@@ -583,6 +609,7 @@ class ChunkReader:
         self._cache: ChunkCache | None = None
         self._dense: _Dense | bool | None = False  # False: not decided yet
         self._files: dict[str, _ChunkFile | None] | None = None
+        self._ragged_sources: dict[str, _ChunkFile | None] | None = None
         self._valid_file: _ChunkFile | None = None
         self._records_file: _ChunkFile | None = None
         self._reported: set[tuple[str, int]] = set()
@@ -653,7 +680,7 @@ class ChunkReader:
         distinct = sorted_chunks[starts]
         ids: list[int] = distinct.tolist()
         hit = np.zeros(n, dtype=bool)
-        gathered = {spec.name: np.empty((n, *spec.shape), dtype=spec.numpy_dtype) for spec in entry.specs}
+        gathered = {spec.name: spec.empty_column(n) for spec in entry.specs}
         # One chunk at a time, so a batch holds at most one chunk beyond the cache's budget.
         for k, (chunk_id, signature) in enumerate(zip(ids, self._signatures.now(ids), strict=True)):
             chunk = self._chunk(chunk_id, signature)
@@ -664,7 +691,7 @@ class ChunkReader:
             try:
                 for name, column in chunk.arrays.items():
                     # straight to the requested positions, in our own buffer (never a cached one)
-                    if isinstance(column, _RawRows):
+                    if isinstance(column, (_RawRows, RaggedChunk)):
                         column.gather(rows, gathered[name], positions)
                     else:
                         gathered[name][positions] = column[rows]
@@ -808,10 +835,14 @@ class ChunkReader:
         files = self._sources()
         try:
             valid = self._read_valid(chunk, start, stop)
-            arrays: dict[str, np.ndarray | _RawRows] = {}
+            arrays: dict[str, np.ndarray | _RawRows | RaggedChunk] = {}
             nbytes, maps = valid.nbytes, 0
             if valid.any():
                 accepted = self._accepted(chunk)
+                for name in entry.ragged:
+                    ragged = self._ragged_chunk(name, chunk, start, stop, valid, accepted)
+                    nbytes += ragged.nbytes
+                    arrays[name] = ragged
                 for name, array in entry.arrays.items():
                     source = files[name]
                     check = self._row_check(name, chunk, accepted)
@@ -832,6 +863,35 @@ class ChunkReader:
         if self._signatures.fresh(chunk) != signature:
             return None  # written or pruned while we read: read again next time
         return _Chunk(signature, valid, arrays, nbytes, maps)
+
+    def _ragged_chunk(
+        self, name: str, chunk: int, start: int, stop: int, valid: np.ndarray, accepted: np.ndarray | None
+    ) -> RaggedChunk:
+        """Chunk ``chunk`` of ragged array ``name``, checked: offsets fit the values, every valid
+        row has values, and (with identity checksums) both were written for this chunk."""
+        ragged = self.entry.ragged[name]
+        source = self._ragged_files().get(name)
+        if source is None:
+            found = ragged.read_chunk(chunk, start, stop)
+        else:
+            offsets = np.array(source.read(chunk)[: stop - start])
+            path = os.path.join(source.root, ragged.values_chunk_key(chunk))
+            found = RaggedChunk(offsets, source.read_values(path, RaggedChunk.total(offsets), ragged))
+        found.check(valid)
+        check = self._row_check(name, chunk, accepted)
+        if check is not None:
+            self.entry.check_rows(name, chunk, found.offsets, accepted, found.values)
+        return found
+
+    def _ragged_files(self) -> dict[str, _ChunkFile | None]:
+        """Direct readers of each ragged array's offsets (and, with the same codecs, values)."""
+        if self._ragged_sources is None:
+            auto = self.route == "auto"
+            self._ragged_sources = {
+                name: _ChunkFile.maybe(ragged.offsets) if auto else None
+                for name, ragged in self.entry.ragged.items()
+            }
+        return self._ragged_sources
 
     def _read_valid(self, chunk: int, start: int, stop: int) -> np.ndarray:
         source = self._valid_file

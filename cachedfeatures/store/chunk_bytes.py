@@ -72,7 +72,8 @@ def _walk(directory: Path, relative: str) -> Iterable[tuple[str, int]]:
 
 
 def chunk_keys(entry: Entry, chunk: int) -> dict[str, str]:
-    """The store key of ``chunk`` in each data array of ``entry`` (``valid`` excluded)."""
+    """The store key of ``chunk`` in each fixed data array of ``entry`` (``valid`` excluded;
+    a ragged array's keys are its own, see :class:`cachedfeatures.store.ragged.RaggedArray`)."""
     keys = {}
     for name, array in entry.arrays.items():
         coords = (chunk, *(0 for _ in array.shape[1:]))
@@ -81,8 +82,8 @@ def chunk_keys(entry: Entry, chunk: int) -> dict[str, str]:
 
 
 def delete_chunk_bytes(entry: Entry, chunk: int) -> None:
-    """Delete ``chunk``'s key in ``valid``, then in every data array, then its checksums
-    (caller holds the lock)."""
+    """Delete ``chunk``'s key in ``valid``, then in every data array (a ragged array's offsets
+    and values array of the chunk), then its checksums (caller holds the lock)."""
     store = entry.group.store
     valid = f"{entry.valid.path}/{entry.valid.metadata.encode_chunk_key((chunk,))}"
     data = list(chunk_keys(entry, chunk).values())
@@ -94,6 +95,9 @@ def delete_chunk_bytes(entry: Entry, chunk: int) -> None:
     async def delete_all() -> None:
         await store.delete(valid)
         await asyncio.gather(*(store.delete(key) for key in data))
+        for ragged in entry.ragged.values():
+            await store.delete(ragged.offsets_chunk_key(chunk))
+            await store.delete_dir(ragged.values_path(chunk))
         if checksums is not None:
             await store.delete(checksums)
 

@@ -26,7 +26,8 @@ import zarr.core.sync
 
 from cachedfeatures.errors import RowsNotCachedError, UnknownArrayError
 from cachedfeatures.format.chunk_identity import RECORDS
-from cachedfeatures.format.names import ACCESS, VALID
+from cachedfeatures.format.names import ACCESS, VALID, offsets_name, ragged_values_chunk, values_name
+from cachedfeatures.format.ragged import ABSENT
 from cachedfeatures.format.specs import ArraySpec
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ class ArrayInfo:
     name: str
     role: Literal["feature", "field"]
     dtype: str
-    shape: tuple[int, ...]
+    shape: tuple[int | str, ...]  # a ragged array's rows: ("L", *inner)
     chunks: tuple[int, ...]
 
 
@@ -159,10 +160,7 @@ def _read_valid(entry: Entry, specs: Sequence[ArraySpec]) -> tuple[np.ndarray, d
     ]
     if not spans:
         return np.zeros(0, dtype=np.int64), {spec.name: _empty(spec) for spec in specs}
-    columns = {
-        spec.name: np.concatenate([np.asarray(entry.arrays[spec.name][a:b]) for a, b in spans])
-        for spec in specs
-    }
+    columns = {spec.name: np.concatenate([_read_span(entry, spec, a, b) for a, b in spans]) for spec in specs}
     after = entry.valid_mask()
     candidates = np.concatenate([np.arange(a, b) for a, b in spans])
     keep = before[candidates] & after[candidates]
@@ -171,8 +169,28 @@ def _read_valid(entry: Entry, specs: Sequence[ArraySpec]) -> tuple[np.ndarray, d
     return candidates[keep], {name: column[keep] for name, column in columns.items()}
 
 
+def _read_span(entry: Entry, spec: ArraySpec, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of array ``spec`` as stored (a ragged one as a 1-d object column)."""
+    if spec.ragged:
+        return _read_ragged(entry, spec.name, start, stop)
+    return np.asarray(entry.arrays[spec.name][start:stop])
+
+
+def _read_ragged(entry: Entry, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` (whole chunks) of ragged array ``name``, as a 1-d object column."""
+    ragged = entry.ragged[name]
+    column = np.empty(stop - start, dtype=object)
+    for chunk in range(start // entry.chunk_rows, -(-stop // entry.chunk_rows)):
+        first = chunk * entry.chunk_rows
+        last = min(first + entry.chunk_rows, entry.num_rows)
+        found = ragged.read_chunk(chunk, first, last)
+        local = np.arange(last - first)
+        found.gather(local, column, local + first - start)
+    return column
+
+
 def _empty(spec: ArraySpec) -> np.ndarray:
-    return np.empty((0, *spec.shape), dtype=spec.numpy_dtype)
+    return spec.empty_column(0)
 
 
 def convert(spec: ArraySpec, rows: np.ndarray, as_: ArrayFormat) -> Any:
@@ -180,6 +198,12 @@ def convert(spec: ArraySpec, rows: np.ndarray, as_: ArrayFormat) -> Any:
 
     bfloat16, which NumPy lacks, comes back as float32 in NumPy and as bfloat16 in torch.
     """
+    if spec.ragged:  # one array (or tensor) per row, of its own length
+        if as_ == "torch":
+            return spec.numpy_to_tensors(rows)
+        if spec.torch_dtype == "bfloat16":
+            return [tensor.to(torch.float32).numpy() for tensor in spec.numpy_to_tensors(rows)]
+        return list(rows)
     if as_ == "torch":
         if spec.kind == "str":
             raise TypeError(f"array {spec.name!r} holds strings, which torch cannot hold; pass as_='numpy'.")
@@ -210,6 +234,7 @@ def to_xarray(entry: Entry, valid_only: bool = True) -> xarray.Dataset:
         drop_variables=drop,
     )
     dataset = dataset.assign_coords(sample=np.arange(entry.num_rows))
+    dataset = _with_ragged_values(entry, dataset)
     dataset = dataset.set_coords([name for name in entry.field_names if name in dataset])
     mask = entry.valid_mask()
     if valid_only:
@@ -219,8 +244,35 @@ def to_xarray(entry: Entry, valid_only: bool = True) -> xarray.Dataset:
         return selected
     dataset = dataset.set_coords(VALID)
     valid = xr.DataArray(mask, dims=("sample",))
-    masked: xarray.Dataset = dataset.assign({name: dataset[name].where(valid) for name in dataset.data_vars})
+    masked: xarray.Dataset = dataset.assign(
+        {name: dataset[name].where(valid) for name in dataset.data_vars if "sample" in dataset[name].dims}
+    )
     return masked
+
+
+def _with_ragged_values(entry: Entry, dataset: xarray.Dataset) -> xarray.Dataset:
+    """``dataset`` with each ragged array as two variables: ``<name>.values`` (every valid row's
+    values one after the other, along its own dimension ``<name>_value``; read into memory) and
+    ``<name>.offsets`` ``(sample, bound)``, each row's ``[start, stop)`` in it (-1: no values)."""
+    for spec in entry.specs:
+        if not spec.ragged:
+            continue
+        rows, columns = _read_valid(entry, [spec])
+        column = columns[spec.name]
+        lengths = np.array([len(row) for row in column], dtype=np.int64)
+        offsets = np.full((entry.num_rows, 2), ABSENT, dtype=np.int64)
+        stops = np.cumsum(lengths)
+        offsets[rows, 0], offsets[rows, 1] = stops - lengths, stops
+        if len(column):
+            flat = np.concatenate(list(column))
+        else:
+            flat = np.empty((0, *spec.shape), dtype=spec.numpy_dtype)
+        dims = (f"{spec.name}_value", *(f"{spec.name}_dim{i}" for i in range(1, len(spec.shape) + 1)))
+        dataset = dataset.drop_vars(offsets_name(spec.name), errors="ignore")
+        dataset = dataset.assign(
+            {offsets_name(spec.name): (("sample", "bound"), offsets), values_name(spec.name): (dims, flat)}
+        )
+    return dataset
 
 
 # -- statistics ------------------------------------------------------------------------------
@@ -237,10 +289,15 @@ def chunk_nbytes(entry: Entry) -> np.ndarray:
 
     async def collect() -> None:
         async for key in store.list_prefix(prefix):
-            match = _CHUNK_KEY.match(key[len(prefix) :])
-            if match is None or match["array"] == ACCESS or int(match["chunk"]) >= entry.num_chunks:
+            relative = key[len(prefix) :]
+            match = _CHUNK_KEY.match(relative)
+            if match is not None and match["array"] != ACCESS:
+                chunk: int | None = int(match["chunk"])
+            else:  # a ragged array's values of one row chunk count as that chunk's
+                chunk = None if relative.endswith(".partial") else ragged_values_chunk(relative)
+            if chunk is None or chunk >= entry.num_chunks:
                 continue
-            nbytes[int(match["chunk"])] += await store.getsize(key)
+            nbytes[chunk] += await store.getsize(key)
 
     zarr.core.sync.sync(collect())
     return nbytes
@@ -289,8 +346,15 @@ def compression_ratio(entry: Entry, per_chunk: np.ndarray | None = None) -> floa
     stored = int(per_chunk.sum())
     if stored == 0:
         return float("nan")
-    row_nbytes = sum(spec.row_nbytes for spec in entry.specs) + 1  # + 1: the valid flag
-    return float(int(entry.valid_mask().sum()) * row_nbytes / stored)
+    mask = entry.valid_mask()
+    row_nbytes = sum(spec.row_nbytes for spec in entry.specs if not spec.ragged) + 1  # + 1: the valid flag
+    logical = int(mask.sum()) * row_nbytes
+    for ragged in entry.ragged.values():  # their real sizes: the valid rows' values and offsets
+        offsets = np.asarray(ragged.offsets[:], dtype=np.int64)[mask]
+        present = offsets[:, 0] >= 0
+        values = int((offsets[present, 1] - offsets[present, 0]).sum())
+        logical += values * ragged.spec.value_nbytes + 16 * len(offsets)
+    return float(logical / stored)
 
 
 def entry_info(entry: Entry) -> EntryInfo:
@@ -300,8 +364,8 @@ def entry_info(entry: Entry) -> EntryInfo:
             name=spec.name,
             role="feature" if spec.name in feature_names else "field",
             dtype=_dtype_name(spec),
-            shape=spec.shape,
-            chunks=tuple(entry.arrays[spec.name].chunks),
+            shape=("L", *spec.shape) if spec.ragged else spec.shape,
+            chunks=tuple(_zarr_array(entry, spec.name).chunks[: 1 if spec.ragged else None]),
         )
         for spec in entry.specs
     )
@@ -319,11 +383,16 @@ def entry_info(entry: Entry) -> EntryInfo:
         nbytes_stored=entry.nbytes_stored(),
         nbytes_logical=entry.nbytes_logical(),
         compression_ratio=compression_ratio(entry),
-        codecs=describe_codecs(entry.arrays[first]),
+        codecs=describe_codecs(_zarr_array(entry, first)),
         arrays=arrays,
         created=entry.created,
         last_used=last_used(entry),
     )
+
+
+def _zarr_array(entry: Entry, name: str) -> zarr.Array[Any]:
+    """The zarr array of ``name``: the array itself, or a ragged array's offsets."""
+    return entry.ragged[name].offsets if name in entry.ragged else entry.arrays[name]
 
 
 def _dtype_name(spec: ArraySpec) -> str:

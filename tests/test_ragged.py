@@ -1,0 +1,264 @@
+"""Variable-length (ragged) module outputs and fields: stored unpadded, served padded.
+
+Real stores on disk, real DataLoader workers. See docs/concepts/variable-length.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from cachedfeatures import CachedFeatureDataset, FeatureStore, RaggedBatch, pad_collate
+from cachedfeatures.cli import main as cli_main
+from cachedfeatures.maintenance import verify_store
+
+DIM = 8
+
+
+def length_of(index: int) -> int:
+    return 1 + (index * 7) % 13
+
+
+class Tokens(Dataset[Any]):
+    """Samples of ``length_of(i)`` token ids each, with a label; counts raw loads."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.loads = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> Any:
+        self.loads += 1
+        tokens = (torch.arange(length_of(index)) * 5 + index) % 97
+        return {"tokens": tokens, "label": index % 5}
+
+
+class Embed(nn.Module):
+    """Token embeddings, one ``(L_i, DIM)`` tensor per sample (a list: a ragged output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.table = nn.Parameter(torch.randn(97, DIM, generator=generator), requires_grad=False)
+
+    def forward(self, batch: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.table[tokens] * 1.5 for tokens in batch]
+
+
+class EmbedNested(Embed):
+    """The same, returned as a ``torch.nested`` jagged tensor."""
+
+    def forward(self, batch: list[torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+        return torch.nested.nested_tensor(super().forward(batch), layout=torch.jagged)
+
+
+def direct(index: int) -> torch.Tensor:
+    return Embed().table[Tokens(index + 1)[index]["tokens"]] * 1.5
+
+
+def make(store: Path, n: int = 40, module: nn.Module | None = None, **kwargs: Any) -> CachedFeatureDataset:
+    kwargs.setdefault("chunk_rows", 8)
+    kwargs.setdefault("batch_size", 8)
+    return CachedFeatureDataset(
+        Tokens(n), (module or Embed()).eval(), store, input_key="tokens", collate_fn=list, **kwargs
+    )
+
+
+def test_ragged_output_served_unpadded_and_hits_equal_misses(store_path: Path) -> None:
+    cached = make(store_path, spot_check=0)
+    spec = cached.entry.specs[0]
+    assert (spec.name, spec.ragged, spec.shape) == ("features", True, (DIM,))
+    misses = cached.__getitems__(list(range(40)))
+    loads = cached.dataset.loads
+    hits = cached.__getitems__(list(range(40)))
+    assert cached.dataset.loads == loads  # hits need nothing from the raw dataset
+    for index, (miss, hit) in enumerate(zip(misses, hits, strict=True)):
+        assert hit["tokens"].shape == (length_of(index), DIM)
+        assert torch.equal(miss["tokens"], hit["tokens"])  # bit-identical
+        assert torch.equal(hit["tokens"], direct(index))
+        assert hit["label"] == miss["label"] == index % 5
+
+
+def test_store_is_plain_zarr_without_padding(store_path: Path) -> None:
+    cached = make(store_path, compressor=None, checksum=False, spot_check=0)
+    cached.__getitems__(list(range(40)))
+    entry = zarr.open_group(store_path, mode="r")[cached.entry_name]
+    chunk_rows = entry["valid"].chunks[0]
+    for i in (0, 5, 17, 39):  # the recipe of docs/concepts/variable-length.md
+        start, stop = entry["features.offsets"][i]
+        row = entry[f"features.values/{i // chunk_rows}"][start:stop]
+        assert bool(entry["valid"][i])
+        np.testing.assert_array_equal(row, direct(i).numpy())
+    # Only the real values are stored: no padding to the longest row.
+    real = sum(length_of(i) for i in range(40)) * DIM * 4
+    values = sum(
+        path.stat().st_size
+        for path in (store_path / cached.entry_name / "features.values").rglob("*")
+        if path.is_file() and path.name != "zarr.json"
+    )
+    assert values == real
+
+
+def test_rows_written_in_random_order_and_batches(store_path: Path) -> None:
+    cached = make(store_path, n=48, spot_check=0, batch_size=3)
+    order = np.random.default_rng(1).permutation(48)
+    for start in range(0, 48, 5):  # every chunk is written several times, rows in any order
+        served = cached.__getitems__(order[start : start + 5].tolist())
+        for index, sample in zip(order[start : start + 5], served, strict=True):
+            assert torch.equal(sample["tokens"], direct(int(index)))
+    assert cached.entry.valid_mask().all()
+    reopened = make(store_path, n=48, spot_check=0)
+    loads = reopened.dataset.loads
+    for index, sample in enumerate(reopened.__getitems__(list(range(48)))):
+        assert torch.equal(sample["tokens"], direct(index))
+    assert reopened.dataset.loads == loads
+
+
+def test_nested_jagged_output_is_detected(store_path: Path) -> None:
+    cached = make(store_path, module=EmbedNested(), spot_check=0)
+    assert cached.entry.specs[0].ragged
+    cached.__getitems__(list(range(40)))
+    for index, sample in enumerate(cached.__getitems__(list(range(40)))):
+        assert torch.equal(sample["tokens"], direct(index))
+
+
+def check_batch(batch: dict[str, Any], rows: list[int]) -> None:
+    features = batch["tokens"]
+    assert isinstance(features, RaggedBatch)
+    assert features.lengths.tolist() == [length_of(i) for i in rows]
+    assert features.values.shape == (len(rows), max(length_of(i) for i in rows), DIM)
+    for k, index in enumerate(rows):
+        length = length_of(index)
+        assert torch.equal(features.values[k, :length], direct(index))
+        assert not features.values[k, length:].any()  # padding
+        assert features.mask[k].sum() == length
+    assert batch["label"].tolist() == [i % 5 for i in rows]
+
+
+def test_dataloader_with_two_workers_and_pad_collate(store_path: Path) -> None:
+    cached = make(store_path, spot_check=0)
+    cached.__getitems__(list(range(40)))  # fill
+    loader = DataLoader(cached, batch_size=8, num_workers=2, collate_fn=cached.pad_collate)
+    for number, batch in enumerate(loader):
+        check_batch(batch, list(range(number * 8, number * 8 + 8)))
+    nested = pad_collate([cached[3], cached[4]], nested=True)["tokens"]
+    assert nested.is_nested
+    assert torch.equal(nested.unbind()[1], direct(4))
+
+
+def test_pad_collate_pads_a_ragged_position_even_when_lengths_agree(store_path: Path) -> None:
+    cached = make(store_path, spot_check=0)
+    same = [i for i in range(40) if length_of(i) == length_of(0)][:2]
+    assert len(same) == 2
+    batch = cached.pad_collate(cached.__getitems__(same))
+    assert isinstance(batch["tokens"], RaggedBatch)
+    plain = pad_collate(cached.__getitems__(same))["tokens"]
+    assert isinstance(plain, torch.Tensor)  # without the dataset's positions: a plain stack
+
+
+@pytest.mark.slow
+def test_loader_and_prefill_serve_padded_batches(store_path: Path) -> None:
+    cached = make(store_path, n=64, spot_check=0)
+    result = cached.prefill(progress=False)
+    assert result.computed == 64 - 1  # the entry's probe row was stored when it was created
+    assert cached.entry.valid_mask().all()
+    loads = cached.dataset.loads
+    seen: list[int] = []
+    for batch in cached.loader(batch_size=16, shuffle=True, num_workers=2, worker_method="process"):
+        features = batch["tokens"]
+        assert isinstance(features, RaggedBatch)
+        for k in range(len(features.lengths)):
+            values = features.values[k, : features.lengths[k]]
+            matches = [i for i in range(64) if length_of(i) == len(values) and torch.equal(values, direct(i))]
+            seen.extend(matches)
+    assert sorted(seen) == list(range(64))
+    assert cached.dataset.loads == loads
+
+
+def test_budget_prunes_whole_chunks_values_included(store_path: Path) -> None:
+    cached = make(store_path, n=64, spot_check=0, compressor=None, max_bytes="16KiB")
+    for start in range(0, 64, 8):
+        cached.__getitems__(list(range(start, start + 8)))
+    entry = cached.entry
+    store = FeatureStore.open(store_path)
+    assert store.nbytes_stored() <= 16 * 1024
+    kept = {chunk for chunk in range(entry.num_chunks) if entry.valid_mask()[chunk * 8 : chunk * 8 + 8].any()}
+    assert 0 < len(kept) < entry.num_chunks
+    values_dirs = {int(p.name) for p in (store_path / entry.name / "features.values").iterdir() if p.is_dir()}
+    assert values_dirs == kept  # dropped chunks lost their values arrays too
+    assert entry.nbytes_per_chunk()[sorted(kept)].min() > 0
+    for index, sample in enumerate(cached.__getitems__(list(range(64)))):
+        assert torch.equal(sample["tokens"], direct(index))
+
+
+def test_verify_finds_and_repairs_a_damaged_values_chunk(store_path: Path, caplog: Any) -> None:
+    cached = make(store_path, spot_check=0, compressor=None)
+    cached.__getitems__(list(range(40)))
+    store = FeatureStore.open(store_path, mode="a")
+    assert verify_store(store)["ok"]
+    chunk_file = store_path / cached.entry_name / "features.values" / "2" / "c" / "0" / "0"
+    chunk_file.write_bytes(chunk_file.read_bytes()[:-9])  # truncated
+    fresh = make(store_path, spot_check=0)
+    with caplog.at_level(logging.WARNING):
+        served = fresh.__getitems__(list(range(16, 24)))  # chunk 2: a miss, recomputed
+    assert "cannot be read" in caplog.text
+    for index, sample in zip(range(16, 24), served, strict=True):
+        assert torch.equal(sample["tokens"], direct(index))
+    chunk_file.write_bytes(b"garbage")
+    report = verify_store(store)
+    assert not report["ok"]
+    assert [p["chunk"] for p in report["problems"]] == [2]
+    assert verify_store(store, repair=True)["problems"][0]["repaired"]
+    assert verify_store(store)["ok"]
+    assert not fresh.entry.valid_mask()[16:24].any()
+
+
+def test_explore_api_xarray_and_cli_info(store_path: Path, capsys: Any) -> None:
+    cached = make(store_path, spot_check=0)
+    cached.__getitems__(list(range(0, 40, 2)))
+    entry = FeatureStore.open(store_path)[cached.entry_name]
+    info = entry.info()
+    features = next(a for a in info.arrays if a.name == "features")
+    assert features.shape == ("L", DIM) and features.chunks == (8,)
+    assert "features float32(L, 8)" in repr(entry)
+    rows = entry.features(rows=[4, 6])
+    assert [r.shape for r in rows] == [(length_of(4), DIM), (length_of(6), DIM)]
+    np.testing.assert_array_equal(rows[1], direct(6).numpy())
+    assert torch.equal(entry.features(rows=[6], as_="torch")[0], direct(6))
+    everything = entry.features()
+    assert len(everything) == 20
+    assert entry.read_fields([4, 6])["label"].tolist() == [4, 1]
+    assert 0.2 < info.compression_ratio < 20  # half-filled tiny chunks, metadata counted
+
+    xr = pytest.importorskip("xarray")
+    ds = entry.to_xarray()
+    assert isinstance(ds, xr.Dataset)
+    assert ds["features.offsets"].dims == ("sample", "bound")
+    assert ds["features.values"].dims == ("features_value", "features_dim1")
+    start, stop = ds["features.offsets"].sel(sample=6).values
+    np.testing.assert_array_equal(ds["features.values"].values[start:stop], direct(6).numpy())
+    assert ds.sizes["features_value"] == sum(length_of(i) for i in range(0, 40, 2))
+
+    assert cli_main(["info", str(store_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    arrays = report["entries"][0]["arrays"]
+    assert {"name": "features", "dtype": "float32", "shape": ["L", DIM], "ragged": True} in arrays
+    assert cli_main(["info", str(store_path)]) == 0
+    assert "features float32 ('L', 8)" in capsys.readouterr().out
+
+
+def test_spot_check_compares_ragged_rows(store_path: Path) -> None:
+    cached = make(store_path)
+    cached.__getitems__(list(range(40)))
+    assert cached.spot_check(8) == 8

@@ -5,6 +5,7 @@ a Zarr store, and computes (in batches) and stores the ones it does not have yet
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import operator
 import os
@@ -139,6 +140,16 @@ class CachedFeatureDataset(Dataset[Any]):
             locks). Default ``None``: this process may write every chunk.
         write_guard: the :class:`~cachedfeatures.store.faults.WriteGuard` that runs store writes and
             pauses caching when the store fails (disk full, I/O error); default a new one.
+        ragged: declares arrays whose rows vary in length along their first dimension, stored
+            unpadded (see docs/concepts/variable-length.md), by name: a module output
+            (``"features"``, ``"features_<key>"`` or its output key) or a field. ``True``: ragged
+            (for an output given as a list of per-sample tensors or a ``torch.nested`` tensor,
+            or a field whose probes happened to share one length); a string: the output is
+            returned padded ``(B, T, ...)`` and this names its mask ``(B, T)`` or lengths
+            ``(B,)``, in the module's output (a dict item then not stored) or in the collated
+            input batch (``"attention_mask"``): only the real positions are stored. Outputs
+            returned as lists or nested tensors, lists of numbers, and tensor or array fields
+            whose probes differ in length are ragged without it. Part of the entry key.
 
     With ``device="cuda"``, compute misses through :meth:`loader` (workers do I/O, the module
     runs in this process) or fill the cache first with :meth:`prefill`; a plain DataLoader
@@ -172,6 +183,7 @@ class CachedFeatureDataset(Dataset[Any]):
         read_only: bool = False,
         owned_chunks: ChunkOwnership | None = None,
         write_guard: WriteGuard | None = None,
+        ragged: Mapping[str, str | bool] | Sequence[str] | None = None,
     ) -> None:
         self.dataset = dataset
         self.module = module
@@ -230,6 +242,9 @@ class CachedFeatureDataset(Dataset[Any]):
         }
         if self.autocast_dtype is not None:  # only when set, so entries without it keep their key
             self.options["autocast"] = str(self.autocast_dtype)
+        self.ragged = parse_ragged(ragged)
+        if self.ragged:  # likewise
+            self.options["ragged"] = json.dumps(self.ragged, sort_keys=True)
         key = entry_id(self.module_fingerprint, self.dataset_fingerprint, self.options)
         self.entry_name = f"{_entry_prefix(module)}-{key}"
         self._entry: Entry | None = None
@@ -319,12 +334,13 @@ class CachedFeatureDataset(Dataset[Any]):
         index = next(iter(probes), 0)
         sample = probes[index] if probes else self.dataset[index]
         others = [probe for row, probe in probes.items() if row != index]
-        sample_layout = SampleLayout.from_sample(sample, self.input_key, others=others)
+        sample_layout = SampleLayout.from_sample(sample, self.input_key, others=others, ragged=self.ragged)
         fields = sample_layout.field_values([sample], [index])
         module = self.module
         tracked = self._module_state_tracked and isinstance(module, torch.nn.Module)
         before = module_state_digests(module) if tracked and isinstance(module, torch.nn.Module) else {}
         raw = self._computer.run([sample_layout.extract_input(sample)])
+        batch, self._computer.last_batch = self._computer.last_batch, None
         per_sample = None
         if isinstance(raw, list) and len(raw) == 1 and others:
             # One output, or one tensor per sample? A list whose length follows the batch's is
@@ -334,9 +350,11 @@ class CachedFeatureDataset(Dataset[Any]):
         if before:
             _warn_if_state_changed(self.module, before)
         output_layout = OutputLayout.from_output(
-            raw, 1, self.dtype, detect_ragged=True, per_sample=per_sample
+            raw, 1, self.dtype, detect_ragged=True, per_sample=per_sample, ragged=self.ragged, batch=batch
         )
-        outputs = output_layout.split(raw, 1, self.dtype)
+        outputs = output_layout.split(raw, 1, self.dtype, batch=batch)
+        self._computer.last_batch = None
+        _check_ragged_names(self.ragged, output_layout, sample_layout)
         specs: list[ArraySpec] = [*output_layout.arrays, *sample_layout.fields]
         if chunk_rows is None:
             chunk_rows = default_chunk_rows(sum(spec.row_nbytes for spec in specs), self._length)
@@ -887,6 +905,41 @@ def parse_dtype(dtype: object, name: str = "dtype") -> torch.dtype | None:
         f"Expected {name} to be a torch.dtype of a floating-point type (torch.float16, torch.bfloat16, "
         f"torch.float32, torch.float64) or None. Got {dtype!r}."
     )
+
+
+def parse_ragged(value: object) -> dict[str, str | bool]:
+    """``ragged=`` as ``{name: True | mask key}``: a mapping, or names (each ``True``)."""
+    if value is None:
+        return {}
+    items: Any = value.items() if isinstance(value, Mapping) else None
+    if items is None and isinstance(value, (list, tuple, set, frozenset)):
+        items = [(name, True) for name in value]
+    parsed: dict[str, str | bool] = {}
+    for name, how in items or ():
+        if not isinstance(name, str) or not (how is True or isinstance(how, str)):
+            items = None
+            break
+        parsed[name] = how
+    if items is None:
+        raise TypeError(
+            "Expected ragged to map array names to True or to the key of a mask/lengths tensor, e.g. "
+            f"{{'features': 'attention_mask'}} or ['boxes']. Got {value!r}."
+        )
+    return parsed
+
+
+def _check_ragged_names(
+    ragged: Mapping[str, str | bool], outputs: OutputLayout, sample: SampleLayout
+) -> None:
+    """A clear error for a ``ragged=`` name that is no output or field of the entry."""
+    known = {spec.name for spec in (*outputs.arrays, *sample.fields)}
+    known |= {str(key) for key in outputs.keys} if outputs.kind != "tensor" else set()
+    unknown = sorted(set(ragged) - known)
+    if unknown:
+        raise ValueError(
+            f"Expected the names in ragged= to be module outputs {[s.name for s in outputs.arrays]} or "
+            f"fields {[s.name for s in sample.fields]}. Got {unknown}."
+        )
 
 
 def parse_input_key(input_key: object) -> InputKey:

@@ -125,6 +125,7 @@ def test_rows_written_in_random_order_and_batches(store_path: Path) -> None:
     assert reopened.dataset.loads == loads
 
 
+@pytest.mark.slow  # torch.nested's first use takes seconds
 def test_nested_jagged_output_is_detected(store_path: Path) -> None:
     cached = make(store_path, module=EmbedNested(), spot_check=0)
     assert cached.entry.specs[0].ragged
@@ -262,3 +263,154 @@ def test_spot_check_compares_ragged_rows(store_path: Path) -> None:
     cached = make(store_path)
     cached.__getitems__(list(range(40)))
     assert cached.spot_check(8) == 8
+
+
+# -- variable-length passthrough fields ------------------------------------------------------
+
+
+class Fielded(Dataset[Any]):
+    """Fixed inputs with variable-length fields: token ids (a list), boxes (a tensor), scores
+    (an array), a string of any length."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.loads = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> Any:
+        self.loads += 1
+        count = index % 4
+        return {
+            "x": torch.full((3,), float(index)),
+            "ids": [index * 10 + k for k in range(length_of(index) - 1)],  # some are empty
+            "boxes": torch.arange(count * 4, dtype=torch.float32).reshape(count, 4) + index,
+            "scores": np.linspace(0, 1, count + 1, dtype=np.float32),
+            "name": "s" * index,
+        }
+
+
+class Double(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+def test_variable_length_fields_are_stored_and_served_as_they_were(store_path: Path) -> None:
+    data = Fielded(24)
+    cached = CachedFeatureDataset(data, Double(), store_path, input_key="x", chunk_rows=8, spot_check=0)
+    specs = {spec.name: spec for spec in cached.entry.specs}
+    assert [name for name in ("ids", "boxes", "scores") if specs[name].ragged] == ["ids", "boxes", "scores"]
+    misses = cached.__getitems__(list(range(24)))
+    loads = data.loads
+    hits = CachedFeatureDataset(Fielded(24), Double(), store_path, input_key="x", spot_check=0)
+    served = hits.__getitems__(list(range(24)))
+    assert hits.dataset.loads == hits.probe_loads  # nothing from the raw dataset but its probes
+    assert data.loads == loads
+    for index, (miss, hit) in enumerate(zip(misses, served, strict=True)):
+        want = Fielded(24)[index]
+        for sample in (miss, hit):
+            assert sample["ids"] == want["ids"] and all(type(i) is int for i in sample["ids"])
+            assert torch.equal(sample["boxes"], want["boxes"])
+            assert isinstance(sample["scores"], np.ndarray) and sample["scores"].dtype == np.float32
+            np.testing.assert_array_equal(sample["scores"], want["scores"])
+            assert sample["name"] == want["name"]
+            assert torch.equal(sample["x"], want["x"] * 2)
+    batch = next(iter(DataLoader(hits, batch_size=6, num_workers=2, collate_fn=hits.pad_collate)))
+    assert isinstance(batch["ids"], RaggedBatch) and isinstance(batch["boxes"], RaggedBatch)
+    assert batch["ids"].lengths.tolist() == [length_of(i) - 1 for i in range(6)]
+    assert batch["ids"].values[2, : length_of(2) - 1].tolist() == Fielded(24)[2]["ids"]
+    assert batch["boxes"].values.shape == (6, 3, 4)
+    assert batch["name"] == ["s" * i for i in range(6)]
+    assert batch["x"].shape == (6, 3)
+
+
+class SameLengthProbes(Fielded):
+    """Boxes of one length in every sample the probes load, another length elsewhere."""
+
+    def __getitem__(self, index: int) -> Any:
+        sample = super().__getitem__(index)
+        sample["boxes"] = torch.ones(2 + (index == 5), 4)
+        return sample
+
+
+def test_a_field_can_be_declared_ragged(store_path: Path) -> None:
+    data = SameLengthProbes(24)
+    declared = CachedFeatureDataset(
+        data, Double(), store_path, input_key="x", spot_check=0, ragged={"boxes": True}
+    )
+    assert {spec.name: spec.ragged for spec in declared.entry.specs}["boxes"]
+    assert declared[5]["boxes"].shape == (3, 4)
+    assert declared[6]["boxes"].shape == (2, 4)
+
+
+# -- declared: a padded output and its mask ----------------------------------------------------
+
+
+def pad_tokens(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """A tokenizer-like collate: padded ids and an attention mask."""
+    tokens = [sample["tokens"] for sample in batch]
+    ids = torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True, padding_value=0)
+    mask = torch.zeros(ids.shape, dtype=torch.int64)
+    for k, row in enumerate(tokens):
+        mask[k, : len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+class PaddedEncoder(Embed):
+    """Returns padded token embeddings ``(B, T, DIM)`` (and optionally the mask) like a
+    transformers encoder; padded positions hold garbage that must not be stored."""
+
+    def __init__(self, return_mask: bool = False) -> None:
+        super().__init__()
+        self.return_mask = return_mask
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:  # type: ignore[override]
+        hidden = self.table[batch["input_ids"]] * 1.5
+        hidden = torch.where(
+            batch["attention_mask"].bool().unsqueeze(-1), hidden, torch.full_like(hidden, 7.0)
+        )
+        if self.return_mask:
+            return {"hidden": hidden, "mask": batch["attention_mask"]}
+        return hidden
+
+
+class WholeSamples(Tokens):
+    def __getitem__(self, index: int) -> Any:
+        return {"input": super().__getitem__(index), "label": index % 5}
+
+
+@pytest.mark.parametrize("return_mask", [False, True])
+def test_padded_output_with_a_mask_stores_only_real_positions(store_path: Path, return_mask: bool) -> None:
+    ragged = {"hidden": "mask"} if return_mask else {"features": "attention_mask"}
+    cached = CachedFeatureDataset(
+        WholeSamples(40),
+        PaddedEncoder(return_mask).eval(),
+        store_path,
+        input_key="input",
+        collate_fn=pad_tokens,
+        chunk_rows=8,
+        batch_size=8,
+        spot_check=0,
+        ragged=ragged,
+    )
+    misses = cached.__getitems__(list(range(40)))
+    hits = cached.__getitems__(list(range(40)))
+    for index, (miss, hit) in enumerate(zip(misses, hits, strict=True)):
+        features = hit["input"]["hidden"] if return_mask else hit["input"]
+        if return_mask:
+            assert list(hit["input"]) == ["hidden"]  # the mask is used, not stored
+        assert torch.equal(features, direct(index))
+        assert torch.equal(features, miss["input"]["hidden"] if return_mask else miss["input"])
+    stored = cached.entry.nbytes_logical()
+    assert stored > 0
+    assert cached.entry.compression_ratio() == cached.entry.compression_ratio()  # not nan
+
+
+def test_ragged_option_names_are_checked(store_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"Expected the names in ragged= .*Got \['nope'\]"):
+        make(store_path, ragged={"nope": True})
+    with pytest.raises(TypeError, match="Expected ragged to map array names"):
+        make(store_path, ragged={"features": 3})
+    with pytest.raises(Exception, match="no tensor 'attention_mask' in the module's output"):
+        make(store_path, ragged={"features": "attention_mask"})

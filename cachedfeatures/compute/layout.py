@@ -327,11 +327,16 @@ def _unique_name(name: str, taken: set[str]) -> str:
 
 @dataclass(frozen=True)
 class OutputLayout:
-    """The structure of the module's output: one tensor, or a tuple or dict of tensors."""
+    """The structure of the module's output: one tensor, or a tuple or dict of tensors.
+
+    ``masks`` pairs ragged arrays the module returns padded with the key of their mask (or
+    lengths) in the module's output or its input batch: only the real positions are stored.
+    """
 
     kind: Literal["tensor", "tuple", "dict"]
     keys: tuple[str | int, ...]
     arrays: tuple[ArraySpec, ...]
+    masks: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_output(
@@ -342,6 +347,8 @@ class OutputLayout:
         *,
         detect_ragged: bool = False,
         per_sample: bool | None = None,
+        ragged: Mapping[str, str | bool] | None = None,
+        batch: Any = None,
     ) -> OutputLayout:
         """Learn the layout from one batch of module output (before storage casting).
 
@@ -350,16 +357,34 @@ class OutputLayout:
         ``torch.nested`` tensor, as the whole output or as one item of a tuple or dict.
         ``per_sample`` says whether a list output holds one tensor per sample when the caller
         knows (a list's length that follows the batch size); ``None`` judges by the shapes.
+
+        ``ragged`` declares ragged outputs by array name (``"features"``, ``"features_<key>"``) or
+        output key: ``True`` for one given as a list or nested tensor, or the key of a mask
+        ``(B, T)`` or lengths ``(B,)`` tensor for one returned padded ``(B, T, ...)``. That key is
+        looked up in the module's output (a dict item used so is not stored) and then in the
+        collated input ``batch`` (a tokenizer's ``attention_mask``).
         """
+        ragged = dict(ragged or {})
         if per_sample is None:
             per_sample = _is_per_sample_list(output, batch_size)
         per_sample = detect_ragged and per_sample and isinstance(output, list)
-        kind, items = _output_items(output, per_sample)
+        mask_keys = {value for value in ragged.values() if isinstance(value, str)}
+        kind, items = _output_items(_without(output, mask_keys), per_sample)
         arrays = []
+        masks: list[tuple[str, str]] = []
         taken: set[str] = set()  # keys that sanitise to one name ("a b", "a_b") get _2, _3...
         for key, tensor in items:
             name = FEATURES if kind == "tensor" else _unique_name(f"{FEATURES}_{_sanitize(str(key))}", taken)
-            if per_sample or (detect_ragged and isinstance(tensor, torch.Tensor) and tensor.is_nested):
+            declared = ragged.get(name, ragged.get(str(key)) if kind != "tensor" else None)
+            if isinstance(declared, str):
+                rows = _masked_rows(name, tensor, _find_mask(name, declared, output, batch), batch_size)
+                spec = tensor_spec(name, "tensor", cast_for_storage(rows[0][0:0], dtype))
+                inner = ArraySpec(spec.name, spec.kind, spec.dtype, spec.shape[1:], spec.torch_dtype)
+                arrays.append(inner.as_ragged(int(rows[0].shape[0])))
+                masks.append((name, declared))
+                continue
+            nested = isinstance(tensor, torch.Tensor) and tensor.is_nested
+            if per_sample or (detect_ragged and nested) or declared is True:
                 first = _ragged_rows(name, tensor, batch_size)[0]
                 if first.ndim == 0:
                     raise ModuleOutputError(
@@ -372,7 +397,7 @@ class OutputLayout:
                 continue
             _check_batch_dim(name, tensor, batch_size)
             arrays.append(tensor_spec(name, "tensor", cast_for_storage(tensor[0], dtype)))
-        return cls(kind, tuple(key for key, _ in items), tuple(arrays))
+        return cls(kind, tuple(key for key, _ in items), tuple(arrays), tuple(masks))
 
     @property
     def names_unique(self) -> bool:
@@ -381,25 +406,42 @@ class OutputLayout:
         return len({spec.name for spec in self.arrays}) == len(self.arrays)
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "keys": list(self.keys), "arrays": [a.to_json() for a in self.arrays]}
+        data: dict[str, Any] = {
+            "kind": self.kind,
+            "keys": list(self.keys),
+            "arrays": [a.to_json() for a in self.arrays],
+        }
+        if self.masks:
+            data["masks"] = {name: key for name, key in self.masks}
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> OutputLayout:
-        return cls(data["kind"], tuple(data["keys"]), tuple(ArraySpec.from_json(a) for a in data["arrays"]))
+        arrays = tuple(ArraySpec.from_json(a) for a in data["arrays"])
+        masks = tuple((str(name), str(key)) for name, key in data.get("masks", {}).items())
+        return cls(data["kind"], tuple(data["keys"]), arrays, masks)
 
     def split(
-        self, output: Any, batch_size: int, dtype: torch.dtype | None, *, copy: bool = True
+        self,
+        output: Any,
+        batch_size: int,
+        dtype: torch.dtype | None,
+        *,
+        copy: bool = True,
+        batch: Any = None,
     ) -> dict[str, Any]:
         """The module's output as one CPU tensor per array, cast to the storage dtype.
 
-        A ragged array gets a list of one ``(L_i, ...)`` tensor per row instead.
+        A ragged array gets a list of one ``(L_i, ...)`` tensor per row instead (one returned
+        padded: its real positions, by its mask in the output or the collated input ``batch``).
 
         With ``copy`` (the default) each tensor is in memory of its own, never the module's (see
         :func:`_copied_out`); ``copy=False`` is for a caller that copies them out itself before
         it calls the module again.
         """
         per_sample = self.kind == "tensor" and self.arrays[0].ragged and isinstance(output, list)
-        kind, items = _output_items(output, per_sample)
+        masks = dict(self.masks)
+        kind, items = _output_items(_without(output, set(masks.values())), per_sample)
         if kind != self.kind or tuple(key for key, _ in items) != self.keys:
             raise OutputShapeError(
                 f"the module returned a {kind} with keys {[k for k, _ in items]} but this entry "
@@ -408,6 +450,10 @@ class OutputLayout:
             )
         split: dict[str, Any] = {}
         for spec, (_, tensor) in zip(self.arrays, items, strict=True):
+            if spec.name in masks:
+                mask = _find_mask(spec.name, masks[spec.name], output, batch)
+                split[spec.name] = _masked_stored(spec.name, tensor, mask, batch_size, dtype)
+                continue
             if spec.ragged:
                 # always copied: a ragged column holds the rows themselves, not a copy of them
                 split[spec.name] = _ragged_stored(spec.name, tensor, batch_size, dtype)
@@ -454,6 +500,70 @@ def _output_items(
         "dict (with string keys) of tensors, each with the batch as its first dimension. Wrap the "
         "module in one whose forward picks the tensors to cache."
     )
+
+
+def _without(output: Any, keys: Collection[str]) -> Any:
+    """``output`` less the items under ``keys`` if it is a mapping (masks used, not stored)."""
+    if not keys or not isinstance(output, Mapping) or not any(key in output for key in keys):
+        return output
+    return {key: value for key, value in output.items() if key not in keys}
+
+
+def _find_mask(name: str, key: str, output: Any, batch: Any) -> torch.Tensor:
+    """The mask (or lengths) ``key`` of ragged output ``name``: in the output, else the batch."""
+    for where in (output, batch):
+        found = where.get(key) if isinstance(where, Mapping) else None
+        if isinstance(found, torch.Tensor):
+            return found
+
+    def keys_of(value: Any) -> str:
+        return str(list(value.keys())) if isinstance(value, Mapping) else f"none (a {type(value).__name__})"
+
+    raise ModuleOutputError(
+        f"ragged={{{name!r}: {key!r}}}: no tensor {key!r} in the module's output (keys "
+        f"{keys_of(output)}) or in its input batch (keys {keys_of(batch)}). Name the mask or "
+        "lengths tensor as the module returns it, or as the collate_fn puts it in the batch."
+    )
+
+
+def _masked_rows(name: str, padded: Any, mask: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """The real positions of each row of a padded ``(B, T, ...)`` output (on its device)."""
+    flat, lengths = _masked_flat(name, padded, mask, batch_size)
+    bounds = [0, *np.cumsum(lengths).tolist()]
+    return [flat[bounds[k] : bounds[k + 1]] for k in range(batch_size)]
+
+
+def _masked_flat(
+    name: str, padded: Any, mask: torch.Tensor, batch_size: int
+) -> tuple[torch.Tensor, list[int]]:
+    """The real positions of a padded ``(B, T, ...)`` output, one row after the other, and the
+    rows' lengths."""
+    if not isinstance(padded, torch.Tensor) or padded.ndim < 2 or padded.shape[0] != batch_size:
+        raise ModuleOutputError(
+            f"module output {name!r} is declared padded with a mask, so it must be a tensor of shape "
+            f"(batch, length, ...); got {_describe_output(padded)} for a batch of {batch_size}."
+        )
+    mask = mask.to(padded.device)
+    if mask.ndim == 1 and not mask.is_floating_point() and mask.dtype != torch.bool:
+        mask = torch.arange(padded.shape[1], device=padded.device).unsqueeze(0) < mask.unsqueeze(1)
+    if tuple(mask.shape) != tuple(padded.shape[:2]):
+        raise ModuleOutputError(
+            f"the mask of ragged output {name!r} has shape {tuple(mask.shape)}, but the output has "
+            f"shape {tuple(padded.shape)}; pass a (batch, length) mask or (batch,) integer lengths."
+        )
+    mask = mask.bool()
+    return padded[mask], mask.sum(dim=1).tolist()
+
+
+def _masked_stored(
+    name: str, padded: Any, mask: torch.Tensor, batch_size: int, dtype: torch.dtype | None
+) -> list[torch.Tensor]:
+    """The real positions of each row of a padded output, on the CPU in the storage dtype (the
+    boolean selection is new memory: never the module's)."""
+    flat, lengths = _masked_flat(name, padded, mask, batch_size)
+    flat = cast_for_storage(flat, dtype).to("cpu")
+    bounds = [0, *np.cumsum(lengths).tolist()]
+    return [flat[bounds[k] : bounds[k + 1]] for k in range(batch_size)]
 
 
 def _is_per_sample_list(output: Any, batch_size: int) -> bool:

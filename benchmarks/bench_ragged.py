@@ -1,0 +1,174 @@
+"""Ragged (variable-length) features: a hit epoch against a NumPy memmap, and the bytes stored.
+
+Run from the repository root::
+
+    python benchmarks/bench_ragged.py                 # 8,192 rows, lengths 8..128 of 384 float32
+    python benchmarks/bench_ragged.py --rows 16384    # the issue's setting (about 1.7 GB twice)
+
+The cache is filled once with ``prefill()`` (a module returning one ``(L_i, 384)`` tensor per
+sample, so the entry is ragged). Then hit epochs (batch 256, shuffled, ``DataLoader`` with
+``num_workers=0`` and ``cached.pad_collate``: padded values plus lengths) are taken in turns
+with epochs of a NumPy baseline that holds the same values as one flat memmap plus an
+offsets array, slices rows out of it (no copy) and pads them with the same collate, in the
+same order. Printed: each pair's throughput ratio (cache / memmap) and their range, and the
+entry's stored bytes over the real values' bytes (``sum(L_i) * 384 * 4``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cachedfeatures import CachedFeatureDataset, PadCollate  # noqa: E402
+
+BATCH = 256
+DIM = 384
+
+
+def row_values(index: int, length: int) -> torch.Tensor:
+    """The features of row ``index``: deterministic, the same for the cache and the baseline."""
+    generator = torch.Generator().manual_seed(index)
+    return torch.randn(length, DIM, generator=generator)
+
+
+class Indices(Dataset[Any]):
+    """Raw samples: the row index (the module's input) and a label."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> Any:
+        return torch.tensor(index), index % 10
+
+
+class TokenFeatures(nn.Module):
+    """One ``(L_i, 384)`` tensor per sample: a ragged output."""
+
+    def __init__(self, lengths: np.ndarray) -> None:
+        super().__init__()
+        self.register_buffer("lengths", torch.from_numpy(lengths))
+
+    def forward(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        return [row_values(int(i), int(self.lengths[int(i)])) for i in batch]
+
+
+class Memmap(Dataset[Any]):
+    """The baseline: the same values in one flat memmap plus offsets; rows are views of it."""
+
+    def __init__(self, values: np.ndarray, offsets: np.ndarray) -> None:
+        self.values = values
+        self.offsets = offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        offsets, values = self.offsets, self.values
+        return [
+            (torch.from_numpy(values[offsets[i] : offsets[i + 1]]), i % 10) for i in indices
+        ]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.__getitems__([index])[0]
+
+
+def epoch(dataset: Dataset[Any], order: list[int], collate: PadCollate) -> tuple[float, int]:
+    """Seconds for one pass over ``order`` in batches, and the padded values seen (a checksum)."""
+    loader = DataLoader(dataset, batch_size=BATCH, sampler=order, collate_fn=collate, num_workers=0)
+    start = time.perf_counter()
+    seen = 0
+    for features, _labels in loader:
+        seen += int(features.lengths.sum())
+    return time.perf_counter() - start, seen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=8192)
+    parser.add_argument("--pairs", type=int, default=4, help="cache/memmap epoch pairs")
+    parser.add_argument("--compressor", choices=["none", "default"], default="none")
+    args = parser.parse_args()
+
+    lengths = np.random.default_rng(0).integers(8, 129, args.rows).astype(np.int64)
+    real_bytes = int(lengths.sum()) * DIM * 4
+    work = Path(tempfile.mkdtemp(prefix="bench_ragged_"))
+    try:
+        store = work / "features.zarr"
+        cached = CachedFeatureDataset(
+            Indices(args.rows),
+            TokenFeatures(lengths).eval(),
+            store,
+            compressor=None if args.compressor == "none" else "default",
+            spot_check=0,
+        )
+        start = time.perf_counter()
+        cached.prefill(progress=False)
+        fill = time.perf_counter() - start
+        entry = cached.entry
+        assert entry is not None and entry.valid_mask().all()
+
+        offsets = np.zeros(args.rows + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum(lengths)
+        values = np.lib.format.open_memmap(
+            work / "values.npy", mode="w+", dtype=np.float32, shape=(int(offsets[-1]), DIM)
+        )
+        for i in range(args.rows):
+            values[offsets[i] : offsets[i + 1]] = row_values(i, int(lengths[i])).numpy()
+        values.flush()
+        values = np.load(work / "values.npy", mmap_mode="r+")  # writable: torch.from_numpy views it
+        baseline = Memmap(values, offsets)
+
+        # The same collate for both: pad position 0 (the features) in every batch.
+        collate = PadCollate([(0,)])
+        check = collate([cached[5], cached[6]])
+        assert torch.equal(check[0].values[0, : lengths[5]], row_values(5, int(lengths[5])))
+
+        stored = entry.nbytes_stored()
+        print(
+            f"rows {args.rows}, lengths 8..128 (mean {lengths.mean():.1f}), {DIM} float32, "
+            f"compressor {args.compressor}, chunk_rows {entry.chunk_rows}; fill (prefill) {fill:.1f} s"
+        )
+        print(
+            f"stored bytes {stored / 2**20:.1f} MiB / real values' bytes {real_bytes / 2**20:.1f} MiB "
+            f"= {stored / real_bytes:.3f}x (target <= 1.15x)"
+        )
+        rng = np.random.default_rng(1)
+        epoch(cached, rng.permutation(args.rows).tolist(), collate)  # warm: chunk cache, page cache
+        epoch(baseline, rng.permutation(args.rows).tolist(), collate)
+        ratios = []
+        for pair in range(args.pairs):
+            order = rng.permutation(args.rows).tolist()
+            ours, seen_ours = epoch(cached, order, collate)
+            theirs, seen_theirs = epoch(baseline, order, collate)
+            assert seen_ours == seen_theirs == int(lengths.sum())
+            ratios.append(theirs / ours)
+            print(
+                f"pair {pair}: cache {args.rows / ours:,.0f} rows/s, memmap {args.rows / theirs:,.0f} rows/s, "
+                f"ratio {theirs / ours:.2f}x"
+            )
+        print(
+            f"hit epoch / memmap baseline: {min(ratios):.2f}x .. {max(ratios):.2f}x "
+            f"(median {float(np.median(ratios)):.2f}x; target >= 0.7x)"
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -414,3 +414,29 @@ def test_ragged_option_names_are_checked(store_path: Path) -> None:
         make(store_path, ragged={"features": 3})
     with pytest.raises(Exception, match="no tensor 'attention_mask' in the module's output"):
         make(store_path, ragged={"features": "attention_mask"})
+
+
+def test_a_chunk_whose_values_vanished_is_rewritten_from_scratch(store_path: Path) -> None:
+    cached = make(store_path, spot_check=0)
+    cached.__getitems__([0, 1, 2, 3])
+    values = store_path / cached.entry_name / "features.values" / "0"
+    for path in sorted(values.rglob("*"), reverse=True):  # damage: chunk 0's values are gone
+        path.unlink() if path.is_file() else path.rmdir()
+    served = cached.__getitems__([4, 5, 6, 7])  # misses written into the damaged chunk
+    for index, sample in zip(range(4, 8), served, strict=True):
+        assert torch.equal(sample["tokens"], direct(index))
+    assert cached.entry.valid_mask()[:8].tolist() == [False] * 4 + [True] * 4
+    for index, sample in enumerate(cached.__getitems__(list(range(8)))):
+        assert torch.equal(sample["tokens"], direct(index))
+
+
+def test_a_reader_never_serves_a_chunk_another_writer_laid_out_anew(store_path: Path) -> None:
+    reader = make(store_path, spot_check=0)
+    reader.__getitems__([1, 3, 5])  # chunk 0 half filled, now in the reader's chunk cache
+    assert [s["tokens"].shape[0] for s in reader.__getitems__([1, 3, 5])] == [length_of(i) for i in (1, 3, 5)]
+    writer = make(store_path, spot_check=0)
+    writer.__getitems__([0, 2, 4, 6, 7])  # rewrites chunk 0: every row's values move
+    loads = reader.dataset.loads
+    for index, sample in enumerate(reader.__getitems__(list(range(8)))):
+        assert torch.equal(sample["tokens"], direct(index))
+    assert reader.dataset.loads == loads  # all hits, read afresh

@@ -22,11 +22,14 @@ import zarr
 from zarr.abc.codec import BytesBytesCodec
 from zarr.core.sync import sync
 
+from cachedfeatures.errors import ChunkSizeError
 from cachedfeatures.format.names import offsets_name, values_chunk_name, values_name
 from cachedfeatures.format.ragged import ABSENT, RaggedChunk
 from cachedfeatures.format.specs import ArraySpec
 
 __all__ = ["RaggedArray", "create_ragged"]
+
+MAX_VALUES_BYTES = 2**31 - 1  # what Blosc and the chunk checksum take (feature_store.MAX_CHUNK_BYTES)
 
 SAMPLE_DIM = "sample"
 
@@ -99,10 +102,15 @@ class RaggedArray:
         if total == 0:
             values = np.empty((0, *self.spec.shape), dtype=self.dtype)
         else:
+            # Damage, not a refused write: a ValueError (an OSError would stop the writer).
             store = self.group.store
+            missing = ValueError(f"the values of chunk {chunk} of {self.name!r} are missing")
             if not sync(store.exists(self.values_chunk_key(chunk))):
-                raise FileNotFoundError(f"the values of chunk {chunk} of {self.name!r} are missing")
-            array = zarr.open_array(store, path=self.values_path(chunk), mode="r")
+                raise missing
+            try:
+                array = zarr.open_array(store, path=self.values_path(chunk), mode="r")
+            except FileNotFoundError:
+                raise missing from None
             values = np.asarray(array[...])
         found = RaggedChunk(offsets, values)
         found.check()
@@ -113,6 +121,13 @@ class RaggedArray:
         cleared the chunk's ``valid`` rows if any were set)."""
         total = len(data.values)
         inner = tuple(self.spec.shape)
+        if data.values.nbytes > MAX_VALUES_BYTES:
+            raise ChunkSizeError(
+                f"row chunk {chunk} of ragged array {self.name!r} holds {data.values.nbytes} bytes of "
+                f"values, over the {MAX_VALUES_BYTES} a chunk can hold (Blosc and the chunk checksum "
+                "refuse larger buffers); its chunking was estimated from one sample's length. Pass a "
+                "smaller chunk_rows (a new entry: 'cachedfeatures rm' this one)."
+            )
         array = zarr.create_array(
             self.group.store,
             name=self.values_path(chunk),

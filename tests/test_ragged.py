@@ -440,3 +440,28 @@ def test_a_reader_never_serves_a_chunk_another_writer_laid_out_anew(store_path: 
     for index, sample in enumerate(reader.__getitems__(list(range(8)))):
         assert torch.equal(sample["tokens"], direct(index))
     assert reader.dataset.loads == loads  # all hits, read afresh
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_collated_hits_are_the_read_buffer_and_equal_padded_misses(store_path: Path, dtype: Any) -> None:
+    cached = make(store_path, spot_check=0, dtype=dtype)
+    rows = [9, 2, 30, 17, 4]
+    misses = cached.pad_collate(cached.__getitems__(rows))["tokens"]  # computed: padded by copy
+    samples = cached.__getitems__(rows)  # hits, read into one zero-padded buffer
+    hits = cached.pad_collate(samples)["tokens"]
+    assert hits.values.dtype == (dtype or torch.float32)
+    assert hits.values.data_ptr() == samples[0]["tokens"].data_ptr()  # no copy of the rows
+    assert torch.equal(hits.values, misses.values) and torch.equal(hits.lengths, misses.lengths)
+    clones = [sample["tokens"].clone() for sample in samples]
+    assert torch.equal(hits.values, torch.nn.utils.rnn.pad_sequence(clones, batch_first=True))
+    some = cached.pad_collate(samples[1:])["tokens"]  # not the whole buffer: padded by copy
+    assert some.values.data_ptr() != samples[1]["tokens"].data_ptr()
+    assert torch.equal(some.values, torch.nn.utils.rnn.pad_sequence(clones[1:], batch_first=True))
+
+
+def test_views_of_another_buffer_are_padded_by_copy() -> None:
+    buffer = torch.full((2, 5, 3), 9.0)  # "padding" that is not zero
+    rows = [buffer[0, :2], buffer[1, :5]]
+    batch = pad_collate([rows[0], rows[1]])
+    assert batch.values.data_ptr() != buffer.data_ptr()
+    assert not batch.values[0, 2:].any()

@@ -12,15 +12,21 @@ written in any order, a chunk at a time, and pruned a chunk at a time, like ever
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["ABSENT", "RaggedChunk", "object_column"]
+__all__ = ["ABSENT", "RaggedChunk", "object_column", "pack_padded", "zero_padded_base"]
 
 ABSENT = -1  # the offsets of a row without values (and the offsets array's fill value)
+# Batch buffers (B, L_max, ...) made by ``pack_padded``, by data address, while they live: rows
+# served as their leading views can be collated into the buffer itself, without a copy.
+_ZERO_PADDED: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
+# Rows are packed into one padded buffer only while it is at most this many times their bytes.
+MAX_PADDING_FACTOR = 4
 
 
 def object_column(items: Sequence[Any]) -> np.ndarray:
@@ -104,3 +110,57 @@ class RaggedChunk:
     @property
     def nbytes(self) -> int:
         return int(self.offsets.nbytes + self.values.nbytes)
+
+    def lengths(self, local: np.ndarray) -> np.ndarray:
+        """The lengths of rows ``local`` (0 for rows without values)."""
+        bounds: np.ndarray = np.maximum(self.offsets[local], 0)
+        lengths: np.ndarray = bounds[:, 1] - bounds[:, 0]
+        return lengths
+
+
+def pack_padded(
+    column: np.ndarray,
+    parts: Sequence[tuple[RaggedChunk, np.ndarray, np.ndarray]],
+    inner: tuple[int, ...],
+    dtype: np.dtype[Any],
+) -> None:
+    """Fill the 1-d object ``column`` with the rows ``parts`` name (chunk, local rows, positions),
+    each a copy, as leading views ``buffer[k, :L_k]`` of one zero-padded ``(B, L_max, ...)`` buffer
+    of this batch when its padding stays small (else one array per row). Positions already filled
+    with an array are moved into the buffer too; those left empty get zero-length rows.
+
+    A collate that pads these rows (``pipeline.collate.PadCollate``) finds the buffer and serves
+    it as the padded batch without copying the rows again.
+    """
+    count = len(column)
+    lengths = np.zeros(count, dtype=np.int64)
+    for chunk, local, positions in parts:
+        lengths[positions] = chunk.lengths(local)
+    filled = [k for k in range(count) if isinstance(column[k], np.ndarray)]
+    for k in filled:
+        lengths[k] = len(column[k])
+    longest = int(lengths.max(initial=0))
+    if count * longest > MAX_PADDING_FACTOR * max(int(lengths.sum()), 1) or longest == 0:
+        for chunk, local, positions in parts:
+            chunk.gather(local, column, positions)
+        for k in range(count):
+            if not isinstance(column[k], np.ndarray):
+                column[k] = np.empty((0, *inner), dtype=dtype)
+        return
+    buffer = np.zeros((count, longest, *inner), dtype=dtype)
+    for k in filled:
+        buffer[k, : lengths[k]] = column[k]
+    for chunk, local, positions in parts:
+        bounds = np.maximum(chunk.offsets[local], 0).tolist()
+        values = chunk.values
+        for position, (start, stop) in zip(positions.tolist(), bounds, strict=True):
+            buffer[position, : stop - start] = values[start:stop]
+    for k in range(count):
+        column[k] = buffer[k, : lengths[k]]
+    _ZERO_PADDED[buffer.ctypes.data] = buffer
+
+
+def zero_padded_base(address: int) -> np.ndarray | None:
+    """The live zero-padded batch buffer that starts at ``address``, if ``pack_padded`` made one."""
+    found: np.ndarray | None = _ZERO_PADDED.get(address)
+    return found

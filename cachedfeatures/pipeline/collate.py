@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
+from cachedfeatures.format.ragged import zero_padded_base
+
 __all__ = ["PadCollate", "RaggedBatch", "pad_collate"]
 
 Position = tuple[Hashable, ...]
@@ -53,6 +55,30 @@ class RaggedBatch(NamedTuple):
 
     def pin_memory(self) -> RaggedBatch:
         return RaggedBatch(self.values.pin_memory(), self.lengths.pin_memory())
+
+
+def _packed(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The zero-padded buffer whose leading views ``tensors`` are, row ``k`` at ``buffer[k]``, if
+    the cache's reader made one and nothing else is in it; else ``None``."""
+    if not tensors:
+        return None
+    base = zero_padded_base(tensors[0].data_ptr())
+    if base is None or base.shape[0] != len(tensors) or base.shape[1] != max(len(t) for t in tensors):
+        return None
+    first = tensors[0]
+    if first.element_size() != base.itemsize or tuple(first.shape[1:]) != tuple(base.shape[2:]):
+        return None
+    stride = base.strides[0]
+    for k, tensor in enumerate(tensors):
+        if (
+            tensor.data_ptr() != base.ctypes.data + k * stride
+            or tensor.dtype != first.dtype
+            or tuple(tensor.shape[1:]) != tuple(base.shape[2:])
+            or not tensor.is_contiguous()
+        ):
+            return None
+    values = torch.from_numpy(base)
+    return values if values.dtype == first.dtype else values.view(first.dtype)
 
 
 def _is_number_list(value: Any) -> bool:
@@ -91,12 +117,20 @@ class PadCollate:
         return self._collate(list(batch), ())
 
     def pad(self, rows: Sequence[Any]) -> RaggedBatch | torch.Tensor:
-        """Rows of one position (tensors, arrays or lists of numbers) as one padded batch."""
+        """Rows of one position (tensors, arrays or lists of numbers) as one padded batch.
+
+        Rows a read of the cache served as leading views of one zero-padded batch buffer
+        (``format.ragged.pack_padded``), in order, come back as that buffer: no copy.
+        """
         tensors = [_as_tensor(row) for row in rows]
         if self.nested:
             return torch.nested.nested_tensor(tensors, layout=torch.jagged)
         lengths = torch.tensor([len(t) for t in tensors], dtype=torch.int64)
-        values = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=self.padding_value)
+        values = _packed(tensors) if self.padding_value == 0 else None
+        if values is None:
+            values = torch.nn.utils.rnn.pad_sequence(
+                tensors, batch_first=True, padding_value=self.padding_value
+            )
         return RaggedBatch(values, lengths)
 
     def _collate(self, items: list[Any], position: Position) -> Any:

@@ -58,7 +58,7 @@ from zarr.core.metadata import ArrayV3Metadata
 from zarr.storage import LocalStore
 
 from cachedfeatures.format.chunk_identity import IdentityMismatchError
-from cachedfeatures.format.ragged import RaggedChunk
+from cachedfeatures.format.ragged import RaggedChunk, pack_padded
 from cachedfeatures.reader.signatures import ValidSignatures
 
 if TYPE_CHECKING:
@@ -681,6 +681,13 @@ class ChunkReader:
         ids: list[int] = distinct.tolist()
         hit = np.zeros(n, dtype=bool)
         gathered = {spec.name: spec.empty_column(n) for spec in entry.specs}
+        # Ragged rows are copied once all their lengths are known, into one padded buffer for the
+        # batch (see pack_padded), holding on to at most a quarter of the cache's budget of
+        # chunks meanwhile; past that, row by row at once.
+        deferred: dict[str, list[tuple[RaggedChunk, np.ndarray, np.ndarray]]] = {
+            name: [] for name in entry.ragged
+        }
+        held, limit = 0, self.cache.max_bytes // 4
         # One chunk at a time, so a batch holds at most one chunk beyond the cache's budget.
         for k, (chunk_id, signature) in enumerate(zip(ids, self._signatures.now(ids), strict=True)):
             chunk = self._chunk(chunk_id, signature)
@@ -690,6 +697,10 @@ class ChunkReader:
             rows, positions = local[lo:hi], order[lo:hi]
             try:
                 for name, column in chunk.arrays.items():
+                    if isinstance(column, RaggedChunk) and held + column.nbytes <= limit:
+                        held += column.nbytes
+                        deferred[name].append((column, rows, positions))
+                        continue
                     # straight to the requested positions, in our own buffer (never a cached one)
                     if isinstance(column, (_RawRows, RaggedChunk)):
                         column.gather(rows, gathered[name], positions)
@@ -700,6 +711,9 @@ class ChunkReader:
                 self._report(chunk_id, error)
                 continue
             hit[positions] = chunk.valid[rows]
+        for spec in entry.specs:
+            if spec.ragged:
+                pack_padded(gathered[spec.name], deferred[spec.name], spec.shape, spec.numpy_dtype)
         hits = int(np.count_nonzero(hit))
         if not hits:
             return RowsRead(hit, {}, distinct)

@@ -361,17 +361,19 @@ class PaddedEncoder(Embed):
     """Returns padded token embeddings ``(B, T, DIM)`` (and optionally the mask) like a
     transformers encoder; padded positions hold garbage that must not be stored."""
 
-    def __init__(self, return_mask: bool = False) -> None:
+    def __init__(self, return_mask: str = "") -> None:
         super().__init__()
-        self.return_mask = return_mask
+        self.return_mask = return_mask  # "", "mask" or "lengths": what it returns beside the hidden states
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:  # type: ignore[override]
         hidden = self.table[batch["input_ids"]] * 1.5
         hidden = torch.where(
             batch["attention_mask"].bool().unsqueeze(-1), hidden, torch.full_like(hidden, 7.0)
         )
-        if self.return_mask:
+        if self.return_mask == "mask":
             return {"hidden": hidden, "mask": batch["attention_mask"]}
+        if self.return_mask == "lengths":
+            return {"hidden": hidden, "lengths": batch["attention_mask"].sum(dim=1)}
         return hidden
 
 
@@ -380,9 +382,9 @@ class WholeSamples(Tokens):
         return {"input": super().__getitem__(index), "label": index % 5}
 
 
-@pytest.mark.parametrize("return_mask", [False, True])
-def test_padded_output_with_a_mask_stores_only_real_positions(store_path: Path, return_mask: bool) -> None:
-    ragged = {"hidden": "mask"} if return_mask else {"features": "attention_mask"}
+@pytest.mark.parametrize("return_mask", ["", "mask", "lengths"])
+def test_padded_output_with_a_mask_stores_only_real_positions(store_path: Path, return_mask: str) -> None:
+    ragged = {"hidden": return_mask} if return_mask else {"features": "attention_mask"}
     cached = CachedFeatureDataset(
         WholeSamples(40),
         PaddedEncoder(return_mask).eval(),

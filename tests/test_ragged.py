@@ -467,3 +467,69 @@ def test_views_of_another_buffer_are_padded_by_copy() -> None:
     batch = pad_collate([rows[0], rows[1]])
     assert batch.values.data_ptr() != buffer.data_ptr()
     assert not batch.values[0, 2:].any()
+
+
+def test_two_workers_computing_misses_into_shared_chunks(store_path: Path) -> None:
+    cached = make(store_path, n=48, spot_check=0, batch_size=4)
+    order = np.random.default_rng(3).permutation(48).tolist()  # batches share chunks across workers
+    loader = DataLoader(cached, batch_size=4, sampler=order, num_workers=2, collate_fn=cached.pad_collate)
+    served = []
+    for batch in loader:
+        served.extend(batch["tokens"].unpadded())
+    for index, row in zip(order, served, strict=True):
+        assert torch.equal(row, direct(index))
+    reopened = make(store_path, n=48, spot_check=0)
+    assert reopened.entry.valid_mask().all()  # every worker's rows survived the others' rewrites
+    loads = reopened.dataset.loads
+    for index, sample in enumerate(reopened.__getitems__(list(range(48)))):
+        assert torch.equal(sample["tokens"], direct(index))
+    assert reopened.dataset.loads == loads
+
+
+class TinyBert(nn.Module):
+    """A small randomly initialised transformers BertModel, called on a tokenizer-like batch;
+    returns the padded last hidden states (B, T, 32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        config = transformers.BertConfig(
+            vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        )
+        torch.manual_seed(0)
+        self.bert = transformers.BertModel(config, add_pooling_layer=False).eval()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.bert(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+
+
+@pytest.mark.slow
+def test_transformers_token_embeddings_match_the_model_on_real_tokens(store_path: Path) -> None:
+    module = TinyBert().eval()
+    cached = CachedFeatureDataset(
+        WholeSamples(40),
+        module,
+        store_path,
+        input_key="input",
+        collate_fn=pad_tokens,
+        batch_size=16,
+        compressor=None,
+        ragged={"features": "attention_mask"},
+    )
+    cached.__getitems__(list(range(40)))
+    served = cached.__getitems__(list(range(40)))
+    with torch.inference_mode():
+        for index, sample in enumerate(served):
+            tokens = Tokens(40)[index]["tokens"].unsqueeze(0)
+            alone = module.bert(input_ids=tokens).last_hidden_state[0]
+            assert sample["input"].shape == (length_of(index), 32)
+            torch.testing.assert_close(sample["input"], alone, atol=1e-5, rtol=1e-5)
+    values = sum(
+        path.stat().st_size
+        for path in (store_path / cached.entry_name / "features.values").rglob("*")
+        if path.is_file() and path.name != "zarr.json"
+    )
+    real = sum(length_of(i) for i in range(40)) * 32 * 4
+    assert values <= 1.001 * real + 4 * cached.entry.num_chunks  # the real tokens' bytes and checksums

@@ -17,7 +17,7 @@ import zarr
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cachedfeatures import CachedFeatureDataset, FeatureStore, RaggedBatch, pad_collate
+from cachedfeatures import CachedFeatureDataset, FeatureStore, FieldNotStorableError, RaggedBatch, pad_collate
 from cachedfeatures.cli import main as cli_main
 from cachedfeatures.maintenance import verify_store
 
@@ -533,3 +533,25 @@ def test_transformers_token_embeddings_match_the_model_on_real_tokens(store_path
     )
     real = sum(length_of(i) for i in range(40)) * 32 * 4
     assert values <= 1.001 * real + 4 * cached.entry.num_chunks  # the real tokens' bytes and checksums
+
+
+class Clashing(Fielded):
+    def __getitem__(self, index: int) -> Any:
+        sample = super().__getitem__(index)
+        return {"x": sample["x"], "ids": sample["ids"], "ids.offsets": 3}
+
+
+def test_a_field_named_like_a_ragged_fields_offsets_is_refused(store_path: Path) -> None:
+    with pytest.raises(FieldNotStorableError, match=r"'ids\.offsets' has the name of the offsets"):
+        CachedFeatureDataset(Clashing(8), Double(), store_path, input_key="x")
+
+
+def test_xarray_of_every_row_keeps_offsets_as_ints(store_path: Path) -> None:
+    pytest.importorskip("xarray")
+    cached = make(store_path, spot_check=0)
+    cached.__getitems__([0, 3])
+    ds = cached.entry.to_xarray(valid_only=False)
+    offsets = ds["features.offsets"].values
+    assert offsets.dtype == np.int64
+    assert offsets[1].tolist() == [-1, -1]
+    assert offsets[3].tolist() == [length_of(0), length_of(0) + length_of(3)]

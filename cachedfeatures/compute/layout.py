@@ -21,10 +21,12 @@ import numpy as np
 import torch
 
 from cachedfeatures.errors import (
+    FieldNotStorableError,
     InputKeyError,
     ModuleOutputError,
     OutputShapeError,
 )
+from cachedfeatures.format.names import offsets_name, values_name
 from cachedfeatures.format.specs import (
     FEATURES,
     RESERVED,
@@ -115,6 +117,18 @@ class SampleLayout:
             if fixed and (spec.name in ragged or _varies_in_length(spec, path, others)):
                 inner = ArraySpec(spec.name, spec.kind, spec.dtype, spec.shape[1:], spec.torch_dtype)
                 fields[position] = inner.as_ragged(spec.shape[0])
+        derived = {
+            name
+            for spec in fields
+            if spec.ragged
+            for name in (offsets_name(spec.name), values_name(spec.name))
+        }
+        clash = sorted(derived & {spec.name for spec in fields})
+        if clash:
+            raise FieldNotStorableError(
+                f"field {clash[0]!r} has the name of the offsets or values array of a variable-length "
+                "field beside it; rename one of them in the dataset."
+            )
         return cls(template, tuple(fields), tuple(paths), input_key)
 
     def extract_input(self, sample: Any) -> Any:

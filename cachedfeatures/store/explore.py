@@ -244,8 +244,13 @@ def to_xarray(entry: Entry, valid_only: bool = True) -> xarray.Dataset:
         return selected
     dataset = dataset.set_coords(VALID)
     valid = xr.DataArray(mask, dims=("sample",))
+    offsets = {offsets_name(name) for name in entry.ragged}
     masked: xarray.Dataset = dataset.assign(
-        {name: dataset[name].where(valid) for name in dataset.data_vars if "sample" in dataset[name].dims}
+        {
+            name: dataset[name].where(valid)
+            for name in dataset.data_vars
+            if "sample" in dataset[name].dims and name not in offsets  # offsets stay ints, -1: none
+        }
     )
     return masked
 

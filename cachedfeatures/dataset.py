@@ -776,7 +776,8 @@ class CachedFeatureDataset(Dataset[Any]):
         """A resumable batch loader: workers do I/O, the module runs in this process.
 
         See :class:`cachedfeatures.pipeline.nodes.Loader` for the arguments; ``batch_size`` defaults
-        to this dataset's ``batch_size``.
+        to this dataset's ``batch_size``, and ``collate_fn`` to :attr:`pad_collate` when the entry
+        has ragged (variable-length) arrays, else ``default_collate``.
         """
         if collate_fn is None and self.ragged_positions():
             collate_fn = self.pad_collate  # default_collate cannot stack rows of different lengths

@@ -12,6 +12,7 @@ written in any order, a chunk at a time, and pruned a chunk at a time, like ever
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -107,7 +108,7 @@ class RaggedChunk:
     def empty(cls, rows: int, inner: tuple[int, ...], dtype: np.dtype[Any]) -> RaggedChunk:
         return cls(np.full((rows, 2), ABSENT, dtype=np.int64), np.empty((0, *inner), dtype=dtype))
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return int(self.offsets.nbytes + self.values.nbytes)
 

@@ -777,7 +777,7 @@ class ChunkReader:
         """The chunk as it is now: from the cache if its signature still holds, else read."""
         if signature is None:  # no valid chunk: nothing in it was ever written
             return None
-        cache = self.cache
+        cache = self._cache if self._cache is not None else self.cache  # read() made it for this process
         chunk = cache.get(chunk_id)
         if chunk is not None and chunk.signature == signature:
             cache.hits += 1

@@ -555,3 +555,11 @@ def test_xarray_of_every_row_keeps_offsets_as_ints(store_path: Path) -> None:
     assert offsets.dtype == np.int64
     assert offsets[1].tolist() == [-1, -1]
     assert offsets[3].tolist() == [length_of(0), length_of(0) + length_of(3)]
+
+
+def test_pad_collate_gives_lists_of_ints_an_int_batch_even_with_empty_rows() -> None:
+    batch = pad_collate([{"ids": []}, {"ids": [1, 2]}, {"ids": [3]}])["ids"]
+    assert batch.values.dtype == torch.int64
+    assert batch.values.tolist() == [[0, 0], [1, 2], [3, 0]] and batch.lengths.tolist() == [0, 2, 1]
+    assert pad_collate([{"ids": []}, {"ids": []}])["ids"].values.dtype == torch.int64
+    assert pad_collate([[0.5], [1, 2]]).values.dtype == torch.float32  # samples that are lists

@@ -123,6 +123,12 @@ class PadCollate:
         (``format.ragged.pack_padded``), in order, come back as that buffer: no copy.
         """
         tensors = [_as_tensor(row) for row in rows]
+        if any(isinstance(row, list) for row in rows):  # an empty list has no dtype of its own
+            typed = [t for t, row in zip(tensors, rows, strict=True) if not isinstance(row, list) or row]
+            dtype = torch.promote_types(typed[0].dtype, typed[-1].dtype) if typed else torch.int64
+            for t in typed:
+                dtype = torch.promote_types(dtype, t.dtype)
+            tensors = [t.to(dtype) for t in tensors]
         if self.nested:
             return torch.nested.nested_tensor(tensors, layout=torch.jagged)
         lengths = torch.tensor([len(t) for t in tensors], dtype=torch.int64)

@@ -47,6 +47,7 @@ from cachedfeatures.errors import (
 )
 from cachedfeatures.module_cache import ModuleCache, cached_module, default_cache_dir, default_store_path
 from cachedfeatures.options import DatasetOptions
+from cachedfeatures.pipeline.collate import PadCollate, RaggedBatch, pad_collate
 from cachedfeatures.pipeline.nodes import Loader
 from cachedfeatures.pipeline.prefill import PrefillResult
 from cachedfeatures.pipeline.sampler import ChunkShuffleSampler
@@ -91,7 +92,9 @@ __all__ = [
     "NotAFeatureStoreError",
     "OptionWithoutStoreError",
     "OutputShapeError",
+    "PadCollate",
     "PrefillResult",
+    "RaggedBatch",
     "ReadOnlyStoreWarning",
     "RequiresGradError",
     "RowsNotCachedError",
@@ -106,4 +109,5 @@ __all__ = [
     "cached_module",
     "default_cache_dir",
     "default_store_path",
+    "pad_collate",
 ]

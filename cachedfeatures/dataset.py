@@ -46,6 +46,7 @@ from cachedfeatures.compute.steps import LoadedRows, RowLoader, compute_loaded
 from cachedfeatures.errors import CacheError, DeviceInWorkerError, FingerprintWarning, TrainingModeError
 from cachedfeatures.format.specs import ArraySpec
 from cachedfeatures.options import DatasetOptions
+from cachedfeatures.pipeline.collate import PadCollate
 from cachedfeatures.pipeline.nodes import Loader, WorkerMethod
 from cachedfeatures.pipeline.prefill import PrefillResult, prefill
 from cachedfeatures.pruning import Policy
@@ -162,6 +163,16 @@ class CachedFeatureDataset(Dataset[Any]):
             (the input's name is not used; ``None`` keeps a default). Default: a dict key names
             its field, tuple position ``i`` gives ``field_i``. Names that change what is stored
             are part of the entry key, so renaming a field creates a new entry.
+        ragged: declares arrays whose rows vary in length along their first dimension, stored
+            unpadded (see docs/concepts/variable-length.md), by name: a module output
+            (``"features"``, ``"features_<key>"`` or its output key) or a field. ``True``: ragged
+            (for an output given as a list of per-sample tensors or a ``torch.nested`` tensor,
+            or a field whose probes happened to share one length); a string: the output is
+            returned padded ``(B, T, ...)`` and this names its mask ``(B, T)`` or lengths
+            ``(B,)``, in the module's output (a dict item then not stored) or in the collated
+            input batch (``"attention_mask"``): only the real positions are stored. Outputs
+            returned as lists or nested tensors, lists of numbers, and tensor or array fields
+            whose probes differ in length are ragged without it. Part of the entry key.
 
     With ``device="cuda"``, compute misses through :meth:`loader` (workers do I/O, the module
     runs in this process) or fill the cache first with :meth:`prefill`; a plain DataLoader
@@ -202,6 +213,7 @@ class CachedFeatureDataset(Dataset[Any]):
         call: Call = "auto",
         output: OutputSelection | None = None,
         field_names: FieldNames | None = None,
+        ragged: Mapping[str, str | bool] | Sequence[str] | None = None,
     ) -> None:
         self.dataset = dataset
         self.module = module
@@ -229,6 +241,7 @@ class CachedFeatureDataset(Dataset[Any]):
             call=call,
             output=output,
             field_names=field_names,
+            ragged=ragged,
         )
         mode_dependent = mode_dependent_submodules(module)
         if mode_dependent:
@@ -309,11 +322,14 @@ class CachedFeatureDataset(Dataset[Any]):
         """What creating the entry takes: the layouts and the features of one probe sample."""
         index = next(iter(probes), 0)
         sample = probes[index] if probes else self.dataset[index]
+        others = [probe for row, probe in probes.items() if row != index]
         module = self.module
         tracked = self._module_state_tracked and isinstance(module, torch.nn.Module)
         before = module_state_digests(module) if tracked and isinstance(module, torch.nn.Module) else {}
         try:
-            sample_layout = SampleLayout.from_sample(sample, self.input_key, self.settings.field_names)
+            sample_layout = SampleLayout.from_sample(
+                sample, self.input_key, self.settings.field_names, others=others, ragged=self.ragged
+            )
             fields = sample_layout.field_values([sample], [index])
             raw = self._computer.run([sample_layout.extract_input(sample)])
         except Exception as error:  # name the sample, the field, its type and the fix
@@ -328,10 +344,21 @@ class CachedFeatureDataset(Dataset[Any]):
             if explained is None:
                 raise
             raise explained from error
+        batch, self._computer.last_batch = self._computer.last_batch, None
+        per_sample = None
+        if isinstance(raw, list) and len(raw) == 1 and others:
+            # One output, or one tensor per sample? A list whose length follows the batch's is
+            # the latter (a sample whose length is 1 looks like a batch of one otherwise).
+            pair = self._computer.run([sample_layout.extract_input(s) for s in (sample, others[0])])
+            per_sample = isinstance(pair, list) and len(pair) == 2
         if before:
             _warn_if_state_changed(self.module, before)
-        output_layout = OutputLayout.from_output(raw, 1, self.dtype)
-        outputs = output_layout.split(raw, 1, self.dtype)
+        output_layout = OutputLayout.from_output(
+            raw, 1, self.dtype, detect_ragged=True, per_sample=per_sample, ragged=self.ragged, batch=batch
+        )
+        outputs = output_layout.split(raw, 1, self.dtype, batch=batch)
+        self._computer.last_batch = None
+        _check_ragged_names(self.ragged, output_layout, sample_layout)
         specs: list[ArraySpec] = [*output_layout.arrays, *sample_layout.fields]
         chunk_rows = self.settings.chunk_rows
         if chunk_rows is None:
@@ -367,6 +394,11 @@ class CachedFeatureDataset(Dataset[Any]):
         return self.settings.input_key
 
     @property
+    def ragged(self) -> dict[str, str | bool]:
+        """The ``ragged=`` declarations, parsed: ``{array name: True | mask key}``."""
+        return dict(self.settings.ragged)
+
+    @property
     def batch_size(self) -> int:
         return self.settings.batch_size
 
@@ -398,6 +430,41 @@ class CachedFeatureDataset(Dataset[Any]):
     def owned_chunks(self) -> ChunkOwnership | None:
         return self.settings.owned_chunks
 
+    def ragged_positions(self) -> list[tuple[Any, ...]]:
+        """Where a served sample holds rows that vary in length (key/index paths; ``()`` for a
+        bare features tensor): ragged module outputs and ragged passthrough fields."""
+        if self._binding is None:
+            return []
+        layout, outputs = self._binding.sample_layout, self._binding.output_layout
+        ragged_fields = {spec.name for spec in layout.fields if spec.ragged}
+        ragged_outputs = [
+            () if outputs.kind == "tensor" else (key,)
+            for key, spec in zip(outputs.keys, outputs.arrays, strict=True)
+            if spec.ragged
+        ]
+        found: list[tuple[Any, ...]] = []
+
+        def walk(node: Mapping[str, Any], path: tuple[Any, ...]) -> None:
+            if node["kind"] == "input":
+                found.extend((*path, *inner) for inner in ragged_outputs)
+            elif node["kind"] == "field":
+                if node["name"] in ragged_fields:
+                    found.append(path)
+            else:
+                keys = node.get("keys") or range(len(node["items"]))
+                for key, item in zip(keys, node["items"], strict=True):
+                    walk(item, (*path, key))
+
+        walk(layout.template, ())
+        return found
+
+    @property
+    def pad_collate(self) -> PadCollate:
+        """A collate function for this dataset's samples: ragged outputs and fields become
+        :class:`~cachedfeatures.pipeline.collate.RaggedBatch` (padded values and lengths) in every
+        batch; the rest is collated as ``default_collate`` does. Pass it to a DataLoader."""
+        return PadCollate(self.ragged_positions())
+
     # -- the map-style API -----------------------------------------------------------------------
 
     def __len__(self) -> int:
@@ -419,8 +486,7 @@ class CachedFeatureDataset(Dataset[Any]):
         if read.all_hit:
             return self.assemble_all(read.arrays)
         columns = {
-            name: np.empty((len(rows), *spec.shape), dtype=spec.numpy_dtype)
-            for name, spec in ((s.name, s) for s in binding.entry.specs)
+            name: spec.empty_column(len(rows)) for name, spec in ((s.name, s) for s in binding.entry.specs)
         }
         for name, column in read.arrays.items():
             columns[name][read.hit] = column
@@ -583,7 +649,10 @@ class CachedFeatureDataset(Dataset[Any]):
         """One sample per row of ``columns``; each output array becomes one tensor first."""
         binding = self._bound()
         layout, outputs = binding.sample_layout, binding.output_layout
-        tensors = {spec.name: spec.numpy_to_tensor(columns[spec.name]) for spec in outputs.arrays}
+        tensors = {
+            spec.name: (spec.numpy_to_tensors if spec.ragged else spec.numpy_to_tensor)(columns[spec.name])
+            for spec in outputs.arrays
+        }
         return layout.build_many(outputs.unbind(tensors), columns)
 
     def _normalize(self, indices: Sequence[int]) -> np.ndarray:
@@ -640,8 +709,11 @@ class CachedFeatureDataset(Dataset[Any]):
         """A resumable batch loader: workers do I/O, the module runs in this process.
 
         See :class:`cachedfeatures.pipeline.nodes.Loader` for the arguments; ``batch_size`` defaults
-        to this dataset's ``batch_size``.
+        to this dataset's ``batch_size``, and ``collate_fn`` to :attr:`pad_collate` when the entry
+        has ragged (variable-length) arrays, else ``default_collate``.
         """
+        if collate_fn is None and self.ragged_positions():
+            collate_fn = self.pad_collate  # default_collate cannot stack rows of different lengths
         return Loader(
             self,
             batch_size=self.batch_size if batch_size is None else batch_size,
@@ -725,6 +797,20 @@ class CachedFeatureDataset(Dataset[Any]):
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def _check_ragged_names(
+    ragged: Mapping[str, str | bool], outputs: OutputLayout, sample: SampleLayout
+) -> None:
+    """A clear error for a ``ragged=`` name that is no output or field of the entry."""
+    known = {spec.name for spec in (*outputs.arrays, *sample.fields)}
+    known |= {str(key) for key in outputs.keys} if outputs.kind != "tensor" else set()
+    unknown = sorted(set(ragged) - known)
+    if unknown:
+        raise ValueError(
+            f"Expected the names in ragged= to be module outputs {[s.name for s in outputs.arrays]} or "
+            f"fields {[s.name for s in sample.fields]}. Got {unknown}."
+        )
 
 
 def _warn_if_state_changed(module: Any, before: Mapping[str, str]) -> None:

@@ -16,7 +16,7 @@ import zarr
 import zarr.codecs
 from zarr.core.sync import sync
 
-from cachedfeatures.format.names import ACCESS, VALID
+from cachedfeatures.format.names import ACCESS, VALID, offsets_name, values_name
 from cachedfeatures.format.specs import ArraySpec
 from cachedfeatures.pruning import (
     STALE_PARTIAL_SECONDS,
@@ -37,10 +37,12 @@ from cachedfeatures.store.feature_store import (
     FeatureStore,
     _create_array,
     _create_valid,
+    _with_checksum,
     default_compressor,
     holds_entries,
     rebuild_root,
 )
+from cachedfeatures.store.ragged import create_ragged
 
 __all__ = ["describe_store", "remove_entry", "repair_root", "verify_store"]
 
@@ -75,7 +77,12 @@ def describe_store(store: FeatureStore) -> dict[str, Any]:
                 "logical_bytes": sum(decoded.get(name, 0) for name, _ in sizes),
                 "compression_ratio": None if ratio != ratio else ratio,
                 "arrays": [
-                    {"name": spec.name, "dtype": _dtype_name(spec), "shape": list(spec.shape)}
+                    {
+                        "name": spec.name,
+                        "dtype": _dtype_name(spec),
+                        "shape": ["L", *spec.shape] if spec.ragged else list(spec.shape),
+                        **({"ragged": True} if spec.ragged else {}),
+                    }
                     for spec in entry.specs
                 ],
                 "chunk_rows": entry.chunk_rows,
@@ -193,7 +200,11 @@ def _layout_problems(entry: Entry) -> list[dict[str, Any]]:
     expected: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
         spec.name: ((entry.num_rows, *spec.shape), (entry.chunk_rows, *spec.shape), spec.dtype)
         for spec in entry.specs
+        if not spec.ragged
     }
+    for spec in entry.specs:  # a ragged array's offsets (its values are checked chunk by chunk)
+        if spec.ragged:
+            expected[offsets_name(spec.name)] = ((entry.num_rows, 2), (entry.chunk_rows, 2), "int64")
     expected[VALID] = ((entry.num_rows,), (entry.chunk_rows,), "bool")
     for name, (shape, chunks, dtype) in expected.items():
         try:
@@ -262,24 +273,33 @@ def _rebuild_arrays(entry: Entry, problems: list[dict[str, Any]]) -> set[str]:
     if not lost:
         return set()
     specs = {spec.name: spec for spec in entry.specs}
+    specs.update({offsets_name(spec.name): spec for spec in entry.specs if spec.ragged})
     codec, checksum = _codecs_of(entry, lost)
     zarr_store = entry.group.store
     with entry.locks.entry(entry.name):
         for name in sorted(lost | {VALID}):  # what is left of them: nothing of it is served
             sync(zarr_store.delete_dir(f"{entry.group.path}/{name}"))
+            if name in specs and specs[name].ragged:  # and the values of a ragged array's offsets
+                sync(zarr_store.delete_dir(f"{entry.group.path}/{values_name(specs[name].name)}"))
         _create_valid(entry.group, entry.num_rows, entry.chunk_rows, True)
         for name in sorted(lost - {VALID}):
-            _create_array(entry.group, specs[name], entry.num_rows, entry.chunk_rows, codec, checksum)
+            spec = specs[name]
+            if spec.ragged:
+                compressors = _with_checksum(codec, checksum)
+                create_ragged(entry.group, spec, entry.num_rows, entry.chunk_rows, compressors)
+            else:
+                _create_array(entry.group, spec, entry.num_rows, entry.chunk_rows, codec, checksum)
     return lost | {VALID}
 
 
 def _codecs_of(entry: Entry, lost: set[str]) -> tuple[Any, bool]:
     """The compressor and checksum of the entry's readable data arrays (default: Blosc, crc32c)."""
     for spec in entry.specs:
-        if spec.name in lost:
+        name = offsets_name(spec.name) if spec.ragged else spec.name
+        if name in lost:
             continue
         try:
-            array = entry.group[spec.name]
+            array = entry.group[name]
         except Exception:
             continue
         if isinstance(array, zarr.Array):
@@ -308,6 +328,18 @@ def _chunk_problems(entry: Entry, chunk: int) -> list[dict[str, Any]]:
         problems.append(_problem("unreadable", entry.name, chunk, f"its checksums do not decode: {error}"))
     specs = {spec.name: spec for spec in entry.specs}
     outputs = entry.feature_names
+    for name, ragged in entry.ragged.items():
+        if not sync(store.exists(ragged.offsets_chunk_key(chunk))):
+            if valid_rows:
+                detail = f"{valid_rows} row(s) marked valid but {name!r} has no offsets for this chunk"
+                problems.append(_problem("missing", entry.name, chunk, detail))
+            continue
+        try:
+            found = ragged.read_chunk(chunk, start, stop)
+            found.check(np.asarray(entry.valid[start:stop], dtype=bool) if valid_rows else None)
+            entry.check_rows(name, chunk, found.offsets, accepted, found.values)
+        except Exception as error:
+            problems.append(_problem("unreadable", entry.name, chunk, f"{name!r} does not decode: {error}"))
     for name, array in entry.arrays.items():
         if not sync(store.exists(keys[name])):
             # Zarr skips chunks equal to the fill value, so only output arrays must be present.

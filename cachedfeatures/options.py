@@ -7,7 +7,8 @@ what of it goes into the entry's key and attrs (the options that change the stor
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,8 @@ from cachedfeatures.compute.fingerprint import callable_digest
 from cachedfeatures.compute.layout import FieldNames, InputKey, parse_input_key
 from cachedfeatures.compute.runner import Collate
 from cachedfeatures.compute.spot_check import DEFAULT_SPOT_CHECK, parse_spot_check
-from cachedfeatures.parse import parse_device, parse_float_dtype, parse_positive_int
+from cachedfeatures.errors import ArgumentTypeError
+from cachedfeatures.parse import expected, parse_device, parse_float_dtype, parse_positive_int
 from cachedfeatures.pruning import Policy, parse_policy
 from cachedfeatures.reader.chunk_reader import ReadRoute, parse_cache_bytes, parse_read_route
 from cachedfeatures.store.feature_store import Compressor
@@ -61,6 +63,7 @@ class DatasetOptions:
     call: Call
     output: OutputSelection | None
     field_names: FieldNames | None
+    ragged: dict[str, str | bool]
 
     def __init__(
         self,
@@ -88,6 +91,7 @@ class DatasetOptions:
         call: Call = "auto",
         output: OutputSelection | None = None,
         field_names: FieldNames | None = None,
+        ragged: Mapping[str, str | bool] | Sequence[str] | None = None,
     ) -> None:
         parsed = {
             "input_key": parse_input_key(input_key),
@@ -113,6 +117,7 @@ class DatasetOptions:
             "call": parse_call(call),
             "output": parse_output(output),
             "field_names": field_names,  # checked against the sample when the layout is learnt
+            "ragged": parse_ragged(ragged),
         }
         for name, value in parsed.items():
             object.__setattr__(self, name, value)
@@ -130,10 +135,36 @@ class DatasetOptions:
             options["output"] = describe_selection(self.output)
         if self.call != "auto":  # an explicit convention; "auto" follows from what is fingerprinted
             options["call"] = self.call
+        if self.ragged:  # likewise
+            options["ragged"] = json.dumps(self.ragged, sort_keys=True)
         return options
 
 
 # -- argument parsing ---------------------------------------------------------------------------
+
+
+def parse_ragged(value: object) -> dict[str, str | bool]:
+    """``ragged=`` as ``{name: True | mask key}``: a mapping, or names (each ``True``)."""
+    if value is None:
+        return {}
+    items: Any = value.items() if isinstance(value, Mapping) else None
+    if items is None and isinstance(value, (list, tuple, set, frozenset)):
+        items = [(name, True) for name in value]
+    parsed: dict[str, str | bool] = {}
+    for name, how in items or ():
+        if not isinstance(name, str) or not (how is True or isinstance(how, str)):
+            items = None
+            break
+        parsed[name] = how
+    if items is None:
+        raise ArgumentTypeError(
+            expected(
+                "ragged to map array names to True or to the key of a mask/lengths tensor, e.g. "
+                "{'features': 'attention_mask'} or ['boxes']",
+                value,
+            )
+        )
+    return parsed
 
 
 def _parse_storage_options(value: object) -> dict[str, Any] | None:

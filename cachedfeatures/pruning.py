@@ -33,7 +33,7 @@ from zarr.core.sync import sync
 
 from cachedfeatures.errors import BudgetError
 from cachedfeatures.format.chunk_keys import parse_chunk_key
-from cachedfeatures.format.names import NOT_ROW_CHUNKED
+from cachedfeatures.format.names import NOT_ROW_CHUNKED, ragged_values_chunk
 from cachedfeatures.reader.bounded_cache import POLICIES, Policy, parse_policy
 from cachedfeatures.store.access import LAST, AccessLog, last_used, read_access
 from cachedfeatures.store.chunk_bytes import (
@@ -110,9 +110,16 @@ def measure(store: FeatureStore, *, per_array: bool = False) -> StoreUsage:
             usage.orphans.append(key)
             continue
         usage.total += size
-        name, slash, _ = key.partition("/")
+        name, slash, relative = key.partition("/")
         if slash:
             usage.entries[name] = usage.entries.get(name, 0) + size
+            # A ragged array's values of one row chunk (<entry>/<name>.values/<chunk>/..., its
+            # metadata and its chunk) belong to that row chunk: they go when it is dropped.
+            values_chunk = ragged_values_chunk(relative)
+            if values_chunk is not None:
+                per_entry = usage.chunks.setdefault(name, {})
+                per_entry[values_chunk] = per_entry.get(values_chunk, 0) + size
+                continue
         found = parse_chunk_key(key)  # <entry>/<array>/c/<row chunk>[/<other dims>...]
         if found is None:
             continue

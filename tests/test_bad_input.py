@@ -145,7 +145,8 @@ class WithObject(Samples):
 class WithRaggedField(Samples):
     def __getitem__(self, index: int) -> Any:
         image, _ = super().__getitem__(index)
-        return {"image": image, "boxes": torch.zeros(index % 3, 4)}
+        # Only the first dimension may vary (a ragged field); here the second one does.
+        return {"image": image, "boxes": torch.zeros(4, index % 3)}
 
 
 def test_unstorable_field_names_the_field_and_the_fix(store_path) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,16 +25,18 @@ from cachedfeatures.compute.calls import non_tensor_output_message
 from cachedfeatures.errors import (
     ArgumentTypeError,
     FieldNameError,
+    FieldNotStorableError,
     InputKeyError,
     ModuleOutputError,
     OutputShapeError,
 )
-from cachedfeatures.format.names import FEATURES, RESERVED
+from cachedfeatures.format.names import FEATURES, RESERVED, offsets_name, values_name
 from cachedfeatures.format.specs import (
     ArraySpec,
     Path,
     check_utf8,
     field_spec,
+    number_list_dtype,
     tensor_spec,
     unstorable,
 )
@@ -76,10 +78,22 @@ class SampleLayout:
 
     @classmethod
     def from_sample(
-        cls, sample: Any, input_key: InputKey, field_names: FieldNames | None = None
+        cls,
+        sample: Any,
+        input_key: InputKey,
+        field_names: FieldNames | None = None,
+        *,
+        others: Sequence[Any] = (),
+        ragged: Collection[str] = (),
     ) -> SampleLayout:
-        """The layout of ``sample``; ``field_names`` names its passthrough fields' arrays (by
-        default a dict key names its field, a tuple position ``i`` gives ``field_i``)."""
+        """The layout of ``sample``; lists of plain numbers become ragged fields.
+
+        ``field_names`` names its passthrough fields' arrays (by default a dict key names its
+        field, a tuple position ``i`` gives ``field_i``). A tensor or array field whose first
+        dimension differs between ``sample`` and ``others`` (more samples of the dataset, e.g.
+        its probes), or whose name is in ``ragged``, is ragged too: stored unpadded, any length
+        along its first dimension.
+        """
         input_paths = _input_paths(sample, input_key)
         given = _given_names(field_names, input_paths)
         fields: list[ArraySpec] = []
@@ -101,7 +115,10 @@ class SampleLayout:
                     "keys": [key for key, _ in kept],
                     "items": [item for _, item in kept],
                 }
-            if isinstance(value, (tuple, list)):
+            holds_input = any(p[: len(path)] == path for p in input_paths)
+            if isinstance(value, list) and not holds_input and number_list_dtype(value) is not None:
+                pass  # a list of numbers: one ragged field (below)
+            elif isinstance(value, (tuple, list)):
                 nodes = [walk(item, (*path, i)) for i, item in enumerate(value)]
                 return {
                     "kind": "list" if isinstance(value, list) else "tuple",
@@ -122,6 +139,23 @@ class SampleLayout:
                 f"Expected field_names to name passthrough fields of the sample ({known}). Got "
                 f"{', '.join(_describe_path(path) for path in unknown)}, which "
                 f"{'is' if len(unknown) == 1 else 'are'} not one."
+            )
+        for position, (spec, path) in enumerate(zip(fields, paths, strict=True)):
+            fixed = spec.kind in ("tensor", "ndarray") and bool(spec.shape) and not spec.ragged
+            if fixed and (spec.name in ragged or _varies_in_length(spec, path, others)):
+                inner = ArraySpec(spec.name, spec.kind, spec.dtype, spec.shape[1:], spec.torch_dtype)
+                fields[position] = inner.as_ragged(spec.shape[0])
+        derived = {
+            name
+            for spec in fields
+            if spec.ragged
+            for name in (offsets_name(spec.name), values_name(spec.name))
+        }
+        clash = sorted(derived & {spec.name for spec in fields})
+        if clash:
+            raise FieldNotStorableError(
+                f"field {clash[0]!r} has the name of the offsets or values array of a variable-length "
+                "field beside it; rename one of them in the dataset."
             )
         return cls(template, tuple(fields), tuple(paths), input_key)
 
@@ -178,6 +212,23 @@ class SampleLayout:
             return [dict(zip(node["keys"], row, strict=True)) for row in rows]
         row = _row_builder(node, features, values)
         return [row(i) for i in range(len(features))]
+
+
+def _varies_in_length(spec: ArraySpec, path: Path, others: Sequence[Any]) -> bool:
+    """Whether the field at ``path`` has another length along its first dimension in some of
+    ``others`` (and otherwise the same type, dtype and trailing shape)."""
+    for sample in others:
+        value = sample
+        try:
+            for key in path:
+                value = value[key]
+        except (KeyError, IndexError, TypeError):
+            continue
+        if not isinstance(value, (torch.Tensor, np.ndarray)) or value.ndim != len(spec.shape):
+            continue
+        if tuple(value.shape[1:]) == spec.shape[1:] and value.shape[0] != spec.shape[0]:
+            return True
+    return False
 
 
 def _row_builder(
@@ -389,23 +440,77 @@ def _unique_name(name: str, taken: set[str]) -> str:
 
 @dataclass(frozen=True)
 class OutputLayout:
-    """The structure of the module's output: one tensor, or a tuple or dict of tensors."""
+    """The structure of the module's output: one tensor, or a tuple or dict of tensors.
+
+    ``masks`` pairs ragged arrays the module returns padded with the key of their mask (or
+    lengths) in the module's output or its input batch: only the real positions are stored.
+    """
 
     kind: Literal["tensor", "tuple", "dict"]
     keys: tuple[str | int, ...]
     arrays: tuple[ArraySpec, ...]
+    masks: tuple[tuple[str, str], ...] = ()
 
     @classmethod
-    def from_output(cls, output: Any, batch_size: int, dtype: torch.dtype | None) -> OutputLayout:
-        """Learn the layout from one batch of module output (before storage casting)."""
-        kind, items = _output_items(output)
+    def from_output(
+        cls,
+        output: Any,
+        batch_size: int,
+        dtype: torch.dtype | None,
+        *,
+        detect_ragged: bool = False,
+        per_sample: bool | None = None,
+        ragged: Mapping[str, str | bool] | None = None,
+        batch: Any = None,
+    ) -> OutputLayout:
+        """Learn the layout from one batch of module output (before storage casting).
+
+        With ``detect_ragged``, outputs whose rows vary in length are ragged arrays: a list with
+        one tensor per sample (``(L_i, ...)`` each; a tuple is always several outputs), or a
+        ``torch.nested`` tensor, as the whole output or as one item of a tuple or dict.
+        ``per_sample`` says whether a list output holds one tensor per sample when the caller
+        knows (a list's length that follows the batch size); ``None`` judges by the shapes.
+
+        ``ragged`` declares ragged outputs by array name (``"features"``, ``"features_<key>"``) or
+        output key: ``True`` for one given as a list or nested tensor, or the key of a mask
+        ``(B, T)`` or lengths ``(B,)`` tensor for one returned padded ``(B, T, ...)``. That key is
+        looked up in the module's output (a dict item used so is not stored) and then in the
+        collated input ``batch`` (a tokenizer's ``attention_mask``).
+        """
+        ragged = dict(ragged or {})
+        if per_sample is None:
+            per_sample = _is_per_sample_list(output, batch_size)
+        per_sample = detect_ragged and per_sample and isinstance(output, list)
+        mask_keys = {value for value in ragged.values() if isinstance(value, str)}
+        kind, items = _output_items(_without(output, mask_keys), per_sample)
         arrays = []
+        masks: list[tuple[str, str]] = []
         taken: set[str] = set()  # keys that sanitise to one name ("a b", "a_b") get _2, _3...
         for key, tensor in items:
             name = FEATURES if kind == "tensor" else _unique_name(f"{FEATURES}_{_sanitize(str(key))}", taken)
+            declared = ragged.get(name, ragged.get(str(key)) if kind != "tensor" else None)
+            if isinstance(declared, str):
+                rows = _masked_rows(name, tensor, _find_mask(name, declared, output, batch), batch_size)
+                spec = tensor_spec(name, "tensor", cast_for_storage(rows[0][0:0], dtype))
+                inner = ArraySpec(spec.name, spec.kind, spec.dtype, spec.shape[1:], spec.torch_dtype)
+                arrays.append(inner.as_ragged(int(rows[0].shape[0])))
+                masks.append((name, declared))
+                continue
+            nested = isinstance(tensor, torch.Tensor) and tensor.is_nested
+            if per_sample or (detect_ragged and nested) or declared is True:
+                first = _ragged_rows(name, tensor, batch_size)[0]
+                if first.ndim == 0:
+                    raise ModuleOutputError(
+                        f"module output {name!r} holds a zero-dimensional tensor per sample; a ragged "
+                        "output needs at least one dimension, the one whose length varies."
+                    )
+                spec = tensor_spec(name, "tensor", cast_for_storage(first[0:0], dtype))
+                inner = ArraySpec(spec.name, spec.kind, spec.dtype, spec.shape[1:], spec.torch_dtype)
+                arrays.append(inner.as_ragged(int(first.shape[0])))
+                continue
             _check_batch_dim(name, tensor, batch_size)
             arrays.append(tensor_spec(name, "tensor", cast_for_storage(tensor[0], dtype)))
-        return cls(kind, tuple(key for key, _ in items), tuple(arrays))
+        return cls(kind, tuple(key for key, _ in items), tuple(arrays), tuple(masks))
 
     @property
     def names_unique(self) -> bool:
@@ -414,38 +519,66 @@ class OutputLayout:
         return len({spec.name for spec in self.arrays}) == len(self.arrays)
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "keys": list(self.keys), "arrays": [a.to_json() for a in self.arrays]}
+        data: dict[str, Any] = {
+            "kind": self.kind,
+            "keys": list(self.keys),
+            "arrays": [a.to_json() for a in self.arrays],
+        }
+        if self.masks:
+            data["masks"] = {name: key for name, key in self.masks}
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> OutputLayout:
-        return cls(data["kind"], tuple(data["keys"]), tuple(ArraySpec.from_json(a) for a in data["arrays"]))
+        arrays = tuple(ArraySpec.from_json(a) for a in data["arrays"])
+        masks = tuple((str(name), str(key)) for name, key in data.get("masks", {}).items())
+        return cls(data["kind"], tuple(data["keys"]), arrays, masks)
 
     def split(
-        self, output: Any, batch_size: int, dtype: torch.dtype | None, *, copy: bool = True
-    ) -> dict[str, torch.Tensor]:
+        self,
+        output: Any,
+        batch_size: int,
+        dtype: torch.dtype | None,
+        *,
+        copy: bool = True,
+        batch: Any = None,
+    ) -> dict[str, Any]:
         """The module's output as one CPU tensor per array, cast to the storage dtype.
+
+        A ragged array gets a list of one ``(L_i, ...)`` tensor per row instead (one returned
+        padded: its real positions, by its mask in the output or the collated input ``batch``).
 
         With ``copy`` (the default) each tensor is in memory of its own, never the module's (see
         :func:`_copied_out`); ``copy=False`` is for a caller that copies them out itself before
         it calls the module again.
         """
-        kind, items = _output_items(output)
+        per_sample = self.kind == "tensor" and self.arrays[0].ragged and isinstance(output, list)
+        masks = dict(self.masks)
+        kind, items = _output_items(_without(output, set(masks.values())), per_sample)
         if kind != self.kind or tuple(key for key, _ in items) != self.keys:
             raise OutputShapeError(
                 f"the module returned a {kind} with keys {[k for k, _ in items]} but this entry "
                 f"stores a {self.kind} with keys {list(self.keys)}; the module must return the "
                 "same structure for every batch."
             )
-        split = {}
+        split: dict[str, Any] = {}
         for spec, (_, tensor) in zip(self.arrays, items, strict=True):
+            if spec.name in masks:
+                mask = _find_mask(spec.name, masks[spec.name], output, batch)
+                split[spec.name] = _masked_stored(spec.name, tensor, mask, batch_size, dtype)
+                continue
+            if spec.ragged:
+                # always copied: a ragged column holds the rows themselves, not a copy of them
+                split[spec.name] = _ragged_stored(spec.name, tensor, batch_size, dtype)
+                continue
             _check_batch_dim(spec.name, tensor, batch_size)
             stored = cast_for_storage(tensor, dtype).to("cpu")
             split[spec.name] = _copied_out(tensor, stored) if copy else stored
         return split
 
-    def unbind(self, tensors: Mapping[str, torch.Tensor]) -> list[Any]:
+    def unbind(self, tensors: Mapping[str, Any]) -> list[Any]:
         """Per-array batch tensors as one output structure per row (views of the batch)."""
-        rows = [tensors[spec.name].unbind(0) for spec in self.arrays]
+        rows = [_rows_of(tensors[spec.name]) for spec in self.arrays]
         if self.kind == "tensor":
             return list(rows[0])
         if self.kind == "tuple":
@@ -462,8 +595,10 @@ class OutputLayout:
         return dict(zip(self.keys, values, strict=True))
 
 
-def _output_items(output: Any) -> tuple[Literal["tensor", "tuple", "dict"], list[tuple[Any, torch.Tensor]]]:
-    if isinstance(output, torch.Tensor):
+def _output_items(
+    output: Any, per_sample: bool = False
+) -> tuple[Literal["tensor", "tuple", "dict"], list[tuple[Any, Any]]]:
+    if isinstance(output, torch.Tensor) or per_sample:
         return "tensor", [(0, output)]
     if isinstance(output, (tuple, list)) and output and all(isinstance(t, torch.Tensor) for t in output):
         return "tuple", list(enumerate(output))
@@ -474,6 +609,128 @@ def _output_items(output: Any) -> tuple[Literal["tensor", "tuple", "dict"], list
     ):
         return "dict", list(output.items())
     raise ModuleOutputError(non_tensor_output_message(output))
+
+
+def _without(output: Any, keys: Collection[str]) -> Any:
+    """``output`` less the items under ``keys`` if it is a mapping (masks used, not stored)."""
+    if not keys or not isinstance(output, Mapping) or not any(key in output for key in keys):
+        return output
+    return {key: value for key, value in output.items() if key not in keys}
+
+
+def _find_mask(name: str, key: str, output: Any, batch: Any) -> torch.Tensor:
+    """The mask (or lengths) ``key`` of ragged output ``name``: in the output, else the batch."""
+    for where in (output, batch):
+        found = where.get(key) if isinstance(where, Mapping) else None
+        if isinstance(found, torch.Tensor):
+            return found
+
+    def keys_of(value: Any) -> str:
+        return str(list(value.keys())) if isinstance(value, Mapping) else f"none (a {type(value).__name__})"
+
+    raise ModuleOutputError(
+        f"ragged={{{name!r}: {key!r}}}: no tensor {key!r} in the module's output (keys "
+        f"{keys_of(output)}) or in its input batch (keys {keys_of(batch)}). Name the mask or "
+        "lengths tensor as the module returns it, or as the collate_fn puts it in the batch."
+    )
+
+
+def _masked_rows(name: str, padded: Any, mask: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """The real positions of each row of a padded ``(B, T, ...)`` output (on its device)."""
+    flat, lengths = _masked_flat(name, padded, mask, batch_size)
+    bounds = [0, *np.cumsum(lengths).tolist()]
+    return [flat[bounds[k] : bounds[k + 1]] for k in range(batch_size)]
+
+
+def _masked_flat(
+    name: str, padded: Any, mask: torch.Tensor, batch_size: int
+) -> tuple[torch.Tensor, list[int]]:
+    """The real positions of a padded ``(B, T, ...)`` output, one row after the other, and the
+    rows' lengths."""
+    if not isinstance(padded, torch.Tensor) or padded.ndim < 2 or padded.shape[0] != batch_size:
+        raise ModuleOutputError(
+            f"module output {name!r} is declared padded with a mask, so it must be a tensor of shape "
+            f"(batch, length, ...); got {_describe_output(padded)} for a batch of {batch_size}."
+        )
+    mask = mask.to(padded.device)
+    if mask.ndim == 1 and not mask.is_floating_point() and mask.dtype != torch.bool:
+        mask = torch.arange(padded.shape[1], device=padded.device).unsqueeze(0) < mask.unsqueeze(1)
+    if tuple(mask.shape) != tuple(padded.shape[:2]):
+        raise ModuleOutputError(
+            f"the mask of ragged output {name!r} has shape {tuple(mask.shape)}, but the output has "
+            f"shape {tuple(padded.shape)}; pass a (batch, length) mask or (batch,) integer lengths."
+        )
+    mask = mask.bool()
+    return padded[mask], mask.sum(dim=1).tolist()
+
+
+def _masked_stored(
+    name: str, padded: Any, mask: torch.Tensor, batch_size: int, dtype: torch.dtype | None
+) -> list[torch.Tensor]:
+    """The real positions of each row of a padded output, on the CPU in the storage dtype (the
+    boolean selection is new memory: never the module's)."""
+    flat, lengths = _masked_flat(name, padded, mask, batch_size)
+    flat = cast_for_storage(flat, dtype).to("cpu")
+    bounds = [0, *np.cumsum(lengths).tolist()]
+    return [flat[bounds[k] : bounds[k + 1]] for k in range(batch_size)]
+
+
+def _is_per_sample_list(output: Any, batch_size: int) -> bool:
+    """Whether ``output`` is a list of one tensor per sample (not a list of batched outputs)."""
+    return (
+        isinstance(output, list)
+        and len(output) == batch_size
+        and all(isinstance(t, torch.Tensor) and t.ndim >= 1 for t in output)
+        and not all(t.shape[0] == batch_size for t in output)
+    )
+
+
+def _rows_of(column: Any) -> Sequence[Any]:
+    """A batch's rows: a ragged column (a list of per-row tensors) as it is, else unbound."""
+    return column if isinstance(column, list) else column.unbind(0)
+
+
+def _ragged_rows(name: str, value: Any, batch_size: int) -> list[torch.Tensor]:
+    """One tensor per sample of a ragged output: a list of tensors, or a nested tensor."""
+    if isinstance(value, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in value):
+        rows = list(value)
+    elif isinstance(value, torch.Tensor) and value.is_nested:
+        rows = list(value.unbind())
+    else:
+        raise OutputShapeError(
+            f"module output {name!r} is stored as a ragged array (its rows vary in length), but the "
+            f"module returned {_describe_output(value)}; return one tensor per sample (a list, or "
+            "a torch.nested tensor) for every batch."
+        )
+    if len(rows) != batch_size:
+        raise ModuleOutputError(
+            f"module output {name!r} holds {len(rows)} per-sample tensors for a batch of {batch_size} "
+            "inputs; a ragged output needs one tensor per input."
+        )
+    return rows
+
+
+def _ragged_stored(name: str, value: Any, batch_size: int, dtype: torch.dtype | None) -> list[torch.Tensor]:
+    """A ragged output's rows on the CPU in the storage dtype, in memory of their own (never the
+    module's buffers)."""
+    if isinstance(value, torch.Tensor) and value.is_nested and value.layout == torch.jagged:
+        if value.size(0) != batch_size:
+            _ragged_rows(name, value, batch_size)  # raises, naming the counts
+        flat = value.values()
+        stored = _copied_out(flat, cast_for_storage(flat, dtype).to("cpu"))
+        bounds = value.offsets().to("cpu").tolist()  # type: ignore[attr-defined]
+        return [stored[bounds[k] : bounds[k + 1]] for k in range(batch_size)]
+    rows = []
+    for row in _ragged_rows(name, value, batch_size):
+        rows.append(_copied_out(row, cast_for_storage(row, dtype).to("cpu")))
+    return rows
+
+
+def _describe_output(output: Any) -> str:
+    if isinstance(output, (tuple, list, Mapping)):
+        inner = output.values() if isinstance(output, Mapping) else output
+        return f"a {type(output).__name__} of {[type(v).__name__ for v in inner]}"
+    return f"a {type(output).__name__}"
 
 
 def _check_batch_dim(name: str, tensor: torch.Tensor, batch_size: int) -> None:

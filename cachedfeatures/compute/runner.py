@@ -89,6 +89,8 @@ class FeatureComputer:
         self.autocast_dtype = autocast_dtype
         self._placed = False
         self.calls = 0
+        # The collated batch of the last call (on the device), for outputs whose mask is in it.
+        self.last_batch: Any = None
 
     def run(self, inputs: Sequence[Any], *, pin_memory: bool = False) -> Any:
         """The module's raw output for one batch of inputs.
@@ -100,7 +102,7 @@ class FeatureComputer:
             self.module.to(self.device)
             self._placed = True
         pin = pin_memory and self.device.type == "cuda"
-        batch = _to_device(self.collate_fn(list(inputs)), self.device, pin)
+        batch = self.last_batch = _to_device(self.collate_fn(list(inputs)), self.device, pin)
         self.calls += 1
         with torch.inference_mode(), self._autocast():
             try:
@@ -123,4 +125,5 @@ class FeatureComputer:
         """One CPU tensor per output array, cast to the storage dtype; in memory of its own
         unless ``copy=False`` (the caller copies before the module's next call)."""
         output = self.run(inputs, pin_memory=pin_memory)
-        return layout.split(output, len(inputs), self.dtype, copy=copy)
+        batch, self.last_batch = self.last_batch, None
+        return layout.split(output, len(inputs), self.dtype, copy=copy, batch=batch)

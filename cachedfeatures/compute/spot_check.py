@@ -260,10 +260,32 @@ def compare_columns(
     for spec in specs:
         tol = tolerance(spec, compute_precision if spec.name in outputs else None)
         a, b = stored[spec.name], recomputed[spec.name]
-        if tol is None:
+        if spec.ragged:
+            mismatches.extend(_compare_ragged(spec, rows, a, b, tol))
+        elif tol is None:
             mismatches.extend(_compare_exact(spec, rows, a, b))
         else:
             mismatches.extend(_compare_float(spec, rows, a, b, tol))
+    return mismatches
+
+
+def _compare_ragged(
+    spec: ArraySpec, rows: np.ndarray, stored: np.ndarray, recomputed: np.ndarray, tol: Tolerance | None
+) -> list[Mismatch]:
+    """A ragged column row by row: the lengths must agree, then the values as for fixed rows."""
+    mismatches = []
+    for position, row in enumerate(rows.tolist()):
+        a, b = np.asarray(stored[position]), np.asarray(recomputed[position])
+        if a.shape != b.shape:
+            detail = f"has length {len(a)} in the store but {len(b)} recomputed now"
+            mismatches.append(Mismatch(int(row), spec.name, detail, float("inf")))
+            continue
+        one = np.array([row])
+        a, b = a.reshape(1, -1), b.reshape(1, -1)
+        if tol is None:
+            mismatches.extend(_compare_exact(spec, one, a, b))
+        else:
+            mismatches.extend(_compare_float(spec, one, a, b, tol))
     return mismatches
 
 

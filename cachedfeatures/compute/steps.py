@@ -84,9 +84,7 @@ def compute_loaded(
     several = len(rows) > batch_size
     columns: dict[str, np.ndarray] = {}
     if several:
-        columns = {
-            spec.name: np.empty((len(rows), *spec.shape), dtype=spec.numpy_dtype) for spec in outputs.arrays
-        }
+        columns = {spec.name: spec.empty_column(len(rows)) for spec in outputs.arrays}
     for start in range(0, len(rows), batch_size):
         inputs = loaded.inputs[start : start + batch_size]
         try:

@@ -50,15 +50,21 @@ def _content(data: np.ndarray) -> Any:
     return raw
 
 
-def content_crc(entry: str, array: str, chunk: int, data: np.ndarray) -> int:
-    """The crc32c of ``data`` (the chunk's rows, decoded) seeded with the chunk's identity."""
+def content_crc(entry: str, array: str, chunk: int, data: np.ndarray, *more: np.ndarray) -> int:
+    """The crc32c of ``data`` (the chunk's rows, decoded) seeded with the chunk's identity.
+
+    A ragged array's chunk passes its offsets as ``data`` and its values in ``more``.
+    """
     seed = google_crc32c.value(f"{entry}/{array}/{chunk}".encode())
-    return int(google_crc32c.extend(seed, _content(data)))
+    crc = google_crc32c.extend(seed, _content(data))
+    for part in more:
+        crc = google_crc32c.extend(crc, _content(part))
+    return int(crc)
 
 
-def check(entry: str, array: str, chunk: int, data: np.ndarray, accepted: Any) -> None:
+def check(entry: str, array: str, chunk: int, data: np.ndarray, accepted: Any, *more: np.ndarray) -> None:
     """Raise :class:`IdentityMismatchError` unless ``data`` is one of the ``accepted`` two."""
-    crc = content_crc(entry, array, chunk, data)
+    crc = content_crc(entry, array, chunk, data, *more)
     if crc not in (int(accepted[0]), int(accepted[1])):
         raise IdentityMismatchError(
             f"chunk {chunk} of {entry}/{array} holds rows that were not written for it (a chunk "

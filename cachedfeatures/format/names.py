@@ -10,6 +10,8 @@ A store is plain Zarr v3::
         chunk_crc               (chunks, arrays, 2) uint32: identity-bound checksums (CHUNK_CRC)
         access                  (chunks, 2) float64: last access and count per chunk (ACCESS)
         key, next_row           keyed entries only (cached_module): content keys, rows handed out
+        <name>.offsets          a ragged array's (N, 2) int64 [start, stop) per row in its chunk's values
+        <name>.values/<chunk>   a ragged array's values of one row chunk (one zarr chunk)
 
 Arrays chunked along rows have the dimension ``SAMPLE_DIM`` first; their chunk keys are built
 and parsed by :mod:`cachedfeatures.format.chunk_keys`.
@@ -34,14 +36,20 @@ __all__ = [
     "KEY",
     "NEXT_ROW",
     "NOT_ROW_CHUNKED",
+    "OFFSETS_SUFFIX",
     "RESERVED",
     "SAMPLE_DIM",
     "STORE_FORMAT_VERSION",
     "STREAM_ROWS",
     "TORCH_DTYPE_ATTR",
     "VALID",
+    "VALUES_SUFFIX",
     "dimension_names",
     "is_entry_meta",
+    "offsets_name",
+    "ragged_values_chunk",
+    "values_chunk_name",
+    "values_name",
 ]
 
 # -- versions ------------------------------------------------------------------------------------
@@ -128,3 +136,36 @@ def is_entry_meta(attrs: Mapping[str, Any]) -> bool:
     """Whether a group's ``attrs`` mark it as a complete entry (its metadata names its arrays)."""
     meta = attrs.get(ATTRS_KEY)
     return isinstance(meta, Mapping) and "arrays" in meta
+
+
+# A ragged (variable-length) array ``<name>`` is stored as ``<name>.offsets``, (N, 2) int64 chunked
+# along rows like every array (each row's [start, stop) in its row chunk's values; -1 for a row
+# without values), and the group ``<name>.values``, holding one array per row chunk,
+# ``<name>.values/<chunk>``, of shape (values in that chunk, *inner shape), in one zarr chunk.
+# See docs/concepts/variable-length.md and cachedfeatures.format.ragged.
+OFFSETS_SUFFIX = ".offsets"
+VALUES_SUFFIX = ".values"
+
+
+def offsets_name(name: str) -> str:
+    """The offsets array of ragged array ``name``."""
+    return f"{name}{OFFSETS_SUFFIX}"
+
+
+def values_name(name: str) -> str:
+    """The group of per-row-chunk values arrays of ragged array ``name``."""
+    return f"{name}{VALUES_SUFFIX}"
+
+
+def values_chunk_name(name: str, chunk: int) -> str:
+    """The values array of row chunk ``chunk`` of ragged array ``name`` (relative to the entry)."""
+    return f"{name}{VALUES_SUFFIX}/{chunk}"
+
+
+def ragged_values_chunk(key: str) -> int | None:
+    """The row chunk a key inside an entry belongs to if it is part of a per-chunk values array
+    (``<name>.values/<chunk>/...``), else ``None``."""
+    parts = key.split("/", 2)
+    if len(parts) >= 3 and parts[0].endswith(VALUES_SUFFIX) and parts[1].isdigit():
+        return int(parts[1])
+    return None

@@ -18,8 +18,9 @@ from cachedfeatures.errors import (
     FieldNotStorableError,
     OutputShapeError,
 )
+from cachedfeatures.format.ragged import object_column
 
-Kind = Literal["tensor", "ndarray", "npscalar", "int", "float", "bool", "str"]
+Kind = Literal["tensor", "ndarray", "npscalar", "int", "float", "bool", "str", "list"]
 Path = tuple[Hashable, ...]
 
 _STRING_DTYPE = "str"
@@ -35,6 +36,11 @@ class ArraySpec:
 
     ``dtype`` is the NumPy dtype stored in Zarr. ``torch_dtype`` names the tensor dtype
     served back for tensors; bfloat16, which NumPy lacks, is stored as its raw uint16 bits.
+
+    A ``ragged`` array's rows vary in length along their first dimension: a row has shape
+    ``(L_i, *shape)`` and is stored without padding (see :mod:`cachedfeatures.format.ragged`);
+    its columns are 1-d object arrays of per-row arrays. ``length_hint`` is the length of the
+    row it was learnt from, an estimate used to size chunks and budgets.
     """
 
     name: str
@@ -42,15 +48,20 @@ class ArraySpec:
     dtype: str
     shape: tuple[int, ...]
     torch_dtype: str | None = None
+    ragged: bool = False
+    length_hint: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "name": self.name,
             "kind": self.kind,
             "dtype": self.dtype,
             "shape": list(self.shape),
             "torch_dtype": self.torch_dtype,
         }
+        if self.ragged:  # only then, so the attributes of fixed arrays stay as they were
+            data.update(ragged=True, length_hint=self.length_hint)
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ArraySpec:
@@ -60,7 +71,19 @@ class ArraySpec:
             dtype=data["dtype"],
             shape=tuple(data["shape"]),
             torch_dtype=data.get("torch_dtype"),
+            ragged=bool(data.get("ragged", False)),
+            length_hint=int(data.get("length_hint", 0)),
         )
+
+    def as_ragged(self, length_hint: int) -> ArraySpec:
+        """This spec as a ragged one whose rows are ``(L_i, *shape)``."""
+        return ArraySpec(self.name, self.kind, self.dtype, self.shape, self.torch_dtype, True, length_hint)
+
+    def empty_column(self, rows: int) -> np.ndarray:
+        """A column to fill with ``rows`` rows: ``(rows, *shape)``, or 1-d object if ragged."""
+        if self.ragged:
+            return np.empty(rows, dtype=object)
+        return np.empty((rows, *self.shape), dtype=self.numpy_dtype)
 
     @property
     def numpy_dtype(self) -> np.dtype[Any]:
@@ -69,14 +92,33 @@ class ArraySpec:
         return np.dtype(self.dtype)
 
     @property
-    def row_nbytes(self) -> int:
+    def value_nbytes(self) -> int:
+        """Bytes of one row (fixed) or of one value along the ragged dimension (ragged)."""
         itemsize = 16 if self.dtype == _STRING_DTYPE else self.numpy_dtype.itemsize
         return int(np.prod(self.shape, dtype=np.int64)) * itemsize
 
+    @property
+    def row_nbytes(self) -> int:
+        """Bytes of one row; for a ragged array an estimate: ``length_hint`` values and offsets."""
+        if self.ragged:
+            return max(1, self.length_hint) * self.value_nbytes + 16
+        return self.value_nbytes
+
     # -- tensors (module outputs and tensor fields) -----------------------------------------
 
-    def tensor_batch_to_numpy(self, batch: torch.Tensor) -> np.ndarray:
-        """A (k, *shape) CPU tensor, already in the storage dtype, as the array to store."""
+    def tensor_batch_to_numpy(self, batch: torch.Tensor | Sequence[torch.Tensor]) -> np.ndarray:
+        """A (k, *shape) CPU tensor, already in the storage dtype, as the array to store.
+
+        For a ragged array, ``batch`` is a list of k ``(L_i, *shape)`` tensors, and the result a
+        1-d object array of their NumPy arrays.
+        """
+        if self.ragged:
+            return object_column([self._ragged_row_to_numpy(row) for row in batch])
+        if not isinstance(batch, torch.Tensor):
+            raise OutputShapeError(
+                f"{self.name!r} holds one tensor per sample of different lengths, but this entry "
+                f"stores a fixed shape {self.shape}; pass ragged={{{self.name!r}: True}} (a new entry)."
+            )
         if tuple(batch.shape[1:]) != self.shape or str(batch.dtype) != f"torch.{self.torch_dtype}":
             raise OutputShapeError(
                 f"{self.name!r} has per-row shape {tuple(batch.shape[1:])} and dtype {batch.dtype}, "
@@ -89,6 +131,28 @@ class ArraySpec:
             return batch.view(torch.int16).numpy().view(np.uint16)
         return batch.numpy()
 
+    def _ragged_row_to_numpy(self, row: torch.Tensor) -> np.ndarray:
+        if (
+            not isinstance(row, torch.Tensor)
+            or row.ndim != len(self.shape) + 1
+            or tuple(row.shape[1:]) != self.shape
+            or str(row.dtype) != f"torch.{self.torch_dtype}"
+        ):
+            got = describe_value(row)
+            raise OutputShapeError(
+                f"{self.name!r} holds {got} for one sample, but this entry stores rows of shape "
+                f"(L, {', '.join(map(str, self.shape))}) and dtype torch.{self.torch_dtype} (any length L); "
+                "only the first dimension may vary from sample to sample."
+            )
+        row = row.detach().to("cpu").contiguous()
+        if row.dtype == torch.bfloat16:
+            return row.view(torch.int16).numpy().view(np.uint16)
+        return row.numpy()
+
+    def numpy_to_tensors(self, column: np.ndarray) -> list[torch.Tensor]:
+        """A ragged column (1-d object array of per-row arrays) as one tensor per row."""
+        return [self.numpy_to_tensor(row) for row in column]
+
     def numpy_to_tensor(self, rows: np.ndarray) -> torch.Tensor:
         if not (type(rows) is np.ndarray and rows.flags.c_contiguous):  # skip the call on the hit path
             # np.require keeps a zero-dim row zero-dim (np.ascontiguousarray makes it 1-d).
@@ -100,7 +164,9 @@ class ArraySpec:
     # -- passthrough fields -------------------------------------------------------------------
 
     def values_to_numpy(self, values: Sequence[Any]) -> np.ndarray:
-        """Stack one field's values from k samples into a (k, *shape) array."""
+        """Stack one field's values from k samples into a (k, *shape) array (ragged: 1-d object)."""
+        if self.ragged:
+            return object_column([self._ragged_value_to_numpy(value) for value in values])
         if self.kind == "tensor":
             for value in values:
                 ok = isinstance(value, torch.Tensor) and tuple(value.shape) == self.shape
@@ -122,6 +188,25 @@ class ArraySpec:
             checked.append(value)
         return np.asarray(checked, dtype=self.numpy_dtype)
 
+    def _ragged_value_to_numpy(self, value: Any) -> np.ndarray:
+        """One value of a ragged field (a list of numbers, or a tensor/array varying in length)."""
+        if self.kind == "list":
+            python_type = {"<i8": int, "<f8": float, "|b1": bool}[self.dtype]
+            ok = isinstance(value, list) and all(
+                type(item) is python_type or (python_type is float and type(item) is int) for item in value
+            )
+            self._check_field_value(value, ok)
+            return np.asarray(value, dtype=self.numpy_dtype).reshape(-1)
+        if self.kind == "tensor":
+            ok = isinstance(value, torch.Tensor) and str(value.dtype) == f"torch.{self.torch_dtype}"
+            ok = ok and value.ndim == len(self.shape) + 1 and tuple(value.shape[1:]) == self.shape
+            self._check_field_value(value, ok)
+            return self._ragged_row_to_numpy(value)
+        ok = isinstance(value, np.ndarray) and value.dtype == self.numpy_dtype
+        ok = ok and value.ndim == len(self.shape) + 1 and tuple(value.shape[1:]) == self.shape
+        self._check_field_value(value, ok)
+        return np.array(value, copy=True)
+
     def _check_field_value(self, value: Any, ok: bool) -> None:
         if not ok:
             raise OutputShapeError(
@@ -132,6 +217,8 @@ class ArraySpec:
 
     def row_to_value(self, row: Any) -> Any:
         """One stored row back as the value the dataset returned."""
+        if self.kind == "list":
+            return np.asarray(row).tolist()
         if self.kind == "tensor":
             return self.numpy_to_tensor(np.asarray(row))
         if self.kind == "ndarray":
@@ -144,6 +231,8 @@ class ArraySpec:
 
     def rows_to_values(self, rows: np.ndarray) -> list[Any]:
         """Every row of a stored batch as :meth:`row_to_value` gives it, converted in one go."""
+        if self.ragged:
+            return [self.row_to_value(row) for row in rows]
         if self.kind == "tensor":
             return list(self.numpy_to_tensor(rows).unbind(0))
         if self.kind in ("int", "float", "bool", "str"):
@@ -153,6 +242,11 @@ class ArraySpec:
         return [self.row_to_value(row) for row in rows]
 
     def describe(self) -> str:
+        if self.ragged:
+            inner = "".join(f", {n}" for n in self.shape)
+            what = "a list" if self.kind == "list" else f"a {self.kind}"
+            dtype = f"torch.{self.torch_dtype}" if self.kind == "tensor" else self.dtype
+            return f"{what} of shape (L{inner}) of any length L and dtype {dtype}"
         if self.kind in ("tensor", "ndarray"):
             dtype = f"torch.{self.torch_dtype}" if self.kind == "tensor" else self.dtype
             return f"a {self.kind} of shape {self.shape} and dtype {dtype}"
@@ -176,8 +270,29 @@ def tensor_spec(name: str, kind: Kind, tensor: torch.Tensor) -> ArraySpec:
     return ArraySpec(name, kind, dtype, tuple(tensor.shape), torch_dtype)
 
 
+def number_list_dtype(value: Any) -> str | None:
+    """The dtype a list of plain numbers is stored in as a ragged field (``"<i8"``, ``"<f8"``,
+    ``"|b1"``; an empty list counts as ints), or ``None`` if ``value`` is not such a list."""
+    if not isinstance(value, list):
+        return None
+    types = {type(item) for item in value}
+    if types <= {int}:
+        return "<i8" if all(-(2**63) <= item < 2**63 for item in value) else None
+    if types == {bool}:
+        return "|b1"
+    if types <= {int, float}:
+        return "<f8"
+    return None
+
+
 def field_spec(name: str, path: Path, value: Any) -> ArraySpec:
-    """The spec of a passthrough field, or a clear error if it cannot be stored."""
+    """The spec of a passthrough field, or a clear error if it cannot be stored.
+
+    A list of plain numbers (token ids, a variable number of boxes' scores) is one ragged field.
+    """
+    dtype = number_list_dtype(value)
+    if dtype is not None:
+        return ArraySpec(name, "list", dtype, (), ragged=True, length_hint=len(value))
     if isinstance(value, torch.Tensor):
         if value.is_sparse or value.is_nested:
             raise unstorable(path, value, "sparse and nested tensors are not supported")

@@ -302,10 +302,7 @@ class ReadOrLoad:
     def _read_or_load(self, rows: list[int] | np.ndarray) -> IOBatch:
         self._arm()
         rows = np.asarray(rows, dtype=np.int64)
-        columns = {
-            spec.name: np.empty((len(rows), *spec.shape), dtype=spec.numpy_dtype)
-            for spec in self.hits.entry.specs
-        }
+        columns = {spec.name: spec.empty_column(len(rows)) for spec in self.hits.entry.specs}
         hit = np.zeros(len(rows), dtype=bool)
         if self.read_hits:
             read = self.hits.read(rows)

@@ -60,12 +60,14 @@ from zarr.core.metadata import ArrayV3Metadata
 
 from cachedfeatures.format.chunk_identity import IdentityMismatchError
 from cachedfeatures.format.chunk_keys import chunk_key
+from cachedfeatures.format.ragged import RaggedChunk, pack_padded
 from cachedfeatures.parse import parse_choice, parse_int
 from cachedfeatures.reader.bounded_cache import BoundedCache
 from cachedfeatures.reader.signatures import ValidSignatures
 
 if TYPE_CHECKING:
     from cachedfeatures.store.feature_store import Entry
+    from cachedfeatures.store.ragged import RaggedArray
 
 __all__ = [
     "CacheInfo",
@@ -161,7 +163,7 @@ class _Chunk:
 
     signature: Hashable
     valid: np.ndarray
-    arrays: Mapping[str, np.ndarray | _RawRows]
+    arrays: Mapping[str, np.ndarray | _RawRows | RaggedChunk]
     nbytes: int  # what it costs in this process's memory (open raw files cost nothing here)
     maps: int  # how many arrays are raw chunk files held open (each holds a file descriptor)
 
@@ -408,6 +410,29 @@ class _ChunkFile:
     def _filled(self) -> np.ndarray:
         return np.full(self.chunk_shape, self.array.fill_value, dtype=self.dtype)
 
+    def read_values(self, path: str, total: int, ragged: RaggedArray) -> np.ndarray:
+        """The values array of one row chunk of a ragged array (whose offsets this file reads,
+        written with the same codecs), from its one chunk file at ``path``: ``total`` values.
+
+        A missing file with ``total > 0`` raises (never read as fill values).
+        """
+        spec = ragged.spec
+        dtype = spec.numpy_dtype
+        if dtype.itemsize > 1:
+            dtype = dtype.newbyteorder("<")
+        if total == 0:
+            return np.empty((0, *spec.shape), dtype=dtype)
+        with open(path, "rb") as file:
+            stored = file.read()
+        payload: Any = _verified(stored, path) if self.checksum else stored
+        if self.decoder is not None:
+            payload = self.decoder.decode(payload)
+        data = np.frombuffer(payload, dtype=dtype)
+        expected = total * int(np.prod(spec.shape, dtype=np.int64))
+        if data.size != expected:
+            raise ValueError(f"ragged values {path} hold {data.size} values; its offsets need {expected}")
+        return data.reshape(total, *spec.shape)
+
 
 def _verified(stored: bytes, path: str) -> np.ndarray:
     """The payload of a chunk that ends in its crc32c (little-endian), if the checksum holds."""
@@ -507,7 +532,8 @@ class _Dense:
 
     @staticmethod
     def fits(entry: Entry, budget: int) -> bool:
-        numeric = all(spec.dtype != "str" for spec in entry.specs)
+        # Ragged arrays' sizes are not known up front: such entries use the chunk cache.
+        numeric = all(spec.dtype != "str" and not spec.ragged for spec in entry.specs)
         return numeric and (sum(spec.row_nbytes for spec in entry.specs) + 1) * entry.num_rows <= budget
 
     def release(self, chunk: int, start: int, stop: int, signature: Hashable = _UNREAD) -> None:
@@ -558,6 +584,7 @@ class ChunkReader:
         self._cache: ChunkCache | None = None
         self._dense: _Dense | bool | None = False  # False: not decided yet
         self._files: dict[str, _ChunkFile | None] | None = None
+        self._ragged_sources: dict[str, _ChunkFile | None] | None = None
         self._valid_file: _ChunkFile | None = None
         self._records_file: _ChunkFile | None = None
         self._reported: set[tuple[str, int]] = set()
@@ -630,7 +657,14 @@ class ChunkReader:
         distinct = sorted_chunks[starts]
         ids: list[int] = distinct.tolist()
         hit = np.zeros(n, dtype=bool)
-        gathered = {spec.name: np.empty((n, *spec.shape), dtype=spec.numpy_dtype) for spec in entry.specs}
+        gathered = {spec.name: spec.empty_column(n) for spec in entry.specs}
+        # Ragged rows are copied once all their lengths are known, into one padded buffer for the
+        # batch (see pack_padded), holding on to at most a quarter of the cache's budget of
+        # chunks meanwhile; past that, row by row at once.
+        deferred: dict[str, list[tuple[RaggedChunk, np.ndarray, np.ndarray]]] = {
+            name: [] for name in entry.ragged
+        }
+        held, limit = 0, self.cache.max_bytes // 4
         # One chunk at a time, so a batch holds at most one chunk beyond the cache's budget.
         for k, (chunk_id, signature) in enumerate(zip(ids, self._signatures.now(ids), strict=True)):
             chunk = self._chunk(chunk_id, signature)
@@ -640,8 +674,12 @@ class ChunkReader:
             rows, positions = local[lo:hi], order[lo:hi]
             try:
                 for name, column in chunk.arrays.items():
+                    if isinstance(column, RaggedChunk) and held + column.nbytes <= limit:
+                        held += column.nbytes
+                        deferred[name].append((column, rows, positions))
+                        continue
                     # straight to the requested positions, in our own buffer (never a cached one)
-                    if isinstance(column, _RawRows):
+                    if isinstance(column, (_RawRows, RaggedChunk)):
                         column.gather(rows, gathered[name], positions)
                     else:
                         gathered[name][positions] = column[rows]
@@ -650,6 +688,9 @@ class ChunkReader:
                 self._report(chunk_id, error)
                 continue
             hit[positions] = chunk.valid[rows]
+        for spec in entry.specs:
+            if spec.ragged:
+                pack_padded(gathered[spec.name], deferred[spec.name], spec.shape, spec.numpy_dtype)
         hits = int(np.count_nonzero(hit))
         if not hits:
             return RowsRead(hit, {}, distinct)
@@ -713,7 +754,7 @@ class ChunkReader:
         """The chunk as it is now: from the cache if its signature still holds, else read."""
         if signature is None:  # no valid chunk: nothing in it was ever written
             return None
-        cache = self.cache
+        cache = self._cache if self._cache is not None else self.cache  # read() made it for this process
         chunk = cache.get(chunk_id, signature)
         if chunk is not None:
             if chunk.maps:  # used again: a private copy, where that pushes out nothing in use
@@ -787,10 +828,14 @@ class ChunkReader:
         files = self._sources()
         try:
             valid = self._read_valid(chunk, start, stop)
-            arrays: dict[str, np.ndarray | _RawRows] = {}
+            arrays: dict[str, np.ndarray | _RawRows | RaggedChunk] = {}
             nbytes, maps = valid.nbytes, 0
             if valid.any():
                 accepted = self._accepted(chunk)
+                for name in entry.ragged:
+                    ragged = self._ragged_chunk(name, chunk, start, stop, valid, accepted)
+                    nbytes += ragged.nbytes
+                    arrays[name] = ragged
                 for name, array in entry.arrays.items():
                     source = files[name]
                     check = self._row_check(name, chunk, accepted)
@@ -811,6 +856,35 @@ class ChunkReader:
         if self._signatures.fresh(chunk) != signature:
             return None  # written or pruned while we read: read again next time
         return _Chunk(signature, valid, arrays, nbytes, maps)
+
+    def _ragged_chunk(
+        self, name: str, chunk: int, start: int, stop: int, valid: np.ndarray, accepted: np.ndarray | None
+    ) -> RaggedChunk:
+        """Chunk ``chunk`` of ragged array ``name``, checked: offsets fit the values, every valid
+        row has values, and (with identity checksums) both were written for this chunk."""
+        ragged = self.entry.ragged[name]
+        source = self._ragged_files().get(name)
+        if source is None:
+            found = ragged.read_chunk(chunk, start, stop)
+        else:
+            offsets = np.array(source.read(chunk)[: stop - start])
+            path = os.path.join(source.root, ragged.values_chunk_key(chunk))
+            found = RaggedChunk(offsets, source.read_values(path, RaggedChunk.total(offsets), ragged))
+        found.check(valid)
+        check = self._row_check(name, chunk, accepted)
+        if check is not None:
+            self.entry.check_rows(name, chunk, found.offsets, accepted, found.values)
+        return found
+
+    def _ragged_files(self) -> dict[str, _ChunkFile | None]:
+        """Direct readers of each ragged array's offsets (and, with the same codecs, values)."""
+        if self._ragged_sources is None:
+            backend = self.entry.backend
+            root = backend.root if self.route == "auto" and backend.direct_reads else None
+            self._ragged_sources = {
+                name: _ChunkFile.maybe(ragged.offsets, root) for name, ragged in self.entry.ragged.items()
+            }
+        return self._ragged_sources
 
     def _read_valid(self, chunk: int, start: int, stop: int) -> np.ndarray:
         source = self._valid_file

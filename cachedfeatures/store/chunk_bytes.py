@@ -34,7 +34,7 @@ from zarr.abc.store import Store
 from zarr.core.sync import sync
 
 from cachedfeatures.format.chunk_keys import chunk_key, parse_chunk_key
-from cachedfeatures.format.names import NOT_ROW_CHUNKED, VALID
+from cachedfeatures.format.names import NOT_ROW_CHUNKED, VALID, offsets_name, ragged_values_chunk
 from cachedfeatures.store.backend import Backend
 
 if TYPE_CHECKING:
@@ -114,7 +114,13 @@ def array_chunk_sizes(entry: Entry) -> dict[tuple[str, int], int]:
     sizes: dict[tuple[str, int], int] = {}
     for key, size in key_sizes(entry.group.store, entry.group.path):
         found = parse_chunk_key(key)
-        if found is None or "/" in found.path or found.path in NOT_ROW_CHUNKED:
+        if found is not None and "/" in found.path:  # a ragged array's values of one row chunk
+            values_chunk = ragged_values_chunk(f"{found.path}/")
+            if values_chunk is not None and values_chunk < entry.num_chunks:
+                name = found.path.split("/", 1)[0]
+                sizes[name, values_chunk] = sizes.get((name, values_chunk), 0) + size
+            continue
+        if found is None or found.path in NOT_ROW_CHUNKED:
             continue
         if found.chunk < entry.num_chunks:
             sizes[found.path, found.chunk] = size
@@ -129,7 +135,10 @@ def decoded_chunk_nbytes(entry: Entry) -> dict[str, int]:
     ``cachedfeatures info``). A chunk decodes to whole chunk rows, an edge chunk included
     (zarr stores it at the full chunk shape); strings count 16 bytes each.
     """
-    decoded = {spec.name: entry.chunk_rows * spec.row_nbytes for spec in entry.specs}
+    decoded = {spec.name: entry.chunk_rows * spec.row_nbytes for spec in entry.specs if not spec.ragged}
+    # A ragged array: its offsets (two int64 per row); its values arrays are left out, since
+    # their decoded size is not in the entry's metadata.
+    decoded.update({offsets_name(spec.name): entry.chunk_rows * 16 for spec in entry.specs if spec.ragged})
     decoded[VALID] = entry.chunk_rows  # one bool per row
     return decoded
 
@@ -156,7 +165,8 @@ def compression_ratio(entry: Entry, sizes: Mapping[tuple[str, int], int]) -> flo
 
 
 def chunk_keys(entry: Entry, chunk: int) -> dict[str, str]:
-    """The store key of ``chunk`` in each data array of ``entry`` (``valid`` excluded)."""
+    """The store key of ``chunk`` in each fixed data array of ``entry`` (``valid`` excluded;
+    a ragged array's keys are its own, see :class:`cachedfeatures.store.ragged.RaggedArray`)."""
     return {name: chunk_key(array.path, chunk, array.ndim) for name, array in entry.arrays.items()}
 
 
@@ -169,7 +179,8 @@ def drop_chunk(entry: Entry, chunk: int) -> None:
 
 def delete_chunk_bytes(entry: Entry, chunk: int) -> None:
     """The steps of :func:`drop_chunk` for a caller that holds the chunk's lock already: delete
-    ``chunk``'s key in ``valid``, then in every data array, then its checksum record.
+    ``chunk``'s key in ``valid``, then in every data array (a ragged array's offsets and its
+    values array of the chunk), then its checksum record.
 
     Each step starts only after the one before finished, so a failure (or a crash) part way
     leaves the chunk's rows invalid, never valid rows without their bytes.
@@ -183,6 +194,9 @@ def delete_chunk_bytes(entry: Entry, chunk: int) -> None:
     async def delete_all() -> None:
         await store.delete(valid)
         await asyncio.gather(*(store.delete(key) for key in data))
+        for ragged in entry.ragged.values():
+            await store.delete(ragged.offsets_chunk_key(chunk))
+            await store.delete_dir(ragged.values_path(chunk))
         if checksums is not None:
             await store.delete(checksums)
 

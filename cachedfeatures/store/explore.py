@@ -23,7 +23,17 @@ import torch
 import zarr
 
 from cachedfeatures.errors import RowsNotCachedError, UnknownArrayError
-from cachedfeatures.format.names import ACCESS, CHUNK_CRC, NEXT_ROW, SAMPLE_DIM, STREAM_ROWS, VALID
+from cachedfeatures.format.names import (
+    ACCESS,
+    CHUNK_CRC,
+    NEXT_ROW,
+    SAMPLE_DIM,
+    STREAM_ROWS,
+    VALID,
+    offsets_name,
+    values_name,
+)
+from cachedfeatures.format.ragged import ABSENT
 from cachedfeatures.format.specs import ArraySpec
 from cachedfeatures.parse import parse_choice
 from cachedfeatures.store import access, chunk_bytes
@@ -57,7 +67,7 @@ class ArrayInfo:
     name: str
     role: Literal["feature", "field"]
     dtype: str
-    shape: tuple[int, ...]
+    shape: tuple[int | str, ...]  # a ragged array's rows: ("L", *inner)
     chunks: tuple[int, ...]
 
 
@@ -154,10 +164,7 @@ def _read_valid(entry: Entry, specs: Sequence[ArraySpec]) -> tuple[np.ndarray, d
     ]
     if not spans:
         return np.zeros(0, dtype=np.int64), {spec.name: _empty(spec) for spec in specs}
-    columns = {
-        spec.name: np.concatenate([np.asarray(entry.arrays[spec.name][a:b]) for a, b in spans])
-        for spec in specs
-    }
+    columns = {spec.name: np.concatenate([_read_span(entry, spec, a, b) for a, b in spans]) for spec in specs}
     after = entry.valid_mask()
     candidates = np.concatenate([np.arange(a, b) for a, b in spans])
     keep = before[candidates] & after[candidates]
@@ -166,8 +173,28 @@ def _read_valid(entry: Entry, specs: Sequence[ArraySpec]) -> tuple[np.ndarray, d
     return candidates[keep], {name: column[keep] for name, column in columns.items()}
 
 
+def _read_span(entry: Entry, spec: ArraySpec, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of array ``spec`` as stored (a ragged one as a 1-d object column)."""
+    if spec.ragged:
+        return _read_ragged(entry, spec.name, start, stop)
+    return np.asarray(entry.arrays[spec.name][start:stop])
+
+
+def _read_ragged(entry: Entry, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` (whole chunks) of ragged array ``name``, as a 1-d object column."""
+    ragged = entry.ragged[name]
+    column = np.empty(stop - start, dtype=object)
+    for chunk in range(start // entry.chunk_rows, -(-stop // entry.chunk_rows)):
+        first = chunk * entry.chunk_rows
+        last = min(first + entry.chunk_rows, entry.num_rows)
+        found = ragged.read_chunk(chunk, first, last)
+        local = np.arange(last - first)
+        found.gather(local, column, local + first - start)
+    return column
+
+
 def _empty(spec: ArraySpec) -> np.ndarray:
-    return np.empty((0, *spec.shape), dtype=spec.numpy_dtype)
+    return spec.empty_column(0)
 
 
 def convert(spec: ArraySpec, rows: np.ndarray, as_: ArrayFormat) -> Any:
@@ -175,6 +202,12 @@ def convert(spec: ArraySpec, rows: np.ndarray, as_: ArrayFormat) -> Any:
 
     bfloat16, which NumPy lacks, comes back as float32 in NumPy and as bfloat16 in torch.
     """
+    if spec.ragged:  # one array (or tensor) per row, of its own length
+        if as_ == "torch":
+            return spec.numpy_to_tensors(rows)
+        if spec.torch_dtype == "bfloat16":
+            return [tensor.to(torch.float32).numpy() for tensor in spec.numpy_to_tensors(rows)]
+        return list(rows)
     if as_ == "torch":
         if spec.kind == "str":
             raise TypeError(f"array {spec.name!r} holds strings, which torch cannot hold; pass as_='numpy'.")
@@ -206,6 +239,7 @@ def to_xarray(entry: Entry, valid_only: bool = True) -> xarray.Dataset:
         drop_variables=drop,
     )
     dataset = dataset.assign_coords({SAMPLE_DIM: np.arange(entry.num_rows)})
+    dataset = _with_ragged_values(entry, dataset)
     dataset = dataset.set_coords([name for name in entry.field_names if name in dataset])
     mask = entry.valid_mask()
     if valid_only:
@@ -215,8 +249,40 @@ def to_xarray(entry: Entry, valid_only: bool = True) -> xarray.Dataset:
         return selected
     dataset = dataset.set_coords(VALID)
     valid = xr.DataArray(mask, dims=(SAMPLE_DIM,))
-    masked: xarray.Dataset = dataset.assign({name: dataset[name].where(valid) for name in dataset.data_vars})
+    offsets = {offsets_name(name) for name in entry.ragged}
+    masked: xarray.Dataset = dataset.assign(
+        {
+            name: dataset[name].where(valid)
+            for name in dataset.data_vars
+            if SAMPLE_DIM in dataset[name].dims and name not in offsets  # offsets stay ints, -1: none
+        }
+    )
     return masked
+
+
+def _with_ragged_values(entry: Entry, dataset: xarray.Dataset) -> xarray.Dataset:
+    """``dataset`` with each ragged array as two variables: ``<name>.values`` (every valid row's
+    values one after the other, along its own dimension ``<name>_value``; read into memory) and
+    ``<name>.offsets`` ``(sample, bound)``, each row's ``[start, stop)`` in it (-1: no values)."""
+    for spec in entry.specs:
+        if not spec.ragged:
+            continue
+        rows, columns = _read_valid(entry, [spec])
+        column = columns[spec.name]
+        lengths = np.array([len(row) for row in column], dtype=np.int64)
+        offsets = np.full((entry.num_rows, 2), ABSENT, dtype=np.int64)
+        stops = np.cumsum(lengths)
+        offsets[rows, 0], offsets[rows, 1] = stops - lengths, stops
+        if len(column):
+            flat = np.concatenate(list(column))
+        else:
+            flat = np.empty((0, *spec.shape), dtype=spec.numpy_dtype)
+        dims = (f"{spec.name}_value", *(f"{spec.name}_dim{i}" for i in range(1, len(spec.shape) + 1)))
+        dataset = dataset.drop_vars(offsets_name(spec.name), errors="ignore")
+        dataset = dataset.assign(
+            {offsets_name(spec.name): (("sample", "bound"), offsets), values_name(spec.name): (dims, flat)}
+        )
+    return dataset
 
 
 # -- statistics ------------------------------------------------------------------------------
@@ -273,8 +339,8 @@ def entry_info(entry: Entry) -> EntryInfo:
             name=spec.name,
             role="feature" if spec.name in feature_names else "field",
             dtype=_dtype_name(spec),
-            shape=spec.shape,
-            chunks=tuple(entry.arrays[spec.name].chunks),
+            shape=("L", *spec.shape) if spec.ragged else spec.shape,
+            chunks=tuple(_zarr_array(entry, spec.name).chunks[: 1 if spec.ragged else None]),
         )
         for spec in entry.specs
     )
@@ -292,11 +358,16 @@ def entry_info(entry: Entry) -> EntryInfo:
         nbytes_stored=entry.nbytes_stored(),
         nbytes_logical=entry.nbytes_logical(),
         compression_ratio=compression_ratio(entry),
-        codecs=describe_codecs(entry.arrays[first]),
+        codecs=describe_codecs(_zarr_array(entry, first)),
         arrays=arrays,
         created=entry.created,
         last_used=last_used(entry),
     )
+
+
+def _zarr_array(entry: Entry, name: str) -> zarr.Array[Any]:
+    """The zarr array of ``name``: the array itself, or a ragged array's offsets."""
+    return entry.ragged[name].offsets if name in entry.ragged else entry.arrays[name]
 
 
 def _dtype_name(spec: ArraySpec) -> str:

@@ -7,6 +7,9 @@ Layout (plain Zarr v3, readable with ``zarr`` and ``xarray`` alone)::
       <Module>-<entry id>/      one group per entry; attrs describe the fingerprints
         features                (N, *out_shape), or features_<key> per module output
         <field>                 passthrough fields (labels, ids, ...), (N, *shape)
+        <name>.offsets          a ragged array (rows of any length, e.g. (L_i, 384)) instead:
+        <name>.values/<chunk>   (N, 2) row offsets into one values array per row chunk (see
+                                cachedfeatures.store.ragged and docs/concepts/variable-length.md)
         valid                   (N,) bool: a row is served only where it is set
         chunk_crc               (chunks, arrays, 2) uint32: checksums bound to each chunk
                                 (see cachedfeatures.format.chunk_identity; absent in older entries)
@@ -54,13 +57,16 @@ from cachedfeatures.format.names import (
     VALID,
     dimension_names,
     is_entry_meta,
+    offsets_name,
 )
+from cachedfeatures.format.ragged import RaggedChunk
 from cachedfeatures.format.specs import ArraySpec
 from cachedfeatures.reader.chunk_reader import ChunkReader, RowsRead
 from cachedfeatures.store import explore, remote
 from cachedfeatures.store.backend import Backend
 from cachedfeatures.store.chunk_bytes import delete_chunk_bytes, stored_bytes
 from cachedfeatures.store.locks import Locks
+from cachedfeatures.store.ragged import RaggedArray, create_ragged
 
 if TYPE_CHECKING:
     import xarray
@@ -163,6 +169,7 @@ class Entry:
         self.bound_checksums = self.meta.get("chunk_checksums") == chunk_identity.FLAVOUR
         self._records: zarr.Array[Any] | None = None
         self._arrays: dict[str, zarr.Array[Any]] | None = None
+        self._ragged: dict[str, RaggedArray] | None = None
         self._valid: zarr.Array[Any] | None = None
         self._reader: ChunkReader | None = None
 
@@ -172,6 +179,7 @@ class Entry:
 
     @property
     def arrays(self) -> dict[str, zarr.Array[Any]]:
+        """The fixed-shape arrays (features and fields), by name; ragged ones are in :attr:`ragged`."""
         if self._arrays is None:
             # write_empty_chunks is a runtime setting, not stored in the array's metadata: without
             # it, a chunk equal to the fill value (all-False or all-zero features) is not written,
@@ -179,8 +187,24 @@ class Entry:
             self._arrays = {
                 spec.name: self._array(spec.name).with_config({"write_empty_chunks": True})
                 for spec in self.specs
+                if not spec.ragged
             }
         return self._arrays
+
+    @property
+    def ragged(self) -> dict[str, RaggedArray]:
+        """The ragged (variable-length) arrays, by name (see :mod:`cachedfeatures.store.ragged`)."""
+        if self._ragged is None:
+            self._ragged = {
+                spec.name: RaggedArray(
+                    self.group,
+                    spec,
+                    self._array(offsets_name(spec.name)).with_config({"write_empty_chunks": True}),
+                )
+                for spec in self.specs
+                if spec.ragged
+            }
+        return self._ragged
 
     @property
     def valid(self) -> zarr.Array[Any]:
@@ -208,7 +232,7 @@ class Entry:
 
     def check_metadata(self) -> None:
         """Open every array of the entry now: a :class:`DamagedStoreError` if one is damaged."""
-        _ = self.arrays, self.valid
+        _ = self.arrays, self.ragged, self.valid
 
     @property
     def records(self) -> zarr.Array[Any] | None:
@@ -222,11 +246,14 @@ class Entry:
         records = self.records
         return None if records is None else np.asarray(records[chunk])
 
-    def check_rows(self, name: str, chunk: int, rows: np.ndarray, accepted: np.ndarray | None) -> None:
+    def check_rows(
+        self, name: str, chunk: int, rows: np.ndarray, accepted: np.ndarray | None, *values: np.ndarray
+    ) -> None:
         """Raise ``IdentityMismatchError`` unless ``rows`` (all of ``chunk`` in array ``name``,
-        decoded) were written for that chunk; nothing to check for entries without records."""
+        decoded; a ragged array's offsets, with its ``values``) were written for that chunk;
+        nothing to check for entries without records."""
         if accepted is not None:
-            chunk_identity.check(self.name, name, chunk, rows, accepted[self._array_index[name]])
+            chunk_identity.check(self.name, name, chunk, rows, accepted[self._array_index[name]], *values)
 
     def rows_bound_now(self, chunk: int) -> bool:
         """Whether every array's rows of ``chunk`` match its checksums, checked under the chunk's
@@ -243,6 +270,9 @@ class Entry:
             accepted = self.accepted_checksums(chunk)
             for name, array in self.arrays.items():
                 self.check_rows(name, chunk, np.asarray(array[start:stop]), accepted)
+            for name, ragged in self.ragged.items():
+                found = ragged.read_chunk(chunk, start, stop)
+                self.check_rows(name, chunk, found.offsets, accepted, found.values)
             return True
         except Exception:
             return False
@@ -306,7 +336,7 @@ class Entry:
         the checksums of the rows before and after are stored, then the bytes.
         """
         records = self.records
-        if records is None:
+        if records is None and not self.ragged:
             for name, array in self.arrays.items():
                 array.oindex[rows] = columns[name][source]
             self.valid.oindex[rows] = True
@@ -314,11 +344,20 @@ class Entry:
         chunk = int(rows[0]) // self.chunk_rows
         start = chunk * self.chunk_rows
         stop = min(start + self.chunk_rows, self.num_rows)
-        any_valid = bool(np.asarray(self.valid[start:stop]).any())
+        was_valid = np.asarray(self.valid[start:stop], dtype=bool)
+        any_valid = bool(was_valid.any())
+        if records is None:
+            self._write_ragged(chunk, start, stop, rows, source, columns, was_valid, None)
+            for name, array in self.arrays.items():
+                array.oindex[rows] = columns[name][source]
+            self._set_valid(start, stop, rows, was_valid)
+            return
         accepted = np.asarray(records[chunk])
         merged: dict[str, np.ndarray] = {}
         slots = np.zeros((len(self.specs), 2), dtype=np.uint32)
-        for j, (name, array) in enumerate(self.arrays.items()):
+        ragged = self._merge_ragged(chunk, start, stop, rows, source, columns, was_valid, accepted, slots)
+        for name, array in self.arrays.items():
+            j = self._array_index[name]
             if any_valid:  # rows that may be served: they must be this chunk's own
                 old = np.array(array[start:stop])
                 before = chunk_identity.content_crc(self.name, name, chunk, old)
@@ -333,9 +372,82 @@ class Entry:
             merged[name] = old
             slots[j, 1] = chunk_identity.content_crc(self.name, name, chunk, old)
         records[chunk] = slots  # both, before the bytes: a crash leaves each chunk matching one
+        self._store_ragged(chunk, start, stop, ragged, was_valid)
         for name, array in self.arrays.items():
             array[start:stop] = merged[name]
-        self.valid.oindex[rows] = True
+        self._set_valid(start, stop, rows, was_valid)
+
+    def _set_valid(self, start: int, stop: int, rows: np.ndarray, was_valid: np.ndarray) -> None:
+        """Mark ``rows`` valid, and (where ragged bytes were rewritten) the rows valid before."""
+        if not self.ragged or not was_valid.any():
+            self.valid.oindex[rows] = True
+            return
+        now = was_valid.copy()
+        now[rows - start] = True
+        self.valid[start:stop] = now
+
+    def _merge_ragged(
+        self,
+        chunk: int,
+        start: int,
+        stop: int,
+        rows: np.ndarray,
+        source: np.ndarray,
+        columns: Mapping[str, np.ndarray],
+        was_valid: np.ndarray,
+        accepted: np.ndarray | None,
+        slots: np.ndarray | None,
+    ) -> dict[str, RaggedChunk]:
+        """Each ragged array's chunk with ``rows`` written into it (its valid rows kept, checked
+        against ``accepted`` first); fills ``slots`` with the checksums before and after."""
+        merged = {}
+        for name, ragged in self.ragged.items():
+            if was_valid.any():
+                old = ragged.read_chunk(chunk, start, stop)
+                if accepted is not None and slots is not None:
+                    j = self._array_index[name]
+                    before = chunk_identity.content_crc(self.name, name, chunk, old.offsets, old.values)
+                    if before not in (int(accepted[j, 0]), int(accepted[j, 1])):
+                        raise chunk_identity.IdentityMismatchError(
+                            f"chunk {chunk} of {self.name}/{name} holds rows that were not written for it"
+                        )
+                    slots[j, 0] = before
+            else:
+                old = RaggedChunk.empty(stop - start, ragged.spec.shape, ragged.dtype)
+            new = old.merged(was_valid, rows - start, list(columns[name][source]))
+            if slots is not None:
+                j = self._array_index[name]
+                slots[j, 1] = chunk_identity.content_crc(self.name, name, chunk, new.offsets, new.values)
+            merged[name] = new
+        return merged
+
+    def _store_ragged(
+        self, chunk: int, start: int, stop: int, merged: Mapping[str, RaggedChunk], was_valid: np.ndarray
+    ) -> None:
+        """Write each ragged array's chunk. Its values are laid out afresh, so rows valid before
+        stop being served first (``valid`` cleared): a reader that raced this write sees misses,
+        never one write's offsets with another's values. The caller sets ``valid`` again (the rows
+        valid before and the rows written) after all the chunk's bytes."""
+        if not merged:
+            return
+        if was_valid.any():
+            self.valid[start:stop] = False
+        for name, data in merged.items():
+            self.ragged[name].write_chunk(chunk, data)
+
+    def _write_ragged(
+        self,
+        chunk: int,
+        start: int,
+        stop: int,
+        rows: np.ndarray,
+        source: np.ndarray,
+        columns: Mapping[str, np.ndarray],
+        was_valid: np.ndarray,
+        accepted: np.ndarray | None,
+    ) -> None:
+        merged = self._merge_ragged(chunk, start, stop, rows, source, columns, was_valid, accepted, None)
+        self._store_ragged(chunk, start, stop, merged, was_valid)
 
     # -- statistics (shared by the CLI, pruning and notebook display) --------------------------
 
@@ -595,7 +707,10 @@ class FeatureStore:
                 group = self.root.require_group(name)
             codec = default_compressor() if compressor == "default" else compressor
             for spec in specs:
-                _create_array(group, spec, num_rows, chunk_rows, codec, checksum, keep_existing=True)
+                if spec.ragged:
+                    create_ragged(group, spec, num_rows, chunk_rows, _with_checksum(codec, checksum))
+                else:
+                    _create_array(group, spec, num_rows, chunk_rows, codec, checksum, keep_existing=True)
             if checksum:
                 _create_node(
                     group,

@@ -37,7 +37,14 @@ def missing_chunks(entry: Entry, chunks: Iterable[int]) -> list[int]:
     if not chunks:
         return []
     store = entry.group.store
-    arrays = [(entry.arrays[name].path, entry.arrays[name].ndim) for name in entry.feature_names]
+    # A ragged output's offsets are always written (its values may be empty).
+    arrays = [
+        (array.path, array.ndim)
+        for array in (
+            entry.ragged[name].offsets if name in entry.ragged else entry.arrays[name]
+            for name in entry.feature_names
+        )
+    ]
     per_chunk = [[chunk_key(path, chunk, ndim) for path, ndim in arrays] for chunk in chunks]
     if entry.backend.root is not None and entry.backend.direct_exists:  # the hot read path: stat calls
         root = f"{entry.backend.root}/"

@@ -33,6 +33,8 @@ from cachedfeatures.errors import (
     NotAFeatureStoreError,
     OptionWithoutStoreError,
     OutputShapeError,
+    RankLostError,
+    RankMismatchError,
     ReadOnlyStoreWarning,
     RequiresGradError,
     RowsNotCachedError,
@@ -45,7 +47,7 @@ from cachedfeatures.errors import (
 )
 from cachedfeatures.module_cache import ModuleCache, cached_module
 from cachedfeatures.pipeline.nodes import Loader
-from cachedfeatures.pipeline.prefill import PrefillResult
+from cachedfeatures.pipeline.prefill import PrefillResult, build_on_ranks
 from cachedfeatures.pipeline.sampler import ChunkShuffleSampler
 from cachedfeatures.reader.chunk_reader import ChunkReader
 from cachedfeatures.store.faults import WriteGuard
@@ -84,6 +86,8 @@ __all__ = [
     "OptionWithoutStoreError",
     "OutputShapeError",
     "PrefillResult",
+    "RankLostError",
+    "RankMismatchError",
     "ReadOnlyStoreWarning",
     "RequiresGradError",
     "RowsNotCachedError",
@@ -95,5 +99,6 @@ __all__ = [
     "WriteGuard",
     "WriterError",
     "__version__",
+    "build_on_ranks",
     "cached_module",
 ]

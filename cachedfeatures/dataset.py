@@ -11,6 +11,7 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -779,6 +780,7 @@ class CachedFeatureDataset(Dataset[Any]):
         worker_method: WorkerMethod = "thread",
         distributed: bool | None = None,
         check_valid: bool = True,
+        timeout: float | timedelta | None = None,
     ) -> PrefillResult:
         """Compute and store every missing row, with a progress bar; resumable.
 
@@ -791,6 +793,7 @@ class CachedFeatureDataset(Dataset[Any]):
             worker_method=worker_method,
             distributed=distributed,
             check_valid=check_valid,
+            timeout=timeout,
         )
 
     # -- introspection -------------------------------------------------------------------------

@@ -9,20 +9,30 @@ Under ``torch.distributed`` each rank owns whole chunks (chunk ``c`` belongs to 
 ``c % world_size``), computes and writes only the missing rows of its chunks, so no chunk has
 two writers even where the store has no locks; all ranks meet at a barrier at the end and
 then every rank sees every row.
+
+A lost rank: under ``torchrun`` a rank that dies (SIGKILL, out of memory) ends the job, since
+the agent stops the other ranks. A rank that hangs (or is far slower) keeps the others at
+the final barrier for at most ``timeout`` seconds (the process group's own timeout by
+default), after which they raise :class:`~cachedfeatures.errors.RankLostError`. Either way
+every chunk written before is valid, and the restarted job computes only the rest.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
 
 import numpy as np
 import torch.distributed as dist
 import torchdata.nodes as tn
 from tqdm.auto import tqdm
 
-from cachedfeatures.parse import parse_nonnegative_int
+from cachedfeatures.errors import RankLostError, RankMismatchError
+from cachedfeatures.parse import parse_nonnegative_int, parse_timeout
 from cachedfeatures.pipeline.nodes import (
     CachedSource,
     ComputedBatch,
@@ -37,7 +47,9 @@ from cachedfeatures.store.feature_store import Entry
 from cachedfeatures.store.ranks import discover_rank
 from cachedfeatures.store.writer import Writer
 
-__all__ = ["PrefillResult", "owned_chunks", "prefill"]
+__all__ = ["PrefillResult", "build_on_ranks", "owned_chunks", "prefill"]
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 READ_CHUNKS = 16  # chunks read at a time when checking that valid rows can be served
@@ -88,6 +100,70 @@ def _process_group(distributed: bool | None) -> tuple[int, int]:
     return found.rank, found.world_size
 
 
+def _meet(what: str, timeout: float | None) -> None:
+    """Every rank of the process group waits here for the others.
+
+    With ``timeout`` on gloo, a ``monitored_barrier`` that names the ranks that did not arrive
+    in time; else a plain barrier, under the process group's own timeout. A failed barrier
+    (a peer gone, or out of time) is a :class:`RankLostError`.
+    """
+    try:
+        if timeout is not None and dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(seconds=timeout), wait_all_ranks=True)
+        else:
+            dist.barrier()
+    except RuntimeError as error:
+        limit = f"{timeout:g}s" if timeout is not None else "the process group's timeout"
+        raise RankLostError(
+            f"rank {dist.get_rank()} of {dist.get_world_size()} waited {what} and not every rank "
+            f"arrived within {limit} (a rank died, hung or is far slower): {error}. The rows this "
+            "rank computed are stored; restart the job and prefill computes only the rows not "
+            "valid yet. If ranks legitimately finish far apart, pass a longer prefill(timeout=...)."
+        ) from error
+
+
+def _check_same_entry(entry: Entry | None, rank: int) -> None:
+    """Raise on every rank unless all ranks fill one entry of one shape (rank 0's)."""
+    mine = None if entry is None else (entry.name, entry.num_rows, entry.chunk_rows)
+    everyone: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    differ = [other for other, theirs in enumerate(everyone) if theirs != everyone[0]]
+    if differ:
+        raise RankMismatchError(
+            f"the ranks of this prefill do not fill one entry: rank 0 fills {everyone[0]!r} "
+            f"(name, rows, chunk_rows), rank {differ[0]} fills {everyone[differ[0]]!r} (ranks "
+            f"{differ} differ from rank 0; this is rank {rank}). Every rank "
+            "must wrap the same dataset and module (same weights, options and chunk_rows, "
+            "module_version/dataset_version if given); check what each rank loads."
+        )
+
+
+def build_on_ranks(make: Callable[[], T], *, timeout: float | timedelta | None = None) -> T:
+    """``make()`` on every rank of the process group, rank 0 first.
+
+    Rank 0 calls ``make`` (which creates the store entry: one writer of its metadata, one
+    probe of the dataset); the others wait at a barrier, then call it and open the entry.
+    Entry creation is safe without this (idempotent, also on object stores), but with many
+    ranks it spares the store their concurrent metadata writes. Without an initialised process
+    group, just ``make()``. Collective: every rank must call it.
+
+    Args:
+        make: builds the dataset, e.g. ``lambda: CachedFeatureDataset(data, model, url)``.
+        timeout: how long the other ranks wait for rank 0 (seconds); default the process
+            group's timeout. Raises :class:`~cachedfeatures.errors.RankLostError` past it.
+    """
+    seconds = parse_timeout("timeout", timeout)
+    found = discover_rank(environment=False)
+    if not found.from_process_group or found.world_size == 1:
+        return make()
+    if found.rank == 0:
+        built = make()
+        _meet("for rank 0 to create the entry", seconds)
+        return built
+    _meet("for rank 0 to create the entry", seconds)
+    return make()
+
+
 def _count(batch: ComputedBatch) -> int:
     return batch.computed
 
@@ -112,6 +188,7 @@ def prefill(
     worker_method: WorkerMethod = "thread",
     distributed: bool | None = None,
     check_valid: bool = True,
+    timeout: float | timedelta | None = None,
 ) -> PrefillResult:
     """Compute and store every missing row of ``cached``, with a progress bar.
 
@@ -126,6 +203,16 @@ def prefill(
         check_valid: read each valid chunk this rank owns once and compute the rows of those
             that no longer read back (torn, garbage, deleted). Default ``True``; ``False`` skips
             valid rows unread (a store known to be sound, too big to read through).
+        timeout: across ranks, how long (seconds, or a ``timedelta``) a rank that has written
+            its chunks waits at the final barrier for the others before it raises
+            :class:`~cachedfeatures.errors.RankLostError`: the bound on a hang when a rank is
+            lost. On gloo it is checked by ``monitored_barrier``; on other backends (NCCL) the
+            process group's own timeout applies (``init_process_group(timeout=...)``). Default
+            ``None``: the process group's timeout (torch's default: 30 minutes). Set it above
+            the longest gap you expect between ranks finishing.
+
+    Across ranks, all ranks first check that they fill one entry (rank 0's) and raise
+    :class:`~cachedfeatures.errors.RankMismatchError` on every rank if not.
 
     Before computing anything, ``cached.spot_check()`` recomputes a few random rows of this
     rank's chunks that were cached before the call (``spot_check=`` rows; none when 0) and
@@ -137,8 +224,11 @@ def prefill(
     started = time.perf_counter()
     num_workers = parse_nonnegative_int("num_workers", num_workers)
     worker_method = parse_worker_method(worker_method)
+    wait = parse_timeout("timeout", timeout)
     rank, world_size = _process_group(distributed)
     entry = cached.entry
+    if world_size > 1:
+        _check_same_entry(entry, rank)
     if entry is None:
         return PrefillResult(0, 0, time.perf_counter() - started, rank, world_size, 0)
 
@@ -189,7 +279,7 @@ def prefill(
         finally:
             bar.close()
     if world_size > 1:
-        dist.barrier()
+        _meet("at the end of prefill", wait)
     seconds = time.perf_counter() - started
     logger.info(
         "prefill %s: computed %d rows, %d already cached, in %.1fs (rank %d/%d)",

@@ -58,7 +58,7 @@ from cachedfeatures.store.feature_store import (
     default_chunk_rows,
 )
 from cachedfeatures.store.locks import FileLocks
-from cachedfeatures.store.ownership import ChunkOwnership, parse_ownership
+from cachedfeatures.store.ownership import ChunkOwnership, parse_ownership, ranks_ownership
 from cachedfeatures.store.remote import is_url
 from cachedfeatures.units import parse_bytes
 
@@ -141,7 +141,10 @@ class CachedFeatureDataset(Dataset[Any]):
             but not stored (one :class:`~cachedfeatures.errors.ReadOnlyStoreWarning`).
         owned_chunks: a :class:`~cachedfeatures.store.ownership.ChunkOwnership`: store only the rows
             of the chunks this process owns (several writers on an object store, which has no
-            locks). Default ``None``: this process may write every chunk.
+            locks). Default ``None``: this process may write every chunk, except on a store
+            without file locks in a process that is one rank of several (an initialised process
+            group, or torchrun's ``RANK``/``WORLD_SIZE``): then it owns its rank's chunks
+            (``ChunkOwnership.from_env()``). ``ChunkOwnership(0, 1)``: every chunk, always.
         write_guard: the :class:`~cachedfeatures.store.faults.WriteGuard` that runs store writes and
             pauses caching when the store fails (disk full, I/O error); default a new one.
         call: how the module is called on a collated batch: ``"positional"`` (``module(batch)``),
@@ -617,6 +620,8 @@ class CachedFeatureDataset(Dataset[Any]):
         between them, so that no two workers ever write one chunk. Whether all rows were stored.
         """
         ownership = self.owned_chunks
+        if ownership is None and self._needs_chunk_ownership():
+            ownership = ranks_ownership()  # one rank of several (DDP): only its own chunks
         worker = get_worker_info()
         if worker is not None and self._needs_chunk_ownership():
             ownership = (ownership or ChunkOwnership(0, 1)).split(worker.id, worker.num_workers)

@@ -35,6 +35,7 @@ from cachedfeatures.parse import parse_choice, parse_nonnegative_int, parse_posi
 from cachedfeatures.pipeline.lifetime import exit_with_parent
 from cachedfeatures.pruning import serve_backed_rows
 from cachedfeatures.store.feature_store import Entry
+from cachedfeatures.store.ownership import ChunkOwnership
 from cachedfeatures.store.writer import Writer
 
 __all__ = ["CachedSource", "ComputeMisses", "IOBatch", "Indices", "Loader", "ReadOrLoad", "WorkerMethod"]
@@ -59,6 +60,9 @@ class CachedSource(Protocol):
 
     @property
     def spot_check_rows(self) -> int: ...
+
+    #: the chunks this process stores (``None``: its rank's on a store without locks, else all)
+    owned_chunks: ChunkOwnership | None
 
     def __len__(self) -> int: ...
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
@@ -44,6 +45,7 @@ from cachedfeatures.pipeline.nodes import (
 )
 from cachedfeatures.pruning import serve_backed_rows
 from cachedfeatures.store.feature_store import Entry
+from cachedfeatures.store.ownership import ChunkOwnership
 from cachedfeatures.store.ranks import discover_rank
 from cachedfeatures.store.writer import Writer
 
@@ -164,6 +166,20 @@ def build_on_ranks(make: Callable[[], T], *, timeout: float | timedelta | None =
     return make()
 
 
+@contextmanager
+def _storing(cached: CachedSource, rank: int, world_size: int) -> Iterator[None]:
+    """Store the chunks this prefill computes: ``rank``'s of ``world_size`` (all of them with
+    ``distributed=False``, even in one rank of several), unless ``owned_chunks`` was given."""
+    if cached.owned_chunks is not None:
+        yield
+        return
+    cached.owned_chunks = ChunkOwnership(rank, world_size)
+    try:
+        yield
+    finally:
+        cached.owned_chunks = None
+
+
 def _count(batch: ComputedBatch) -> int:
     return batch.computed
 
@@ -272,7 +288,7 @@ def prefill(
         )
         bar.set_postfix(cached=skipped)
         try:
-            with writer:  # flushes what was computed even on Ctrl-C, so a rerun skips it
+            with _storing(cached, rank, world_size), writer:  # flushes even on Ctrl-C: a rerun skips it
                 for count in node:
                     computed += count
                     bar.update(count)

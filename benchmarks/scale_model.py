@@ -67,7 +67,7 @@ def model(ranks: int, rows_per_second: float, read_rows_per_second: float) -> di
     )
     print(f"  access is flushed by every process every {DEFAULT_FLUSH_EVERY:g} s (read-merge-write)")
     listing = chunks * objects_per_chunk
-    print(f"listing the entry: {listing / 1000:,.0f} LIST pages of 1000 keys, + {listing:,} HEADs (sizes)")
+    print(f"listing the entry: {listing / 1000:,.0f} LIST pages of 1000 keys (s3fs: sizes come with them)")
     chunks_per_s = rows_per_second / chunk_rows
     # per chunk written: PUT features, PUT label, GET+PUT valid, GET+PUT chunk_crc (measured below)
     print(f"prefill at {rows_per_second:,.0f} rows/s per rank: {chunks_per_s:.2f} chunks/s per rank")

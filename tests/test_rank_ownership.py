@@ -8,13 +8,19 @@ file locks, like an object store). The torchrun tests on S3 are in
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncGenerator, Iterable
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
+from zarr.abc.store import ByteRequest
+from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.storage import LocalStore, WrapperStore
 
-from cachedfeatures import CachedFeatureDataset, ChunkOwnership, build_on_ranks
+from cachedfeatures import CachedFeatureDataset, ChunkOwnership, FeatureStore, build_on_ranks
+from cachedfeatures.pipeline.prefill import owned_chunks, owned_valid
 from tests.helpers import Backbone, Samples, reference
 
 ROWS, CHUNK_ROWS = 64, 16  # 4 chunks: rank 1 of 2 owns chunks 1 and 3
@@ -78,3 +84,39 @@ def test_build_on_ranks_without_a_process_group_just_builds(monkeypatch: pytest.
     calls = []
     assert build_on_ranks(lambda: calls.append(1) or "built") == "built"
     assert calls == [1]
+
+
+class CountingStore(WrapperStore[LocalStore]):
+    """A local store that records the keys it is asked for (in one list shared by the copies
+    zarr makes of it, e.g. read-only ones)."""
+
+    keys: ClassVar[list[str]] = []
+
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
+        self.keys.append(key)
+        return await super().get(key, prototype, byte_range)
+
+    async def _get_many(
+        self, requests: Iterable[tuple[str, BufferPrototype, ByteRequest | None]]
+    ) -> AsyncGenerator[tuple[str, Buffer | None], None]:
+        for key, prototype, byte_range in requests:
+            yield key, await self.get(key, prototype, byte_range)
+
+
+def test_a_rank_reads_only_its_own_chunks_of_valid(tmp_path: Path) -> None:
+    cached = _cached(tmp_path / "features.zarr")
+    cached.prefill(progress=False)
+    counting = CountingStore(LocalStore(tmp_path / "features.zarr"))
+    entry = FeatureStore.open(counting).entry(cached.entry_name)
+    assert entry is not None
+    chunks = owned_chunks(entry.num_chunks, 1, 2)
+    owned = np.zeros(ROWS, dtype=bool)
+    for chunk in chunks:
+        owned[chunk * CHUNK_ROWS : (chunk + 1) * CHUNK_ROWS] = True
+    counting.keys.clear()
+    mask = owned_valid(entry, owned, 2)
+    assert np.array_equal(mask, owned)  # every row valid: exactly the owned ones are set
+    read = {key.rsplit("/", 1)[-1] for key in counting.keys if "/valid/c/" in key}
+    assert read == {str(c) for c in chunks.tolist()}

@@ -49,7 +49,7 @@ from cachedfeatures.store.ownership import ChunkOwnership
 from cachedfeatures.store.ranks import discover_rank
 from cachedfeatures.store.writer import Writer
 
-__all__ = ["PrefillResult", "build_on_ranks", "owned_chunks", "prefill"]
+__all__ = ["PrefillResult", "build_on_ranks", "owned_chunks", "owned_valid", "prefill"]
 
 T = TypeVar("T")
 
@@ -184,6 +184,22 @@ def _count(batch: ComputedBatch) -> int:
     return batch.computed
 
 
+def owned_valid(entry: Entry, owned: np.ndarray, world_size: int) -> np.ndarray:
+    """``valid`` where ``owned`` (this rank's rows), ``False`` elsewhere.
+
+    Across ranks only this rank's chunks of ``valid`` are read: a ``world_size``-th of the
+    requests of the whole mask, which at 100M rows is one object per chunk for every rank at
+    every start (see the Scaling page of the docs).
+    """
+    if world_size == 1:
+        return entry.valid_mask()
+    mask = np.zeros(entry.num_rows, dtype=bool)
+    rows = np.flatnonzero(owned)
+    if len(rows):
+        mask[rows] = np.asarray(entry.valid.get_orthogonal_selection((rows,)), dtype=bool)
+    return mask
+
+
 def _unreadable_rows(entry: Entry, rows: np.ndarray) -> np.ndarray:
     """The rows among ``rows`` (valid ones) that a read does not serve: damaged chunks."""
     lost = []
@@ -249,10 +265,10 @@ def prefill(
         return PrefillResult(0, 0, time.perf_counter() - started, rank, world_size, 0)
 
     chunks = owned_chunks(entry.num_chunks, rank, world_size)
-    mask = entry.valid_mask()
     owned = np.zeros(entry.num_rows, dtype=bool)
     for chunk in chunks:
         owned[chunk * entry.chunk_rows : (chunk + 1) * entry.chunk_rows] = True
+    mask = owned_valid(entry, owned, world_size)
     rows = np.flatnonzero(owned & ~mask)
     # Valid rows are only skipped if they can be served: rows of chunks that are torn,
     # garbage or missing (found by reading each valid chunk once) are computed too.

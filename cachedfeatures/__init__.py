@@ -35,6 +35,8 @@ from cachedfeatures.errors import (
     NotAFeatureStoreError,
     OptionWithoutStoreError,
     OutputShapeError,
+    RankLostError,
+    RankMismatchError,
     ReadOnlyStoreWarning,
     RequiresGradError,
     RowsNotCachedError,
@@ -49,7 +51,7 @@ from cachedfeatures.module_cache import ModuleCache, cached_module, default_cach
 from cachedfeatures.options import DatasetOptions
 from cachedfeatures.pipeline.collate import PadCollate, RaggedBatch, pad_collate
 from cachedfeatures.pipeline.nodes import Loader
-from cachedfeatures.pipeline.prefill import PrefillResult
+from cachedfeatures.pipeline.prefill import PrefillResult, build_on_ranks
 from cachedfeatures.pipeline.sampler import ChunkShuffleSampler
 from cachedfeatures.reader.chunk_reader import ChunkReader
 from cachedfeatures.store.faults import WriteGuard
@@ -95,6 +97,8 @@ __all__ = [
     "PadCollate",
     "PrefillResult",
     "RaggedBatch",
+    "RankLostError",
+    "RankMismatchError",
     "ReadOnlyStoreWarning",
     "RequiresGradError",
     "RowsNotCachedError",
@@ -106,6 +110,7 @@ __all__ = [
     "WriteGuard",
     "WriterError",
     "__version__",
+    "build_on_ranks",
     "cached_module",
     "default_cache_dir",
     "default_store_path",

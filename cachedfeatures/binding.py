@@ -26,7 +26,7 @@ from cachedfeatures.store.access import AccessLog
 from cachedfeatures.store.faults import WriteGuard, is_store_fault
 from cachedfeatures.store.feature_store import Entry, FeatureStore, StoreLike
 from cachedfeatures.store.integrity import CheckedReader
-from cachedfeatures.store.ownership import ChunkOwnership
+from cachedfeatures.store.ownership import ChunkOwnership, ranks_ownership
 from cachedfeatures.store.remote import is_url
 
 __all__ = ["EntryBinding", "NewEntry", "OpenedStore", "open_store"]
@@ -135,6 +135,9 @@ class EntryBinding:
         self.name = name
         self._store_arg = store
         self._options = options
+        # The chunks this process stores: the option's, or set for a while by prefill() across
+        # ranks (each rank stores its own chunks, even with distributed=False's whole range).
+        self.owned_chunks: ChunkOwnership | None = options.owned_chunks
         self._pid = os.getpid()
         self._access: AccessLog | None = None  # none while creating, nor on a store not written
         self._budget: Budget | None = None
@@ -257,7 +260,9 @@ class EntryBinding:
         cross-process locks (object storage), DataLoader workers split this process's chunks
         between them, so that no two workers ever write one chunk. Whether all rows were stored.
         """
-        ownership = self._options.owned_chunks
+        ownership = self.owned_chunks
+        if ownership is None and self._needs_chunk_ownership():
+            ownership = ranks_ownership()  # one rank of several (DDP): only its own chunks
         worker = get_worker_info()
         if worker is not None and self._needs_chunk_ownership():
             ownership = (ownership or ChunkOwnership(0, 1)).split(worker.id, worker.num_workers)

@@ -14,6 +14,7 @@ import operator
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
 from typing import Any, cast
 
 import numpy as np
@@ -141,7 +142,10 @@ class CachedFeatureDataset(Dataset[Any]):
             but not stored (one :class:`~cachedfeatures.errors.ReadOnlyStoreWarning`).
         owned_chunks: a :class:`~cachedfeatures.store.ownership.ChunkOwnership`: store only the rows
             of the chunks this process owns (several writers on an object store, which has no
-            locks). Default ``None``: this process may write every chunk.
+            locks). Default ``None``: this process may write every chunk, except on a store
+            without file locks in a process that is one rank of several (an initialised process
+            group, or torchrun's ``RANK``/``WORLD_SIZE``): then it owns its rank's chunks
+            (``ChunkOwnership.from_env()``). ``ChunkOwnership(0, 1)``: every chunk, always.
         write_guard: the :class:`~cachedfeatures.store.faults.WriteGuard` that runs store writes and
             pauses caching when the store fails (disk full, I/O error); default a new one.
         call: how the module is called on a collated batch: ``"positional"`` (``module(batch)``),
@@ -428,7 +432,13 @@ class CachedFeatureDataset(Dataset[Any]):
 
     @property
     def owned_chunks(self) -> ChunkOwnership | None:
-        return self.settings.owned_chunks
+        """The chunks this process stores (``None``: every chunk it may, see ``owned_chunks=``)."""
+        return self.settings.owned_chunks if self._binding is None else self._binding.owned_chunks
+
+    @owned_chunks.setter
+    def owned_chunks(self, value: ChunkOwnership | None) -> None:
+        if self._binding is not None:  # an empty dataset stores nothing anyway
+            self._binding.owned_chunks = value
 
     def ragged_positions(self) -> list[tuple[Any, ...]]:
         """Where a served sample holds rows that vary in length (key/index paths; ``()`` for a
@@ -736,6 +746,7 @@ class CachedFeatureDataset(Dataset[Any]):
         worker_method: WorkerMethod = "thread",
         distributed: bool | None = None,
         check_valid: bool = True,
+        timeout: float | timedelta | None = None,
     ) -> PrefillResult:
         """Compute and store every missing row, with a progress bar; resumable.
 
@@ -748,6 +759,7 @@ class CachedFeatureDataset(Dataset[Any]):
             worker_method=worker_method,
             distributed=distributed,
             check_valid=check_valid,
+            timeout=timeout,
         )
 
     # -- introspection -------------------------------------------------------------------------

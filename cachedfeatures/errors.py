@@ -32,6 +32,8 @@ __all__ = [
     "NotAFeatureStoreError",
     "OptionWithoutStoreError",
     "OutputShapeError",
+    "RankLostError",
+    "RankMismatchError",
     "ReadOnlyStoreWarning",
     "RequiresGradError",
     "RowsNotCachedError",
@@ -176,6 +178,16 @@ class InputBatchError(CacheError, ValueError):
 
 class DeviceInWorkerError(CacheError, RuntimeError):
     """A DataLoader worker would have to run the module on a CUDA device."""
+
+
+class RankLostError(CacheError, RuntimeError):
+    """A rank of a distributed ``prefill()`` did not reach its end in time (dead, hung, or far
+    slower than the others): this rank's rows are stored; rerun the job to compute the rest."""
+
+
+class RankMismatchError(CacheError, RuntimeError):
+    """The ranks of a distributed ``prefill()`` do not fill one entry (their modules, datasets
+    or options differ), so each would fill part of a different entry."""
 
 
 class WriterError(CacheError, RuntimeError):

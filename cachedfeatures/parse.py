@@ -13,6 +13,7 @@ argument, as they always have.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import TypeVar
 
 import numpy as np
@@ -28,6 +29,7 @@ __all__ = [
     "parse_int",
     "parse_nonnegative_int",
     "parse_positive_int",
+    "parse_timeout",
 ]
 
 T = TypeVar("T")
@@ -114,3 +116,20 @@ def parse_float_dtype(value: object, name: str = "dtype") -> torch.dtype | None:
             value,
         )
     )
+
+
+def parse_timeout(name: str, value: object) -> float | None:
+    """``None`` or a positive number of seconds (an int, a float or a ``datetime.timedelta``)."""
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise ArgumentTypeError(
+            expected(f"{name} to be None or a positive number of seconds (or a timedelta)", value)
+        )
+    if not seconds > 0 or seconds == float("inf"):
+        raise InvalidArgumentError(expected(f"{name} to be a positive, finite number of seconds", value))
+    return seconds

@@ -1,61 +1,87 @@
-"""Run under ``torchrun``: prefill one local store across ranks (gloo, CPU).
+"""Run under ``torchrun``: prefill one store across ranks (gloo, CPU).
 
-Each rank logs every chunk its writer stores to ``<log_dir>/writes-rank<r>.log`` and its
-result to ``<log_dir>/result-rank<r>.json``, so a test can check that no chunk had two
-writers. Used by ``tests/test_distributed.py`` and ``benchmarks/bench_prefill_ranks.py``.
+Each rank logs every chunk its writer stores to ``<log_dir>/writes-rank<r>.log``, its pid to
+``<log_dir>/pid-rank<r>-attempt<a>`` (``a``: torchrun's restart count), every row it loads
+during prefill to ``<log_dir>/loads-attempt<a>/`` and its result to
+``<log_dir>/result-rank<r>.json``, so a test can check that no chunk had two writers, and
+kill a rank mid-way. Used by ``tests/test_distributed.py``, ``tests/reliability/test_lost_rank.py``
+and ``benchmarks/bench_prefill_ranks.py``.
 
     torchrun --standalone --nproc_per_node=2 tests/prefill_ranks.py STORE LOG_DIR [ROWS] [DELAY]
+
+Environment: ``CF_STORAGE_OPTIONS`` (JSON fsspec options for a URL store), ``CF_TIMEOUT``
+(``prefill(timeout=...)``), ``CF_HANG_RANK`` (that rank hangs before its first prefill load,
+in the first attempt only), ``CF_VERSION_BY_RANK`` (each rank wraps a different dataset version).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 
-from cachedfeatures import CachedFeatureDataset
-from tests.helpers import Backbone
-from tests.test_prefill import SlowSamples
+from cachedfeatures import CachedFeatureDataset, build_on_ranks
+from tests.helpers import Backbone, SlowSamples
+
+
+class MaybeHanging(SlowSamples):
+    """SlowSamples that hang for good (until killed) once ``hang`` is set: a hung rank."""
+
+    hang = False
+
+    def __getitem__(self, index: int) -> Any:
+        if self.hang:
+            Path(self.log_dir or ".", f"hung-{os.getpid()}").touch()
+            time.sleep(3600)
+        return super().__getitem__(index)
 
 
 def main() -> None:
     store, log_dir = sys.argv[1], Path(sys.argv[2])
     rows = int(sys.argv[3]) if len(sys.argv) > 3 else 256
     delay = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
+    options = json.loads(os.environ.get("CF_STORAGE_OPTIONS", "null"))
+    timeout = float(os.environ["CF_TIMEOUT"]) if "CF_TIMEOUT" in os.environ else None
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    (log_dir / f"pid-rank{rank}-attempt{attempt}").write_text(str(os.getpid()))
     handler = logging.FileHandler(log_dir / f"writes-rank{rank}.log")
     writer_log = logging.getLogger("cachedfeatures.store.writer")
     writer_log.setLevel(logging.DEBUG)
     writer_log.addHandler(handler)
 
-    def make() -> CachedFeatureDataset:
-        return CachedFeatureDataset(
-            SlowSamples(rows, delay=delay),
+    data = MaybeHanging(rows, delay=delay)
+    cached = build_on_ranks(  # rank 0 creates the entry; the other ranks then open it
+        lambda: CachedFeatureDataset(
+            data,
             Backbone(),
             store,
             batch_size=16,
             chunk_rows=16,
-            dataset_version="v",
+            dataset_version=f"v{rank}" if "CF_VERSION_BY_RANK" in os.environ else "v",
+            storage_options=options,
         )
-
-    if rank == 0:
-        cached = make()  # creates the entry once; the other ranks open it
+    )
     dist.barrier()
-    if rank != 0:
-        cached = make()
-    dist.barrier()
+    loads = log_dir / f"loads-attempt{attempt}"
+    loads.mkdir(exist_ok=True)
+    data.log_dir = str(loads)  # after the fingerprint: only prefill's loads are logged
+    data.hang = attempt == 0 and os.environ.get("CF_HANG_RANK") == str(rank)
     started = time.perf_counter()
-    result = cached.prefill(progress=False)
+    result = cached.prefill(progress=False, timeout=timeout)
     seconds = time.perf_counter() - started
     entry = cached.entry
     assert entry is not None
     summary = {
         "rank": rank,
+        "attempt": attempt,
         "world_size": dist.get_world_size(),
         "computed": result.computed,
         "skipped": result.skipped,

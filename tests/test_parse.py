@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from cachedfeatures.parse import (
     parse_int,
     parse_nonnegative_int,
     parse_positive_int,
+    parse_timeout,
 )
 from cachedfeatures.pruning import parse_policy
 from tests.helpers import Backbone, Samples
@@ -116,3 +118,15 @@ def test_generic_validators_are_defined_only_in_parse() -> None:
         if generic.search(path.read_text()) and path.name != "parse.py"
     ]
     assert defined == []
+
+
+def test_parse_timeout_takes_seconds_or_a_timedelta_and_refuses_the_rest() -> None:
+    assert parse_timeout("timeout", None) is None
+    assert parse_timeout("timeout", 5) == 5.0
+    assert parse_timeout("timeout", timedelta(minutes=2)) == 120.0
+    for bad in (0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(InvalidArgumentError, match="Expected timeout to be a positive"):
+            parse_timeout("timeout", bad)
+    for wrong in ("5", True):
+        with pytest.raises(ArgumentTypeError, match="Expected timeout to be None or a positive"):
+            parse_timeout("timeout", wrong)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from cachedfeatures import CachedFeatureDataset, ChunkShuffleSampler
+from cachedfeatures import CachedFeatureDataset, ChunkShuffleSampler, InvalidArgumentError
 from tests.helpers import Backbone, Samples
 
 
@@ -148,3 +148,36 @@ def test_label_mixing_against_full_shuffle() -> None:
     everything = full(sorted_labels, shuffle, batch)
     assert narrow <= 0.5 * everything
     assert narrow < wide and wide >= 0.9 * everything
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 5])
+def test_owner_split_gives_each_rank_only_its_own_chunks_and_together_every_row(world_size: int) -> None:
+    samplers = [
+        ChunkShuffleSampler(100, 16, split="owner", world_size=world_size, rank=rank)
+        for rank in range(world_size)
+    ]
+    orders = []
+    for epoch in (0, 1):
+        shares = []
+        for rank, sampler in enumerate(samplers):
+            sampler.set_epoch(epoch)
+            share = sampler.indices()
+            assert len(share) == len(sampler) == len(samplers[0])  # even shares, as DDP needs
+            assert set((share // 16 % world_size).tolist()) == {rank}  # only chunks it owns
+            shares.append(share)
+        assert set(np.concatenate(shares).tolist()) == set(range(100))
+        orders.append(shares[0])
+    assert not np.array_equal(orders[0], orders[1])  # a new order every epoch
+
+
+def test_owner_split_with_more_ranks_than_chunks_still_yields_an_even_share() -> None:
+    shares = [
+        ChunkShuffleSampler(10, 4, split="owner", world_size=4, rank=rank).indices() for rank in range(4)
+    ]
+    assert [len(share) for share in shares] == [4, 4, 4, 4]
+    assert set(np.concatenate(shares[:3]).tolist()) == set(range(10))
+
+
+def test_split_must_be_epoch_or_owner() -> None:
+    with pytest.raises(InvalidArgumentError, match="Expected split to be one of 'epoch', 'owner'"):
+        ChunkShuffleSampler(10, 4, split="chunks")  # type: ignore[arg-type]

@@ -43,6 +43,7 @@ from cachedfeatures.errors import CacheError, WriterError
 from cachedfeatures.parse import parse_choice, parse_nonnegative_int, parse_positive_int
 from cachedfeatures.pipeline.lifetime import exit_with_parent
 from cachedfeatures.store.integrity import CheckedReader
+from cachedfeatures.store.ownership import ChunkOwnership
 from cachedfeatures.store.writer import Writer
 
 __all__ = [
@@ -73,6 +74,9 @@ class CachedSource(Protocol):
 
     @property
     def spot_check_rows(self) -> int: ...
+
+    #: the chunks this process stores (``None``: its rank's on a store without locks, else all)
+    owned_chunks: ChunkOwnership | None
 
     def __len__(self) -> int: ...
 

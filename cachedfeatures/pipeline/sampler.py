@@ -17,16 +17,18 @@ classes, or store the dataset in a shuffled order. ``tests/test_sampler.py`` mea
 from __future__ import annotations
 
 from collections.abc import Iterator, Sized
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 from torch.utils.data import Sampler
 
 from cachedfeatures.errors import ArgumentTypeError, InvalidArgumentError
-from cachedfeatures.parse import expected, parse_int, parse_positive_int
+from cachedfeatures.parse import expected, parse_choice, parse_int, parse_positive_int
 from cachedfeatures.store.ranks import discover_rank
 
-__all__ = ["ChunkShuffleSampler"]
+__all__ = ["ChunkShuffleSampler", "Split"]
+
+Split = Literal["epoch", "owner"]
 
 
 class ChunkShuffleSampler(Sampler[int]):
@@ -47,6 +49,14 @@ class ChunkShuffleSampler(Sampler[int]):
         rank: this process's rank among ``world_size``; default as for ``world_size``.
         drop_last: drop the tail that does not divide evenly between ranks, instead of
             repeating rows from the start of the epoch to even the shares out.
+        split: ``"epoch"`` (default) splits each epoch's order between ranks as above.
+            ``"owner"`` gives every rank only the chunks it owns (chunk ``c`` to rank
+            ``c % world_size``, as :class:`~cachedfeatures.ChunkOwnership` and ``prefill()``
+            assign them), shuffled the same way within them every epoch: on an object store,
+            where each rank stores only its own chunks, the first epoch then fills every row.
+            Each rank sees the same rows every epoch (as with sharded datasets); under DDP the
+            gradient still averages over all of them. Shares are evened out by repeating a rank's
+            own rows (or cut to the smallest with ``drop_last``).
     """
 
     def __init__(
@@ -60,6 +70,7 @@ class ChunkShuffleSampler(Sampler[int]):
         world_size: int | None = None,
         rank: int | None = None,
         drop_last: bool = False,
+        split: Split = "epoch",
     ) -> None:
         self.num_rows = _parse_length(data_source)
         self.chunk_rows = parse_positive_int("chunk_rows", _chunk_rows_of(data_source, chunk_rows))
@@ -73,8 +84,12 @@ class ChunkShuffleSampler(Sampler[int]):
         self.world_size = parse_positive_int("world_size", world_size)
         self.rank = parse_int("rank", rank, minimum=0, maximum=self.world_size - 1)
         self.drop_last = bool(drop_last)
+        self.split = parse_choice("split", split, get_args(Split))
         self.epoch = 0
-        if self.drop_last:
+        if self.split == "owner":
+            owned = [self._owned_rows(rank) for rank in range(self.world_size)]
+            self.num_samples = min(owned) if self.drop_last else max(owned)
+        elif self.drop_last:
             self.num_samples = self.num_rows // self.world_size
         else:
             self.num_samples = -(-self.num_rows // self.world_size)
@@ -89,12 +104,22 @@ class ChunkShuffleSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices().tolist())
 
+    def _owned_rows(self, rank: int) -> int:
+        """How many rows lie in the chunks ``rank`` owns."""
+        starts = np.arange(rank, -(-self.num_rows // self.chunk_rows), self.world_size) * self.chunk_rows
+        return int(np.minimum(self.chunk_rows, self.num_rows - starts).sum())
+
     def indices(self) -> np.ndarray:
         """This rank's row order for the current epoch."""
         n, per_chunk = self.num_rows, self.chunk_rows
         rng = np.random.default_rng([self.seed, self.epoch])
         num_chunks = -(-n // per_chunk)
         chunks = rng.permutation(num_chunks) if self.shuffle else np.arange(num_chunks)
+        if self.split == "owner":
+            mine = chunks[chunks % self.world_size == self.rank]
+            # A rank that owns no chunk (more ranks than chunks) still yields its share, read
+            # from the others' chunks (computed, not stored by it).
+            return self._owned_indices(mine if len(mine) else chunks, rng)
         starts = chunks.astype(np.int64) * per_chunk
         lengths = np.minimum(per_chunk, n - starts)
         # Rows of the chunks laid end to end: position p of chunk k holds starts[k] + (p - offset[k]).
@@ -110,10 +135,30 @@ class ChunkShuffleSampler(Sampler[int]):
             share = share[np.lexsort((keys, block))]
         return share
 
+    def _owned_indices(self, chunks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The rows of ``chunks`` (this rank's own, in epoch order) laid end to end, shuffled
+        within windows, then evened out to ``num_samples``."""
+        per_chunk = self.chunk_rows
+        starts = chunks.astype(np.int64) * per_chunk
+        lengths = np.minimum(per_chunk, self.num_rows - starts)
+        offsets = np.cumsum(lengths) - lengths
+        rows: np.ndarray = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(
+            starts - offsets, lengths
+        )
+        if self.shuffle:
+            keys = rng.random(len(rows))
+            block = np.arange(len(rows), dtype=np.int64) // (self.window * per_chunk)
+            rows = rows[np.lexsort((keys, block))]
+        if len(rows) == 0:
+            return rows
+        evened: np.ndarray = np.resize(rows, self.num_samples)
+        return evened
+
     def __repr__(self) -> str:
+        split = ", split='owner'" if self.split == "owner" else ""
         return (
             f"ChunkShuffleSampler({self.num_rows} rows, chunk_rows={self.chunk_rows}, window={self.window}, "
-            f"seed={self.seed}, shuffle={self.shuffle}, rank={self.rank}/{self.world_size})"
+            f"seed={self.seed}, shuffle={self.shuffle}, rank={self.rank}/{self.world_size}{split})"
         )
 
 

@@ -5,7 +5,9 @@ writers (``cachedfeatures.store.locks``). Object stores (S3, GCS through fsspec)
 two processes writing rows of one chunk can each overwrite the other's rows. The rule there:
 every chunk has exactly one writer. Writers declare which chunks they own with a
 :class:`ChunkOwnership` (``rank`` of ``world_size``, chunk ``c`` owned by rank
-``c % world_size``); rows of other chunks are computed and served, never stored.
+``c % world_size``); rows of other chunks are computed and served, never stored. Where no
+ownership is given, a process that is one rank of several (:func:`ranks_ownership`) owns the
+chunks of its rank on such a store.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from cachedfeatures.errors import ArgumentTypeError, InvalidArgumentError
 from cachedfeatures.parse import expected, parse_int
 from cachedfeatures.store.ranks import discover_rank
 
-__all__ = ["ChunkOwnership", "parse_ownership"]
+__all__ = ["ChunkOwnership", "parse_ownership", "ranks_ownership"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,17 @@ class ChunkOwnership:
         """A boolean mask over ``rows``: which of them lie in a chunk this writer owns."""
         mask: np.ndarray = (np.asarray(rows, dtype=np.int64) // chunk_rows) % self.world_size == self.rank
         return mask
+
+
+def ranks_ownership() -> ChunkOwnership | None:
+    """This rank's chunks when the process is one of several ranks (a process group, or
+    torchrun's ``RANK``/``WORLD_SIZE``); ``None`` for a single process.
+
+    What a dataset on a store without file locks uses when no ``owned_chunks`` was given, so
+    that ranks training under DDP never write one chunk from two processes.
+    """
+    found = discover_rank()
+    return None if found.world_size == 1 else ChunkOwnership(found.rank, found.world_size)
 
 
 def parse_ownership(value: object) -> ChunkOwnership | None:

@@ -1,0 +1,106 @@
+"""The stress test of entry creation on S3 (issue 19): 8 processes, 20 rounds, each round all
+processes creating one new entry in a fresh store at the same moment, then each writing the
+chunk it owns. Every round ends with one entry, every row valid and exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cachedfeatures import FeatureStore
+from tests.helpers import Backbone, Samples, reference
+from tests.reliability.conftest import S3Server
+from tests.reliability.figures import record
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# One process per rank, alive for all rounds (torch is imported once). Round r starts for
+# everyone at one moment: half a second after the last rank finished round r - 1, read from
+# the done files' modification times, which every rank sees alike.
+RACER = """
+    import json, os, sys, time
+    from pathlib import Path
+    from cachedfeatures import CachedFeatureDataset
+    from cachedfeatures.store.ownership import ChunkOwnership
+    from tests.helpers import Backbone, Samples
+
+    urls, options = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+    n, rank, world, sync = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), Path(sys.argv[6])
+    start = float(sys.argv[7])
+    failures = []
+    for round_, url in enumerate(urls):
+        time.sleep(max(0.0, start - time.time()))
+        try:
+            cached = CachedFeatureDataset(
+                Samples(n, "dict"), Backbone(), url, input_key="image", storage_options=options,
+                batch_size=16, chunk_rows=16, spot_check=0, owned_chunks=ChunkOwnership(rank, world))
+            cached.compute(list(range(n)))  # stores only the chunk this rank owns
+        except Exception as error:
+            failures.append(f"round {round_}: {type(error).__name__}: {error}")
+        (sync / f"done-{round_}-{rank}").touch()
+        done = [sync / f"done-{round_}-{other}" for other in range(world)]
+        while not all(path.exists() for path in done):
+            time.sleep(0.01)
+        start = max(path.stat().st_mtime for path in done) + 0.5
+    print(json.dumps(failures))
+"""
+
+
+@pytest.mark.slow
+def test_eight_processes_creating_one_entry_at_once_for_twenty_rounds_on_s3(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    world, rounds, n = 8, 20, 128  # 8 chunks of 16 rows: one for each process
+    urls = [s3_server.new_url() for _ in range(rounds)]
+    started = time.monotonic()
+    start = time.time() + 15  # past every process's import of torch on two loaded cores
+    racers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(RACER),
+                json.dumps(urls),
+                json.dumps(s3_server.storage_options),
+                str(n),
+                str(rank),
+                str(world),
+                str(tmp_path),
+                str(start),
+            ],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+    failures: list[str] = []
+    for racer in racers:
+        out, err = racer.communicate(timeout=600)
+        assert racer.returncode == 0, err[-3000:]
+        failures.extend(json.loads(out.strip().splitlines()[-1]))
+    assert not failures, "\n".join(failures)
+
+    data, module = Samples(n, "dict"), Backbone()
+    expected = torch.stack([reference(module, data, row) for row in range(n)])
+    for url in urls:
+        store = FeatureStore.open(url, mode="r", storage_options=s3_server.storage_options)
+        (entry,) = store.entries  # one entry, not one per racer
+        assert entry.valid_mask().all()  # no row lost to another process's creation
+        read = entry.read(np.arange(n))
+        assert torch.equal(torch.from_numpy(read.arrays["features"]), expected)
+    record(
+        "S3 stress: processes x rounds creating one entry at once (failed), seconds",
+        f"{world} x {rounds} ({len(failures)}), {time.monotonic() - started:.0f}s",
+    )

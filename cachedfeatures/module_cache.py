@@ -62,6 +62,7 @@ from cachedfeatures.parse import parse_float_dtype, parse_int
 from cachedfeatures.pruning import KeyedBudget
 from cachedfeatures.store.feature_store import Compressor, FeatureStore, StoreLike
 from cachedfeatures.store.keyed_entry import KeyedEntry, keyed_chunk_rows
+from cachedfeatures.units import parse_bytes
 
 __all__ = [
     "CACHE_DIR_ENV",
@@ -166,8 +167,8 @@ def cached_module(
     store: StoreLike = None,
     *,
     enabled: bool = True,
-    max_bytes: int | None = None,
-    max_memory_bytes: int | None = DEFAULT_MAX_MEMORY_BYTES,
+    max_bytes: int | float | str | None = None,
+    max_memory_bytes: int | float | str | None = DEFAULT_MAX_MEMORY_BYTES,
     cache_dtype: torch.dtype | None = None,
     version: str | None = None,
     chunk_rows: int | None = None,
@@ -180,8 +181,8 @@ def cached_module(
         store: where the persistent tier lives: a local path (``"features.zarr"``), a zarr
             Store, or ``None`` (default) for the memory tier only.
         enabled: ``False`` turns caching off: every call runs the module. Default ``True``.
-        max_bytes: budget for the bytes of the whole persistent store, like
-            ``CachedFeatureDataset(max_bytes=)``; over it, whole chunks are dropped: of other
+        max_bytes: budget for the bytes of the whole persistent store (an int or ``"10GB"``),
+            like ``CachedFeatureDataset(max_bytes=)``; over it, whole chunks are dropped: of other
             entries first (least recently used entry first), then of this module's entry, most
             recently used first. ``None`` (default): no budget.
         max_memory_bytes: budget of the memory tier per instance (default 1 GiB); ``0``
@@ -217,7 +218,15 @@ def cached_module(
     break): the rest of the model compiles, and the module itself runs uncompiled on misses.
     """
     options = CacheOptions(
-        store, enabled, max_bytes, max_memory_bytes, cache_dtype, version, chunk_rows, compressor, persistent
+        store,
+        enabled,
+        _parse_budget(max_bytes, "max_bytes"),
+        _parse_budget(max_memory_bytes, "max_memory_bytes"),
+        cache_dtype,
+        version,
+        chunk_rows,
+        compressor,
+        persistent,
     )
 
     def decorate(target: T) -> T:
@@ -729,6 +738,11 @@ class ModuleCache:
 
     def _entry_name(self, context: str) -> str:
         return f"{self.name}-{context}"
+
+
+def _parse_budget(value: object, name: str) -> int | None:
+    """A byte budget as a dataset takes it (``10e9``, ``"10GB"``, ``"512MiB"``), or ``None``."""
+    return None if value is None else parse_bytes(value, name)
 
 
 def _output_tensors(layout: OutputLayout, output: Any, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

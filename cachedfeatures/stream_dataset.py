@@ -221,8 +221,9 @@ class CachedIterableDataset(IterableDataset[Any]):
             (file lists, small values; file names only, not sizes or mtimes).
         spot_check: about how many random hits per streamed pass are decoded and recomputed;
             a mismatch (a key whose content changed) raises ``StaleFeaturesError``. ``0`` off.
-        max_bytes: budget for the entry's stored bytes (int or ``"2GB"``); over it whole chunks
-            are dropped, most recently used first (a stable subset stays cached).
+        max_bytes: budget for the bytes of the whole store (int or ``"2GB"``), as for
+            ``CachedFeatureDataset``; over it whole chunks are dropped: of other entries first,
+            then this entry's, most recently used first (a stable subset stays cached).
         chunk_rows: rows per chunk; default about 2 MiB, as for a dataset entry.
         compressor: a Zarr bytes-to-bytes codec, ``"default"`` (Blosc zstd) or ``None``.
         cache_only: ``"auto"`` (default): serve the cache alone once a pass ended with every key

@@ -16,7 +16,7 @@ import zarr
 from cachedfeatures import CachedFeatureDataset, FeatureStore
 from cachedfeatures.pruning import measure
 from cachedfeatures.units import format_bytes
-from tests.helpers import Samples, Tile
+from tests.helpers import Backbone, Samples, Tile
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK_ROWS = 8
@@ -175,6 +175,16 @@ def test_info_on_a_non_store_says_what_it_is_and_what_to_pass(tmp_path: Path, ki
     assert_one_line_error(result)
     assert WHAT_IT_IS[kind] in result.stderr
     assert "pass the path of an existing store" in result.stderr and "new path" not in result.stderr
+
+
+def test_a_directory_holding_stores_is_not_a_store_that_lost_its_root(tmp_path: Path) -> None:
+    """A directory whose children are stores (``/tmp`` of a user with caches in it) is not a
+    store that lost its root: ``verify --repair`` would write a zarr.json into it."""
+    CachedFeatureDataset(Samples(8, "tuple"), Backbone(), tmp_path / "features.zarr", spot_check=0)
+    result = cli("info", str(tmp_path))
+    assert_one_line_error(result)
+    assert "verify --repair" not in result.stderr and "non-empty directory" in result.stderr
+    assert not (tmp_path / "zarr.json").exists()
 
 
 @pytest.mark.slow

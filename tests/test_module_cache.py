@@ -799,3 +799,12 @@ def test_a_budgeted_entry_stays_within_its_budget_over_many_chunks(store_path) -
         assert torch.equal(embed(x), x * 2)
     size = sum(path.stat().st_size for path in store_path.rglob("*") if path.is_file())
     assert size <= 8000 + 1000  # the budget, plus at most about one chunk being written
+
+
+def test_byte_budgets_are_written_as_a_dataset_takes_them(store_path: Path) -> None:
+    """``max_bytes="10MB"`` as for CachedFeatureDataset; a bad one names the forms it takes."""
+    cached = cached_module(store=store_path, max_bytes="10MB", max_memory_bytes="1MiB")(nn.Linear)(2, 2)
+    assert cached.module_cache.options.max_bytes == 10_000_000
+    assert cached.module_cache.options.max_memory_bytes == 1024 * 1024
+    with pytest.raises(ValueError, match=r"Expected max_bytes to be a number of bytes like .*'10GB'"):
+        cached_module(store=store_path, max_bytes="lots")

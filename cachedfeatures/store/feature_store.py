@@ -919,7 +919,9 @@ def holds_entries(path: Path) -> bool:
             meta = json.loads((child / "zarr.json").read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(meta, dict) and ATTRS_KEY in (meta.get("attributes") or {}):
+        # An entry's attrs name its arrays; a store's root (a store inside this directory,
+        # which is no entry of it) holds only the format version.
+        if isinstance(meta, dict) and is_entry_meta(meta.get("attributes") or {}):
             return True
     return False
 

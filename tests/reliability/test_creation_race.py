@@ -18,7 +18,7 @@ import torch
 
 from cachedfeatures import FeatureStore
 from tests.helpers import Backbone, Samples, reference
-from tests.reliability.conftest import S3Server
+from tests.conftest import S3Server
 from tests.reliability.figures import record
 
 ROOT = Path(__file__).resolve().parents[2]

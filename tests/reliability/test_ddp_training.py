@@ -19,7 +19,7 @@ from torch.utils.data import DistributedSampler
 
 from cachedfeatures import FeatureStore
 from tests.helpers import Backbone, Samples, reference
-from tests.reliability.conftest import S3Server
+from tests.conftest import S3Server
 from tests.reliability.figures import record
 
 pytestmark = [

@@ -22,7 +22,7 @@ from cachedfeatures import FeatureStore
 from cachedfeatures.pipeline.prefill import owned_chunks
 from cachedfeatures.store.writer import DEFAULT_MAX_PENDING
 from tests.helpers import Backbone, Samples, reference
-from tests.reliability.conftest import S3Server
+from tests.conftest import S3Server
 from tests.reliability.figures import record
 
 pytestmark = [

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from cachedfeatures import FeatureStore
-from tests.helpers import Backbone, Samples, reference
 from tests.conftest import S3Server
+from tests.helpers import Backbone, Samples, reference
 from tests.reliability.figures import record
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from cachedfeatures import FeatureStore
-from tests.helpers import Backbone, Samples, reference
 from tests.conftest import S3Server
+from tests.helpers import Backbone, Samples, reference
 from tests.reliability.figures import record
 
 pytestmark = [

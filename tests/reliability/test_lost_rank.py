@@ -21,8 +21,8 @@ import torch
 from cachedfeatures import FeatureStore
 from cachedfeatures.pipeline.prefill import owned_chunks
 from cachedfeatures.store.writer import DEFAULT_MAX_PENDING
-from tests.helpers import Backbone, Samples, reference
 from tests.conftest import S3Server
+from tests.helpers import Backbone, Samples, reference
 from tests.reliability.figures import record
 
 pytestmark = [

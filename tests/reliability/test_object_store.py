@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -206,75 +205,3 @@ def test_file_url_is_a_local_store(tmp_path: Path) -> None:
     FeatureStore.open(f"file://{tmp_path / 'features.zarr'}", mode="a")
     assert (tmp_path / "features.zarr" / "zarr.json").is_file()
     assert FeatureStore.open(tmp_path / "features.zarr").entries == []
-
-
-RACER = """
-    import json, sys, time
-    from cachedfeatures import CachedFeatureDataset
-    from cachedfeatures.store.ownership import ChunkOwnership
-    from tests.helpers import Backbone, Samples
-
-    url, options, n, rank, world, start = sys.argv[1], json.loads(sys.argv[2]), *map(float, sys.argv[3:7])
-    n, rank, world = int(n), int(rank), int(world)
-    data, module = Samples(n, "dict"), Backbone()
-    time.sleep(max(0.0, start - time.time()))  # every process creates the new entry at once
-    cached = CachedFeatureDataset(data, module, url, input_key="image", storage_options=options,
-                                  batch_size=16, chunk_rows=16, owned_chunks=ChunkOwnership(rank, world))
-    for begin in range(0, n, 16):
-        cached.compute(list(range(begin, min(begin + 16, n))))
-    print(json.dumps({"entry": cached.entry_name}))
-"""
-
-
-@pytest.mark.slow
-def test_processes_creating_one_new_entry_at_once_on_s3_all_succeed_and_keep_every_row(
-    s3_server: S3Server,
-) -> None:
-    """Several processes that open one new store and create the same entry at the same moment
-    (the first step of every multi-node job) neither fail nor reset each other's arrays: each
-    writes the chunks it owns, and afterwards every row is valid and exact."""
-    world, n, rounds = 5, 80, 2
-    options = json.dumps(s3_server.storage_options)
-    data, module = Samples(n, "dict"), Backbone()
-    failures = 0
-    for _ in range(rounds):
-        url = s3_server.new_url()
-        start = time.time() + 8  # past every process's import of torch on two loaded cores
-        racers = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    textwrap.dedent(RACER),
-                    url,
-                    options,
-                    str(n),
-                    str(rank),
-                    str(world),
-                    str(start),
-                ],
-                cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for rank in range(world)
-        ]
-        errors = []
-        for racer in racers:
-            _out, err = racer.communicate(timeout=300)
-            if racer.returncode != 0:
-                failures += 1
-                errors.append(err[-2000:])
-        assert not errors, "\n".join(e.strip().splitlines()[-1] for e in errors) + errors[0]
-        store = FeatureStore.open(url, mode="r", storage_options=s3_server.storage_options)
-        (entry,) = store.entries
-        assert entry.valid_mask().all()
-        stored = entry.arrays["features"][:]
-        for row in range(n):
-            assert torch.equal(torch.from_numpy(stored[row]), reference(module, data, row))
-    record(
-        "S3 processes creating one entry at once (processes x rounds, failed)",
-        f"{world} x {rounds}, {failures}",
-    )

@@ -125,8 +125,8 @@ def test_hugging_face_dataset_as_the_wrapped_dataset(tmp_path: Path) -> None:
 def test_token_embeddings_padded_to_a_fixed_length(tmp_path: Path) -> None:
     """Token-level features, padded to one length with the mask stored beside them.
 
-    Until entries store variable-length outputs (issue 15, ragged storage), every row is
-    padded to ``max_length``; the mask says which positions are real tokens.
+    The padded alternative to ``ragged=`` (next test): every row is padded to ``max_length``
+    and the mask says which positions are real tokens.
     """
     texts = sentences(64)
     tokenizer, model = auto_model()
@@ -149,6 +149,46 @@ def test_token_embeddings_padded_to_a_fixed_length(tmp_path: Path) -> None:
         real = int(served[i]["mask"].sum())
         assert real == direct.shape[0]
         torch.testing.assert_close(served[i]["tokens"][:real], direct, atol=1e-5, rtol=0)
+
+
+def token_level_entry(store: Path, n: int) -> tuple[CachedFeatureDataset, list[str]]:
+    """Token embeddings of ``n`` sentences, stored unpadded: ``ragged=`` names the mask in the
+    tokenized batch, so only each sentence's real tokens are stored."""
+    texts = sentences(n)
+    tokenizer, model = auto_model()
+    collate = functools.partial(tokenizer, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    cached = CachedFeatureDataset(
+        texts,
+        model,
+        store,
+        collate_fn=collate,
+        output="last_hidden_state",
+        ragged={"features": "attention_mask"},
+        batch_size=32,
+    )
+    return cached, texts
+
+
+def test_token_embeddings_stored_unpadded_equal_the_model_on_real_tokens(tmp_path: Path) -> None:
+    """Every served row is the model's output on that sentence's real tokens (within 1e-5), and
+    the entry stores about the real tokens' bytes, not a padded length's."""
+    cached, texts = token_level_entry(tmp_path / "f.zarr", 100)
+    cached.prefill(progress=False)
+    tokenizer, model = auto_model()
+    served = cached.__getitems__(list(range(len(texts))))
+    real_values = 0
+    for i, text in enumerate(texts):
+        with torch.inference_mode():
+            single = tokenizer(text, truncation=True, max_length=128, return_tensors="pt")
+            direct = model(**single).last_hidden_state[0]
+        assert served[i].shape == direct.shape, i
+        torch.testing.assert_close(served[i], direct, atol=1e-5, rtol=0)
+        real_values += direct.numel()
+    entry = cached.entry
+    assert entry is not None and len({row.shape[0] for row in served}) > 10  # lengths really vary
+    values_bytes = real_values * 4
+    stored = sum(entry.nbytes_per_chunk())
+    assert stored <= 1.15 * values_bytes, (stored, values_bytes)
 
 
 def test_the_tokenizer_settings_are_part_of_the_entry_key(tmp_path: Path) -> None:

@@ -502,12 +502,30 @@ class CachedFeatureDataset(Dataset[Any]):
             columns[name][read.hit] = column
         missing = ~read.hit
         if missing.any():
+            held, held_columns = binding.held(rows[missing])
+            if held.any():  # computed earlier in this process, not yet written: served as held
+                at = np.flatnonzero(missing)[held]
+                for name, column in held_columns.items():
+                    columns[name][at] = column
+                missing[at] = False
+        if missing.any():
             self._check_can_compute_here()
             miss_rows, where = np.unique(rows[missing], return_inverse=True)
-            computed = self.compute(miss_rows)
+            computed = self._compute_held(miss_rows)
             for name, column in computed.items():
                 columns[name][missing] = column[where]
         return self.assemble_all(columns)
+
+    def _compute_held(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Load and compute ``rows`` in batches, and hand them to the write-back buffer."""
+        binding = self._bound()
+        parts: list[dict[str, np.ndarray]] = []
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start : start + self.batch_size]
+            columns = self.compute_loaded(self.load(batch))
+            binding.write_back(batch, columns)
+            parts.append(columns)
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     def compute(self, rows: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
         """Load, compute and store ``rows`` (whether cached or not), in batches.
@@ -806,6 +824,27 @@ class CachedFeatureDataset(Dataset[Any]):
         """
         if self._binding is not None:
             self._binding.flush_access()
+
+    def flush(self) -> None:
+        """Store the misses this process computed and still holds, then its access statistics.
+
+        Misses computed by ``cached[i]`` or a plain DataLoader are held per process and
+        written a whole chunk at a time (see docs/concepts/pipeline.md); they are also written
+        when a chunk is complete, past a byte budget, after a hold of about 10 s, and when the
+        process (or DataLoader worker) exits. Rows become valid only once written.
+        """
+        if self._binding is not None:
+            self._binding.flush_writes()
+            self._binding.flush_access()
+
+    def close(self) -> None:
+        """:meth:`flush`; the dataset stays usable (a later miss is held again)."""
+        self.flush()
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of computed rows this process holds for writing, not yet stored."""
+        return 0 if self._binding is None else self._binding.held_bytes
 
 
 # -- helpers ------------------------------------------------------------------------------------

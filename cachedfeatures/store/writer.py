@@ -89,6 +89,7 @@ class ChunkBuffer:
         self._buffer: dict[int, _Chunk] = {}
         self._buffered_bytes = 0
         self._missing: np.ndarray | None = None  # per chunk: rows not valid when counting began
+        self._held = np.zeros(entry.num_rows, dtype=bool)  # per row: held, not yet written
         self.rows_written = 0
         self.chunks_written = 0
 
@@ -101,6 +102,28 @@ class ChunkBuffer:
         """Forget every held row (they stay missing and are recomputed later)."""
         self._buffer.clear()
         self._buffered_bytes = 0
+        self._held[:] = False
+
+    def held(self, rows: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Which of ``rows`` are held, and their held columns (one row per row found, in order).
+
+        A row held twice (computed again before its chunk was written) is served as it will be
+        stored: its first copy, which :meth:`Entry.write` keeps.
+        """
+        found = self._held[rows]
+        if not found.any():
+            return found, {}
+        wanted = rows[found]
+        columns = {spec.name: spec.empty_column(len(wanted)) for spec in self.entry.specs}
+        chunks = wanted // self.entry.chunk_rows
+        for chunk in np.unique(chunks):
+            pending = self._buffer[int(chunk)]
+            held_rows, first = np.unique(np.concatenate(pending.rows), return_index=True)
+            at = np.flatnonzero(chunks == chunk)
+            source = first[np.searchsorted(held_rows, wanted[at])]
+            for name in pending.columns[0]:
+                columns[name][at] = np.concatenate([part[name] for part in pending.columns])[source]
+        return found, columns
 
     def add(self, rows: np.ndarray, columns: dict[str, np.ndarray]) -> None:
         entry = self.entry
@@ -114,6 +137,7 @@ class ChunkBuffer:
             if pending is None:
                 pending = self._buffer[int(chunk)] = _Chunk(since=time.monotonic())
             pending.rows.append(rows[take])
+            self._held[rows[take]] = True
             pending.columns.append(part)
             pending.count += len(take)
             nbytes = sum(column.nbytes for column in part.values())
@@ -171,6 +195,7 @@ class ChunkBuffer:
         columns = {
             name: np.concatenate([part[name] for part in pending.columns]) for name in pending.columns[0]
         }
+        self._held[rows] = False  # from here on read from the store, or recomputed
         self._store_rows(rows, columns)
         if self._missing is not None:
             self._missing[chunk] = max(0, int(self._missing[chunk]) - len(np.unique(rows)))

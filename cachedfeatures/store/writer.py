@@ -204,7 +204,6 @@ class ChunkBuffer:
         logger.debug("entry %s: wrote %d rows of chunk %d", self.entry.name, len(rows), chunk)
 
 
-
 class Writer:
     """Writes rows to an entry from a background thread, coalescing them per chunk.
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import logging
 import operator
+import os
 import re
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
@@ -511,19 +513,21 @@ class CachedFeatureDataset(Dataset[Any]):
         if missing.any():
             self._check_can_compute_here()
             miss_rows, where = np.unique(rows[missing], return_inverse=True)
-            computed = self._compute_held(miss_rows)
+            computed = self._compute_held(miss_rows, hold=_batch_of_a_dataloader())
             for name, column in computed.items():
                 columns[name][missing] = column[where]
         return self.assemble_all(columns)
 
-    def _compute_held(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Load and compute ``rows`` in batches, and hand them to the write-back buffer."""
+    def _compute_held(self, rows: np.ndarray, *, hold: bool) -> dict[str, np.ndarray]:
+        """Load and compute ``rows`` in batches; stored through the write-back buffer if ``hold``,
+        else at once."""
         binding = self._bound()
+        store = binding.write_back if hold else binding.write
         parts: list[dict[str, np.ndarray]] = []
         for start in range(0, len(rows), self.batch_size):
             batch = rows[start : start + self.batch_size]
             columns = self.compute_loaded(self.load(batch))
-            binding.write_back(batch, columns)
+            store(batch, columns)
             parts.append(columns)
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
@@ -848,6 +852,31 @@ class CachedFeatureDataset(Dataset[Any]):
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+_FETCH_FILE = os.path.join("torch", "utils", "data", "_utils", "fetch.py")
+
+
+def _batch_of_a_dataloader() -> bool:
+    """Whether this ``__getitems__`` serves a DataLoader's batch: in a worker process, or called
+    by a DataLoader's fetcher in this one (``num_workers=0``; ``StatefulDataLoader`` too).
+
+    Only those misses are held in the write-back buffer: a DataLoader epoch is where a shuffled
+    batch would rewrite every chunk, and its end (the workers' exit, the next batches completing
+    each chunk) writes them. A direct ``cached[i]`` stores its rows before it returns, so that
+    another dataset or reader in this process sees them. A wrapper the search does not see
+    through only makes rows stored at once, as before.
+    """
+    if get_worker_info() is not None:
+        return True
+    frame = sys._getframe(2)
+    for _ in range(8):  # the fetcher, through a few wrappers (Subset, ConcatDataset, ...)
+        if frame is None:
+            return False
+        if frame.f_code.co_filename.endswith(_FETCH_FILE):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _check_ragged_names(

@@ -14,6 +14,7 @@ import operator
 import os
 import re
 import sys
+import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
@@ -869,7 +870,7 @@ def _batch_of_a_dataloader() -> bool:
     """
     if get_worker_info() is not None:
         return True
-    frame = sys._getframe(2)
+    frame: types.FrameType | None = sys._getframe(2)
     for _ in range(8):  # the fetcher, through a few wrappers (Subset, ConcatDataset, ...)
         if frame is None:
             return False

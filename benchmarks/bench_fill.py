@@ -75,8 +75,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rows", type=int, default=16384)
-    parser.add_argument("--size", type=int, default=32, help="image side (default 32)")
-    parser.add_argument("--width", type=int, default=16, help="backbone width (default 16)")
+    parser.add_argument("--size", type=int, default=64, help="image side (default 64)")
+    parser.add_argument("--width", type=int, default=32, help="backbone width (default 32)")
     parser.add_argument("--out", type=int, default=384, help="feature size (default 384)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--chunk-rows", type=int, default=None, help="default: the library's (~2 MiB chunks)")

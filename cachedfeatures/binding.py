@@ -162,6 +162,7 @@ class EntryBinding:
         self._access: AccessLog | None = None  # none while creating, nor on a store not written
         self._held: ChunkBuffer | None = None  # this process's write-back buffer, made lazily
         self._held_pid = 0
+        self._held_lock: threading.Lock | None = None  # made with it: threads may share a process
         self._budget: Budget | None = None
         entry = self.store.entry(name) or self._create(new_entry())
         entry.check_metadata()  # a damaged array: a clear error naming the repair, now
@@ -272,21 +273,25 @@ class EntryBinding:
         held = self._buffer_here()
         if held is None:
             self.write(rows, columns)
-        else:
+            return
+        assert self._held_lock is not None
+        with self._held_lock:
             held.add(np.asarray(rows, dtype=np.int64), dict(columns))
 
     def held(self, rows: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Which of ``rows`` this process holds unwritten, and their columns (see ``ChunkBuffer.held``)."""
-        held = self._held if self._held_pid == os.getpid() else None
-        if held is None:
+        held, lock = (self._held, self._held_lock) if self._held_pid == os.getpid() else (None, None)
+        if held is None or lock is None:
             return np.zeros(len(rows), dtype=bool), {}
-        return held.held(rows)
+        with lock:
+            return held.held(rows)
 
     def flush_writes(self) -> None:
         """Store every row this process holds in its write-back buffer now."""
-        held = self._held
-        if held is not None and self._held_pid == os.getpid():
-            held.write_all()
+        held, lock = self._held, self._held_lock
+        if held is not None and lock is not None and self._held_pid == os.getpid():
+            with lock:
+                held.write_all()
 
     @property
     def held_bytes(self) -> int:
@@ -301,6 +306,7 @@ class EntryBinding:
         pid = os.getpid()
         if self._held is None or self._held_pid != pid:
             entry = self.entry  # reopened after a fork
+            self._held_lock = threading.Lock()
             self._held = ChunkBuffer(
                 entry,
                 self.write,
@@ -314,7 +320,7 @@ class EntryBinding:
     def __getstate__(self) -> dict[str, Any]:
         """Pickled into a spawned worker without this process's held rows (they stay here)."""
         state = self.__dict__.copy()
-        state["_held"], state["_held_pid"] = None, 0
+        state["_held"], state["_held_pid"], state["_held_lock"] = None, 0, None
         return state
 
     def record_hits(self, rows: np.ndarray) -> None:

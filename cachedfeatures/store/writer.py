@@ -7,7 +7,8 @@ chunks per batch, so rows are coalesced per chunk: a chunk is written once all o
 rows have arrived, when the buffer is over its byte budget (fullest chunk first), when its
 rows have been held for ``max_hold_seconds`` (so a kill loses at most about that much computed
 work, not a whole shuffled epoch), or at :meth:`Writer.flush`. ``Entry.write`` marks rows
-valid only after their bytes are stored.
+valid only after their bytes are stored. The coalescing itself is :class:`ChunkBuffer`, which the
+map-style path (``cached[i]`` in a DataLoader) also uses, in the caller's thread.
 
 An error in the thread is kept and re-raised (as :class:`~cachedfeatures.errors.WriterError`)
 by the next :meth:`Writer.submit`, :meth:`Writer.check` or :meth:`Writer.flush`: never lost.
@@ -126,6 +127,7 @@ class ChunkBuffer:
         return found, columns
 
     def add(self, rows: np.ndarray, columns: dict[str, np.ndarray]) -> None:
+        """Hold ``rows`` (one row of each column per row); write the chunks that are now due."""
         entry = self.entry
         if self._missing is None:
             self._missing = self._count_missing()
@@ -189,6 +191,7 @@ class ChunkBuffer:
         self._missing = None  # others may have written meanwhile
 
     def write_chunk(self, chunk: int) -> None:
+        """Store the held rows of ``chunk`` (one read-modify-write of it) and forget them."""
         pending = self._buffer.pop(chunk)
         self._buffered_bytes -= pending.nbytes
         rows = np.concatenate(pending.rows)

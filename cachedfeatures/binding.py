@@ -4,12 +4,27 @@
 where it cannot be written); :class:`EntryBinding` finds or creates the entry in it, reopens it
 after a fork, reads hits through the store's integrity check, stores owned rows under the size
 budget and records chunk access. A binding always has its entry: an empty dataset has none.
+
+Misses computed on the map-style path (``cached[i]``, a plain DataLoader, in this process or a
+worker) are held per process in a write-back buffer and stored per chunk
+(:class:`~cachedfeatures.store.writer.ChunkBuffer`): a shuffled batch touches every chunk, and
+writing each batch at once would rewrite every compressed, checksummed chunk once per batch.
+Held rows are served from the buffer when asked for again and become valid only when written,
+so a killed process loses its buffer (a recompute), never leaves a wrong row. The buffer is
+written when a chunk's missing rows are all in, past ``WRITE_BACK_BYTES``, after the hold time,
+on :meth:`EntryBinding.flush_writes`, and when the process exits (a threading exit hook in
+the main process, a multiprocessing finalizer in DataLoader workers, where ``atexit`` does not
+run).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing.util
 import os
+import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,10 +43,15 @@ from cachedfeatures.store.feature_store import Entry, FeatureStore, StoreLike
 from cachedfeatures.store.integrity import CheckedReader
 from cachedfeatures.store.ownership import ChunkOwnership, ranks_ownership
 from cachedfeatures.store.remote import is_url
+from cachedfeatures.store.writer import DEFAULT_MAX_HOLD_SECONDS, ChunkBuffer
 
 __all__ = ["EntryBinding", "NewEntry", "OpenedStore", "open_store"]
 
 logger = logging.getLogger(__name__)
+
+# Bytes of computed rows each process holds for coalescing before the fullest chunk is
+# written early; ``0`` writes every batch at once. Per process: each DataLoader worker has one.
+WRITE_BACK_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -140,6 +160,9 @@ class EntryBinding:
         self.owned_chunks: ChunkOwnership | None = options.owned_chunks
         self._pid = os.getpid()
         self._access: AccessLog | None = None  # none while creating, nor on a store not written
+        self._held: ChunkBuffer | None = None  # this process's write-back buffer, made lazily
+        self._held_pid = 0
+        self._held_lock: threading.Lock | None = None  # made with it: threads may share a process
         self._budget: Budget | None = None
         entry = self.store.entry(name) or self._create(new_entry())
         entry.check_metadata()  # a damaged array: a clear error naming the repair, now
@@ -242,6 +265,64 @@ class EntryBinding:
         """Store ``rows`` (see :meth:`_store`); whether all of them were stored."""
         return self._store(self.entry, rows, columns)
 
+    def write_back(self, rows: np.ndarray, columns: Mapping[str, np.ndarray]) -> None:
+        """Store ``rows`` soon, coalesced per chunk in this process's buffer (see the module).
+
+        Where nothing can be stored (read-only, scratch) or ``WRITE_BACK_BYTES`` is 0, at once.
+        """
+        held = self._buffer_here()
+        if held is None:
+            self.write(rows, columns)
+            return
+        assert self._held_lock is not None
+        with self._held_lock:
+            held.add(np.asarray(rows, dtype=np.int64), dict(columns))
+
+    def held(self, rows: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Which of ``rows`` this process holds unwritten, and their columns (see ``ChunkBuffer.held``)."""
+        held, lock = (self._held, self._held_lock) if self._held_pid == os.getpid() else (None, None)
+        if held is None or lock is None:
+            return np.zeros(len(rows), dtype=bool), {}
+        with lock:
+            return held.held(rows)
+
+    def flush_writes(self) -> None:
+        """Store every row this process holds in its write-back buffer now."""
+        held, lock = self._held, self._held_lock
+        if held is not None and lock is not None and self._held_pid == os.getpid():
+            with lock:
+                held.write_all()
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of computed rows this process holds, not yet stored."""
+        held = self._held
+        return held.held_bytes if held is not None and self._held_pid == os.getpid() else 0
+
+    def _buffer_here(self) -> ChunkBuffer | None:
+        """This process's write-back buffer: made at its first use in each process (fork-safe)."""
+        if self.scratch or self.guard.read_only or WRITE_BACK_BYTES <= 0:
+            return None
+        pid = os.getpid()
+        if self._held is None or self._held_pid != pid:
+            entry = self.entry  # reopened after a fork
+            self._held_lock = threading.Lock()
+            self._held = ChunkBuffer(
+                entry,
+                self.write,
+                max_buffer_bytes=WRITE_BACK_BYTES,
+                max_hold_seconds=DEFAULT_MAX_HOLD_SECONDS,
+            )
+            self._held_pid = pid
+            _flush_at_exit(self)
+        return self._held
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled into a spawned worker without this process's held rows (they stay here)."""
+        state = self.__dict__.copy()
+        state["_held"], state["_held_pid"], state["_held_lock"] = None, 0, None
+        return state
+
     def record_hits(self, rows: np.ndarray) -> None:
         """Count reads of ``rows`` served from the store elsewhere (the pipeline's workers)."""
         if len(rows):
@@ -303,6 +384,37 @@ class EntryBinding:
         """Whether processes writing this store must own disjoint chunks (no file locks)."""
         store = self.store
         return store.backend.needs_chunk_ownership
+
+
+# -- writing held rows at process exit --------------------------------------------------------
+# As for access statistics (store/access.py): zarr's local I/O pool shuts down in threading's
+# exit hooks, before ``atexit``, so the main process's hook is a threading exit hook (registered
+# later than the access log's, so it runs first and its access is recorded); DataLoader workers
+# leave through os._exit after multiprocessing's finalizers (priority above the access log's).
+
+_with_held: weakref.WeakSet[EntryBinding] = weakref.WeakSet()
+_hooked_pid: int | None = None
+
+
+def _flush_at_exit(binding: EntryBinding) -> None:
+    global _hooked_pid
+    _with_held.add(binding)
+    if _hooked_pid != os.getpid():
+        _hooked_pid = os.getpid()
+        register = getattr(threading, "_register_atexit", atexit.register)
+        try:
+            register(_flush_all_held)
+        except RuntimeError:  # already shutting down
+            return
+        multiprocessing.util.Finalize(None, _flush_all_held, exitpriority=110)
+
+
+def _flush_all_held() -> None:
+    for binding in list(_with_held):
+        try:
+            binding.flush_writes()
+        except Exception as error:  # an exit is no place to fail: the rows are recomputed later
+            logger.warning("cachedfeatures: could not store computed rows at exit: %s", error)
 
 
 _CHUNKING_SAID: set[tuple[str, str, int]] = set()

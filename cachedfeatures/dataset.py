@@ -11,7 +11,10 @@ from __future__ import annotations
 import functools
 import logging
 import operator
+import os
 import re
+import sys
+import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
@@ -502,12 +505,32 @@ class CachedFeatureDataset(Dataset[Any]):
             columns[name][read.hit] = column
         missing = ~read.hit
         if missing.any():
+            held, held_columns = binding.held(rows[missing])
+            if held.any():  # computed earlier in this process, not yet written: served as held
+                at = np.flatnonzero(missing)[held]
+                for name, column in held_columns.items():
+                    columns[name][at] = column
+                missing[at] = False
+        if missing.any():
             self._check_can_compute_here()
             miss_rows, where = np.unique(rows[missing], return_inverse=True)
-            computed = self.compute(miss_rows)
+            computed = self._compute_held(miss_rows, hold=_batch_of_a_dataloader())
             for name, column in computed.items():
                 columns[name][missing] = column[where]
         return self.assemble_all(columns)
+
+    def _compute_held(self, rows: np.ndarray, *, hold: bool) -> dict[str, np.ndarray]:
+        """Load and compute ``rows`` in batches; stored through the write-back buffer if ``hold``,
+        else at once."""
+        binding = self._bound()
+        store = binding.write_back if hold else binding.write
+        parts: list[dict[str, np.ndarray]] = []
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start : start + self.batch_size]
+            columns = self.compute_loaded(self.load(batch))
+            store(batch, columns)
+            parts.append(columns)
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     def compute(self, rows: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
         """Load, compute and store ``rows`` (whether cached or not), in batches.
@@ -807,8 +830,54 @@ class CachedFeatureDataset(Dataset[Any]):
         if self._binding is not None:
             self._binding.flush_access()
 
+    def flush(self) -> None:
+        """Store the misses this process computed and still holds, then its access statistics.
+
+        Misses computed by ``cached[i]`` or a plain DataLoader are held per process and
+        written a whole chunk at a time (see docs/concepts/pipeline.md); they are also written
+        when a chunk is complete, past a byte budget, after a hold of about 10 s, and when the
+        process (or DataLoader worker) exits. Rows become valid only once written.
+        """
+        if self._binding is not None:
+            self._binding.flush_writes()
+            self._binding.flush_access()
+
+    def close(self) -> None:
+        """:meth:`flush`; the dataset stays usable (a later miss is held again)."""
+        self.flush()
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of computed rows this process holds for writing, not yet stored."""
+        return 0 if self._binding is None else self._binding.held_bytes
+
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+_FETCH_FILE = os.path.join("torch", "utils", "data", "_utils", "fetch.py")
+
+
+def _batch_of_a_dataloader() -> bool:
+    """Whether this ``__getitems__`` serves a DataLoader's batch: in a worker process, or called
+    by a DataLoader's fetcher in this one (``num_workers=0``; ``StatefulDataLoader`` too).
+
+    Only those misses are held in the write-back buffer: a DataLoader epoch is where a shuffled
+    batch would rewrite every chunk, and its end (the workers' exit, the next batches completing
+    each chunk) writes them. A direct ``cached[i]`` stores its rows before it returns, so that
+    another dataset or reader in this process sees them. A wrapper the search does not see
+    through only makes rows stored at once, as before.
+    """
+    if get_worker_info() is not None:
+        return True
+    frame: types.FrameType | None = sys._getframe(2)
+    for _ in range(8):  # the fetcher, through a few wrappers (Subset, ConcatDataset, ...)
+        if frame is None:
+            return False
+        if frame.f_code.co_filename.endswith(_FETCH_FILE):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _check_ragged_names(

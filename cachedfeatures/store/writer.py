@@ -7,7 +7,8 @@ chunks per batch, so rows are coalesced per chunk: a chunk is written once all o
 rows have arrived, when the buffer is over its byte budget (fullest chunk first), when its
 rows have been held for ``max_hold_seconds`` (so a kill loses at most about that much computed
 work, not a whole shuffled epoch), or at :meth:`Writer.flush`. ``Entry.write`` marks rows
-valid only after their bytes are stored.
+valid only after their bytes are stored. The coalescing itself is :class:`ChunkBuffer`, which the
+map-style path (``cached[i]`` in a DataLoader) also uses, in the caller's thread.
 
 An error in the thread is kept and re-raised (as :class:`~cachedfeatures.errors.WriterError`)
 by the next :meth:`Writer.submit`, :meth:`Writer.check` or :meth:`Writer.flush`: never lost.
@@ -28,7 +29,7 @@ import numpy as np
 from cachedfeatures.errors import WriterError
 from cachedfeatures.store.feature_store import Entry
 
-__all__ = ["Writer"]
+__all__ = ["ChunkBuffer", "Writer"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,155 @@ class _Chunk:
     count: int = 0
     nbytes: int = 0
     since: float = 0.0  # when its first held row arrived (time.monotonic)
+
+
+class ChunkBuffer:
+    """Rows held per chunk until the chunk can be written once: the writer's coalescing.
+
+    Not thread-safe: one thread (the :class:`Writer`'s, or the caller's on the map-style path)
+    adds and writes. A chunk is written when all of its rows missing at the first :meth:`add`
+    (since the last :meth:`write_all`) have arrived, when the buffer holds more than
+    ``max_buffer_bytes`` (fullest chunk first), when its rows have been held ``max_hold_seconds``
+    (checked at each :meth:`add` and :meth:`write_aged`), or at :meth:`write_all`.
+
+    Args:
+        entry: the entry the rows belong to.
+        store_rows: stores the rows of one chunk (and marks them valid).
+        max_buffer_bytes: bytes held before the fullest chunk is written early (``0``: none held).
+        max_hold_seconds: the longest rows are held (stretched as :class:`Writer` says).
+    """
+
+    def __init__(
+        self,
+        entry: Entry,
+        store_rows: Callable[[np.ndarray, Mapping[str, np.ndarray]], object],
+        *,
+        max_buffer_bytes: int,
+        max_hold_seconds: float,
+    ) -> None:
+        self.entry = entry
+        self._store_rows = store_rows
+        self.max_buffer_bytes = max_buffer_bytes
+        self.max_hold_seconds = max_hold_seconds
+        self._hold = max_hold_seconds
+        self._buffer: dict[int, _Chunk] = {}
+        self._buffered_bytes = 0
+        self._missing: np.ndarray | None = None  # per chunk: rows not valid when counting began
+        self._held = np.zeros(entry.num_rows, dtype=bool)  # per row: held, not yet written
+        self.rows_written = 0
+        self.chunks_written = 0
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of rows held, not yet written."""
+        return self._buffered_bytes
+
+    def drop(self) -> None:
+        """Forget every held row (they stay missing and are recomputed later)."""
+        self._buffer.clear()
+        self._buffered_bytes = 0
+        self._held[:] = False
+
+    def held(self, rows: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Which of ``rows`` are held, and their held columns (one row per row found, in order).
+
+        A row held twice (computed again before its chunk was written) is served as it will be
+        stored: its first copy, which :meth:`Entry.write` keeps.
+        """
+        found = self._held[rows]
+        if not found.any():
+            return found, {}
+        wanted = rows[found]
+        columns = {spec.name: spec.empty_column(len(wanted)) for spec in self.entry.specs}
+        chunks = wanted // self.entry.chunk_rows
+        for chunk in np.unique(chunks):
+            pending = self._buffer[int(chunk)]
+            held_rows, first = np.unique(np.concatenate(pending.rows), return_index=True)
+            at = np.flatnonzero(chunks == chunk)
+            source = first[np.searchsorted(held_rows, wanted[at])]
+            for name in pending.columns[0]:
+                columns[name][at] = np.concatenate([part[name] for part in pending.columns])[source]
+        return found, columns
+
+    def add(self, rows: np.ndarray, columns: dict[str, np.ndarray]) -> None:
+        """Hold ``rows`` (one row of each column per row); write the chunks that are now due."""
+        entry = self.entry
+        if self._missing is None:
+            self._missing = self._count_missing()
+        chunks = rows // entry.chunk_rows
+        for chunk in np.unique(chunks):
+            take = np.flatnonzero(chunks == chunk)
+            part = {name: column[take] for name, column in columns.items()}
+            pending = self._buffer.get(int(chunk))
+            if pending is None:
+                pending = self._buffer[int(chunk)] = _Chunk(since=time.monotonic())
+            pending.rows.append(rows[take])
+            self._held[rows[take]] = True
+            pending.columns.append(part)
+            pending.count += len(take)
+            nbytes = sum(column.nbytes for column in part.values())
+            pending.nbytes += nbytes
+            self._buffered_bytes += nbytes
+            if pending.count >= self._missing[chunk]:
+                self.write_chunk(int(chunk))
+        while self._buffered_bytes > self.max_buffer_bytes and self._buffer:
+            fullest = max(self._buffer, key=lambda c: self._buffer[c].count)
+            self.write_chunk(fullest)
+        self.write_aged()
+
+    def until_aged(self) -> float | None:
+        """Seconds until the oldest held rows are due (``None``: nothing held)."""
+        if not self._buffer:
+            return None
+        oldest = min(pending.since for pending in self._buffer.values())
+        return max(0.0, oldest + self._hold - time.monotonic()) + 0.001
+
+    def write_aged(self) -> None:
+        """Write every chunk whose rows have been held for the hold time, oldest first."""
+        now = time.monotonic()
+        due = sorted((p.since, c) for c, p in self._buffer.items() if now - p.since >= self._hold)
+        if not due:
+            return
+        for _, chunk in due:
+            self.write_chunk(chunk)
+        spent = time.monotonic() - now
+        self._hold = max(self.max_hold_seconds, HOLD_COST_RATIO * spent)
+        logger.debug(
+            "entry %s: wrote %d held chunks in %.3f s; hold now %.3f s",
+            self.entry.name,
+            len(due),
+            spent,
+            self._hold,
+        )
+
+    def _count_missing(self) -> np.ndarray:
+        entry = self.entry
+        mask = entry.valid_mask()
+        padded = np.ones(entry.num_chunks * entry.chunk_rows, dtype=bool)
+        padded[: len(mask)] = mask
+        return np.asarray((~padded).reshape(entry.num_chunks, entry.chunk_rows).sum(axis=1))
+
+    def write_all(self) -> None:
+        """Write every held chunk; the next :meth:`add` recounts what is missing."""
+        for chunk in sorted(self._buffer):
+            self.write_chunk(chunk)
+        self._missing = None  # others may have written meanwhile
+
+    def write_chunk(self, chunk: int) -> None:
+        """Store the held rows of ``chunk`` (one read-modify-write of it) and forget them."""
+        pending = self._buffer.pop(chunk)
+        self._buffered_bytes -= pending.nbytes
+        rows = np.concatenate(pending.rows)
+        columns = {
+            name: np.concatenate([part[name] for part in pending.columns]) for name in pending.columns[0]
+        }
+        self._held[rows] = False  # from here on read from the store, or recomputed
+        self._store_rows(rows, columns)
+        if self._missing is not None:
+            self._missing[chunk] = max(0, int(self._missing[chunk]) - len(np.unique(rows)))
+        self.rows_written += len(rows)
+        self.chunks_written += 1
+        logger.debug("entry %s: wrote %d rows of chunk %d", self.entry.name, len(rows), chunk)
 
 
 class Writer:
@@ -87,7 +237,6 @@ class Writer:
     ) -> None:
         self.entry = entry
         self.max_hold_seconds = DEFAULT_MAX_HOLD_SECONDS if max_hold_seconds is None else max_hold_seconds
-        self._hold = self.max_hold_seconds
         self._store_rows = write or entry.write
         self.max_buffer_bytes = max_buffer_bytes
         self._queue: queue.Queue[tuple[np.ndarray, dict[str, np.ndarray]] | _Flush | None] = queue.Queue(
@@ -97,11 +246,19 @@ class Writer:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         # Thread-side state.
-        self._buffer: dict[int, _Chunk] = {}
-        self._buffered_bytes = 0
-        self._missing: np.ndarray | None = None  # per chunk: rows not valid when counting began
-        self.rows_written = 0
-        self.chunks_written = 0
+        self._chunks = ChunkBuffer(
+            entry, self._store_rows, max_buffer_bytes=max_buffer_bytes, max_hold_seconds=self.max_hold_seconds
+        )
+
+    @property
+    def rows_written(self) -> int:
+        """Rows stored so far (a row written twice counts twice)."""
+        return self._chunks.rows_written
+
+    @property
+    def chunks_written(self) -> int:
+        """Chunk writes so far: each one a read-modify-write of a whole chunk."""
+        return self._chunks.chunks_written
 
     # -- caller side ---------------------------------------------------------------------------
 
@@ -182,104 +339,28 @@ class Writer:
     def _run(self) -> None:
         while True:
             try:
-                item = self._queue.get(timeout=self._until_aged())
+                item = self._queue.get(timeout=self._chunks.until_aged())
             except queue.Empty:  # idle while rows are held: write those held too long
                 if self._error is None:
-                    self._guarded(self._write_aged)
+                    self._guarded(self._chunks.write_aged)
                 continue
             if item is None:
                 return
             if isinstance(item, _Flush):
                 if self._error is None:
-                    self._guarded(self._write_all)
-                self._missing = None  # recount at the next batch: others may have written
+                    self._guarded(self._chunks.write_all)
                 item.done.set()
                 continue
             if self._error is not None:
                 continue  # drop: these rows stay missing, the error is reported
-            self._guarded(functools.partial(self._add, *item))
+            self._guarded(functools.partial(self._chunks.add, *item))
 
     def _guarded(self, action: Callable[[], None]) -> None:
         try:
             action()
         except BaseException as error:  # kept for the caller; the thread keeps draining
             self._error = error
-            self._buffer.clear()
-            self._buffered_bytes = 0
-
-    def _add(self, rows: np.ndarray, columns: dict[str, np.ndarray]) -> None:
-        entry = self.entry
-        if self._missing is None:
-            self._missing = self._count_missing()
-        chunks = rows // entry.chunk_rows
-        for chunk in np.unique(chunks):
-            take = np.flatnonzero(chunks == chunk)
-            part = {name: column[take] for name, column in columns.items()}
-            pending = self._buffer.get(int(chunk))
-            if pending is None:
-                pending = self._buffer[int(chunk)] = _Chunk(since=time.monotonic())
-            pending.rows.append(rows[take])
-            pending.columns.append(part)
-            pending.count += len(take)
-            nbytes = sum(column.nbytes for column in part.values())
-            pending.nbytes += nbytes
-            self._buffered_bytes += nbytes
-            if pending.count >= self._missing[chunk]:
-                self._write_chunk(int(chunk))
-        while self._buffered_bytes > self.max_buffer_bytes and self._buffer:
-            fullest = max(self._buffer, key=lambda c: self._buffer[c].count)
-            self._write_chunk(fullest)
-        self._write_aged()
-
-    def _until_aged(self) -> float | None:
-        """Seconds until the oldest held rows are due (``None``: nothing held)."""
-        if not self._buffer:
-            return None
-        oldest = min(pending.since for pending in self._buffer.values())
-        return max(0.0, oldest + self._hold - time.monotonic()) + 0.001
-
-    def _write_aged(self) -> None:
-        """Write every chunk whose rows have been held for the hold time, oldest first."""
-        now = time.monotonic()
-        due = sorted((p.since, c) for c, p in self._buffer.items() if now - p.since >= self._hold)
-        if not due:
-            return
-        for _, chunk in due:
-            self._write_chunk(chunk)
-        spent = time.monotonic() - now
-        self._hold = max(self.max_hold_seconds, HOLD_COST_RATIO * spent)
-        logger.debug(
-            "entry %s: wrote %d held chunks in %.3f s; hold now %.3f s",
-            self.entry.name,
-            len(due),
-            spent,
-            self._hold,
-        )
-
-    def _count_missing(self) -> np.ndarray:
-        entry = self.entry
-        mask = entry.valid_mask()
-        padded = np.ones(entry.num_chunks * entry.chunk_rows, dtype=bool)
-        padded[: len(mask)] = mask
-        return np.asarray((~padded).reshape(entry.num_chunks, entry.chunk_rows).sum(axis=1))
-
-    def _write_all(self) -> None:
-        for chunk in sorted(self._buffer):
-            self._write_chunk(chunk)
-
-    def _write_chunk(self, chunk: int) -> None:
-        pending = self._buffer.pop(chunk)
-        self._buffered_bytes -= pending.nbytes
-        rows = np.concatenate(pending.rows)
-        columns = {
-            name: np.concatenate([part[name] for part in pending.columns]) for name in pending.columns[0]
-        }
-        self._store_rows(rows, columns)
-        if self._missing is not None:
-            self._missing[chunk] = max(0, int(self._missing[chunk]) - len(np.unique(rows)))
-        self.rows_written += len(rows)
-        self.chunks_written += 1
-        logger.debug("entry %s: wrote %d rows of chunk %d", self.entry.name, len(rows), chunk)
+            self._chunks.drop()
 
     def __enter__(self) -> Writer:
         return self

@@ -85,6 +85,29 @@ def loader_main(argv: list[str]) -> None:
     print("finished", flush=True)
 
 
+def dataloader_main(argv: list[str]) -> None:
+    """``python -m tests.reliability.children dataloader STORE LOG_DIR N CHUNK_ROWS BATCH_SIZE DELAY BUDGET``.
+
+    One shuffled epoch of a plain ``DataLoader(cached, shuffle=True)`` in this process, the
+    write-back buffer holding at most ``BUDGET`` bytes; every raw load logged to
+    ``LOG_DIR/loads-PID``; prints ``ready`` first, ``finished`` last.
+    """
+    from torch.utils.data import DataLoader
+
+    from cachedfeatures import binding
+
+    store, log_dir, n, chunk_rows, batch_size, delay, budget = argv
+    binding.WRITE_BACK_BYTES = int(budget)
+    cached, samples = open_cached(
+        store, int(n), chunk_rows=int(chunk_rows), batch_size=int(batch_size), delay=float(delay)
+    )
+    samples.log_dir = log_dir
+    print("ready", flush=True)
+    for _ in DataLoader(cached, batch_size=int(batch_size), shuffle=True):
+        pass
+    print("finished", flush=True)
+
+
 def _check(samples: list[Any], rows: np.ndarray, expected: np.ndarray) -> None:
     """Each sample is ``(features, label)`` and equals the module's output for its row."""
     for row, (features, label) in zip(rows.tolist(), samples, strict=True):
@@ -155,5 +178,7 @@ def load_role(role: str, index: int, config: dict[str, Any], barrier: Any, resul
 if __name__ == "__main__":
     if sys.argv[1] == "loader":
         loader_main(sys.argv[2:])
+    elif sys.argv[1] == "dataloader":
+        dataloader_main(sys.argv[2:])
     else:
         prefill_main(sys.argv[1:])

@@ -215,6 +215,71 @@ def test_a_killed_shuffled_loader_epoch_loses_at_most_the_hold(store_path: Path,
     )
 
 
+# A plain DataLoader's misses are held per process and written a chunk at a time: a kill loses
+# at most what the write-back buffer holds (its byte budget) and the batch in hand.
+D_N, D_CHUNK_ROWS, D_BATCH, D_DELAY, D_KILLS = 1024, 32, 16, 0.001, 3
+D_ROW_BYTES = 16 * 4 + 8  # features (16 float32) and the label (int64)
+D_BUDGET_ROWS = 4 * D_CHUNK_ROWS
+
+
+@pytest.mark.slow
+def test_a_killed_dataloader_fill_epoch_loses_at_most_its_buffer(store_path: Path, tmp_path: Path) -> None:
+    log_dir = tmp_path / "loads"
+    log_dir.mkdir()
+    _, samples = open_cached(store_path, D_N, chunk_rows=D_CHUNK_ROWS, batch_size=D_BATCH)
+    backbone = Backbone()
+    expected = torch.stack([reference(backbone, samples, i) for i in range(D_N)])
+    valid = check_valid_rows(store_path, expected)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "tests.reliability.children", "dataloader", str(store_path)]
+    command += [str(log_dir), str(D_N), str(D_CHUNK_ROWS), str(D_BATCH), str(D_DELAY)]
+    command += [str(D_BUDGET_ROWS * D_ROW_BYTES)]
+
+    def run(kill_at: int | None) -> tuple[int, str]:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        try:
+            assert process.stdout is not None
+            first = process.stdout.readline()
+            assert first.strip() == "ready", first + process.stdout.read()
+            output = ""
+            if kill_at is not None:
+                process.stdout.close()
+                while len(loads_of(log_dir, process.pid)) < kill_at:
+                    assert process.poll() is None, "the epoch ended before its kill: slow it down"
+                    time.sleep(0.005)
+                os.kill(process.pid, signal.SIGKILL)
+            else:
+                output = process.communicate(timeout=300)[0]
+            process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=60)
+        return process.pid, output
+
+    stored_before_kill = 0
+    for _ in range(D_KILLS):
+        before = valid
+        pid, _ = run(int(0.6 * int((~before).sum())))
+        valid = check_valid_rows(store_path, expected)  # every valid row exact: never a wrong row
+        assert (valid | ~before).all(), "a kill lost rows that were valid"
+        loaded = np.asarray(loads_of(log_dir, pid), dtype=np.int64)
+        loaded = loaded[~before[loaded]]
+        lost = int((~valid[loaded]).sum())
+        stored_before_kill += len(loaded) - lost
+        # The buffer's budget (the fullest chunk written first once past it: one chunk over),
+        # and the batch being loaded or computed.
+        assert lost <= D_BUDGET_ROWS + D_CHUNK_ROWS + 2 * D_BATCH, f"{lost} of {len(loaded)} rows lost"
+    assert stored_before_kill > 0  # the buffer wrote while the epochs ran
+    pid, output = run(None)
+    assert "finished" in output, output
+    loads = np.asarray(loads_of(log_dir, pid), dtype=np.int64)
+    assert sorted(loads[~valid[loads]].tolist()) == np.flatnonzero(~valid).tolist()  # only what was missing
+    assert check_valid_rows(store_path, expected).all()  # stored at exit
+
+
 def rounds_of(log_dir: Path, pid: int) -> tuple[float, float]:
     """The longest hold in force and the longest round of writes of held chunks in a run."""
     path = log_dir / f"rounds-{pid}"

@@ -16,6 +16,7 @@ in the first attempt only), ``CF_VERSION_BY_RANK`` (each rank wraps a different 
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -49,7 +50,9 @@ def main() -> None:
     options = json.loads(os.environ.get("CF_STORAGE_OPTIONS", "null"))
     timeout = float(os.environ["CF_TIMEOUT"]) if "CF_TIMEOUT" in os.environ else None
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    dist.init_process_group("gloo")
+    # A bounded connect: a restarted group whose peer is not listening yet fails within a
+    # few minutes (and torchrun restarts it) instead of waiting forever.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=180))
     rank = dist.get_rank()
     (log_dir / f"pid-rank{rank}-attempt{attempt}").write_text(str(os.getpid()))
     handler = logging.FileHandler(log_dir / f"writes-rank{rank}.log")

@@ -4,6 +4,7 @@ computes only the rows that are not valid yet, every row exact."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -59,14 +60,34 @@ def _launch(
         *extra,
         str(ROOT / "tests" / "prefill_ranks.py"),
     ]
-    return subprocess.Popen(
+    job = subprocess.Popen(
         [*command, store, str(log_dir), str(ROWS), str(DELAY)],
         cwd=ROOT,
         env=environment,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own process group: a failed test kills the whole job
     )
+    _JOBS.append(job)
+    return job
+
+
+_JOBS: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_job_outlives_its_test() -> Any:
+    """A test that fails mid-way (a timeout) must not leave torchrun and its ranks running."""
+    yield
+    while _JOBS:
+        job = _JOBS.pop()
+        if job.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.pid, signal.SIGKILL)
+            job.communicate(timeout=30)
+        if job.stdout is not None:
+            job.stdout.close()
 
 
 def _wait_for(condition: Any, what: str, timeout: float = 120.0) -> None:

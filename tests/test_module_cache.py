@@ -261,7 +261,7 @@ def test_bfloat16_cache_round_trips_through_the_store(store_path: Path) -> None:
     ("options", "error"),
     [
         ({"max_bytes": -1}, ValueError),
-        ({"max_memory_bytes": 1.5}, ValueError),
+        ({"max_memory_bytes": "1.5 parsecs"}, ValueError),
         ({"chunk_rows": 0}, ValueError),
         ({"cache_dtype": "float16"}, TypeError),
         ({"enabled": "yes"}, TypeError),

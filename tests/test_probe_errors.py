@@ -4,14 +4,16 @@ Face dataset without with_format("torch"), a string without a tokenizer."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
-from cachedfeatures import CachedFeatureDataset, InputTypeError
+from cachedfeatures import CachedFeatureDataset, FieldNotStorableError, InputTypeError
 from tests.helpers import Backbone, Listed, Samples
 
 Image = pytest.importorskip("PIL.Image")
@@ -95,3 +97,11 @@ def test_other_failures_keep_their_type_and_name_the_sample(store_path) -> None:
     assert not isinstance(info.value, InputTypeError)
     note = "\n".join(getattr(info.value, "__notes__", []))
     assert "sample 0" in note and "sample['image'] is a Tensor of shape (3, 8, 8)" in note
+
+
+def test_a_field_that_cannot_be_stored_is_named_not_blamed_on_the_input(tmp_path: Path) -> None:
+    """Found by the property tests: a 0-d int input beside a field of None was reported as
+    "input_key probably points at the label"; the field is what cannot be stored."""
+    data = [(torch.tensor(3, dtype=torch.int8), None)] * 4
+    with pytest.raises(FieldNotStorableError, match=r"sample\[1\] is a NoneType"):
+        CachedFeatureDataset(data, nn.Identity(), tmp_path / "f.zarr", spot_check=0)

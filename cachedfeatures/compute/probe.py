@@ -16,7 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from cachedfeatures.errors import CacheError, InputKeyError, InputTypeError
+from cachedfeatures.errors import (
+    CacheError,
+    FieldNotStorableError,
+    InputBatchError,
+    InputTypeError,
+    ModuleOutputError,
+)
 
 __all__ = ["explain_probe_failure"]
 
@@ -45,8 +51,16 @@ def explain_probe_failure(
         default_collate: whether the collate is torch's ``default_collate`` (a custom one may
             take images or strings on purpose).
     """
-    if isinstance(error, InputKeyError):  # already names the keys and the fix
-        return None
+    if isinstance(error, CacheError) and not isinstance(error, (ModuleOutputError, InputBatchError)):
+        # Our own errors of the layout (an input_key not found, a field that cannot be stored, a
+        # bad field name) already name the field and the fix. One exception: a label given as
+        # the input while the sample holds an image or array elsewhere (which then is the
+        # "field" that cannot be stored): the input_key is what to fix.
+        label_instead_of_input = _is_label(_input(sample, input_key)) and bool(
+            _tensor_fields(sample, input_key)
+        )
+        if not (isinstance(error, FieldNotStorableError) and label_instead_of_input):
+            return None
     field = _field(input_key, sample)
     value = _input(sample, input_key)
     failure = f"{type(error).__name__}: {error}"

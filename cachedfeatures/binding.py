@@ -19,9 +19,7 @@ run).
 
 from __future__ import annotations
 
-import atexit
 import logging
-import multiprocessing.util
 import os
 import threading
 import weakref
@@ -38,6 +36,7 @@ from cachedfeatures.options import DatasetOptions
 from cachedfeatures.pruning import Budget
 from cachedfeatures.reader.chunk_reader import ChunkReader, RowsRead
 from cachedfeatures.store.access import AccessLog
+from cachedfeatures.store.exit_hooks import at_exit
 from cachedfeatures.store.faults import WriteGuard, is_store_fault
 from cachedfeatures.store.feature_store import Entry, FeatureStore, StoreLike
 from cachedfeatures.store.integrity import CheckedReader
@@ -387,26 +386,15 @@ class EntryBinding:
 
 
 # -- writing held rows at process exit --------------------------------------------------------
-# As for access statistics (store/access.py): zarr's local I/O pool shuts down in threading's
-# exit hooks, before ``atexit``, so the main process's hook is a threading exit hook (registered
-# later than the access log's, so it runs first and its access is recorded); DataLoader workers
-# leave through os._exit after multiprocessing's finalizers (priority above the access log's).
+# One hook per process stores every binding's held rows (cachedfeatures.store.exit_hooks says
+# where it runs), before the access log's hook, so that their access is recorded too.
 
 _with_held: weakref.WeakSet[EntryBinding] = weakref.WeakSet()
-_hooked_pid: int | None = None
 
 
 def _flush_at_exit(binding: EntryBinding) -> None:
-    global _hooked_pid
     _with_held.add(binding)
-    if _hooked_pid != os.getpid():
-        _hooked_pid = os.getpid()
-        register = getattr(threading, "_register_atexit", atexit.register)
-        try:
-            register(_flush_all_held)
-        except RuntimeError:  # already shutting down
-            return
-        multiprocessing.util.Finalize(None, _flush_all_held, exitpriority=110)
+    at_exit(_flush_all_held, priority=110)
 
 
 def _flush_all_held() -> None:

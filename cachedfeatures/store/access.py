@@ -12,9 +12,7 @@ add) under a lock. A pruner in the same process merges in what is still pending.
 
 from __future__ import annotations
 
-import atexit
 import logging
-import multiprocessing.util
 import os
 import threading
 import time
@@ -26,6 +24,7 @@ import numpy as np
 import zarr
 
 from cachedfeatures.format.names import ACCESS, ACCESS_COLUMNS, ACCESS_DIMS
+from cachedfeatures.store.exit_hooks import at_exit
 
 if TYPE_CHECKING:
     from cachedfeatures.store.feature_store import Entry
@@ -172,26 +171,14 @@ def _new_access_array(entry: Entry) -> zarr.Array[Any]:
 
 
 # -- flushing at process exit ------------------------------------------------------------------
-# One hook per process flushes every live log. Zarr's local I/O goes through a thread pool
-# that shuts down in threading's exit hooks, before ``atexit`` handlers run, so the hook is
-# a threading exit hook (registered after the pool's, so it runs first). Worker processes
-# leave through os._exit after multiprocessing's finalizers, so it is one of those too.
+# One hook per process flushes every live log (cachedfeatures.store.exit_hooks says where it runs).
 
 _live: weakref.WeakSet[AccessLog] = weakref.WeakSet()
-_hooked_pid: int | None = None
 
 
 def _register_for_exit(log: AccessLog) -> None:
-    global _hooked_pid
     _live.add(log)
-    if _hooked_pid != os.getpid():
-        _hooked_pid = os.getpid()
-        register = getattr(threading, "_register_atexit", atexit.register)
-        try:
-            register(_flush_all)
-        except RuntimeError:  # already shutting down
-            return
-        multiprocessing.util.Finalize(None, _flush_all, exitpriority=100)
+    at_exit(_flush_all, priority=100)
 
 
 def _flush_all() -> None:

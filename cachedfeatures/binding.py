@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -276,6 +275,7 @@ class EntryBinding:
         assert self._held_lock is not None
         with self._held_lock:
             held.add(np.asarray(rows, dtype=np.int64), dict(columns))
+            _with_held.add(self)
 
     def held(self, rows: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Which of ``rows`` this process holds unwritten, and their columns (see ``ChunkBuffer.held``)."""
@@ -285,12 +285,20 @@ class EntryBinding:
         with lock:
             return held.held(rows)
 
+    def write_aged(self) -> None:
+        """Store the held rows that have waited their hold time (cheap when nothing is due)."""
+        held, lock = self._held, self._held_lock
+        if held is not None and lock is not None and self._held_pid == os.getpid():
+            with lock:
+                held.write_aged()
+
     def flush_writes(self) -> None:
         """Store every row this process holds in its write-back buffer now."""
         held, lock = self._held, self._held_lock
         if held is not None and lock is not None and self._held_pid == os.getpid():
             with lock:
                 held.write_all()
+                _with_held.discard(self)  # nothing held: nothing to store at exit
 
     @property
     def held_bytes(self) -> int:
@@ -389,11 +397,12 @@ class EntryBinding:
 # One hook per process stores every binding's held rows (cachedfeatures.store.exit_hooks says
 # where it runs), before the access log's hook, so that their access is recorded too.
 
-_with_held: weakref.WeakSet[EntryBinding] = weakref.WeakSet()
+# A strong set: a binding that holds rows must be flushed even when its dataset is gone (it sits
+# in a reference cycle with its buffer, which a weak set would let the collector drop first).
+_with_held: set[EntryBinding] = set()
 
 
 def _flush_at_exit(binding: EntryBinding) -> None:
-    _with_held.add(binding)
     at_exit(_flush_all_held, priority=110)
 
 

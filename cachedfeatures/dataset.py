@@ -504,6 +504,7 @@ class CachedFeatureDataset(Dataset[Any]):
         for name, column in read.arrays.items():
             columns[name][read.hit] = column
         missing = ~read.hit
+        binding.write_aged()  # rows held past their time are stored, whether or not this batch misses
         if missing.any():
             held, held_columns = binding.held(rows[missing])
             if held.any():  # computed earlier in this process, not yet written: served as held
@@ -859,17 +860,19 @@ _FETCH_FILE = os.path.join("torch", "utils", "data", "_utils", "fetch.py")
 
 
 def _batch_of_a_dataloader() -> bool:
-    """Whether this ``__getitems__`` serves a DataLoader's batch: in a worker process, or called
-    by a DataLoader's fetcher in this one (``num_workers=0``; ``StatefulDataLoader`` too).
+    """Whether this ``__getitems__`` serves a DataLoader's batch in this process: called by its
+    fetcher (``num_workers=0``; ``StatefulDataLoader`` too), not from a worker process.
 
     Only those misses are held in the write-back buffer: a DataLoader epoch is where a shuffled
-    batch would rewrite every chunk, and its end (the workers' exit, the next batches completing
-    each chunk) writes them. A direct ``cached[i]`` stores its rows before it returns, so that
-    another dataset or reader in this process sees them. A wrapper the search does not see
-    through only makes rows stored at once, as before.
+    batch would rewrite every chunk, and the next batches (completing each chunk), the hold time
+    and the exit hook write them. A worker process writes at once: a persistent worker is ended
+    by SIGTERM when the program exits, and a finished one gets only a few seconds to leave, so
+    rows held there could be lost (recomputed later, but every run again). A direct
+    ``cached[i]`` stores its rows before it returns, so that another dataset or reader in this
+    process sees them. A wrapper the search does not see through only makes rows stored at once.
     """
     if get_worker_info() is not None:
-        return True
+        return False
     frame: types.FrameType | None = sys._getframe(2)
     for _ in range(8):  # the fetcher, through a few wrappers (Subset, ConcatDataset, ...)
         if frame is None:

@@ -563,3 +563,39 @@ def test_pad_collate_gives_lists_of_ints_an_int_batch_even_with_empty_rows() -> 
     assert batch.values.tolist() == [[0, 0], [1, 2], [3, 0]] and batch.lengths.tolist() == [0, 2, 1]
     assert pad_collate([{"ids": []}, {"ids": []}])["ids"].values.dtype == torch.int64
     assert pad_collate([[0.5], [1, 2]]).values.dtype == torch.float32  # samples that are lists
+
+
+def test_a_second_creator_keeps_the_ragged_rows_another_already_stored(store_path: Path) -> None:
+    """Found in review: creating a ragged entry reset its offsets and values even where another
+    process (which looked before the entry's attrs landed) had stored rows, leaving them valid
+    without values. Creation keeps an identical offsets array and values group, rows and all."""
+    first = make(store_path, spot_check=0)
+    first.__getitems__(list(range(16)))
+    entry = first.entry
+    assert entry is not None
+    meta, specs = dict(entry.meta), entry.specs
+    store = FeatureStore.open(store_path, mode="a")
+    group = store.root[entry.name]
+    del group.attrs["cachedfeatures"]  # as a process sees the entry before its creator's attrs
+    store.create_entry(
+        entry.name, meta, specs, num_rows=entry.num_rows, chunk_rows=entry.chunk_rows, compressor="default"
+    )
+    again = make(store_path, spot_check=0)
+    served = again.__getitems__(list(range(16)))
+    assert again.module_calls == 0  # every row still stored: hits
+    for index, row in enumerate(served):
+        assert torch.equal(row["tokens"], direct(index))
+
+
+def test_a_served_ragged_row_changed_in_place_does_not_change_what_is_stored(store_path: Path) -> None:
+    """Found in review: a held ragged row shared memory with the tensor served to the caller, so a
+    transform changing a served sample in place changed what was later stored."""
+    cached = make(store_path, spot_check=0)
+    batch = next(iter(DataLoader(cached, batch_size=3, sampler=[9, 10, 11], collate_fn=list)))
+    assert cached.held_bytes > 0  # held: the chunk is not complete
+    for sample in batch:
+        sample["tokens"].mul_(7)  # the user's transform, in place
+    cached.flush()
+    stored = make(store_path, spot_check=0).__getitems__([9, 10, 11])
+    for index, row in zip([9, 10, 11], stored, strict=True):
+        assert torch.equal(row["tokens"], direct(index))

@@ -93,8 +93,50 @@ def test_a_shuffled_fill_epoch_is_exact_stored_and_written_once_per_chunk(
     read = entry.read(np.arange(N))
     assert read.hit.all() and torch.equal(torch.from_numpy(read.arrays["features"]), expected)
     # Writing each batch at once rewrote every chunk a batch touched: ~N / BATCH * 10 writes.
-    # Held rows: about one write per chunk per process (each worker holds its share of each).
-    assert _chunk_writes(log) <= max(1, workers) * NUM_CHUNKS
+    # Held rows (this process's DataLoader, num_workers=0): about one write per chunk. Worker
+    # processes write at once: a worker's exit cannot be relied on to store what it holds.
+    if workers == 0:
+        assert _chunk_writes(log) <= NUM_CHUNKS
+
+
+def test_persistent_workers_leave_every_computed_row_stored(store_path: Path) -> None:
+    """Found in review: persistent workers are ended by SIGTERM when the program exits, so rows
+    they held were lost (1 of 256 valid afterwards). Workers store their rows at once."""
+    run_script(
+        """
+        import sys
+        from torch.utils.data import DataLoader
+        from tests.test_write_back import BATCH, _cached
+        cached = _cached(sys.argv[1])
+        loader = DataLoader(cached, batch_size=BATCH, shuffle=True, num_workers=2, persistent_workers=True)
+        for _ in loader:
+            pass
+        print("{}")
+        """,
+        str(store_path),
+    )
+    assert all(_valid_in_a_fresh_process(store_path))
+
+
+def test_rows_held_by_a_dataset_that_was_garbage_collected_are_stored_at_exit(store_path: Path) -> None:
+    """Found in review: the exit hook's set was weak, and a binding sits in a cycle with its
+    buffer, so a collected dataset's held rows were never stored."""
+    run_script(
+        """
+        import gc, sys
+        from tests.test_write_back import _batch, _cached
+        def fill():
+            cached = _cached(sys.argv[1])
+            _batch(cached, [3, 5, 60, 100])  # incomplete chunks: held
+            assert cached.held_bytes > 0
+        fill()
+        gc.collect()
+        print("{}")
+        """,
+        str(store_path),
+    )
+    valid = _valid_in_a_fresh_process(store_path)
+    assert all(valid[row] for row in (3, 5, 60, 100))
 
 
 def _batch(cached: CachedFeatureDataset, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -708,7 +708,9 @@ class FeatureStore:
             codec = default_compressor() if compressor == "default" else compressor
             for spec in specs:
                 if spec.ragged:
-                    create_ragged(group, spec, num_rows, chunk_rows, _with_checksum(codec, checksum))
+                    create_ragged(
+                        group, spec, num_rows, chunk_rows, _with_checksum(codec, checksum), keep_existing=True
+                    )
                 else:
                     _create_array(group, spec, num_rows, chunk_rows, codec, checksum, keep_existing=True)
             if checksum:
@@ -828,7 +830,8 @@ def _open_root(zarr_store: Store, mode: Literal["r", "a"], location: str) -> zar
 def _holds_our_entries(root: zarr.Group) -> bool:
     """Whether some group under ``root`` carries this library's attrs (an entry)."""
     try:
-        return any(ATTRS_KEY in group.attrs for _name, group in root.groups())
+        # An entry being created holds its arrays (``valid`` among them) before its attrs.
+        return any(ATTRS_KEY in group.attrs or VALID in group for _name, group in root.groups())
     except (ValueError, UnicodeDecodeError, KeyError):  # a damaged child: not ours to judge here
         return False
 

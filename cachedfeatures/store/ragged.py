@@ -41,30 +41,51 @@ def create_ragged(
     num_rows: int,
     chunk_rows: int,
     compressors: tuple[BytesBytesCodec, ...],
+    keep_existing: bool = False,
 ) -> None:
-    """Create the offsets array and the (empty) values group of ragged array ``spec``."""
-    group.create_array(
-        offsets_name(spec.name),
-        shape=(num_rows, 2),
-        chunks=(chunk_rows, 2),
-        dtype="int64",
-        fill_value=ABSENT,
-        compressors=compressors,
-        dimension_names=(SAMPLE_DIM, "bound"),
-        attributes={"ragged": spec.name, "values": values_name(spec.name)},
-        config={"write_empty_chunks": True},
-        overwrite=True,
-    )
-    group.create_group(
-        values_name(spec.name),
-        attributes={
-            "ragged": spec.name,
-            "dtype": spec.dtype,
-            "inner_shape": list(spec.shape),
-            **({"torch_dtype": spec.torch_dtype} if spec.torch_dtype else {}),
-        },
-        overwrite=True,
-    )
+    """Create the offsets array and the (empty) values group of ragged array ``spec``.
+
+    With ``keep_existing`` (entry creation, which must be idempotent: processes may create one
+    entry at once on an object store), an offsets array and a values group already there with
+    exactly this metadata are kept, rows and all; anything else there is replaced.
+    """
+    offsets: dict[str, Any] = {
+        "shape": (num_rows, 2),
+        "chunks": (chunk_rows, 2),
+        "dtype": "int64",
+        "fill_value": ABSENT,
+        "compressors": compressors,
+        "dimension_names": (SAMPLE_DIM, "bound"),
+        "attributes": {"ragged": spec.name, "values": values_name(spec.name)},
+        "config": {"write_empty_chunks": True},
+    }
+    values_attrs = {
+        "ragged": spec.name,
+        "dtype": spec.dtype,
+        "inner_shape": list(spec.shape),
+        **({"torch_dtype": spec.torch_dtype} if spec.torch_dtype else {}),
+    }
+    if not (keep_existing and _holds(group, offsets_name(spec.name), offsets)):
+        group.create_array(offsets_name(spec.name), overwrite=True, **offsets)
+    existing = _member(group, values_name(spec.name))
+    if not (keep_existing and isinstance(existing, zarr.Group) and dict(existing.attrs) == values_attrs):
+        group.create_group(values_name(spec.name), attributes=values_attrs, overwrite=True)
+
+
+def _member(group: zarr.Group, name: str) -> Any:
+    try:
+        return group[name]
+    except (KeyError, ValueError):
+        return None
+
+
+def _holds(group: zarr.Group, name: str, options: dict[str, Any]) -> bool:
+    """Whether ``group`` has array ``name`` with exactly the metadata ``options`` give."""
+    existing = _member(group, name)
+    if not isinstance(existing, zarr.Array):
+        return False
+    wanted = zarr.create_array(zarr.storage.MemoryStore(), **options)  # the metadata only
+    return bool(existing.metadata.to_dict() == wanted.metadata.to_dict())
 
 
 class RaggedArray:

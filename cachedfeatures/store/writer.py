@@ -123,7 +123,8 @@ class ChunkBuffer:
             at = np.flatnonzero(chunks == chunk)
             source = first[np.searchsorted(held_rows, wanted[at])]
             for name in pending.columns[0]:
-                columns[name][at] = np.concatenate([part[name] for part in pending.columns])[source]
+                rows_held = np.concatenate([part[name] for part in pending.columns])
+                columns[name][at] = _copied_rows(rows_held, source)  # the caller's, not the buffer's
         return found, columns
 
     def add(self, rows: np.ndarray, columns: dict[str, np.ndarray]) -> None:
@@ -134,7 +135,9 @@ class ChunkBuffer:
         chunks = rows // entry.chunk_rows
         for chunk in np.unique(chunks):
             take = np.flatnonzero(chunks == chunk)
-            part = {name: column[take] for name, column in columns.items()}
+            # Copies, ragged rows too (an object column's items are arrays the caller is served
+            # views of): what is stored must not change when a served sample is changed in place.
+            part = {name: _copied_rows(column, take) for name, column in columns.items()}
             pending = self._buffer.get(int(chunk))
             if pending is None:
                 pending = self._buffer[int(chunk)] = _Chunk(since=time.monotonic())
@@ -373,3 +376,13 @@ class Writer:
                 self.close()
             except WriterError:
                 logger.debug("writer error while another error propagates", exc_info=True)
+
+
+def _copied_rows(column: np.ndarray, take: np.ndarray) -> np.ndarray:
+    """``column[take]``, with each row of an object (ragged) column copied too."""
+    part: np.ndarray = column[take]
+    if part.dtype == object:
+        copied = np.empty(len(part), dtype=object)
+        copied[:] = [np.array(row, copy=True) for row in part]
+        return copied
+    return part

@@ -215,7 +215,10 @@ class CachedIterableDataset(IterableDataset[Any]):
         batch_size: samples per module call, and per batch of :meth:`loader`. Default 64.
         device: where the module runs. Default ``"cpu"``.
         dtype: storage dtype for floating-point outputs (``None``: the module's).
-        collate_fn, autocast_dtype, call, output: as for ``CachedFeatureDataset``.
+        collate_fn: turns a list of inputs into the module's argument, as for ``CachedFeatureDataset``.
+        autocast_dtype: run the module under autocast to this dtype, as for ``CachedFeatureDataset``.
+        call: how the module is called on a batch, as for ``CachedFeatureDataset``.
+        output: what to cache from the module's output, as for ``CachedFeatureDataset``.
         module_version: stands in for hashing the module's weights and code.
         source_version: names the source in the entry key instead of its class and own state
             (file lists, small values; file names only, not sizes or mtimes).

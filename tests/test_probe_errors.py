@@ -105,3 +105,6 @@ def test_a_field_that_cannot_be_stored_is_named_not_blamed_on_the_input(tmp_path
     data = [(torch.tensor(3, dtype=torch.int8), None)] * 4
     with pytest.raises(FieldNotStorableError, match=r"sample\[1\] is a NoneType"):
         CachedFeatureDataset(data, nn.Identity(), tmp_path / "f.zarr", spot_check=0)
+    with_array = [(torch.tensor(3, dtype=torch.int8), None, np.zeros(0, dtype=np.int8))] * 4
+    with pytest.raises(FieldNotStorableError, match=r"sample\[1\] is a NoneType"):
+        CachedFeatureDataset(with_array, nn.Identity(), tmp_path / "g.zarr", spot_check=0)

@@ -54,12 +54,11 @@ def explain_probe_failure(
     if isinstance(error, CacheError) and not isinstance(error, (ModuleOutputError, InputBatchError)):
         # Our own errors of the layout (an input_key not found, a field that cannot be stored, a
         # bad field name) already name the field and the fix. One exception: a label given as
-        # the input while the sample holds an image or array elsewhere (which then is the
-        # "field" that cannot be stored): the input_key is what to fix.
-        label_instead_of_input = _is_label(_input(sample, input_key)) and bool(
-            _tensor_fields(sample, input_key)
-        )
-        if not (isinstance(error, FieldNotStorableError) and label_instead_of_input):
+        # the input while the sample holds an image elsewhere (which then is the "field" that
+        # cannot be stored): the input_key is what to fix. Arrays can be stored, so with one
+        # the field that cannot is something else, and its own message says what.
+        label = _is_label(_input(sample, input_key))
+        if not (isinstance(error, FieldNotStorableError) and label and _image_fields(sample, input_key)):
             return None
     field = _field(input_key, sample)
     value = _input(sample, input_key)
@@ -128,6 +127,16 @@ def _is_label(value: Any) -> bool:
 
 def _is_pil(value: Any) -> bool:
     return type(value).__module__.startswith("PIL.")
+
+
+def _image_fields(sample: Any, input_key: Any) -> list[int | str]:
+    """Top-level fields of ``sample`` other than the input that hold PIL images."""
+    items: list[tuple[int | str, Any]] = []
+    if isinstance(sample, Mapping):
+        items = [(key, value) for key, value in sample.items() if isinstance(key, (int, str))]
+    elif isinstance(sample, (tuple, list)):
+        items = list(enumerate(sample))
+    return [key for key, value in items if key != input_key and _is_pil(value)]
 
 
 def _tensor_fields(sample: Any, input_key: Any) -> list[int | str]:

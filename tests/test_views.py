@@ -7,6 +7,7 @@ view's seed, computed here without the cache; in fresh processes and DataLoader 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import random
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cachedfeatures import CachedFeatureDataset
+from cachedfeatures.cli import main
 from cachedfeatures.compute.views import view_seed
 from cachedfeatures.errors import InvalidArgumentError, NonDeterministicDatasetError
 from cachedfeatures.store.explore import entry_info
@@ -97,6 +99,7 @@ def test_views_in_persistent_workers_of_a_fresh_process_are_exact(store_path: Pa
         import torch
         from torch.utils.data import DataLoader
         from cachedfeatures import CachedFeatureDataset
+from cachedfeatures.cli import main
         from tests.helpers import Augmented, Backbone
         cached = CachedFeatureDataset(Augmented({N}), Backbone(), sys.argv[1], views={K},
                                       chunk_rows={CHUNK_ROWS}, batch_size={BATCH}, spot_check=0)
@@ -231,3 +234,55 @@ def test_an_epoch_served_twice_without_set_epoch_logs_how_to_fix_it(
         for _ in range(2):
             list(DataLoader(cached, batch_size=BATCH))
     assert sum("set_epoch" in record.getMessage() for record in caplog.records) == 1
+
+
+class RandomCrop(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    """Token ids of 12 per sample, randomly cropped to 4..12 of them: views of different lengths."""
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        tokens = (torch.arange(12) * 7 + index) % 50
+        keep = int(torch.randint(4, 13, ()))
+        return {"tokens": tokens[:keep], "label": torch.tensor(index)}
+
+
+class Embed(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(
+            torch.randn(50, 4, generator=torch.Generator().manual_seed(0)), requires_grad=False
+        )
+
+    def forward(self, batch: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.table[tokens] for tokens in batch]
+
+
+def test_ragged_views_store_each_draw_unpadded(store_path: Path) -> None:
+    cached = CachedFeatureDataset(
+        RandomCrop(), Embed().eval(), store_path, input_key="tokens", collate_fn=list, views=2, spot_check=0
+    )
+    seen: dict[int, set[int]] = {i: set() for i in range(24)}
+    for epoch in range(2):
+        cached.set_epoch(epoch)
+        for sample in cached.__getitems__(list(range(24))):
+            index = int(sample["label"])
+            view = cached.rows_of([index], epoch)[0] // 24
+            raw = cached.load_view(index, int(view))["tokens"]
+            assert torch.equal(sample["tokens"], Embed().table[raw])  # exact, unpadded
+            seen[index].add(len(raw))
+    assert any(len(lengths) == 2 for lengths in seen.values())  # the views differ in length
+
+
+def test_cli_info_shows_each_views_coverage(store_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cached = _cached(store_path)
+    cached.prefill(views=[1], progress=False)
+    assert main(["info", str(store_path)]) == 0
+    probe_share = f"{100 / N:.0f}%"  # the probe row of view 0, stored at creation
+    assert (
+        f"views       {K} per sample; valid {probe_share}, 100%, 0% of {N} samples" in capsys.readouterr().out
+    )
+    assert main(["info", "--json", str(store_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["entries"][0]["views_valid"] == [1, N, 0]  # the probe row of view 0, and view 1

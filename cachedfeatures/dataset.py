@@ -198,7 +198,9 @@ class CachedFeatureDataset(Dataset[Any]):
             augmentation may move boxes or masks too). Call :meth:`set_epoch` at the start of each
             epoch with a plain DataLoader; :meth:`loader` does it itself. A dataset whose draws
             follow none of the seeded generators raises
-            :class:`~cachedfeatures.errors.NonDeterministicDatasetError`. See
+            :class:`~cachedfeatures.errors.NonDeterministicDatasetError`. Methods that take
+            *rows* (:meth:`compute`, :meth:`load`, :meth:`write`, ``spot_check(among=)``) take
+            entry rows; :meth:`rows_of` maps sample indices to them. See
             docs/guides/augmentation.md. Default ``None``: no views (a random dataset raises).
         view_seed: the base seed of the views (part of the entry key). Default 0.
         view_schedule: which view an epoch serves: ``"permutation"`` (default: over every

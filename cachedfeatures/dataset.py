@@ -191,7 +191,7 @@ class CachedFeatureDataset(Dataset[Any]):
             whose probes differ in length are ragged without it. Part of the entry key.
         views: cache ``views`` random draws of every sample (random augmentation kept, not
             frozen) and serve one of them per epoch: view ``v`` of sample ``i`` is loaded with
-            torch's, NumPy's and Python's global generators seeded from ``(view_seed, i, v)``
+            torch's (CPU), NumPy's and Python's global generators seeded from ``(view_seed, i, v)``
             (then restored), so it is the same draw in every process, worker and run. A fill costs
             ``views`` passes of the module and the entry holds ``views * len(dataset)`` rows (row
             ``v * len(dataset) + i``; passthrough fields are stored per view, since an

@@ -99,7 +99,6 @@ def test_views_in_persistent_workers_of_a_fresh_process_are_exact(store_path: Pa
         import torch
         from torch.utils.data import DataLoader
         from cachedfeatures import CachedFeatureDataset
-from cachedfeatures.cli import main
         from tests.helpers import Augmented, Backbone
         cached = CachedFeatureDataset(Augmented({N}), Backbone(), sys.argv[1], views={K},
                                       chunk_rows={CHUNK_ROWS}, batch_size={BATCH}, spot_check=0)

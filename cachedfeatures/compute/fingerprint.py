@@ -38,6 +38,7 @@ import torch
 
 from cachedfeatures.compute import hashing as _hashing
 from cachedfeatures.compute.state_hash import StateHasher, excluded_attributes, module_name, unwrap_compiled
+from cachedfeatures.compute.views import seeded_generators
 from cachedfeatures.errors import FingerprintWarning, NonDeterministicDatasetError
 from cachedfeatures.format.names import ENTRY_KEY_VERSION, FORMAT_VERSION_KEY
 
@@ -336,11 +337,12 @@ def _preserved_generators() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _seeded_generators(seed: int) -> Iterator[None]:
-    """Seed torch's, NumPy's and Python's global generators with ``seed``; restore on exit."""
-    with _preserved_generators():
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        random.seed(seed)
+    """Seed torch's, NumPy's and Python's global generators with ``seed``; restore on exit.
+
+    Under the lock that seeded view loads take, so that another thread's seeded load cannot
+    interleave with a probe's reload (and make a deterministic dataset look random).
+    """
+    with _preserved_generators(), seeded_generators(seed):
         yield
 
 

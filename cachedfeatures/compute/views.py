@@ -74,15 +74,19 @@ def view_seed(seed: int, index: int, view: int) -> int:
 
 @contextlib.contextmanager
 def seeded_generators(seed: int, extra: Sequence[Generator] = ()) -> Iterator[None]:
-    """Seed torch's (CPU), NumPy's and Python's global generators and ``extra`` with ``seed``;
-    restore them all on exit. Holds a process-wide lock meanwhile (the generators are global)."""
+    """Seed torch's CPU, NumPy's and Python's global generators and ``extra`` with ``seed``;
+    restore them all on exit. Holds a process-wide lock meanwhile (the generators are global).
+
+    CUDA's generators are left alone: a dataset draws its augmentation on the CPU, and a
+    training loop's dropout on the GPU must not be reseeded or rewound.
+    """
     with _LOCK:
         torch_state = torch.get_rng_state()
         numpy_state = np.random.get_state()
         python_state = random.getstate()
         extra_states = [_state_of(generator) for generator in extra]
         try:
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU one: CUDA's belongs to the training loop
             np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
             random.seed(seed)
             for generator in extra:

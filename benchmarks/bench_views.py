@@ -219,7 +219,7 @@ def run_on_the_fly(
                 out = module(images)
             yield out.clone(), labels  # an inference tensor cannot enter autograd
 
-    torch.manual_seed(seed + 1)  # the augmentation's draws
+    # the augmentation draws from torch's global generator, seeded with the head in train()
     result = train(batches, math.ceil(len(dataset) / args.batch), args, seed, test)  # type: ignore[arg-type]
     result.update(setup_seconds=0.0, store_bytes=0, backbone_passes=float(args.epochs))
     return result

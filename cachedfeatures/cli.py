@@ -19,13 +19,13 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 from cachedfeatures._version import __version__
 from cachedfeatures.errors import CacheError, EntryNotFoundError
 from cachedfeatures.maintenance import describe_store, remove_entry, repair_root, verify_store
 from cachedfeatures.pruning import open_entries, prune, remove_orphans
-from cachedfeatures.store.explore import plural
+from cachedfeatures.store.explore import plural, views_text
 from cachedfeatures.store.feature_store import FeatureStore
 from cachedfeatures.units import format_bytes, format_ratio, parse_bytes
 
@@ -160,7 +160,8 @@ def _info(args: argparse.Namespace, out: TextIO) -> int:
             f"  module      {entry['module']}\n"
             f"  dataset     {entry['dataset']}\n"
             f"  rows        {entry['rows_valid']}/{entry['rows']} valid ({share:.1%})\n"
-            f"  on disk     {format_bytes(entry['bytes'])}, compression {ratio}\n"
+            + _views_line(entry)
+            + f"  on disk     {format_bytes(entry['bytes'])}, compression {ratio}\n"
             f"  arrays      {arrays}\n"
             f"  chunking    {entry['chunk_rows']} rows per chunk, "
             f"{entry['chunks_stored']}/{entry['chunks']} chunks stored\n"
@@ -168,6 +169,12 @@ def _info(args: argparse.Namespace, out: TextIO) -> int:
             f"  last used   {entry['last_used'] or 'never recorded'}\n"
         )
     return OK
+
+
+def _views_line(entry: dict[str, Any]) -> str:
+    """With views: each view's share of the samples cached."""
+    valid = entry.get("views_valid")
+    return f"  views       {views_text(valid, entry['rows'] // len(valid))}\n" if valid else ""
 
 
 # -- prune ---------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from cachedfeatures._version import __version__
 from cachedfeatures.binding import EntryBinding, NewEntry, OpenedStore, open_store
 from cachedfeatures.compute.calls import Call, OutputSelection
 from cachedfeatures.compute.fingerprint import (
+    DatasetProbe,
     dataset_fingerprint,
     entry_id,
     module_fingerprint,
@@ -47,7 +48,15 @@ from cachedfeatures.compute.spot_check import (
 )
 from cachedfeatures.compute.state_hash import module_state_digests
 from cachedfeatures.compute.steps import LoadedRows, RowLoader, compute_loaded
-from cachedfeatures.errors import CacheError, DeviceInWorkerError, FingerprintWarning, TrainingModeError
+from cachedfeatures.compute.views import Generator, Schedule, ViewedSamples, ViewSchedule
+from cachedfeatures.errors import (
+    CacheError,
+    DeviceInWorkerError,
+    FingerprintWarning,
+    InvalidArgumentError,
+    NonDeterministicDatasetError,
+    TrainingModeError,
+)
 from cachedfeatures.format.specs import ArraySpec
 from cachedfeatures.options import DatasetOptions
 from cachedfeatures.pipeline.collate import PadCollate
@@ -180,6 +189,26 @@ class CachedFeatureDataset(Dataset[Any]):
             input batch (``"attention_mask"``): only the real positions are stored. Outputs
             returned as lists or nested tensors, lists of numbers, and tensor or array fields
             whose probes differ in length are ragged without it. Part of the entry key.
+        views: cache ``views`` random draws of every sample (random augmentation kept, not
+            frozen) and serve one of them per epoch: view ``v`` of sample ``i`` is loaded with
+            torch's, NumPy's and Python's global generators seeded from ``(view_seed, i, v)``
+            (then restored), so it is the same draw in every process, worker and run. A fill costs
+            ``views`` passes of the module and the entry holds ``views * len(dataset)`` rows (row
+            ``v * len(dataset) + i``; passthrough fields are stored per view, since an
+            augmentation may move boxes or masks too). Call :meth:`set_epoch` at the start of each
+            epoch with a plain DataLoader; :meth:`loader` does it itself. A dataset whose draws
+            follow none of the seeded generators raises
+            :class:`~cachedfeatures.errors.NonDeterministicDatasetError`. Methods that take
+            *rows* (:meth:`compute`, :meth:`load`, :meth:`write`, ``spot_check(among=)``) take
+            entry rows; :meth:`rows_of` maps sample indices to them. See
+            docs/guides/augmentation.md. Default ``None``: no views (a random dataset raises).
+        view_seed: the base seed of the views (part of the entry key). Default 0.
+        view_schedule: which view an epoch serves: ``"permutation"`` (default: over every
+            ``views`` consecutive epochs each sample is served each of its views once) or
+            ``"random"`` (a uniformly random view per sample and epoch).
+        view_generators: generators the dataset draws from besides the global ones
+            (``torch.Generator``, ``numpy.random.Generator``, ``random.Random``), seeded like
+            them for every view.
 
     With ``device="cuda"``, compute misses through :meth:`loader` (workers do I/O, the module
     runs in this process) or fill the cache first with :meth:`prefill`; a plain DataLoader
@@ -221,6 +250,10 @@ class CachedFeatureDataset(Dataset[Any]):
         output: OutputSelection | None = None,
         field_names: FieldNames | None = None,
         ragged: Mapping[str, str | bool] | Sequence[str] | None = None,
+        views: int | None = None,
+        view_seed: int = 0,
+        view_schedule: Schedule = "permutation",
+        view_generators: Sequence[Generator] | None = None,
     ) -> None:
         self.dataset = dataset
         self.module = module
@@ -249,6 +282,10 @@ class CachedFeatureDataset(Dataset[Any]):
             output=output,
             field_names=field_names,
             ragged=ragged,
+            views=views,
+            view_seed=view_seed,
+            view_schedule=view_schedule,
+            view_generators=view_generators,
         )
         mode_dependent = mode_dependent_submodules(module)
         if mode_dependent:
@@ -258,6 +295,18 @@ class CachedFeatureDataset(Dataset[Any]):
                 )
             )
         self._length = len(dataset)  # type: ignore[arg-type]
+        # What the entry's rows are: the samples, or each view of each sample (row v * N + i).
+        self._source: Dataset[Any] = dataset
+        self._views: ViewedSamples | None = None
+        if settings.views is not None:
+            self._views = ViewedSamples(dataset, settings.views, settings.view_seed, settings.view_generators)
+            self._source = self._views
+        self._schedule: ViewSchedule | None = None
+        # The epoch whose views are served, in shared memory: DataLoader workers (persistent
+        # ones too) see set_epoch(); -1 until it is first called.
+        self._epoch = torch.full((1,), -1, dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
+        self._served_unset = 0
+        self._warned_epoch = False
         self._spot = SpotCheckState(settings.spot_check, self._length)
         self._computer = FeatureComputer(
             module,
@@ -273,13 +322,7 @@ class CachedFeatureDataset(Dataset[Any]):
         self.module_fingerprint = module_fingerprint(module, settings.module_version)
         self._module_state_tracked = settings.module_version is None and isinstance(module, torch.nn.Module)
 
-        probe = dataset_fingerprint(
-            dataset,
-            dataset.__getitem__,
-            self._extract_input_unchecked,
-            version=settings.dataset_version,
-            allow_nondeterministic=settings.allow_nondeterministic,
-        )
+        probe = self._probe_dataset()
         self.dataset_fingerprint = probe.fingerprint
         self.probe_loads = probe.loads
         self.options: dict[str, Any] = settings.key_options()
@@ -303,6 +346,35 @@ class CachedFeatureDataset(Dataset[Any]):
             )
 
     # -- construction helpers -------------------------------------------------------------------
+
+    def _probe_dataset(self) -> DatasetProbe:
+        """The dataset's fingerprint; with views, probe ``i`` is loaded as view ``i % views``
+        (under its seed, so a reload must match) and keyed by its entry row."""
+        settings, views = self.settings, self._views
+        load = self.dataset.__getitem__ if views is None else (lambda i: views.view(i, i % views.views))
+        try:
+            probe = dataset_fingerprint(
+                self.dataset,
+                load,
+                self._extract_input_unchecked,
+                version=settings.dataset_version,
+                allow_nondeterministic=settings.allow_nondeterministic,
+            )
+        except NonDeterministicDatasetError as error:
+            if views is None:
+                raise
+            raise NonDeterministicDatasetError(
+                f"views={views.views} loads each view under its own seed of torch's, NumPy's and Python's "
+                f"global generators, but sample {error.sample} of {qualified_name(self.dataset)} loaded "
+                f"twice as view {(error.sample or 0) % views.views}, under that view's seed, gave two "
+                "different inputs: the dataset draws from a generator of its own (a torch.Generator, "
+                "numpy.random.default_rng(), random.Random) or reads changing data. Pass that "
+                "generator as view_generators=[generator], or draw from the global generators."
+            ) from None
+        if views is None:
+            return probe
+        samples = {views.row(i, i % views.views): sample for i, sample in probe.samples.items()}
+        return DatasetProbe(probe.fingerprint, samples, probe.loads)
 
     def _rename_if_names_collide(self, store: FeatureStore) -> None:
         """Move to a new entry where the existing one was written before output names were unique."""
@@ -328,7 +400,7 @@ class CachedFeatureDataset(Dataset[Any]):
     def _new_entry(self, probes: dict[int, Any]) -> NewEntry:
         """What creating the entry takes: the layouts and the features of one probe sample."""
         index = next(iter(probes), 0)
-        sample = probes[index] if probes else self.dataset[index]
+        sample = probes[index] if probes else self._source[index]
         others = [probe for row, probe in probes.items() if row != index]
         module = self.module
         tracked = self._module_state_tracked and isinstance(module, torch.nn.Module)
@@ -368,8 +440,9 @@ class CachedFeatureDataset(Dataset[Any]):
         _check_ragged_names(self.ragged, output_layout, sample_layout)
         specs: list[ArraySpec] = [*output_layout.arrays, *sample_layout.fields]
         chunk_rows = self.settings.chunk_rows
+        num_rows = len(self._source)  # type: ignore[arg-type]
         if chunk_rows is None:
-            chunk_rows = default_chunk_rows(sum(spec.row_nbytes for spec in specs), self._length)
+            chunk_rows = default_chunk_rows(sum(spec.row_nbytes for spec in specs), num_rows)
         meta = {
             "module": self.module_fingerprint.to_json(),
             "dataset": self.dataset_fingerprint.to_json(),
@@ -382,8 +455,10 @@ class CachedFeatureDataset(Dataset[Any]):
             "outputs": output_layout.to_json(),
             "library_version": __version__,
         }
+        if self._views is not None:  # how the rows map to samples, for explore and the CLI
+            meta["views"] = {"count": self._views.views, "samples": self._length, "seed": self._views.seed}
         columns = {spec.name: spec.tensor_batch_to_numpy(outputs[spec.name]) for spec in output_layout.arrays}
-        return NewEntry(meta, specs, self._length, chunk_rows, index, {**columns, **fields})
+        return NewEntry(meta, specs, num_rows, chunk_rows, index, {**columns, **fields})
 
     def _bound(self) -> EntryBinding:
         """The binding to the entry; an empty dataset has none, so there is nothing to read or write."""
@@ -478,6 +553,87 @@ class CachedFeatureDataset(Dataset[Any]):
         batch; the rest is collated as ``default_collate`` does. Pass it to a DataLoader."""
         return PadCollate(self.ragged_positions())
 
+    # -- views ----------------------------------------------------------------------------------
+
+    @property
+    def views(self) -> int | None:
+        """How many augmentation draws are cached per sample (``None``: no views)."""
+        return self.settings.views
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose views the map-style path serves (0 until :meth:`set_epoch`)."""
+        return max(0, int(self._epoch[0]))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Serve the views of ``epoch`` from now on, here and in DataLoader workers.
+
+        Call it at the start of every epoch, as with ``DistributedSampler``: the epoch is held
+        in shared memory, so workers (persistent ones too) serve the new epoch's views from the
+        next batch they fetch. Without views it does nothing. :meth:`loader` counts epochs
+        itself.
+        """
+        value = operator.index(epoch)
+        if value < 0:
+            raise InvalidArgumentError(f"Expected epoch to be an int >= 0. Got {epoch!r}.")
+        self._epoch[0] = value
+
+    def rows_of(self, indices: Sequence[int] | np.ndarray, epoch: int) -> np.ndarray:
+        """The entry rows that serve sample ``indices`` in ``epoch``: with views, the row of
+        the view the schedule picks (see ``view_schedule=``); without, the indices themselves."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if self._views is None:
+            return indices
+        if self._schedule is None:
+            block = self._bound().entry.chunk_rows
+            settings = self.settings
+            self._schedule = ViewSchedule(
+                self._views.views, self._length, settings.view_seed, settings.view_schedule, block
+            )
+        return self._schedule.rows(indices, epoch)
+
+    def view_rows(self, views: Sequence[int] | None = None) -> np.ndarray:
+        """The entry rows of ``views`` (default all) of every sample, in row order."""
+        count = self.settings.views or 1
+        chosen = range(count) if views is None else sorted({operator.index(v) for v in views})
+        for view in chosen:
+            if not 0 <= view < count:
+                raise InvalidArgumentError(
+                    f"Expected views to be view numbers from 0 to {count - 1}. Got {view!r}."
+                )
+        return np.concatenate(
+            [np.arange(self._length, dtype=np.int64) + v * self._length for v in chosen]
+            or [np.empty(0, np.int64)]
+        )
+
+    def load_view(self, index: int, view: int) -> Any:
+        """Sample ``index`` of the dataset as drawn for view ``view`` (its raw sample, loaded now
+        under that view's seed): what the cached features of that view were computed from."""
+        if self._views is None:
+            raise InvalidArgumentError(
+                "this dataset caches no views: pass views=K to cache K draws per sample."
+            )
+        if not 0 <= view < self._views.views:
+            raise InvalidArgumentError(
+                f"Expected view to be from 0 to {self._views.views - 1}. Got {view!r}."
+            )
+        return self._views.view(int(self._normalize([index])[0]), view)
+
+    def _epoch_to_serve(self, served: int) -> int:
+        """The epoch set by :meth:`set_epoch`; warns once when a whole epoch was served without it."""
+        epoch = int(self._epoch[0])
+        if epoch >= 0:
+            return epoch
+        self._served_unset += served
+        if self._served_unset > self._length and not self._warned_epoch and (self.views or 1) > 1:
+            self._warned_epoch = True
+            logger.warning(
+                "cachedfeatures: more than one epoch served without set_epoch(), so every epoch serves "
+                "the same view of each sample. Call cached.set_epoch(epoch) at the start of each epoch "
+                "(or iterate over cached.loader(), which counts epochs)."
+            )
+        return 0
+
     # -- the map-style API -----------------------------------------------------------------------
 
     def __len__(self) -> int:
@@ -493,6 +649,8 @@ class CachedFeatureDataset(Dataset[Any]):
             return []
         binding = self._bound()
         self._warn_if_private_store_in_worker()
+        if self._views is not None:
+            rows = self.rows_of(rows, self._epoch_to_serve(len(rows)))
         read = binding.read(rows)
         if self.spot_check_rows and self._spot.due_on_serve(len(rows), read.hits):
             self.spot_check_hits(rows if read.all_hit else rows[read.hit], read.arrays)
@@ -643,8 +801,8 @@ class CachedFeatureDataset(Dataset[Any]):
         return self.row_loader()(rows)
 
     def row_loader(self) -> RowLoader:
-        """A picklable, module-free loader of raw samples, for worker processes."""
-        return RowLoader(self.dataset, self._bound().sample_layout)
+        """A picklable, module-free loader of raw samples (of entry rows), for worker processes."""
+        return RowLoader(self._source, self._bound().sample_layout)
 
     def compute_loaded(self, loaded: LoadedRows, *, pin_memory: bool = False) -> dict[str, np.ndarray]:
         """Run the module on loaded rows (in batches of ``batch_size``); the columns to store."""
@@ -771,11 +929,18 @@ class CachedFeatureDataset(Dataset[Any]):
         distributed: bool | None = None,
         check_valid: bool = True,
         timeout: float | timedelta | None = None,
+        views: Sequence[int] | None = None,
     ) -> PrefillResult:
         """Compute and store every missing row, with a progress bar; resumable.
 
-        See :func:`cachedfeatures.pipeline.prefill.prefill`.
+        ``views``: with ``views=K``, fill only these view numbers (``[0, 1]``); default all
+        ``K``. The rest are computed when first served. See
+        :func:`cachedfeatures.pipeline.prefill.prefill` for the other arguments.
         """
+        if views is not None and self._views is None:
+            raise InvalidArgumentError(
+                "prefill(views=...) needs a dataset with views: pass views=K to cache K draws."
+            )
         return prefill(
             self,
             num_workers=num_workers,
@@ -784,6 +949,7 @@ class CachedFeatureDataset(Dataset[Any]):
             distributed=distributed,
             check_valid=check_valid,
             timeout=timeout,
+            rows=None if views is None else self.view_rows(views),
         )
 
     # -- introspection -------------------------------------------------------------------------
@@ -817,10 +983,12 @@ class CachedFeatureDataset(Dataset[Any]):
 
     def __repr__(self) -> str:
         valid = 0 if self._binding is None else int(self._binding.entry.valid_mask().sum())
+        rows = len(self._source)  # type: ignore[arg-type]
+        views = "" if self._views is None else f" ({self._views.views} views of {self._length} samples)"
         return (
             f"CachedFeatureDataset({qualified_name(self.dataset)}, {type(self.module).__name__}, "
             f"store={self.store.location!r}, entry={self.entry_name!r}, "
-            f"{valid}/{self._length} rows cached)"
+            f"{valid}/{rows} rows cached{views})"
         )
 
     def flush_access(self) -> None:

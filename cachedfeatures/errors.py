@@ -93,7 +93,14 @@ class OutputShapeError(CacheError, ValueError):
 
 
 class NonDeterministicDatasetError(CacheError, RuntimeError):
-    """The same sample loaded twice gave different inputs (random augmentation)."""
+    """The same sample loaded twice gave different inputs (random augmentation).
+
+    ``sample`` is the index of that sample, where known.
+    """
+
+    def __init__(self, message: str, *, sample: int | None = None) -> None:
+        super().__init__(message)
+        self.sample = sample
 
 
 class TrainingModeError(CacheError, RuntimeError):

@@ -31,7 +31,7 @@ from cachedfeatures.store.chunk_bytes import (
     decoded_chunk_nbytes,
     drop_chunk,
 )
-from cachedfeatures.store.explore import plural
+from cachedfeatures.store.explore import plural, view_coverage
 from cachedfeatures.store.feature_store import (
     Entry,
     FeatureStore,
@@ -57,8 +57,12 @@ def describe_store(store: FeatureStore) -> dict[str, Any]:
         sizes = usage.array_chunks.get(entry.name, {})
         decoded = decoded_chunk_nbytes(entry)
         ratio = compression_ratio(entry, sizes)
+        views: list[int] | None = None
         try:
-            rows_valid: int | None = int(entry.valid_mask().sum())
+            mask = entry.valid_mask()
+            rows_valid: int | None = int(mask.sum())
+            coverage = view_coverage(entry, mask)
+            views = None if coverage is None else list(coverage)
         except Exception:  # a damaged valid chunk: verify says which
             rows_valid = None
         try:
@@ -72,6 +76,7 @@ def describe_store(store: FeatureStore) -> dict[str, Any]:
                 "dataset": entry.dataset_description,
                 "rows": entry.num_rows,
                 "rows_valid": rows_valid,
+                "views_valid": views,  # with views=K: valid rows of each view, else None
                 "bytes": usage.entries.get(entry.name, 0),
                 # What the stored chunks decode to, and that over their stored bytes (None: no chunk).
                 "logical_bytes": sum(decoded.get(name, 0) for name, _ in sizes),

@@ -19,8 +19,16 @@ from cachedfeatures.compute.fingerprint import callable_digest
 from cachedfeatures.compute.layout import FieldNames, InputKey, parse_input_key
 from cachedfeatures.compute.runner import Collate
 from cachedfeatures.compute.spot_check import DEFAULT_SPOT_CHECK, parse_spot_check
+from cachedfeatures.compute.views import (
+    Generator,
+    Schedule,
+    check_views_options,
+    parse_schedule,
+    parse_view_generators,
+    parse_views,
+)
 from cachedfeatures.errors import ArgumentTypeError
-from cachedfeatures.parse import expected, parse_device, parse_float_dtype, parse_positive_int
+from cachedfeatures.parse import expected, parse_device, parse_float_dtype, parse_int, parse_positive_int
 from cachedfeatures.pruning import Policy, parse_policy
 from cachedfeatures.reader.chunk_reader import ReadRoute, parse_cache_bytes, parse_read_route
 from cachedfeatures.store.feature_store import Compressor
@@ -64,6 +72,10 @@ class DatasetOptions:
     output: OutputSelection | None
     field_names: FieldNames | None
     ragged: dict[str, str | bool]
+    views: int | None
+    view_seed: int
+    view_schedule: Schedule
+    view_generators: tuple[Generator, ...]
 
     def __init__(
         self,
@@ -92,6 +104,10 @@ class DatasetOptions:
         output: OutputSelection | None = None,
         field_names: FieldNames | None = None,
         ragged: Mapping[str, str | bool] | Sequence[str] | None = None,
+        views: int | None = None,
+        view_seed: int = 0,
+        view_schedule: Schedule = "permutation",
+        view_generators: Sequence[Generator] | None = None,
     ) -> None:
         parsed = {
             "input_key": parse_input_key(input_key),
@@ -118,7 +134,12 @@ class DatasetOptions:
             "output": parse_output(output),
             "field_names": field_names,  # checked against the sample when the layout is learnt
             "ragged": parse_ragged(ragged),
+            "views": parse_views(views),
+            "view_seed": parse_int("view_seed", view_seed, minimum=0, maximum=2**63 - 1),
+            "view_schedule": parse_schedule(view_schedule),
+            "view_generators": parse_view_generators(view_generators),
         }
+        check_views_options(views is not None, bool(allow_nondeterministic))
         for name, value in parsed.items():
             object.__setattr__(self, name, value)
 
@@ -137,6 +158,9 @@ class DatasetOptions:
             options["call"] = self.call
         if self.ragged:  # likewise
             options["ragged"] = json.dumps(self.ragged, sort_keys=True)
+        if self.views is not None:  # likewise; the schedule changes what is served, not what is stored
+            options["views"] = str(self.views)
+            options["view_seed"] = str(self.view_seed)
         return options
 
 

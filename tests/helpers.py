@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -206,3 +208,27 @@ class FailingSamples(Samples):
                 raise BrokenSampleError(f"sample {index} is broken")
             sample["img"] = sample.pop("image")
         return sample
+
+
+class Augmented(Samples):
+    """``(image, index)`` samples with a random flip (torch), noise (NumPy) and shift (Python's
+    ``random``): each load draws from all three global generators, as augmentation pipelines do.
+
+    ``own_generator``: draw the flip from a generator of the dataset's own instead (``generator``),
+    which ``views=`` does not seed unless it is passed as ``view_generators``.
+    """
+
+    def __init__(self, n: int = 60, log_dir: str | None = None, own_generator: bool = False) -> None:
+        super().__init__(n, "tuple", log_dir=log_dir)
+        self.generator = torch.Generator().manual_seed(1) if own_generator else None
+
+    def augment(self, image: torch.Tensor) -> torch.Tensor:
+        """The random draws of one load, from the generators ``views=`` seeds."""
+        if float(torch.rand((), generator=self.generator)) < 0.5:
+            image = image.flip(-1)
+        noise = torch.from_numpy(np.random.normal(0.0, 0.1, size=tuple(image.shape))).float()
+        return (image + noise).roll(random.randint(0, 3), dims=-2)
+
+    def __getitem__(self, index: int) -> Any:
+        image, _ = super().__getitem__(index)
+        return self.augment(image), index

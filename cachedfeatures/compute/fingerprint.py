@@ -198,9 +198,11 @@ def dataset_fingerprint(
         raise NonDeterministicDatasetError(
             f"sample {differs} of {cls_name} loaded twice gave two different inputs: the "
             "dataset applies random augmentation (or reads changing data). Caching would "
-            "freeze one random draw and serve it every epoch. Cache the dataset without its "
-            "random transforms and apply them to the features or after the cache, or pass "
-            "allow_nondeterministic=True to cache one draw on purpose."
+            "freeze one random draw and serve it every epoch. Pass views=K to cache K reproducible "
+            "draws of every sample and serve one per epoch, or cache the dataset without its "
+            "random transforms and apply them after the cache, or pass "
+            "allow_nondeterministic=True to cache one draw on purpose.",
+            sample=differs,
         )
 
     after, unhashed_after = _state_digests(dataset)

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from cachedfeatures.compute.layout import OutputLayout, SampleLayout
 from cachedfeatures.compute.runner import FeatureComputer
+from cachedfeatures.compute.views import ViewedSamples
 from cachedfeatures.errors import CacheError
 
 __all__ = ["LoadedRows", "RowLoader", "compute_loaded"]
@@ -52,7 +53,10 @@ class RowLoader:
 
     def __call__(self, rows: Sequence[int] | np.ndarray) -> LoadedRows:
         rows = np.asarray(rows, dtype=np.int64)
-        samples = [self.dataset[int(i)] for i in rows]
+        if isinstance(self.dataset, ViewedSamples):  # seeded loads: where no other thread draws
+            samples = self.dataset.load_rows(rows)
+        else:
+            samples = [self.dataset[int(i)] for i in rows]
         return LoadedRows(
             rows=rows,
             inputs=[self.layout.extract_input(sample) for sample in samples],

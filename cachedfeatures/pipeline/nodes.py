@@ -49,6 +49,7 @@ from cachedfeatures.store.writer import Writer
 __all__ = [
     "CachedSource",
     "ComputeMisses",
+    "EpochRows",
     "IOBatch",
     "Indices",
     "Loader",
@@ -115,6 +116,15 @@ class CachedSource(Protocol):
         """One sample per row of ``columns``."""
         ...
 
+    def rows_of(self, indices: Sequence[int] | np.ndarray, epoch: int) -> np.ndarray:
+        """The entry rows that serve sample ``indices`` in ``epoch`` (the indices, without views)."""
+        ...
+
+    @property
+    def views(self) -> int | None:
+        """Draws cached per sample (``None``: rows are samples)."""
+        ...
+
 
 def parse_worker_method(value: object) -> WorkerMethod:
     return parse_choice("worker_method", value, get_args(WorkerMethod))
@@ -170,6 +180,40 @@ class Indices(tn.BaseNode[int]):  # type: ignore[misc]
 
     def get_state(self) -> dict[str, Any]:
         return {self.EPOCH_KEY: self._epoch, self.OFFSET_KEY: self._offset}
+
+
+class EpochRows(tn.BaseNode[list[int]]):  # type: ignore[misc]
+    """Batches of sample indices as the entry rows that serve them in the current epoch.
+
+    With ``views=K`` a sample has ``K`` rows and the epoch picks one (``cached.rows_of``).
+    Each ``reset()`` without a state starts the next epoch (the first is 0); the state holds the
+    epoch and the source's state, so a resumed loader serves the same views.
+    """
+
+    EPOCH_KEY = "epoch"
+    SOURCE_KEY = "source"
+
+    def __init__(self, source: tn.BaseNode[list[int]], cached: CachedSource) -> None:
+        super().__init__()
+        self.source = source
+        self.cached = cached
+        self.epoch = -1
+
+    def reset(self, initial_state: dict[str, Any] | None = None) -> None:
+        super().reset(initial_state)
+        if initial_state is not None:
+            self.epoch = int(initial_state[self.EPOCH_KEY])
+            self.source.reset(initial_state[self.SOURCE_KEY])
+        else:
+            self.epoch += 1
+            self.source.reset(None)
+
+    def next(self) -> list[int]:
+        indices = next(self.source)
+        return self.cached.rows_of(indices, self.epoch).tolist()  # type: ignore[no-any-return]
+
+    def get_state(self) -> dict[str, Any]:
+        return {self.EPOCH_KEY: self.epoch, self.SOURCE_KEY: self.source.state_dict()}
 
 
 class CollectBeforeFork(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
@@ -444,8 +488,8 @@ class Loader:
     """Batches of a :class:`~cachedfeatures.CachedFeatureDataset`, through the miss pipeline.
 
     Iterating gives one epoch of collated batches; iterating again gives the next epoch (a new
-    permutation when ``shuffle``). ``state_dict()`` / ``load_state_dict()`` resume mid-epoch
-    with the same remaining order.
+    permutation when ``shuffle``, and with ``views=K`` the next epoch's views). ``state_dict()`` /
+    ``load_state_dict()`` resume mid-epoch with the same remaining order and views.
 
     Args:
         cached: the dataset to serve.
@@ -497,6 +541,8 @@ class Loader:
             tn.SamplerWrapper(sampler) if sampler is not None else Indices(len(cached), shuffle, seed)
         )
         batches: tn.BaseNode[list[int]] = tn.Batcher(source, self.batch_size, drop_last=self.drop_last)
+        if cached.views is not None:  # each epoch serves one view's row of every sample
+            batches = EpochRows(batches, cached)
         if self.num_workers > 0 and self.worker_method == "process":
             batches = CollectBeforeFork(batches)
         io = ReadOrLoad(

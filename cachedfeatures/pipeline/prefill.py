@@ -234,6 +234,7 @@ def prefill(
     distributed: bool | None = None,
     check_valid: bool = True,
     timeout: float | timedelta | None = None,
+    rows: np.ndarray | None = None,
 ) -> PrefillResult:
     """Compute and store every missing row of ``cached``, with a progress bar.
 
@@ -255,6 +256,7 @@ def prefill(
             process group's own timeout applies (``init_process_group(timeout=...)``). Default
             ``None``: the process group's timeout (torch's default: 30 minutes). Set it above
             the longest gap you expect between ranks finishing.
+        rows: fill only these entry rows (for example some views' rows); default all.
 
     Across ranks, all ranks first check that they fill one entry (rank 0's) and raise
     :class:`~cachedfeatures.errors.RankMismatchError` on every rank if not.
@@ -282,6 +284,10 @@ def prefill(
     owned = np.zeros(entry.num_rows, dtype=bool)
     for chunk in chunks:
         owned[chunk * entry.chunk_rows : (chunk + 1) * entry.chunk_rows] = True
+    if rows is not None:
+        chosen = np.zeros(entry.num_rows, dtype=bool)
+        chosen[np.asarray(rows, dtype=np.int64)] = True
+        owned &= chosen
     mask = owned_valid(entry, owned, world_size)
     rows = np.flatnonzero(owned & ~mask)
     # Valid rows are only skipped if they can be served: rows of chunks that are torn,

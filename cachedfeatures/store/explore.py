@@ -98,6 +98,7 @@ class EntryInfo:
     arrays: tuple[ArrayInfo, ...]
     created: str
     last_used: _dt.datetime | None
+    views_valid: tuple[int, ...] | None = None  # with views=K: valid rows of each view
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -332,6 +333,16 @@ def compression_ratio(entry: Entry) -> float:
     return chunk_bytes.compression_ratio(entry, chunk_bytes.array_chunk_sizes(entry))
 
 
+def view_coverage(entry: Entry, mask: np.ndarray | None = None) -> tuple[int, ...] | None:
+    """With ``views=K``: how many samples each view has cached (row ``v * N + i``); else ``None``."""
+    views = entry.meta.get("views")
+    if not views:
+        return None
+    count, samples = int(views["count"]), int(views["samples"])
+    mask = entry.valid_mask() if mask is None else mask
+    return tuple(int(n) for n in np.asarray(mask, dtype=bool).reshape(count, samples).sum(axis=1))
+
+
 def entry_info(entry: Entry) -> EntryInfo:
     feature_names = set(entry.feature_names)
     arrays = tuple(
@@ -345,6 +356,7 @@ def entry_info(entry: Entry) -> EntryInfo:
         for spec in entry.specs
     )
     first = entry.feature_names[0] if entry.feature_names else entry.specs[0].name
+    mask = entry.valid_mask()
     return EntryInfo(
         name=entry.name,
         module=entry.module_description,
@@ -352,7 +364,7 @@ def entry_info(entry: Entry) -> EntryInfo:
         module_digest=str(entry.meta["module"].get("digest", "")),
         dataset_digest=str(entry.meta["dataset"].get("digest", "")),
         num_rows=entry.num_rows,
-        valid_rows=int(entry.valid_mask().sum()),
+        valid_rows=int(mask.sum()),
         chunk_rows=entry.chunk_rows,
         num_chunks=entry.num_chunks,
         nbytes_stored=entry.nbytes_stored(),
@@ -362,6 +374,7 @@ def entry_info(entry: Entry) -> EntryInfo:
         arrays=arrays,
         created=entry.created,
         last_used=last_used(entry),
+        views_valid=view_coverage(entry, mask),
     )
 
 
@@ -406,6 +419,12 @@ def _rows(info: EntryInfo) -> str:
     return f"{info.valid_rows} / {info.num_rows} valid ({percent:.0f}%)"
 
 
+def views_text(valid: Sequence[int], samples: int) -> str:
+    """``'4 per sample; valid 100%, 50%, 0%, 0% of 1000 samples'``: each view's coverage."""
+    shares = ", ".join(f"{100 * n / samples:.0f}%" if samples else "0%" for n in valid)
+    return f"{len(valid)} per sample; valid {shares} of {samples} samples"
+
+
 def _array_text(array: ArrayInfo) -> str:
     shape = "(" + ", ".join(str(n) for n in array.shape) + ("," if len(array.shape) == 1 else "") + ")"
     return f"{array.name} {array.dtype}{shape}"
@@ -420,6 +439,11 @@ def entry_repr(info: EntryInfo) -> str:
             f"  module   {info.module}",
             f"  dataset  {info.dataset}",
             f"  rows     {_rows(info)}, {info.num_chunks} chunks of {info.chunk_rows} rows",
+            *(
+                [f"  views    {views_text(info.views_valid, info.num_rows // len(info.views_valid))}"]
+                if info.views_valid
+                else []
+            ),
             f"  on disk  {format_bytes(info.nbytes_stored)}, compression {_ratio(info)} ({info.codecs}); "
             f"{format_bytes(info.nbytes_logical)} uncompressed when full",
             f"  features {features}",

@@ -94,7 +94,8 @@ def bench(session: nox.Session) -> None:
 
     Read path against a NumPy memmap, no cache and torchcache; the pipeline's filling epoch
     against no cache; ``cached_module`` against torchcache; fingerprinting a 100M-parameter model
-    against one copy of its weights. ``-- --quick``: about a minute each.
+    against one copy of its weights; K cached augmentation views against no augmentation and
+    on-the-fly augmentation (test accuracy, fill and hit epochs). ``-- --quick``: about a minute each.
     """
     install(session, "test")  # the test extra brings torchcache, the prior art
     quick = ["--quick"] if "--quick" in session.posargs else []
@@ -102,3 +103,4 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_pipeline.py", *quick)
     session.run("python", "benchmarks/bench_module_cache.py", *quick)
     session.run("python", "benchmarks/bench_fingerprint.py", *quick)
+    session.run("python", "benchmarks/bench_views.py", *quick)

@@ -45,6 +45,7 @@ from cachedfeatures.errors import (
     TrainingModeError,
     UnhashableArgumentError,
     UnknownArrayError,
+    ViewLoadError,
     WriterError,
 )
 from cachedfeatures.module_cache import ModuleCache, cached_module, default_cache_dir, default_store_path
@@ -108,6 +109,7 @@ __all__ = [
     "UnhashableArgumentError",
     "UnknownArrayError",
     "WriteGuard",
+    "ViewLoadError",
     "WriterError",
     "__version__",
     "build_on_ranks",

@@ -154,12 +154,17 @@ def _info(args: argparse.Namespace, out: TextIO) -> int:
         arrays = ", ".join(
             f"{array['name']} {array['dtype']} {tuple(array['shape'])}" for array in entry["arrays"]
         )
-        share = entry["rows_valid"] / entry["rows"] if entry["rows"] else 0.0
+        rows = (
+            entry["rows"]
+            if not entry.get("views_valid")
+            else entry["view_samples"] * len(entry["views_valid"])
+        )
+        share = entry["rows_valid"] / rows if rows else 0.0
         out.write(
             f"\n{entry['name']}\n"
             f"  module      {entry['module']}\n"
             f"  dataset     {entry['dataset']}\n"
-            f"  rows        {entry['rows_valid']}/{entry['rows']} valid ({share:.1%})\n"
+            f"  rows        {entry['rows_valid']}/{rows} valid ({share:.1%})\n"
             + _views_line(entry)
             + f"  on disk     {format_bytes(entry['bytes'])}, compression {ratio}\n"
             f"  arrays      {arrays}\n"
@@ -174,7 +179,7 @@ def _info(args: argparse.Namespace, out: TextIO) -> int:
 def _views_line(entry: dict[str, Any]) -> str:
     """With views: each view's share of the samples cached."""
     valid = entry.get("views_valid")
-    return f"  views       {views_text(valid, entry['rows'] // len(valid))}\n" if valid else ""
+    return f"  views       {views_text(valid, entry['view_samples'])}\n" if valid else ""
 
 
 # -- prune ---------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from cachedfeatures.errors import (
 )
 from cachedfeatures.format.specs import ArraySpec
 from cachedfeatures.options import DatasetOptions
+from cachedfeatures.parse import expected, parse_int
 from cachedfeatures.pipeline.collate import PadCollate
 from cachedfeatures.pipeline.nodes import Loader, WorkerMethod
 from cachedfeatures.pipeline.prefill import PrefillResult, prefill
@@ -76,6 +77,8 @@ from cachedfeatures.store.integrity import CheckedReader
 from cachedfeatures.store.ownership import ChunkOwnership
 
 __all__ = ["CachedFeatureDataset"]
+
+_MAX_EPOCH = 2**62
 
 logger = logging.getLogger(__name__)
 
@@ -193,9 +196,10 @@ class CachedFeatureDataset(Dataset[Any]):
             frozen) and serve one of them per epoch: view ``v`` of sample ``i`` is loaded with
             torch's (CPU), NumPy's and Python's global generators seeded from ``(view_seed, i, v)``
             (then restored), so it is the same draw in every process, worker and run. A fill costs
-            ``views`` passes of the module and the entry holds ``views * len(dataset)`` rows (row
-            ``v * len(dataset) + i``; passthrough fields are stored per view, since an
-            augmentation may move boxes or masks too). Call :meth:`set_epoch` at the start of each
+            ``views`` passes of the module and the entry holds each view's rows one after another
+            (row ``v * stride + i``, ``stride`` being ``len(dataset)`` rounded up to whole chunks;
+            passthrough fields are stored per view, since an augmentation may move boxes or masks
+            too). Call :meth:`set_epoch` at the start of each
             epoch with a plain DataLoader; :meth:`loader` does it itself. A dataset whose draws
             follow none of the seeded generators raises
             :class:`~cachedfeatures.errors.NonDeterministicDatasetError`. Methods that take
@@ -203,8 +207,9 @@ class CachedFeatureDataset(Dataset[Any]):
             entry rows; :meth:`rows_of` maps sample indices to them. See
             docs/guides/augmentation.md. Default ``None``: no views (a random dataset raises).
         view_seed: the base seed of the views (part of the entry key). Default 0.
-        view_schedule: which view an epoch serves: ``"permutation"`` (default: over every
-            ``views`` consecutive epochs each sample is served each of its views once) or
+        view_schedule: which view an epoch serves: ``"permutation"`` (default: in each cycle of
+            ``views`` epochs, ``c * views`` to ``c * views + views - 1``, each sample is served each
+            of its views once) or
             ``"random"`` (a uniformly random view per sample and epoch).
         view_generators: generators the dataset draws from besides the global ones
             (``torch.Generator``, ``numpy.random.Generator``, ``random.Random``), seeded like
@@ -295,18 +300,20 @@ class CachedFeatureDataset(Dataset[Any]):
                 )
             )
         self._length = len(dataset)  # type: ignore[arg-type]
-        # What the entry's rows are: the samples, or each view of each sample (row v * N + i).
+        # What the entry's rows are: the samples, or each view of each sample (row v * stride + i).
         self._source: Dataset[Any] = dataset
         self._views: ViewedSamples | None = None
         if settings.views is not None:
             self._views = ViewedSamples(dataset, settings.views, settings.view_seed, settings.view_generators)
             self._source = self._views
         self._schedule: ViewSchedule | None = None
-        # The epoch whose views are served, in shared memory: DataLoader workers (persistent
-        # ones too) see set_epoch(); -1 until it is first called.
-        self._epoch = torch.full((1,), -1, dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
-        self._served_unset = 0
-        self._warned_epoch = False
+        # [the epoch whose views are served (-1 until one is set), rows served without an epoch
+        # set, whether that was warned about]; with views in shared memory, so that DataLoader
+        # workers (persistent ones too) see set_epoch() and count towards the warning.
+        self._epoch = torch.tensor([-1, 0, 0], dtype=torch.int64)
+        if settings.views is not None:
+            self._epoch.share_memory_()  # type: ignore[no-untyped-call]
+        self._epoch_set = False  # set_epoch() called since the last loader epoch began (this process)
         self._spot = SpotCheckState(settings.spot_check, self._length)
         self._computer = FeatureComputer(
             module,
@@ -349,7 +356,8 @@ class CachedFeatureDataset(Dataset[Any]):
 
     def _probe_dataset(self) -> DatasetProbe:
         """The dataset's fingerprint; with views, probe ``i`` is loaded as view ``i % views``
-        (under its seed, so a reload must match) and keyed by its entry row."""
+        (under its seed, so a reload must match), and the ``view_generators`` are hashed as
+        seeded (each load reseeds them, so their state now changes nothing)."""
         settings, views = self.settings, self._views
         load = self.dataset.__getitem__ if views is None else (lambda i: views.view(i, i % views.views))
         try:
@@ -359,6 +367,7 @@ class CachedFeatureDataset(Dataset[Any]):
                 self._extract_input_unchecked,
                 version=settings.dataset_version,
                 allow_nondeterministic=settings.allow_nondeterministic,
+                seeded=settings.view_generators,
             )
         except NonDeterministicDatasetError as error:
             if views is None:
@@ -371,10 +380,7 @@ class CachedFeatureDataset(Dataset[Any]):
                 "numpy.random.default_rng(), random.Random) or reads changing data. Pass that "
                 "generator as view_generators=[generator], or draw from the global generators."
             ) from None
-        if views is None:
-            return probe
-        samples = {views.row(i, i % views.views): sample for i, sample in probe.samples.items()}
-        return DatasetProbe(probe.fingerprint, samples, probe.loads)
+        return probe
 
     def _rename_if_names_collide(self, store: FeatureStore) -> None:
         """Move to a new entry where the existing one was written before output names were unique."""
@@ -399,8 +405,12 @@ class CachedFeatureDataset(Dataset[Any]):
 
     def _new_entry(self, probes: dict[int, Any]) -> NewEntry:
         """What creating the entry takes: the layouts and the features of one probe sample."""
-        index = next(iter(probes), 0)
-        sample = probes[index] if probes else self._source[index]
+        index = next(iter(probes), 0)  # a sample index (with views: its probe is view index % K)
+        views = self._views
+        if probes:
+            sample = probes[index]
+        else:
+            sample = self.dataset[index] if views is None else views.view(index, index % views.views)
         others = [probe for row, probe in probes.items() if row != index]
         module = self.module
         tracked = self._module_state_tracked and isinstance(module, torch.nn.Module)
@@ -440,9 +450,14 @@ class CachedFeatureDataset(Dataset[Any]):
         _check_ragged_names(self.ragged, output_layout, sample_layout)
         specs: list[ArraySpec] = [*output_layout.arrays, *sample_layout.fields]
         chunk_rows = self.settings.chunk_rows
-        num_rows = len(self._source)  # type: ignore[arg-type]
+        num_rows, row = self._length, index
         if chunk_rows is None:
-            chunk_rows = default_chunk_rows(sum(spec.row_nbytes for spec in specs), num_rows)
+            chunk_rows = default_chunk_rows(
+                sum(spec.row_nbytes for spec in specs), self._length * (1 if views is None else views.views)
+            )
+        if views is not None:  # each view starts on a chunk boundary
+            views.stride = ViewedSamples.stride_for(self._length, chunk_rows)
+            num_rows, row = views.views * views.stride, views.row(index, index % views.views)
         meta = {
             "module": self.module_fingerprint.to_json(),
             "dataset": self.dataset_fingerprint.to_json(),
@@ -456,9 +471,14 @@ class CachedFeatureDataset(Dataset[Any]):
             "library_version": __version__,
         }
         if self._views is not None:  # how the rows map to samples, for explore and the CLI
-            meta["views"] = {"count": self._views.views, "samples": self._length, "seed": self._views.seed}
+            meta["views"] = {
+                "count": self._views.views,
+                "samples": self._length,
+                "stride": self._views.stride,
+                "seed": self._views.seed,
+            }
         columns = {spec.name: spec.tensor_batch_to_numpy(outputs[spec.name]) for spec in output_layout.arrays}
-        return NewEntry(meta, specs, num_rows, chunk_rows, index, {**columns, **fields})
+        return NewEntry(meta, specs, num_rows, chunk_rows, row, {**columns, **fields})
 
     def _bound(self) -> EntryBinding:
         """The binding to the entry; an empty dataset has none, so there is nothing to read or write."""
@@ -570,41 +590,83 @@ class CachedFeatureDataset(Dataset[Any]):
 
         Call it at the start of every epoch, as with ``DistributedSampler``: the epoch is held
         in shared memory, so workers (persistent ones too) serve the new epoch's views from the
-        next batch they fetch. Without views it does nothing. :meth:`loader` counts epochs
-        itself.
+        next batch they fetch. :meth:`loader` counts epochs itself (from the epoch set here, if
+        one was). Without views it does nothing.
         """
-        value = operator.index(epoch)
-        if value < 0:
-            raise InvalidArgumentError(f"Expected epoch to be an int >= 0. Got {epoch!r}.")
-        self._epoch[0] = value
+        self._epoch[0] = parse_int("epoch", epoch, minimum=0, maximum=_MAX_EPOCH)
+        self._epoch_set = True
+
+    def begin_epoch(self, epoch: int | None = None) -> int:
+        """Start a :meth:`loader` epoch and return its number: ``epoch`` when given (a resumed
+        loader), else the epoch given to :meth:`set_epoch` since the last one began, else the one
+        after the last (0 at first), whichever loader served it."""
+        if epoch is None:
+            current = int(self._epoch[0])
+            epoch = max(0, current) if self._epoch_set or current < 0 else current + 1
+        self._epoch[0] = epoch
+        self._epoch_set = False
+        return epoch
 
     def rows_of(self, indices: Sequence[int] | np.ndarray, epoch: int) -> np.ndarray:
         """The entry rows that serve sample ``indices`` in ``epoch``: with views, the row of
         the view the schedule picks (see ``view_schedule=``); without, the indices themselves."""
-        indices = np.asarray(indices, dtype=np.int64)
-        if self._views is None:
-            return indices
-        if self._schedule is None:
-            block = self._bound().entry.chunk_rows
-            settings = self.settings
-            self._schedule = ViewSchedule(
-                self._views.views, self._length, settings.view_seed, settings.view_schedule, block
+        rows = np.asarray(indices)
+        if rows.dtype.kind not in "iu" or (len(rows) and not (rows.min() >= 0 and rows.max() < self._length)):
+            raise InvalidArgumentError(
+                f"Expected indices to be sample indices from 0 to {self._length - 1}. Got {indices!r}."
             )
-        return self._schedule.rows(indices, epoch)
+        rows = rows.astype(np.int64)
+        if self._views is None:
+            return rows
+        return self._view_schedule().rows(rows, parse_int("epoch", epoch, minimum=0, maximum=_MAX_EPOCH))
 
-    def view_rows(self, views: Sequence[int] | None = None) -> np.ndarray:
-        """The entry rows of ``views`` (default all) of every sample, in row order."""
-        count = self.settings.views or 1
-        chosen = range(count) if views is None else sorted({operator.index(v) for v in views})
-        for view in chosen:
-            if not 0 <= view < count:
-                raise InvalidArgumentError(
-                    f"Expected views to be view numbers from 0 to {count - 1}. Got {view!r}."
-                )
-        return np.concatenate(
-            [np.arange(self._length, dtype=np.int64) + v * self._length for v in chosen]
-            or [np.empty(0, np.int64)]
-        )
+    def views_of(self, indices: Sequence[int] | np.ndarray, epoch: int) -> np.ndarray:
+        """The view each of sample ``indices`` serves in ``epoch`` (zeros without views)."""
+        rows = self.rows_of(indices, epoch)
+        if self._views is None:
+            return np.zeros_like(rows)
+        views: np.ndarray = rows // self._view_schedule().stride
+        return views
+
+    def _viewed(self) -> ViewedSamples:
+        """The views, with their stride known (from the entry, once it is bound)."""
+        views = self._views
+        if views is None:
+            raise InvalidArgumentError(
+                "this dataset caches no views: pass views=K to cache K draws per sample."
+            )
+        if views.stride is None:
+            entry = self._bound().entry  # creating it sets the stride
+            if views.stride is None:
+                views.stride = int(entry.meta["views"]["stride"])
+        return views
+
+    def _view_schedule(self) -> ViewSchedule:
+        if self._schedule is None:
+            views, settings = self._viewed(), self.settings
+            assert views.stride is not None  # set by _viewed()
+            self._schedule = ViewSchedule(
+                views.views,
+                self._length,
+                views.stride,
+                settings.view_seed,
+                settings.view_schedule,
+                self._bound().entry.chunk_rows,
+            )
+        return self._schedule
+
+    def view_rows(self, views: int | Sequence[int] | None = None) -> np.ndarray:
+        """The entry rows of ``views`` (a view number or several; default all) of every sample."""
+        viewed = self._viewed()
+        if views is None:
+            chosen: list[int] = list(range(viewed.views))
+        else:
+            listed = [views] if isinstance(views, (int, np.integer)) else views
+            if not isinstance(listed, (list, tuple, range, np.ndarray)):
+                raise InvalidArgumentError(expected("views to be a view number or a list of them", views))
+            chosen = sorted({parse_int("views", v, minimum=0, maximum=viewed.views - 1) for v in listed})
+        samples = np.arange(self._length, dtype=np.int64)
+        return np.concatenate([samples + viewed.row(0, v) for v in chosen] or [np.empty(0, np.int64)])
 
     def load_view(self, index: int, view: int) -> Any:
         """Sample ``index`` of the dataset as drawn for view ``view`` (its raw sample, loaded now
@@ -613,20 +675,18 @@ class CachedFeatureDataset(Dataset[Any]):
             raise InvalidArgumentError(
                 "this dataset caches no views: pass views=K to cache K draws per sample."
             )
-        if not 0 <= view < self._views.views:
-            raise InvalidArgumentError(
-                f"Expected view to be from 0 to {self._views.views - 1}. Got {view!r}."
-            )
+        view = parse_int("view", view, minimum=0, maximum=self._views.views - 1)
         return self._views.view(int(self._normalize([index])[0]), view)
 
     def _epoch_to_serve(self, served: int) -> int:
-        """The epoch set by :meth:`set_epoch`; warns once when a whole epoch was served without it."""
+        """The epoch set by :meth:`set_epoch`; warns once when a whole epoch was served without it
+        (counted across DataLoader workers: the count is in shared memory)."""
         epoch = int(self._epoch[0])
         if epoch >= 0:
             return epoch
-        self._served_unset += served
-        if self._served_unset > self._length and not self._warned_epoch and (self.views or 1) > 1:
-            self._warned_epoch = True
+        self._epoch[1] += served
+        if int(self._epoch[1]) > self._length and int(self._epoch[2]) == 0 and (self.views or 1) > 1:
+            self._epoch[2] = 1
             logger.warning(
                 "cachedfeatures: more than one epoch served without set_epoch(), so every epoch serves "
                 "the same view of each sample. Call cached.set_epoch(epoch) at the start of each epoch "
@@ -802,7 +862,7 @@ class CachedFeatureDataset(Dataset[Any]):
 
     def row_loader(self) -> RowLoader:
         """A picklable, module-free loader of raw samples (of entry rows), for worker processes."""
-        return RowLoader(self._source, self._bound().sample_layout)
+        return RowLoader(self._source if self._views is None else self._viewed(), self._bound().sample_layout)
 
     def compute_loaded(self, loaded: LoadedRows, *, pin_memory: bool = False) -> dict[str, np.ndarray]:
         """Run the module on loaded rows (in batches of ``batch_size``); the columns to store."""
@@ -906,6 +966,7 @@ class CachedFeatureDataset(Dataset[Any]):
         """
         if collate_fn is None and self.ragged_positions():
             collate_fn = self.pad_collate  # default_collate cannot stack rows of different lengths
+        self._restart_view_helpers(num_workers, worker_method)
         return Loader(
             self,
             batch_size=self.batch_size if batch_size is None else batch_size,
@@ -941,6 +1002,7 @@ class CachedFeatureDataset(Dataset[Any]):
             raise InvalidArgumentError(
                 "prefill(views=...) needs a dataset with views: pass views=K to cache K draws."
             )
+        self._restart_view_helpers(num_workers, worker_method)
         return prefill(
             self,
             num_workers=num_workers,
@@ -949,8 +1011,14 @@ class CachedFeatureDataset(Dataset[Any]):
             distributed=distributed,
             check_valid=check_valid,
             timeout=timeout,
-            rows=None if views is None else self.view_rows(views),
+            rows=None if self._views is None else self.view_rows(views),  # never a view's padding
         )
+
+    def _restart_view_helpers(self, num_workers: int, worker_method: str) -> None:
+        """Seeded loads that thread workers ask for run in helper processes: as many as workers,
+        forked afresh (they see the dataset as it is now)."""
+        if self._views is not None and worker_method == "thread":
+            self._views.restart_helpers(max(1, num_workers))
 
     # -- introspection -------------------------------------------------------------------------
 
@@ -983,7 +1051,7 @@ class CachedFeatureDataset(Dataset[Any]):
 
     def __repr__(self) -> str:
         valid = 0 if self._binding is None else int(self._binding.entry.valid_mask().sum())
-        rows = len(self._source)  # type: ignore[arg-type]
+        rows = self._length * (self.views or 1)
         views = "" if self._views is None else f" ({self._views.views} views of {self._length} samples)"
         return (
             f"CachedFeatureDataset({qualified_name(self.dataset)}, {type(self.module).__name__}, "
@@ -1012,8 +1080,11 @@ class CachedFeatureDataset(Dataset[Any]):
             self._binding.flush_access()
 
     def close(self) -> None:
-        """:meth:`flush`; the dataset stays usable (a later miss is held again)."""
+        """:meth:`flush`, and end the helper processes of ``views=`` loads; the dataset stays
+        usable (a later miss is held again, a later load starts new helpers)."""
         self.flush()
+        if self._views is not None:
+            self._views.close()
 
     @property
     def held_bytes(self) -> int:

@@ -42,6 +42,7 @@ __all__ = [
     "TrainingModeError",
     "UnhashableArgumentError",
     "UnknownArrayError",
+    "ViewLoadError",
     "WriterError",
 ]
 
@@ -195,6 +196,11 @@ class RankLostError(CacheError, RuntimeError):
 class RankMismatchError(CacheError, RuntimeError):
     """The ranks of a distributed ``prefill()`` do not fill one entry (their modules, datasets
     or options differ), so each would fill part of a different entry."""
+
+
+class ViewLoadError(CacheError, RuntimeError):
+    """Loading a view of a sample (``views=K``) in a helper process failed: the process died, or
+    the dataset raised an exception that cannot be sent back whole (the message has its text)."""
 
 
 class WriterError(CacheError, RuntimeError):

@@ -77,6 +77,7 @@ def describe_store(store: FeatureStore) -> dict[str, Any]:
                 "rows": entry.num_rows,
                 "rows_valid": rows_valid,
                 "views_valid": views,  # with views=K: valid rows of each view, else None
+                "view_samples": entry.meta["views"]["samples"] if entry.meta.get("views") else None,
                 "bytes": usage.entries.get(entry.name, 0),
                 # What the stored chunks decode to, and that over their stored bytes (None: no chunk).
                 "logical_bytes": sum(decoded.get(name, 0) for name, _ in sizes),

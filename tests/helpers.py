@@ -232,3 +232,26 @@ class Augmented(Samples):
     def __getitem__(self, index: int) -> Any:
         image, _ = super().__getitem__(index)
         return self.augment(image), index
+
+
+class DiesInHelpers(Augmented):
+    """Augmented samples whose sample ``fatal`` ends any process but the main one (as an
+    out-of-memory kill would), or, with ``unpicklable``, raises an exception that does not pickle."""
+
+    def __init__(self, n: int, fatal: int, unpicklable: bool = False) -> None:
+        super().__init__(n)
+        self.fatal, self.unpicklable = fatal, unpicklable
+
+    def __getitem__(self, index: int) -> Any:
+        if index == self.fatal and multiprocessing.parent_process() is not None:
+            if self.unpicklable:
+                raise TwoArgumentError("s3://bucket/key", 503)
+            os._exit(1)
+        return super().__getitem__(index)
+
+
+class TwoArgumentError(Exception):
+    """An exception that pickles but does not unpickle (like botocore's ClientError)."""
+
+    def __init__(self, path: str, code: int) -> None:
+        super().__init__(f"{path}: {code}")

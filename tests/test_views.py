@@ -9,7 +9,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import multiprocessing
+import os
 import random
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +77,8 @@ def served_views(batches: list[tuple[torch.Tensor, torch.Tensor]], expected: tor
 
 def test_each_epoch_serves_exact_views_and_k_epochs_serve_every_view_once(store_path: Path) -> None:
     cached, expected = _cached(store_path), expected_views()
-    assert len(cached) == N and cached.entry is not None and cached.entry.num_rows == N * K
+    assert len(cached) == N and cached.entry is not None
+    assert cached.entry.num_rows == K * 48  # each view starts on a chunk boundary
     assert len({tuple(v.flatten().tolist()) for v in expected[0]}) == K  # the draws differ
     per_sample: dict[int, list[int]] = {i: [] for i in range(N)}
     for epoch in range(2 * K):
@@ -267,7 +274,7 @@ def test_ragged_views_store_each_draw_unpadded(store_path: Path) -> None:
         cached.set_epoch(epoch)
         for sample in cached.__getitems__(list(range(24))):
             index = int(sample["label"])
-            view = cached.rows_of([index], epoch)[0] // 24
+            view = cached.views_of([index], epoch)[0]
             raw = cached.load_view(index, int(view))["tokens"]
             assert torch.equal(sample["tokens"], Embed().table[raw])  # exact, unpadded
             seen[index].add(len(raw))
@@ -285,3 +292,118 @@ def test_cli_info_shows_each_views_coverage(store_path: Path, capsys: pytest.Cap
     assert main(["info", "--json", str(store_path)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["entries"][0]["views_valid"] == [1, N, 0]  # the probe row of view 0, and view 1
+
+
+@pytest.mark.parametrize("unpicklable", [False, True], ids=["helper-dies", "unpicklable-error"])
+def test_a_failing_helper_process_raises_instead_of_hanging(store_path: Path, unpicklable: bool) -> None:
+    result = run_script(
+        f"""
+        import json, sys
+        from cachedfeatures import CachedFeatureDataset, ViewLoadError
+        from tests.helpers import Backbone, DiesInHelpers
+        cached = CachedFeatureDataset(DiesInHelpers(24, fatal=5, unpicklable={unpicklable}), Backbone(),
+                                      sys.argv[1], views=2, batch_size=4, spot_check=0)
+        try:
+            cached.prefill(num_workers=2, progress=False)
+            outcome = "no error"
+        except ViewLoadError as error:
+            outcome = str(error)
+        cached.close()
+        print(json.dumps({{"outcome": outcome}}))
+        """,
+        str(store_path),
+        timeout=120,  # a hang fails here
+    )
+    expected = "TwoArgumentError: s3://bucket/key: 503" if unpicklable else "died"
+    assert expected in result["outcome"]
+
+
+def test_a_new_loader_per_epoch_moves_on_and_follows_set_epoch(store_path: Path) -> None:
+    cached, expected = _cached(store_path), expected_views()
+    per_sample: dict[int, list[int]] = {i: [] for i in range(N)}
+    for _ in range(K):  # a new loader every epoch, as a training script often makes
+        for index, view in served_views(list(cached.loader(batch_size=BATCH)), expected).items():
+            per_sample[index].append(view)
+    assert all(sorted(views) == list(range(K)) for views in per_sample.values())
+    cached.set_epoch(1)
+    assert served_views(list(cached.loader(batch_size=BATCH)), expected) == {
+        i: int(cached.views_of([i], 1)[0]) for i in range(N)
+    }
+
+
+def test_helper_processes_end_at_close(store_path: Path) -> None:
+    before = set(multiprocessing.active_children())
+    cached = _cached(store_path)
+    list(cached.loader(batch_size=BATCH, num_workers=2))  # thread workers: loads in helpers
+    assert len(set(multiprocessing.active_children()) - before) == 2
+    cached.close()
+    for _ in range(100):
+        if not set(multiprocessing.active_children()) - before:
+            break
+        time.sleep(0.05)
+    assert not set(multiprocessing.active_children()) - before
+
+
+def test_seeded_loads_leave_cuda_generators_alone(store_path: Path) -> None:
+    tracker = getattr(torch.cuda, "_lazy_seed_tracker", None)  # where a CUDA seed waits for CUDA
+    if tracker is None:
+        pytest.skip("this torch keeps no lazy CUDA seed to compare")
+    cached = _cached(store_path)
+    torch.manual_seed(123)
+    queued = tracker.manual_seed_all_cb
+    cached.__getitems__(list(range(N)))
+    cached.load_view(3, 1)
+    assert tracker.manual_seed_all_cb is queued
+
+
+def test_a_view_generators_state_is_not_part_of_the_key(store_path: Path) -> None:
+    names = set()
+    for state in (1, 2):
+        dataset = Augmented(N, own_generator=True)
+        assert dataset.generator is not None
+        dataset.generator.manual_seed(state)  # as an unseeded generator differs from run to run
+        names.add(_cached(store_path, view_generators=[dataset.generator]).entry_name)
+    assert len(names) == 1
+
+
+def test_an_epoch_reads_one_chunk_per_block_of_samples(store_path: Path) -> None:
+    cached = _cached(store_path)  # N = 40 samples, chunks of 16: 3 blocks
+    for epoch in range(2 * K):
+        chunks = np.unique(cached.rows_of(np.arange(N), epoch) // CHUNK_ROWS)
+        assert len(chunks) == 3
+
+
+def test_bad_indices_epochs_and_views_say_what_is_expected(store_path: Path) -> None:
+    cached = _cached(store_path)
+    for indices in ([N], [-1], [0.5]):
+        with pytest.raises(InvalidArgumentError, match="sample indices from 0 to 39"):
+            cached.rows_of(indices, 0)
+    with pytest.raises(InvalidArgumentError, match="epoch to be an int"):
+        cached.rows_of([0], -1)
+    with pytest.raises(InvalidArgumentError, match="epoch to be an int"):
+        cached.set_epoch(1.0)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="epoch to be an int"):
+        cached.set_epoch(2**70)
+    assert cached.prefill(views=1, progress=False).computed == N  # one view number is fine
+
+
+@pytest.mark.slow
+def test_the_set_epoch_warning_counts_across_dataloader_workers(store_path: Path) -> None:
+    script = f"""
+        import sys
+        from torch.utils.data import DataLoader
+        from tests.test_views import _cached
+        from pathlib import Path
+        cached = _cached(Path(sys.argv[1]))
+        for _ in range(3):
+            list(DataLoader(cached, batch_size={BATCH}, num_workers=2))
+        """
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), str(store_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("without set_epoch()") == 1

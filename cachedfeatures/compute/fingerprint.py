@@ -38,7 +38,7 @@ import torch
 
 from cachedfeatures.compute import hashing as _hashing
 from cachedfeatures.compute.state_hash import StateHasher, excluded_attributes, module_name, unwrap_compiled
-from cachedfeatures.compute.views import seeded_generators
+from cachedfeatures.compute.views import Generator, seeded_generators
 from cachedfeatures.errors import FingerprintWarning, NonDeterministicDatasetError
 from cachedfeatures.format.names import ENTRY_KEY_VERSION, FORMAT_VERSION_KEY
 
@@ -156,8 +156,12 @@ def dataset_fingerprint(
     *,
     version: str | None = None,
     allow_nondeterministic: bool = False,
+    seeded: Sequence[Generator] = (),
 ) -> DatasetProbe:
     """Fingerprint ``dataset`` from its class, length, own state and probe samples.
+
+    ``seeded``: generators of the dataset that every load reseeds (``view_generators``); their
+    state is hashed as seeded with 0, since the state they are in now changes nothing.
 
     ``load(i)`` loads sample ``i``. Each of the first :data:`NUM_RELOADED_PROBES` probes is
     loaded again under each of :data:`RELOAD_SEEDS` (torch's, NumPy's and Python's global
@@ -177,7 +181,8 @@ def dataset_fingerprint(
         )
         return DatasetProbe(fingerprint, {}, 0)
 
-    before, unhashed_before = _state_digests(dataset)
+    with seeded_generators(0, seeded):
+        before, unhashed_before = _state_digests(dataset)
     indices = probe_indices(length)
     with _preserved_generators():  # probing leaves the caller's random streams as they were
         probes = {i: load(i) for i in indices}
@@ -206,7 +211,8 @@ def dataset_fingerprint(
             sample=differs,
         )
 
-    after, unhashed_after = _state_digests(dataset)
+    with seeded_generators(0, seeded):
+        after, unhashed_after = _state_digests(dataset)
     volatile = sorted(path for path in before.keys() | after.keys() if before.get(path) != after.get(path))
     state_hasher = _hashing.new_hasher()
     for path in sorted(before.keys() - set(volatile)):

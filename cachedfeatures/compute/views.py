@@ -4,7 +4,8 @@
 ``i`` is loaded with torch's, NumPy's and Python's global generators (and any extra generators
 given) seeded from ``(seed, i, v)``, then restored, so it is the same draw in every process,
 worker and run, and a cached row can be recomputed and compared like any other. The entry holds
-``K * N`` rows, view-major: row ``v * N + i``, so the rows one epoch reads sit together.
+the views one after another: row ``v * stride + i``, ``stride`` being ``N`` rounded up to whole
+chunks, so that the rows one epoch reads of a block of samples are one chunk.
 
 Seeding a global generator is only reproducible where no other thread draws from it meanwhile
 (a training loop's dropout draws from torch's), and restoring it afterwards would replay another
@@ -16,11 +17,16 @@ and seeded loads in one process take one lock.
 
 from __future__ import annotations
 
+import concurrent.futures
+import concurrent.futures.process
 import contextlib
-import multiprocessing.pool
+import itertools
+import multiprocessing
 import os
+import pickle
 import random
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal, get_args
 
@@ -28,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cachedfeatures.errors import ArgumentTypeError, InvalidArgumentError
+from cachedfeatures.errors import ArgumentTypeError, InvalidArgumentError, ViewLoadError
 from cachedfeatures.parse import expected, parse_choice, parse_positive_int
 
 __all__ = [
@@ -50,8 +56,6 @@ Generator = torch.Generator | np.random.Generator | random.Random
 
 _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 _LOCK = threading.RLock()  # one seeded load at a time in a process: the generators are global
-_POOL_PROCESSES = 2  # helper processes per dataset for loads asked for off the main thread
-_pool_samples: ViewedSamples | None = None  # in a helper process: the rows it loads
 
 
 def _mix(*parts: np.ndarray | int) -> np.ndarray:
@@ -127,7 +131,11 @@ def _restore(generator: Generator, state: Any) -> None:
 
 
 class ViewedSamples(Dataset[Any]):
-    """The ``K * N`` rows of a ``views=K`` entry: row ``v * N + i`` is sample ``i`` loaded as view ``v``.
+    """The rows of a ``views=K`` entry: row ``v * stride + i`` is sample ``i`` loaded as view ``v``.
+
+    ``stride`` is ``N`` rounded up to whole chunks, so every view starts on a chunk boundary and
+    a block of ``chunk_rows`` samples is one chunk of each view; the rows past ``N`` in a view's
+    last chunk are never filled. It is set once the entry's ``chunk_rows`` is known.
 
     Args:
         dataset: the user's map-style dataset of ``N`` samples (random transforms included).
@@ -144,40 +152,37 @@ class ViewedSamples(Dataset[Any]):
         self.seed = seed
         self.generators = tuple(generators)
         self.samples = len(dataset)  # type: ignore[arg-type]
-
-        self._pool: multiprocessing.pool.Pool | None = None
-        self._pool_pid = 0
+        self.stride: int | None = None
+        self.helper_processes = _HELPER_PROCESSES
+        self._helpers: _Helpers | None = None
+        self._token = _register(self)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_pool"], state["_pool_pid"] = None, 0  # a pool belongs to the process that made it
+        state["_helpers"] = None  # helper processes belong to the process that started them
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._token = _register(self)
+
+    @staticmethod
+    def stride_for(samples: int, chunk_rows: int) -> int:
+        """Rows per view: ``samples`` rounded up to whole chunks."""
+        return -(-samples // chunk_rows) * chunk_rows
+
+    def _stride(self) -> int:
+        if self.stride is None:
+            raise RuntimeError("ViewedSamples.stride is set when the entry is bound")
+        return self.stride
+
     def __len__(self) -> int:
-        return self.samples * self.views
-
-    def load_rows(self, rows: Sequence[int] | np.ndarray) -> list[Any]:
-        """The samples of entry ``rows``: here in a main thread, else in the helper processes."""
-        rows = [int(row) for row in rows]
-        if threading.current_thread() is threading.main_thread():
-            return [self[row] for row in rows]
-        return self._helpers().apply(_load_in_helper, (rows,))
-
-    def _helpers(self) -> multiprocessing.pool.Pool:
-        with _LOCK:
-            if self._pool is None or self._pool_pid != os.getpid():
-                # The default start method (fork on Linux, as for DataLoader workers): the
-                # dataset is inherited, not pickled, and nothing of __main__ runs again.
-                self._pool = multiprocessing.pool.Pool(
-                    min(_POOL_PROCESSES, os.cpu_count() or 1), initializer=_serve_in_helper, initargs=(self,)
-                )
-                self._pool_pid = os.getpid()
-            return self._pool
+        return self.views * self._stride()
 
     def __getitem__(self, row: int) -> Any:
-        if not 0 <= row < len(self):
-            raise IndexError(f"row {row} is out of range for {self.views} views of {self.samples} samples.")
-        view, index = divmod(int(row), self.samples)
+        view, index = divmod(int(row), self._stride())
+        if not (0 <= view < self.views and index < self.samples):
+            raise IndexError(f"row {row} holds no view of a sample ({self.views} views of {self.samples}).")
         return self.view(index, view)
 
     def view(self, index: int, view: int) -> Any:
@@ -187,17 +192,103 @@ class ViewedSamples(Dataset[Any]):
 
     def row(self, index: int, view: int) -> int:
         """The entry row of view ``view`` of sample ``index``."""
-        return view * self.samples + index
+        return view * self._stride() + index
+
+    def load_rows(self, rows: Sequence[int] | np.ndarray) -> list[Any]:
+        """The samples of entry ``rows``: here in a main thread (or where fork is missing), else
+        in helper processes, where no other thread draws from the generators."""
+        rows = [int(row) for row in rows]
+        if threading.current_thread() is threading.main_thread() or not _CAN_FORK:
+            return [self[row] for row in rows]
+        with _LOCK:
+            helpers = self._helpers
+            if helpers is None or helpers.pid != os.getpid():
+                helpers = self._helpers = _Helpers(self.helper_processes)
+                weakref.finalize(self, helpers.close)
+        return helpers.load(self._token, rows, self)
+
+    def restart_helpers(self, processes: int) -> None:
+        """Fork ``processes`` helper processes now, ending any earlier ones (so they see the
+        dataset as it is now): ``loader()`` and ``prefill()`` call it from the main thread before
+        their threads start, since a fork from a thread while another runs torch could inherit
+        locks held mid-operation."""
+        self.close()
+        self.helper_processes = max(1, processes)
+        if _CAN_FORK:
+            with _LOCK:
+                helpers = self._helpers = _Helpers(self.helper_processes, start=True)
+            weakref.finalize(self, helpers.close)
+
+    def close(self) -> None:
+        """End the helper processes (the next load off the main thread starts new ones)."""
+        with _LOCK:
+            helpers, self._helpers = self._helpers, None
+        if helpers is not None and helpers.pid == os.getpid():
+            helpers.close()
 
 
-def _serve_in_helper(samples: ViewedSamples) -> None:
-    global _pool_samples
-    _pool_samples = samples
+# -- helper processes -------------------------------------------------------------------------------
+
+_HELPER_PROCESSES = 2  # default helper processes per dataset, until a loader or prefill sets it
+_CAN_FORK = "fork" in multiprocessing.get_all_start_methods()
+# The datasets of this process by token: a forked helper inherits them, so nothing is pickled
+# (the dataset may hold locks or open files) and nothing of __main__ runs again.
+_SAMPLES: weakref.WeakValueDictionary[int, ViewedSamples] = weakref.WeakValueDictionary()
+_TOKENS = itertools.count()
 
 
-def _load_in_helper(rows: list[int]) -> list[Any]:
-    assert _pool_samples is not None  # set by the pool's initializer
-    return [_pool_samples[row] for row in rows]
+def _register(samples: ViewedSamples) -> int:
+    token = next(_TOKENS)
+    _SAMPLES[token] = samples
+    return token
+
+
+class _Helpers:
+    """Forked processes that run seeded loads for threads other than the main one."""
+
+    def __init__(self, processes: int, start: bool = False) -> None:
+        self.pid = os.getpid()
+        self.executor = concurrent.futures.ProcessPoolExecutor(
+            processes, mp_context=multiprocessing.get_context("fork"), initializer=_start_helper
+        )
+        if start:  # with fork, the first task forks every process
+            self.executor.submit(int).result()
+
+    def load(self, token: int, rows: list[int], samples: ViewedSamples) -> list[Any]:
+        try:
+            return self.executor.submit(_load_in_helper, token, rows).result()
+        except concurrent.futures.process.BrokenProcessPool as error:
+            samples.close()  # the next load starts new helpers
+            raise ViewLoadError(
+                f"a helper process loading views of rows {rows[:8]} died (killed, out of memory, or "
+                f"the dataset ended its process): {error}. Nothing of these rows was cached; fix the "
+                "dataset (or give the machine more memory) and run again, or load in "
+                "worker_method='process' workers."
+            ) from None
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _start_helper() -> None:
+    # One thread, like a DataLoader worker: no oversubscription, and no OpenMP team inherited
+    # half-made from a parent that forked while computing.
+    torch.set_num_threads(1)
+
+
+def _load_in_helper(token: int, rows: list[int]) -> list[Any]:
+    samples = _SAMPLES[token]
+    try:
+        return [samples[row] for row in rows]
+    except Exception as error:
+        try:  # the caller gets the dataset's own exception, where it survives pickling
+            pickle.loads(pickle.dumps(error))
+        except Exception:
+            raise ViewLoadError(
+                f"loading rows {rows[:8]} in a helper process failed with {type(error).__name__}: "
+                f"{error} (the exception cannot be sent back whole: it does not pickle)."
+            ) from None
+        raise
 
 
 class ViewSchedule:
@@ -212,9 +303,10 @@ class ViewSchedule:
     number correlates nothing. ``"random"``: each sample's view is drawn uniformly per epoch.
     """
 
-    def __init__(self, views: int, samples: int, seed: int, kind: Schedule, block: int) -> None:
+    def __init__(self, views: int, samples: int, stride: int, seed: int, kind: Schedule, block: int) -> None:
         self.views = views
         self.samples = samples
+        self.stride = stride
         self.seed = seed
         self.kind = kind
         self.block = max(1, block)
@@ -236,7 +328,7 @@ class ViewSchedule:
     def rows(self, indices: np.ndarray | Sequence[int], epoch: int) -> np.ndarray:
         """The entry rows that serve ``indices`` in ``epoch``."""
         indices = np.asarray(indices, dtype=np.int64)
-        rows: np.ndarray = self.views_of(indices, epoch) * self.samples + indices
+        rows: np.ndarray = self.views_of(indices, epoch) * self.stride + indices
         return rows
 
 

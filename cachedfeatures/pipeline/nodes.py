@@ -120,6 +120,10 @@ class CachedSource(Protocol):
         """The entry rows that serve sample ``indices`` in ``epoch`` (the indices, without views)."""
         ...
 
+    def begin_epoch(self, epoch: int | None = None) -> int:
+        """Start a loader epoch (``epoch`` when resuming); its number, counted by the dataset."""
+        ...
+
     @property
     def views(self) -> int | None:
         """Draws cached per sample (``None``: rows are samples)."""
@@ -186,8 +190,10 @@ class EpochRows(tn.BaseNode[list[int]]):  # type: ignore[misc]
     """Batches of sample indices as the entry rows that serve them in the current epoch.
 
     With ``views=K`` a sample has ``K`` rows and the epoch picks one (``cached.rows_of``).
-    Each ``reset()`` without a state starts the next epoch (the first is 0); the state holds the
-    epoch and the source's state, so a resumed loader serves the same views.
+    Each ``reset()`` without a state starts the dataset's next epoch (``cached.begin_epoch()``:
+    the one after the last any loader served, or the one given to ``set_epoch``), so a new
+    loader per epoch moves on too; the state holds the epoch and the source's state, so a
+    resumed loader serves the same views.
     """
 
     EPOCH_KEY = "epoch"
@@ -202,10 +208,10 @@ class EpochRows(tn.BaseNode[list[int]]):  # type: ignore[misc]
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
         if initial_state is not None:
-            self.epoch = int(initial_state[self.EPOCH_KEY])
+            self.epoch = self.cached.begin_epoch(int(initial_state[self.EPOCH_KEY]))
             self.source.reset(initial_state[self.SOURCE_KEY])
         else:
-            self.epoch += 1
+            self.epoch = self.cached.begin_epoch()
             self.source.reset(None)
 
     def next(self) -> list[int]:

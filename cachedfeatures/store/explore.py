@@ -99,6 +99,7 @@ class EntryInfo:
     created: str
     last_used: _dt.datetime | None
     views_valid: tuple[int, ...] | None = None  # with views=K: valid rows of each view
+    view_samples: int | None = None  # with views=K: the samples N (each view holds N rows)
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -334,13 +335,13 @@ def compression_ratio(entry: Entry) -> float:
 
 
 def view_coverage(entry: Entry, mask: np.ndarray | None = None) -> tuple[int, ...] | None:
-    """With ``views=K``: how many samples each view has cached (row ``v * N + i``); else ``None``."""
+    """With ``views=K``: how many samples each view has cached (row ``v * stride + i``); else ``None``."""
     views = entry.meta.get("views")
     if not views:
         return None
-    count, samples = int(views["count"]), int(views["samples"])
-    mask = entry.valid_mask() if mask is None else mask
-    return tuple(int(n) for n in np.asarray(mask, dtype=bool).reshape(count, samples).sum(axis=1))
+    count, samples, stride = int(views["count"]), int(views["samples"]), int(views["stride"])
+    mask = np.asarray(entry.valid_mask() if mask is None else mask, dtype=bool)
+    return tuple(int(n) for n in mask.reshape(count, stride)[:, :samples].sum(axis=1))
 
 
 def entry_info(entry: Entry) -> EntryInfo:
@@ -375,6 +376,7 @@ def entry_info(entry: Entry) -> EntryInfo:
         created=entry.created,
         last_used=last_used(entry),
         views_valid=view_coverage(entry, mask),
+        view_samples=int(entry.meta["views"]["samples"]) if entry.meta.get("views") else None,
     )
 
 
@@ -415,8 +417,9 @@ def _ratio(info: EntryInfo) -> str:
 
 
 def _rows(info: EntryInfo) -> str:
-    percent = 100 * info.valid_rows / info.num_rows if info.num_rows else 0.0
-    return f"{info.valid_rows} / {info.num_rows} valid ({percent:.0f}%)"
+    total = info.num_rows if info.view_samples is None else info.view_samples * len(info.views_valid or ())
+    percent = 100 * info.valid_rows / total if total else 0.0
+    return f"{info.valid_rows} / {total} valid ({percent:.0f}%)"
 
 
 def views_text(valid: Sequence[int], samples: int) -> str:
@@ -440,7 +443,7 @@ def entry_repr(info: EntryInfo) -> str:
             f"  dataset  {info.dataset}",
             f"  rows     {_rows(info)}, {info.num_chunks} chunks of {info.chunk_rows} rows",
             *(
-                [f"  views    {views_text(info.views_valid, info.num_rows // len(info.views_valid))}"]
+                [f"  views    {views_text(info.views_valid, info.view_samples or 0)}"]
                 if info.views_valid
                 else []
             ),

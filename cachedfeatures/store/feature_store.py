@@ -287,6 +287,15 @@ class Entry:
         """The whole ``valid`` mask, as read now."""
         return np.asarray(self.valid[:], dtype=bool)
 
+    def unused_rows(self) -> np.ndarray:
+        """Rows that never hold data: in an entry of ``views=K``, each view's rows past the
+        samples (every view starts on a chunk boundary). None in other entries."""
+        views = self.meta.get("views")
+        if not views:
+            return np.empty(0, dtype=np.int64)
+        count, samples, stride = int(views["count"]), int(views["samples"]), int(views["stride"])
+        return (np.arange(count)[:, None] * stride + np.arange(samples, stride)[None, :]).ravel()
+
     def read(self, indices: Sequence[int] | np.ndarray) -> RowsRead:
         """Read the rows at ``indices``; a row is a hit only if it is valid before and after.
 

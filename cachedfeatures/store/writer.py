@@ -183,6 +183,7 @@ class ChunkBuffer:
     def _count_missing(self) -> np.ndarray:
         entry = self.entry
         mask = entry.valid_mask()
+        mask[entry.unused_rows()] = True  # never filled: a chunk is complete without them
         padded = np.ones(entry.num_chunks * entry.chunk_rows, dtype=bool)
         padded[: len(mask)] = mask
         return np.asarray((~padded).reshape(entry.num_chunks, entry.chunk_rows).sum(axis=1))

@@ -40,7 +40,8 @@ from torch.utils.data import Sampler, default_collate
 
 from cachedfeatures.compute.steps import LoadedRows, RowLoader
 from cachedfeatures.errors import CacheError, WriterError
-from cachedfeatures.parse import parse_choice, parse_nonnegative_int, parse_positive_int
+from cachedfeatures.parse import parse_choice, parse_device, parse_nonnegative_int, parse_positive_int
+from cachedfeatures.pipeline.collate import move_to
 from cachedfeatures.pipeline.lifetime import exit_with_parent
 from cachedfeatures.store.integrity import CheckedReader
 from cachedfeatures.store.ownership import ChunkOwnership
@@ -113,6 +114,11 @@ class CachedSource(Protocol):
 
     def assemble_all(self, columns: Mapping[str, np.ndarray]) -> list[Any]:
         """One sample per row of ``columns``."""
+        ...
+
+    def batch_assembler(self, collate_fn: Collate | None = None) -> Callable[[Mapping[str, np.ndarray]], Any]:
+        """What makes ``collate_fn(samples)`` of a batch's stored columns (straight from the
+        columns where ``collate_fn`` allows; ``None``: the dataset's default collate)."""
         ...
 
 
@@ -429,15 +435,14 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
 
 
 class _Assemble:
-    """Builds the samples of a computed batch and collates them."""
+    """Collates a computed batch: straight from its columns for ``default_collate`` and the
+    dataset's ``pad_collate``, through one sample per row for any other ``collate_fn``."""
 
     def __init__(self, cached: CachedSource, collate_fn: Collate) -> None:
-        self.cached = cached
-        self.collate_fn = collate_fn
+        self.assemble = cached.batch_assembler(collate_fn)
 
     def __call__(self, batch: ComputedBatch) -> Any:
-        samples = self.cached.assemble_all(batch.columns)
-        return self.collate_fn(samples)
+        return self.assemble(batch.columns)
 
 
 class Loader:
@@ -454,12 +459,17 @@ class Loader:
         shuffle: a new permutation every epoch, seeded by ``seed + epoch``. Default ``False``.
         num_workers: workers that read hits and load raw misses; ``0`` does I/O inline.
         pin_memory: pin batches (and miss inputs) for ``non_blocking`` copies to CUDA; only
-            used when CUDA is available. Default ``False``.
+            used when CUDA is available. Default ``None``: when ``device`` is a CUDA device.
+        device: deliver every batch's tensors on this device (``"cuda"``), copied from pinned
+            memory with ``non_blocking=True`` where ``pin_memory``; strings stay as they are.
+            Default ``None``: batches stay on the CPU.
         seed: base seed of the shuffle. Default 0.
         drop_last: drop the last, smaller batch. Default ``False``, as in DataLoader.
         sampler: any ``Sampler`` of row indices instead of ``shuffle``/``seed``; resumable when
             it is stateful, otherwise by replaying it (``set_epoch`` is called per epoch).
-        collate_fn: turns a list of samples into a batch. Default ``default_collate``.
+        collate_fn: turns a list of samples into a batch. Default ``default_collate``, which (like
+            the dataset's ``pad_collate``) is made straight from the stored columns; any other
+            function is handed one sample per row.
         worker_method: ``"thread"`` (default; measured faster for zarr reads, which release
             the GIL) or ``"process"``.
         prefetch_factor: batches kept ready ahead of the training loop. Default 2.
@@ -472,13 +482,14 @@ class Loader:
         *,
         shuffle: bool = False,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         seed: int = 0,
         drop_last: bool = False,
         sampler: Sampler[int] | None = None,
         collate_fn: Collate | None = None,
         worker_method: WorkerMethod = "thread",
         prefetch_factor: int = 2,
+        device: str | torch.device | None = None,
     ) -> None:
         if len(cached) == 0:
             raise CacheError("the dataset is empty; there is nothing to load.")
@@ -490,6 +501,9 @@ class Loader:
         self.worker_method = parse_worker_method(worker_method)
         self.drop_last = bool(drop_last)
         self.sampler = sampler
+        self.device = None if device is None else parse_device(device)
+        if pin_memory is None:
+            pin_memory = self.device is not None and self.device.type == "cuda"
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
         self.writer = Writer(hits.entry, write=cached.write)
 
@@ -539,6 +553,8 @@ class Loader:
                 if error is None:
                     raise
                 raise error from None
+            if self.device is not None:
+                item = move_to(item, self.device, non_blocking=self.pin_memory)
             yield item
 
     def __len__(self) -> int:

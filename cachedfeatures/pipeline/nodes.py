@@ -312,11 +312,15 @@ class ReadOrLoad:
     def _read_or_load(self, rows: list[int] | np.ndarray) -> IOBatch:
         self._arm()
         rows = np.asarray(rows, dtype=np.int64)
-        columns = {spec.name: spec.empty_column(len(rows)) for spec in self.hits.entry.specs}
+        specs = self.hits.entry.specs
         hit = np.zeros(len(rows), dtype=bool)
         if self.read_hits:
             read = self.hits.read(rows)
             hit = read.hit
+            if read.all_hit and len(read.arrays) == len(specs):  # the read's own copies, a row per row
+                return IOBatch(rows, hit, dict(read.arrays), None, np.zeros(0, dtype=np.int64))
+        columns = {spec.name: spec.empty_column(len(rows)) for spec in specs}
+        if self.read_hits:
             for name, column in read.arrays.items():
                 columns[name][hit] = column
         misses: LoadedRows | None = None

@@ -505,10 +505,11 @@ class CachedFeatureDataset(Dataset[Any]):
         collated batch, as ``pad_collate`` (ragged entries) or ``default_collate`` makes it of their
         samples, built straight from the stored columns. The latter is what a
         ``DataLoader(cached, batch_size=None, sampler=cached.batch_sampler(...))`` asks for."""
-        if isinstance(index, (Sequence, np.ndarray, torch.Tensor)) and not isinstance(index, str):
-            rows = self._normalize(index.tolist() if not isinstance(index, Sequence) else index)
-            return self.batch_assembler()(self._columns(rows))
-        return self.__getitems__([index])[0]
+        if isinstance(index, (np.ndarray, torch.Tensor)) and index.ndim > 0:
+            index = index.tolist()
+        if isinstance(index, Sequence) and not isinstance(index, (str, bytes)):
+            return self.batch_assembler()(self._columns(self._normalize(index)))
+        return self.__getitems__([index])[0]  # type: ignore[list-item]
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
         """The samples at ``indices``: hits read from the store, misses computed in batches."""

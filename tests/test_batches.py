@@ -354,7 +354,10 @@ def test_indexing_with_several_rows_gives_their_batch(store_path: Path) -> None:
     want = default_collate(cached.__getitems__(rows))  # computed (and stored) on the way
     for index in (rows, np.array(rows), torch.tensor(rows)):
         assert_same(cached[index], want)
-    assert cached[5]["label"] == 5  # one index: one sample, as before
+    for one in (5, np.int64(5), np.array(5), torch.tensor(5)):  # one index: one sample, as before
+        assert cached[one]["label"] == 5 and cached[one]["image"].shape == (16,)
+    empty = cached[[]]
+    assert empty["image"].shape == (0, 16) and empty["name"] == []
     with pytest.raises(IndexError):
         cached[[0, 20]]
 

@@ -522,6 +522,8 @@ class CachedFeatureDataset(Dataset[Any]):
         """The stored columns of ``rows`` (fresh arrays, a row per row): hits read, misses computed
         and stored, a spot check where one is due."""
         binding = self._bound()
+        if len(rows) == 0:
+            return {spec.name: spec.empty_column(0) for spec in binding.entry.specs}
         self._warn_if_private_store_in_worker()
         read = binding.read(rows)
         if self.spot_check_rows and self._spot.due_on_serve(len(rows), read.hits):

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torchdata.nodes as tn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, default_collate
@@ -24,6 +25,7 @@ from cachedfeatures import CachedFeatureDataset, ChunkShuffleSampler, PadCollate
 from cachedfeatures.compute.layout import OutputLayout, SampleLayout
 from cachedfeatures.errors import InvalidArgumentError
 from cachedfeatures.pipeline.collate import BatchAssembler, move_to
+from cachedfeatures.pipeline.nodes import IndexBatches, Indices
 from tests.helpers import SHAPES, Backbone, Samples
 
 # -- comparing batches exactly ---------------------------------------------------------------------
@@ -472,3 +474,26 @@ def test_dataloader_recipe_with_pinned_memory_on_cuda(store_path: Path) -> None:
         assert features.is_pinned() and labels.is_pinned()
         on_gpu = features.to("cuda", non_blocking=True)
         assert torch.equal(on_gpu.cpu(), features)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize(("n", "batch_size"), [(10, 4), (8, 4), (3, 5)])
+def test_index_batches_are_what_a_batcher_of_indices_yields(n: int, batch_size: int, drop_last: bool) -> None:
+    """The loader's batches of indices come a batch at a time; same batches, and either resumes the
+    other's state (a checkpoint saved before the change still resumes)."""
+    batcher = tn.Batcher(Indices(n, shuffle=True, seed=3), batch_size, drop_last=drop_last)
+    batches = IndexBatches(Indices(n, shuffle=True, seed=3), batch_size, drop_last=drop_last)
+    for _ in range(3):  # a new permutation each epoch
+        batcher.reset()
+        batches.reset()
+        want = [list(batch) for batch in batcher]
+        assert [batch.tolist() for batch in batches] == want
+        assert batches.state_dict() == batcher.state_dict()
+    for first, second in ((batcher, batches), (batches, batcher)):
+        first.reset()
+        if n > batch_size:
+            next(first)
+        state = first.state_dict()
+        rest = [list(batch) for batch in first]
+        second.reset(state)
+        assert [list(batch) for batch in second] == rest

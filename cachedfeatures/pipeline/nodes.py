@@ -51,6 +51,7 @@ __all__ = [
     "CachedSource",
     "ComputeMisses",
     "IOBatch",
+    "IndexBatches",
     "Indices",
     "Loader",
     "ReadOrLoad",
@@ -174,8 +175,49 @@ class Indices(tn.BaseNode[int]):  # type: ignore[misc]
         self._offset += 1
         return row
 
+    def take(self, count: int) -> np.ndarray:
+        """The next ``count`` rows at once (fewer at the end of the epoch, none after it)."""
+        rows = self._order[self._offset : self._offset + count]
+        self._offset += len(rows)
+        return rows
+
     def get_state(self) -> dict[str, Any]:
         return {self.EPOCH_KEY: self._epoch, self.OFFSET_KEY: self._offset}
+
+
+class IndexBatches(tn.BaseNode[np.ndarray]):  # type: ignore[misc]
+    """Batches of :class:`Indices` as arrays: what ``Batcher(Indices(...))`` yields, without a
+    Python call per row (that cost about as much as reading a batch of hits).
+
+    The state is the batcher's over :class:`Indices` (``{"source": {"epoch", "offset"}}``), so a
+    loader resumes from a state either of them saved.
+
+    Args:
+        indices: the rows of each epoch.
+        batch_size: rows per batch.
+        drop_last: drop the last, smaller batch. Default ``False``.
+    """
+
+    SOURCE_KEY = "source"
+
+    def __init__(self, indices: Indices, batch_size: int, drop_last: bool = False) -> None:
+        super().__init__()
+        self.indices = indices
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+
+    def reset(self, initial_state: dict[str, Any] | None = None) -> None:
+        super().reset(initial_state)
+        self.indices.reset(None if initial_state is None else initial_state[self.SOURCE_KEY])
+
+    def next(self) -> np.ndarray:
+        rows = self.indices.take(self.batch_size)
+        if len(rows) == 0 or (self.drop_last and len(rows) < self.batch_size):
+            raise StopIteration
+        return rows
+
+    def get_state(self) -> dict[str, Any]:
+        return {self.SOURCE_KEY: self.indices.state_dict()}
 
 
 class CollectBeforeFork(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
@@ -511,10 +553,12 @@ class Loader:
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
         self.writer = Writer(hits.entry, write=cached.write)
 
-        source: tn.BaseNode[int] = (
-            tn.SamplerWrapper(sampler) if sampler is not None else Indices(len(cached), shuffle, seed)
-        )
-        batches: tn.BaseNode[list[int]] = tn.Batcher(source, self.batch_size, drop_last=self.drop_last)
+        batches: tn.BaseNode[list[int] | np.ndarray]
+        if sampler is not None:
+            batches = tn.Batcher(tn.SamplerWrapper(sampler), self.batch_size, drop_last=self.drop_last)
+        else:
+            indices = Indices(len(cached), shuffle, seed)
+            batches = IndexBatches(indices, self.batch_size, drop_last=self.drop_last)
         if self.num_workers > 0 and self.worker_method == "process":
             batches = CollectBeforeFork(batches)
         io = ReadOrLoad(

@@ -308,7 +308,7 @@ class CachedFeatureDataset(Dataset[Any]):
         self.entry_name = f"{_entry_prefix(module)}-{key}"
         # An empty dataset has no entry, so no binding: nothing can be read or written.
         self._binding: EntryBinding | None = None
-        self._default_assembler: Callable[[Mapping[str, np.ndarray]], Any] | None = None
+        self._default_assembler: BatchAssembler | None = None
         if self._length > 0:
             self._rename_if_names_collide(self._opened.store)
             self._binding = EntryBinding(
@@ -730,15 +730,17 @@ class CachedFeatureDataset(Dataset[Any]):
         ``None``: :attr:`pad_collate` for an entry with ragged arrays, else ``default_collate``.
         """
         binding = self._bound()
+        if collate_fn is None and self._default_assembler is not None:
+            return self._default_assembler  # kept: every cached[rows] asks (and it pickles to workers)
+        chosen = collate_fn
+        if chosen is None:
+            chosen = self.pad_collate if self.ragged_positions() else default_collate
+        fast = BatchAssembler.of(chosen, binding.sample_layout, binding.output_layout)
+        if fast is None:
+            return lambda columns: chosen(self.assemble_all(columns))
         if collate_fn is None:
-            if self._default_assembler is None:
-                chosen = self.pad_collate if self.ragged_positions() else default_collate
-                self._default_assembler = self.batch_assembler(chosen)
-            return self._default_assembler
-        fast = BatchAssembler.of(collate_fn, binding.sample_layout, binding.output_layout)
-        if fast is not None:
-            return fast
-        return lambda columns: collate_fn(self.assemble_all(columns))
+            self._default_assembler = fast
+        return fast
 
     def batch_sampler(
         self,

@@ -9,6 +9,7 @@ where there is one, a CUDA device.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -497,3 +498,30 @@ def test_index_batches_are_what_a_batcher_of_indices_yields(n: int, batch_size: 
         rest = [list(batch) for batch in first]
         second.reset(state)
         assert [list(batch) for batch in second] == rest
+
+
+class Pairs(torch.utils.data.Dataset[Any]):
+    """Samples whose ``pair`` is a list of an int and a bool (two fields, which PadCollate pads as
+    one row of numbers) beside variable-length ``ids``."""
+
+    def __init__(self, n: int) -> None:
+        self.data = Samples(n, "tuple")
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> Any:
+        return {"image": self.data.image(index), "pair": [index, index % 2 == 0], "ids": [1] * (index % 3)}
+
+
+@pytest.mark.parametrize("dataset", [Pairs, Ids])
+def test_batches_pickle_to_workers_and_fall_back_to_samples_where_they_must(
+    store_path: Path, dataset: Callable[[int], Any]
+) -> None:
+    cached = CachedFeatureDataset(dataset(12), Backbone(), store_path, input_key="image", spot_check=0)
+    want = cached.pad_collate(cached.__getitems__(list(range(12))))
+    assert_same(cached[list(range(12))], want)
+    copy = pickle.loads(pickle.dumps(cached))  # what a spawn-started DataLoader worker gets
+    assert_same(copy[list(range(12))], want)
+    batch = next(iter(DataLoader(cached, batch_size=None, sampler=cached.batch_sampler(12), num_workers=1)))
+    assert_same(batch, want)

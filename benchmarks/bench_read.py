@@ -13,6 +13,13 @@ the speed of a shared machine drifts within minutes; the summary at the end also
 the best ceiling seen anywhere in the run. The table is printed and written as JSON under
 ``benchmarks/results/``. "Fresh process" rows are measured in a new Python process.
 
+Batch delivery (``--batches`` runs only this part): hit epochs of ``cached.loader()`` and of
+the plain-DataLoader batch recipe ``DataLoader(cached, batch_size=None,
+sampler=cached.batch_sampler(256, shuffle=True))``, and of the per-sample ``DataLoader(cached,
+batch_size=256)``, at ``num_workers`` 0 and 2, each taken in turns with the memmap served per
+sample at the same worker count, and against pre-collated memmap batches (one fancy index per
+batch, no per-sample tuples).
+
 Spot checks (``spot_check=8``, the default, against ``spot_check=0``) are measured for each
 variant on the same store: hit epochs taken in turns, and one check timed on its own (load 8
 raw rows, run the module on them, compare) as a share of a hit epoch; for the first variant
@@ -38,7 +45,7 @@ import numpy as np
 import torch
 import zarr
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -100,6 +107,21 @@ class MemmapFeatures(Dataset[Any]):
         rows = torch.from_numpy(self.features[indices])
         labels = self.labels[indices].tolist()
         return list(zip(rows.unbind(0), labels, strict=True))
+
+
+class MemmapBatches(Dataset[Any]):
+    """The batch ceiling: ``batches[rows]`` is the batch itself, collated by one fancy index per
+    column (for ``DataLoader(batch_size=None, sampler=BatchSampler(...))``)."""
+
+    def __init__(self, path: Path, labels: np.ndarray) -> None:
+        self.features = np.load(path, mmap_mode="r")
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(self.features[rows]), torch.from_numpy(self.labels[rows])
 
 
 def features_of(module: nn.Module, data: RawImages) -> np.ndarray:
@@ -239,6 +261,124 @@ def child(config: dict[str, Any]) -> None:
         else:
             rate = epoch_rate(cached, shuffle=True)
     print(json.dumps({"rate": list(rate)}))
+
+
+def pass_rate(batches: Iterable[Any]) -> Rate:
+    """Rows per second of one pass over ``batches``, a ``(features, labels)`` pair each."""
+    rows = 0
+    start, cpu = time.perf_counter(), time.process_time()
+    for features, _labels in batches:
+        rows += len(features)
+    return Rate(rows / (time.perf_counter() - start), rows / max(time.process_time() - cpu, 1e-9))
+
+
+def batch_delivery_rates(
+    data: RawImages,
+    store: Path,
+    memmap_path: Path,
+    chunk_rows: int,
+    repeats: int,
+    worker_counts: Iterable[int] = (0, 2),
+) -> list[dict[str, Any]]:
+    """Hit epochs of whole batches against the memmap per sample and pre-collated memmap batches.
+
+    Each loader is made once and iterated once per epoch (a new shuffle each time), its DataLoader
+    workers persistent (so each worker's chunk cache is filled once, by the warm-up epoch, as in a
+    training run of many epochs). Each row's epochs are taken in turns with both baselines at the
+    same ``num_workers`` (best of ``repeats`` each), so the ratios compare what ran under the same
+    drift of the machine.
+    """
+    # Spot checks off: their cost is measured above; here they would run the module in forked
+    # DataLoader workers, where MKL was seen to spin forever (a lock held by a thread of the parent).
+    cached = cached_dataset(data, store, compressor=None, chunk_rows=chunk_rows, spot_check=0)
+    if not (cached.entry is not None and cached.entry.valid_mask().all()):
+        epoch_rate(cached, batch_size=chunk_rows)  # fill in order
+    per_sample = MemmapFeatures(memmap_path, data.labels)
+    collated = MemmapBatches(memmap_path, data.labels)
+
+    def seeded() -> torch.Generator:
+        return torch.Generator().manual_seed(0)
+
+    def plain(dataset: Dataset[Any], workers: int, **options: Any) -> Iterable[Any]:
+        return DataLoader(dataset, num_workers=workers, persistent_workers=workers > 0, **options)
+
+    def memmap_samples(workers: int) -> Iterable[Any]:
+        return plain(per_sample, workers, batch_size=BATCH, shuffle=True, generator=seeded())
+
+    def memmap_batches(workers: int) -> Iterable[Any]:
+        sampler = BatchSampler(RandomSampler(collated, generator=seeded()), BATCH, drop_last=False)
+        return plain(collated, workers, batch_size=None, sampler=sampler)
+
+    def ours_loader(workers: int) -> Iterable[Any]:
+        return cached.loader(BATCH, shuffle=True, num_workers=workers)
+
+    def ours_per_sample(workers: int) -> Iterable[Any]:
+        return plain(cached, workers, batch_size=BATCH, shuffle=True, generator=seeded())
+
+    def ours_recipe(workers: int) -> Iterable[Any]:
+        sampler = cached.batch_sampler(BATCH, shuffle=True, generator=seeded())  # type: ignore[attr-defined]
+        return plain(cached, workers, batch_size=None, sampler=sampler)
+
+    variants = [
+        ("cached.loader()", ours_loader),
+        ("DataLoader(cached, batch_size=256) per sample", ours_per_sample),
+    ]
+    if hasattr(cached, "batch_sampler"):  # the code before the batch recipe has none
+        variants.append(("DataLoader(cached, sampler=cached.batch_sampler(256))", ours_recipe))
+    rows: list[dict[str, Any]] = []
+    for workers in worker_counts:
+        baselines = memmap_samples(workers), memmap_batches(workers)
+        for loader in baselines:
+            pass_rate(loader)  # warm: the page cache, the workers
+        for name, make in variants:
+            loader = make(workers)
+            pass_rate(loader)  # warm: the chunk caches of this process or of the workers
+            ours, samples, batches = [], [], []
+            for _ in range(repeats):
+                samples.append(pass_rate(baselines[0]))
+                batches.append(pass_rate(baselines[1]))
+                ours.append(pass_rate(loader))
+            best = [max(r.wall for r in rates) for rates in (ours, samples, batches)]
+            # CPU time of this process (all its threads; not the worker processes'): less disturbed
+            # by a busy machine, comparable only at num_workers=0.
+            cpu = [max(r.cpu for r in rates) for rates in (ours, samples, batches)]
+            rows.append(
+                {
+                    "name": name,
+                    "num_workers": workers,
+                    "rows_per_s": best[0],
+                    "memmap_per_sample_rows_per_s": best[1],
+                    "memmap_batches_rows_per_s": best[2],
+                    "ratio_to_memmap_per_sample": best[0] / best[1],
+                    "ratio_to_memmap_batches": best[0] / best[2],
+                    "cpu_ratio_to_memmap_per_sample": cpu[0] / cpu[1] if workers == 0 else None,
+                    "cpu_ratio_to_memmap_batches": cpu[0] / cpu[2] if workers == 0 else None,
+                }
+            )
+            del loader  # its persistent workers end
+    return rows
+
+
+def print_batch_delivery(rows: list[dict[str, Any]]) -> None:
+    print(
+        f"\n{'hit epochs, batch 256, shuffled (raw float32)':58s} {'workers':>7s} {'rows/s':>10s} "
+        f"{'x memmap/sample':>16s} {'x memmap batches':>17s}   (by CPU time)"
+    )
+    for row in rows:
+        cpu = ""
+        if row["cpu_ratio_to_memmap_per_sample"] is not None:
+            ratios = row["cpu_ratio_to_memmap_per_sample"], row["cpu_ratio_to_memmap_batches"]
+            cpu = f"   ({ratios[0]:.2f}x, {ratios[1]:.2f}x)"
+        print(
+            f"{row['name']:58s} {row['num_workers']:7d} {row['rows_per_s']:10,.0f} "
+            f"{row['ratio_to_memmap_per_sample']:15.2f}x {row['ratio_to_memmap_batches']:16.2f}x{cpu}"
+        )
+    for workers in sorted({row["num_workers"] for row in rows}):
+        first = next(row for row in rows if row["num_workers"] == workers)
+        print(
+            f"  (memmap at {workers} workers: per sample {first['memmap_per_sample_rows_per_s']:,.0f} "
+            f"rows/s, pre-collated batches {first['memmap_batches_rows_per_s']:,.0f} rows/s)"
+        )
 
 
 # -- sharding: whole-chunk reads through zarr, with and without shards ----------------------------
@@ -505,6 +645,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 line += f"; {row['rows_checked']} row(s) checked (those cached before it)"
             print(line)
 
+        delivery = batch_delivery_rates(
+            data, workdir / "cf-raw-float32.zarr", workdir / "features.npy", chunk_rows, repeats
+        )
+        print_batch_delivery(delivery)
+
         sharding = [] if args.quick else sharding_rates(features, workdir, chunk_rows)
         for row in sharding:
             print(
@@ -532,7 +677,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "zarr": zarr.__version__,
         "results": results,
         "spot_checks": spot_checks,
+        "batch_delivery": delivery,
         "sharding": sharding,
+    }
+
+
+def run_batches(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the batch-delivery rows (``--batches``): a store filled in order, then hit epochs."""
+    workdir = Path(tempfile.mkdtemp(prefix="bench-read-"))
+    os.environ.setdefault("CACHEDFEATURES_LOCK_DIR", str(workdir / "locks"))
+    try:
+        data = RawImages(args.rows)
+        np.save(workdir / "features.npy", features_of(Backbone(), data))
+        delivery = batch_delivery_rates(
+            data,
+            workdir / "cf.zarr",
+            workdir / "features.npy",
+            args.chunk_rows,
+            args.repeats,
+            [int(w) for w in args.workers.split(",")],
+        )
+        print_batch_delivery(delivery)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {
+        "benchmark": "bench_read --batches",
+        "rows": args.rows,
+        "repeats": args.repeats,
+        "batch_delivery": delivery,
     }
 
 
@@ -546,6 +718,8 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="hit epochs per figure (best is kept)")
     parser.add_argument("--torchcache-rows", type=int, default=None, help="rows for torchcache (0: skip it)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--batches", action="store_true", help="only the batch-delivery rows")
+    parser.add_argument("--workers", default="0,2", help="num_workers of the batch-delivery rows (--batches)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.child:
@@ -555,7 +729,7 @@ def main(argv: Iterable[str] | None = None) -> None:
         args.repeats = 2 if args.quick else 3
     if args.torchcache_rows is None:
         args.torchcache_rows = 2048 if args.quick else 8192
-    report = run(args)
+    report = run_batches(args) if args.batches else run(args)
     args.output.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = args.output / f"bench_read-{'quick-' if args.quick else ''}{stamp}.json"

@@ -22,7 +22,15 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler, default_collate, get_worker_info
+from torch.utils.data import (
+    BatchSampler,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    default_collate,
+    get_worker_info,
+)
 
 from cachedfeatures._version import __version__
 from cachedfeatures.binding import EntryBinding, NewEntry, OpenedStore, open_store
@@ -59,10 +67,11 @@ from cachedfeatures.errors import (
 )
 from cachedfeatures.format.specs import ArraySpec
 from cachedfeatures.options import DatasetOptions
-from cachedfeatures.parse import expected, parse_int
-from cachedfeatures.pipeline.collate import PadCollate
+from cachedfeatures.parse import expected, parse_int, parse_positive_int
+from cachedfeatures.pipeline.collate import BatchAssembler, PadCollate
 from cachedfeatures.pipeline.nodes import Loader, WorkerMethod
 from cachedfeatures.pipeline.prefill import PrefillResult, prefill
+from cachedfeatures.pipeline.sampler import EpochBatchSampler
 from cachedfeatures.pruning import Policy
 from cachedfeatures.reader.chunk_reader import ReadRoute
 from cachedfeatures.store.faults import WriteGuard
@@ -342,6 +351,7 @@ class CachedFeatureDataset(Dataset[Any]):
         self.entry_name = f"{_entry_prefix(module)}-{key}"
         # An empty dataset has no entry, so no binding: nothing can be read or written.
         self._binding: EntryBinding | None = None
+        self._default_assembler: BatchAssembler | None = None
         if self._length > 0:
             self._rename_if_names_collide(self._opened.store)
             self._binding = EntryBinding(
@@ -699,15 +709,30 @@ class CachedFeatureDataset(Dataset[Any]):
     def __len__(self) -> int:
         return self._length
 
-    def __getitem__(self, index: int) -> Any:
-        return self.__getitems__([index])[0]
+    def __getitem__(self, index: int | Sequence[int] | np.ndarray | torch.Tensor) -> Any:
+        """The sample at ``index``; or, given several indices (a list, a 1-d array or tensor), their
+        collated batch, as ``pad_collate`` (ragged entries) or ``default_collate`` makes it of their
+        samples, built straight from the stored columns. The latter is what a
+        ``DataLoader(cached, batch_size=None, sampler=cached.batch_sampler(...))`` asks for."""
+        if isinstance(index, (np.ndarray, torch.Tensor)) and index.ndim > 0:
+            index = index.tolist()
+        if isinstance(index, Sequence) and not isinstance(index, (str, bytes)):
+            return self.batch_assembler()(self._columns(self._normalize(index)))
+        return self.__getitems__([index])[0]  # type: ignore[list-item]
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
         """The samples at ``indices``: hits read from the store, misses computed in batches."""
         rows = self._normalize(indices)
         if len(rows) == 0:
             return []
+        return self.assemble_all(self._columns(rows))
+
+    def _columns(self, rows: np.ndarray) -> Mapping[str, np.ndarray]:
+        """The stored columns of ``rows`` (fresh arrays, a row per row): hits read, misses computed
+        and stored, a spot check where one is due."""
         binding = self._bound()
+        if len(rows) == 0:
+            return {spec.name: spec.empty_column(0) for spec in binding.entry.specs}
         self._warn_if_private_store_in_worker()
         if self._views is not None:
             rows = self.rows_of(rows, self._epoch_to_serve(len(rows)))
@@ -715,7 +740,7 @@ class CachedFeatureDataset(Dataset[Any]):
         if self.spot_check_rows and self._spot.due_on_serve(len(rows), read.hits):
             self.spot_check_hits(rows if read.all_hit else rows[read.hit], read.arrays)
         if read.all_hit:
-            return self.assemble_all(read.arrays)
+            return read.arrays
         columns = {
             name: spec.empty_column(len(rows)) for name, spec in ((s.name, s) for s in binding.entry.specs)
         }
@@ -736,7 +761,7 @@ class CachedFeatureDataset(Dataset[Any]):
             computed = self._compute_held(miss_rows, hold=_batch_of_a_dataloader())
             for name, column in computed.items():
                 columns[name][missing] = column[where]
-        return self.assemble_all(columns)
+        return columns
 
     def _compute_held(self, rows: np.ndarray, *, hold: bool) -> dict[str, np.ndarray]:
         """Load and compute ``rows`` in batches; stored through the write-back buffer if ``hold``,
@@ -907,6 +932,60 @@ class CachedFeatureDataset(Dataset[Any]):
         }
         return layout.build_many(outputs.unbind(tensors), columns)
 
+    def batch_assembler(self, collate_fn: Collate | None = None) -> Callable[[Mapping[str, np.ndarray]], Any]:
+        """What turns the stored columns of a batch into ``collate_fn(samples)`` of its samples.
+
+        For ``default_collate`` (of an entry without ragged arrays) and :attr:`pad_collate` it is a
+        :class:`~cachedfeatures.pipeline.collate.BatchAssembler`, which builds the batch straight
+        from the columns; any other ``collate_fn`` gets the samples (:meth:`assemble_all`).
+        ``None``: :attr:`pad_collate` for an entry with ragged arrays, else ``default_collate``.
+        """
+        binding = self._bound()
+        if collate_fn is None and self._default_assembler is not None:
+            return self._default_assembler  # kept: every cached[rows] asks (and it pickles to workers)
+        chosen = collate_fn
+        if chosen is None:
+            chosen = self.pad_collate if self.ragged_positions() else default_collate
+        fast = BatchAssembler.of(chosen, binding.sample_layout, binding.output_layout)
+        if fast is None:
+            return lambda columns: chosen(self.assemble_all(columns))
+        if collate_fn is None:
+            self._default_assembler = fast
+        return fast
+
+    def batch_sampler(
+        self,
+        batch_size: int | None = None,
+        *,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        sampler: Sampler[int] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> BatchSampler:
+        """Batches of row indices for ``DataLoader(cached, batch_size=None, sampler=...)``.
+
+        The DataLoader then asks :meth:`__getitem__` for whole batches, which it builds straight from
+        the stored columns (hits read, misses computed and stored, spot checks, as
+        :meth:`__getitems__` does) instead of a sample per row that ``collate_fn`` stacks again.
+
+        Args:
+            batch_size: rows per batch. Default this dataset's ``batch_size``.
+            shuffle: a new random order every epoch (drawn from ``generator``). Default ``False``.
+            drop_last: drop the last, smaller batch. Default ``False``.
+            sampler: any ``Sampler`` of row indices instead of ``shuffle`` (a
+                :class:`~cachedfeatures.ChunkShuffleSampler`, a ``DistributedSampler``); its
+                ``set_epoch`` is reached through the batch sampler's.
+            generator: the random generator of ``shuffle``. Default torch's global one.
+        """
+        size = parse_positive_int("batch_size", self.batch_size if batch_size is None else batch_size)
+        if sampler is not None and shuffle:
+            raise InvalidArgumentError(
+                "Expected shuffle=False with a sampler (it sets the order). Got shuffle=True."
+            )
+        if sampler is None:
+            sampler = RandomSampler(self, generator=generator) if shuffle else SequentialSampler(self)
+        return EpochBatchSampler(sampler, size, drop_last)
+
     def _normalize(self, indices: Sequence[int]) -> np.ndarray:
         if type(indices) is list:  # the common case: NumPy infers int64 only from integers
             try:
@@ -950,19 +1029,22 @@ class CachedFeatureDataset(Dataset[Any]):
         *,
         shuffle: bool = False,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         seed: int = 0,
         drop_last: bool = False,
         sampler: Sampler[int] | None = None,
         collate_fn: Collate | None = None,
         worker_method: WorkerMethod = "thread",
         prefetch_factor: int = 2,
+        device: str | torch.device | None = None,
     ) -> Loader:
         """A resumable batch loader: workers do I/O, the module runs in this process.
 
         See :class:`cachedfeatures.pipeline.nodes.Loader` for the arguments; ``batch_size`` defaults
         to this dataset's ``batch_size``, and ``collate_fn`` to :attr:`pad_collate` when the entry
-        has ragged (variable-length) arrays, else ``default_collate``.
+        has ragged (variable-length) arrays, else ``default_collate``; both make each batch
+        straight from the stored columns. ``device="cuda"`` delivers batches on the GPU (pinned,
+        ``non_blocking`` copies).
         """
         if collate_fn is None and self.ragged_positions():
             collate_fn = self.pad_collate  # default_collate cannot stack rows of different lengths
@@ -979,6 +1061,7 @@ class CachedFeatureDataset(Dataset[Any]):
             collate_fn=collate_fn,
             worker_method=worker_method,
             prefetch_factor=prefetch_factor,
+            device=device,
         )
 
     def prefill(

@@ -9,20 +9,27 @@ A :class:`PadCollate` told which positions of the sample are ragged (``cached.pa
 :class:`~cachedfeatures.CachedFeatureDataset` knows them from its entry) pads those positions
 in every batch, even one whose rows happen to share a length, so a training loop always gets
 the same type there.
+
+A :class:`BatchAssembler` makes those batches straight from an entry's stored columns (one
+array per output and field, a row per sample), rebuilding the sample's structure once around
+batch tensors instead of building one sample per row and stacking them again: exactly what
+``default_collate`` (or a ``PadCollate``) gives for the samples, at the cost of a view per column.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import default_collate
 
+from cachedfeatures.compute.layout import OutputLayout, SampleLayout
 from cachedfeatures.format.ragged import zero_padded_base
+from cachedfeatures.format.specs import ArraySpec
 
-__all__ = ["PadCollate", "RaggedBatch", "pad_collate"]
+__all__ = ["BatchAssembler", "PadCollate", "RaggedBatch", "move_to", "pad_collate"]
 
 Position = tuple[Hashable, ...]
 
@@ -51,7 +58,8 @@ class RaggedBatch(NamedTuple):
     def to(self, *args: Any, **kwargs: Any) -> RaggedBatch:
         """Both tensors moved or cast as ``Tensor.to`` does (lengths keep their dtype)."""
         values = self.values.to(*args, **kwargs)
-        return RaggedBatch(values, self.lengths.to(values.device))
+        non_blocking = bool(kwargs.get("non_blocking", False))
+        return RaggedBatch(values, self.lengths.to(values.device, non_blocking=non_blocking))
 
     def pin_memory(self) -> RaggedBatch:
         return RaggedBatch(self.values.pin_memory(), self.lengths.pin_memory())
@@ -167,3 +175,163 @@ def pad_collate(batch: Sequence[Any], *, padding_value: float = 0.0, nested: boo
     :class:`RaggedBatch` (``values``, ``lengths``; ``.mask``), or with ``nested=True`` into
     ``torch.nested`` jagged tensors. Lists of numbers (token ids) are always padded."""
     return PadCollate(padding_value=padding_value, nested=nested)(batch)
+
+
+# ---------------------------------------------------------------------------------------
+# Batches straight from stored columns
+
+Columns = Mapping[str, np.ndarray]
+_Build = Callable[[Columns], Any]
+# Field kinds whose stored column is, as a tensor, what default_collate makes of the values.
+_AS_TENSOR = frozenset({"tensor", "ndarray", "int", "float", "bool"})
+
+
+class BatchAssembler:
+    """The collated batch of stored columns, without a sample per row.
+
+    ``assembler(columns)`` equals ``collate(samples)``, where ``samples`` are the rows of
+    ``columns`` rebuilt one by one (``SampleLayout.build_many``) and ``collate`` is
+    ``default_collate`` (``pad=None``) or the :class:`PadCollate` ``pad``: the same containers
+    (a tuple or list sample becomes a list, a dict a dict), tensors of the same dtypes and
+    shapes (``torch.from_numpy`` of each column: ints int64, floats float64, bools bool),
+    strings as the list (or, inside a tuple or list, the tuple) ``default_collate`` gives, and
+    ragged positions as ``pad.pad`` makes them. Use :meth:`of` to get one only where that holds.
+
+    Tensors share memory with ``columns``, which must be the caller's own (a read's copies).
+
+    Args:
+        sample: the entry's sample layout.
+        outputs: the entry's output layout.
+        pad: the :class:`PadCollate` the batch stands for; ``None`` for ``default_collate``.
+    """
+
+    def __init__(self, sample: SampleLayout, outputs: OutputLayout, pad: PadCollate | None = None) -> None:
+        self.sample = sample
+        self.outputs = outputs
+        self.pad = pad
+        self._fields = {spec.name: spec for spec in sample.fields}
+        self.containers: set[Position] = set()  # positions of tuples, lists and dicts
+        self.number_lists: set[Position] = set()  # lists of plain numbers only, as PadCollate sees them
+        self.ragged: set[Position] = set()  # positions of ragged (variable-length) arrays
+        self._build = self._compile(sample.template, (), None)
+
+    @classmethod
+    def of(cls, collate_fn: object, sample: SampleLayout, outputs: OutputLayout) -> BatchAssembler | None:
+        """The assembler that stands for ``collate_fn``, or ``None`` where none does.
+
+        ``default_collate`` of an entry without ragged arrays, or a plain :class:`PadCollate`
+        that pads every ragged position (``cached.pad_collate``) and names no tuple, list or
+        dict position. Anything else (a collate of the user's) needs the samples themselves.
+        """
+        if collate_fn is default_collate:
+            assembler = cls(sample, outputs)
+            return None if assembler.ragged else assembler
+        if type(collate_fn) is PadCollate:
+            assembler = cls(sample, outputs, collate_fn)
+            if (
+                assembler.ragged <= collate_fn.ragged
+                and not collate_fn.ragged & assembler.containers
+                and not assembler.number_lists  # PadCollate pads [3, True] as one ragged row
+            ):
+                return assembler
+        return None
+
+    def __call__(self, columns: Columns) -> Any:
+        return self._build(columns)
+
+    def __getstate__(self) -> tuple[SampleLayout, OutputLayout, PadCollate | None]:
+        return self.sample, self.outputs, self.pad  # the compiled closures are made again
+
+    def __setstate__(self, state: tuple[SampleLayout, OutputLayout, PadCollate | None]) -> None:
+        self.__init__(*state)  # type: ignore[misc]
+
+    def _compile(self, node: Mapping[str, Any], position: Position, parent: str | None) -> _Build:
+        """``node`` of the sample template, at ``position``, as a function of the columns."""
+        kind = node["kind"]
+        if kind == "input":
+            return self._compile_outputs(position)
+        if kind == "field":
+            return self._leaf(self._fields[node["name"]], position, parent, field=True)
+        self.containers.add(position)
+        if kind == "list" and all(
+            item["kind"] == "field" and self._fields[item["name"]].kind in ("int", "float", "bool")
+            for item in node["items"]
+        ):
+            self.number_lists.add(position)
+        keys = node["keys"] if kind == "dict" else range(len(node["items"]))
+        parts = [
+            (key, self._compile(item, (*position, key), kind))
+            for key, item in zip(keys, node["items"], strict=True)
+        ]
+        if kind == "dict":
+            return lambda columns: {key: part(columns) for key, part in parts}
+        builds = [part for _, part in parts]
+        return lambda columns: [build(columns) for build in builds]  # default_collate: a list
+
+    def _compile_outputs(self, position: Position) -> _Build:
+        layout = self.outputs
+        if layout.kind == "tensor":
+            return self._leaf(layout.arrays[0], position, None, field=False)
+        self.containers.add(position)
+        parts = [
+            (key, self._leaf(spec, (*position, key), layout.kind, field=False))
+            for key, spec in zip(layout.keys, layout.arrays, strict=True)
+        ]
+        if layout.kind == "dict":
+            return lambda columns: {key: part(columns) for key, part in parts}
+        builds = [part for _, part in parts]
+        return lambda columns: [build(columns) for build in builds]
+
+    def _leaf(self, spec: ArraySpec, position: Position, parent: str | None, *, field: bool) -> _Build:
+        """One output or field: its column as ``collate`` makes it of the column's rows."""
+        name = spec.name
+        if spec.ragged:
+            self.ragged.add(position)
+        pad = self.pad
+        if pad is not None and position in pad.ragged:
+            values: Callable[[np.ndarray], list[Any]]
+            if field:
+                values = spec.rows_to_values
+            elif spec.ragged:
+                values = spec.numpy_to_tensors
+            else:
+                values = lambda column: list(spec.numpy_to_tensor(column).unbind(0))  # noqa: E731
+            return lambda columns: pad.pad(values(columns[name]))
+        if spec.ragged:  # ``of`` refuses this assembler: default_collate cannot stack the rows
+            return lambda columns: default_collate(spec.rows_to_values(columns[name]))
+        if not field:
+            return lambda columns: spec.numpy_to_tensor(_own(columns[name]))
+        if spec.kind in _AS_TENSOR and spec.numpy_dtype.isnative:
+            return lambda columns: spec.numpy_to_tensor(_own(columns[name]))
+        if spec.kind == "str":
+            # default_collate hands strings back as it got them: the transposed tuple under a
+            # tuple or list, a list under a dict. PadCollate makes a list of every group.
+            if pad is None and parent in ("tuple", "list"):
+                return lambda columns: tuple(columns[name].tolist())
+            return lambda columns: columns[name].tolist()
+        # NumPy scalars and the rest: as the values themselves collate (rare; exact by construction)
+        return lambda columns: default_collate(spec.rows_to_values(columns[name]))
+
+
+def _own(column: np.ndarray) -> np.ndarray:
+    """``column`` as a writable C-contiguous array (a copy only where it is not one already)."""
+    if type(column) is np.ndarray and column.flags.c_contiguous and column.flags.writeable:
+        return column
+    return np.array(column, order="C", copy=True)
+
+
+def move_to(batch: Any, device: torch.device, *, non_blocking: bool = False) -> Any:
+    """``batch`` with every tensor on ``device`` (containers rebuilt, other values as they are).
+
+    With ``non_blocking`` the copies from pinned memory to a CUDA device are asynchronous, on the
+    current stream, so kernels that use the batch run after them.
+    """
+    if isinstance(batch, (torch.Tensor, RaggedBatch)):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, Mapping):
+        return {key: move_to(value, device, non_blocking=non_blocking) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(move_to(value, device, non_blocking=non_blocking) for value in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(value, device, non_blocking=non_blocking) for value in batch)
+    return batch

@@ -40,7 +40,8 @@ from torch.utils.data import Sampler, default_collate
 
 from cachedfeatures.compute.steps import LoadedRows, RowLoader
 from cachedfeatures.errors import CacheError, WriterError
-from cachedfeatures.parse import parse_choice, parse_nonnegative_int, parse_positive_int
+from cachedfeatures.parse import parse_choice, parse_device, parse_nonnegative_int, parse_positive_int
+from cachedfeatures.pipeline.collate import move_to
 from cachedfeatures.pipeline.lifetime import exit_with_parent
 from cachedfeatures.store.integrity import CheckedReader
 from cachedfeatures.store.ownership import ChunkOwnership
@@ -51,6 +52,7 @@ __all__ = [
     "ComputeMisses",
     "EpochRows",
     "IOBatch",
+    "IndexBatches",
     "Indices",
     "Loader",
     "ReadOrLoad",
@@ -129,6 +131,11 @@ class CachedSource(Protocol):
         """Draws cached per sample (``None``: rows are samples)."""
         ...
 
+    def batch_assembler(self, collate_fn: Collate | None = None) -> Callable[[Mapping[str, np.ndarray]], Any]:
+        """What makes ``collate_fn(samples)`` of a batch's stored columns (straight from the
+        columns where ``collate_fn`` allows; ``None``: the dataset's default collate)."""
+        ...
+
 
 def parse_worker_method(value: object) -> WorkerMethod:
     return parse_choice("worker_method", value, get_args(WorkerMethod))
@@ -182,11 +189,17 @@ class Indices(tn.BaseNode[int]):  # type: ignore[misc]
         self._offset += 1
         return row
 
+    def take(self, count: int) -> np.ndarray:
+        """The next ``count`` rows at once (fewer at the end of the epoch, none after it)."""
+        rows = self._order[self._offset : self._offset + count]
+        self._offset += len(rows)
+        return rows
+
     def get_state(self) -> dict[str, Any]:
         return {self.EPOCH_KEY: self._epoch, self.OFFSET_KEY: self._offset}
 
 
-class EpochRows(tn.BaseNode[list[int]]):  # type: ignore[misc]
+class EpochRows(tn.BaseNode[np.ndarray]):  # type: ignore[misc]
     """Batches of sample indices as the entry rows that serve them in the current epoch.
 
     With ``views=K`` a sample has ``K`` rows and the epoch picks one (``cached.rows_of``).
@@ -199,7 +212,7 @@ class EpochRows(tn.BaseNode[list[int]]):  # type: ignore[misc]
     EPOCH_KEY = "epoch"
     SOURCE_KEY = "source"
 
-    def __init__(self, source: tn.BaseNode[list[int]], cached: CachedSource) -> None:
+    def __init__(self, source: tn.BaseNode[list[int] | np.ndarray], cached: CachedSource) -> None:
         super().__init__()
         self.source = source
         self.cached = cached
@@ -214,12 +227,46 @@ class EpochRows(tn.BaseNode[list[int]]):  # type: ignore[misc]
             self.epoch = self.cached.begin_epoch()
             self.source.reset(None)
 
-    def next(self) -> list[int]:
-        indices = next(self.source)
-        return self.cached.rows_of(indices, self.epoch).tolist()  # type: ignore[no-any-return]
+    def next(self) -> np.ndarray:
+        return self.cached.rows_of(next(self.source), self.epoch)
 
     def get_state(self) -> dict[str, Any]:
         return {self.EPOCH_KEY: self.epoch, self.SOURCE_KEY: self.source.state_dict()}
+
+
+class IndexBatches(tn.BaseNode[np.ndarray]):  # type: ignore[misc]
+    """Batches of :class:`Indices` as arrays: what ``Batcher(Indices(...))`` yields, without a
+    Python call per row (that cost about as much as reading a batch of hits).
+
+    The state is the batcher's over :class:`Indices` (``{"source": {"epoch", "offset"}}``), so a
+    loader resumes from a state either of them saved.
+
+    Args:
+        indices: the rows of each epoch.
+        batch_size: rows per batch.
+        drop_last: drop the last, smaller batch. Default ``False``.
+    """
+
+    SOURCE_KEY = "source"
+
+    def __init__(self, indices: Indices, batch_size: int, drop_last: bool = False) -> None:
+        super().__init__()
+        self.indices = indices
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+
+    def reset(self, initial_state: dict[str, Any] | None = None) -> None:
+        super().reset(initial_state)
+        self.indices.reset(None if initial_state is None else initial_state[self.SOURCE_KEY])
+
+    def next(self) -> np.ndarray:
+        rows = self.indices.take(self.batch_size)
+        if len(rows) == 0 or (self.drop_last and len(rows) < self.batch_size):
+            raise StopIteration
+        return rows
+
+    def get_state(self) -> dict[str, Any]:
+        return {self.SOURCE_KEY: self.indices.state_dict()}
 
 
 class CollectBeforeFork(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
@@ -356,11 +403,15 @@ class ReadOrLoad:
     def _read_or_load(self, rows: list[int] | np.ndarray) -> IOBatch:
         self._arm()
         rows = np.asarray(rows, dtype=np.int64)
-        columns = {spec.name: spec.empty_column(len(rows)) for spec in self.hits.entry.specs}
+        specs = self.hits.entry.specs
         hit = np.zeros(len(rows), dtype=bool)
         if self.read_hits:
             read = self.hits.read(rows)
             hit = read.hit
+            if read.all_hit and len(read.arrays) == len(specs):  # the read's own copies, a row per row
+                return IOBatch(rows, hit, dict(read.arrays), None, np.zeros(0, dtype=np.int64))
+        columns = {spec.name: spec.empty_column(len(rows)) for spec in specs}
+        if self.read_hits:
             for name, column in read.arrays.items():
                 columns[name][hit] = column
         misses: LoadedRows | None = None
@@ -479,15 +530,14 @@ class ComputeMisses(tn.BaseNode[T], Generic[T]):  # type: ignore[misc]
 
 
 class _Assemble:
-    """Builds the samples of a computed batch and collates them."""
+    """Collates a computed batch: straight from its columns for ``default_collate`` and the
+    dataset's ``pad_collate``, through one sample per row for any other ``collate_fn``."""
 
     def __init__(self, cached: CachedSource, collate_fn: Collate) -> None:
-        self.cached = cached
-        self.collate_fn = collate_fn
+        self.assemble = cached.batch_assembler(collate_fn)
 
     def __call__(self, batch: ComputedBatch) -> Any:
-        samples = self.cached.assemble_all(batch.columns)
-        return self.collate_fn(samples)
+        return self.assemble(batch.columns)
 
 
 class Loader:
@@ -504,12 +554,17 @@ class Loader:
         shuffle: a new permutation every epoch, seeded by ``seed + epoch``. Default ``False``.
         num_workers: workers that read hits and load raw misses; ``0`` does I/O inline.
         pin_memory: pin batches (and miss inputs) for ``non_blocking`` copies to CUDA; only
-            used when CUDA is available. Default ``False``.
+            used when CUDA is available. Default ``None``: when ``device`` is a CUDA device.
+        device: deliver every batch's tensors on this device (``"cuda"``), copied from pinned
+            memory with ``non_blocking=True`` where ``pin_memory``; strings stay as they are.
+            Default ``None``: batches stay on the CPU.
         seed: base seed of the shuffle. Default 0.
         drop_last: drop the last, smaller batch. Default ``False``, as in DataLoader.
         sampler: any ``Sampler`` of row indices instead of ``shuffle``/``seed``; resumable when
             it is stateful, otherwise by replaying it (``set_epoch`` is called per epoch).
-        collate_fn: turns a list of samples into a batch. Default ``default_collate``.
+        collate_fn: turns a list of samples into a batch. Default ``default_collate``, which (like
+            the dataset's ``pad_collate``) is made straight from the stored columns; any other
+            function is handed one sample per row.
         worker_method: ``"thread"`` (default; measured faster for zarr reads, which release
             the GIL) or ``"process"``.
         prefetch_factor: batches kept ready ahead of the training loop. Default 2.
@@ -522,13 +577,14 @@ class Loader:
         *,
         shuffle: bool = False,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         seed: int = 0,
         drop_last: bool = False,
         sampler: Sampler[int] | None = None,
         collate_fn: Collate | None = None,
         worker_method: WorkerMethod = "thread",
         prefetch_factor: int = 2,
+        device: str | torch.device | None = None,
     ) -> None:
         if len(cached) == 0:
             raise CacheError("the dataset is empty; there is nothing to load.")
@@ -540,13 +596,18 @@ class Loader:
         self.worker_method = parse_worker_method(worker_method)
         self.drop_last = bool(drop_last)
         self.sampler = sampler
+        self.device = None if device is None else parse_device(device)
+        if pin_memory is None:
+            pin_memory = self.device is not None and self.device.type == "cuda"
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
         self.writer = Writer(hits.entry, write=cached.write)
 
-        source: tn.BaseNode[int] = (
-            tn.SamplerWrapper(sampler) if sampler is not None else Indices(len(cached), shuffle, seed)
-        )
-        batches: tn.BaseNode[list[int]] = tn.Batcher(source, self.batch_size, drop_last=self.drop_last)
+        batches: tn.BaseNode[list[int] | np.ndarray]
+        if sampler is not None:
+            batches = tn.Batcher(tn.SamplerWrapper(sampler), self.batch_size, drop_last=self.drop_last)
+        else:
+            indices = Indices(len(cached), shuffle, seed)
+            batches = IndexBatches(indices, self.batch_size, drop_last=self.drop_last)
         if cached.views is not None:  # each epoch serves one view's row of every sample
             batches = EpochRows(batches, cached)
         if self.num_workers > 0 and self.worker_method == "process":
@@ -591,6 +652,8 @@ class Loader:
                 if error is None:
                     raise
                 raise error from None
+            if self.device is not None:
+                item = move_to(item, self.device, non_blocking=self.pin_memory)
             yield item
 
     def __len__(self) -> int:

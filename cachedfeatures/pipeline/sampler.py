@@ -20,13 +20,13 @@ from collections.abc import Iterator, Sized
 from typing import Any, Literal, get_args
 
 import numpy as np
-from torch.utils.data import Sampler
+from torch.utils.data import BatchSampler, Sampler
 
 from cachedfeatures.errors import ArgumentTypeError, InvalidArgumentError
 from cachedfeatures.parse import expected, parse_choice, parse_int, parse_positive_int
 from cachedfeatures.store.ranks import discover_rank
 
-__all__ = ["ChunkShuffleSampler", "Split"]
+__all__ = ["ChunkShuffleSampler", "EpochBatchSampler", "Split"]
 
 Split = Literal["epoch", "owner"]
 
@@ -186,3 +186,13 @@ def _chunk_rows_of(data_source: object, chunk_rows: int | None) -> Any:
             "Pass it, or pass a CachedFeatureDataset itself as data_source: it is read from its entry.",
         )
     )
+
+
+class EpochBatchSampler(BatchSampler):
+    """A ``BatchSampler`` whose ``set_epoch`` reaches the sampler of rows it batches (a
+    :class:`ChunkShuffleSampler` or ``DistributedSampler`` orders each epoch by it)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        set_epoch = getattr(self.sampler, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)

@@ -860,19 +860,17 @@ _FETCH_FILE = os.path.join("torch", "utils", "data", "_utils", "fetch.py")
 
 
 def _batch_of_a_dataloader() -> bool:
-    """Whether this ``__getitems__`` serves a DataLoader's batch in this process: called by its
-    fetcher (``num_workers=0``; ``StatefulDataLoader`` too), not from a worker process.
+    """Whether this ``__getitems__`` serves a DataLoader's batch: called by its fetcher, in this
+    process (``num_workers=0``; ``StatefulDataLoader`` too) or in a worker process.
 
     Only those misses are held in the write-back buffer: a DataLoader epoch is where a shuffled
-    batch would rewrite every chunk, and the next batches (completing each chunk), the hold time
-    and the exit hook write them. A worker process writes at once: a persistent worker is ended
-    by SIGTERM when the program exits, and a finished one gets only a few seconds to leave, so
-    rows held there could be lost (recomputed later, but every run again). A direct
-    ``cached[i]`` stores its rows before it returns, so that another dataset or reader in this
-    process sees them. A wrapper the search does not see through only makes rows stored at once.
+    batch would rewrite every chunk, and the next batches (completing each chunk), the byte
+    budget, the hold time and the exit hook write them; in a worker also a SIGTERM (how a
+    persistent worker ends at program exit) and an idle second (the end of an epoch), see
+    :mod:`cachedfeatures.binding`. A direct ``cached[i]`` stores its rows before it returns, so
+    that another dataset or reader in this process sees them. A wrapper the search does not
+    see through only makes rows stored at once.
     """
-    if get_worker_info() is not None:
-        return False
     frame: types.FrameType | None = sys._getframe(2)
     for _ in range(8):  # the fetcher, through a few wrappers (Subset, ConcatDataset, ...)
         if frame is None:

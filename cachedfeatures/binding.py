@@ -36,7 +36,7 @@ from cachedfeatures.options import DatasetOptions
 from cachedfeatures.pruning import Budget
 from cachedfeatures.reader.chunk_reader import ChunkReader, RowsRead
 from cachedfeatures.store.access import AccessLog
-from cachedfeatures.store.exit_hooks import at_exit, exit_on_terminate, terminate_deferred
+from cachedfeatures.store.exit_hooks import at_exit, exit_on_terminate
 from cachedfeatures.store.faults import WriteGuard, is_store_fault
 from cachedfeatures.store.feature_store import Entry, FeatureStore, StoreLike
 from cachedfeatures.store.integrity import CheckedReader
@@ -275,7 +275,7 @@ class EntryBinding:
             self.write(rows, columns)
             return
         assert self._held_lock is not None
-        with terminate_deferred(), self._held_lock:
+        with self._held_lock:
             self._active = time.monotonic()
             held.add(np.asarray(rows, dtype=np.int64), dict(columns))
             _with_held.add(self)
@@ -285,7 +285,7 @@ class EntryBinding:
         held, lock = (self._held, self._held_lock) if self._held_pid == os.getpid() else (None, None)
         if held is None or lock is None:
             return np.zeros(len(rows), dtype=bool), {}
-        with terminate_deferred(), lock:
+        with lock:
             return held.held(rows)
 
     def write_aged(self) -> None:
@@ -295,7 +295,7 @@ class EntryBinding:
         """
         held, lock = self._held, self._held_lock
         if held is not None and lock is not None and self._held_pid == os.getpid():
-            with terminate_deferred(), lock:
+            with lock:
                 self._active = time.monotonic()
                 held.write_aged()
 
@@ -303,7 +303,7 @@ class EntryBinding:
         """Store every row this process holds in its write-back buffer now."""
         held, lock = self._held, self._held_lock
         if held is not None and lock is not None and self._held_pid == os.getpid():
-            with terminate_deferred(), lock:
+            with lock:
                 held.write_all()
                 _with_held.discard(self)  # nothing held: nothing to store at exit
 

@@ -215,7 +215,7 @@ def test_a_worker_killed_mid_epoch_loses_its_held_rows_and_leaves_no_wrong_row(s
             os.kill(batches._workers[0].pid, signal.SIGKILL)
             for _ in batches:
                 pass
-        except (RuntimeError, EOFError):  # the killed worker reported (or its last batch cut short)
+        except Exception:  # the killed worker reported, or the batch it was sending cut short
             pass
         del batches
         gc.collect()  # worker 1 leaves, storing what it holds

@@ -9,10 +9,10 @@ orders it among the others (higher runs first).
 Neither runs when a SIGTERM ends the process, which is how persistent DataLoader workers end at
 program exit (multiprocessing terminates its daemonic children) and how a worker that outstays
 ``_shutdown_workers``' join is ended. In such a process :func:`exit_on_terminate` makes a
-SIGTERM run the exit hooks, then end the process with status 0 (so that the DataLoader reports
-no killed worker). A handler runs on the main thread between two of its bytecodes, so code
-there that holds what a hook needs (a buffer's lock) runs inside :func:`terminate_deferred`: a
-SIGTERM arriving inside it is handled at its end.
+SIGTERM run the exit hooks, then end the process with status 0, so that the DataLoader reports
+no killed worker. The hooks run in a thread of their own, which the handler only wakes: a
+handler runs on the main thread between two of its bytecodes, maybe while it holds a lock a
+hook takes, so a hook run there could wait on its own thread forever.
 """
 
 from __future__ import annotations
@@ -25,11 +25,10 @@ import signal
 import sys
 import threading
 import types
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
-from typing import Any
+from collections.abc import Callable
+from contextlib import suppress
 
-__all__ = ["at_exit", "exit_on_terminate", "terminate_deferred"]
+__all__ = ["at_exit", "exit_on_terminate"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,69 +52,43 @@ def at_exit(hook: Callable[[], None], priority: int) -> None:
 
 
 # -- SIGTERM ----------------------------------------------------------------------------------
-# Only the main thread touches these (signal handlers run there too).
 _terminate_pid = 0  # the process whose handler is installed (a forked child installs its own)
-_previous: Any = signal.SIG_DFL  # the handler ours replaced
-_depth = 0  # regions of terminate_deferred the main thread is in
-_deferred: int | None = None  # a SIGTERM that arrived inside one
+_terminated = threading.Event()
 
 
 def exit_on_terminate() -> bool:
-    """Make a SIGTERM run this process's exit hooks, then end it (status 0).
+    """Make a SIGTERM run this process's exit hooks, then end it (status 0); whether it does.
 
-    For a process that multiprocessing ends by SIGTERM (a DataLoader worker). Installs the
-    handler once per process, from the main thread only (where Python sets signal handlers);
-    whether it is installed. A handler set before ours (a ``worker_init_fn``'s) runs after the
-    hooks instead of the exit, and one that ignored the signal still does.
+    For a process that multiprocessing ends by SIGTERM (a DataLoader worker). Installed once per
+    process, from the main thread only (where Python sets signal handlers), and only over the
+    default handling: a handler of the program's own (a ``worker_init_fn``'s) stays as it is.
     """
-    global _terminate_pid, _previous
+    global _terminate_pid, _terminated
     if _terminate_pid == os.getpid():
         return True
     if threading.current_thread() is not threading.main_thread():
         return False
+    if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        return False
+    _terminated = threading.Event()  # a forked child's own
+    threading.Thread(
+        target=_exit_when_terminated, args=(_terminated,), name="cachedfeatures-sigterm", daemon=True
+    ).start()
     try:
-        previous = signal.signal(signal.SIGTERM, _on_terminate)
+        signal.signal(signal.SIGTERM, _on_terminate)
     except (ValueError, OSError):  # no signals here (an embedded interpreter)
         return False
     _terminate_pid = os.getpid()
-    _previous = signal.SIG_DFL if previous is None else previous
     return True
 
 
-@contextmanager
-def terminate_deferred() -> Iterator[None]:
-    """A region the SIGTERM hooks must not interrupt: a SIGTERM inside it runs them at its end.
-
-    Enter it before taking what the hooks take (a lock this thread would otherwise hold while
-    the handler waits for it). Other threads than the main one are never interrupted by a
-    handler, so there it does nothing.
-    """
-    global _depth, _deferred
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    _depth += 1
-    try:
-        yield
-    finally:
-        _depth -= 1
-        if _depth == 0 and _deferred is not None:
-            signum, _deferred = _deferred, None
-            _on_terminate(signum, None)
-
-
 def _on_terminate(signum: int, frame: types.FrameType | None) -> None:
-    global _deferred
-    if _depth > 0:  # the main thread holds what the hooks need: at the region's end
-        _deferred = signum
-        return
+    _terminated.set()  # the thread below runs the hooks; this thread goes on until it exits
+
+
+def _exit_when_terminated(terminated: threading.Event) -> None:
+    terminated.wait()
     _run_exit_hooks()
-    previous = _previous
-    if callable(previous):
-        previous(signum, frame)
-        return
-    if previous == signal.SIG_IGN:
-        return
     for stream in (sys.stdout, sys.stderr):
         with suppress(Exception):  # a closed or broken stream: nothing to keep
             stream.flush()

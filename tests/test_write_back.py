@@ -334,3 +334,42 @@ def test_a_read_only_store_holds_nothing(store_path: Path) -> None:
         cached = _cached(store_path, read_only=True)
         _batch(cached, [1, 2, 3])
     assert cached.held_bytes == 0
+
+
+def test_a_sigterm_runs_the_exit_hooks_even_while_the_main_thread_holds_what_they_need(
+    tmp_path: Path,
+) -> None:
+    """The handler interrupts the main thread anywhere, also inside a held buffer's lock: the
+    hooks run in their own thread, wait for the lock, and the process ends with status 0."""
+    done = tmp_path / "hook-ran"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                """
+                import os, signal, sys, threading, time
+                from cachedfeatures.store.exit_hooks import at_exit, exit_on_terminate
+                lock = threading.Lock()
+                def hook():
+                    with lock:
+                        open(sys.argv[1], "w").write("stored")
+                at_exit(hook, priority=110)
+                assert exit_on_terminate()
+                with lock:  # as write_back holds the buffer's lock
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(0.5)
+                time.sleep(60)  # the hook's thread ends the process long before
+                sys.exit(3)
+                """
+            ),
+            str(done),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert done.read_text() == "stored"

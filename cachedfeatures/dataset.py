@@ -834,10 +834,12 @@ class CachedFeatureDataset(Dataset[Any]):
     def flush(self) -> None:
         """Store the misses this process computed and still holds, then its access statistics.
 
-        Misses computed by ``cached[i]`` or a plain DataLoader are held per process and
-        written a whole chunk at a time (see docs/concepts/pipeline.md); they are also written
-        when a chunk is complete, past a byte budget, after a hold of about 10 s, and when the
-        process (or DataLoader worker) exits. Rows become valid only once written.
+        Misses computed for a plain DataLoader's batches are held per process (this one, or
+        each worker) and written a whole chunk at a time (see docs/concepts/pipeline.md); they
+        are also written when a chunk is complete, past a byte budget, after a hold of about
+        10 s, and when the process exits; a worker's also after a second without a batch and at
+        SIGTERM (how persistent workers end). This call reaches only this process's rows, not a
+        worker's. Rows become valid only once written.
         """
         if self._binding is not None:
             self._binding.flush_writes()

@@ -15,7 +15,7 @@ written when a chunk's missing rows are all in, past ``WRITE_BACK_BYTES``, after
 on :meth:`EntryBinding.flush_writes`, and when the process exits (a threading exit hook in
 the main process, a multiprocessing finalizer in DataLoader workers, where ``atexit`` does not
 run). A worker also writes it at SIGTERM (persistent workers end so at program exit) and after
-``IDLE_FLUSH_SECONDS`` without a batch, from a thread; the buffer's lock keeps that thread and
+``IDLE_FLUSH_SECONDS`` without a miss, from a thread; the buffer's lock keeps that thread and
 the worker's own batches apart.
 """
 

@@ -837,7 +837,7 @@ class CachedFeatureDataset(Dataset[Any]):
         Misses computed for a plain DataLoader's batches are held per process (this one, or
         each worker) and written a whole chunk at a time (see docs/concepts/pipeline.md); they
         are also written when a chunk is complete, past a byte budget, after a hold of about
-        10 s, and when the process exits; a worker's also after a second without a batch and at
+        10 s, and when the process exits; a worker's also after a second without a miss and at
         SIGTERM (how persistent workers end). This call reaches only this process's rows, not a
         worker's. Rows become valid only once written.
         """

@@ -165,6 +165,8 @@ class EntryBinding:
         self._held_pid = 0
         self._held_lock: threading.Lock | None = None  # made with it: threads may share a process
         self._active = 0.0  # time.monotonic() of the last batch that held rows or checked them
+        self._in_worker = False  # the buffer is a DataLoader worker's
+        self._repeat_flushed = 0.0  # time.monotonic() of the last flush for a row asked for again
         self._budget: Budget | None = None
         entry = self.store.entry(name) or self._create(new_entry())
         entry.check_metadata()  # a damaged array: a clear error naming the repair, now
@@ -288,7 +290,22 @@ class EntryBinding:
         if held is None or lock is None:
             return np.zeros(len(rows), dtype=bool), {}
         with lock:
-            return held.held(rows)
+            found, columns = held.held(rows)
+            if found.any() and self._in_worker and self._may_flush_on_repeat():
+                # A held row asked for again: a new epoch (persistent workers), whose other
+                # workers would compute again every row this one holds. Store them all now.
+                held.write_all()
+                _with_held.discard(self)
+            return found, columns
+
+    def _may_flush_on_repeat(self) -> bool:
+        """At most one flush for rows asked for again per ``IDLE_FLUSH_SECONDS`` (a sampler that
+        draws with replacement repeats rows within an epoch)."""
+        now = time.monotonic()
+        if now - self._repeat_flushed < IDLE_FLUSH_SECONDS:
+            return False
+        self._repeat_flushed = now
+        return True
 
     def write_aged(self) -> None:
         """Store the held rows that have waited their hold time (cheap when nothing is due).
@@ -336,7 +353,8 @@ class EntryBinding:
             self._held_pid = pid
             self._active = time.monotonic()
             _flush_at_exit(self)
-            if get_worker_info() is not None:
+            self._in_worker = get_worker_info() is not None
+            if self._in_worker:
                 _flush_in_worker()
         return self._held
 

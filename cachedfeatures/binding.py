@@ -14,9 +14,9 @@ so a killed process loses its buffer (a recompute), never leaves a wrong row. Th
 written when a chunk's missing rows are all in, past ``WRITE_BACK_BYTES``, after the hold time,
 on :meth:`EntryBinding.flush_writes`, and when the process exits (a threading exit hook in
 the main process, a multiprocessing finalizer in DataLoader workers, where ``atexit`` does not
-run). A worker also writes it at SIGTERM (persistent workers end so at program exit) and after
-``IDLE_FLUSH_SECONDS`` without a miss, from a thread; the buffer's lock keeps that thread and
-the worker's own batches apart.
+run). A worker also writes it at SIGTERM (persistent workers end so at program exit), after
+``IDLE_FLUSH_SECONDS`` without a miss, from a thread (the buffer's lock keeps that thread and
+the worker's own batches apart), and when asked again for a row it holds (a new epoch).
 """
 
 from __future__ import annotations

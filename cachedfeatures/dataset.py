@@ -837,9 +837,9 @@ class CachedFeatureDataset(Dataset[Any]):
         Misses computed for a plain DataLoader's batches are held per process (this one, or
         each worker) and written a whole chunk at a time (see docs/concepts/pipeline.md); they
         are also written when a chunk is complete, past a byte budget, after a hold of about
-        10 s, and when the process exits; a worker's also after a second without a miss and at
-        SIGTERM (how persistent workers end). This call reaches only this process's rows, not a
-        worker's. Rows become valid only once written.
+        10 s, and when the process exits; a worker's also after a second without a miss, at its
+        first batch of a new epoch and at SIGTERM (how persistent workers end). This call
+        reaches only this process's rows, not a worker's. Rows become valid only once written.
         """
         if self._binding is not None:
             self._binding.flush_writes()
@@ -868,8 +868,8 @@ def _batch_of_a_dataloader() -> bool:
     Only those misses are held in the write-back buffer: a DataLoader epoch is where a shuffled
     batch would rewrite every chunk, and the next batches (completing each chunk), the byte
     budget, the hold time and the exit hook write them; in a worker also a SIGTERM (how a
-    persistent worker ends at program exit) and an idle second (the end of an epoch), see
-    :mod:`cachedfeatures.binding`. A direct ``cached[i]`` stores its rows before it returns, so
+    persistent worker ends at program exit), an idle second (the end of an epoch) and a held
+    row asked for again (the next epoch), see :mod:`cachedfeatures.binding`. A direct ``cached[i]`` stores its rows before it returns, so
     that another dataset or reader in this process sees them. A wrapper the search does not
     see through only makes rows stored at once.
     """

@@ -869,9 +869,9 @@ def _batch_of_a_dataloader() -> bool:
     batch would rewrite every chunk, and the next batches (completing each chunk), the byte
     budget, the hold time and the exit hook write them; in a worker also a SIGTERM (how a
     persistent worker ends at program exit), an idle second (the end of an epoch) and a held
-    row asked for again (the next epoch), see :mod:`cachedfeatures.binding`. A direct ``cached[i]`` stores its rows before it returns, so
-    that another dataset or reader in this process sees them. A wrapper the search does not
-    see through only makes rows stored at once.
+    row asked for again (the next epoch), see :mod:`cachedfeatures.binding`. A direct
+    ``cached[i]`` stores its rows before it returns, so that another dataset or reader in this
+    process sees them. A wrapper the search does not see through only makes rows stored at once.
     """
     frame: types.FrameType | None = sys._getframe(2)
     for _ in range(8):  # the fetcher, through a few wrappers (Subset, ConcatDataset, ...)

@@ -14,7 +14,9 @@ so a killed process loses its buffer (a recompute), never leaves a wrong row. Th
 written when a chunk's missing rows are all in, past ``WRITE_BACK_BYTES``, after the hold time,
 on :meth:`EntryBinding.flush_writes`, and when the process exits (a threading exit hook in
 the main process, a multiprocessing finalizer in DataLoader workers, where ``atexit`` does not
-run).
+run). A worker also writes it at SIGTERM (persistent workers end so at program exit), after
+``IDLE_FLUSH_SECONDS`` without a miss, from a thread (the buffer's lock keeps that thread and
+the worker's own batches apart), and when asked again for a row it holds (a new epoch).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -35,7 +38,7 @@ from cachedfeatures.options import DatasetOptions
 from cachedfeatures.pruning import Budget
 from cachedfeatures.reader.chunk_reader import ChunkReader, RowsRead
 from cachedfeatures.store.access import AccessLog
-from cachedfeatures.store.exit_hooks import at_exit
+from cachedfeatures.store.exit_hooks import at_exit, exit_on_terminate
 from cachedfeatures.store.faults import WriteGuard, is_store_fault
 from cachedfeatures.store.feature_store import Entry, FeatureStore, StoreLike
 from cachedfeatures.store.integrity import CheckedReader
@@ -161,6 +164,9 @@ class EntryBinding:
         self._held: ChunkBuffer | None = None  # this process's write-back buffer, made lazily
         self._held_pid = 0
         self._held_lock: threading.Lock | None = None  # made with it: threads may share a process
+        self._active = 0.0  # time.monotonic() of the last batch that held rows or checked them
+        self._in_worker = False  # the buffer is a DataLoader worker's
+        self._repeat_flushed = 0.0  # time.monotonic() of the last flush for a row asked for again
         self._budget: Budget | None = None
         entry = self.store.entry(name) or self._create(new_entry())
         entry.check_metadata()  # a damaged array: a clear error naming the repair, now
@@ -274,6 +280,7 @@ class EntryBinding:
             return
         assert self._held_lock is not None
         with self._held_lock:
+            self._active = time.monotonic()
             held.add(np.asarray(rows, dtype=np.int64), dict(columns))
             _with_held.add(self)
 
@@ -283,13 +290,32 @@ class EntryBinding:
         if held is None or lock is None:
             return np.zeros(len(rows), dtype=bool), {}
         with lock:
-            return held.held(rows)
+            found, columns = held.held(rows)
+            if found.any() and self._in_worker and self._may_flush_on_repeat():
+                # A held row asked for again: a new epoch (persistent workers), whose other
+                # workers would compute again every row this one holds. Store them all now.
+                held.write_all()
+                _with_held.discard(self)
+            return found, columns
+
+    def _may_flush_on_repeat(self) -> bool:
+        """At most one flush for rows asked for again per ``IDLE_FLUSH_SECONDS`` (a sampler that
+        draws with replacement repeats rows within an epoch)."""
+        now = time.monotonic()
+        if now - self._repeat_flushed < IDLE_FLUSH_SECONDS:
+            return False
+        self._repeat_flushed = now
+        return True
 
     def write_aged(self) -> None:
-        """Store the held rows that have waited their hold time (cheap when nothing is due)."""
+        """Store the held rows that have waited their hold time (cheap when nothing is due).
+
+        Called for every batch: it also tells the idle flush that this process is busy.
+        """
         held, lock = self._held, self._held_lock
         if held is not None and lock is not None and self._held_pid == os.getpid():
             with lock:
+                self._active = time.monotonic()
                 held.write_aged()
 
     def flush_writes(self) -> None:
@@ -299,6 +325,10 @@ class EntryBinding:
             with lock:
                 held.write_all()
                 _with_held.discard(self)  # nothing held: nothing to store at exit
+
+    def idle_seconds(self) -> float:
+        """Seconds since this process last held a row or served a batch through this binding."""
+        return time.monotonic() - self._active
 
     @property
     def held_bytes(self) -> int:
@@ -321,7 +351,11 @@ class EntryBinding:
                 max_hold_seconds=DEFAULT_MAX_HOLD_SECONDS,
             )
             self._held_pid = pid
+            self._active = time.monotonic()
             _flush_at_exit(self)
+            self._in_worker = get_worker_info() is not None
+            if self._in_worker:
+                _flush_in_worker()
         return self._held
 
     def __getstate__(self) -> dict[str, Any]:
@@ -412,6 +446,40 @@ def _flush_all_held() -> None:
             binding.flush_writes()
         except Exception as error:  # an exit is no place to fail: the rows are recomputed later
             logger.warning("cachedfeatures: could not store computed rows at exit: %s", error)
+
+
+# -- DataLoader workers -----------------------------------------------------------------------
+# A worker is ended by SIGTERM where the program exits with persistent workers (multiprocessing
+# terminates daemonic children) or where it outstays _shutdown_workers' join: there the exit
+# hooks run first (exit_on_terminate). And a worker idle this long (the end of an epoch, a slow
+# consumer) stores what it holds from a thread, so that its rows are stored, and seen by the
+# other workers and processes, long before the program exits.
+IDLE_FLUSH_SECONDS = 1.0
+
+_idle_flusher_pid = 0
+
+
+def _flush_in_worker() -> None:
+    """In a DataLoader worker: the exit hooks at SIGTERM, and the idle flush (once per process)."""
+    global _idle_flusher_pid
+    exit_on_terminate()
+    if _idle_flusher_pid == os.getpid():
+        return
+    _idle_flusher_pid = os.getpid()
+    threading.Thread(target=_flush_when_idle, name="cachedfeatures-idle-flush", daemon=True).start()
+
+
+def _flush_when_idle() -> None:
+    """Store the rows of every binding that has been idle ``IDLE_FLUSH_SECONDS`` (a thread)."""
+    while True:
+        time.sleep(max(0.05, IDLE_FLUSH_SECONDS / 4))
+        for binding in list(_with_held):
+            if binding.idle_seconds() < IDLE_FLUSH_SECONDS:
+                continue
+            try:
+                binding.flush_writes()
+            except Exception as error:  # that chunk's rows stay missing: recomputed later
+                logger.warning("cachedfeatures: could not store computed rows: %s", error)
 
 
 _CHUNKING_SAID: set[tuple[str, str, int]] = set()

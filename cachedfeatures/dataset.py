@@ -1153,10 +1153,12 @@ class CachedFeatureDataset(Dataset[Any]):
     def flush(self) -> None:
         """Store the misses this process computed and still holds, then its access statistics.
 
-        Misses computed by ``cached[i]`` or a plain DataLoader are held per process and
-        written a whole chunk at a time (see docs/concepts/pipeline.md); they are also written
-        when a chunk is complete, past a byte budget, after a hold of about 10 s, and when the
-        process (or DataLoader worker) exits. Rows become valid only once written.
+        Misses computed for a plain DataLoader's batches are held per process (this one, or
+        each worker) and written a whole chunk at a time (see docs/concepts/pipeline.md); they
+        are also written when a chunk is complete, past a byte budget, after a hold of about
+        10 s, and when the process exits; a worker's also after a second without a miss, at its
+        first batch of a new epoch and at SIGTERM (how persistent workers end). This call
+        reaches only this process's rows, not a worker's. Rows become valid only once written.
         """
         if self._binding is not None:
             self._binding.flush_writes()
@@ -1182,19 +1184,17 @@ _FETCH_FILE = os.path.join("torch", "utils", "data", "_utils", "fetch.py")
 
 
 def _batch_of_a_dataloader() -> bool:
-    """Whether this ``__getitems__`` serves a DataLoader's batch in this process: called by its
-    fetcher (``num_workers=0``; ``StatefulDataLoader`` too), not from a worker process.
+    """Whether this ``__getitems__`` serves a DataLoader's batch: called by its fetcher, in this
+    process (``num_workers=0``; ``StatefulDataLoader`` too) or in a worker process.
 
     Only those misses are held in the write-back buffer: a DataLoader epoch is where a shuffled
-    batch would rewrite every chunk, and the next batches (completing each chunk), the hold time
-    and the exit hook write them. A worker process writes at once: a persistent worker is ended
-    by SIGTERM when the program exits, and a finished one gets only a few seconds to leave, so
-    rows held there could be lost (recomputed later, but every run again). A direct
+    batch would rewrite every chunk, and the next batches (completing each chunk), the byte
+    budget, the hold time and the exit hook write them; in a worker also a SIGTERM (how a
+    persistent worker ends at program exit), an idle second (the end of an epoch) and a held
+    row asked for again (the next epoch), see :mod:`cachedfeatures.binding`. A direct
     ``cached[i]`` stores its rows before it returns, so that another dataset or reader in this
     process sees them. A wrapper the search does not see through only makes rows stored at once.
     """
-    if get_worker_info() is not None:
-        return False
     frame: types.FrameType | None = sys._getframe(2)
     for _ in range(8):  # the fetcher, through a few wrappers (Subset, ConcatDataset, ...)
         if frame is None:

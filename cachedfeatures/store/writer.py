@@ -61,11 +61,12 @@ class _Chunk:
 class ChunkBuffer:
     """Rows held per chunk until the chunk can be written once: the writer's coalescing.
 
-    Not thread-safe: one thread (the :class:`Writer`'s, or the caller's on the map-style path)
-    adds and writes. A chunk is written when all of its rows missing at the first :meth:`add`
-    (since the last :meth:`write_all`) have arrived, when the buffer holds more than
-    ``max_buffer_bytes`` (fullest chunk first), when its rows have been held ``max_hold_seconds``
-    (checked at each :meth:`add` and :meth:`write_aged`), or at :meth:`write_all`.
+    Not thread-safe: one thread at a time adds and writes (the :class:`Writer`'s; on the
+    map-style path the binding's lock, which a worker's idle flush takes too). A chunk is
+    written when all of its rows missing at the first :meth:`add` (since the last
+    :meth:`write_all`) have arrived, when the buffer holds more than ``max_buffer_bytes``
+    (fullest chunk first), when its rows have been held ``max_hold_seconds`` (checked at each
+    :meth:`add` and :meth:`write_aged`), or at :meth:`write_all`.
 
     Args:
         entry: the entry the rows belong to.

@@ -298,7 +298,8 @@ def test_cli_info_shows_each_views_coverage(store_path: Path, capsys: pytest.Cap
 def test_a_failing_helper_process_raises_instead_of_hanging(store_path: Path, unpicklable: bool) -> None:
     result = run_script(
         f"""
-        import json, sys
+        import faulthandler, json, sys
+        faulthandler.dump_traceback_later(100, exit=True)  # a hang shows where, then fails
         from cachedfeatures import CachedFeatureDataset, ViewLoadError
         from tests.helpers import Backbone, DiesInHelpers
         cached = CachedFeatureDataset(DiesInHelpers(24, fatal=5, unpicklable={unpicklable}), Backbone(),

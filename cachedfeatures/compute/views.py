@@ -155,11 +155,12 @@ class ViewedSamples(Dataset[Any]):
         self.stride: int | None = None
         self.helper_processes = _HELPER_PROCESSES
         self._helpers: _Helpers | None = None
+        self._broken: str | None = None  # why the helpers failed; cleared by restart_helpers()
         self._token = _register(self)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_helpers"] = None  # helper processes belong to the process that started them
+        state["_helpers"], state["_broken"] = None, None  # helpers belong to the process that started them
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -201,6 +202,8 @@ class ViewedSamples(Dataset[Any]):
         if threading.current_thread() is threading.main_thread() or not _CAN_FORK:
             return [self[row] for row in rows]
         with _LOCK:
+            if self._broken is not None:  # no new helpers forked from a thread after a failure
+                raise ViewLoadError(self._broken)
             helpers = self._helpers
             if helpers is None or helpers.pid != os.getpid():
                 helpers = self._helpers = _Helpers(self.helper_processes)
@@ -213,6 +216,7 @@ class ViewedSamples(Dataset[Any]):
         their threads start, since a fork from a thread while another runs torch could inherit
         locks held mid-operation."""
         self.close()
+        self._broken = None
         self.helper_processes = max(1, processes)
         if _CAN_FORK:
             with _LOCK:
@@ -258,13 +262,15 @@ class _Helpers:
         try:
             return self.executor.submit(_load_in_helper, token, rows).result()
         except concurrent.futures.process.BrokenProcessPool as error:
-            samples.close()  # the next load starts new helpers
-            raise ViewLoadError(
+            message = (
                 f"a helper process loading views of rows {rows[:8]} died (killed, out of memory, or "
                 f"the dataset ended its process): {error}. Nothing of these rows was cached; fix the "
-                "dataset (or give the machine more memory) and run again, or load in "
-                "worker_method='process' workers."
-            ) from None
+                "dataset (or give the machine more memory) and run again (the next loader() or "
+                "prefill() starts new helpers), or load in worker_method='process' workers."
+            )
+            samples.close()
+            samples._broken = message  # the other threads' loads fail too, at once
+            raise ViewLoadError(message) from None
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

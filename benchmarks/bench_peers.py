@@ -3,7 +3,7 @@
 Run from the repository root::
 
     python benchmarks/bench_peers.py            # 65,536 rows of 384 float32 + an int label
-    python benchmarks/bench_peers.py --quick    # fewer repeats (about a minute)
+    python benchmarks/bench_peers.py --quick    # fewer repeats (about a minute and a half)
 
 Each library holds the features that ``bench_read.py``'s frozen backbone computes for the same
 65,536 rows, and serves them shuffled through a torch ``DataLoader`` (batch 256) at
@@ -19,11 +19,11 @@ Each library holds the features that ``bench_read.py``'s frozen backbone compute
   then ``StreamingDataset(shuffle=True)`` through its ``StreamingDataLoader``. litdata's shuffle
   permutes chunks and serves each chunk's items in shuffled aligned blocks of
   ``item_shuffle_window`` items (256 by default, ``litdata/streaming/shuffle.py``): at batch 256,
-  every batch is one block of 256 consecutive rows. It is also measured with
-  ``item_shuffle_window=0`` (the whole chunk permuted: a batch still from one chunk; with
-  ``batch_decode="all"``, 150x faster here than its default window decode of 256 items for every
-  item asked for out of order) and with a real
-  per-item shuffle: a map-style wrapper over ``StreamingDataset.__getitem__`` in a
+  every batch is one block of 256 consecutive rows. Also measured: ``item_shuffle_window=0``
+  (the whole chunk permuted, so a batch still comes from one chunk), with
+  ``batch_decode="all"`` (about 80x faster at workers 2 in one run than its default window,
+  which decodes 256 items for every item asked for out of order); and a real per-item
+  shuffle, a map-style wrapper over ``StreamingDataset.__getitem__`` in a
   ``DataLoader(shuffle=True)`` (``batch_decode=0``, its fastest for random items; the first
   ``--per-item-batches`` batches, as its rate does not depend on N).
 
@@ -385,7 +385,7 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="fewer repeats; about a minute")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats; about a minute and a half")
     parser.add_argument("--rows", type=int, default=65536)
     parser.add_argument("--chunk-rows", type=int, default=1024)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])

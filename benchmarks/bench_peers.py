@@ -3,7 +3,7 @@
 Run from the repository root::
 
     python benchmarks/bench_peers.py            # 65,536 rows of 384 float32 + an int label
-    python benchmarks/bench_peers.py --quick    # fewer repeats (about a minute and a half)
+    python benchmarks/bench_peers.py --quick    # 32,768 rows, 2 repeats (about a minute)
 
 Each library holds the features that ``bench_read.py``'s frozen backbone computes for the same
 65,536 rows, and serves them shuffled through a torch ``DataLoader`` (batch 256) at
@@ -385,8 +385,8 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="fewer repeats; about a minute and a half")
-    parser.add_argument("--rows", type=int, default=65536)
+    parser.add_argument("--quick", action="store_true", help="32,768 rows, 2 repeats; about a minute")
+    parser.add_argument("--rows", type=int, default=None, help="default 65,536 (32,768 with --quick)")
     parser.add_argument("--chunk-rows", type=int, default=1024)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--repeats", type=int, default=None, help="hit epochs per loader (best is kept)")
@@ -395,6 +395,8 @@ def main(argv: Iterable[str] | None = None) -> None:
     )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.rows is None:
+        args.rows = 32768 if args.quick else 65536
     if args.repeats is None:
         args.repeats = 2 if args.quick else 3
     if args.per_item_batches is None:

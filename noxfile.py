@@ -92,14 +92,19 @@ def docs(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """The benchmarks, each printing ratios against baselines measured in the same run.
 
-    Read path against a NumPy memmap, no cache and torchcache; the pipeline's filling epoch
-    against no cache; ``cached_module`` against torchcache; fingerprinting a 100M-parameter model
-    against one copy of its weights; K cached augmentation views against no augmentation and
-    on-the-fly augmentation (test accuracy, fill and hit epochs). ``-- --quick``: about a minute each.
+    Read path against a NumPy memmap, no cache and torchcache; hit epochs against Hugging Face
+    ``datasets`` and litdata; the pipeline's filling epoch against no cache; ``cached_module``
+    against torchcache; fingerprinting a 100M-parameter model against one copy of its weights; K
+    cached augmentation views against no augmentation and on-the-fly augmentation (test accuracy,
+    fill and hit epochs). ``-- --quick``: about a minute each.
     """
-    install(session, "test")  # the test extra brings torchcache, the prior art
+    install(session, "test")  # the test extra brings torchcache and datasets, the prior art
+    # litdata without its dependencies: its metadata asks for torchvision, which pip would
+    # resolve to a CUDA build; bench_peers.py needs only lightning-utilities of the rest.
+    session.install("--no-deps", "litdata>=0.2.76,<0.3", "lightning-utilities>=0.11")
     quick = ["--quick"] if "--quick" in session.posargs else []
     session.run("python", "benchmarks/bench_read.py", *session.posargs)
+    session.run("python", "benchmarks/bench_peers.py", *quick)
     session.run("python", "benchmarks/bench_pipeline.py", *quick)
     session.run("python", "benchmarks/bench_module_cache.py", *quick)
     session.run("python", "benchmarks/bench_fingerprint.py", *quick)

@@ -135,9 +135,8 @@ BAD_PATHS = {
 }
 
 
-@pytest.mark.parametrize("kind", list(BAD_PATHS))
-def test_bad_paths_get_a_one_line_error(tmp_path: Path, kind: str) -> None:
-    path = tmp_path / "thing"
+def not_a_store(path: Path, kind: str) -> Path:
+    """Make ``path`` a thing of ``kind`` that is not a store (``"missing"``: nothing)."""
     if kind == "file":
         path.write_text("hello")
     elif kind == "plain directory":
@@ -146,6 +145,12 @@ def test_bad_paths_get_a_one_line_error(tmp_path: Path, kind: str) -> None:
         zarr.create_array(str(path), shape=(3,), dtype="int32")
     elif kind == "foreign zarr group":
         zarr.open_group(str(path), mode="w").create_array("x", shape=(2,), dtype="int8")
+    return path
+
+
+@pytest.mark.parametrize("kind", list(BAD_PATHS))
+def test_bad_paths_get_a_one_line_error(tmp_path: Path, kind: str) -> None:
+    path = not_a_store(tmp_path / "thing", kind)
     command = BAD_PATHS[kind]
     assert_one_line_error(cli(command[0], str(path), *command[1:]))
     assert kind != "missing" or not path.exists()  # nothing was created
@@ -162,15 +167,7 @@ WHAT_IT_IS = {
 @pytest.mark.parametrize("kind", list(WHAT_IT_IS))
 def test_info_on_a_non_store_says_what_it_is_and_what_to_pass(tmp_path: Path, kind: str) -> None:
     """Not "pass a new path" (that is what creating a cache needs): reading needs an existing store."""
-    path = tmp_path / "thing"
-    if kind == "file":
-        path.write_text("hello")
-    elif kind == "plain directory":
-        (path / "sub").mkdir(parents=True)
-    elif kind == "zarr array":
-        zarr.create_array(str(path), shape=(3,), dtype="int32")
-    else:
-        zarr.open_group(str(path), mode="w").create_array("x", shape=(2,), dtype="int8")
+    path = not_a_store(tmp_path / "thing", kind)
     result = cli("info", str(path))
     assert_one_line_error(result)
     assert WHAT_IT_IS[kind] in result.stderr

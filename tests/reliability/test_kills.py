@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,39 +53,77 @@ def check_valid_rows(store_path: Path, expected: torch.Tensor) -> np.ndarray:
     return valid
 
 
+def new_entry(
+    store_path: Path, tmp_path: Path, n: int, chunk_rows: int, batch_size: int
+) -> tuple[Path, torch.Tensor, np.ndarray]:
+    """Create the entry the children fill; its load log directory, every row's expected
+    features and the valid mask (construction stores a probe row)."""
+    log_dir = tmp_path / "loads"
+    log_dir.mkdir()
+    _, samples = open_cached(store_path, n, chunk_rows=chunk_rows, batch_size=batch_size)
+    backbone = Backbone()
+    expected = torch.stack([reference(backbone, samples, i) for i in range(n)])
+    return log_dir, expected, check_valid_rows(store_path, expected)
+
+
+def run_child(
+    *args: str, kill: Callable[[subprocess.Popen[str]], None] | None
+) -> tuple[int, int | None, float, str]:
+    """Run ``python -m tests.reliability.children ARGS``; once it prints "ready", ``kill(process)``
+    waits for the moment to SIGKILL it (``None``: let it finish). Returns its pid, exit code,
+    the seconds it ran from ready to kill or end, and its output (none if killed)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.reliability.children", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        assert first.strip() == "ready", first + process.stdout.read()
+        start = time.monotonic()
+        output = ""
+        if kill is not None:
+            process.stdout.close()  # never block on a full pipe while we wait
+            kill(process)
+            os.kill(process.pid, signal.SIGKILL)
+        else:
+            output = process.communicate(timeout=300)[0]
+        seconds = time.monotonic() - start
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=60)
+    return process.pid, process.returncode, seconds, output
+
+
+def once_loaded(log_dir: Path, rows: int, poll: float) -> Callable[[subprocess.Popen[str]], None]:
+    """A ``kill`` for :func:`run_child`: wait until the child has loaded ``rows`` rows."""
+
+    def wait(process: subprocess.Popen[str]) -> None:
+        while len(loads_of(log_dir, process.pid)) < rows:
+            assert process.poll() is None, "the epoch ended before its kill: slow it down"
+            time.sleep(poll)
+
+    return wait
+
+
 @pytest.mark.slow
 def test_prefill_survives_twenty_sigkills(store_path: Path, tmp_path: Path) -> None:
     rng = random.Random(6)
-    log_dir = tmp_path / "loads"
-    log_dir.mkdir()
-    _, samples = open_cached(store_path, N, chunk_rows=CHUNK_ROWS, batch_size=BATCH_SIZE)  # the entry
-    backbone = Backbone()
-    expected = torch.stack([reference(backbone, samples, i) for i in range(N)])
-    valid = check_valid_rows(store_path, expected)
+    log_dir, expected, valid = new_entry(store_path, tmp_path, N, CHUNK_ROWS, BATCH_SIZE)
     needed = int((~valid).sum())  # construction stores a probe row (the first spot check's row)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "tests.reliability.children", str(store_path), str(log_dir)]
-    command += [str(N), str(CHUNK_ROWS), str(BATCH_SIZE), str(DELAY)]
+    args = [str(store_path), str(log_dir), str(N), str(CHUNK_ROWS), str(BATCH_SIZE), str(DELAY)]
 
     def run(kill_after: float | None) -> tuple[int, int | None, str]:
-        process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        pid, code, _, output = run_child(
+            *args, kill=None if kill_after is None else lambda process: time.sleep(kill_after)
         )
-        try:
-            assert process.stdout is not None
-            first = process.stdout.readline()
-            assert first.strip() == "ready", first + process.stdout.read()
-            if kill_after is not None:
-                process.stdout.close()  # never block on a full pipe while we sleep
-                time.sleep(kill_after)
-                os.kill(process.pid, signal.SIGKILL)
-            output = "" if kill_after is not None else process.communicate(timeout=300)[0]
-            process.wait(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=60)
-        return process.pid, process.returncode, output
+        return pid, code, output
 
     def spot_checked(loaded: np.ndarray, before: np.ndarray) -> int:
         """How many of a run's first loads are its spot check's: up to 8 rows valid before it.
@@ -144,43 +183,16 @@ L_KILLS, L_KILL_AT = 3, 0.85
 
 @pytest.mark.slow
 def test_a_killed_shuffled_loader_epoch_loses_at_most_the_hold(store_path: Path, tmp_path: Path) -> None:
-    log_dir = tmp_path / "loads"
-    log_dir.mkdir()
-    _, samples = open_cached(store_path, L_N, chunk_rows=L_CHUNK_ROWS, batch_size=L_BATCH)
-    backbone = Backbone()
-    expected = torch.stack([reference(backbone, samples, i) for i in range(L_N)])
-    valid = check_valid_rows(store_path, expected)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "tests.reliability.children", "loader", str(store_path), str(log_dir)]
-    command += [str(L_N), str(L_CHUNK_ROWS), str(L_BATCH), str(L_DELAY), str(L_HOLD)]
+    log_dir, expected, valid = new_entry(store_path, tmp_path, L_N, L_CHUNK_ROWS, L_BATCH)
+    args = ["loader", str(store_path), str(log_dir), str(L_N), str(L_CHUNK_ROWS), str(L_BATCH)]
+    args += [str(L_DELAY), str(L_HOLD)]
 
     def run(kill_at: int | None) -> tuple[int, float, str]:
         """Run one epoch; SIGKILL it once it has loaded ``kill_at`` rows. Returns the pid, the
         seconds it ran (from ready to kill or end) and its output."""
-        process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        try:
-            assert process.stdout is not None
-            first = process.stdout.readline()
-            assert first.strip() == "ready", first + process.stdout.read()
-            start = time.monotonic()
-            output = ""
-            if kill_at is not None:
-                process.stdout.close()
-                while len(loads_of(log_dir, process.pid)) < kill_at:
-                    assert process.poll() is None, "the epoch ended before its kill: slow it down"
-                    time.sleep(0.01)
-                os.kill(process.pid, signal.SIGKILL)
-            else:
-                output = process.communicate(timeout=300)[0]
-            seconds = time.monotonic() - start
-            process.wait(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=60)
-        return process.pid, seconds, output
+        kill = None if kill_at is None else once_loaded(log_dir, kill_at, poll=0.01)
+        pid, _, seconds, output = run_child(*args, kill=kill)
+        return pid, seconds, output
 
     figures = []
     for _ in range(L_KILLS):
@@ -224,40 +236,14 @@ D_BUDGET_ROWS = 4 * D_CHUNK_ROWS
 
 @pytest.mark.slow
 def test_a_killed_dataloader_fill_epoch_loses_at_most_its_buffer(store_path: Path, tmp_path: Path) -> None:
-    log_dir = tmp_path / "loads"
-    log_dir.mkdir()
-    _, samples = open_cached(store_path, D_N, chunk_rows=D_CHUNK_ROWS, batch_size=D_BATCH)
-    backbone = Backbone()
-    expected = torch.stack([reference(backbone, samples, i) for i in range(D_N)])
-    valid = check_valid_rows(store_path, expected)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "tests.reliability.children", "dataloader", str(store_path)]
-    command += [str(log_dir), str(D_N), str(D_CHUNK_ROWS), str(D_BATCH), str(D_DELAY)]
-    command += [str(D_BUDGET_ROWS * D_ROW_BYTES)]
+    log_dir, expected, valid = new_entry(store_path, tmp_path, D_N, D_CHUNK_ROWS, D_BATCH)
+    args = ["dataloader", str(store_path), str(log_dir), str(D_N), str(D_CHUNK_ROWS), str(D_BATCH)]
+    args += [str(D_DELAY), str(D_BUDGET_ROWS * D_ROW_BYTES)]
 
     def run(kill_at: int | None) -> tuple[int, str]:
-        process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        try:
-            assert process.stdout is not None
-            first = process.stdout.readline()
-            assert first.strip() == "ready", first + process.stdout.read()
-            output = ""
-            if kill_at is not None:
-                process.stdout.close()
-                while len(loads_of(log_dir, process.pid)) < kill_at:
-                    assert process.poll() is None, "the epoch ended before its kill: slow it down"
-                    time.sleep(0.005)
-                os.kill(process.pid, signal.SIGKILL)
-            else:
-                output = process.communicate(timeout=300)[0]
-            process.wait(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=60)
-        return process.pid, output
+        kill = None if kill_at is None else once_loaded(log_dir, kill_at, poll=0.005)
+        pid, _, _, output = run_child(*args, kill=kill)
+        return pid, output
 
     stored_before_kill = 0
     for _ in range(D_KILLS):

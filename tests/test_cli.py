@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,8 @@ def installed_script() -> str | None:
     return shutil.which("cachedfeatures", path=os.pathsep.join([str(here), os.environ.get("PATH", "")]))
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run the command line; the installed script where there is one (nox installs it)."""
+def fresh_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the command line in a new process; the installed script where there is one (nox installs it)."""
     script = installed_script()
     command = [script] if script else [sys.executable, "-m", "cachedfeatures"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)} if script is None else dict(os.environ)
@@ -41,6 +42,82 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
         env=env,
         cwd=ROOT if not script else None,
     )
+
+
+# Runs ``cachedfeatures.cli.main`` once per line of JSON argv on stdin, as ``python -m
+# cachedfeatures`` would (its stdout, stderr and exit status; argparse's exits; a traceback and
+# status 1 for an uncaught exception), and answers one JSON line. ``catch_warnings`` restores
+# the interpreter's default filters for each call and resets which warnings were shown, so a
+# warning shows as in a new process, not hidden by an earlier call having shown it.
+CLI_WORKER = """
+import contextlib, io, json, sys, traceback, warnings
+from cachedfeatures.cli import main
+for line in sys.stdin:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        try:
+            code = main(json.loads(line))
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else (exit.code is not None)
+            if isinstance(exit.code, str):
+                print(exit.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    print(json.dumps({"code": int(code), "stdout": out.getvalue(), "stderr": err.getvalue()}), flush=True)
+"""
+
+
+class CliWorker:
+    """One Python process that runs every command of this module (``CLI_WORKER``): each new
+    process would import torch again (seconds on two loaded cores), for about 40 commands.
+    Its own process still: the store is opened by another process than the test's, as a user's
+    is. ``fresh_cli`` runs a command in a process of its own (and the installed script)."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[str] | None = None
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        if self.process is None or self.process.poll() is not None:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", CLI_WORKER],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps(list(args)) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        assert line, f"the CLI worker died (exit {self.process.wait(timeout=60)})"
+        answer = json.loads(line)
+        return subprocess.CompletedProcess(
+            ["cachedfeatures", *args], answer["code"], answer["stdout"], answer["stderr"]
+        )
+
+    def close(self) -> None:
+        if self.process is not None:
+            assert self.process.stdin is not None and self.process.stdout is not None
+            self.process.stdin.close()
+            self.process.wait(timeout=60)
+            self.process.stdout.close()
+            self.process = None
+
+
+WORKER = CliWorker()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_the_worker() -> Iterator[None]:
+    yield
+    WORKER.close()
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the command line (in the module's CLI worker process)."""
+    return WORKER.run(*args)
 
 
 def fill(store_path: Path, offset: float, rows: int = 40, read: int | None = None) -> CachedFeatureDataset:
@@ -192,7 +269,7 @@ def test_every_command_refuses_a_missing_store_without_creating_it(
     tmp_path: Path, command: list[str]
 ) -> None:
     path = tmp_path / "nowhere.zarr"
-    assert_one_line_error(cli(command[0], str(path), *command[1:]))
+    assert_one_line_error(fresh_cli(command[0], str(path), *command[1:]))  # a process of its own
     assert not path.exists()
 
 

@@ -7,13 +7,17 @@ module's output; a final ``prefill()`` completes it. Rows loaded by a killed run
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,47 +70,143 @@ def new_entry(
     return log_dir, expected, check_valid_rows(store_path, expected)
 
 
-def run_child(
-    *args: str, kill: Callable[[subprocess.Popen[str]], None] | None
-) -> tuple[int, int | None, float, str]:
-    """Run ``python -m tests.reliability.children ARGS``; once it prints "ready", ``kill(process)``
-    waits for the moment to SIGKILL it (``None``: let it finish). Returns its pid, exit code,
-    the seconds it ran from ready to kill or end, and its output (none if killed)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.reliability.children", *args],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+# A Python that has imported what the children need (torch, cachedfeatures) and never opened a
+# store, so it has no thread but its own: for each JSON request line it forks one child that
+# runs ``tests.reliability.children`` with the request's argv (stdout and stderr to the
+# request's file) and exits as that module's ``python -m`` run would (exit hooks run), answers
+# the child's pid, then its exit status once it is gone. A new interpreter per child would
+# import torch again: seconds each on two cores, for about 30 children here.
+FORK_SERVER = """
+import json, os, sys
+import tests.reliability.children as children
+for line in sys.stdin:
+    request = json.loads(line)
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        out = os.open(request["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        argv = request["argv"]
+        if argv[0] == "loader":
+            children.loader_main(argv[1:])
+        elif argv[0] == "dataloader":
+            children.dataloader_main(argv[1:])
+        else:
+            children.prefill_main(argv)
+        sys.exit(0)  # an exception instead: its traceback on stderr, exit status 1
+    print(json.dumps({"pid": pid}), flush=True)
+    print(json.dumps({"code": os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}), flush=True)
+"""
+
+
+class Child:
+    """One child of the fork server: its pid, whether it has ended, its exit code and output."""
+
+    def __init__(self, server: subprocess.Popen[str], pid: int, out: Path) -> None:
+        self.server, self.pid, self.out = server, pid, out
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        """Its exit code once it has ended, else ``None`` (as ``Popen.poll``)."""
+        assert self.server.stdout is not None
+        if self.returncode is None and select.select([self.server.stdout], [], [], 0)[0]:
+            self.returncode = int(json.loads(self.server.stdout.readline())["code"])
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            assert time.monotonic() < deadline, f"child {self.pid} still running after {timeout:g} s"
+            time.sleep(0.01)
+        assert self.returncode is not None
+        return self.returncode
+
+    def output(self) -> str:
+        return self.out.read_text() if self.out.exists() else ""
+
+
+class ForkServer:
+    """Starts children for :func:`run_child` (see ``FORK_SERVER``); one per test module."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[str] | None = None
+        self.directory = Path(tempfile.mkdtemp(prefix="kill-children-"))
+        self.started = 0
+
+    def start(self, args: list[str]) -> Child:
+        if self.process is None:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", FORK_SERVER],
+                cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.started += 1
+        out = self.directory / f"child-{self.started}.out"
+        self.process.stdin.write(json.dumps({"argv": args, "out": str(out)}) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        assert line, f"the fork server died (exit {self.process.wait(timeout=60)})"
+        return Child(self.process, int(json.loads(line)["pid"]), out)
+
+    def close(self) -> None:
+        if self.process is not None:
+            assert self.process.stdin is not None and self.process.stdout is not None
+            self.process.stdin.close()
+            self.process.wait(timeout=60)
+            self.process.stdout.close()
+            self.process = None
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+SERVER = ForkServer()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_the_fork_server() -> Iterator[None]:
+    yield
+    SERVER.close()
+
+
+def run_child(*args: str, kill: Callable[[Child], None] | None) -> tuple[int, int | None, float, str]:
+    """Run ``tests.reliability.children ARGS`` in a child of the fork server; once it prints
+    "ready", ``kill(child)`` waits for the moment to SIGKILL it (``None``: let it finish).
+    Returns its pid, exit code, the seconds it ran from ready to kill or end, and its output
+    (none if killed)."""
+    child = SERVER.start(list(args))
     try:
-        assert process.stdout is not None
-        first = process.stdout.readline()
-        assert first.strip() == "ready", first + process.stdout.read()
+        deadline = time.monotonic() + 300
+        while not child.output().startswith("ready\n"):
+            assert child.poll() is None and time.monotonic() < deadline, child.output()
+            time.sleep(0.005)
         start = time.monotonic()
         output = ""
         if kill is not None:
-            process.stdout.close()  # never block on a full pipe while we wait
-            kill(process)
-            os.kill(process.pid, signal.SIGKILL)
+            kill(child)
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait(timeout=60)
         else:
-            output = process.communicate(timeout=300)[0]
+            child.wait(timeout=300)
+            output = child.output()
         seconds = time.monotonic() - start
-        process.wait(timeout=60)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=60)
-    return process.pid, process.returncode, seconds, output
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait(timeout=60)
+    return child.pid, child.returncode, seconds, output
 
 
-def once_loaded(log_dir: Path, rows: int, poll: float) -> Callable[[subprocess.Popen[str]], None]:
+def once_loaded(log_dir: Path, rows: int, poll: float) -> Callable[[Child], None]:
     """A ``kill`` for :func:`run_child`: wait until the child has loaded ``rows`` rows."""
 
-    def wait(process: subprocess.Popen[str]) -> None:
-        while len(loads_of(log_dir, process.pid)) < rows:
-            assert process.poll() is None, "the epoch ended before its kill: slow it down"
+    def wait(child: Child) -> None:
+        while len(loads_of(log_dir, child.pid)) < rows:
+            assert child.poll() is None, "the epoch ended before its kill: slow it down"
             time.sleep(poll)
 
     return wait
@@ -121,7 +221,7 @@ def test_prefill_survives_twenty_sigkills(store_path: Path, tmp_path: Path) -> N
 
     def run(kill_after: float | None) -> tuple[int, int | None, str]:
         pid, code, _, output = run_child(
-            *args, kill=None if kill_after is None else lambda process: time.sleep(kill_after)
+            *args, kill=None if kill_after is None else lambda child: time.sleep(kill_after)
         )
         return pid, code, output
 

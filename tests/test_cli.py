@@ -17,7 +17,7 @@ import zarr
 from cachedfeatures import CachedFeatureDataset, FeatureStore
 from cachedfeatures.pruning import measure
 from cachedfeatures.units import format_bytes
-from tests.helpers import Backbone, Samples, Tile
+from tests.helpers import Backbone, Samples, ScriptProcess, Tile
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK_ROWS = 8
@@ -68,45 +68,11 @@ for line in sys.stdin:
 """
 
 
-class CliWorker:
-    """One Python process that runs every command of this module (``CLI_WORKER``): each new
-    process would import torch again (seconds on two loaded cores), for about 40 commands.
-    Its own process still: the store is opened by another process than the test's, as a user's
-    is. ``fresh_cli`` runs a command in a process of its own (and the installed script)."""
-
-    def __init__(self) -> None:
-        self.process: subprocess.Popen[str] | None = None
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        if self.process is None or self.process.poll() is not None:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", CLI_WORKER],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-                cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
-            )
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(json.dumps(list(args)) + "\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        assert line, f"the CLI worker died (exit {self.process.wait(timeout=60)})"
-        answer = json.loads(line)
-        return subprocess.CompletedProcess(
-            ["cachedfeatures", *args], answer["code"], answer["stdout"], answer["stderr"]
-        )
-
-    def close(self) -> None:
-        if self.process is not None:
-            assert self.process.stdin is not None and self.process.stdout is not None
-            self.process.stdin.close()
-            self.process.wait(timeout=60)
-            self.process.stdout.close()
-            self.process = None
-
-
-WORKER = CliWorker()
+# One process runs every command of this module: each new process would import torch again
+# (seconds on two loaded cores), for about 40 commands. Its own process still: the store is
+# opened by another process than the test's, as a user's is. ``fresh_cli`` runs a command in a
+# process of its own (and the installed script).
+WORKER = ScriptProcess(CLI_WORKER)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -117,7 +83,11 @@ def _close_the_worker() -> Iterator[None]:
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     """Run the command line (in the module's CLI worker process)."""
-    return WORKER.run(*args)
+    WORKER.send(list(args))
+    answer = WORKER.receive()
+    return subprocess.CompletedProcess(
+        ["cachedfeatures", *args], answer["code"], answer["stdout"], answer["stderr"]
+    )
 
 
 def fill(store_path: Path, offset: float, rows: int = 40, read: int | None = None) -> CachedFeatureDataset:

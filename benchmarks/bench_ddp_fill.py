@@ -18,65 +18,18 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-
-@contextmanager
-def moto_server() -> Iterator[dict[str, Any]]:
-    """A moto S3 server on a free loopback port; yields the fsspec storage options."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError("moto server did not start") from None
-            time.sleep(0.1)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        yield {
-            "key": "testing",
-            "secret": "testing",
-            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-        }
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def new_bucket(options: dict[str, Any]) -> str:
-    import boto3
-
-    bucket = f"bench-{uuid.uuid4().hex[:12]}"
-    boto3.client(
-        "s3",
-        endpoint_url=options["client_kwargs"]["endpoint_url"],
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    ).create_bucket(Bucket=bucket)
-    return f"s3://{bucket}/features.zarr"
+from tests.s3_server import moto_server  # noqa: E402  (the s3_server fixture's server)
 
 
 def run(
@@ -114,9 +67,10 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-ddp-"))
     times: dict[str, list[float]] = {}
     try:
-        with moto_server() if args.store == "s3" else _no_server() as options:
+        with moto_server() if args.store == "s3" else _no_server() as server:
+            options = server.storage_options if server is not None else None
             for kind in ("nocache", "distributed", "owner"):
-                store = new_bucket(options) if options is not None else str(root / f"{kind}.zarr")
+                store = server.new_url() if server is not None else str(root / f"{kind}.zarr")
                 times[kind] = run(kind, store, options, args, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)

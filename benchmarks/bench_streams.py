@@ -30,23 +30,22 @@ import argparse
 import io
 import shutil
 import sys
-import tarfile
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cachedfeatures import CachedFeatureDataset, CachedIterableDataset, ChunkShuffleSampler  # noqa: E402
+from tests.tar_shards import TarShards, write_tar  # noqa: E402  (the tests' shards)
 
 try:
     from PIL import Image
@@ -80,54 +79,23 @@ def write_shards(directory: Path, n: int, shards: int, size: int = SIZE) -> list
     per_shard = -(-n // shards)
     paths = []
     for shard in range(shards):
-        path = directory / f"shard-{shard:04d}.tar"
-        with tarfile.open(path, "w") as tar:
-            for index in range(shard * per_shard, min((shard + 1) * per_shard, n)):
-                a, b, c = rng.random(3)
-                base = np.stack(
-                    [
-                        grid[None, :] * a + grid[:, None] * b,
-                        np.outer(grid, grid) * c,
-                        grid[None, :] * b + 0 * grid[:, None],
-                    ],
-                    -1,
-                )
-                noise = rng.integers(0, 6, (size, size, 3))
-                image = np.clip(np.broadcast_to(base, (size, size, 3)) * 230 + noise, 0, 255).astype(np.uint8)
-                suffix, data = encode(image)
-                for name, payload in (
-                    (f"{index:06d}.{suffix}", data),
-                    (f"{index:06d}.cls", str(index % 10).encode()),
-                ):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
-        paths.append(path)
+        records = []
+        for index in range(shard * per_shard, min((shard + 1) * per_shard, n)):
+            a, b, c = rng.random(3)
+            base = np.stack(
+                [
+                    grid[None, :] * a + grid[:, None] * b,
+                    np.outer(grid, grid) * c,
+                    grid[None, :] * b + 0 * grid[:, None],
+                ],
+                -1,
+            )
+            noise = rng.integers(0, 6, (size, size, 3))
+            image = np.clip(np.broadcast_to(base, (size, size, 3)) * 230 + noise, 0, 255).astype(np.uint8)
+            suffix, data = encode(image)
+            records.append((f"{index:06d}", {suffix: data, "cls": str(index % 10).encode()}))
+        paths.append(write_tar(directory / f"shard-{shard:04d}.tar", records))
     return paths
-
-
-class TarShards(IterableDataset[dict[str, Any]]):
-    """Records of tar shards (member bytes, not decoded); each DataLoader worker reads its own shards."""
-
-    def __init__(self, paths: list[Path]) -> None:
-        self.paths = [str(path) for path in paths]
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        paths = self.paths if info is None else self.paths[info.id :: info.num_workers]
-        for path in paths:
-            with tarfile.open(path, "r|") as tar:  # streamed, as WebDataset reads shards
-                record: dict[str, Any] = {}
-                for member in tar:
-                    key, suffix = member.name.split(".", 1)
-                    if record and record["__key__"] != key:
-                        yield record
-                        record = {}
-                    record["__key__"] = key
-                    file = tar.extractfile(member)
-                    record[suffix] = file.read() if file is not None else b""
-                if record:
-                    yield record
 
 
 def decode(record: dict[str, Any]) -> tuple[torch.Tensor, int]:
@@ -164,7 +132,7 @@ class Decoded(Dataset[Any]):
     """The same samples, map-style (decoded up front): the map-style path's dataset."""
 
     def __init__(self, paths: list[Path]) -> None:
-        records = sorted(TarShards(paths), key=lambda r: r["__key__"])
+        records = sorted(TarShards(paths, split_by_worker=True, stream=True), key=lambda r: r["__key__"])
         self.samples = [decode(record) for record in records]
 
     def __len__(self) -> int:
@@ -176,7 +144,7 @@ class Decoded(Dataset[Any]):
 
 def stream(paths: list[Path], store: Path, **options: Any) -> CachedIterableDataset:
     return CachedIterableDataset(
-        TarShards(paths),
+        TarShards(paths, split_by_worker=True, stream=True),
         Backbone(),
         store,
         key="__key__",

@@ -19,6 +19,7 @@ __all__ = [
     "DtypeError",
     "DuplicateKeyError",
     "DeviceInWorkerError",
+    "EntryConflictError",
     "EntryNotFoundError",
     "FieldNameError",
     "FieldNotStorableError",
@@ -148,6 +149,13 @@ class ChunkSizeError(CacheError, ValueError):
 class OptionWithoutStoreError(CacheError, ValueError):
     """An option that only a persistent store uses (a compressor, a byte budget, chunk rows)
     was given to a cache that has no store."""
+
+
+class EntryConflictError(CacheError, ValueError):
+    """Another process (or dataset) is creating, or has just created, the same entry with other
+    storage options (``compressor``, ``chunk_rows``, ``checksum``: they are not part of the
+    entry's name). Its arrays and rows are kept; pass the same options everywhere, or use
+    another store."""
 
 
 class EntryNotFoundError(CacheError, KeyError):

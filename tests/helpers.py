@@ -187,6 +187,46 @@ def run_script(script: str, *args: str, timeout: float = 300) -> dict[str, Any]:
     return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+class ScriptProcess:
+    """A Python process running ``script`` (repo on the path), started on first use, that reads
+    one JSON request a line on stdin and answers with JSON lines: tests that would start many
+    processes, each importing torch again, share one."""
+
+    def __init__(self, script: str) -> None:
+        self.script = textwrap.dedent(script)
+        self.process: subprocess.Popen[str] | None = None
+
+    def send(self, request: Any) -> None:
+        if self.process is None or self.process.poll() is not None:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", self.script],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+
+    def receive(self) -> Any:
+        """The next answer line (waits for it)."""
+        assert self.process is not None and self.process.stdout is not None
+        line = self.process.stdout.readline()
+        assert line, f"the script process died (exit {self.process.wait(timeout=60)})"
+        return json.loads(line)
+
+    def close(self) -> None:
+        """End the process (its stdin closes, so its loop ends) and wait for it."""
+        if self.process is not None:
+            assert self.process.stdin is not None and self.process.stdout is not None
+            self.process.stdin.close()
+            self.process.wait(timeout=60)
+            self.process.stdout.close()
+            self.process = None
+
+
 class BrokenSampleError(RuntimeError):
     """A user's own exception type, raised by :class:`FailingSamples`."""
 

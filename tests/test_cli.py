@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import zarr
 from cachedfeatures import CachedFeatureDataset, FeatureStore
 from cachedfeatures.pruning import measure
 from cachedfeatures.units import format_bytes
-from tests.helpers import Backbone, Samples, Tile
+from tests.helpers import Backbone, Samples, ScriptProcess, Tile
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK_ROWS = 8
@@ -28,8 +29,8 @@ def installed_script() -> str | None:
     return shutil.which("cachedfeatures", path=os.pathsep.join([str(here), os.environ.get("PATH", "")]))
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run the command line; the installed script where there is one (nox installs it)."""
+def fresh_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the command line in a new process; the installed script where there is one (nox installs it)."""
     script = installed_script()
     command = [script] if script else [sys.executable, "-m", "cachedfeatures"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)} if script is None else dict(os.environ)
@@ -40,6 +41,52 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=120,
         env=env,
         cwd=ROOT if not script else None,
+    )
+
+
+# Runs ``cachedfeatures.cli.main`` once per line of JSON argv on stdin, as ``python -m
+# cachedfeatures`` would (its stdout, stderr and exit status; argparse's exits; a traceback and
+# status 1 for an uncaught exception), and answers one JSON line. ``catch_warnings`` restores
+# the interpreter's default filters for each call and resets which warnings were shown, so a
+# warning shows as in a new process, not hidden by an earlier call having shown it.
+CLI_WORKER = """
+import contextlib, io, json, sys, traceback, warnings
+from cachedfeatures.cli import main
+for line in sys.stdin:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        try:
+            code = main(json.loads(line))
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else (exit.code is not None)
+            if isinstance(exit.code, str):
+                print(exit.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    print(json.dumps({"code": int(code), "stdout": out.getvalue(), "stderr": err.getvalue()}), flush=True)
+"""
+
+
+# One process runs every command of this module: each new process would import torch again
+# (seconds on two loaded cores), for about 40 commands. Its own process still: the store is
+# opened by another process than the test's, as a user's is. ``fresh_cli`` runs a command in a
+# process of its own (and the installed script).
+WORKER = ScriptProcess(CLI_WORKER)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_the_worker() -> Iterator[None]:
+    yield
+    WORKER.close()
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the command line (in the module's CLI worker process)."""
+    WORKER.send(list(args))
+    answer = WORKER.receive()
+    return subprocess.CompletedProcess(
+        ["cachedfeatures", *args], answer["code"], answer["stdout"], answer["stderr"]
     )
 
 
@@ -135,9 +182,8 @@ BAD_PATHS = {
 }
 
 
-@pytest.mark.parametrize("kind", list(BAD_PATHS))
-def test_bad_paths_get_a_one_line_error(tmp_path: Path, kind: str) -> None:
-    path = tmp_path / "thing"
+def not_a_store(path: Path, kind: str) -> Path:
+    """Make ``path`` a thing of ``kind`` that is not a store (``"missing"``: nothing)."""
     if kind == "file":
         path.write_text("hello")
     elif kind == "plain directory":
@@ -146,6 +192,12 @@ def test_bad_paths_get_a_one_line_error(tmp_path: Path, kind: str) -> None:
         zarr.create_array(str(path), shape=(3,), dtype="int32")
     elif kind == "foreign zarr group":
         zarr.open_group(str(path), mode="w").create_array("x", shape=(2,), dtype="int8")
+    return path
+
+
+@pytest.mark.parametrize("kind", list(BAD_PATHS))
+def test_bad_paths_get_a_one_line_error(tmp_path: Path, kind: str) -> None:
+    path = not_a_store(tmp_path / "thing", kind)
     command = BAD_PATHS[kind]
     assert_one_line_error(cli(command[0], str(path), *command[1:]))
     assert kind != "missing" or not path.exists()  # nothing was created
@@ -162,15 +214,7 @@ WHAT_IT_IS = {
 @pytest.mark.parametrize("kind", list(WHAT_IT_IS))
 def test_info_on_a_non_store_says_what_it_is_and_what_to_pass(tmp_path: Path, kind: str) -> None:
     """Not "pass a new path" (that is what creating a cache needs): reading needs an existing store."""
-    path = tmp_path / "thing"
-    if kind == "file":
-        path.write_text("hello")
-    elif kind == "plain directory":
-        (path / "sub").mkdir(parents=True)
-    elif kind == "zarr array":
-        zarr.create_array(str(path), shape=(3,), dtype="int32")
-    else:
-        zarr.open_group(str(path), mode="w").create_array("x", shape=(2,), dtype="int8")
+    path = not_a_store(tmp_path / "thing", kind)
     result = cli("info", str(path))
     assert_one_line_error(result)
     assert WHAT_IT_IS[kind] in result.stderr
@@ -195,7 +239,7 @@ def test_every_command_refuses_a_missing_store_without_creating_it(
     tmp_path: Path, command: list[str]
 ) -> None:
     path = tmp_path / "nowhere.zarr"
-    assert_one_line_error(cli(command[0], str(path), *command[1:]))
+    assert_one_line_error(fresh_cli(command[0], str(path), *command[1:]))  # a process of its own
     assert not path.exists()
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import IterableDataset, default_collate, get_worker_info
+from torch.utils.data import default_collate
 
 from cachedfeatures import (
     CachedIterableDataset,
@@ -22,6 +20,7 @@ from cachedfeatures import (
     StaleFeaturesError,
 )
 from cachedfeatures.maintenance import verify_store
+from tests.tar_shards import TarShards, write_tar
 
 SHAPE = (3, 8, 8)
 
@@ -33,53 +32,16 @@ def _array_bytes(array: np.ndarray) -> bytes:
 def write_shards(directory: Path, num_samples: int, per_shard: int, *, seed: int = 0) -> list[Path]:
     """WebDataset-style tar shards: members ``<key>.npz`` (zlib uint8 image) and ``<key>.cls``."""
     rng = np.random.default_rng(seed)
-    paths = []
-    for shard, start in enumerate(range(0, num_samples, per_shard)):
-        path = directory / f"shard-{shard:04d}.tar"
-        with tarfile.open(path, "w") as tar:
-            for index in range(start, min(start + per_shard, num_samples)):
-                key = f"{index:06d}"
-                image = rng.integers(0, 255, SHAPE, dtype=np.uint8)
-                for suffix, data in ((".npz", _array_bytes(image)), (".cls", str(index % 10).encode())):
-                    info = tarfile.TarInfo(key + suffix)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        paths.append(path)
-    return paths
 
+    def records(start: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+        for index in range(start, min(start + per_shard, num_samples)):
+            image = rng.integers(0, 255, SHAPE, dtype=np.uint8)
+            yield f"{index:06d}", {"npz": _array_bytes(image), "cls": str(index % 10).encode()}
 
-class TarShards(IterableDataset[dict[str, Any]]):
-    """Records of tar shards, undecoded: ``{"__key__", "npz": bytes, "cls": bytes}``.
-
-    With ``split_by_worker`` each DataLoader worker reads its own shards (as WebDataset does).
-    ``opened`` counts shards opened in this process.
-    """
-
-    def __init__(self, paths: list[Path], *, split_by_worker: bool = False) -> None:
-        self.paths = [str(path) for path in paths]
-        self.split_by_worker = split_by_worker
-        self.opened = 0
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        paths = self.paths
-        info = get_worker_info()
-        if self.split_by_worker and info is not None:
-            paths = paths[info.id :: info.num_workers]
-        for path in paths:
-            self.opened += 1
-            with tarfile.open(path) as tar:
-                record: dict[str, Any] = {}
-                for member in tar:
-                    key, suffix = member.name.split(".", 1)
-                    if record and record["__key__"] != key:
-                        yield record
-                        record = {}
-                    record["__key__"] = key
-                    file = tar.extractfile(member)
-                    assert file is not None
-                    record[suffix] = file.read()
-                if record:
-                    yield record
+    return [
+        write_tar(directory / f"shard-{shard:04d}.tar", records(start))
+        for shard, start in enumerate(range(0, num_samples, per_shard))
+    ]
 
 
 class Decoder:

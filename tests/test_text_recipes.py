@@ -209,12 +209,18 @@ def test_the_tokenizer_settings_are_part_of_the_entry_key(tmp_path: Path) -> Non
     assert longer.entry_name != short.entry_name
     assert not torch.equal(short[0], longer[0]) or len(tokenizer(texts[0])["input_ids"]) <= 32
     # A SentenceTransformer's max_seq_length is in its state and in its preprocess method's.
-    st = sentence_transformers.SentenceTransformer(str(minilm.get_model_path()), device="cpu").eval()
+    st = sentence_model()  # the module's one loaded model: its max_seq_length is set back below
     options: dict[str, Any] = {"output": "sentence_embedding", "spot_check": 0}
     before = CachedFeatureDataset(texts, st, tmp_path / "f.zarr", collate_fn=st.preprocess, **options)
-    st.max_seq_length = 16
-    after = CachedFeatureDataset(texts, st, tmp_path / "f.zarr", collate_fn=st.preprocess, **options)
+    max_seq_length = st.max_seq_length
+    try:
+        st.max_seq_length = 16
+        after = CachedFeatureDataset(texts, st, tmp_path / "f.zarr", collate_fn=st.preprocess, **options)
+    finally:
+        st.max_seq_length = max_seq_length
     assert after.entry_name != before.entry_name
+    again = CachedFeatureDataset(texts, st, tmp_path / "f.zarr", collate_fn=st.preprocess, **options)
+    assert again.entry_name == before.entry_name  # set back: the shared model is as loaded
 
 
 def test_sentence_transformer_errors_say_what_to_pass(tmp_path: Path) -> None:

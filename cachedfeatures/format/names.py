@@ -29,6 +29,7 @@ __all__ = [
     "ATTRS_KEY",
     "CHUNK_CRC",
     "CHUNK_CRC_DIMS",
+    "CREATING_KEY",
     "ENTRY_KEY_VERSION",
     "ENTRY_META_KEYS",
     "FEATURES",
@@ -88,6 +89,11 @@ ENTRY_META_KEYS = (
     "created",
     "library_version",
 )
+# The attribute of an entry group while it is being created (before ATTRS_KEY lands): the
+# creator's storage options ("chunk_rows", "compressor", "checksum") and "started" (unix
+# seconds), so a concurrent creator with other options gets an error instead of replacing
+# the arrays. Dropped when the entry's metadata is written.
+CREATING_KEY = "cachedfeatures_creating"
 # An attribute of each data array: the torch dtype its rows are served as (bfloat16 bits...).
 TORCH_DTYPE_ATTR = "torch_dtype"
 

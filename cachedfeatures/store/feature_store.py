@@ -26,7 +26,8 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -40,6 +41,7 @@ from zarr.storage import LocalStore, MemoryStore
 from cachedfeatures.errors import (
     ChunkSizeError,
     DamagedStoreError,
+    EntryConflictError,
     EntryNotFoundError,
     NotAFeatureStoreError,
     StorePathError,
@@ -49,6 +51,7 @@ from cachedfeatures.format.names import (
     ATTRS_KEY,
     CHUNK_CRC,
     CHUNK_CRC_DIMS,
+    CREATING_KEY,
     FEATURES,
     FORMAT_VERSION_KEY,
     SAMPLE_DIM,
@@ -94,6 +97,10 @@ DATASET_TARGET_CHUNK_BYTES = 2 * 1024 * 1024
 MAX_CHUNK_BYTES = 2**31 - 1
 # Default chunks keep at least 16 rows only while that stays below this; huge rows get fewer.
 MAX_DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+# A creation note (CREATING_KEY) older than this is taken for one left by a creator that died
+# before the entry's metadata: a creator with other options then replaces its arrays (which
+# hold no rows: rows are stored only once the metadata is written).
+CREATION_STALE_SECONDS = 300.0
 # Fill values of new floating-point arrays: what a missing chunk reads as. Not NaN, so an
 # all-NaN row of features (a module's honest output) is not taken for missing bytes; an odd
 # subnormal that no module plausibly outputs across a whole row (see cachedfeatures.store.integrity).
@@ -704,8 +711,19 @@ class FeatureStore:
         with the same metadata is kept as it is, rows and all, never reset; only one that
         differs (left by a creation that died before its attrs, with other options) is
         replaced. Every creator writes the same attrs, so the last writer's copy is as good.
+
+        Until its attrs land, a creator keeps a note of its storage options in the group
+        (``CREATING_KEY``). A creator that finds another's note (younger than
+        ``CREATION_STALE_SECONDS``) or complete entry with another ``compressor``,
+        ``chunk_rows`` or ``checksum`` raises :class:`EntryConflictError` and replaces nothing.
         """
         check_chunk_bytes(chunk_rows, sum(spec.row_nbytes for spec in specs))
+        codec = default_compressor() if compressor == "default" else compressor
+        wanted: dict[str, Any] = {
+            "chunk_rows": chunk_rows,
+            "compressor": repr(codec),
+            "checksum": bool(checksum),
+        }
         with self.locks.entry(name):
             existing = self.entry(name)
             if existing is not None:
@@ -714,19 +732,42 @@ class FeatureStore:
                 group = self.root.require_group(name)
             except zarr.errors.ContainsGroupError:  # created by another process since we looked
                 group = self.root.require_group(name)
-            codec = default_compressor() if compressor == "default" else compressor
+            finished = self._check_other_creator(name, wanted)
+            if finished is not None:  # completed by another process since we looked
+                return finished
+            group.attrs[CREATING_KEY] = {**wanted, "started": time.time()}
+
+            def before_replacing() -> None:
+                self._check_other_creator(name, wanted)
+
             for spec in specs:
                 if spec.ragged:
                     create_ragged(
-                        group, spec, num_rows, chunk_rows, _with_checksum(codec, checksum), keep_existing=True
+                        group,
+                        spec,
+                        num_rows,
+                        chunk_rows,
+                        _with_checksum(codec, checksum),
+                        keep_existing=True,
+                        before_replacing=before_replacing,
                     )
                 else:
-                    _create_array(group, spec, num_rows, chunk_rows, codec, checksum, keep_existing=True)
+                    _create_array(
+                        group,
+                        spec,
+                        num_rows,
+                        chunk_rows,
+                        codec,
+                        checksum,
+                        keep_existing=True,
+                        before_replacing=before_replacing,
+                    )
             if checksum:
                 _create_node(
                     group,
                     CHUNK_CRC,
                     keep_existing=True,
+                    before_replacing=before_replacing,
                     shape=(-(-num_rows // chunk_rows), len(specs), 2),
                     chunks=(1, len(specs), 2),
                     dtype="uint32",
@@ -735,8 +776,11 @@ class FeatureStore:
                     dimension_names=CHUNK_CRC_DIMS,
                     config={"write_empty_chunks": True},
                 )
-            _create_valid(group, num_rows, chunk_rows, checksum, keep_existing=True)
-            group.attrs[ATTRS_KEY] = {
+            _create_valid(
+                group, num_rows, chunk_rows, checksum, keep_existing=True, before_replacing=before_replacing
+            )
+            attrs = {key: value for key, value in group.attrs.asdict().items() if key != CREATING_KEY}
+            attrs[ATTRS_KEY] = {
                 **meta,
                 FORMAT_VERSION_KEY: STORE_FORMAT_VERSION,
                 "entry": name,
@@ -747,7 +791,37 @@ class FeatureStore:
                 **({"chunk_checksums": chunk_identity.FLAVOUR} if checksum else {}),
                 "created": _now(),
             }
+            group.attrs.put(attrs)  # the creation note goes with the same write
             return Entry(group, self.locks, self.backend)
+
+    def _check_other_creator(self, name: str, wanted: Mapping[str, Any]) -> Entry | None:
+        """Refuse to go on creating entry ``name`` with the storage options ``wanted`` where
+        another creator is at it, or has finished, with other ones.
+
+        Reads the group afresh: an entry completed since we looked is returned (its options
+        are ours) or raises :class:`EntryConflictError`; so does the creation note of a creator
+        at work with other options (a note older than ``CREATION_STALE_SECONDS`` is taken for
+        one left by a creator that died, whose arrays are replaced). Nothing is ever replaced
+        in an entry another creator completed, so the rows it stored are kept.
+        """
+        try:
+            group = self.root[name]
+        except KeyError:
+            return None
+        attrs: dict[str, Any] = dict(group.attrs.asdict())
+        if is_entry_meta(attrs):
+            meta: dict[str, Any] = attrs[ATTRS_KEY]
+            theirs = {
+                "chunk_rows": meta.get("chunk_rows"),
+                "compressor": meta.get("compressor"),
+                "checksum": "chunk_checksums" in meta,
+            }
+            _refuse_other_options(self.location, name, theirs, wanted, "has been created")
+            return Entry(group, self.locks, self.backend) if isinstance(group, zarr.Group) else None
+        note = attrs.get(CREATING_KEY)
+        if isinstance(note, Mapping) and time.time() - float(note.get("started", 0)) < CREATION_STALE_SECONDS:
+            _refuse_other_options(self.location, name, note, wanted, "is being created")
+        return None
 
     def __iter__(self) -> Iterator[Entry]:
         return iter(self.entries)
@@ -784,6 +858,23 @@ class FeatureStore:
 
     def _repr_html_(self) -> str:
         return explore.store_html(self, [(entry.info(), entry.valid_mask()) for entry in self.entries])
+
+
+def _refuse_other_options(
+    location: str, name: str, theirs: Mapping[str, Any], wanted: Mapping[str, Any], doing: str
+) -> None:
+    """An :class:`EntryConflictError` naming each storage option in which ``theirs`` (another
+    creator's) and ``wanted`` (this one's) differ; nothing where they agree."""
+    differ = [key for key in ("compressor", "chunk_rows", "checksum") if theirs.get(key) != wanted[key]]
+    if not differ:
+        return
+    said = "; ".join(f"{key}={theirs.get(key)} there, {key}={wanted[key]} here" for key in differ)
+    raise EntryConflictError(
+        f"entry {name} of store {location} {doing} by another process (or dataset) with other "
+        f"storage options ({said}), which are not part of the entry's name. Its arrays and rows are "
+        "kept. Pass the same compressor, chunk_rows and checksum wherever this entry is created, "
+        "or use another store."
+    )
 
 
 def _what_to_do(mode: Literal["r", "a"]) -> str:
@@ -852,10 +943,18 @@ def _with_checksum(codec: BytesBytesCodec | None, checksum: bool) -> tuple[Bytes
     return (*codecs, zarr.codecs.Crc32cCodec()) if checksum else codecs
 
 
-def _create_node(group: zarr.Group, name: str, *, keep_existing: bool, **options: Any) -> None:
+def _create_node(
+    group: zarr.Group,
+    name: str,
+    *,
+    keep_existing: bool,
+    before_replacing: Callable[[], None] = lambda: None,
+    **options: Any,
+) -> None:
     """Create array ``name`` in ``group``; with ``keep_existing``, keep one that is already
     there with exactly the metadata ``options`` give (created by a concurrent creator, maybe
-    holding its rows), and replace any other. Without it, replace whatever is there."""
+    holding its rows), and replace any other once ``before_replacing`` has not raised.
+    Without it, replace whatever is there."""
     if keep_existing:
         try:
             group.create_array(name, overwrite=False, **options)
@@ -863,6 +962,7 @@ def _create_node(group: zarr.Group, name: str, *, keep_existing: bool, **options
         except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError):
             if _holds_array_like(group, name, options):
                 return
+            before_replacing()
     group.create_array(name, overwrite=True, **options)
 
 
@@ -878,7 +978,12 @@ def _holds_array_like(group: zarr.Group, name: str, options: Mapping[str, Any]) 
 
 
 def _create_valid(
-    group: zarr.Group, num_rows: int, chunk_rows: int, checksum: bool, keep_existing: bool = False
+    group: zarr.Group,
+    num_rows: int,
+    chunk_rows: int,
+    checksum: bool,
+    keep_existing: bool = False,
+    before_replacing: Callable[[], None] = lambda: None,
 ) -> None:
     """The ``valid`` mask of an entry, all false (its fill value), replacing any there (or,
     with ``keep_existing``, keeping an identical one: see :func:`_create_node`)."""
@@ -886,6 +991,7 @@ def _create_valid(
         group,
         VALID,
         keep_existing=keep_existing,
+        before_replacing=before_replacing,
         shape=(num_rows,),
         chunks=(chunk_rows,),
         dtype="bool",
@@ -903,6 +1009,7 @@ def _create_array(
     codec: BytesBytesCodec | None,
     checksum: bool = True,
     keep_existing: bool = False,
+    before_replacing: Callable[[], None] = lambda: None,
 ) -> None:
     dims = dimension_names(spec.name, 1 + len(spec.shape))
     is_string = spec.dtype == "str"
@@ -913,6 +1020,7 @@ def _create_array(
         group,
         spec.name,
         keep_existing=keep_existing,
+        before_replacing=before_replacing,
         shape=(num_rows, *spec.shape),
         chunks=(chunk_rows, *spec.shape),
         dtype=spec.numpy_dtype if not is_string else str,

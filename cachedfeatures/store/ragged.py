@@ -15,6 +15,7 @@ as ``group[f"<name>.values/{i // chunk_rows}"][slice(*group["<name>.offsets"][i]
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -42,12 +43,14 @@ def create_ragged(
     chunk_rows: int,
     compressors: tuple[BytesBytesCodec, ...],
     keep_existing: bool = False,
+    before_replacing: Callable[[], None] = lambda: None,
 ) -> None:
     """Create the offsets array and the (empty) values group of ragged array ``spec``.
 
     With ``keep_existing`` (entry creation, which must be idempotent: processes may create one
     entry at once on an object store), an offsets array and a values group already there with
-    exactly this metadata are kept, rows and all; anything else there is replaced.
+    exactly this metadata are kept, rows and all; anything else there is replaced once
+    ``before_replacing`` has not raised.
     """
     offsets: dict[str, Any] = {
         "shape": (num_rows, 2),
@@ -66,9 +69,13 @@ def create_ragged(
         **({"torch_dtype": spec.torch_dtype} if spec.torch_dtype else {}),
     }
     if not (keep_existing and _holds(group, offsets_name(spec.name), offsets)):
+        if keep_existing and _member(group, offsets_name(spec.name)) is not None:
+            before_replacing()
         group.create_array(offsets_name(spec.name), overwrite=True, **offsets)
     existing = _member(group, values_name(spec.name))
     if not (keep_existing and isinstance(existing, zarr.Group) and dict(existing.attrs) == values_attrs):
+        if keep_existing and existing is not None:
+            before_replacing()
         group.create_group(values_name(spec.name), attributes=values_attrs, overwrite=True)
 
 

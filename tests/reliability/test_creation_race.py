@@ -24,19 +24,24 @@ from tests.reliability.figures import record
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# One process per rank, alive for all rounds (torch is imported once). Round r starts for
-# everyone at one moment: half a second after the last rank finished round r - 1, read from
-# the done files' modification times, which every rank sees alike.
+# One process per rank, alive for all rounds (torch is imported once). Once every rank has
+# imported what it needs (its ready file), the test writes the moment round 0 starts for all
+# (the go file); round r starts half a second after the last rank finished round r - 1, read
+# from the done files' modification times, which every rank sees alike.
 RACER = """
     import json, os, sys, time
     from pathlib import Path
+    import s3fs
     from cachedfeatures import CachedFeatureDataset
     from cachedfeatures.store.ownership import ChunkOwnership
     from tests.helpers import Backbone, Samples
 
     urls, options = json.loads(sys.argv[1]), json.loads(sys.argv[2])
     n, rank, world, sync = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), Path(sys.argv[6])
-    start = float(sys.argv[7])
+    (sync / f"ready-{rank}").touch()
+    while not (sync / "go").exists():
+        time.sleep(0.01)
+    start = float((sync / "go").read_text())
     failures = []
     for round_, url in enumerate(urls):
         time.sleep(max(0.0, start - time.time()))
@@ -60,13 +65,12 @@ RACER = """
 def test_eight_processes_creating_one_entry_at_once_for_twenty_rounds_on_s3(
     s3_server: S3Server, tmp_path: Path
 ) -> None:
-    # 8 chunks of 16 rows: one for each process. CI runs 5 rounds (about 45 s on two cores);
+    # 8 chunks of 16 rows: one for each process. CI runs 5 rounds;
     # CACHEDFEATURES_RACE_ROUNDS=20 is the issue's full stress run (179 s, no failure).
     world, n = 8, 128
     rounds = int(os.environ.get("CACHEDFEATURES_RACE_ROUNDS", "5"))
     urls = [s3_server.new_url() for _ in range(rounds)]
     started = time.monotonic()
-    start = time.time() + 15  # past every process's import of torch on two loaded cores
     racers = [
         subprocess.Popen(
             [
@@ -79,7 +83,6 @@ def test_eight_processes_creating_one_entry_at_once_for_twenty_rounds_on_s3(
                 str(rank),
                 str(world),
                 str(tmp_path),
-                str(start),
             ],
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
@@ -89,6 +92,14 @@ def test_eight_processes_creating_one_entry_at_once_for_twenty_rounds_on_s3(
         )
         for rank in range(world)
     ]
+    deadline = time.monotonic() + 300
+    while not all((tmp_path / f"ready-{rank}").exists() for rank in range(world)):
+        assert all(racer.poll() is None for racer in racers), "a racer died before its ready file"
+        assert time.monotonic() < deadline, "the racers did not get ready"
+        time.sleep(0.05)
+    go = tmp_path / "go.partial"
+    go.write_text(repr(time.time() + 0.5))
+    go.rename(tmp_path / "go")  # every racer reads the whole moment
     failures: list[str] = []
     for racer in racers:
         out, err = racer.communicate(timeout=600)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import random
+import select
+import shutil
 import signal
-import subprocess
-import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ import torch
 from cachedfeatures import FeatureStore
 from cachedfeatures.store.chunk_bytes import PARTIAL_SUFFIX
 from cachedfeatures.store.writer import DEFAULT_MAX_PENDING
-from tests.helpers import Backbone, reference
+from tests.helpers import Backbone, ScriptProcess, reference
 from tests.reliability.children import open_cached
 from tests.reliability.figures import record
 
@@ -52,39 +54,156 @@ def check_valid_rows(store_path: Path, expected: torch.Tensor) -> np.ndarray:
     return valid
 
 
+def new_entry(
+    store_path: Path, tmp_path: Path, n: int, chunk_rows: int, batch_size: int
+) -> tuple[Path, torch.Tensor, np.ndarray]:
+    """Create the entry the children fill; its load log directory, every row's expected
+    features and the valid mask (construction stores a probe row)."""
+    log_dir = tmp_path / "loads"
+    log_dir.mkdir()
+    _, samples = open_cached(store_path, n, chunk_rows=chunk_rows, batch_size=batch_size)
+    backbone = Backbone()
+    expected = torch.stack([reference(backbone, samples, i) for i in range(n)])
+    return log_dir, expected, check_valid_rows(store_path, expected)
+
+
+# A Python that has imported what the children need (torch, cachedfeatures) and never opened a
+# store, so it has no thread but its own: for each JSON request line it forks one child that
+# runs ``tests.reliability.children`` with the request's argv (stdout and stderr to the
+# request's file) and exits as that module's ``python -m`` run would (exit hooks run), answers
+# the child's pid, then its exit status once it is gone. A new interpreter per child would
+# import torch again: seconds each on two cores, for about 30 children here.
+FORK_SERVER = """
+import json, os, sys
+import tests.reliability.children as children
+for line in sys.stdin:
+    request = json.loads(line)
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        out = os.open(request["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        argv = request["argv"]
+        if argv[0] == "loader":
+            children.loader_main(argv[1:])
+        elif argv[0] == "dataloader":
+            children.dataloader_main(argv[1:])
+        else:
+            children.prefill_main(argv)
+        sys.exit(0)  # an exception instead: its traceback on stderr, exit status 1
+    print(json.dumps({"pid": pid}), flush=True)
+    print(json.dumps({"code": os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}), flush=True)
+"""
+
+
+class Child:
+    """One child of the fork server: its pid, whether it has ended, its exit code and output."""
+
+    def __init__(self, server: ScriptProcess, pid: int, out: Path) -> None:
+        self.server, self.pid, self.out = server, pid, out
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        """Its exit code once it has ended, else ``None`` (as ``Popen.poll``)."""
+        stdout = self.server.process.stdout if self.server.process is not None else None
+        assert stdout is not None
+        if self.returncode is None and select.select([stdout], [], [], 0)[0]:
+            self.returncode = int(self.server.receive()["code"])
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            assert time.monotonic() < deadline, f"child {self.pid} still running after {timeout:g} s"
+            time.sleep(0.01)
+        assert self.returncode is not None
+        return self.returncode
+
+    def output(self) -> str:
+        return self.out.read_text() if self.out.exists() else ""
+
+
+class ForkServer:
+    """Starts children for :func:`run_child` (see ``FORK_SERVER``); one per test module."""
+
+    def __init__(self) -> None:
+        self.server = ScriptProcess(FORK_SERVER)
+        self.directory = Path(tempfile.mkdtemp(prefix="kill-children-"))
+        self.started = 0
+
+    def start(self, args: list[str]) -> Child:
+        self.started += 1
+        out = self.directory / f"child-{self.started}.out"
+        self.server.send({"argv": args, "out": str(out)})
+        return Child(self.server, int(self.server.receive()["pid"]), out)
+
+    def close(self) -> None:
+        self.server.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+SERVER = ForkServer()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_the_fork_server() -> Iterator[None]:
+    yield
+    SERVER.close()
+
+
+def run_child(*args: str, kill: Callable[[Child], None] | None) -> tuple[int, int | None, float, str]:
+    """Run ``tests.reliability.children ARGS`` in a child of the fork server; once it prints
+    "ready", ``kill(child)`` waits for the moment to SIGKILL it (``None``: let it finish).
+    Returns its pid, exit code, the seconds it ran from ready to kill or end, and its output
+    (none if killed)."""
+    child = SERVER.start(list(args))
+    try:
+        deadline = time.monotonic() + 300
+        while not child.output().startswith("ready\n"):
+            assert child.poll() is None and time.monotonic() < deadline, child.output()
+            time.sleep(0.005)
+        start = time.monotonic()
+        output = ""
+        if kill is not None:
+            kill(child)
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait(timeout=60)
+        else:
+            child.wait(timeout=300)
+            output = child.output()
+        seconds = time.monotonic() - start
+    finally:
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait(timeout=60)
+    return child.pid, child.returncode, seconds, output
+
+
+def once_loaded(log_dir: Path, rows: int, poll: float) -> Callable[[Child], None]:
+    """A ``kill`` for :func:`run_child`: wait until the child has loaded ``rows`` rows."""
+
+    def wait(child: Child) -> None:
+        while len(loads_of(log_dir, child.pid)) < rows:
+            assert child.poll() is None, "the epoch ended before its kill: slow it down"
+            time.sleep(poll)
+
+    return wait
+
+
 @pytest.mark.slow
 def test_prefill_survives_twenty_sigkills(store_path: Path, tmp_path: Path) -> None:
     rng = random.Random(6)
-    log_dir = tmp_path / "loads"
-    log_dir.mkdir()
-    _, samples = open_cached(store_path, N, chunk_rows=CHUNK_ROWS, batch_size=BATCH_SIZE)  # the entry
-    backbone = Backbone()
-    expected = torch.stack([reference(backbone, samples, i) for i in range(N)])
-    valid = check_valid_rows(store_path, expected)
+    log_dir, expected, valid = new_entry(store_path, tmp_path, N, CHUNK_ROWS, BATCH_SIZE)
     needed = int((~valid).sum())  # construction stores a probe row (the first spot check's row)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "tests.reliability.children", str(store_path), str(log_dir)]
-    command += [str(N), str(CHUNK_ROWS), str(BATCH_SIZE), str(DELAY)]
+    args = [str(store_path), str(log_dir), str(N), str(CHUNK_ROWS), str(BATCH_SIZE), str(DELAY)]
 
     def run(kill_after: float | None) -> tuple[int, int | None, str]:
-        process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        pid, code, _, output = run_child(
+            *args, kill=None if kill_after is None else lambda child: time.sleep(kill_after)
         )
-        try:
-            assert process.stdout is not None
-            first = process.stdout.readline()
-            assert first.strip() == "ready", first + process.stdout.read()
-            if kill_after is not None:
-                process.stdout.close()  # never block on a full pipe while we sleep
-                time.sleep(kill_after)
-                os.kill(process.pid, signal.SIGKILL)
-            output = "" if kill_after is not None else process.communicate(timeout=300)[0]
-            process.wait(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=60)
-        return process.pid, process.returncode, output
+        return pid, code, output
 
     def spot_checked(loaded: np.ndarray, before: np.ndarray) -> int:
         """How many of a run's first loads are its spot check's: up to 8 rows valid before it.
@@ -119,7 +238,7 @@ def test_prefill_survives_twenty_sigkills(store_path: Path, tmp_path: Path) -> N
     assert code == 0 and "finished" in output, output
     loaded = np.asarray(loads_of(log_dir, pid), dtype=np.int64)
     spot = spot_checked(loaded, valid)
-    assert spot == 8  # the last run completed its spot check
+    assert spot == 8, (loaded[:12].tolist(), valid[loaded[:12]].tolist())  # the last run spot-checked 8
     spot_total += spot
     assert sorted(loaded[spot:].tolist()) == np.flatnonzero(~valid).tolist()  # only what was missing
     valid = check_valid_rows(store_path, expected)
@@ -144,43 +263,16 @@ L_KILLS, L_KILL_AT = 3, 0.85
 
 @pytest.mark.slow
 def test_a_killed_shuffled_loader_epoch_loses_at_most_the_hold(store_path: Path, tmp_path: Path) -> None:
-    log_dir = tmp_path / "loads"
-    log_dir.mkdir()
-    _, samples = open_cached(store_path, L_N, chunk_rows=L_CHUNK_ROWS, batch_size=L_BATCH)
-    backbone = Backbone()
-    expected = torch.stack([reference(backbone, samples, i) for i in range(L_N)])
-    valid = check_valid_rows(store_path, expected)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "tests.reliability.children", "loader", str(store_path), str(log_dir)]
-    command += [str(L_N), str(L_CHUNK_ROWS), str(L_BATCH), str(L_DELAY), str(L_HOLD)]
+    log_dir, expected, valid = new_entry(store_path, tmp_path, L_N, L_CHUNK_ROWS, L_BATCH)
+    args = ["loader", str(store_path), str(log_dir), str(L_N), str(L_CHUNK_ROWS), str(L_BATCH)]
+    args += [str(L_DELAY), str(L_HOLD)]
 
     def run(kill_at: int | None) -> tuple[int, float, str]:
         """Run one epoch; SIGKILL it once it has loaded ``kill_at`` rows. Returns the pid, the
         seconds it ran (from ready to kill or end) and its output."""
-        process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        try:
-            assert process.stdout is not None
-            first = process.stdout.readline()
-            assert first.strip() == "ready", first + process.stdout.read()
-            start = time.monotonic()
-            output = ""
-            if kill_at is not None:
-                process.stdout.close()
-                while len(loads_of(log_dir, process.pid)) < kill_at:
-                    assert process.poll() is None, "the epoch ended before its kill: slow it down"
-                    time.sleep(0.01)
-                os.kill(process.pid, signal.SIGKILL)
-            else:
-                output = process.communicate(timeout=300)[0]
-            seconds = time.monotonic() - start
-            process.wait(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=60)
-        return process.pid, seconds, output
+        kill = None if kill_at is None else once_loaded(log_dir, kill_at, poll=0.01)
+        pid, _, seconds, output = run_child(*args, kill=kill)
+        return pid, seconds, output
 
     figures = []
     for _ in range(L_KILLS):
@@ -224,40 +316,14 @@ D_BUDGET_ROWS = 4 * D_CHUNK_ROWS
 
 @pytest.mark.slow
 def test_a_killed_dataloader_fill_epoch_loses_at_most_its_buffer(store_path: Path, tmp_path: Path) -> None:
-    log_dir = tmp_path / "loads"
-    log_dir.mkdir()
-    _, samples = open_cached(store_path, D_N, chunk_rows=D_CHUNK_ROWS, batch_size=D_BATCH)
-    backbone = Backbone()
-    expected = torch.stack([reference(backbone, samples, i) for i in range(D_N)])
-    valid = check_valid_rows(store_path, expected)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "tests.reliability.children", "dataloader", str(store_path)]
-    command += [str(log_dir), str(D_N), str(D_CHUNK_ROWS), str(D_BATCH), str(D_DELAY)]
-    command += [str(D_BUDGET_ROWS * D_ROW_BYTES)]
+    log_dir, expected, valid = new_entry(store_path, tmp_path, D_N, D_CHUNK_ROWS, D_BATCH)
+    args = ["dataloader", str(store_path), str(log_dir), str(D_N), str(D_CHUNK_ROWS), str(D_BATCH)]
+    args += [str(D_DELAY), str(D_BUDGET_ROWS * D_ROW_BYTES)]
 
     def run(kill_at: int | None) -> tuple[int, str]:
-        process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        try:
-            assert process.stdout is not None
-            first = process.stdout.readline()
-            assert first.strip() == "ready", first + process.stdout.read()
-            output = ""
-            if kill_at is not None:
-                process.stdout.close()
-                while len(loads_of(log_dir, process.pid)) < kill_at:
-                    assert process.poll() is None, "the epoch ended before its kill: slow it down"
-                    time.sleep(0.005)
-                os.kill(process.pid, signal.SIGKILL)
-            else:
-                output = process.communicate(timeout=300)[0]
-            process.wait(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=60)
-        return process.pid, output
+        kill = None if kill_at is None else once_loaded(log_dir, kill_at, poll=0.005)
+        pid, _, _, output = run_child(*args, kill=kill)
+        return pid, output
 
     stored_before_kill = 0
     for _ in range(D_KILLS):

@@ -509,12 +509,16 @@ class _ChunkFile:
             os.close(fd)
             raise
 
-    def read_into(self, chunk: int, target: np.ndarray, check: RowCheck | None = None) -> None:
+    def read_into(
+        self, chunk: int, target: np.ndarray, check: RowCheck | None = None, identity: _Identity | None = None
+    ) -> None:
         """Copy the chunk's first ``len(target)`` rows into ``target`` (C-contiguous).
 
         A raw chunk is read straight into ``target``: one copy out of the page cache, with no
         map to fault in page by page. A checksummed one is verified on the bytes as they
-        landed in ``target``, so the bytes checked are the bytes served.
+        landed in ``target``, so the bytes checked are the bytes served. Given ``identity``
+        (the same check as ``check``), a whole raw chunk is verified once per version of its
+        file on this machine (see :mod:`cachedfeatures.reader.verified`).
         """
         whole = target.nbytes == self.nbytes
         if (
@@ -536,8 +540,11 @@ class _ChunkFile:
             target[...] = self.read(chunk, check)[: len(target)]
             return
         expected = self.nbytes + (4 if self.checksum else 0)
+        log = self.log if identity is not None and whole else None
+        crc: int | None = None
         with file:
-            size = os.fstat(file.fileno()).st_size
+            version = file_version(os.fstat(file.fileno()))
+            size = version[2]
             if size != expected:
                 raise ValueError(f"raw chunk {path} holds {size} bytes; expected {expected}")
             payload = target.reshape(-1).view(np.uint8)
@@ -548,7 +555,8 @@ class _ChunkFile:
                 if not count:
                     raise ValueError(f"raw chunk {path} ended after {done} bytes")
                 done += count
-            if self.checksum:
+            crc = None if log is None else log.vouched(self.key(chunk), version)
+            if self.checksum and crc is None:
                 stored = file.read(4)
                 payload = payload.view()
                 payload.flags.writeable = False  # google_crc32c takes read-only buffers only
@@ -556,7 +564,17 @@ class _ChunkFile:
                     raise ValueError(
                         f"chunk {path} fails its crc32c checksum: its bytes changed after writing"
                     )
-        if check is not None:
+            # A change in place before or while we read has changed the file's times by now.
+            if log is not None and file_version(os.fstat(file.fileno())) != version:
+                raise ValueError(f"raw chunk {path} changed in place while it was read")
+        if log is not None and identity is not None:
+            if crc is None:
+                crc = identity.crc(target[: self.rows_in(chunk)])
+                identity.accept(crc)
+                log.record(self.key(chunk), version, crc)
+            else:
+                identity.accept(crc)
+        elif check is not None:
             check(target)
 
     def _filled(self) -> np.ndarray:
@@ -990,7 +1008,7 @@ class ChunkReader:
                     if source is not None:
                         identity = self._identity(name, chunk, accepted)
                         if not source.decode_into(chunk, target, identity):
-                            source.read_into(chunk, target, check)
+                            source.read_into(chunk, target, check, identity)
                     else:
                         target[...] = np.asarray(array[start:stop])
                         if check is not None:

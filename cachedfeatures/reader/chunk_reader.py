@@ -816,7 +816,7 @@ class ChunkReader:
         self._reported: set[tuple[str, int]] = set()
         self._valid_signatures: ValidSignatures | None = None
         self._log: VerifiedLog | None = None
-        self._array_index = {spec.name: i for i, spec in enumerate(self.entry.specs)}
+        self._array_index: dict[str, int] | None = None  # an array's slot in the entry's checksums
 
     def __getstate__(self) -> dict[str, Any]:
         # Caches, maps and descriptors stay in the process that made them.
@@ -1031,6 +1031,8 @@ class ChunkReader:
                 file.close()
 
     def _identity(self, name: str, chunk: int, accepted: np.ndarray | None) -> _Identity:
+        if self._array_index is None:  # not at unpickling: the entry may not be restored yet
+            self._array_index = {spec.name: i for i, spec in enumerate(self.entry.specs)}
         index = self._array_index[name]
         return _Identity(self.entry.name, name, chunk, None if accepted is None else accepted[index])
 

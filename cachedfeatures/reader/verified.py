@@ -101,10 +101,13 @@ class VerifiedLog:
     def record(self, key: str, version: FileVersion, crc: int) -> None:
         """Remember that ``key``'s file at ``version`` was verified, its rows' crc being ``crc``.
 
-        Kept for later processes only if the version is quiet (see :func:`is_quiet`).
+        Kept (for this process too) only if the version is quiet (see :func:`is_quiet`): a
+        change within the timestamp resolution of a recent version could leave it as it was.
         """
+        if not is_quiet(version):
+            return
         self._records[key] = (version, crc)
-        if self.path is not None and is_quiet(version) and len(key.encode()) <= _MAX_KEY:
+        if self.path is not None and len(key.encode()) <= _MAX_KEY:
             self._new[key] = (version, crc)
 
     def flush(self) -> None:

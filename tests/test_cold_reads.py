@@ -13,6 +13,7 @@ import pytest
 
 from cachedfeatures import CachedFeatureDataset
 from cachedfeatures.reader.chunk_reader import MIN_MAPPED_CHUNK_BYTES
+from cachedfeatures.reader.verified import VerifiedLog
 from cachedfeatures.store.locks import FileLocks
 from tests.helpers import Backbone, Samples, run_script
 
@@ -139,3 +140,22 @@ def test_a_mapped_chunk_changed_in_place_under_a_reader_is_a_miss(store_path) ->
     assert result["calls"] >= 1, result
     for chunk in (1, 2):
         assert len(_about(result["warnings"], chunk)) == 1, (chunk, result)
+
+
+def test_the_log_keeps_only_quiet_versions_and_ignores_a_damaged_file(tmp_path) -> None:
+    path = tmp_path / "entry.verified"
+    old = time.time_ns() - 10**10
+    quiet, recent = (1, 2, 3, old, old), (1, 4, 3, time.time_ns(), time.time_ns())
+    log = VerifiedLog(path)
+    log.record("a/c/0/0", quiet, 7)
+    log.record("a/c/1/0", recent, 8)  # might still change within the clock's resolution
+    log.flush()
+    assert log.vouched("a/c/1/0", recent) is None
+    again = VerifiedLog(path)
+    assert again.vouched("a/c/0/0", quiet) == 7
+    assert again.vouched("a/c/0/0", (1, 2, 3, old, old + 1)) is None  # another version
+    assert again.vouched("a/c/1/0", recent) is None
+    data = bytearray(path.read_bytes())
+    data[20] ^= 1
+    path.write_bytes(bytes(data))
+    assert VerifiedLog(path).vouched("a/c/0/0", quiet) is None  # its own crc32c fails: ignored

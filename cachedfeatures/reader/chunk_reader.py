@@ -231,6 +231,8 @@ RowCheck = Callable[[np.ndarray], None]
 # Raw chunks of at least this many bytes are mapped rather than copied where the entry is held
 # whole (smaller ones cost little to copy, and each mapped chunk costs a stat per batch).
 MIN_MAPPED_CHUNK_BYTES = 1 << 16
+# Mapped chunks copied into private memory per batch, once read often (see _copy_in_read_often).
+COPY_IN_PER_BATCH = 4
 
 
 @dataclass(frozen=True)
@@ -348,7 +350,7 @@ class _ChunkFile:
             and self.nbytes >= MIN_MAPPED_CHUNK_BYTES
         )
 
-    def map_into(self, chunk: int, column: MappedColumn, identity: _Identity) -> _MappedFile:
+    def map_into(self, chunk: int, column: MappedColumn, identity: _Identity, name: str) -> _MappedFile:
         """Map raw chunk ``chunk``'s file into its place in ``column``, verified; the file, held
         open at the version verified (to check it before each gather).
 
@@ -389,7 +391,7 @@ class _ChunkFile:
             os.close(fd)
             column.clear(chunk)
             raise
-        return _MappedFile(fd, path, version)
+        return _MappedFile(fd, path, version, name)
 
     def decode_into(self, chunk: int, target: np.ndarray, identity: _Identity) -> bool:
         """Decode compressed chunk ``chunk`` straight into ``target`` (the whole chunk, C order),
@@ -617,9 +619,10 @@ def _verified(stored: bytes, path: str) -> np.ndarray:
 class _MappedFile:
     """A chunk file mapped into a :class:`MappedColumn`, held open to check its version."""
 
-    def __init__(self, fd: int, path: str, version: FileVersion) -> None:
+    def __init__(self, fd: int, path: str, version: FileVersion, array: str) -> None:
         self.fd = fd
         self.path = path
+        self.array = array  # the entry's array (its MappedColumn) it is mapped into
         self.version = version
         _, _, self.size, self.mtime, self.ctime = version
         self._close = weakref.finalize(self, os.close, fd)
@@ -733,6 +736,7 @@ class _Dense:
             for s in entry.specs
         }
         self.maps: list[list[_MappedFile] | None] = [None] * entry.num_chunks
+        self.served = np.zeros(entry.num_chunks, dtype=np.int64)  # rows served from each map
         self.valid = np.zeros(entry.num_rows, dtype=bool)
         self.signatures: list[Hashable] = [_UNREAD] * entry.num_chunks
         self.row_nbytes = sum(spec.row_nbytes for spec in entry.specs) + 1
@@ -757,6 +761,7 @@ class _Dense:
         self.signatures[chunk] = signature
         self.confirmed[chunk] = -1
         files = self.maps[chunk]
+        self.served[chunk] = 0
         if files is not None:
             self.maps[chunk] = None
             self.unmap(chunk)
@@ -963,7 +968,34 @@ class ChunkReader:
                 return RowsRead(hit, {}, distinct)
             rows = indices if hits == len(indices) else indices[hit]
             arrays = {name: column.take(rows, axis=0) for name, column in dense.arrays.items()}
+            if mapped:
+                self._copy_in_read_often(dense, rows)
             return RowsRead(hit, arrays, distinct)
+
+    def _copy_in_read_often(self, dense: _Dense, rows: np.ndarray) -> None:
+        """Copy mapped chunks that served twice their rows into private memory, a few per batch
+        (each then costs no ``fstat`` per batch; their files are no longer held open)."""
+        chunk_rows = self.entry.chunk_rows
+        dense.served += np.bincount(rows // chunk_rows, minlength=len(dense.served))
+        ready = np.flatnonzero(dense.served >= 2 * chunk_rows)
+        for chunk in ready[:COPY_IN_PER_BATCH].tolist():
+            dense.served[chunk] = np.iinfo(np.int64).min  # never again while held
+            files = dense.maps[chunk]
+            if files is None:
+                continue
+            try:
+                for file in files:
+                    dense.mapped[file.array].copy_in(chunk, file.fd)
+                    if file.changed():  # changed in place while copied: the copy may be torn
+                        raise ValueError(f"raw chunk {file.path} changed in place after it was mapped")
+            except Exception as error:
+                start = chunk * chunk_rows
+                dense.release(chunk, start, min(start + chunk_rows, self.entry.num_rows))
+                self._report(chunk, error)
+                continue
+            dense.maps[chunk] = None
+            for file in files:
+                file.close()
 
     def _drop_changed(self, dense: _Dense, chunks: list[int]) -> list[int]:
         """The chunks among ``chunks`` whose mapped files changed in place since they were
@@ -1001,7 +1033,7 @@ class ChunkReader:
                     column = dense.mapped.get(name)
                     if source is not None and column is not None:
                         identity = self._identity(name, chunk, accepted)
-                        maps.append(source.map_into(chunk, column, identity))
+                        maps.append(source.map_into(chunk, column, identity, name))
                         continue
                     target = dense.arrays[name][start:stop]
                     check = self._row_check(name, chunk, accepted)

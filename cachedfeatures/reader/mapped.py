@@ -8,6 +8,10 @@ read-only range of address space for the whole array and maps each chunk file in
 it (``mmap`` with ``MAP_FIXED``), so the column is one NumPy array whose rows are the page
 cache's: a batch is one gather, as from a memmap, and nothing is copied up front.
 
+A chunk read often (about twice its rows: the second epoch) is copied into private memory in
+its place (:meth:`MappedColumn.copy_in`): from then on no batch needs to check its file, and the
+copy into fresh memory is paid once the first epoch is over instead of in it.
+
 Places of chunks not mapped hold zero pages (never read for a valid row: the reader serves
 only rows of chunks it has mapped and checked). A chunk's place is remapped when its file is
 replaced and returned to zero pages when the chunk is dropped.
@@ -33,6 +37,7 @@ import numpy as np
 __all__ = ["MappedColumn", "can_map"]
 
 _PROT_READ = 0x1
+_PROT_WRITE = 0x2
 _MAP_SHARED = 0x01
 _MAP_PRIVATE = 0x02
 _MAP_FIXED = 0x10  # the same value on Linux and macOS
@@ -120,12 +125,27 @@ class MappedColumn:
         """Map the first bytes of open file ``fd`` (a chunk file) into ``chunk``'s place."""
         self._place(chunk, _MAP_SHARED | _MAP_FIXED, fd)
 
+    def copy_in(self, chunk: int, fd: int) -> None:
+        """Put private memory in ``chunk``'s place, holding the first bytes of file ``fd``.
+
+        The place holds zeros if this raises (never served: the chunk is not accepted then).
+        """
+        self._place(chunk, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_FIXED, -1, _PROT_READ | _PROT_WRITE)
+        at = self.address + chunk * self.chunk_nbytes
+        view = memoryview((ctypes.c_char * self.chunk_nbytes).from_address(at)).cast("B")
+        done = 0
+        while done < self.chunk_nbytes:
+            count = os.preadv(fd, [view[done:]], done)
+            if not count:
+                raise ValueError(f"a mapped chunk file ended after {done} bytes")
+            done += count
+
     def clear(self, chunk: int) -> None:
         """Put zero pages back in ``chunk``'s place (dropping the map of its file)."""
         self._place(chunk, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_FIXED, -1)
 
-    def _place(self, chunk: int, flags: int, fd: int) -> None:
+    def _place(self, chunk: int, flags: int, fd: int, prot: int = _PROT_READ) -> None:
         at = self.address + chunk * self.chunk_nbytes
-        found = _LIBC.mmap(at, self.chunk_nbytes, _PROT_READ, flags, fd, 0)
+        found = _LIBC.mmap(at, self.chunk_nbytes, prot, flags, fd, 0)
         if found != at:
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))

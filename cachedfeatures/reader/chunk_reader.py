@@ -973,11 +973,12 @@ class ChunkReader:
             return RowsRead(hit, arrays, distinct)
 
     def _copy_in_read_often(self, dense: _Dense, rows: np.ndarray) -> None:
-        """Copy mapped chunks that served twice their rows into private memory, a few per batch
+        """Copy mapped chunks that served one and a half times their rows (in the second epoch of a
+        shuffled read) into private memory, a few per batch
         (each then costs no ``fstat`` per batch; their files are no longer held open)."""
         chunk_rows = self.entry.chunk_rows
         dense.served += np.bincount(rows // chunk_rows, minlength=len(dense.served))
-        ready = np.flatnonzero(dense.served >= 2 * chunk_rows)
+        ready = np.flatnonzero(dense.served >= chunk_rows + chunk_rows // 2)
         for chunk in ready[:COPY_IN_PER_BATCH].tolist():
             dense.served[chunk] = np.iinfo(np.int64).min  # never again while held
             files = dense.maps[chunk]

@@ -8,7 +8,7 @@ read-only range of address space for the whole array and maps each chunk file in
 it (``mmap`` with ``MAP_FIXED``), so the column is one NumPy array whose rows are the page
 cache's: a batch is one gather, as from a memmap, and nothing is copied up front.
 
-A chunk read often (about twice its rows: the second epoch) is copied into private memory in
+A chunk read often (one and a half times its rows: the second epoch) is copied into private memory in
 its place (:meth:`MappedColumn.copy_in`): from then on no batch needs to check its file, and the
 copy into fresh memory is paid once the first epoch is over instead of in it.
 

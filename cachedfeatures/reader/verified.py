@@ -34,6 +34,7 @@ import logging
 import os
 import tempfile
 import time
+import weakref
 from typing import Any
 
 import google_crc32c
@@ -41,7 +42,7 @@ import numpy as np
 
 from cachedfeatures.reader.signatures import COARSE_QUIET_NS, QUIET_NS
 
-__all__ = ["VERIFIED_SUFFIX", "FileVersion", "VerifiedLog", "file_version", "is_quiet"]
+__all__ = ["FLUSH_EVERY_S", "VERIFIED_SUFFIX", "FileVersion", "VerifiedLog", "file_version", "is_quiet"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ _RECORD = np.dtype(
     ]
 )
 _MAX_KEY = 200
+# The log is written at most this often (and at exit).
+FLUSH_EVERY_S = 1.0
 
 
 def file_version(stat: os.stat_result) -> FileVersion:
@@ -86,8 +89,11 @@ class VerifiedLog:
     def __init__(self, path: str | os.PathLike[str] | None) -> None:
         self.path = None if path is None else os.fspath(path)
         self._records: dict[str, tuple[FileVersion, int]] = {}
-        self._new: dict[str, tuple[FileVersion, int]] = {}
+        self._new: dict[str, tuple[FileVersion, int]] = {}  # not written yet (the same dict throughout)
         self._loaded = False
+        self._flushed: float | None = None  # time.monotonic() of the last write
+        if self.path is not None:  # what is left at exit is written then (not by forked workers)
+            weakref.finalize(self, _write_new, self.path, self._new)
 
     def vouched(self, key: str, version: FileVersion) -> int | None:
         """The identity-bound crc of ``key``'s rows if its file at ``version`` was verified, else ``None``."""
@@ -110,16 +116,17 @@ class VerifiedLog:
         if self.path is not None and len(key.encode()) <= _MAX_KEY:
             self._new[key] = (version, crc)
 
-    def flush(self) -> None:
-        """Write the records made since the last flush (merged with the file's); never raises."""
+    def flush(self, force: bool = False) -> None:
+        """Write the records made since the last write (merged with the file's), at most once per
+        :data:`FLUSH_EVERY_S` unless ``force``; never raises. (The whole file is rewritten: a
+        write per batch would cost a first epoch over many chunks the square of their number.)"""
         if not self._new or self.path is None:
             return
-        new, self._new = self._new, {}
-        try:
-            merged = {**_read(self.path), **new}
-            _write(self.path, merged)
-        except OSError as error:  # a read-only or missing lock directory: verify again next time
-            logger.debug("cachedfeatures: cannot write %s: %s", self.path, error)
+        now = time.monotonic()
+        if not force and self._flushed is not None and now - self._flushed < FLUSH_EVERY_S:
+            return
+        self._flushed = now
+        _write_new(self.path, self._new)
 
     def _load(self) -> None:
         self._loaded = True
@@ -131,6 +138,18 @@ class VerifiedLog:
             return
         found.update(self._records)
         self._records = found
+
+
+def _write_new(path: str, new: dict[str, tuple[FileVersion, int]]) -> None:
+    """Merge ``new`` into the log at ``path`` and empty it; never raises."""
+    if not new:
+        return
+    records = dict(new)
+    new.clear()
+    try:
+        _write(path, {**_read(path), **records})
+    except OSError as error:  # a read-only or missing lock directory: verify again next time
+        logger.debug("cachedfeatures: cannot write %s: %s", path, error)
 
 
 def _read(path: str) -> dict[str, tuple[FileVersion, int]]:

@@ -6,7 +6,12 @@ needed chunk once per batch, and gathers the rows from it (always copying: calle
 the reader's buffers). Decoded chunks stay in memory within a byte budget, in one of two ways:
 
 - when the whole entry fits the budget, in one array per column, filled chunk by chunk as
-  chunks are first read (``_Dense``): a batch is then one gather per column, like a memmap;
+  chunks are first read (``_Dense``): a batch is then one gather per column, like a memmap.
+  Large raw local chunks are mapped into their places rather than copied
+  (:mod:`cachedfeatures.reader.mapped`; each batch checks every mapped file it reads with one
+  ``fstat``, so a file changed or truncated in place since is never read), and copied into
+  private memory once read often; checksums are verified once per chunk file version on the
+  machine (:mod:`cachedfeatures.reader.verified`);
 - otherwise in a :class:`ChunkCache` (a :class:`~cachedfeatures.reader.bounded_cache.BoundedCache`
   with policy ``"lru"``: a batch's neighbours are read again soon) of decoded chunks (raw
   local chunks are held there as open files, read row by row with ``pread``: they cost page

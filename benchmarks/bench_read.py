@@ -11,7 +11,10 @@ Every figure is measured in the same run, on the same data, with a plain ``DataL
 shuffle or the chunk-aware sampler), measured in turns with the figure's own epochs, since
 the speed of a shared machine drifts within minutes; the summary at the end also divides by
 the best ceiling seen anywhere in the run. The table is printed and written as JSON under
-``benchmarks/results/``. "Fresh process" rows are measured in a new Python process.
+``benchmarks/results/``. "Fresh process" rows are measured in a new Python process: its first
+epoch, after earlier processes of the run verified the chunks (their file versions are kept
+beside the lock files); "unverified" rows in one with a lock directory of its own, which verifies
+every chunk as it first reads it.
 
 Batch delivery (``--batches`` runs only this part): hit epochs of ``cached.loader()`` and of
 the plain-DataLoader batch recipe ``DataLoader(cached, batch_size=None,
@@ -243,6 +246,8 @@ def fresh_process(config: dict[str, Any]) -> Rate:
 
 
 def child(config: dict[str, Any]) -> None:
+    if config.get("lock_dir"):  # where verified chunk file versions are kept: none there yet
+        os.environ["CACHEDFEATURES_LOCK_DIR"] = config["lock_dir"]
     data = RawImages(config["n"])
     if config["kind"] == "torchcache":
         module = torchcache_module(True, config["cache_dir"])
@@ -595,6 +600,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             config["compressor"] = compressor
             rate = fresh_process({**config, "sampler": False})
             record(f"cachedfeatures {label}: hit epoch, fresh process", "shuffle", rate)
+            fresh_locks = str(workdir / f"locks-{label.replace(' ', '-')}")
+            unverified = fresh_process({**config, "sampler": False, "lock_dir": fresh_locks})
+            record(
+                f"cachedfeatures {label}: hit epoch, fresh process, unverified",
+                "shuffle",
+                unverified,
+                "no chunk verified on this machine before",
+            )
             if "torchcache" in ceilings:
                 versus = Rate(rate.wall / ceilings["torchcache"].wall, rate.cpu / ceilings["torchcache"].cpu)
                 results[-1]["ratio_to_torchcache_persistent"] = versus.wall

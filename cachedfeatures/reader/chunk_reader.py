@@ -6,7 +6,12 @@ needed chunk once per batch, and gathers the rows from it (always copying: calle
 the reader's buffers). Decoded chunks stay in memory within a byte budget, in one of two ways:
 
 - when the whole entry fits the budget, in one array per column, filled chunk by chunk as
-  chunks are first read (``_Dense``): a batch is then one gather per column, like a memmap;
+  chunks are first read (``_Dense``): a batch is then one gather per column, like a memmap.
+  Large raw local chunks are mapped into their places rather than copied
+  (:mod:`cachedfeatures.reader.mapped`; each batch checks every mapped file it reads with one
+  ``fstat``, so a file changed or truncated in place since is never read), and copied into
+  private memory once read often; checksums are verified once per chunk file version on the
+  machine (:mod:`cachedfeatures.reader.verified`);
 - otherwise in a :class:`ChunkCache` (a :class:`~cachedfeatures.reader.bounded_cache.BoundedCache`
   with policy ``"lru"``: a batch's neighbours are read again soon) of decoded chunks (raw
   local chunks are held there as open files, read row by row with ``pread``: they cost page
@@ -40,6 +45,7 @@ only shows with a nondeterministic module.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -58,12 +64,15 @@ from torch.utils.data import get_worker_info
 from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.metadata import ArrayV3Metadata
 
+from cachedfeatures.format import chunk_identity
 from cachedfeatures.format.chunk_identity import IdentityMismatchError
 from cachedfeatures.format.chunk_keys import chunk_key
 from cachedfeatures.format.ragged import RaggedChunk, pack_padded
 from cachedfeatures.parse import parse_choice, parse_int
 from cachedfeatures.reader.bounded_cache import BoundedCache
+from cachedfeatures.reader.mapped import MappedColumn
 from cachedfeatures.reader.signatures import ValidSignatures
+from cachedfeatures.reader.verified import VERIFIED_SUFFIX, FileVersion, VerifiedLog, file_version
 
 if TYPE_CHECKING:
     from cachedfeatures.store.feature_store import Entry
@@ -224,6 +233,36 @@ def _chunk_nbytes(chunk: _Chunk) -> int:
 # Raises unless the rows given (all of one chunk of one array, decoded) were written for it.
 RowCheck = Callable[[np.ndarray], None]
 
+# Raw chunks of at least this many bytes are mapped rather than copied where the entry is held
+# whole (smaller ones cost little to copy, and each mapped chunk costs a stat per batch).
+MIN_MAPPED_CHUNK_BYTES = 1 << 16
+# Mapped chunks copied into private memory per batch, once read often (see _copy_in_read_often).
+COPY_IN_PER_BATCH = 4
+
+
+@dataclass(frozen=True)
+class _Identity:
+    """What one array's rows of one chunk must match: the crc32c bound to the chunk's identity
+    (:mod:`cachedfeatures.format.chunk_identity`); ``accepted`` is ``None`` in entries without
+    such checksums (then every crc is accepted)."""
+
+    entry: str
+    array: str
+    chunk: int
+    accepted: np.ndarray | None
+
+    def crc(self, rows: np.ndarray) -> int:
+        return chunk_identity.content_crc(self.entry, self.array, self.chunk, rows)
+
+    def accept(self, crc: int) -> None:
+        """Raise :class:`IdentityMismatchError` unless ``crc`` is one the entry accepts."""
+        if self.accepted is not None and crc not in (int(self.accepted[0]), int(self.accepted[1])):
+            raise IdentityMismatchError(
+                f"chunk {self.chunk} of {self.entry}/{self.array} holds rows that were not written "
+                "for it (a chunk file from another chunk or entry, or changed after writing)"
+            )
+
+
 _DECODERS: dict[type, Callable[[], Any]] = {
     zarr.codecs.BloscCodec: numcodecs.Blosc,
     zarr.codecs.ZstdCodec: numcodecs.Zstd,
@@ -253,6 +292,10 @@ class _ChunkFile:
         self.chunk_shape: tuple[int, ...] = tuple(array.chunks)
         self.nbytes = int(np.prod(self.chunk_shape, dtype=np.int64)) * dtype.itemsize
         self._paths: dict[int, str] = {}
+        self._keys: dict[int, str] = {}
+        # The chunk file versions verified on this machine (set by the reader; None: none kept).
+        self.log: VerifiedLog | None = None
+        self._scratch = threading.local()  # a buffer per thread for compressed chunk bytes
 
     @classmethod
     def maybe(cls, array: zarr.Array[Any], root: str | os.PathLike[str] | None) -> _ChunkFile | None:
@@ -293,9 +336,125 @@ class _ChunkFile:
     def path(self, chunk: int) -> str:
         path = self._paths.get(chunk)
         if path is None:
-            key = chunk_key(self.array.path, chunk, len(self.chunk_shape))
-            path = self._paths[chunk] = os.path.join(self.root, key)
+            path = self._paths[chunk] = os.path.join(self.root, self.key(chunk))
         return path
+
+    def key(self, chunk: int) -> str:
+        """The store key of ``chunk``'s file."""
+        key = self._keys.get(chunk)
+        if key is None:
+            key = self._keys[chunk] = chunk_key(self.array.path, chunk, len(self.chunk_shape))
+        return key
+
+    def mappable(self, dtype: np.dtype[Any], chunk_rows: int) -> bool:
+        """Whether this array's chunks can be mapped as rows of ``dtype``, ``chunk_rows`` each."""
+        return (
+            self.decoder is None
+            and self.dtype == dtype
+            and self.chunk_shape[0] == chunk_rows
+            and self.nbytes >= MIN_MAPPED_CHUNK_BYTES
+        )
+
+    def map_into(self, chunk: int, column: MappedColumn, identity: _Identity, name: str) -> _MappedFile:
+        """Map raw chunk ``chunk``'s file into its place in ``column``, verified; the file, held
+        open at the version verified (to check it before each gather).
+
+        Verified once per version of the file on this machine (see
+        :mod:`cachedfeatures.reader.verified`): the crc32c of the mapped bytes against the
+        file's, and the crc of its rows bound to the chunk's identity, both read from the page
+        cache. A missing file raises (a mapped place holds no fill values).
+        """
+        path = self.path(chunk)
+        expected = self.nbytes + (4 if self.checksum else 0)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            version = file_version(os.fstat(fd))
+            if version[2] != expected:
+                raise ValueError(f"raw chunk {path} holds {version[2]} bytes; expected {expected}")
+            column.map(chunk, fd)
+            start = chunk * self.chunk_shape[0]
+            rows = column.rows[start : start + self.chunk_shape[0]]
+            key = self.key(chunk)
+            crc = None if self.log is None else self.log.vouched(key, version)
+            if crc is None:
+                if self.checksum:
+                    stored = os.pread(fd, 4, self.nbytes)
+                    payload = rows.reshape(-1).view(np.uint8)
+                    if len(stored) != 4 or google_crc32c.value(payload) != int.from_bytes(stored, "little"):
+                        raise ValueError(
+                            f"chunk {path} fails its crc32c checksum: its bytes changed after writing"
+                        )
+                crc = identity.crc(rows[: self.rows_in(chunk)])
+                identity.accept(crc)
+                if file_version(os.fstat(fd)) != version:
+                    raise ValueError(f"raw chunk {path} changed in place while it was verified")
+                if self.log is not None:
+                    self.log.record(key, version, crc)
+            else:
+                identity.accept(crc)
+        except BaseException:
+            os.close(fd)
+            column.clear(chunk)
+            raise
+        return _MappedFile(fd, path, version, name)
+
+    def decode_into(self, chunk: int, target: np.ndarray, identity: _Identity) -> bool:
+        """Decode compressed chunk ``chunk`` straight into ``target`` (the whole chunk, C order),
+        verified; ``False`` (nothing done) where ``target`` cannot take it.
+
+        The file's bytes go into a buffer this thread reuses, the decoder writes into
+        ``target``: no fresh memory per chunk. Both checks are skipped for a file version this
+        machine verified already (the recorded identity crc is still checked against the
+        entry's accepted ones).
+        """
+        decoder = self.decoder
+        if (
+            decoder is None
+            or target.nbytes != self.nbytes
+            or target.dtype != self.dtype
+            or not target.flags.c_contiguous
+        ):
+            return False
+        path = self.path(chunk)
+        with open(path, "rb", buffering=0) as file:
+            version = file_version(os.fstat(file.fileno()))
+            size = version[2]
+            buffer = getattr(self._scratch, "buffer", None)
+            if buffer is None or len(buffer) < size:
+                buffer = self._scratch.buffer = bytearray(max(size, 1 << 16))
+            view = memoryview(buffer)[:size]
+            done = 0
+            while done < size:
+                count = file.readinto(view[done:])
+                if not count:
+                    raise ValueError(f"chunk {path} ended after {done} bytes")
+                done += count
+            # A change in place before or while we read has changed the file's times by now.
+            if file_version(os.fstat(file.fileno())) != version:
+                raise ValueError(f"chunk {path} changed in place while it was read")
+        key = self.key(chunk)
+        crc = None if self.log is None else self.log.vouched(key, version)
+        payload = view
+        if self.checksum:
+            if size < 4:
+                raise ValueError(f"chunk {path} holds {size} bytes: too short for its checksum")
+            payload = view[:-4]
+            if crc is None:
+                body = np.frombuffer(payload, dtype=np.uint8)
+                body.flags.writeable = False  # google_crc32c takes read-only buffers only
+                if google_crc32c.value(body) != int.from_bytes(view[-4:], "little"):
+                    raise ValueError(
+                        f"chunk {path} fails its crc32c checksum: its bytes changed after writing"
+                    )
+        decoder.decode(payload, out=target.reshape(-1).view(np.uint8))
+        if crc is None:
+            crc = identity.crc(target[: self.rows_in(chunk)])
+            identity.accept(crc)
+            if self.log is not None:
+                self.log.record(key, version, crc)
+        else:
+            identity.accept(crc)
+        return True
 
     def read(self, chunk: int, check: RowCheck | None = None) -> np.ndarray:
         """The whole chunk, decoded into memory of this process (never a map of the file).
@@ -357,12 +516,16 @@ class _ChunkFile:
             os.close(fd)
             raise
 
-    def read_into(self, chunk: int, target: np.ndarray, check: RowCheck | None = None) -> None:
+    def read_into(
+        self, chunk: int, target: np.ndarray, check: RowCheck | None = None, identity: _Identity | None = None
+    ) -> None:
         """Copy the chunk's first ``len(target)`` rows into ``target`` (C-contiguous).
 
         A raw chunk is read straight into ``target``: one copy out of the page cache, with no
         map to fault in page by page. A checksummed one is verified on the bytes as they
-        landed in ``target``, so the bytes checked are the bytes served.
+        landed in ``target``, so the bytes checked are the bytes served. Given ``identity``
+        (the same check as ``check``), a whole raw chunk is verified once per version of its
+        file on this machine (see :mod:`cachedfeatures.reader.verified`).
         """
         whole = target.nbytes == self.nbytes
         if (
@@ -384,8 +547,11 @@ class _ChunkFile:
             target[...] = self.read(chunk, check)[: len(target)]
             return
         expected = self.nbytes + (4 if self.checksum else 0)
+        log = self.log if identity is not None and whole else None
+        crc: int | None = None
         with file:
-            size = os.fstat(file.fileno()).st_size
+            version = file_version(os.fstat(file.fileno()))
+            size = version[2]
             if size != expected:
                 raise ValueError(f"raw chunk {path} holds {size} bytes; expected {expected}")
             payload = target.reshape(-1).view(np.uint8)
@@ -396,7 +562,8 @@ class _ChunkFile:
                 if not count:
                     raise ValueError(f"raw chunk {path} ended after {done} bytes")
                 done += count
-            if self.checksum:
+            crc = None if log is None else log.vouched(self.key(chunk), version)
+            if self.checksum and crc is None:
                 stored = file.read(4)
                 payload = payload.view()
                 payload.flags.writeable = False  # google_crc32c takes read-only buffers only
@@ -404,7 +571,17 @@ class _ChunkFile:
                     raise ValueError(
                         f"chunk {path} fails its crc32c checksum: its bytes changed after writing"
                     )
-        if check is not None:
+            # A change in place before or while we read has changed the file's times by now.
+            if log is not None and file_version(os.fstat(file.fileno())) != version:
+                raise ValueError(f"raw chunk {path} changed in place while it was read")
+        if log is not None and identity is not None:
+            if crc is None:
+                crc = identity.crc(target[: self.rows_in(chunk)])
+                identity.accept(crc)
+                log.record(self.key(chunk), version, crc)
+            else:
+                identity.accept(crc)
+        elif check is not None:
             check(target)
 
     def _filled(self) -> np.ndarray:
@@ -442,6 +619,26 @@ def _verified(stored: bytes, path: str) -> np.ndarray:
     if google_crc32c.value(payload) != int.from_bytes(stored[-4:], "little"):
         raise ValueError(f"chunk {path} fails its crc32c checksum: its bytes changed after writing")
     return payload
+
+
+class _MappedFile:
+    """A chunk file mapped into a :class:`MappedColumn`, held open to check its version."""
+
+    def __init__(self, fd: int, path: str, version: FileVersion, array: str) -> None:
+        self.fd = fd
+        self.path = path
+        self.array = array  # the entry's array (its MappedColumn) it is mapped into
+        self.version = version
+        _, _, self.size, self.mtime, self.ctime = version
+        self._close = weakref.finalize(self, os.close, fd)
+
+    def changed(self) -> bool:
+        """Whether the file changed in place (size or times) since it was verified."""
+        st = os.fstat(self.fd)
+        return st.st_mtime_ns != self.mtime or st.st_ctime_ns != self.ctime or st.st_size != self.size
+
+    def close(self) -> None:
+        self._close()
 
 
 class _RawRows:
@@ -516,10 +713,35 @@ class _Dense:
     Used when the entry fits the cache budget: a batch then costs one gather per array,
     however many chunks it touches. ``signatures[c]`` is the ``valid`` signature chunk ``c``
     was copied under; rows of chunks not (or no longer) held are marked not valid.
+
+    Columns of large raw chunks read straight from their files are a :class:`MappedColumn`:
+    each chunk file is mapped into its place instead of copied (no fresh memory, the page
+    cache's bytes), and ``maps[c]`` holds the files and versions chunk ``c`` was mapped at,
+    which every batch that reads it checks (:meth:`ChunkReader._drop_changed`).
     """
 
-    def __init__(self, entry: Entry) -> None:
-        self.arrays = {s.name: np.empty((entry.num_rows, *s.shape), dtype=s.numpy_dtype) for s in entry.specs}
+    def __init__(
+        self, entry: Entry, files: Mapping[str, _ChunkFile | None] | None = None, max_files: int = 0
+    ) -> None:
+        self.mapped: dict[str, MappedColumn] = {}
+        for spec in entry.specs:
+            source = (files or {}).get(spec.name)
+            # Each mapped chunk file is held open: at most max_files of them.
+            room = (len(self.mapped) + 1) * entry.num_chunks <= max_files
+            if room and source is not None and source.mappable(spec.numpy_dtype, entry.chunk_rows):
+                column = MappedColumn.create(
+                    entry.num_chunks, entry.num_rows, source.chunk_shape, spec.numpy_dtype
+                )
+                if column is not None:
+                    self.mapped[spec.name] = column
+        self.arrays = {
+            s.name: self.mapped[s.name].array
+            if s.name in self.mapped
+            else np.empty((entry.num_rows, *s.shape), dtype=s.numpy_dtype)
+            for s in entry.specs
+        }
+        self.maps: list[list[_MappedFile] | None] = [None] * entry.num_chunks
+        self.served = np.zeros(entry.num_chunks, dtype=np.int64)  # rows served from each map
         self.valid = np.zeros(entry.num_rows, dtype=bool)
         self.signatures: list[Hashable] = [_UNREAD] * entry.num_chunks
         self.row_nbytes = sum(spec.row_nbytes for spec in entry.specs) + 1
@@ -542,6 +764,20 @@ class _Dense:
         self.held -= (stop - start) * (before is not _UNREAD and before is not None)
         self.valid[start:stop] = False
         self.signatures[chunk] = signature
+        self.confirmed[chunk] = -1
+        files = self.maps[chunk]
+        self.served[chunk] = 0
+        if files is not None:
+            self.maps[chunk] = None
+            self.unmap(chunk)
+            for file in files:
+                file.close()
+
+    def unmap(self, chunk: int) -> None:
+        """Drop the maps of ``chunk``'s files (zero pages in their places)."""
+        for column in self.mapped.values():
+            with contextlib.suppress(OSError):  # never served while it is not accepted
+                column.clear(chunk)
 
     def accept(self, chunk: int, start: int, stop: int, valid: np.ndarray, signature: Hashable) -> None:
         """Serve chunk ``chunk``, whose bytes are in place, for its ``valid`` rows."""
@@ -589,6 +825,8 @@ class ChunkReader:
         self._records_file: _ChunkFile | None = None
         self._reported: set[tuple[str, int]] = set()
         self._valid_signatures: ValidSignatures | None = None
+        self._log: VerifiedLog | None = None
+        self._array_index: dict[str, int] | None = None  # an array's slot in the entry's checksums
 
     def __getstate__(self) -> dict[str, Any]:
         # Caches, maps and descriptors stay in the process that made them.
@@ -634,6 +872,12 @@ class ChunkReader:
 
     def read(self, indices: Sequence[int] | np.ndarray) -> RowsRead:
         """Read the rows at ``indices``; each needed chunk is read at most once."""
+        read = self._read(indices)
+        if self._log is not None:
+            self._log.flush()  # the chunk file versions this batch verified, for later processes
+        return read
+
+    def _read(self, indices: Sequence[int] | np.ndarray) -> RowsRead:
         entry = self.entry
         rows_per_chunk = entry.chunk_rows
         indices = np.asarray(indices, dtype=np.int64)
@@ -643,7 +887,8 @@ class ChunkReader:
         if self._owner != os.getpid():  # forked: the parent's copies are not ours to extend
             self._setup()
         if self._dense is False:
-            self._dense = _Dense(entry) if _Dense.fits(entry, self.cache.max_bytes) else None
+            fits = _Dense.fits(entry, self.cache.max_bytes)
+            self._dense = _Dense(entry, self._sources(), self.max_maps) if fits else None
         self.cache.batch += 1
         generation = self._signatures.look()
         if isinstance(self._dense, _Dense):
@@ -719,36 +964,115 @@ class ChunkReader:
                     self._load_into(dense, chunk_id, start, stop, signature)
                 if dense.signatures[chunk_id] == signature:  # held (or known absent) as it is now
                     dense.confirmed[chunk_id] = generation
+            mapped = [c for c in distinct.tolist() if dense.maps[c] is not None] if dense.mapped else []
+            if mapped:  # changed in place since mapped: never touched (a truncated map is SIGBUS)
+                self._drop_changed(dense, mapped)
             hit = dense.valid[indices]
             hits = int(np.count_nonzero(hit))
             if not hits:
                 return RowsRead(hit, {}, distinct)
             rows = indices if hits == len(indices) else indices[hit]
             arrays = {name: column.take(rows, axis=0) for name, column in dense.arrays.items()}
+            if mapped:
+                self._copy_in_read_often(dense, rows)
             return RowsRead(hit, arrays, distinct)
+
+    def _copy_in_read_often(self, dense: _Dense, rows: np.ndarray) -> None:
+        """Copy mapped chunks that served one and a half times their rows (in the second epoch of a
+        shuffled read) into private memory, a few per batch
+        (each then costs no ``fstat`` per batch; their files are no longer held open)."""
+        chunk_rows = self.entry.chunk_rows
+        dense.served += np.bincount(rows // chunk_rows, minlength=len(dense.served))
+        ready = np.flatnonzero(dense.served >= chunk_rows + chunk_rows // 2)
+        for chunk in ready[:COPY_IN_PER_BATCH].tolist():
+            dense.served[chunk] = np.iinfo(np.int64).min  # never again while held
+            files = dense.maps[chunk]
+            if files is None:
+                continue
+            try:
+                for file in files:
+                    dense.mapped[file.array].copy_in(chunk, file.fd)
+                    if file.changed():  # changed in place while copied: the copy may be torn
+                        raise ValueError(f"raw chunk {file.path} changed in place after it was mapped")
+            except Exception as error:
+                start = chunk * chunk_rows
+                dense.release(chunk, start, min(start + chunk_rows, self.entry.num_rows))
+                self._report(chunk, error)
+                continue
+            dense.maps[chunk] = None
+            for file in files:
+                file.close()
+
+    def _drop_changed(self, dense: _Dense, chunks: list[int]) -> list[int]:
+        """The chunks among ``chunks`` whose mapped files changed in place since they were
+        verified (a new size or new times: see :mod:`cachedfeatures.reader.verified`), released
+        and reported: one ``fstat`` per mapped file. (zarr replaces a chunk file by renaming a
+        new one into place, which changes the ``valid`` signature; the file mapped stays as it was.)
+        """
+        changed = []
+        maps, fstat = dense.maps, os.fstat
+        for chunk in chunks:
+            for file in maps[chunk] or ():
+                st = fstat(file.fd)  # file.changed(), inline: this runs for every chunk of every batch
+                if st.st_mtime_ns != file.mtime or st.st_ctime_ns != file.ctime or st.st_size != file.size:
+                    changed.append(chunk)
+                    self._report(
+                        chunk, ValueError(f"raw chunk {file.path} changed in place after it was mapped")
+                    )
+                    break
+        entry = self.entry
+        for chunk in changed:
+            start = chunk * entry.chunk_rows
+            dense.release(chunk, start, min(start + entry.chunk_rows, entry.num_rows))
+        return changed
 
     def _load_into(self, dense: _Dense, chunk: int, start: int, stop: int, signature: Hashable) -> None:
         """Read chunk ``chunk`` of every array straight into ``dense`` (released beforehand)."""
         files = self._sources()
+        maps: list[_MappedFile] = []
         try:
             valid = self._read_valid(chunk, start, stop)
             if valid.any():
                 accepted = self._accepted(chunk)
                 for name, array in self.entry.arrays.items():
-                    target = dense.arrays[name][start:stop]
                     source = files[name]
+                    column = dense.mapped.get(name)
+                    if source is not None and column is not None:
+                        identity = self._identity(name, chunk, accepted)
+                        maps.append(source.map_into(chunk, column, identity, name))
+                        continue
+                    target = dense.arrays[name][start:stop]
                     check = self._row_check(name, chunk, accepted)
                     if source is not None:
-                        source.read_into(chunk, target, check)
+                        identity = self._identity(name, chunk, accepted)
+                        if not source.decode_into(chunk, target, identity):
+                            source.read_into(chunk, target, check, identity)
                     else:
                         target[...] = np.asarray(array[start:stop])
                         if check is not None:
                             check(target)
         except Exception as error:  # a torn or garbled chunk is a miss, never a crash
+            self._unmap(dense, chunk, maps)
             self._report_unless_raced(chunk, signature, error)
             return
         if self._signatures.fresh(chunk) == signature:  # else: changed meanwhile, read next time
             dense.accept(chunk, start, stop, valid, signature)
+            dense.maps[chunk] = maps or None
+        else:
+            self._unmap(dense, chunk, maps)
+
+    @staticmethod
+    def _unmap(dense: _Dense, chunk: int, maps: list[_MappedFile]) -> None:
+        if maps:
+            dense.unmap(chunk)
+            for file in maps:
+                file.close()
+
+    def _identity(self, name: str, chunk: int, accepted: np.ndarray | None) -> _Identity:
+        if self._array_index is None:  # not at unpickling: the entry may not be restored yet
+            self._array_index = {spec.name: i for i, spec in enumerate(self.entry.specs)}
+        index = self._array_index[name]
+        return _Identity(self.entry.name, name, chunk, None if accepted is None else accepted[index])
 
     def _chunk(self, chunk_id: int, signature: Hashable) -> _Chunk | None:
         """The chunk as it is now: from the cache if its signature still holds, else read."""
@@ -794,6 +1118,16 @@ class ChunkReader:
             backend = self.entry.backend
             root = backend.root if self.route == "auto" and backend.direct_reads else None
             self._files = {name: _ChunkFile.maybe(array, root) for name, array in self.entry.arrays.items()}
+            if root is not None:
+                # Verified chunk file versions are kept beside the store's lock files, where it has them.
+                directory = getattr(self.entry.locks, "directory", None)
+                path = (
+                    None if directory is None else os.path.join(directory, self.entry.name + VERIFIED_SUFFIX)
+                )
+                self._log = VerifiedLog(path)
+                for source in self._files.values():
+                    if source is not None:
+                        source.log = self._log
             self._valid_file = _ChunkFile.maybe(self.entry.valid, root)
             records = self.entry.records
             self._records_file = _ChunkFile.maybe(records, root) if records is not None else None

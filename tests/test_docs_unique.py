@@ -102,6 +102,10 @@ def test_every_public_name_has_an_api_page_in_the_navigation() -> None:
     assert pages == public, f"API pages for names that are not public: {sorted(pages - public)}"
 
 
+def test_the_public_names_are_listed_sorted() -> None:
+    assert cachedfeatures.__all__ == sorted(cachedfeatures.__all__)
+
+
 def test_the_readme_links_point_at_pages_that_exist() -> None:
     # mkdocs build --strict checks the links between docs pages; the README is outside the site.
     readme = (ROOT / "README.md").read_text()

@@ -42,7 +42,14 @@ from cachedfeatures.compute.fingerprint import (
     module_fingerprint,
     qualified_name,
 )
-from cachedfeatures.compute.layout import FieldNames, InputKey, OutputLayout, SampleLayout, renamed_fields
+from cachedfeatures.compute.layout import (
+    FieldNames,
+    InputKey,
+    OutputLayout,
+    SampleLayout,
+    ragged_positions,
+    renamed_fields,
+)
 from cachedfeatures.compute.modes import mode_dependent_submodules, training_mode_message
 from cachedfeatures.compute.probe import explain_probe_failure
 from cachedfeatures.compute.runner import Collate, FeatureComputer
@@ -553,28 +560,7 @@ class CachedFeatureDataset(Dataset[Any]):
         bare features tensor): ragged module outputs and ragged passthrough fields."""
         if self._binding is None:
             return []
-        layout, outputs = self._binding.sample_layout, self._binding.output_layout
-        ragged_fields = {spec.name for spec in layout.fields if spec.ragged}
-        ragged_outputs = [
-            () if outputs.kind == "tensor" else (key,)
-            for key, spec in zip(outputs.keys, outputs.arrays, strict=True)
-            if spec.ragged
-        ]
-        found: list[tuple[Any, ...]] = []
-
-        def walk(node: Mapping[str, Any], path: tuple[Any, ...]) -> None:
-            if node["kind"] == "input":
-                found.extend((*path, *inner) for inner in ragged_outputs)
-            elif node["kind"] == "field":
-                if node["name"] in ragged_fields:
-                    found.append(path)
-            else:
-                keys = node.get("keys") or range(len(node["items"]))
-                for key, item in zip(keys, node["items"], strict=True):
-                    walk(item, (*path, key))
-
-        walk(layout.template, ())
-        return found
+        return ragged_positions(self._binding.sample_layout, self._binding.output_layout)
 
     @property
     def pad_collate(self) -> PadCollate:

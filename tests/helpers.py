@@ -172,9 +172,9 @@ class Tile(nn.Module):
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_script(script: str, *args: str, timeout: float = 300) -> dict[str, Any]:
-    """Run ``script`` in a fresh Python process (repo on the path); it prints one JSON line last."""
-    result = subprocess.run(
+def run_process(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a fresh Python process (repo on the path); its exit status and output."""
+    return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script), *args],
         capture_output=True,
         text=True,
@@ -182,7 +182,15 @@ def run_script(script: str, *args: str, timeout: float = 300) -> dict[str, Any]:
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         timeout=timeout,
     )
-    if result.returncode != 0:
+
+
+def run_script(script: str, *args: str, timeout: float = 300, quiet: bool = False) -> dict[str, Any]:
+    """Run ``script`` in a fresh Python process (repo on the path); it prints one JSON line last.
+
+    ``quiet``: fail on anything written to stderr too (a DataLoader worker reported killed).
+    """
+    result = run_process(script, *args, timeout=timeout)
+    if result.returncode != 0 or (quiet and result.stderr):
         raise AssertionError(f"script failed with exit code {result.returncode}:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 

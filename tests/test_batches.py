@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader, default_collate
 
 from cachedfeatures import CachedFeatureDataset, ChunkShuffleSampler, PadCollate, RaggedBatch
-from cachedfeatures.compute.layout import OutputLayout, SampleLayout
+from cachedfeatures.compute.layout import OutputLayout, SampleLayout, ragged_positions
 from cachedfeatures.errors import InvalidArgumentError
 from cachedfeatures.pipeline.collate import BatchAssembler, move_to
 from cachedfeatures.pipeline.nodes import IndexBatches, Indices
@@ -61,31 +61,6 @@ def assert_same(got: Any, want: Any, where: str = "batch") -> None:
             assert_same(a, b, f"{where}[{k}]")
     else:
         assert got == want, f"{where}: {got!r} != {want!r}"
-
-
-def ragged_positions(sample: SampleLayout, outputs: OutputLayout) -> list[tuple[Any, ...]]:
-    """Where the samples hold ragged arrays, walked from the template (as the dataset does)."""
-    ragged_fields = {spec.name for spec in sample.fields if spec.ragged}
-    inner = [
-        () if outputs.kind == "tensor" else (key,)
-        for key, spec in zip(outputs.keys, outputs.arrays, strict=True)
-        if spec.ragged
-    ]
-    found: list[tuple[Any, ...]] = []
-
-    def walk(node: Mapping[str, Any], path: tuple[Any, ...]) -> None:
-        if node["kind"] == "input":
-            found.extend((*path, *position) for position in inner)
-        elif node["kind"] == "field":
-            if node["name"] in ragged_fields:
-                found.append(path)
-        else:
-            keys = node.get("keys") or range(len(node["items"]))
-            for key, item in zip(keys, node["items"], strict=True):
-                walk(item, (*path, key))
-
-    walk(sample.template, ())
-    return found
 
 
 def has_list_of_numbers(sample: SampleLayout) -> bool:

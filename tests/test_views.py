@@ -10,11 +10,7 @@ import functools
 import json
 import logging
 import multiprocessing
-import os
 import random
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -28,7 +24,7 @@ from cachedfeatures.cli import main
 from cachedfeatures.compute.views import view_seed
 from cachedfeatures.errors import InvalidArgumentError, NonDeterministicDatasetError
 from cachedfeatures.store.explore import entry_info
-from tests.helpers import Augmented, Backbone, run_script
+from tests.helpers import Augmented, Backbone, run_process, run_script
 
 N, K, CHUNK_ROWS, BATCH = 40, 3, 16, 8
 
@@ -399,12 +395,6 @@ def test_the_set_epoch_warning_counts_across_dataloader_workers(store_path: Path
         for _ in range(3):
             list(DataLoader(cached, batch_size={BATCH}, num_workers=2))
         """
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script), str(store_path)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
-        timeout=300,
-    )
+    result = run_process(script, str(store_path))
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("without set_epoch()") == 1

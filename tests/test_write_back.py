@@ -29,9 +29,9 @@ N, CHUNK_ROWS, BATCH = 192, 16, 16
 NUM_CHUNKS = N // CHUNK_ROWS
 
 
-def _cached(store_path: Path, **options: object) -> CachedFeatureDataset:
+def _cached(store_path: Path, dataset: Samples | None = None, **options: object) -> CachedFeatureDataset:
     return CachedFeatureDataset(
-        Samples(N, "tuple"),
+        dataset or Samples(N, "tuple"),
         Backbone(),
         store_path,
         chunk_rows=CHUNK_ROWS,
@@ -149,15 +149,7 @@ def test_persistent_workers_store_what_they_hold_when_the_next_epoch_asks_for_it
     192 rows did). A worker asked again for a row it holds stores all it holds first."""
     log = tmp_path / "loads"
     log.mkdir()
-    cached = CachedFeatureDataset(
-        Samples(N, "tuple", log_dir=str(log)),
-        Backbone(),
-        store_path,
-        chunk_rows=CHUNK_ROWS,
-        batch_size=BATCH,
-        dataset_version="write-back",
-        spot_check=0,
-    )
+    cached = _cached(store_path, Samples(N, "tuple", log_dir=str(log)))
 
     def loads() -> int:
         return sum(len(path.read_text().split()) for path in log.iterdir())
@@ -177,27 +169,13 @@ def test_persistent_workers_store_what_they_hold_when_the_next_epoch_asks_for_it
     assert valid.all() and torch.equal(stored, _expected())
 
 
-def _run_quietly(script: str, *args: str) -> dict[str, object]:
-    """``run_script``, also failing on anything written to stderr (a worker reported killed)."""
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=300,
-    )
-    assert result.returncode == 0 and result.stderr == "", result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
-
-
 @pytest.mark.parametrize("batches", [None, 4])
 def test_persistent_workers_leave_every_computed_row_stored(store_path: Path, batches: int | None) -> None:
     """Found in review: persistent workers are ended by SIGTERM when the program exits, so rows
     they held were lost (1 of 256 valid afterwards). A SIGTERM now stores them first, whether
     the epoch ended (workers idle) or not (workers computing the next batches); the idle flush
     is kept out of the way, and the program's exit is quiet (no worker reported killed)."""
-    received = _run_quietly(
+    received = run_script(
         """
         import json, sys
         from torch.utils.data import DataLoader
@@ -216,6 +194,7 @@ def test_persistent_workers_leave_every_computed_row_stored(store_path: Path, ba
         """,
         str(store_path),
         json.dumps(batches),
+        quiet=True,
     )
     valid, stored = _stored(store_path)
     expected = _expected()

@@ -764,3 +764,29 @@ def cast_for_storage(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.T
     if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
         return tensor.to(dtype)
     return tensor
+
+
+def ragged_positions(sample: SampleLayout, outputs: OutputLayout) -> list[tuple[Any, ...]]:
+    """Where a served sample holds rows that vary in length (key/index paths; ``()`` for a bare
+    features tensor): ragged module outputs and ragged passthrough fields, walked from the template."""
+    ragged_fields = {spec.name for spec in sample.fields if spec.ragged}
+    ragged_outputs = [
+        () if outputs.kind == "tensor" else (key,)
+        for key, spec in zip(outputs.keys, outputs.arrays, strict=True)
+        if spec.ragged
+    ]
+    found: list[tuple[Any, ...]] = []
+
+    def walk(node: Mapping[str, Any], path: tuple[Any, ...]) -> None:
+        if node["kind"] == "input":
+            found.extend((*path, *inner) for inner in ragged_outputs)
+        elif node["kind"] == "field":
+            if node["name"] in ragged_fields:
+                found.append(path)
+        else:
+            keys = node.get("keys") or range(len(node["items"]))
+            for key, item in zip(keys, node["items"], strict=True):
+                walk(item, (*path, key))
+
+    walk(sample.template, ())
+    return found

@@ -416,7 +416,12 @@ class _ChunkFile:
         ):
             return False
         path = self.path(chunk)
-        with open(path, "rb", buffering=0) as file:
+        try:
+            file = open(path, "rb", buffering=0)  # noqa: SIM115
+        except FileNotFoundError:  # as zarr reads it: fill values (an array of empty rows has no
+            target[...] = self.array.fill_value  # file; a lost one is the CheckedReader's to find)
+            return True
+        with file:
             version = file_version(os.fstat(file.fileno()))
             size = version[2]
             buffer = getattr(self._scratch, "buffer", None)

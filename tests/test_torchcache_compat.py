@@ -696,12 +696,14 @@ sys.dont_write_bytecode = True  # the helper file is edited between runs, maybe 
 sys.path.insert(0, sys.argv[1])
 from cachedfeatures import cached_module
 import compat_models
-store, case, value = sys.argv[2], sys.argv[3], float(sys.argv[4])
-model = cached_module(store=store)(getattr(compat_models, case))(value).requires_grad_(False)
-x = torch.arange(8.0).reshape(2, 4)
-out = model(x)
-print(json.dumps({"out": out.tolist(), "miss": model.module_cache.miss_rows}))
+stores, value, results = sys.argv[2], float(sys.argv[3]), {}
+for case in sys.argv[4].split(","):  # one store each
+    model = cached_module(store=f"{stores}/{case}.zarr")(getattr(compat_models, case))(value)
+    out = model.requires_grad_(False)(torch.arange(8.0).reshape(2, 4))
+    results[case] = {"out": out.tolist(), "miss": model.module_cache.miss_rows}
+print(json.dumps(results))
 """
+CASES = ["PlainTensor", "Temperature", "Helper", "Configured"]
 
 
 def expected(case: str, value: float) -> list[list[float]]:
@@ -714,31 +716,29 @@ def expected(case: str, value: float) -> list[list[float]]:
 
 
 @pytest.mark.slow  # three fresh interpreters importing torch
-@pytest.mark.parametrize("case", ["PlainTensor", "Temperature", "Helper", "Configured"])
-def test_a_new_process_with_other_state_serves_its_own_outputs(
-    tmp_path: Path, store_path: Path, case: str
-) -> None:
-    """The staleness cases of issue 12 for the persistent tier, each as two processes on one
-    store: a plain tensor attribute (``self.proj = torch.full(...)``), a float set in
-    ``__init__``, a helper function in another file edited between runs, a config object.
-    The second run, with another value, must compute its own outputs; a third run with the
-    first value again is served from the store."""
-    code = tmp_path / "code"
+def test_a_new_process_with_other_state_serves_its_own_outputs(tmp_path: Path) -> None:
+    """The staleness cases of issue 12 for the persistent tier, each as processes on one store
+    (the four cases run side by side in each process, a store each): a plain tensor attribute
+    (``self.proj = torch.full(...)``), a float set in ``__init__``, a helper function in another
+    file edited between runs, a config object. The second run, with another value, must compute
+    its own outputs; a third run with the first value again is served from the store."""
+    code, stores = tmp_path / "code", tmp_path / "stores"
     code.mkdir()
+    stores.mkdir()
     (code / "compat_models.py").write_text(textwrap.dedent(MODELS))
     helper = code / "compat_helper.py"
-    helper.write_text(textwrap.dedent(HELPER.format(value=2.0)))
-    first = run_script(CROSS, str(code), str(store_path), case, "2.0")
-    assert first["out"] == expected(case, 2.0) and first["miss"] == 2
-    if case == "Helper":  # the edit is in the helper's file, not in the module's arguments
-        helper.write_text(textwrap.dedent(HELPER.format(value=3.0)))
-    second = run_script(CROSS, str(code), str(store_path), case, "3.0")
-    assert second["out"] == expected(case, 3.0), "the second run was served the first run's outputs"
-    assert second["miss"] == 2
-    if case == "Helper":
-        helper.write_text(textwrap.dedent(HELPER.format(value=2.0)))
-    third = run_script(CROSS, str(code), str(store_path), case, "2.0")
-    assert third["out"] == expected(case, 2.0) and third["miss"] == 0
+    runs = []
+    for value in (2.0, 3.0, 2.0):  # the Helper case's edit is in the helper's file, not its arguments
+        helper.write_text(textwrap.dedent(HELPER.format(value=value)))
+        runs.append(run_script(CROSS, str(code), str(stores), str(value), ",".join(CASES)))
+    for case in CASES:
+        first, second, third = (run[case] for run in runs)
+        assert first["out"] == expected(case, 2.0) and first["miss"] == 2, case
+        assert second["out"] == expected(case, 3.0), (
+            f"{case}: the second run was served the first run's outputs"
+        )
+        assert second["miss"] == 2, case
+        assert third["out"] == expected(case, 2.0) and third["miss"] == 0, case
 
 
 def test_outputs_of_hits_are_fresh_tensors() -> None:

@@ -176,12 +176,7 @@ class EntryBinding:
         self._bind(entry, enforce=True)
         meta, specs = entry.meta, {spec.name: spec for spec in entry.specs}
         self.output_layout = OutputLayout.from_json(meta["outputs"])
-        self.sample_layout = SampleLayout(
-            template=meta["sample"]["template"],
-            fields=tuple(specs[name] for name in meta["sample"]["fields"]),
-            field_paths=tuple(tuple(path) for path in meta["sample"]["field_paths"]),
-            input_key=options.input_key,
-        )
+        self.sample_layout = SampleLayout.from_json(meta["sample"], specs, options.input_key)
 
     # -- the entry ----------------------------------------------------------------------------
 

@@ -479,11 +479,7 @@ class CachedFeatureDataset(Dataset[Any]):
             "module": self.module_fingerprint.to_json(),
             "dataset": self.dataset_fingerprint.to_json(),
             "options": self.options,
-            "sample": {
-                "template": sample_layout.template,
-                "fields": [spec.name for spec in sample_layout.fields],
-                "field_paths": [list(path) for path in sample_layout.field_paths],
-            },
+            "sample": sample_layout.to_json(),
             "outputs": output_layout.to_json(),
             "library_version": __version__,
         }

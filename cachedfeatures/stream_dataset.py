@@ -402,12 +402,7 @@ class CachedIterableDataset(IterableDataset[Any]):
         meta = entry.meta
         specs = {spec.name: spec for spec in entry.specs}
         self._output_layout = OutputLayout.from_json(meta["outputs"])
-        self._sample_layout = SampleLayout(
-            template=meta["sample"]["template"],
-            fields=tuple(specs[name] for name in meta["sample"]["fields"]),
-            field_paths=tuple(tuple(path) for path in meta["sample"]["field_paths"]),
-            input_key=self.input_key,
-        )
+        self._sample_layout = SampleLayout.from_json(meta["sample"], specs, self.input_key)
 
     def _create(self, sample: Any, raw: Any, batch_size: int) -> KeyedEntry:
         sample_layout = SampleLayout.from_sample(sample, self.input_key)
@@ -420,11 +415,7 @@ class CachedIterableDataset(IterableDataset[Any]):
             "module": self.module_fingerprint.to_json(),
             "dataset": self.source_fingerprint.to_json(),
             "options": self.options,
-            "sample": {
-                "template": sample_layout.template,
-                "fields": [spec.name for spec in sample_layout.fields],
-                "field_paths": [list(path) for path in sample_layout.field_paths],
-            },
+            "sample": sample_layout.to_json(),
             "outputs": output_layout.to_json(),
             "library_version": __version__,
         }

@@ -76,6 +76,26 @@ class SampleLayout:
     field_paths: tuple[Path, ...]
     input_key: InputKey
 
+    def to_json(self) -> dict[str, Any]:
+        """What an entry's attrs keep of it (``"sample"``); the specs are the entry's arrays."""
+        return {
+            "template": self.template,
+            "fields": [spec.name for spec in self.fields],
+            "field_paths": [list(path) for path in self.field_paths],
+        }
+
+    @classmethod
+    def from_json(
+        cls, data: Mapping[str, Any], specs: Mapping[str, ArraySpec], input_key: InputKey
+    ) -> SampleLayout:
+        """The layout :meth:`to_json` kept, its fields' specs looked up in ``specs`` by name."""
+        return cls(
+            template=data["template"],
+            fields=tuple(specs[name] for name in data["fields"]),
+            field_paths=tuple(tuple(path) for path in data["field_paths"]),
+            input_key=input_key,
+        )
+
     @classmethod
     def from_sample(
         cls,

@@ -363,7 +363,8 @@ class Entry:
         was_valid = np.asarray(self.valid[start:stop], dtype=bool)
         any_valid = bool(was_valid.any())
         if records is None:
-            self._write_ragged(chunk, start, stop, rows, source, columns, was_valid, None)
+            ragged = self._merge_ragged(chunk, start, stop, rows, source, columns, was_valid, None, None)
+            self._store_ragged(chunk, start, stop, ragged, was_valid)
             for name, array in self.arrays.items():
                 array.oindex[rows] = columns[name][source]
             self._set_valid(start, stop, rows, was_valid)
@@ -450,20 +451,6 @@ class Entry:
             self.valid[start:stop] = False
         for name, data in merged.items():
             self.ragged[name].write_chunk(chunk, data)
-
-    def _write_ragged(
-        self,
-        chunk: int,
-        start: int,
-        stop: int,
-        rows: np.ndarray,
-        source: np.ndarray,
-        columns: Mapping[str, np.ndarray],
-        was_valid: np.ndarray,
-        accepted: np.ndarray | None,
-    ) -> None:
-        merged = self._merge_ragged(chunk, start, stop, rows, source, columns, was_valid, accepted, None)
-        self._store_ragged(chunk, start, stop, merged, was_valid)
 
     # -- statistics (shared by the CLI, pruning and notebook display) --------------------------
 

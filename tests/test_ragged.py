@@ -599,3 +599,22 @@ def test_a_served_ragged_row_changed_in_place_does_not_change_what_is_stored(sto
     stored = make(store_path, spot_check=0).__getitems__([9, 10, 11])
     for index, row in zip([9, 10, 11], stored, strict=True):
         assert torch.equal(row["tokens"], direct(index))
+
+
+def test_a_list_mixing_ints_and_floats_comes_back_as_it_was(store_path: Path) -> None:
+    """Found by the property tests: such a list was stored as floats, so its ints came back as
+    floats (and one past 2**53 changed). It is stored item by item now, each as it was."""
+
+    class Mixed(Dataset[Any]):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, index: int) -> Any:
+            return {"x": torch.full((2,), float(index)), "scores": [2**60 + index, 0.5]}
+
+    cached = CachedFeatureDataset(Mixed(), nn.Identity(), store_path, input_key="x", spot_check=0)
+    cached.__getitems__([0, 1, 2, 3])
+    again = CachedFeatureDataset(Mixed(), nn.Identity(), store_path, input_key="x", spot_check=0)
+    for index, sample in enumerate(again.__getitems__([0, 1, 2, 3])):
+        assert sample["scores"] == [2**60 + index, 0.5] and type(sample["scores"][0]) is int
+    assert again.module_calls == 0

@@ -271,8 +271,10 @@ def tensor_spec(name: str, kind: Kind, tensor: torch.Tensor) -> ArraySpec:
 
 
 def number_list_dtype(value: Any) -> str | None:
-    """The dtype a list of plain numbers is stored in as a ragged field (``"<i8"``, ``"<f8"``,
-    ``"|b1"``; an empty list counts as ints), or ``None`` if ``value`` is not such a list."""
+    """The dtype a list of plain numbers of one type is stored in as a ragged field (``"<i8"``,
+    ``"<f8"``, ``"|b1"``; an empty list counts as ints), or ``None`` if ``value`` is not such a
+    list. A list mixing ints and floats is not one: as floats its ints would come back as floats
+    (and those past 2**53 changed), so it is stored item by item, each as it was."""
     if not isinstance(value, list):
         return None
     types = {type(item) for item in value}
@@ -280,7 +282,7 @@ def number_list_dtype(value: Any) -> str | None:
         return "<i8" if all(-(2**63) <= item < 2**63 for item in value) else None
     if types == {bool}:
         return "|b1"
-    if types <= {int, float}:
+    if types == {float}:
         return "<f8"
     return None
 

@@ -17,7 +17,10 @@ The rule for wrappers (``WrapperStore`` layers are unwrapped through their ``_st
   decryption) is then asked through zarr, so what it does is never bypassed; a wrapper that
   leaves them alone (one that only fails writes) gets the same route as the plain store. A
   subclass of ``LocalStore`` is held to the same rule.
-- **Writes and deletes always go through zarr**, and so through every wrapper.
+- **Chunk writes of plain arrays** (:mod:`cachedfeatures.store.chunk_files`: a new file renamed
+  into place, as ``LocalStore.set`` writes it) stand in for ``set``, only where no layer
+  overrides ``set`` (or its relatives) and the store is writable. **Everything else that
+  writes, and every delete, goes through zarr**, and so through every wrapper.
 
 Wrappers must keep the wrapped store's keys (zarr's ``WrapperStore`` contract); a wrapper that
 renames keys must override the read methods above, and is then read through zarr.
@@ -42,7 +45,8 @@ BackendKind = Literal["local", "memory", "fsspec", "other"]
 _READS = ("get", "get_partial_values", "_get_many")
 _EXISTS = ("exists",)
 _LISTING = ("list", "list_prefix", "list_dir", "getsize", "getsize_prefix")
-_WATCHED = (*_READS, *_EXISTS, *_LISTING)
+_WRITES = ("set", "set_if_not_exists", "_set_many", "set_partial_values")
+_WATCHED = (*_READS, *_EXISTS, *_LISTING, *_WRITES)
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,11 @@ class Backend:
     def direct_reads(self) -> bool:
         """Whether chunk files may be read with ``pread`` and signed with ``stat`` instead of ``get``."""
         return self.is_local and self.intercepted.isdisjoint(_READS)
+
+    @property
+    def direct_writes(self) -> bool:
+        """Whether whole chunk files may be written in place of ``set`` (a new file renamed in)."""
+        return self.is_local and self.intercepted.isdisjoint(_WRITES)
 
     @property
     def direct_exists(self) -> bool:

@@ -68,6 +68,7 @@ from cachedfeatures.reader.chunk_reader import ChunkReader, RowsRead
 from cachedfeatures.store import explore, remote
 from cachedfeatures.store.backend import Backend
 from cachedfeatures.store.chunk_bytes import delete_chunk_bytes, stored_bytes
+from cachedfeatures.store.chunk_files import WholeChunks, whole_chunks
 from cachedfeatures.store.locks import Locks
 from cachedfeatures.store.ragged import RaggedArray, create_ragged
 
@@ -342,66 +343,62 @@ class Entry:
                     delete_chunk_bytes(self, int(chunk))
                     self._write_chunk_rows(rows, source, columns)
 
+    @functools.cached_property
+    def _whole_chunks(self) -> dict[str, WholeChunks]:
+        """Each fixed array's chunks (and ``valid``'s, and the checksum records') read and
+        written whole, as files where the store allows (see :mod:`cachedfeatures.store.chunk_files`)."""
+        arrays: dict[str, zarr.Array[Any]] = {**self.arrays, VALID: self.valid}
+        if self.records is not None:
+            arrays[CHUNK_CRC] = self.records
+        return {name: whole_chunks(array, self.backend) for name, array in arrays.items()}
+
     def _write_chunk_rows(
         self, rows: np.ndarray, source: np.ndarray, columns: Mapping[str, np.ndarray]
     ) -> None:
         """The bytes of every array first, then ``valid`` (the caller holds the chunk lock).
 
-        With identity-bound checksums the chunk is rewritten whole: its stored rows are checked
-        first (rows that were not written for it are dropped, not merged and re-blessed), then
-        the checksums of the rows before and after are stored, then the bytes.
+        Each array's chunk is rewritten whole, its rows merged in (rows that were not valid are
+        not read: what they held does not matter). With identity-bound checksums the stored rows
+        are checked first (rows that were not written for the chunk are dropped, not merged and
+        re-blessed), then the checksums of the rows before and after are stored, then the bytes.
         """
-        records = self.records
-        if records is None and not self.ragged:
-            for name, array in self.arrays.items():
-                array.oindex[rows] = columns[name][source]
-            self.valid.oindex[rows] = True
-            return
         chunk = int(rows[0]) // self.chunk_rows
         start = chunk * self.chunk_rows
         stop = min(start + self.chunk_rows, self.num_rows)
-        was_valid = np.asarray(self.valid[start:stop], dtype=bool)
+        chunks = self._whole_chunks
+        was_valid = chunks[VALID].read(chunk).astype(bool, copy=False)
         any_valid = bool(was_valid.any())
-        if records is None:
-            ragged = self._merge_ragged(chunk, start, stop, rows, source, columns, was_valid, None, None)
-            self._store_ragged(chunk, start, stop, ragged, was_valid)
-            for name, array in self.arrays.items():
-                array.oindex[rows] = columns[name][source]
-            self._set_valid(start, stop, rows, was_valid)
-            return
-        accepted = np.asarray(records[chunk])
-        merged: dict[str, np.ndarray] = {}
-        slots = np.zeros((len(self.specs), 2), dtype=np.uint32)
+        records = self.records
+        accepted = None if records is None else chunks[CHUNK_CRC].read(chunk)[0]
+        slots = None if records is None else np.zeros((len(self.specs), 2), dtype=np.uint32)
         ragged = self._merge_ragged(chunk, start, stop, rows, source, columns, was_valid, accepted, slots)
+        merged: dict[str, np.ndarray] = {}
         for name, array in self.arrays.items():
-            j = self._array_index[name]
-            if any_valid:  # rows that may be served: they must be this chunk's own
-                old = np.array(array[start:stop])
-                before = chunk_identity.content_crc(self.name, name, chunk, old)
-                if before not in (int(accepted[j, 0]), int(accepted[j, 1])):
-                    raise chunk_identity.IdentityMismatchError(
-                        f"chunk {chunk} of {self.name}/{name} holds rows that were not written for it"
-                    )
-                slots[j, 0] = before
+            if any_valid:
+                old = chunks[name].read(chunk)
+                if accepted is not None and slots is not None:  # rows that may be served: this chunk's own?
+                    j = self._array_index[name]
+                    before = chunk_identity.content_crc(self.name, name, chunk, old)
+                    if before not in (int(accepted[j, 0]), int(accepted[j, 1])):
+                        raise chunk_identity.IdentityMismatchError(
+                            f"chunk {chunk} of {self.name}/{name} holds rows that were not written for it"
+                        )
+                    slots[j, 0] = before
             else:  # nothing valid: what the chunk held does not matter
                 old = np.full((stop - start, *array.shape[1:]), array.fill_value, dtype=array.dtype)
             old[rows - start] = columns[name][source]
             merged[name] = old
-            slots[j, 1] = chunk_identity.content_crc(self.name, name, chunk, old)
-        records[chunk] = slots  # both, before the bytes: a crash leaves each chunk matching one
+            if slots is not None:
+                slots[self._array_index[name], 1] = chunk_identity.content_crc(self.name, name, chunk, old)
+        if slots is not None:  # both, before the bytes: a crash leaves each chunk matching one
+            chunks[CHUNK_CRC].write(chunk, slots[None])
         self._store_ragged(chunk, start, stop, ragged, was_valid)
-        for name, array in self.arrays.items():
-            array[start:stop] = merged[name]
-        self._set_valid(start, stop, rows, was_valid)
-
-    def _set_valid(self, start: int, stop: int, rows: np.ndarray, was_valid: np.ndarray) -> None:
-        """Mark ``rows`` valid, and (where ragged bytes were rewritten) the rows valid before."""
-        if not self.ragged or not was_valid.any():
-            self.valid.oindex[rows] = True
-            return
+        for name, old in merged.items():
+            chunks[name].write(chunk, old)
         now = was_valid.copy()
         now[rows - start] = True
-        self.valid[start:stop] = now
+        # The rows written, and the rows valid before (which laying out ragged bytes afresh cleared).
+        chunks[VALID].write(chunk, now)
 
     def _merge_ragged(
         self,

@@ -107,17 +107,25 @@ class _LocalSubclass(LocalStore):
 
 
 @pytest.mark.parametrize(
-    ("make", "kind", "local", "direct_reads", "direct_exists", "locks"),
+    ("make", "kind", "local", "direct_reads", "direct_exists", "direct_writes", "locks"),
     [
-        (lambda path: LocalStore(path), "local", True, True, True, FileLocks),
-        (lambda path: FaultyStore(path), "local", True, True, True, FileLocks),
-        (lambda path: FaultyReadStore(path), "local", True, False, True, FileLocks),
-        (lambda path: _ExistsOverride(LocalStore(path)), "local", True, True, False, FileLocks),
-        (lambda path: LoggingStore(LocalStore(path)), "local", True, False, False, FileLocks),
-        (lambda path: WrapperStore(WrapperStore(LocalStore(path))), "local", True, True, True, FileLocks),
-        (lambda path: _LocalSubclass(path), "local", True, False, True, FileLocks),
-        (lambda path: MemoryStore(), "memory", False, False, False, ThreadLocks),
-        (lambda path: WrapperStore(MemoryStore()), "memory", False, False, False, ThreadLocks),
+        (lambda path: LocalStore(path), "local", True, True, True, True, FileLocks),
+        (lambda path: FaultyStore(path), "local", True, True, True, False, FileLocks),
+        (lambda path: FaultyReadStore(path), "local", True, False, True, False, FileLocks),
+        (lambda path: _ExistsOverride(LocalStore(path)), "local", True, True, False, True, FileLocks),
+        (lambda path: LoggingStore(LocalStore(path)), "local", True, False, False, False, FileLocks),
+        (
+            lambda path: WrapperStore(WrapperStore(LocalStore(path))),
+            "local",
+            True,
+            True,
+            True,
+            True,
+            FileLocks,
+        ),
+        (lambda path: _LocalSubclass(path), "local", True, False, True, True, FileLocks),
+        (lambda path: MemoryStore(), "memory", False, False, False, False, ThreadLocks),
+        (lambda path: WrapperStore(MemoryStore()), "memory", False, False, False, False, ThreadLocks),
     ],
     ids=["local", "faulty", "faulty-get", "exists", "logging", "nested", "subclass", "memory", "wrapped-mem"],
 )
@@ -128,12 +136,14 @@ def test_backend_capabilities_are_seen_through_wrappers(
     local: bool,
     direct_reads: bool,
     direct_exists: bool,
+    direct_writes: bool,
     locks: type,
 ) -> None:
     store_path.mkdir()
     backend = Backend.of(make(store_path))
     assert backend.kind == kind and backend.is_local is local
     assert backend.direct_reads is direct_reads and backend.direct_exists is direct_exists
+    assert backend.direct_writes is direct_writes
     assert type(backend.new_locks()) is locks
     assert backend.is_memory is (kind == "memory")
     assert backend.needs_chunk_ownership is False  # local: file locks; memory: private to the process

@@ -44,7 +44,7 @@ from cachedfeatures.store.feature_store import Entry, FeatureStore, StoreLike
 from cachedfeatures.store.integrity import CheckedReader
 from cachedfeatures.store.ownership import ChunkOwnership, ranks_ownership
 from cachedfeatures.store.remote import is_url
-from cachedfeatures.store.writer import DEFAULT_MAX_HOLD_SECONDS, ChunkBuffer
+from cachedfeatures.store.writer import DEFAULT_MAX_HOLD_SECONDS, ChunkBuffer, default_write_back_bytes
 
 __all__ = ["EntryBinding", "NewEntry", "OpenedStore", "open_store"]
 
@@ -52,7 +52,8 @@ logger = logging.getLogger(__name__)
 
 # Bytes of computed rows each process holds for coalescing before the fullest chunk is
 # written early; ``0`` writes every batch at once. Per process: each DataLoader worker has one.
-WRITE_BACK_BYTES = 64 * 1024 * 1024
+# ``None``: a sixteenth of physical memory, split between workers (``default_write_back_bytes``).
+WRITE_BACK_BYTES: int | None = None
 
 
 @dataclass
@@ -333,7 +334,7 @@ class EntryBinding:
 
     def _buffer_here(self) -> ChunkBuffer | None:
         """This process's write-back buffer: made at its first use in each process (fork-safe)."""
-        if self.scratch or self.guard.read_only or WRITE_BACK_BYTES <= 0:
+        if self.scratch or self.guard.read_only or (WRITE_BACK_BYTES is not None and WRITE_BACK_BYTES <= 0):
             return None
         pid = os.getpid()
         if self._held is None or self._held_pid != pid:
@@ -342,7 +343,7 @@ class EntryBinding:
             self._held = ChunkBuffer(
                 entry,
                 self.write,
-                max_buffer_bytes=WRITE_BACK_BYTES,
+                max_buffer_bytes=default_write_back_bytes() if WRITE_BACK_BYTES is None else WRITE_BACK_BYTES,
                 max_hold_seconds=DEFAULT_MAX_HOLD_SECONDS,
             )
             self._held_pid = pid

@@ -1,4 +1,5 @@
-"""Byte sizes for people: parse ``"10GB"``, ``"512MiB"``, ``10e9``; print ``"1.5 GB"``.
+"""Byte sizes for people: parse ``"10GB"``, ``"512MiB"``, ``10e9``; print ``"1.5 GB"``; and the
+machine's physical memory, which default budgets are shares of.
 
 Decimal units (kB, MB, GB, TB, PB) are powers of 1000, binary units (KiB, MiB, GiB, TiB,
 PiB) powers of 1024, as ``ls --si`` and ``ls -h`` print them. Unit letters are case-insensitive
@@ -8,11 +9,23 @@ PiB) powers of 1024, as ``ls --si`` and ``ls -h`` print them. Unit letters are c
 from __future__ import annotations
 
 import math
+import os
 import re
 
 from cachedfeatures.errors import ArgumentTypeError, InvalidArgumentError
 
-__all__ = ["format_bytes", "format_ratio", "parse_bytes"]
+__all__ = ["format_bytes", "format_ratio", "parse_bytes", "physical_memory_bytes"]
+
+FALLBACK_MEMORY_BYTES = 8 << 30  # where the OS does not say
+
+
+def physical_memory_bytes() -> int:
+    """This machine's physical memory in bytes (8 GiB where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return FALLBACK_MEMORY_BYTES
+
 
 _UNITS: dict[str, int] = {
     "b": 1,

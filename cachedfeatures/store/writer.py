@@ -25,21 +25,37 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+from torch.utils.data import get_worker_info
 
 from cachedfeatures.errors import WriterError
 from cachedfeatures.store.feature_store import Entry
+from cachedfeatures.units import physical_memory_bytes
 
-__all__ = ["ChunkBuffer", "Writer"]
+__all__ = ["ChunkBuffer", "Writer", "default_write_back_bytes"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PENDING = 8
+# Rows held for coalescing, by default: a sixteenth of physical memory, split between DataLoader
+# workers, and at least 64 MiB (256 MiB in the background writer). Enough on most machines to
+# hold a shuffled epoch's rows until their chunks complete, so each chunk is written once.
+WRITE_BACK_FRACTION = 1 / 16
+MIN_WRITE_BACK_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_BUFFER_BYTES = 256 * 1024 * 1024
 # Rows held longer than this are written (their chunks partially): what a kill can cost.
 DEFAULT_MAX_HOLD_SECONDS = 10.0
-# Writes of held chunks take at most about 1/HOLD_COST_RATIO of the writer's time: the hold
-# grows to this many times the duration of the last such round of writes.
-HOLD_COST_RATIO = 4.0
+# Writes of held chunks take at most about 1/HOLD_COST_RATIO of the time: the hold grows to
+# this many times the duration of the last such round of writes (a round rewrites every chunk
+# holding rows, seconds on an entry of hundreds of chunks).
+HOLD_COST_RATIO = 20.0
+
+
+def default_write_back_bytes(minimum: int = MIN_WRITE_BACK_BYTES) -> int:
+    """A sixteenth of physical memory (split between DataLoader workers when called in one),
+    and at least ``minimum``."""
+    info = get_worker_info()
+    workers = info.num_workers if info is not None else 1
+    return max(minimum, int(physical_memory_bytes() * WRITE_BACK_FRACTION) // max(1, workers))
 
 
 @dataclass
@@ -220,7 +236,8 @@ class Writer:
         max_pending: submitted batches that may wait in the queue before ``submit`` blocks.
             Default 8.
         max_buffer_bytes: bytes of rows held back for coalescing before the fullest chunk is
-            written early. Default 256 MiB; ``0`` writes every batch as it comes.
+            written early. Default ``None``: a sixteenth of physical memory, at least 256 MiB;
+            ``0`` writes every batch as it comes.
         write: stores the rows of one chunk; default ``entry.write``. The pipeline passes
             ``CachedFeatureDataset.write``, which also enforces the size budget.
         max_hold_seconds: rows held this long are written even if their chunk is not complete
@@ -236,13 +253,15 @@ class Writer:
         entry: Entry,
         *,
         max_pending: int = DEFAULT_MAX_PENDING,
-        max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
+        max_buffer_bytes: int | None = None,
         write: Callable[[np.ndarray, Mapping[str, np.ndarray]], None] | None = None,
         max_hold_seconds: float | None = None,
     ) -> None:
         self.entry = entry
         self.max_hold_seconds = DEFAULT_MAX_HOLD_SECONDS if max_hold_seconds is None else max_hold_seconds
         self._store_rows = write or entry.write
+        if max_buffer_bytes is None:
+            max_buffer_bytes = default_write_back_bytes(DEFAULT_MAX_BUFFER_BYTES)
         self.max_buffer_bytes = max_buffer_bytes
         self._queue: queue.Queue[tuple[np.ndarray, dict[str, np.ndarray]] | _Flush | None] = queue.Queue(
             maxsize=max_pending

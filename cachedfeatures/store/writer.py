@@ -150,23 +150,29 @@ class ChunkBuffer:
         if self._missing is None:
             self._missing = self._count_missing()
         chunks = rows // entry.chunk_rows
-        for chunk in np.unique(chunks):
-            take = np.flatnonzero(chunks == chunk)
+        order = np.argsort(chunks, kind="stable")  # rows grouped by chunk, in one sort
+        grouped = chunks[order]
+        starts = np.flatnonzero(np.diff(grouped, prepend=-1))
+        bounds = [*starts.tolist(), len(rows)]
+        self._held[rows] = True
+        now = time.monotonic()
+        for k, chunk in enumerate(grouped[starts].tolist()):
+            take = order[bounds[k] : bounds[k + 1]]
             # Copies, ragged rows too (an object column's items are arrays the caller is served
             # views of): what is stored must not change when a served sample is changed in place.
+            # One per chunk, so a chunk written frees its rows.
             part = {name: _copied_rows(column, take) for name, column in columns.items()}
-            pending = self._buffer.get(int(chunk))
+            pending = self._buffer.get(chunk)
             if pending is None:
-                pending = self._buffer[int(chunk)] = _Chunk(since=time.monotonic())
+                pending = self._buffer[chunk] = _Chunk(since=now)
             pending.rows.append(rows[take])
-            self._held[rows[take]] = True
             pending.columns.append(part)
             pending.count += len(take)
             nbytes = sum(column.nbytes for column in part.values())
             pending.nbytes += nbytes
             self._buffered_bytes += nbytes
             if pending.count >= self._missing[chunk]:
-                self.write_chunk(int(chunk))
+                self.write_chunk(chunk)
         while self._buffered_bytes > self.max_buffer_bytes and self._buffer:
             fullest = max(self._buffer, key=lambda c: self._buffer[c].count)
             self.write_chunk(fullest)

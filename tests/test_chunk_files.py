@@ -4,6 +4,8 @@ writes take them where the backend allows, and go through zarr where a layer int
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import zarr.codecs
 from zarr.storage import LocalStore
 
 from cachedfeatures import CachedFeatureDataset
+from cachedfeatures.errors import CachingPausedWarning
 from cachedfeatures.store.backend import Backend
 from cachedfeatures.store.chunk_files import ChunkFiles, ZarrChunks, whole_chunks
 from tests.helpers import Backbone, Samples, reference
@@ -153,3 +156,33 @@ def test_a_layer_that_intercepts_set_sees_every_chunk_write(tmp_path: Path) -> N
     assert store.failures > 0 and store.attempts > before
     entry = other.entry
     assert entry is not None and not entry.valid_mask().any()  # refused by the layer: nothing stored
+
+
+def test_a_full_disk_under_direct_writes_pauses_caching_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, module = Samples(32, "tuple"), Backbone()
+    path = tmp_path / "features.zarr"
+    cached = CachedFeatureDataset(data, module, path, chunk_rows=16, spot_check=0)
+    cached.__getitems__(list(range(8)))
+    cached.flush()
+    entry = cached.entry
+    assert entry is not None and int(entry.valid_mask().sum()) == 8
+
+    def full(source: Any, target: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+    monkeypatch.setattr("cachedfeatures.store.chunk_files.os.replace", full)
+    with pytest.warns(CachingPausedWarning):
+        served = cached.__getitems__(list(range(32)))
+        cached.flush()
+    for index, (features, _label) in enumerate(served):  # served all the same
+        assert torch.equal(features, reference(module, data, index))
+    assert int(entry.valid_mask().sum()) == 8  # the rows stored before are kept
+    assert not list(path.rglob("*.partial"))  # the refused files are removed
+    monkeypatch.undo()
+    again = CachedFeatureDataset(data, module, path, chunk_rows=16, spot_check=0)
+    rows = again.__getitems__(list(range(8)))
+    assert again.module_calls == 0
+    for index, (features, _label) in enumerate(rows):
+        assert torch.equal(features, reference(module, data, index))

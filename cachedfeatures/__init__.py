@@ -54,6 +54,7 @@ from cachedfeatures.options import DatasetOptions
 from cachedfeatures.pipeline.collate import PadCollate, RaggedBatch, pad_collate
 from cachedfeatures.pipeline.nodes import Loader
 from cachedfeatures.pipeline.prefill import PrefillResult, build_on_ranks
+from cachedfeatures.pipeline.resident import DeviceFeatures
 from cachedfeatures.pipeline.sampler import ChunkShuffleSampler
 from cachedfeatures.reader.chunk_reader import ChunkReader
 from cachedfeatures.store.faults import WriteGuard
@@ -76,6 +77,7 @@ __all__ = [
     "ChunkSizeError",
     "DamagedStoreError",
     "DatasetOptions",
+    "DeviceFeatures",
     "DeviceInWorkerError",
     "DtypeError",
     "DuplicateKeyError",

@@ -78,6 +78,7 @@ from cachedfeatures.parse import expected, parse_int, parse_positive_int
 from cachedfeatures.pipeline.collate import BatchAssembler, PadCollate
 from cachedfeatures.pipeline.nodes import Loader, WorkerMethod
 from cachedfeatures.pipeline.prefill import PrefillResult, prefill
+from cachedfeatures.pipeline.resident import DeviceFeatures
 from cachedfeatures.pipeline.sampler import EpochBatchSampler
 from cachedfeatures.pruning import Policy
 from cachedfeatures.reader.chunk_reader import ReadRoute
@@ -1045,6 +1046,25 @@ class CachedFeatureDataset(Dataset[Any]):
             prefetch_factor=prefetch_factor,
             device=device,
         )
+
+    def on_device(
+        self, device: str | torch.device = "cuda", *, collate_fn: Collate | None = None
+    ) -> DeviceFeatures:
+        """Every stored row copied to ``device`` once, so that each batch is a gather there.
+
+        For features that fit in GPU memory: ``features.batches(256, shuffle=True)`` serves the
+        epochs ``loader(256, shuffle=True)`` serves (same order, same views), already on the device,
+        with no reads, collation or host-to-device copies per batch. It serves stored rows only:
+        fill the entry first (:meth:`prefill`, or an epoch of :meth:`loader`); rows stored later
+        are not seen. Spot checks still run once per epoch. See
+        :class:`~cachedfeatures.pipeline.resident.DeviceFeatures`.
+
+        Raises:
+            RowsNotCachedError: some rows are not stored yet.
+            InvalidArgumentError: the entry does not fit the device's free memory, or has
+                variable-length arrays.
+        """
+        return DeviceFeatures(self, device, collate_fn)
 
     def prefill(
         self,

@@ -41,8 +41,9 @@ def crc32c_of(payload: np.ndarray | bytes | memoryview) -> int:
     return int(google_crc32c.value(payload))
 
 
-def _compressor(codec: object) -> Codec | None:
-    """The numcodecs codec doing what zarr's bytes-to-bytes ``codec`` does, or ``None``."""
+def _compressor(codec: object, itemsize: int) -> Codec | None:
+    """The numcodecs codec doing what zarr's bytes-to-bytes ``codec`` does (on items of
+    ``itemsize`` bytes), or ``None``."""
     config: dict[str, Any] = codec.to_dict().get("configuration", {})  # type: ignore[attr-defined]
     if type(codec) is zarr.codecs.BloscCodec:
         shuffle = config.get("shuffle", "noshuffle")
@@ -51,7 +52,7 @@ def _compressor(codec: object) -> Codec | None:
             clevel=int(config["clevel"]),
             shuffle=_SHUFFLES[str(getattr(shuffle, "value", shuffle))],
             blocksize=int(config.get("blocksize") or 0),
-            typesize=config.get("typesize"),
+            typesize=int(config.get("typesize") or itemsize),  # the shuffle's unit: the item
         )
     if type(codec) is zarr.codecs.ZstdCodec:
         return numcodecs.Zstd(level=int(config.get("level", 0)), checksum=bool(config.get("checksum", False)))
@@ -107,7 +108,7 @@ class PlainCodecs:
             dtype = dtype.newbyteorder("<" if endian.value == "little" else ">")
         compressor = None
         if len(codecs) == 2:
-            compressor = _compressor(codecs[1])
+            compressor = _compressor(codecs[1], dtype.itemsize)
             if compressor is None:
                 return None
         shape = tuple(int(n) for n in metadata.chunk_grid.chunk_shape)

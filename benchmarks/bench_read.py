@@ -21,7 +21,8 @@ the plain-DataLoader batch recipe ``DataLoader(cached, batch_size=None,
 sampler=cached.batch_sampler(256, shuffle=True))``, and of the per-sample ``DataLoader(cached,
 batch_size=256)``, at ``num_workers`` 0 and 2, each taken in turns with the memmap served per
 sample at the same worker count, and against pre-collated memmap batches (one fancy index per
-batch, no per-sample tuples).
+batch, no per-sample tuples); at ``num_workers=0`` also ``cached.on_device("cpu").batches(256)``
+(the entry held whole as tensors: what a GPU copy does there, on the CPU).
 
 Spot checks (``spot_check=8``, the default, against ``spot_check=0``) are measured for each
 variant on the same store: hit epochs taken in turns, and one check timed on its own (load 8
@@ -40,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -330,12 +331,24 @@ def batch_delivery_rates(
     ]
     if hasattr(cached, "batch_sampler"):  # the code before the batch recipe has none
         variants.append(("DataLoader(cached, sampler=cached.batch_sampler(256))", ours_recipe))
+    resident = cached.on_device("cpu") if hasattr(cached, "on_device") else None
+
+    class ResidentEpochs:
+        """Epochs of the entry held whole as tensors (here on the CPU; on a GPU, gathers there)."""
+
+        def __iter__(self) -> Iterator[Any]:
+            assert resident is not None
+            return resident.batches(BATCH, shuffle=True)
+
     rows: list[dict[str, Any]] = []
     for workers in worker_counts:
+        here = list(variants)
+        if resident is not None and workers == 0:  # it takes no workers: one row, at workers 0
+            here.append(("cached.on_device('cpu').batches(256)", lambda _workers: ResidentEpochs()))
         baselines = memmap_samples(workers), memmap_batches(workers)
         for loader in baselines:
             pass_rate(loader)  # warm: the page cache, the workers
-        for name, make in variants:
+        for name, make in here:
             loader = make(workers)
             pass_rate(loader)  # warm: the chunk caches of this process or of the workers
             ours, samples, batches = [], [], []

@@ -705,7 +705,13 @@ class CachedFeatureDataset(Dataset[Any]):
         return self.__getitems__([index])[0]  # type: ignore[list-item]
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
-        """The samples at ``indices``: hits read from the store, misses computed in batches."""
+        """The samples at ``indices``: hits read from the store, misses computed in batches.
+
+        Called by a DataLoader's fetcher (directly or through ``Subset``s) whose ``collate_fn`` is
+        ``default_collate`` or a ``pad_collate``, the first sample also carries the batch made
+        from the stored columns, which that collate returns instead of stacking the samples again
+        (:func:`~cachedfeatures.pipeline.collate.carry_batch`): the same batch, exactly.
+        """
         rows = self._normalize(indices)
         if len(rows) == 0:
             return []

@@ -431,6 +431,19 @@ def test_per_sample_dataloader_with_misses_and_a_pad_collate(
         assert_same(batch, default_collate([plain[i] for i in rows[8 * k : 8 * k + 8]]))
 
 
+def test_wrappers_that_read_the_samples_get_plain_ones(store_path: Path) -> None:
+    """Only torch's fetcher (through ``Subset``s) gets a carrying first sample: a ``StackDataset``,
+    which builds samples of its own from ours, gets plain ones, and so does a collate of the user's."""
+    cached = CachedFeatureDataset(Samples(8, "tuple"), Backbone(), store_path, spot_check=0)
+    stacked = torch.utils.data.StackDataset(cached, cached)
+    batch = next(iter(DataLoader(stacked, batch_size=4, collate_fn=list)))
+    assert all(type(part) is tuple for pair in batch for part in pair)
+    samples = next(iter(DataLoader(Subset(cached, [1, 2, 3]), batch_size=3, collate_fn=list)))
+    assert [type(sample) for sample in samples] == [tuple] * 3
+    want = default_collate([stacked[i] for i in range(4)])
+    assert_same(next(iter(DataLoader(stacked, batch_size=4))), want)
+
+
 @pytest.mark.parametrize("shape", ["tensor", "tuple", "list", "dict"])
 def test_carried_batch_only_for_the_list_it_came_with(shape: str) -> None:
     """The first sample equals the sample it stands for; the batch it carries is returned once, for

@@ -28,6 +28,7 @@ from torch.utils.data import (
     RandomSampler,
     Sampler,
     SequentialSampler,
+    Subset,
     default_collate,
     get_worker_info,
 )
@@ -75,7 +76,7 @@ from cachedfeatures.errors import (
 from cachedfeatures.format.specs import ArraySpec
 from cachedfeatures.options import DatasetOptions
 from cachedfeatures.parse import expected, parse_int, parse_positive_int
-from cachedfeatures.pipeline.collate import BatchAssembler, PadCollate
+from cachedfeatures.pipeline.collate import BatchAssembler, PadCollate, carry_batch
 from cachedfeatures.pipeline.nodes import Loader, WorkerMethod
 from cachedfeatures.pipeline.prefill import PrefillResult, prefill
 from cachedfeatures.pipeline.resident import DeviceFeatures
@@ -360,6 +361,7 @@ class CachedFeatureDataset(Dataset[Any]):
         # An empty dataset has no entry, so no binding: nothing can be read or written.
         self._binding: EntryBinding | None = None
         self._default_assembler: BatchAssembler | None = None
+        self._fetcher_assembler: tuple[object, BatchAssembler | None] | None = None
         if self._length > 0:
             self._rename_if_names_collide(self._opened.store)
             self._binding = EntryBinding(
@@ -704,11 +706,37 @@ class CachedFeatureDataset(Dataset[Any]):
         return self.__getitems__([index])[0]  # type: ignore[list-item]
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
-        """The samples at ``indices``: hits read from the store, misses computed in batches."""
+        """The samples at ``indices``: hits read from the store, misses computed in batches.
+
+        Called by a DataLoader's fetcher (directly or through ``Subset``s) whose ``collate_fn`` is
+        ``default_collate`` or a ``pad_collate``, the first sample also carries the batch made
+        from the stored columns, which that collate returns instead of stacking the samples again
+        (:func:`~cachedfeatures.pipeline.collate.carry_batch`): the same batch, exactly.
+        """
         rows = self._normalize(indices)
         if len(rows) == 0:
             return []
-        return self.assemble_all(self._columns(rows))
+        columns = self._columns(rows)
+        samples = self.assemble_all(columns)
+        collate_fn = _collate_fn_of_fetcher(sys._getframe(1))
+        if collate_fn is not None:
+            # For a DataLoader's fetcher, which hands them to its collate_fn: the samples carry
+            # their batch, made from the columns, which that collate_fn then returns as it is.
+            assembler = self._assembler_for(collate_fn)
+            if assembler is not None:
+                return carry_batch(samples, functools.partial(assembler, columns), collate_fn)
+        return samples
+
+    def _assembler_for(self, collate_fn: object) -> BatchAssembler | None:
+        """The assembler that stands for ``collate_fn`` (``default_collate`` or a ``PadCollate``) on
+        this entry, or ``None``; the last one made is kept (a DataLoader asks for every batch)."""
+        kept = self._fetcher_assembler
+        if kept is not None and kept[0] is collate_fn:
+            return kept[1]
+        binding = self._bound()
+        assembler = BatchAssembler.of(collate_fn, binding.sample_layout, binding.output_layout)
+        self._fetcher_assembler = (collate_fn, assembler)
+        return assembler
 
     def _columns(self, rows: np.ndarray) -> Mapping[str, np.ndarray]:
         """The stored columns of ``rows`` (fresh arrays, a row per row): hits read, misses computed
@@ -1205,6 +1233,25 @@ def _batch_of_a_dataloader() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+try:  # a private module of torch's: without it, samples are served as they are
+    from torch.utils.data._utils.fetch import _MapDatasetFetcher
+
+    _FETCH_CODE: types.CodeType | None = _MapDatasetFetcher.fetch.__code__
+except (ImportError, AttributeError):
+    _FETCH_CODE = None
+_SUBSET_CODE = getattr(Subset.__getitems__, "__code__", None)
+
+
+def _collate_fn_of_fetcher(frame: types.FrameType | None) -> object | None:
+    """The collate function of torch's map-style fetcher if ``frame`` is its ``fetch`` (through
+    ``Subset``s), which hands what ``__getitems__`` returns straight to it; else ``None``."""
+    while frame is not None and frame.f_code is _SUBSET_CODE:
+        frame = frame.f_back
+    if frame is None or _FETCH_CODE is None or frame.f_code is not _FETCH_CODE:
+        return None
+    return getattr(frame.f_locals.get("self"), "collate_fn", None)
 
 
 def _check_ragged_names(

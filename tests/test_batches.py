@@ -9,6 +9,7 @@ where there is one, a CUDA device.
 
 from __future__ import annotations
 
+import functools
 import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -20,12 +21,13 @@ import torch
 import torchdata.nodes as tn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader, Subset, default_collate
+from torch.utils.data._utils.collate import collate, default_collate_fn_map
 
 from cachedfeatures import CachedFeatureDataset, ChunkShuffleSampler, PadCollate, RaggedBatch
 from cachedfeatures.compute.layout import OutputLayout, SampleLayout, ragged_positions
 from cachedfeatures.errors import InvalidArgumentError
-from cachedfeatures.pipeline.collate import BatchAssembler, move_to
+from cachedfeatures.pipeline.collate import BatchAssembler, carry_batch, move_to
 from cachedfeatures.pipeline.nodes import IndexBatches, Indices
 from tests.helpers import SHAPES, Backbone, Samples
 
@@ -224,11 +226,16 @@ def test_batch_assembler_equals_collating_the_samples(case: tuple[list[Any], Any
     assert assembler is not None
     want = outcome(lambda: collate_fn(per_sample(sample, outputs, columns)))
     got = outcome(lambda: assembler(columns))
-    assert got[0] == want[0], (got, want)
+    # What a DataLoader's fetcher gets from cached.__getitems__: the samples carrying the batch.
+    build = functools.partial(assembler, columns)
+    samples_carrying = per_sample(sample, outputs, columns)
+    carried = outcome(lambda: collate_fn(carry_batch(samples_carrying, build, collate_fn)))
+    assert got[0] == want[0] == carried[0], (got, want, carried)
     if want[0] == "raised":  # default_collate refuses some NumPy scalars (uint64): so does the batch
-        assert got[1] is want[1]
+        assert got[1] is want[1] is carried[1]
         return
     assert_same(got[1], want[1])
+    assert_same(carried[1], want[1])
 
 
 def test_strings_come_back_as_default_collate_and_pad_collate_give_them() -> None:
@@ -364,6 +371,120 @@ def test_dataloader_batch_sampler_recipe(store_path: Path, num_workers: int) -> 
         orders.append(rows)
         assert cached.entry is not None and cached.entry.valid_mask().all()  # the misses were stored
     assert orders[0] != orders[1]
+
+
+def _refuse_to_stack(batch: Any, *, collate_fn_map: Any = None) -> Any:
+    raise AssertionError("default_collate stacked the samples' tensors again")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_per_sample_dataloader_takes_the_batch_made_from_the_columns(
+    store_path: Path, shape: str, num_workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``DataLoader(cached, batch_size=B)``: ``__getitems__``'s samples carry their batch, which
+    ``default_collate`` returns instead of stacking the samples again; it equals collating
+    ``cached[i]`` of the rows, in this process and in (forked) workers, through a ``Subset`` too."""
+    data = Samples(40, shape)
+    cached = CachedFeatureDataset(
+        data, Backbone(), store_path, input_key="image" if shape == "dict" else 0, spot_check=0
+    )
+    cached.prefill(progress=False)
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(0)).tolist()
+    want = [default_collate([cached[i] for i in order[k : k + 16]]) for k in range(0, 40, 16)]
+    subset = Subset(cached, list(range(40)))
+    monkeypatch.setitem(default_collate_fn_map, torch.Tensor, _refuse_to_stack)  # forked workers too
+    for dataset in (cached, subset):
+        got = list(DataLoader(dataset, batch_size=16, sampler=order, num_workers=num_workers))
+        assert len(got) == len(want)
+        for batch, expected in zip(got, want, strict=True):
+            assert_same(batch, expected)
+    with pytest.raises(AssertionError, match="stacked the samples"):  # any other caller: samples
+        default_collate(cached.__getitems__(order[:16]))
+
+
+def test_per_sample_dataloader_with_misses_and_a_pad_collate(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Misses computed on the way are carried as well; a ragged entry's ``pad_collate`` takes the
+    batch too, and a collate function of the user's gets plain samples."""
+    stack = functools.partial(torch.stack, dim=0)  # the module's inputs: not through default_collate
+    cached = CachedFeatureDataset(
+        Ids(20), Backbone(), store_path, input_key="image", spot_check=0, collate_fn=stack
+    )
+    pad = cached.pad_collate
+    rows = list(range(20))
+    with monkeypatch.context() as patched:
+        patched.setitem(default_collate_fn_map, torch.Tensor, _refuse_to_stack)
+        got = list(DataLoader(cached, batch_size=8, sampler=rows, collate_fn=pad))  # computed
+    for k, batch in enumerate(got):
+        assert_same(batch, pad([cached[i] for i in rows[8 * k : 8 * k + 8]]))
+    seen: list[Any] = []
+    list(DataLoader(cached, batch_size=8, collate_fn=lambda samples: seen.extend(samples)))
+    assert len(seen) == 20 and all(type(sample) is dict for sample in seen)
+
+    plain = CachedFeatureDataset(Samples(20, "tuple"), Backbone(), store_path, spot_check=0, collate_fn=stack)
+    with monkeypatch.context() as patched:
+        patched.setitem(default_collate_fn_map, torch.Tensor, _refuse_to_stack)
+        batches = list(DataLoader(plain, batch_size=8, sampler=rows))  # computed, held in this process
+    for k, batch in enumerate(batches):
+        assert_same(batch, default_collate([plain[i] for i in rows[8 * k : 8 * k + 8]]))
+
+
+def test_wrappers_that_read_the_samples_get_plain_ones(store_path: Path) -> None:
+    """Only torch's fetcher (through ``Subset``s) gets a carrying first sample: a ``StackDataset``,
+    which builds samples of its own from ours, gets plain ones, and so does a collate of the user's."""
+    cached = CachedFeatureDataset(Samples(8, "tuple"), Backbone(), store_path, spot_check=0)
+    stacked = torch.utils.data.StackDataset(cached, cached)
+    batch = next(iter(DataLoader(stacked, batch_size=4, collate_fn=list)))
+    assert all(type(part) is tuple for pair in batch for part in pair)
+    samples = next(iter(DataLoader(Subset(cached, [1, 2, 3]), batch_size=3, collate_fn=list)))
+    assert [type(sample) for sample in samples] == [tuple] * 3
+    want = default_collate([stacked[i] for i in range(4)])
+    assert_same(next(iter(DataLoader(stacked, batch_size=4))), want)
+
+
+@pytest.mark.parametrize("shape", ["tensor", "tuple", "list", "dict"])
+def test_carried_batch_only_for_the_list_it_came_with(shape: str) -> None:
+    """The first sample equals the sample it stands for; the batch it carries is returned once, for
+    its list as it was and the collate it was made for: any other list, a changed one, a second
+    collate or another collate function collates the samples themselves."""
+    rows = torch.arange(12.0).reshape(4, 3)
+    make = {
+        "tensor": lambda row, k: row,
+        "tuple": lambda row, k: (row, k),
+        "list": lambda row, k: [row, k],
+        "dict": lambda row, k: {"x": row, "k": k},
+    }[shape]
+
+    def samples() -> list[Any]:
+        return [make(row, k) for k, row in enumerate(rows.unbind(0))]
+
+    want = default_collate(samples())
+    marker = ("carried",)
+
+    def carried() -> list[Any]:
+        return carry_batch(samples(), lambda: marker, default_collate)
+
+    original = samples()
+    batch = carry_batch(list(original), lambda: marker, default_collate)
+    first, sample = batch[0], original[0]
+    assert isinstance(first, type(sample)) and batch[1:] == original[1:]
+    if shape == "tensor":
+        assert torch.equal(first, sample) and type(first + 1) is torch.Tensor
+    else:
+        items = first.items() if shape == "dict" else enumerate(first)
+        assert len(first) == len(sample) and all(value is sample[key] for key, value in items)
+    assert default_collate(batch) is marker
+    assert_same(default_collate(batch), want)  # a second collate: the samples
+    changed = carried()
+    changed[2] = samples()[2]  # an equal sample, but not the one it came with
+    assert_same(default_collate(changed), want)
+    assert_same(default_collate(carried()[:3]), default_collate(samples()[:3]))
+    assert_same(collate(carried(), collate_fn_map=dict(default_collate_fn_map)), want)
+    if shape != "tensor":
+        assert_same(PadCollate()(carried()), PadCollate()(samples()))
+    assert_same(default_collate(carry_batch(samples(), lambda: 1 / 0, default_collate)), want)
 
 
 def test_dataloader_recipe_spot_checks_hits(store_path: Path) -> None:

@@ -14,22 +14,30 @@ A :class:`BatchAssembler` makes those batches straight from an entry's stored co
 array per output and field, a row per sample), rebuilding the sample's structure once around
 batch tensors instead of building one sample per row and stacking them again: exactly what
 ``default_collate`` (or a ``PadCollate``) gives for the samples, at the cost of a view per column.
+
+:func:`carry_batch` lets the samples of a plain ``DataLoader(cached, batch_size=B)`` take the
+same shortcut: their first sample carries the batch, which ``default_collate`` (through a
+collate function registered in ``default_collate_fn_map``, torch's documented way to extend it)
+or a ``PadCollate`` returns instead of stacking the samples again.
 """
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import default_collate
+from torch.utils.data._utils.collate import collate, default_collate_fn_map
 
 from cachedfeatures.compute.layout import OutputLayout, SampleLayout
 from cachedfeatures.format.ragged import zero_padded_base
 from cachedfeatures.format.specs import ArraySpec
 
-__all__ = ["BatchAssembler", "PadCollate", "RaggedBatch", "move_to", "pad_collate"]
+__all__ = ["BatchAssembler", "PadCollate", "RaggedBatch", "carry_batch", "move_to", "pad_collate"]
 
 Position = tuple[Hashable, ...]
 
@@ -122,6 +130,11 @@ class PadCollate:
         self.nested = bool(nested)
 
     def __call__(self, batch: Sequence[Any]) -> Any:
+        if batch and type(batch[0]) in _PLAIN:  # samples that carry their batch (carry_batch)
+            carried = _carried_batch(batch, self)
+            if carried is not _NOT_CARRIED:
+                return carried
+            batch = [_plain(batch[0]), *batch[1:]]
         return self._collate(list(batch), ())
 
     def pad(self, rows: Sequence[Any]) -> RaggedBatch | torch.Tensor:
@@ -318,6 +331,128 @@ def _own(column: np.ndarray) -> np.ndarray:
     if type(column) is np.ndarray and column.flags.c_contiguous and column.flags.writeable:
         return column
     return np.array(column, order="C", copy=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Samples that carry their batch
+
+
+class _Carried:
+    """What the first sample of a list from :func:`carry_batch` holds: how to make the batch, and
+    the other samples of the list, so that only that very list gets it."""
+
+    __slots__ = ("build", "collate_fn", "rest")
+
+    def __init__(self, build: Callable[[], Any], collate_fn: object, rest: tuple[Any, ...]) -> None:
+        self.build = build
+        self.collate_fn = collate_fn
+        self.rest = rest
+
+    def serves(self, batch: Sequence[Any], collate_fn: object) -> bool:
+        """Whether ``batch`` is the list it came with (its samples, unchanged), for ``collate_fn``."""
+        return (
+            collate_fn is self.collate_fn
+            and len(batch) == len(self.rest) + 1
+            and all(map(operator.is_, itertools.islice(batch, 1, None), self.rest))
+        )
+
+
+class _TupleHead(tuple[Any, ...]):
+    """A tuple sample that carries its batch (see :func:`carry_batch`); equal to the sample."""
+
+    _carried: _Carried | None
+
+
+class _ListHead(list[Any]):
+    """A list sample that carries its batch (see :func:`carry_batch`); equal to the sample."""
+
+    _carried: _Carried | None
+
+
+class _DictHead(dict[Any, Any]):
+    """A dict sample that carries its batch (see :func:`carry_batch`); equal to the sample."""
+
+    _carried: _Carried | None
+
+
+class _TensorHead(torch.Tensor):
+    """A tensor sample that carries its batch (see :func:`carry_batch`); operations on it give
+    plain tensors."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+    _carried: _Carried | None
+
+
+_HEADS: dict[type, Callable[[Any], Any]] = {
+    tuple: _TupleHead,
+    list: _ListHead,
+    dict: _DictHead,
+    torch.Tensor: lambda tensor: tensor.as_subclass(_TensorHead),
+}
+_PLAIN: dict[type, Callable[[Any], Any]] = {
+    _TupleHead: tuple,
+    _ListHead: list,
+    _DictHead: dict,
+    _TensorHead: lambda tensor: tensor.as_subclass(torch.Tensor),
+}
+_NOT_CARRIED = object()
+
+
+def carry_batch(samples: list[Any], build: Callable[[], Any], collate_fn: object) -> list[Any]:
+    """``samples``, their first one replaced by an equal sample that carries ``build``.
+
+    ``collate_fn`` (``default_collate`` or a :class:`PadCollate`) of this list, unchanged, then
+    returns ``build()`` instead of collating the samples: it must be what ``collate_fn`` gives for
+    them (a :class:`BatchAssembler` of their columns). Any other use of the list, or a second
+    collate of it, collates the samples as they are. For a list that goes straight to
+    ``collate_fn`` (a DataLoader's fetcher): anyone else would see a first sample of a subclass
+    of its type. Samples other than tensors, tuples, lists and dicts are left as they are.
+    """
+    if not samples:
+        return samples
+    make = _HEADS.get(type(samples[0]))
+    if make is None:
+        return samples
+    head = make(samples[0])
+    head._carried = _Carried(build, collate_fn, tuple(samples[1:]))
+    samples[0] = head
+    return samples
+
+
+def _carried_batch(batch: Sequence[Any], collate_fn: object) -> Any:
+    """The batch that ``batch[0]`` carries, once, if ``batch`` is its list and for ``collate_fn``;
+    else ``_NOT_CARRIED`` (also where making it fails: collating the samples raises the error
+    that ``collate_fn`` gives for them)."""
+    head = batch[0]
+    carried, head._carried = head._carried, None
+    if carried is not None and carried.serves(batch, collate_fn):
+        try:
+            return carried.build()
+        except Exception:
+            pass
+    return _NOT_CARRIED
+
+
+def _plain(head: Any) -> Any:
+    """The sample a head stands for, as its own type."""
+    return _PLAIN[type(head)](head)
+
+
+_CollateMap = dict[type | tuple[type, ...], Callable[..., Any]]
+
+
+def _collate_head(batch: Sequence[Any], *, collate_fn_map: _CollateMap | None = None) -> Any:
+    """``default_collate_fn_map``'s entry for a head: the batch it carries, or the samples collated."""
+    if collate_fn_map is default_collate_fn_map:
+        carried = _carried_batch(batch, default_collate)
+        if carried is not _NOT_CARRIED:
+            return carried
+    else:
+        batch[0]._carried = None
+    return collate([_plain(batch[0]), *batch[1:]], collate_fn_map=collate_fn_map)
+
+
+default_collate_fn_map.update(dict.fromkeys(_PLAIN, _collate_head))
 
 
 def move_to(batch: Any, device: torch.device, *, non_blocking: bool = False) -> Any:

@@ -492,3 +492,19 @@ def test_sharded_arrays_fall_back_to_zarr_reads(store_path: Path) -> None:
     read = ChunkReader(entry).read([99, 0, 63, 64])
     assert read.hit.all()
     np.testing.assert_array_equal(read.arrays["features"], columns(np.array([99, 0, 63, 64]))["features"])
+
+
+def test_a_private_copy_never_pushes_out_a_chunk_this_batch_just_read(store_path: Path) -> None:
+    """A raw chunk found again is copied into private memory only where that drops nothing a
+    recent batch read: chunks put by this very batch count (they were dropped, and read again)."""
+    entry = make_entry(store_path)
+    fill(entry, np.arange(100))
+    # 400 bytes: the open chunks' valid masks plus not quite one private copy (384 bytes).
+    reader = ChunkReader(entry, cache_bytes=400)
+    reader.read([20])  # chunk 1, held open
+    read = reader.read([5, 20])  # chunk 0 put; chunk 1 found again: a copy would need chunk 0's room
+    np.testing.assert_array_equal(read.arrays["label"], [15, 60])
+    misses = reader.cache_info().misses
+    again = reader.read([5])
+    assert reader.cache_info().misses == misses  # chunk 0 is still held: no read again
+    np.testing.assert_array_equal(again.arrays["features"], columns(np.array([5]))["features"])

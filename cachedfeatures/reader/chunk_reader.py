@@ -206,8 +206,32 @@ class ChunkCache(BoundedCache[int, _Chunk]):
     def room_for(self, nbytes: int) -> bool:
         """Make room for ``nbytes`` more by dropping only chunks that neither this batch nor the
         one before used; whether there is room now. (A private copy of a chunk read row by row
-        is worth it for reads with locality, never at the cost of thrashing a shuffled read.)"""
+        is worth it for reads with locality, never at the cost of thrashing a shuffled read.)
+        Where dropping those would not make room, nothing is dropped."""
+        if self.max_bytes is None:
+            return True
+        with self._lock:
+            free = self.max_bytes - self.nbytes
+            for item in self._items.values():  # least recently used first
+                if free >= nbytes:
+                    break
+                if item.used >= self.tick - 1:
+                    return False
+                free += item.nbytes
+            if free < nbytes:
+                return False
         return self.make_room(nbytes, spare_since=self.tick - 1)
+
+    def put(self, key: int, value: _Chunk, nbytes: int | None = None, version: Hashable = None) -> bool:
+        """As :meth:`BoundedCache.put`; a chunk put is one this batch reads (so
+        :meth:`room_for` spares it as it spares chunks it found)."""
+        kept = super().put(key, value, nbytes, version)
+        if kept:
+            with self._lock:
+                item = self._items.get(key)
+                if item is not None:
+                    item.used = self.tick
+        return kept
 
     def _never_fits(self, nbytes: int, value: _Chunk) -> bool:
         return super()._never_fits(nbytes, value) or value.maps > self.max_maps

@@ -135,8 +135,12 @@ def check_chunk_bytes(chunk_rows: int, row_nbytes: int) -> None:
 
 
 def default_compressor() -> BytesBytesCodec:
-    """Blosc with zstd and byte shuffle: fast to decode, good on float features."""
-    return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+    """Blosc with zstd at level 1, byte shuffle, 128 KiB blocks: fast to decode, good on float
+    features. Measured on 1.5 MiB chunks of float32 features against level 3 (c-blosc's 128 KiB
+    blocks there): 1.7x to 3.5x faster to encode (every chunk write), as fast to decode, as
+    small within 2% (smaller on sparse, ReLU-like rows); level 1 alone would take 32 KiB blocks,
+    a quarter slower to decode."""
+    return zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", blocksize=128 * 1024)
 
 
 def default_chunk_rows(row_nbytes: int, num_rows: int) -> int:

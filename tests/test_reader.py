@@ -527,7 +527,7 @@ def test_compressed_chunks_of_a_batch_are_decoded_side_by_side(
 ) -> None:
     """A new process's first shuffled batch needs every chunk: with more than one core, the
     compressed ones are decoded in the reader's threads, into the same rows as one by one."""
-    entry = make_entry(store_path, n=128, compressor="default")
+    entry = make_entry(store_path, n=128, compressor=zarr.codecs.ZstdCodec())
     fill(entry, np.arange(128))
     seen = _decoded_in(monkeypatch)
     rows = np.random.default_rng(0).permutation(128)
@@ -541,13 +541,26 @@ def test_compressed_chunks_of_a_batch_are_decoded_side_by_side(
 
 
 @pytest.mark.usefixtures("load_threads")
+def test_blosc_decodes_with_threads_of_its_own_in_the_main_thread(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """numcodecs' Blosc already uses threads of its own in a process's main thread: no others."""
+    entry = make_entry(store_path, n=64, compressor="default")
+    fill(entry, np.arange(64))
+    seen = _decoded_in(monkeypatch)
+    assert ChunkReader(entry).read(np.arange(64)).all_hit
+    assert {name for name, _ in seen} == {"MainThread"}
+    assert chunk_reader._THREADS is None
+
+
+@pytest.mark.usefixtures("load_threads")
 def test_a_chunk_rewritten_while_a_thread_reads_it_is_not_served(
     store_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another writer rewrites chunk 1 once a reader thread has read all its old bytes into place:
     its ``valid`` signature changed meanwhile, so those bytes are never served; the next batch
     reads the new ones."""
-    entry = make_entry(store_path, n=64, compressor="default")
+    entry = make_entry(store_path, n=64, compressor=zarr.codecs.ZstdCodec())
     fill(entry, np.arange(64))
     other = FeatureStore.open(store_path, mode="a").entry("e")
     assert other is not None
@@ -595,14 +608,17 @@ class _Rows(Dataset[Any]):
 
 
 @pytest.mark.usefixtures("load_threads")
-def test_forked_workers_make_their_own_load_threads(store_path: Path) -> None:
+@pytest.mark.parametrize("blosc", [False, True], ids=["zstd", "blosc"])
+def test_forked_workers_make_their_own_load_threads(store_path: Path, blosc: bool) -> None:
     """The parent's reader threads are not in a forked DataLoader worker: each makes its own
-    (with the parent's, a worker's first batch would wait for threads that are not there)."""
-    entry = make_entry(store_path, n=64, compressor="default")
+    (with the parent's, a worker's first batch would wait for threads that are not there).
+    Blosc decodes on one thread in a worker, so there its chunks are shared out too."""
+    entry = make_entry(store_path, n=64, compressor="default" if blosc else zarr.codecs.ZstdCodec())
     fill(entry, np.arange(64))
     reader = ChunkReader(entry)
     assert reader.read(np.arange(64)).all_hit
-    assert chunk_reader._THREADS is not None and chunk_reader._THREADS.pid == os.getpid()
+    threads = chunk_reader._THREADS
+    assert (threads is None) if blosc else (threads is not None and threads.pid == os.getpid())
     loader = DataLoader(
         _Rows(reader),
         batch_size=32,

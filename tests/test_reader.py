@@ -522,12 +522,13 @@ def _decoded_in(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
 
 
 @pytest.mark.usefixtures("load_threads")
+@pytest.mark.parametrize("blosc", [False, True], ids=["zstd", "blosc"])
 def test_compressed_chunks_of_a_batch_are_decoded_side_by_side(
-    store_path: Path, monkeypatch: pytest.MonkeyPatch
+    store_path: Path, monkeypatch: pytest.MonkeyPatch, blosc: bool
 ) -> None:
     """A new process's first shuffled batch needs every chunk: with more than one core, the
     compressed ones are decoded in the reader's threads, into the same rows as one by one."""
-    entry = make_entry(store_path, n=128, compressor=zarr.codecs.ZstdCodec())
+    entry = make_entry(store_path, n=128, compressor="default" if blosc else zarr.codecs.ZstdCodec())
     fill(entry, np.arange(128))
     seen = _decoded_in(monkeypatch)
     rows = np.random.default_rng(0).permutation(128)
@@ -538,19 +539,6 @@ def test_compressed_chunks_of_a_batch_are_decoded_side_by_side(
         np.testing.assert_array_equal(read.arrays[name], column)
     assert sorted(chunk for _, chunk in seen) == list(range(8))
     assert {name for name, _ in seen} <= {f"cachedfeatures-read_{k}" for k in range(4)}, seen
-
-
-@pytest.mark.usefixtures("load_threads")
-def test_blosc_decodes_with_threads_of_its_own_in_the_main_thread(
-    store_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """numcodecs' Blosc already uses threads of its own in a process's main thread: no others."""
-    entry = make_entry(store_path, n=64, compressor="default")
-    fill(entry, np.arange(64))
-    seen = _decoded_in(monkeypatch)
-    assert ChunkReader(entry).read(np.arange(64)).all_hit
-    assert {name for name, _ in seen} == {"MainThread"}
-    assert chunk_reader._THREADS is None
 
 
 @pytest.mark.usefixtures("load_threads")
@@ -608,17 +596,15 @@ class _Rows(Dataset[Any]):
 
 
 @pytest.mark.usefixtures("load_threads")
-@pytest.mark.parametrize("blosc", [False, True], ids=["zstd", "blosc"])
-def test_forked_workers_make_their_own_load_threads(store_path: Path, blosc: bool) -> None:
+def test_forked_workers_make_their_own_load_threads(store_path: Path) -> None:
     """The parent's reader threads are not in a forked DataLoader worker: each makes its own
-    (with the parent's, a worker's first batch would wait for threads that are not there).
-    Blosc decodes on one thread in a worker, so there its chunks are shared out too."""
-    entry = make_entry(store_path, n=64, compressor="default" if blosc else zarr.codecs.ZstdCodec())
+    (with the parent's, a worker's first batch would wait for threads that are not there)."""
+    entry = make_entry(store_path, n=64, compressor=zarr.codecs.ZstdCodec())
     fill(entry, np.arange(64))
     reader = ChunkReader(entry)
     assert reader.read(np.arange(64)).all_hit
     threads = chunk_reader._THREADS
-    assert (threads is None) if blosc else (threads is not None and threads.pid == os.getpid())
+    assert threads is not None and threads.pid == os.getpid()
     loader = DataLoader(
         _Rows(reader),
         batch_size=32,

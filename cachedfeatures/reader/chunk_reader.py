@@ -11,7 +11,9 @@ the reader's buffers). Decoded chunks stay in memory within a byte budget, in on
   (:mod:`cachedfeatures.reader.mapped`; each batch checks every mapped file it reads with one
   ``fstat``, so a file changed or truncated in place since is never read), and copied into
   private memory once read often; checksums are verified once per chunk file version on the
-  machine (:mod:`cachedfeatures.reader.verified`);
+  machine (:mod:`cachedfeatures.reader.verified`). Compressed chunks a batch needs are decoded
+  side by side in a few threads (a new process's first shuffled batch needs every chunk),
+  each accepted only as a single read would be (see :meth:`ChunkReader._load_all`);
 - otherwise in a :class:`ChunkCache` (a :class:`~cachedfeatures.reader.bounded_cache.BoundedCache`
   with policy ``"lru"``: a batch's neighbours are read again soon) of decoded chunks (raw
   local chunks are held there as open files, read row by row with ``pread``: they cost page

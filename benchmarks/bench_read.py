@@ -14,7 +14,9 @@ the best ceiling seen anywhere in the run. The table is printed and written as J
 ``benchmarks/results/``. "Fresh process" rows are measured in a new Python process: its first
 epoch, after earlier processes of the run verified the chunks (their file versions are kept
 beside the lock files); "unverified" rows in one with a lock directory of its own, which verifies
-every chunk as it first reads it.
+every chunk as it first reads it. They are taken in turns with the memmap's first epoch in a
+new process (``--repeats`` rounds, the best of each kept), and their ratios are to that one; the
+summary at the end also divides them by the best in-process memmap ceiling of the run.
 
 Batch delivery (``--batches`` runs only this part): hit epochs of ``cached.loader()`` and of
 the plain-DataLoader batch recipe ``DataLoader(cached, batch_size=None,
@@ -250,7 +252,9 @@ def child(config: dict[str, Any]) -> None:
     if config.get("lock_dir"):  # where verified chunk file versions are kept: none there yet
         os.environ["CACHEDFEATURES_LOCK_DIR"] = config["lock_dir"]
     data = RawImages(config["n"])
-    if config["kind"] == "torchcache":
+    if config["kind"] == "memmap":
+        rate = epoch_rate(MemmapFeatures(Path(config["path"]), data.labels), shuffle=True)
+    elif config["kind"] == "torchcache":
         module = torchcache_module(True, config["cache_dir"])
         rate = epoch_rate(data, shuffle=True, module=module)
     else:
@@ -611,15 +615,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "chunk_rows": chunk_rows,
             }
             config["compressor"] = compressor
-            rate = fresh_process({**config, "sampler": False})
-            record(f"cachedfeatures {label}: hit epoch, fresh process", "shuffle", rate)
+            # In turns with the memmap's first epoch in a new process (its pages mapped afresh too);
+            # each unverified epoch with a lock directory of its own, so it verifies every chunk.
             fresh_locks = str(workdir / f"locks-{label.replace(' ', '-')}")
-            unverified = fresh_process({**config, "sampler": False, "lock_dir": fresh_locks})
+            memmap_config = {"kind": "memmap", "n": n, "path": str(workdir / "features.npy")}
+            rounds = [
+                (
+                    fresh_process(memmap_config),
+                    fresh_process({**config, "sampler": False}),
+                    fresh_process({**config, "sampler": False, "lock_dir": f"{fresh_locks}-{k}"}),
+                )
+                for k in range(repeats)
+            ]
+            memmap_fresh, rate, unverified = (
+                Rate(max(r[i].wall for r in rounds), max(r[i].cpu for r in rounds)) for i in range(3)
+            )
+            record("memmap .npy: first epoch, fresh process", "shuffle", memmap_fresh)
+            record(
+                f"cachedfeatures {label}: hit epoch, fresh process",
+                "shuffle",
+                rate,
+                "x memmap in a fresh process",
+                ceiling=memmap_fresh,
+            )
             record(
                 f"cachedfeatures {label}: hit epoch, fresh process, unverified",
                 "shuffle",
                 unverified,
-                "no chunk verified on this machine before",
+                "x memmap in a fresh process; no chunk verified on this machine before",
+                ceiling=memmap_fresh,
             )
             if "torchcache" in ceilings:
                 versus = Rate(rate.wall / ceilings["torchcache"].wall, rate.cpu / ceilings["torchcache"].cpu)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cachedfeatures import CachedFeatureDataset, FeatureStore
 from cachedfeatures.format.specs import ArraySpec
+from cachedfeatures.reader import chunk_reader
 from cachedfeatures.reader import signatures as signature_module
 from cachedfeatures.reader.chunk_reader import ChunkReader, default_chunk_cache_bytes
 from cachedfeatures.reader.signatures import QUIET_NS, ValidSignatures
@@ -508,3 +510,130 @@ def test_a_private_copy_never_pushes_out_a_chunk_this_batch_just_read(store_path
     again = reader.read([5])
     assert reader.cache_info().misses == misses  # chunk 0 is still held: no read again
     np.testing.assert_array_equal(again.arrays["features"], columns(np.array([5]))["features"])
+
+
+# -- chunks loaded side by side -------------------------------------------------------------------
+
+
+@pytest.fixture
+def load_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four cores, as the reader sees them (whatever this machine has), and no threads made yet."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(chunk_reader, "_THREADS", None)
+
+
+def _decoded_in(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Record (thread name, chunk) of every compressed feature chunk decoded into the dense copy."""
+    seen: list[tuple[str, int]] = []
+    real = chunk_reader._ChunkFile.decode_into
+
+    def recording(self: Any, chunk: int, target: np.ndarray, identity: Any) -> bool:
+        done = real(self, chunk, target, identity)
+        if self.array.path.endswith("features"):
+            seen.append((threading.current_thread().name, chunk))
+        return done
+
+    monkeypatch.setattr(chunk_reader._ChunkFile, "decode_into", recording)
+    return seen
+
+
+@pytest.mark.usefixtures("load_threads")
+@pytest.mark.parametrize("blosc", [False, True], ids=["zstd", "blosc"])
+def test_compressed_chunks_of_a_batch_are_decoded_side_by_side(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch, blosc: bool
+) -> None:
+    """A new process's first shuffled batch needs every chunk: with more than one core, the
+    compressed ones are decoded in the reader's threads, into the same rows as one by one."""
+    entry = make_entry(store_path, n=128, compressor="default" if blosc else zarr.codecs.ZstdCodec())
+    fill(entry, np.arange(128))
+    seen = _decoded_in(monkeypatch)
+    rows = np.random.default_rng(0).permutation(128)
+    read = ChunkReader(entry).read(rows)
+    assert read.hit.all()
+    expected = columns(rows)
+    for name, column in expected.items():
+        np.testing.assert_array_equal(read.arrays[name], column)
+    assert sorted(chunk for _, chunk in seen) == list(range(8))
+    assert {name for name, _ in seen} <= {f"cachedfeatures-read_{k}" for k in range(4)}, seen
+
+
+@pytest.mark.usefixtures("load_threads")
+def test_a_chunk_rewritten_while_a_thread_reads_it_is_not_served(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another writer rewrites chunk 1 once a reader thread has read all its old bytes into place:
+    its ``valid`` signature changed meanwhile, so those bytes are never served; the next batch
+    reads the new ones."""
+    entry = make_entry(store_path, n=64, compressor=zarr.codecs.ZstdCodec())
+    fill(entry, np.arange(64))
+    other = FeatureStore.open(store_path, mode="a").entry("e")
+    assert other is not None
+    new = {"features": np.full((16, 4), 7.0, "f4"), "label": np.zeros(16, np.int64)}
+    rewritten: list[str] = []
+    real = ChunkReader._fill
+
+    def fill_then_rewrite(self: ChunkReader, dense: Any, chunk: int, start: int, stop: int) -> Any:
+        filled = real(self, dense, chunk, start, stop)
+        if chunk == 1 and not rewritten:
+            rewritten.append(threading.current_thread().name)
+            other.valid[16:32] = False  # pruned and refilled by another writer
+            other.write(np.arange(16, 32), new)
+        return filled
+
+    monkeypatch.setattr(ChunkReader, "_fill", fill_then_rewrite)
+    reader = ChunkReader(entry)
+    rows = np.arange(64)
+    read = reader.read(rows)
+    assert len(rewritten) == 1 and rewritten[0].startswith("cachedfeatures-read"), rewritten
+    np.testing.assert_array_equal(read.hit, (rows < 16) | (rows >= 32))  # chunk 1: read again later
+    for name, column in columns(rows[read.hit]).items():
+        np.testing.assert_array_equal(read.arrays[name], column)
+    again = reader.read(np.arange(16, 32))
+    assert again.hit.all()
+    for name, column in new.items():
+        np.testing.assert_array_equal(again.arrays[name], column)
+
+
+class _Rows(Dataset[Any]):
+    """Rows of an entry read through one reader (a batch per index list)."""
+
+    def __init__(self, reader: ChunkReader) -> None:
+        self.reader = reader
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        read = self.reader.read(np.asarray(indices))
+        assert read.all_hit
+        threads = chunk_reader._THREADS
+        own = threads is not None and threads.pid == os.getpid()  # made in this worker
+        return [(int(i), read.arrays["features"][k], own) for k, i in enumerate(indices)]
+
+
+@pytest.mark.usefixtures("load_threads")
+def test_forked_workers_make_their_own_load_threads(store_path: Path) -> None:
+    """The parent's reader threads are not in a forked DataLoader worker: each makes its own
+    (with the parent's, a worker's first batch would wait for threads that are not there)."""
+    entry = make_entry(store_path, n=64, compressor=zarr.codecs.ZstdCodec())
+    fill(entry, np.arange(64))
+    reader = ChunkReader(entry)
+    assert reader.read(np.arange(64)).all_hit
+    threads = chunk_reader._THREADS
+    assert threads is not None and threads.pid == os.getpid()
+    loader = DataLoader(
+        _Rows(reader),
+        batch_size=32,
+        shuffle=True,
+        num_workers=2,
+        multiprocessing_context="fork",
+        collate_fn=lambda batch: batch,
+        timeout=60,
+    )
+    seen = {}
+    for batch in loader:
+        for index, row, own in batch:
+            assert own  # the worker's batches were read with threads of its own
+            seen[index] = row
+    assert sorted(seen) == list(range(64))
+    np.testing.assert_array_equal(np.stack([seen[i] for i in range(64)]), columns(np.arange(64))["features"])

@@ -11,7 +11,9 @@ the reader's buffers). Decoded chunks stay in memory within a byte budget, in on
   (:mod:`cachedfeatures.reader.mapped`; each batch checks every mapped file it reads with one
   ``fstat``, so a file changed or truncated in place since is never read), and copied into
   private memory once read often; checksums are verified once per chunk file version on the
-  machine (:mod:`cachedfeatures.reader.verified`);
+  machine (:mod:`cachedfeatures.reader.verified`). Compressed chunks a batch needs are decoded
+  side by side in a few threads (a new process's first shuffled batch needs every chunk),
+  each accepted only as a single read would be (see :meth:`ChunkReader._load_all`);
 - otherwise in a :class:`ChunkCache` (a :class:`~cachedfeatures.reader.bounded_cache.BoundedCache`
   with policy ``"lru"``: a batch's neighbours are read again soon) of decoded chunks (raw
   local chunks are held there as open files, read row by row with ``pread``: they cost page
@@ -52,6 +54,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -734,6 +737,8 @@ class _RawRows:
 
 
 _UNREAD = object()  # a chunk the dense copy does not hold
+# What reading one chunk into the dense copy gave: its valid rows and the files mapped, or the error.
+_Filled = tuple[np.ndarray, list[_MappedFile]] | Exception
 
 
 class _Dense:
@@ -979,6 +984,7 @@ class ChunkReader:
             stale = distinct[dense.confirmed[distinct] != generation]
             cache.hits += len(distinct) - len(stale)
             ids: list[int] = stale.tolist()
+            loads: list[tuple[int, Hashable]] = []
             for chunk_id, signature in zip(ids, self._signatures.now(ids), strict=True):
                 if signature == dense.signatures[chunk_id]:
                     cache.hits += 1
@@ -989,9 +995,12 @@ class ChunkReader:
                 stop = min(start + entry.chunk_rows, entry.num_rows)
                 # An absent valid chunk (None) has no valid rows: remembered, nothing to read.
                 dense.release(chunk_id, start, stop, None if signature is None else _UNREAD)
-                if signature is not None:
-                    self._load_into(dense, chunk_id, start, stop, signature)
-                if dense.signatures[chunk_id] == signature:  # held (or known absent) as it is now
+                if signature is None:
+                    dense.confirmed[chunk_id] = generation
+                else:
+                    loads.append((chunk_id, signature))
+            for chunk_id, signature in self._load_all(dense, loads):
+                if dense.signatures[chunk_id] == signature:  # held as it is now
                     dense.confirmed[chunk_id] = generation
             mapped = [c for c in distinct.tolist() if dense.maps[c] is not None] if dense.mapped else []
             if mapped:  # changed in place since mapped: never touched (a truncated map is SIGBUS)
@@ -1055,8 +1064,72 @@ class ChunkReader:
             dense.release(chunk, start, min(start + entry.chunk_rows, entry.num_rows))
         return changed
 
-    def _load_into(self, dense: _Dense, chunk: int, start: int, stop: int, signature: Hashable) -> None:
-        """Read chunk ``chunk`` of every array straight into ``dense`` (released beforehand)."""
+    def _load_all(self, dense: _Dense, loads: list[tuple[int, Hashable]]) -> list[tuple[int, Hashable]]:
+        """Read each ``(chunk, signature)`` of ``loads`` (released beforehand) into ``dense``; returns
+        ``loads``.
+
+        Where every array is read straight from its files and the reader may use more than one
+        core, the chunks are read and decoded side by side in threads (numcodecs, ``crc32c``
+        and file reads release the GIL: a new process's first batch of a shuffled read decodes
+        every chunk of the entry). Each thread only fills its chunk's own rows; whether a chunk
+        is served is decided here, one chunk after another, as for a single read: only if its
+        ``valid`` signature is still the one taken before its bytes were read.
+        """
+        entry = self.entry
+        bounds = [
+            (chunk, chunk * entry.chunk_rows, min((chunk + 1) * entry.chunk_rows, entry.num_rows))
+            for chunk, _ in loads
+        ]
+        threads = self._load_threads(len(loads))
+        if threads is None:
+            outcomes = [self._fill(dense, *bound) for bound in bounds]
+        else:  # one share of the chunks per thread (every count-th chunk): few hand-overs
+            count = threads.count
+            shares = [bounds[k::count] for k in range(count)]
+
+            def fill(share: list[tuple[int, int, int]]) -> list[_Filled]:
+                return [self._fill(dense, *bound) for bound in share]
+
+            done = list(threads.pool.map(fill, shares))
+            outcomes = [done[i % count][i // count] for i in range(len(bounds))]
+        for (chunk, start, stop), (_, signature), outcome in zip(bounds, loads, outcomes, strict=True):
+            if isinstance(outcome, Exception):  # a torn or garbled chunk is a miss, never a crash
+                self._report_unless_raced(chunk, signature, outcome)
+                continue
+            valid, maps = outcome
+            if self._signatures.fresh(chunk) == signature:  # else: changed meanwhile, read next time
+                dense.accept(chunk, start, stop, valid, signature)
+                dense.maps[chunk] = maps or None
+            else:
+                self._unmap(dense, chunk, maps)
+        return loads
+
+    def _load_threads(self, chunks: int) -> _Threads | None:
+        """The threads to read ``chunks`` compressed chunks with; ``None``: read them in this one.
+
+        Only where every array (and ``valid``, and the checksum records) is read straight from
+        its files (zarr's own reads stay on this thread) and some array is compressed: raw
+        chunks are mapped or copied, too little work per chunk to share out. (numcodecs' Blosc
+        may use threads of its own in a process's main thread; measured here, they decoded no
+        faster than one thread, while threads of ours took a third off a first batch's wall time.)
+        """
+        if chunks < 2:
+            return None
+        files = self._sources()
+        if self._valid_file is None or any(source is None for source in files.values()):
+            return None
+        if self.entry.records is not None and self._records_file is None:
+            return None
+        if all(source is None or source.decoder is None for source in files.values()):
+            return None
+        return _threads()
+
+    def _fill(self, dense: _Dense, chunk: int, start: int, stop: int) -> _Filled:
+        """Read chunk ``chunk`` of every array straight into its rows of ``dense``: its ``valid``
+        rows and the files mapped, or the error that stopped it (its places then hold no map).
+
+        Touches only the chunk's own rows and places (it may run in a thread of its own).
+        """
         files = self._sources()
         maps: list[_MappedFile] = []
         try:
@@ -1080,15 +1153,10 @@ class ChunkReader:
                         target[...] = np.asarray(array[start:stop])
                         if check is not None:
                             check(target)
-        except Exception as error:  # a torn or garbled chunk is a miss, never a crash
+        except Exception as error:
             self._unmap(dense, chunk, maps)
-            self._report_unless_raced(chunk, signature, error)
-            return
-        if self._signatures.fresh(chunk) == signature:  # else: changed meanwhile, read next time
-            dense.accept(chunk, start, stop, valid, signature)
-            dense.maps[chunk] = maps or None
-        else:
-            self._unmap(dense, chunk, maps)
+            return error
+        return valid, maps
 
     @staticmethod
     def _unmap(dense: _Dense, chunk: int, maps: list[_MappedFile]) -> None:
@@ -1290,6 +1358,39 @@ def _distinct(chunks: np.ndarray, num_chunks: int) -> np.ndarray:
     marks = np.zeros(num_chunks, dtype=bool)
     marks[chunks] = True
     return np.flatnonzero(marks)
+
+
+@dataclass(frozen=True)
+class _Threads:
+    """A process's threads for reading chunks side by side (see :meth:`ChunkReader._load_all`)."""
+
+    pid: int  # the process they belong to
+    pool: ThreadPoolExecutor
+    count: int
+
+
+_THREADS: _Threads | None = None
+# Threads that read chunks side by side, at most (a process's first batch decodes many chunks).
+MAX_LOAD_THREADS = 4
+
+
+def _threads() -> _Threads | None:
+    """This process's threads for reading chunks side by side; ``None`` on a single core.
+
+    Made afresh in a forked process (a DataLoader worker): the parent's threads are not there.
+    """
+    global _THREADS
+    pid = os.getpid()
+    if _THREADS is None or _THREADS.pid != pid:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # not on Linux
+            cores = os.cpu_count() or 1
+        if cores < 2:
+            return None
+        count = min(cores, MAX_LOAD_THREADS)
+        _THREADS = _Threads(pid, ThreadPoolExecutor(count, thread_name_prefix="cachedfeatures-read"), count)
+    return _THREADS
 
 
 def _default_max_maps() -> int:

@@ -33,6 +33,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 import time
 import weakref
 from typing import Any
@@ -92,13 +93,16 @@ class VerifiedLog:
         self._new: dict[str, tuple[FileVersion, int]] = {}  # not written yet (the same dict throughout)
         self._loaded = False
         self._flushed: float | None = None  # time.monotonic() of the last write
+        self._lock = threading.Lock()  # the reader's threads look up and record side by side
         if self.path is not None:  # what is left at exit is written then (not by forked workers)
             weakref.finalize(self, _write_new, self.path, self._new)
 
     def vouched(self, key: str, version: FileVersion) -> int | None:
         """The identity-bound crc of ``key``'s rows if its file at ``version`` was verified, else ``None``."""
         if not self._loaded:
-            self._load()
+            with self._lock:
+                if not self._loaded:
+                    self._load()
         found = self._records.get(key)
         if found is None or found[0] != version:
             return None
@@ -112,9 +116,10 @@ class VerifiedLog:
         """
         if not is_quiet(version):
             return
-        self._records[key] = (version, crc)
-        if self.path is not None and len(key.encode()) <= _MAX_KEY:
-            self._new[key] = (version, crc)
+        with self._lock:
+            self._records[key] = (version, crc)
+            if self.path is not None and len(key.encode()) <= _MAX_KEY:
+                self._new[key] = (version, crc)
 
     def flush(self, force: bool = False) -> None:
         """Write the records made since the last write (merged with the file's), at most once per
@@ -129,15 +134,13 @@ class VerifiedLog:
         _write_new(self.path, self._new)
 
     def _load(self) -> None:
-        self._loaded = True
-        if self.path is None:
-            return
         try:
-            found = _read(self.path)
+            found = {} if self.path is None else _read(self.path)
         except OSError:
-            return
+            found = {}
         found.update(self._records)
         self._records = found
+        self._loaded = True
 
 
 def _write_new(path: str, new: dict[str, tuple[FileVersion, int]]) -> None:

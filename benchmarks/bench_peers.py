@@ -10,7 +10,9 @@ Each library holds the features that ``bench_read.py``'s frozen backbone compute
 ``num_workers`` 0 and 2, from a warm page cache:
 
 - cachedfeatures: ``DataLoader(CachedFeatureDataset(...), shuffle=True)`` on a filled store (raw
-  float32 chunks of ``--chunk-rows`` rows).
+  float32 chunks of ``--chunk-rows`` rows); also its faster idioms, ``cached.loader(shuffle=True,
+  num_workers=...)`` (thread workers) and the batch recipe ``DataLoader(cached, batch_size=None,
+  sampler=cached.batch_sampler(256, shuffle=True))``.
 - Hugging Face ``datasets``: ``Dataset.from_dict`` + ``map`` (the backbone run in the ``map``, a
   fixed-size float32 list column) into an Arrow cache file on disk, then ``with_format("torch")``
   and ``DataLoader(shuffle=True)``; also its fastest shuffled idiom found here
@@ -197,7 +199,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         opened.append(filling)
         epoch_rate(filling, batch_size=chunk_rows)
         builds["cachedfeatures"] = time.perf_counter() - start
-        cached = cached_dataset(data, store, chunk_rows=chunk_rows)
+        # Spot checks off, as the peers check nothing: with them, a forked DataLoader worker runs the
+        # module, and after cached.loader() ran it in a thread of this process, MKL was seen to spin
+        # forever in such a worker (docs/limitations.md).
+        cached = cached_dataset(data, store, chunk_rows=chunk_rows, spot_check=0)
         opened.append(cached)
         epoch_rate(cached, shuffle=True)  # the first hit epoch decodes every chunk once
 
@@ -282,6 +287,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             return loader
 
+        def ours_loader(mode: Mode, seed: int) -> Iterable[Any]:
+            # Thread workers (the loader's default); a loader kept between epochs keeps its threads.
+            return cached.loader(BATCH, shuffle=True, seed=seed, num_workers=mode.workers)
+
+        def ours_recipe(mode: Mode, seed: int) -> Iterable[Any]:
+            return DataLoader(
+                cached,
+                batch_size=None,
+                sampler=cached.batch_sampler(BATCH, shuffle=True, generator=generator(seed)),
+                num_workers=mode.workers,
+                persistent_workers=mode.persistent,
+            )
+
         per_item = args.per_item_batches
         contestants = [
             Contestant("cachedfeatures, shuffle=True", plain(cached), None),
@@ -298,6 +316,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 plain(ByIndex(litdata.StreamingDataset(lit_dir, batch_decode=0))),
                 per_item,
             ),
+            # Our own faster idioms, as datasets' batch of indices per call is its own (after the
+            # peers, so the indices above stay as they are).
+            Contestant("cachedfeatures, cached.loader(shuffle=True) (thread workers)", ours_loader, None),
+            Contestant("cachedfeatures, batch_sampler recipe (a batch per call)", ours_recipe, None),
         ]
         checks: dict[str, dict[str, Any]] = {}
         for contestant in contestants:
@@ -357,9 +379,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summary: dict[str, float] = {}
         for peer, indices in (("datasets", (1, 2)), ("litdata", (3, 4, 5))):
             for mode in modes:
-                worst = min(ours_best[mode] / max(contestants[i].rates[mode]) for i in indices)
-                summary[f"{peer}, {mode}"] = worst
-                print(f"ours / {peer}'s fastest, {mode}: {worst:.1f}x (target >= 3x)")
+                fastest_peer = max(max(contestants[i].rates[mode]) for i in indices)
+                ours_fastest = max(max(contestants[i].rates[mode]) for i in (0, 6, 7))
+                summary[f"{peer}, {mode}"] = ours_best[mode] / fastest_peer
+                summary[f"{peer}, {mode}, our fastest"] = ours_fastest / fastest_peer
+                print(
+                    f"ours / {peer}'s fastest, {mode}: per sample {ours_best[mode] / fastest_peer:.1f}x, "
+                    f"our fastest {ours_fastest / fastest_peer:.1f}x (target >= 3x)"
+                )
     finally:
         for dataset in opened:  # else the access log, written at exit, makes the store anew
             dataset.flush()

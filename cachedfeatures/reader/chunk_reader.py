@@ -59,15 +59,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import google_crc32c
-import numcodecs
 import numpy as np
 import zarr
 import zarr.codecs
 from torch.utils.data import get_worker_info
-from zarr.core.chunk_grids import RegularChunkGrid
-from zarr.core.metadata import ArrayV3Metadata
 
 from cachedfeatures.format import chunk_identity
+from cachedfeatures.format.chunk_codecs import PlainCodecs
 from cachedfeatures.format.chunk_identity import IdentityMismatchError
 from cachedfeatures.format.chunk_keys import chunk_key
 from cachedfeatures.format.ragged import RaggedChunk, pack_padded
@@ -76,6 +74,7 @@ from cachedfeatures.reader.bounded_cache import BoundedCache
 from cachedfeatures.reader.mapped import MappedColumn
 from cachedfeatures.reader.signatures import ValidSignatures
 from cachedfeatures.reader.verified import VERIFIED_SUFFIX, FileVersion, VerifiedLog, file_version
+from cachedfeatures.units import physical_memory_bytes
 
 if TYPE_CHECKING:
     from cachedfeatures.store.feature_store import Entry
@@ -98,7 +97,6 @@ READ_ROUTES: tuple[ReadRoute, ...] = ("auto", "zarr")
 # Share of physical memory a process's decoded-chunk cache may use by default; DataLoader
 # workers split it between them.
 DEFAULT_CACHE_FRACTION = 0.125
-FALLBACK_CACHE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -116,13 +114,9 @@ class CacheInfo:
 
 def default_chunk_cache_bytes() -> int:
     """An eighth of physical memory, split between DataLoader workers when called in one."""
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        total = FALLBACK_CACHE_BYTES * 8
     info = get_worker_info()
     workers = info.num_workers if info is not None else 1
-    return int(total * DEFAULT_CACHE_FRACTION) // max(1, workers)
+    return int(physical_memory_bytes() * DEFAULT_CACHE_FRACTION) // max(1, workers)
 
 
 def parse_read_route(route: object) -> ReadRoute:
@@ -290,13 +284,6 @@ class _Identity:
             )
 
 
-_DECODERS: dict[type, Callable[[], Any]] = {
-    zarr.codecs.BloscCodec: numcodecs.Blosc,
-    zarr.codecs.ZstdCodec: numcodecs.Zstd,
-    zarr.codecs.GzipCodec: numcodecs.GZip,
-}
-
-
 class _ChunkFile:
     """Reads one array's chunks straight from a local store's chunk files.
 
@@ -327,38 +314,12 @@ class _ChunkFile:
     @classmethod
     def maybe(cls, array: zarr.Array[Any], root: str | os.PathLike[str] | None) -> _ChunkFile | None:
         """A direct reader of ``array``'s chunk files under the store directory ``root``, where
-        one can read them (``root`` is ``None`` where the store's backend rules it out)."""
-        metadata = array.metadata
-        if root is None or not isinstance(metadata, ArrayV3Metadata):
+        one can read them: a plain array (:mod:`cachedfeatures.format.chunk_codecs`) and a
+        ``root`` (``None`` where the store's backend rules it out)."""
+        codecs = None if root is None else PlainCodecs.of(array)
+        if root is None or codecs is None:
             return None
-        if not isinstance(metadata.chunk_grid, RegularChunkGrid):
-            return None
-        if tuple(metadata.chunk_grid.chunk_shape[1:]) != tuple(array.shape[1:]):
-            return None
-        if metadata.encode_chunk_key((0,) * array.ndim) != chunk_key("", 0, array.ndim):
-            return None  # not the chunk key encoding this library writes: the generic route
-        try:
-            dtype = np.dtype(array.dtype)
-        except TypeError:
-            return None
-        if dtype.kind not in "biufc":
-            return None
-        codecs = list(metadata.codecs)
-        checksum = bool(codecs) and type(codecs[-1]) is zarr.codecs.Crc32cCodec
-        if checksum:
-            codecs = codecs[:-1]
-        if not codecs or type(codecs[0]) is not zarr.codecs.BytesCodec or len(codecs) > 2:
-            return None
-        endian = codecs[0].endian
-        if dtype.itemsize > 1 and endian is not None:
-            dtype = dtype.newbyteorder("<" if endian.value == "little" else ">")
-        decoder = None
-        if len(codecs) == 2:
-            factory = _DECODERS.get(type(codecs[1]))
-            if factory is None:
-                return None
-            decoder = factory()
-        return cls(array, os.fspath(root), dtype, decoder, checksum)
+        return cls(array, os.fspath(root), codecs.dtype, codecs.compressor, codecs.checksum)
 
     def path(self, chunk: int) -> str:
         path = self._paths.get(chunk)

@@ -186,3 +186,20 @@ def test_a_full_disk_under_direct_writes_pauses_caching_and_loses_nothing(
     assert again.module_calls == 0
     for index, (features, _label) in enumerate(rows):
         assert torch.equal(features, reference(module, data, index))
+
+
+@pytest.mark.parametrize("codec", ["raw", "blosc-zstd", "zstd"])
+def test_rows_of_no_values_store_no_file_as_zarr_does(tmp_path: Path, codec: str) -> None:
+    compressors = [CODECS[codec]] if CODECS[codec] is not None else []
+    array = zarr.create_array(
+        LocalStore(tmp_path / "a.zarr"),
+        shape=(40, 0),
+        chunks=(16, 0),
+        dtype="float32",
+        compressors=[*compressors, zarr.codecs.Crc32cCodec()],
+    )
+    files = ChunkFiles.maybe(array, Backend.of(array.store))
+    assert files is not None
+    files.write(1, np.empty((16, 0), dtype=np.float32))  # Blosc cannot decode an empty frame
+    assert not files.path(1).exists()
+    assert files.read(1).shape == (16, 0) and array[16:32].shape == (16, 0)

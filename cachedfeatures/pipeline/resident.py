@@ -139,13 +139,14 @@ class DeviceFeatures:
         size = self.cached.batch_size if batch_size is None else parse_positive_int("batch_size", batch_size)
         own = self._epochs if epoch is None else epoch
         self._epochs = own + 1
-        views = self.cached.begin_epoch(epoch) if self.cached.views is not None else own
+        # With views, the dataset counts epochs (as a loader's EpochRows does): its next one, or ``epoch``.
+        view_epoch = self.cached.begin_epoch(epoch) if self.cached.views is not None else own
         if self.cached.spot_check_rows > 0:
             self.cached.spot_check()
         order = Indices(len(self.cached), shuffle, seed).order(own)
         stop = len(order) - len(order) % size if drop_last else len(order)
         for start in range(0, stop, size):
-            yield self.batch(order[start : start + size], views)
+            yield self.batch(order[start : start + size], view_epoch)
 
     def _check_fits(self) -> None:
         if self.device.type != "cuda":

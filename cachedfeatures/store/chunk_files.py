@@ -94,6 +94,8 @@ class ChunkFiles:
         count = self._rows_in(chunk)
         if len(rows) != count:
             raise ValueError(f"chunk {chunk} of {self.array.path} has {count} rows; got {len(rows)}")
+        if self.codecs.nbytes == 0:  # rows of no values: zarr stores no file for such a chunk
+            return
         if count == self.chunk_rows:
             whole = rows
         else:  # a last partial chunk is stored whole, the rows past the array's end filled

@@ -39,7 +39,6 @@ printed and written as JSON under ``benchmarks/results/``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -58,7 +57,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_read import BATCH, OUT_DIM, ROOT, Backbone, RawImages, cached_dataset, epoch_rate
+from bench_read import BATCH, OUT_DIM, ROOT, Backbone, RawImages, cached_dataset, epoch_rate, write_report
 
 from cachedfeatures import CachedFeatureDataset
 
@@ -266,15 +265,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             return loader
 
-        def hf_batched(mode: Mode, seed: int) -> Iterable[Any]:
-            sampler = BatchSampler(RandomSampler(hf_numpy, generator=generator(seed)), BATCH, drop_last=False)
-            return DataLoader(
-                hf_numpy,
-                sampler=sampler,
-                batch_size=None,
-                num_workers=mode.workers,
-                persistent_workers=mode.persistent,
-            )
+        def batched(dataset: Dataset[Any], batches: Callable[[int], Iterable[Any]]) -> Factory:
+            """``DataLoader(dataset, batch_size=None, sampler=batches(seed))``: indices a batch per call."""
+
+            def loader(mode: Mode, seed: int) -> Iterable[Any]:
+                return DataLoader(
+                    dataset,
+                    sampler=batches(seed),  # type: ignore[arg-type]
+                    batch_size=None,
+                    num_workers=mode.workers,
+                    persistent_workers=mode.persistent,
+                )
+
+            return loader
+
+        def hf_batches(seed: int) -> BatchSampler:
+            return BatchSampler(RandomSampler(hf_numpy, generator=generator(seed)), BATCH, drop_last=False)
+
+        hf_batched = batched(hf_numpy, hf_batches)
 
         def lit(window: int | None, decode: int | str) -> Factory:
             def loader(mode: Mode, seed: int) -> Iterable[Any]:
@@ -291,14 +299,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # Thread workers (the loader's default); a loader kept between epochs keeps its threads.
             return cached.loader(BATCH, shuffle=True, seed=seed, num_workers=mode.workers)
 
-        def ours_recipe(mode: Mode, seed: int) -> Iterable[Any]:
-            return DataLoader(
-                cached,
-                batch_size=None,
-                sampler=cached.batch_sampler(BATCH, shuffle=True, generator=generator(seed)),
-                num_workers=mode.workers,
-                persistent_workers=mode.persistent,
-            )
+        def ours_batches(seed: int) -> Iterable[Any]:
+            return cached.batch_sampler(BATCH, shuffle=True, generator=generator(seed))
+
+        ours_recipe = batched(cached, ours_batches)
 
         per_item = args.per_item_batches
         contestants = [
@@ -436,12 +440,7 @@ def main(argv: Iterable[str] | None = None) -> None:
         args.repeats = 2 if args.quick else 3
     if args.per_item_batches is None:
         args.per_item_batches = 8 if args.quick else 24
-    report = run(args)
-    args.output.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = args.output / f"bench_peers-{'quick-' if args.quick else ''}{stamp}.json"
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
+    write_report(run(args), args.output, "bench_peers", args.quick)
 
 
 if __name__ == "__main__":

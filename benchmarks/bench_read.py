@@ -779,12 +779,16 @@ def main(argv: Iterable[str] | None = None) -> None:
         args.repeats = 2 if args.quick else 3
     if args.torchcache_rows is None:
         args.torchcache_rows = 2048 if args.quick else 8192
-    report = run_batches(args) if args.batches else run(args)
-    args.output.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = args.output / f"bench_read-{'quick-' if args.quick else ''}{stamp}.json"
+    write_report(run_batches(args) if args.batches else run(args), args.output, "bench_read", args.quick)
+
+
+def write_report(report: dict[str, Any], directory: Path, name: str, quick: bool) -> Path:
+    """Write ``report`` as JSON to ``directory/<name>[-quick]-<time>.json``; its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}-{'quick-' if quick else ''}{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
+    return path
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ fixtures defined inside test files.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -303,3 +305,41 @@ class TwoArgumentError(Exception):
 
     def __init__(self, path: str, code: int) -> None:
         super().__init__(f"{path}: {code}")
+
+
+def assert_same(got: Any, want: Any, where: str = "batch", *, layout: bool = True) -> None:
+    """Same types, containers, keys, dtypes, devices, shapes and values (NaN equals NaN) all the way
+    down; with ``layout``, tensors also alike in contiguity (a batch as ``default_collate`` makes it)."""
+    assert type(got) is type(want), f"{where}: {type(got).__name__} != {type(want).__name__}"
+    if isinstance(want, torch.Tensor):
+        assert got.dtype == want.dtype, f"{where}: {got.dtype} != {want.dtype}"
+        assert got.device == want.device, where
+        if want.is_nested:  # its ragged dimension's size is a symbol of its own: compare the rows
+            assert got.is_nested and got.layout == want.layout, where
+            for a, b in zip(got.unbind(), want.unbind(), strict=True):
+                assert_same(a, b, where, layout=layout)
+            return
+        assert got.shape == want.shape, f"{where}: {tuple(got.shape)} != {tuple(want.shape)}"
+        if layout:
+            assert got.is_contiguous() == want.is_contiguous(), where
+        if want.is_complex():
+            got, want = torch.view_as_real(got), torch.view_as_real(want)
+        if want.is_floating_point():
+            assert torch.equal(got.isnan(), want.isnan()), where
+            got, want = got.nan_to_num(), want.nan_to_num()
+        assert torch.equal(got, want), where
+    elif isinstance(want, np.ndarray):
+        assert got.dtype == want.dtype and got.shape == want.shape, where
+        assert np.array_equal(got, want), where
+    elif isinstance(want, Mapping):
+        assert list(got) == list(want), f"{where}: keys {list(got)} != {list(want)}"
+        for key in want:
+            assert_same(got[key], want[key], f"{where}[{key!r}]", layout=layout)
+    elif isinstance(want, (tuple, list)):
+        assert len(got) == len(want), where
+        for k, (a, b) in enumerate(zip(got, want, strict=True)):
+            assert_same(a, b, f"{where}[{k}]", layout=layout)
+    elif isinstance(want, float) and math.isnan(want):
+        assert math.isnan(got), where
+    else:
+        assert got == want, f"{where}: {got!r} != {want!r}"

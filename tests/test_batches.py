@@ -29,40 +29,9 @@ from cachedfeatures.compute.layout import OutputLayout, SampleLayout, ragged_pos
 from cachedfeatures.errors import InvalidArgumentError
 from cachedfeatures.pipeline.collate import BatchAssembler, carry_batch, move_to
 from cachedfeatures.pipeline.nodes import IndexBatches, Indices
-from tests.helpers import SHAPES, Backbone, Samples
+from tests.helpers import SHAPES, Backbone, Samples, assert_same
 
 # -- comparing batches exactly ---------------------------------------------------------------------
-
-
-def assert_same(got: Any, want: Any, where: str = "batch") -> None:
-    """Same types, containers, keys, dtypes, shapes and values (NaN equals NaN) all the way down."""
-    assert type(got) is type(want), f"{where}: {type(got).__name__} != {type(want).__name__}"
-    if isinstance(want, torch.Tensor):
-        assert got.dtype == want.dtype, f"{where}: {got.dtype} != {want.dtype}"
-        assert got.device == want.device, where
-        if want.is_nested:  # its ragged dimension's size is a symbol of its own: compare the rows
-            assert got.is_nested and got.layout == want.layout, where
-            for a, b in zip(got.unbind(), want.unbind(), strict=True):
-                assert_same(a, b, where)
-            return
-        assert got.shape == want.shape, f"{where}: {tuple(got.shape)} != {tuple(want.shape)}"
-        assert got.is_contiguous() == want.is_contiguous(), where
-        if want.is_complex():
-            got, want = torch.view_as_real(got), torch.view_as_real(want)
-        if want.is_floating_point():
-            assert torch.equal(got.isnan(), want.isnan()), where
-            got, want = got.nan_to_num(), want.nan_to_num()
-        assert torch.equal(got, want), where
-    elif isinstance(want, Mapping):
-        assert list(got) == list(want), f"{where}: keys {list(got)} != {list(want)}"
-        for key in want:
-            assert_same(got[key], want[key], f"{where}[{key!r}]")
-    elif isinstance(want, (tuple, list)):
-        assert len(got) == len(want), where
-        for k, (a, b) in enumerate(zip(got, want, strict=True)):
-            assert_same(a, b, f"{where}[{k}]")
-    else:
-        assert got == want, f"{where}: {got!r} != {want!r}"
 
 
 def has_list_of_numbers(sample: SampleLayout) -> bool:

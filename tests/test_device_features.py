@@ -13,25 +13,8 @@ from torch.utils.data import default_collate
 
 from cachedfeatures import CachedFeatureDataset, DeviceFeatures
 from cachedfeatures.errors import InvalidArgumentError, RowsNotCachedError
-from tests.helpers import Backbone, Listed, Samples
-
-
-def _same(a: Any, b: Any, device: str = "cpu") -> None:
-    """``a`` (served from the device) equals ``b`` (a loader's batch) in value, type and structure."""
-    assert type(a) is type(b), (type(a), type(b))
-    if isinstance(a, torch.Tensor):
-        assert a.device.type == device
-        assert a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            _same(a[key], b[key], device)
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            _same(x, y, device)
-    else:
-        assert a == b
+from cachedfeatures.pipeline.collate import move_to
+from tests.helpers import Backbone, Listed, Samples, assert_same
 
 
 def _filled(path: Path, shape: str, **options: Any) -> tuple[CachedFeatureDataset, Backbone]:
@@ -55,10 +38,10 @@ def test_on_device_serves_the_loaders_epochs(tmp_path: Path, shape: str) -> None
         served = list(features.batches(16, shuffle=True, seed=3))
         assert len(served) == len(expected) == 5
         for got, want in zip(served, expected, strict=True):
-            _same(got, want)
+            assert_same(got, want)
     assert module.calls == calls and cached.dataset.loads == loads  # nothing computed or loaded
     picked = [5, 69, 0, 5]
-    _same(features.batch(picked), default_collate([cached[i] for i in picked]))
+    assert_same(features.batch(picked), default_collate([cached[i] for i in picked]))
     assert list(features.batches(32, drop_last=True)).__len__() == 2
 
 
@@ -70,7 +53,7 @@ def test_on_device_serves_each_epochs_views(tmp_path: Path) -> None:
         expected = list(loader)  # the dataset's epoch `epoch`: one view of each sample
         served = list(features.batches(16, shuffle=True, epoch=epoch))
         for got, want in zip(served, expected, strict=True):
-            _same(got, want)
+            assert_same(got, want)
     rows = cached.rows_of(np.arange(70), 1)
     assert set((rows // cached.entry.meta["views"]["stride"]).tolist()) == {0, 1}  # both views served
 
@@ -83,7 +66,7 @@ def test_on_device_needs_every_row_stored(tmp_path: Path) -> None:
     with pytest.raises(RowsNotCachedError, match="prefill"):
         cached.on_device("cpu")
     cached.prefill(progress=False)
-    _same(cached.on_device("cpu").batch([39]), default_collate([cached[39]]))
+    assert_same(cached.on_device("cpu").batch([39]), default_collate([cached[39]]))
 
 
 def test_on_device_refuses_variable_length_rows_with_the_fix(tmp_path: Path) -> None:
@@ -102,4 +85,5 @@ def test_on_device_cuda_serves_the_loaders_batches_on_the_gpu(tmp_path: Path) ->
     features = cached.on_device("cuda")
     expected = list(cached.loader(16, shuffle=True, seed=1))
     for got, want in zip(features.batches(16, shuffle=True, seed=1), expected, strict=True):
-        _same(got, want, device="cuda")
+        assert {leaf.device.type for leaf in (got["image"], got["label"])} == {"cuda"}
+        assert_same(move_to(got, torch.device("cpu")), want)

@@ -11,7 +11,6 @@ that cannot be cached must raise a ``CacheError`` at construction.
 
 from __future__ import annotations
 
-import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from zarr.storage import LocalStore, MemoryStore
 
 from cachedfeatures import CachedFeatureDataset
 from cachedfeatures.errors import CacheError, FieldNotStorableError
+from tests.helpers import assert_same
 from tests.reliability.figures import record
 
 TORCH_DTYPES = [
@@ -330,29 +330,6 @@ def expected(case: Case, data: Generated, module: Elementwise, index: int) -> An
     return items if case.root == "list" else tuple(items)
 
 
-def assert_same(got: Any, want: Any, where: str = "sample") -> None:
-    """Equal values, types, dtypes and shapes, recursively (NaN-free by construction)."""
-    assert type(got) is type(want), f"{where}: {type(got).__name__} != {type(want).__name__}"
-    if isinstance(want, torch.Tensor):
-        assert got.dtype == want.dtype and got.shape == want.shape, f"{where}: {got!r} != {want!r}"
-        assert torch.equal(got, want), f"{where}: {got!r} != {want!r}"
-    elif isinstance(want, np.ndarray):
-        assert got.dtype == want.dtype and got.shape == want.shape, where
-        assert np.array_equal(got, want), where
-    elif isinstance(want, dict):
-        assert list(got) == list(want), f"{where}: keys {list(got)} != {list(want)}"
-        for key in want:
-            assert_same(got[key], want[key], f"{where}[{key!r}]")
-    elif isinstance(want, (tuple, list)):
-        assert len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            assert_same(g, w, f"{where}[{i}]")
-    elif isinstance(want, float) and math.isnan(want):
-        assert math.isnan(got), where
-    else:
-        assert got == want, f"{where}: {got!r} != {want!r}"
-
-
 def check_case(case: Case, store: Any, reopen: Any) -> str:
     """Run one generated case; the outcome's name (for the figures)."""
     data, module = Generated(case), Elementwise(case)
@@ -372,10 +349,11 @@ def check_case(case: Case, store: Any, reopen: Any) -> str:
     order = [i for i in reversed(range(case.n))] + [0]  # repeated index too
     for pass_ in range(2):  # computed, then served from the store
         for index, sample in zip(order, cached.__getitems__(order), strict=True):
-            assert_same(sample, expected(case, data, module, index), f"pass {pass_} row {index}")
+            want = expected(case, data, module, index)
+            assert_same(sample, want, f"pass {pass_} row {index}", layout=False)
     again = CachedFeatureDataset(data, Elementwise(case), reopen(), **kwargs)
     for index in range(case.n):
-        assert_same(again[index], expected(case, data, module, index), f"reopened row {index}")
+        assert_same(again[index], expected(case, data, module, index), f"reopened row {index}", layout=False)
     assert again.module_calls == again.spot_check_calls  # every row a hit: only spot checks ran it
     return "round trip"
 

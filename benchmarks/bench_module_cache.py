@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -36,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from reporting import machine, write_json
 from torch import nn
 from torchcache import torchcache  # type: ignore[import-untyped]
 from torchcache.torchcache import _TorchCache  # type: ignore[import-untyped]
@@ -256,7 +255,6 @@ def main() -> None:
         )
     print("hashing 150 KB rows (rows/s): " + ", ".join(f"{k} {v:,.0f}" for k, v in hash_table.items()))
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "rows": rows,
         "batch": BATCH,
@@ -267,15 +265,9 @@ def main() -> None:
         "hash_rows_per_s": hash_table,
         "runs": runs,
         "hit_tries": HIT_TRIES,
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
+        "machine": machine(),
     }
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_json(report, args.out)
 
 
 if __name__ == "__main__":

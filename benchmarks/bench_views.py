@@ -35,10 +35,8 @@ Writes JSON to benchmarks/results/views.json (gitignored) and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -54,6 +52,8 @@ from torch.utils.data import DataLoader, Dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from reporting import machine, write_json  # noqa: E402
 
 from cachedfeatures import CachedFeatureDataset  # noqa: E402
 
@@ -347,19 +347,12 @@ def main() -> None:
         "and all epochs"
     )
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "table": table,
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
+        "machine": machine(),
     }
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_json(report, args.out)
 
 
 if __name__ == "__main__":

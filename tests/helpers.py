@@ -174,20 +174,19 @@ class Tile(nn.Module):
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_process(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run ``script`` in a fresh Python process (repo on the path); its exit status and output."""
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=timeout,
-    )
+def run_process(
+    script: str, *args: str, cwd: Path = ROOT, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a new Python process (repo on the path), as ``python -c`` would; its exit
+    status and output. A child of a script server (``tests.script_server``), which has imported
+    torch already, where the environment allows."""
+    from tests.script_server import SCRIPTS
+
+    return SCRIPTS.run(script, *args, cwd=cwd, timeout=timeout)
 
 
 def run_script(script: str, *args: str, timeout: float = 300, quiet: bool = False) -> dict[str, Any]:
-    """Run ``script`` in a fresh Python process (repo on the path); it prints one JSON line last.
+    """Run ``script`` in a new Python process (:func:`run_process`); it prints one JSON line last.
 
     ``quiet``: fail on anything written to stderr too (a DataLoader worker reported killed).
     """

@@ -13,14 +13,14 @@ where it is not installed.
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_process
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
@@ -87,6 +87,15 @@ def script(text: str) -> str:
     return "\n".join(out)
 
 
+def run_file(path: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``python PATH`` in PATH's directory, in a new process (a child of a script server, which
+    has imported torch already: see ``tests.helpers.run_process``)."""
+    runner = (
+        f"import runpy, sys; sys.argv = [{str(path)!r}]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    return run_process(runner, cwd=path.parent, timeout=600)
+
+
 RUNNABLE = [page for page in PAGES if any(b.runs for b in blocks(page.read_text()))]
 
 
@@ -99,10 +108,7 @@ def test_page_examples_run(page: Path, tmp_path: Path) -> None:
             pytest.skip(f"{page.name} needs {', '.join(missing)}")
     path = tmp_path / f"{page.stem}.py"
     path.write_text(script(page.read_text()))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(
-        [sys.executable, str(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
+    done = run_file(path)
     # The script's lines are the page's lines: point the traceback at the markdown file.
     output = (done.stdout + done.stderr).replace(str(path), str(page.relative_to(ROOT)))
     assert done.returncode == 0, f"an example in {page.relative_to(ROOT)} failed:\n{output[-6000:]}"
@@ -145,6 +151,5 @@ def test_a_failing_example_fails(tmp_path: Path) -> None:
     page = "# P\n\n```python\nimport warnings\nwarnings.warn('x', cachedfeatures.CacheWarning)\n```\n"
     path = tmp_path / "p.py"
     path.write_text(script(page))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, env=env)
+    done = run_file(path)
     assert done.returncode != 0 and "line 5" in done.stderr and "CacheWarning: x" in done.stderr

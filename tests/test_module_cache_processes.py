@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,11 +11,10 @@ import torch
 
 from cachedfeatures import FeatureStore, cached_module
 from tests.helpers import Backbone
+from tests.script_server import SCRIPTS, Started
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# Run in a fresh interpreter: compute the rows [start, stop) of a fixed image set in batches,
-# through a cached Backbone on `store`, and print how many rows the module computed.
+# Run in a new process (a child of a script server): compute the rows [start, stop) of a fixed
+# image set in batches, through a cached Backbone on `store`; print how many rows it computed.
 SCRIPT = """
 import json, sys, torch
 from cachedfeatures import cached_module
@@ -36,19 +32,11 @@ def images() -> torch.Tensor:
     return torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
-def launch(store: Path, start: int, stop: int, batch: int) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(
-        [sys.executable, "-c", SCRIPT, str(store), str(start), str(stop), str(batch)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def launch(store: Path, start: int, stop: int, batch: int) -> Started:
+    return SCRIPTS.start(SCRIPT, str(store), str(start), str(stop), str(batch))
 
 
-def finish(process: subprocess.Popen[str]) -> int:
+def finish(process: Started) -> int:
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
     return int(json.loads(out.strip().splitlines()[-1])["computed"])
@@ -60,7 +48,7 @@ def reference(x: torch.Tensor) -> torch.Tensor:
         return module(x)  # type: ignore[no-any-return]
 
 
-@pytest.mark.slow  # fresh interpreters importing torch
+@pytest.mark.slow  # new processes
 def test_rows_written_by_another_process_are_hits(store_path: Path) -> None:
     assert finish(launch(store_path, 0, 40, 8)) == 40
     module = cached_module(store=store_path, chunk_rows=4)(Backbone)().requires_grad_(False)
@@ -69,7 +57,7 @@ def test_rows_written_by_another_process_are_hits(store_path: Path) -> None:
     assert torch.equal(out, reference(images()[:40]))
 
 
-@pytest.mark.slow  # fresh interpreters importing torch
+@pytest.mark.slow  # new processes
 def test_concurrent_writers_lose_no_row(store_path: Path) -> None:
     # Two processes append overlapping ranges at once: rows are reserved under the entry
     # lock and chunks written under chunk locks, so every row of both lands intact.
@@ -85,7 +73,7 @@ def test_concurrent_writers_lose_no_row(store_path: Path) -> None:
     assert int(entry.group["next_row"][0]) == sum(computed)  # duplicates allowed, losses not
 
 
-@pytest.mark.slow  # fresh interpreters importing torch
+@pytest.mark.slow  # new processes
 def test_a_reader_catches_up_with_a_writer_between_calls(store_path: Path) -> None:
     module = cached_module(store=store_path, chunk_rows=4, max_memory_bytes=0)(Backbone)()
     module.requires_grad_(False)

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -21,17 +18,19 @@ from cachedfeatures import FeatureStore
 from tests.conftest import S3Server
 from tests.helpers import Backbone, Samples, reference
 from tests.reliability.figures import record
+from tests.script_server import SCRIPTS
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# One process per rank, alive for all rounds (torch is imported once). Once every rank has
-# imported what it needs (its ready file), the test writes the moment round 0 starts for all
-# (the go file); round r starts half a second after the last rank finished round r - 1, read
-# from the done files' modification times, which every rank sees alike.
+# One process per rank, alive for all rounds (a child of a script server: torch is imported
+# already). Once every rank has imported what it needs (its ready file), the test writes the
+# moment round 0 starts for all (the go file); round r starts half a second after the last rank
+# finished round r - 1, read from the done files' modification times, which every rank sees alike.
 RACER = """
     import json, os, sys, time
     from pathlib import Path
-    import s3fs
+    import s3fs, torch
+    torch.set_num_threads(1)  # eight processes on two cores
     from cachedfeatures import CachedFeatureDataset
     from cachedfeatures.store.ownership import ChunkOwnership
     from tests.helpers import Backbone, Samples
@@ -71,25 +70,9 @@ def test_eight_processes_creating_one_entry_at_once_for_twenty_rounds_on_s3(
     rounds = int(os.environ.get("CACHEDFEATURES_RACE_ROUNDS", "5"))
     urls = [s3_server.new_url() for _ in range(rounds)]
     started = time.monotonic()
+    options = json.dumps(s3_server.storage_options)
     racers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                textwrap.dedent(RACER),
-                json.dumps(urls),
-                json.dumps(s3_server.storage_options),
-                str(n),
-                str(rank),
-                str(world),
-                str(tmp_path),
-            ],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        SCRIPTS.start(RACER, json.dumps(urls), options, str(n), str(rank), str(world), str(tmp_path))
         for rank in range(world)
     ]
     deadline = time.monotonic() + 300

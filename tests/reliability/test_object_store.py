@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +17,7 @@ from cachedfeatures.store.ownership import ChunkOwnership
 from tests.conftest import S3Server
 from tests.helpers import Backbone, Samples, reference, run_script
 from tests.reliability.figures import record
+from tests.script_server import SCRIPTS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -119,17 +116,7 @@ def test_two_writers_owning_disjoint_chunks_store_every_row(s3_server: S3Server)
     cached, data, module = _dataset(s3_server, url, n, chunk_rows=16)  # creates the entry first
     assert cached.entry is not None
     options = json.dumps(s3_server.storage_options)
-    writers = [
-        subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(WRITER), url, options, str(n), str(rank)],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
+    writers = [SCRIPTS.start(WRITER, url, options, str(n), str(rank)) for rank in (0, 1)]
     for writer in writers:
         out, err = writer.communicate(timeout=300)
         assert writer.returncode == 0, err[-4000:]

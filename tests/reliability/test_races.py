@@ -19,6 +19,7 @@ from cachedfeatures import FeatureStore
 from cachedfeatures.format.specs import ArraySpec
 from tests.helpers import ROOT
 from tests.reliability.figures import record
+from tests.script_server import SCRIPTS
 
 PROCESSES, ROUNDS = 4, 12
 
@@ -87,20 +88,9 @@ print(json.dumps({"ok": True}))
 """
 
 
-@pytest.mark.slow  # six fresh interpreters importing torch
+@pytest.mark.slow  # six processes at once
 def test_cached_module_budget_in_several_processes(store_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-c", BUDGET_SCRIPT, str(store_path), str(seed)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for seed in range(6)
-    ]
+    processes = [SCRIPTS.start(BUDGET_SCRIPT, str(store_path), str(seed)) for seed in range(6)]
     failures = []
     for process in processes:
         _, err = process.communicate(timeout=300)

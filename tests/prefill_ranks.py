@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,33 @@ import torch.distributed as dist
 
 from cachedfeatures import CachedFeatureDataset, build_on_ranks
 from tests.helpers import Backbone, SlowSamples
+
+CONNECT_TIMEOUT_S = 30.0
+
+
+def _connect_hung() -> None:
+    print(f"gloo's connect hung for {CONNECT_TIMEOUT_S:g} s: exiting, so torchrun restarts", flush=True)
+    os._exit(3)
+
+
+def _init_group(attempt: int) -> None:
+    """``init_process_group`` as ``env://`` does, with gloo's keys under a prefix of this attempt.
+
+    Without it, a restarted group now and then reads the addresses of the attempt torchrun killed
+    from the store and fails to connect ("Connection refused" to a port no rank listens on), five
+    restarts in a row in one run here.
+    """
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = datetime.timedelta(seconds=CONNECT_TIMEOUT_S)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank == 0,
+        timeout=timeout,
+    )
+    prefixed = dist.PrefixStore(f"attempt-{attempt}", store)
+    dist.init_process_group("gloo", store=prefixed, rank=rank, world_size=world_size, timeout=timeout)
 
 
 class MaybeHanging(SlowSamples):
@@ -50,9 +78,18 @@ def main() -> None:
     options = json.loads(os.environ.get("CF_STORAGE_OPTIONS", "null"))
     timeout = float(os.environ["CF_TIMEOUT"]) if "CF_TIMEOUT" in os.environ else None
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    # A bounded connect: a restarted group whose peer is not listening yet fails within a
-    # few minutes (and torchrun restarts it) instead of waiting forever.
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=180))
+    # A bounded connect. A group that torchrun restarted hangs in gloo's connect in about one run
+    # of three here: both ranks wait in Pair::waitUntilConnected, past the group's timeout (the
+    # listener's side of a pair drops it: pytorch/gloo#520). The rank then exits, and torchrun
+    # restarts the group again, as a user's job would want. A connect takes a second or two, and
+    # every collective of the job a few seconds.
+    watchdog = threading.Timer(CONNECT_TIMEOUT_S, _connect_hung)
+    watchdog.daemon = True  # a connect that fails must not wait for it
+    watchdog.start()
+    try:
+        _init_group(attempt)
+    finally:
+        watchdog.cancel()
     rank = dist.get_rank()
     (log_dir / f"pid-rank{rank}-attempt{attempt}").write_text(str(os.getpid()))
     handler = logging.FileHandler(log_dir / f"writes-rank{rank}.log")

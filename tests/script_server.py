@@ -12,9 +12,9 @@ of CPU on these machines, and the suite starts about a hundred of them.
 and returns a :class:`Child` to wait for, poll or kill (as ``subprocess.Popen``), so several can
 run at once. Three servers with different hash seeds take the requests in turn, so two runs in a
 row (a first process and a second one on the same store) never share a hash seed. A request
-whose environment differs from the servers' in anything the imports could have read (all but
-``CACHEDFEATURES_*`` settings, read when used, and pytest's own variable) runs in a new
-interpreter instead, as does any request that sets ``PYTHONHASHSEED``.
+whose environment differs from the servers' in anything the imports could have read (thread-pool,
+interpreter, loader, CUDA and ``TORCH_*`` variables: ``IMPORT_TIME``) runs in a new interpreter
+instead, as does any request that sets ``PYTHONHASHSEED``.
 """
 
 from __future__ import annotations
@@ -84,13 +84,14 @@ while True:
             print(json.dumps({"ended": pid, "code": os.waitstatus_to_exitcode(status)}), flush=True)
 """
 
-# Read when used, not when imported: a server's imports are valid whatever these are. (torch
-# sets TORCHINDUCTOR_CACHE_DIR itself, the first time a test compiles; inductor reads it then.)
-CALL_TIME = ("CACHEDFEATURES_", "PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR")
+# What importing NumPy, torch and the package can read: thread pools and their libraries, the
+# interpreter, the loader, CUDA and torch's own switches (TORCHINDUCTOR_* and the rest of the
+# environment, which tests and torch itself set as they go, are read when used).
+IMPORT_TIME = ("OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "NUMPY_", "PYTHON", "LD_", "CUDA", "TORCH_")
 
 
 def _import_time(env: dict[str, str]) -> dict[str, str]:
-    return {key: value for key, value in env.items() if not key.startswith(CALL_TIME)}
+    return {key: value for key, value in env.items() if key.startswith(IMPORT_TIME)}
 
 
 class _Server:

@@ -174,6 +174,19 @@ class Tile(nn.Module):
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def child_pids(pid: int) -> list[int]:
+    """The pids of ``pid``'s children, from ``/proc`` (Linux)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def run_process(
     script: str, *args: str, cwd: Path = ROOT, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:

@@ -23,7 +23,7 @@ from cachedfeatures import FeatureStore
 from cachedfeatures.pipeline.prefill import owned_chunks
 from cachedfeatures.store.writer import DEFAULT_MAX_PENDING
 from tests.conftest import S3Server
-from tests.helpers import Backbone, Samples, reference
+from tests.helpers import Backbone, Samples, child_pids, reference
 from tests.reliability.figures import record
 
 pytestmark = [
@@ -79,15 +79,10 @@ _JOBS: list[subprocess.Popen[str]] = []
 def _tree(pid: int) -> list[int]:
     """``pid`` and its descendants (torchrun starts each rank in a session of its own, so killing
     torchrun's process group leaves the ranks running)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
     tree, todo = [], [pid]
     while todo:
         tree.append(todo.pop())
-        todo.extend(children.get(tree[-1], []))
+        todo.extend(child_pids(tree[-1]))
     return tree
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from cachedfeatures import FeatureStore
 from cachedfeatures.format.specs import ArraySpec
-from tests.helpers import ROOT
+from tests.helpers import ROOT, child_pids
 from tests.reliability.figures import record
 from tests.script_server import SCRIPTS
 
@@ -113,19 +113,6 @@ for i, _ in enumerate(loader):
 """
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                stat = Path(f"/proc/{name}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(name))
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -151,7 +138,7 @@ def test_process_workers_exit_when_the_trainer_is_killed(store_path: Path) -> No
         assert trainer.stdout.readline().strip() == "training", (
             trainer.stderr.read() if trainer.stderr else ""
         )
-        workers = _children(trainer.pid)
+        workers = child_pids(trainer.pid)
         assert len(workers) >= 2, workers
     finally:
         trainer.send_signal(signal.SIGKILL)

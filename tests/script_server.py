@@ -141,8 +141,7 @@ class _Server:
         with self.lock:
             process = self._process()
             assert process.stdin is not None
-            self.started += 1
-            out, err = (self.directory / f"{self.started}.{name}" for name in ("stdout", "stderr"))
+            out, err = self.output_files()
             request = {"script": script, "args": args, "env": env, "cwd": str(cwd)}
             process.stdin.write(
                 (json.dumps(request | {"stdout": str(out), "stderr": str(err)}) + "\n").encode()
@@ -150,7 +149,14 @@ class _Server:
             process.stdin.flush()
             while "started" not in (answer := self._answer(None) or {}):
                 pass
-            return Child(self, int(answer["started"]), [sys.executable, "-c", script, *args], out, err)
+            args = [sys.executable, "-c", script, *args]
+            return _Forked(self, int(answer["started"]), args, out, err)
+
+    def output_files(self) -> tuple[Path, Path]:
+        """Two new files for a child's stdout and stderr."""
+        with self.lock:
+            self.started += 1
+            return self.directory / f"{self.started}.stdout", self.directory / f"{self.started}.stderr"
 
     def exit_code(self, pid: int, deadline: float | None) -> int | None:
         """``pid``'s exit code once it has ended; ``None`` if it is still running at ``deadline``."""
@@ -170,21 +176,25 @@ class _Server:
 
 
 class Child:
-    """A child of a script server, used as a ``subprocess.Popen`` with text pipes would be."""
+    """A script's process, used as a ``subprocess.Popen`` with text pipes would be; its stdout
+    and stderr go to files, so :meth:`output` reads what it has written so far."""
 
-    def __init__(self, server: _Server, pid: int, args: list[str], out: Path, err: Path) -> None:
-        self.server, self.pid, self.args, self.out, self.err = server, pid, args, out, err
+    def __init__(self, pid: int, args: list[str], out: Path, err: Path) -> None:
+        self.pid, self.args, self.out, self.err = pid, args, out, err
         self.returncode: int | None = None
+
+    def _exit_code(self, deadline: float | None) -> int | None:
+        """Its exit code once it has ended; ``None`` if it still runs at ``deadline``."""
+        raise NotImplementedError
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            self.returncode = self.server.exit_code(self.pid, time.monotonic())
+            self.returncode = self._exit_code(time.monotonic())
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            self.returncode = self.server.exit_code(self.pid, deadline)
+            self.returncode = self._exit_code(None if timeout is None else time.monotonic() + timeout)
             if self.returncode is None:
                 assert timeout is not None
                 raise subprocess.TimeoutExpired(self.args, timeout, *self.output())
@@ -205,7 +215,30 @@ class Child:
             os.kill(self.pid, signal.SIGKILL)
 
 
-Started = Child | subprocess.Popen[str]
+class _Forked(Child):
+    """A child of a script server."""
+
+    def __init__(self, server: _Server, pid: int, args: list[str], out: Path, err: Path) -> None:
+        super().__init__(pid, args, out, err)
+        self.server = server
+
+    def _exit_code(self, deadline: float | None) -> int | None:
+        return self.server.exit_code(self.pid, deadline)
+
+
+class _Spawned(Child):
+    """A new interpreter, for a request the servers cannot take."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str], out: Path, err: Path) -> None:
+        with out.open("w") as stdout, err.open("w") as stderr:
+            self.process = subprocess.Popen(args, cwd=cwd, env=env, stdout=stdout, stderr=stderr)
+        super().__init__(self.process.pid, args, out, err)
+
+    def _exit_code(self, deadline: float | None) -> int | None:
+        try:
+            return self.process.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return None
 
 
 class ScriptServers:
@@ -234,21 +267,15 @@ class ScriptServers:
             raise
         return subprocess.CompletedProcess(child.args, child.wait(), stdout, stderr)
 
-    def start(self, script: str, *args: str, cwd: Path = ROOT) -> Started:
+    def start(self, script: str, *args: str, cwd: Path = ROOT) -> Child:
         """Start ``script`` as ``python -c SCRIPT ARGS`` in a child of the next server (in a new
         interpreter where the servers cannot take it: :meth:`usable`)."""
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        if not self.usable(env):
-            return subprocess.Popen(
-                [sys.executable, "-c", textwrap.dedent(script), *args],
-                cwd=cwd,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
         server = self.servers[self.turn % len(self.servers)]
         self.turn += 1
+        if not self.usable(env):
+            command = [sys.executable, "-c", textwrap.dedent(script), *args]
+            return _Spawned(command, cwd, env, *server.output_files())
         return server.start(textwrap.dedent(script), list(args), env, cwd)
 
     def close(self) -> None:

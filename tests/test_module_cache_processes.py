@@ -11,7 +11,7 @@ import torch
 
 from cachedfeatures import FeatureStore, cached_module
 from tests.helpers import Backbone
-from tests.script_server import SCRIPTS, Started
+from tests.script_server import SCRIPTS, Child
 
 # Run in a new process (a child of a script server): compute the rows [start, stop) of a fixed
 # image set in batches, through a cached Backbone on `store`; print how many rows it computed.
@@ -32,11 +32,11 @@ def images() -> torch.Tensor:
     return torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
-def launch(store: Path, start: int, stop: int, batch: int) -> Started:
+def launch(store: Path, start: int, stop: int, batch: int) -> Child:
     return SCRIPTS.start(SCRIPT, str(store), str(start), str(stop), str(batch))
 
 
-def finish(process: Started) -> int:
+def finish(process: Child) -> int:
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
     return int(json.loads(out.strip().splitlines()[-1])["computed"])

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import os
 import random
-import select
-import shutil
 import signal
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +21,10 @@ import torch
 from cachedfeatures import FeatureStore
 from cachedfeatures.store.chunk_bytes import PARTIAL_SUFFIX
 from cachedfeatures.store.writer import DEFAULT_MAX_PENDING
-from tests.helpers import Backbone, ScriptProcess, reference
+from tests.helpers import Backbone, reference
 from tests.reliability.children import open_cached
 from tests.reliability.figures import record
+from tests.script_server import SCRIPTS, Child
 
 ROOT = Path(__file__).resolve().parents[2]
 KILLS = 20
@@ -67,92 +65,17 @@ def new_entry(
     return log_dir, expected, check_valid_rows(store_path, expected)
 
 
-# A Python that has imported what the children need (torch, cachedfeatures) and never opened a
-# store, so it has no thread but its own: for each JSON request line it forks one child that
-# runs ``tests.reliability.children`` with the request's argv (stdout and stderr to the
-# request's file) and exits as that module's ``python -m`` run would (exit hooks run), answers
-# the child's pid, then its exit status once it is gone. A new interpreter per child would
-# import torch again: seconds each on two cores, for about 30 children here.
-FORK_SERVER = """
-import gc, json, os, sys
+# Each child runs ``tests.reliability.children`` with its argv, as ``python -m`` would, in a
+# child of a script server (about 30 here; a new interpreter would import torch again for each).
+CHILD = """
+import sys
 import tests.reliability.children as children
-gc.collect()
-gc.freeze()  # the imports' objects stay out of the children's collections (their exit: 3x faster)
-for line in sys.stdin:
-    request = json.loads(line)
-    sys.stdout.flush()
-    pid = os.fork()
-    if pid == 0:
-        out = os.open(request["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        os.dup2(out, 1)
-        os.dup2(out, 2)
-        argv = request["argv"]
-        if argv[0] == "loader":
-            children.loader_main(argv[1:])
-        elif argv[0] == "dataloader":
-            children.dataloader_main(argv[1:])
-        else:
-            children.prefill_main(argv)
-        sys.exit(0)  # an exception instead: its traceback on stderr, exit status 1
-    print(json.dumps({"pid": pid}), flush=True)
-    print(json.dumps({"code": os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}), flush=True)
+mains = {"loader": children.loader_main, "dataloader": children.dataloader_main}
+if sys.argv[1] in mains:
+    mains[sys.argv[1]](sys.argv[2:])
+else:
+    children.prefill_main(sys.argv[1:])
 """
-
-
-class Child:
-    """One child of the fork server: its pid, whether it has ended, its exit code and output."""
-
-    def __init__(self, server: ScriptProcess, pid: int, out: Path) -> None:
-        self.server, self.pid, self.out = server, pid, out
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        """Its exit code once it has ended, else ``None`` (as ``Popen.poll``)."""
-        stdout = self.server.process.stdout if self.server.process is not None else None
-        assert stdout is not None
-        if self.returncode is None and select.select([stdout], [], [], 0)[0]:
-            self.returncode = int(self.server.receive()["code"])
-        return self.returncode
-
-    def wait(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while self.poll() is None:
-            assert time.monotonic() < deadline, f"child {self.pid} still running after {timeout:g} s"
-            time.sleep(0.01)
-        assert self.returncode is not None
-        return self.returncode
-
-    def output(self) -> str:
-        return self.out.read_text() if self.out.exists() else ""
-
-
-class ForkServer:
-    """Starts children for :func:`run_child` (see ``FORK_SERVER``); one per test module."""
-
-    def __init__(self) -> None:
-        self.server = ScriptProcess(FORK_SERVER)
-        self.directory = Path(tempfile.mkdtemp(prefix="kill-children-"))
-        self.started = 0
-
-    def start(self, args: list[str]) -> Child:
-        self.started += 1
-        out = self.directory / f"child-{self.started}.out"
-        self.server.send({"argv": args, "out": str(out)})
-        return Child(self.server, int(self.server.receive()["pid"]), out)
-
-    def close(self) -> None:
-        self.server.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-
-SERVER = ForkServer()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_the_fork_server() -> Iterator[None]:
-    yield
-    SERVER.close()
 
 
 def run_child(*args: str, kill: Callable[[Child], None] | None) -> tuple[int, int | None, float, str]:
@@ -160,11 +83,11 @@ def run_child(*args: str, kill: Callable[[Child], None] | None) -> tuple[int, in
     "ready", ``kill(child)`` waits for the moment to SIGKILL it (``None``: let it finish).
     Returns its pid, exit code, the seconds it ran from ready to kill or end, and its output
     (none if killed)."""
-    child = SERVER.start(list(args))
+    child = SCRIPTS.start(CHILD, *args)
     try:
         deadline = time.monotonic() + 300
-        while not child.output().startswith("ready\n"):
-            assert child.poll() is None and time.monotonic() < deadline, child.output()
+        while not child.output()[0].startswith("ready\n"):
+            assert child.poll() is None and time.monotonic() < deadline, "\n".join(child.output())
             time.sleep(0.005)
         start = time.monotonic()
         output = ""
@@ -174,12 +97,11 @@ def run_child(*args: str, kill: Callable[[Child], None] | None) -> tuple[int, in
             child.wait(timeout=60)
         else:
             child.wait(timeout=300)
-            output = child.output()
+            output = "\n".join(child.output())
         seconds = time.monotonic() - start
     finally:
-        if child.poll() is None:
-            os.kill(child.pid, signal.SIGKILL)
-            child.wait(timeout=60)
+        child.kill()
+        child.wait(timeout=60)
     return child.pid, child.returncode, seconds, output
 
 

@@ -79,7 +79,7 @@ else:
 
 
 def run_child(*args: str, kill: Callable[[Child], None] | None) -> tuple[int, int | None, float, str]:
-    """Run ``tests.reliability.children ARGS`` in a child of the fork server; once it prints
+    """Run ``tests.reliability.children ARGS`` in a child of a script server; once it prints
     "ready", ``kill(child)`` waits for the moment to SIGKILL it (``None``: let it finish).
     Returns its pid, exit code, the seconds it ran from ready to kill or end, and its output
     (none if killed)."""

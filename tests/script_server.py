@@ -90,6 +90,11 @@ while True:
 IMPORT_TIME = ("OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "NUMPY_", "PYTHON", "LD_", "CUDA", "TORCH_")
 
 
+def _script_env() -> dict[str, str]:
+    """A script's environment: this process's, with the repository on the path."""
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
 def _import_time(env: dict[str, str]) -> dict[str, str]:
     return {key: value for key, value in env.items() if key.startswith(IMPORT_TIME)}
 
@@ -149,8 +154,8 @@ class _Server:
             process.stdin.flush()
             while "started" not in (answer := self._answer(None) or {}):
                 pass
-            args = [sys.executable, "-c", script, *args]
-            return _Forked(self, int(answer["started"]), args, out, err)
+            command = [sys.executable, "-c", script, *args]
+            return _Forked(self, int(answer["started"]), command, out, err)
 
     def output_files(self) -> tuple[Path, Path]:
         """Two new files for a child's stdout and stderr."""
@@ -245,7 +250,7 @@ class ScriptServers:
     """Three servers taking requests in turn (see the module docstring)."""
 
     def __init__(self, count: int = 3) -> None:
-        self.base_env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.base_env = _script_env()
         self.servers = [_Server(self.base_env) for _ in range(count)]
         self.turn = 0
         atexit.register(self.close)
@@ -270,7 +275,7 @@ class ScriptServers:
     def start(self, script: str, *args: str, cwd: Path = ROOT) -> Child:
         """Start ``script`` as ``python -c SCRIPT ARGS`` in a child of the next server (in a new
         interpreter where the servers cannot take it: :meth:`usable`)."""
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = _script_env()
         server = self.servers[self.turn % len(self.servers)]
         self.turn += 1
         if not self.usable(env):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cachedfeatures import CachedFeatureDataset, WriterError
-from cachedfeatures.store.writer import Writer
+from cachedfeatures.store.writer import HOLD_COST_RATIO, ChunkBuffer, Writer
 from tests.helpers import Backbone, Samples, reference
 
 
@@ -88,3 +88,40 @@ def test_a_failed_write_is_raised_by_the_next_call_and_leaves_rows_invalid(
     assert not entry.valid_mask()[16:32].any()
     with pytest.raises(WriterError):
         writer.flush()  # still reported: the error is never lost
+
+
+def test_a_round_of_a_few_held_chunks_keeps_the_hold_that_writing_them_all_would_need(
+    cached: CachedFeatureDataset,
+) -> None:
+    """A shuffled epoch's chunks come due a batch apart, so a round of writes of held chunks can
+    write one of six. Its hold follows what writing all six would take: the other five wait,
+    instead of coming due at once in rounds of their own (which made the map-style fill of a
+    large entry write every chunk every few seconds)."""
+    entry = cached.entry
+    assert entry is not None
+    written: list[int] = []
+
+    def store_rows(rows: np.ndarray, columns: dict[str, np.ndarray]) -> None:
+        time.sleep(0.02)  # a chunk write of some cost
+        written.append(int(rows[0]) // entry.chunk_rows)
+        entry.write(rows, columns)
+
+    buffer = ChunkBuffer(entry, store_rows, max_buffer_bytes=1 << 30, max_hold_seconds=0.1)
+    first = np.arange(16, 20)  # chunk 1, the first to come due
+    buffer.add(first, filled_columns(cached, first))
+    time.sleep(0.06)
+    later = np.concatenate([np.arange(16 * c, 16 * c + 4) for c in range(2, 6)])  # chunks 2 to 5
+    buffer.add(later, filled_columns(cached, later))
+    time.sleep(0.05)
+    buffer.write_aged()
+    assert written == [1]  # chunk 1 was due, the others not yet
+    # At least 0.02 s per chunk and 5 held: the hold is now at least HOLD_COST_RATIO x 0.1 s
+    # (2 s), where the cost of the one chunk written alone would have made it 0.4 s.
+    assert HOLD_COST_RATIO >= 20
+    time.sleep(0.5)
+    buffer.write_aged()
+    assert written == [1]  # chunks 2 to 5 still held, 0.55 s after they came
+    assert buffer.until_aged() is not None and buffer.until_aged() > 1.0  # type: ignore[operator]
+    buffer.write_all()
+    assert sorted(written) == [1, 2, 3, 4, 5]
+    assert entry.valid_mask()[later].all() and entry.valid_mask()[first].all()

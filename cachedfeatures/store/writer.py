@@ -45,8 +45,8 @@ DEFAULT_MAX_BUFFER_BYTES = 256 * 1024 * 1024
 # Rows held longer than this are written (their chunks partially): what a kill can cost.
 DEFAULT_MAX_HOLD_SECONDS = 10.0
 # Writes of held chunks take at most about 1/HOLD_COST_RATIO of the time: the hold grows to
-# this many times the duration of the last such round of writes (a round rewrites every chunk
-# holding rows, seconds on an entry of hundreds of chunks).
+# this many times what writing every held chunk costs, at the last round's cost per chunk (a
+# round rewrites every chunk holding rows, seconds on an entry of hundreds of chunks).
 HOLD_COST_RATIO = 20.0
 
 
@@ -191,14 +191,19 @@ class ChunkBuffer:
         due = sorted((p.since, c) for c, p in self._buffer.items() if now - p.since >= self._hold)
         if not due:
             return
+        held = len(self._buffer)
         for _, chunk in due:
             self.write_chunk(chunk)
         spent = time.monotonic() - now
-        self._hold = max(self.max_hold_seconds, HOLD_COST_RATIO * spent)
+        # A round writes the chunks that came first; the rest follow a batch or two later, in
+        # rounds of a few chunks. The hold follows what writing every held chunk costs, so that
+        # such a small round does not shorten it (which made rounds come every few seconds).
+        self._hold = max(self.max_hold_seconds, HOLD_COST_RATIO * spent * held / len(due))
         logger.debug(
-            "entry %s: wrote %d held chunks in %.3f s; hold now %.3f s",
+            "entry %s: wrote %d of %d held chunks in %.3f s; hold now %.3f s",
             self.entry.name,
             len(due),
+            held,
             spent,
             self._hold,
         )
@@ -249,9 +254,10 @@ class Writer:
         max_hold_seconds: rows held this long are written even if their chunk is not complete
             (one partial write per chunk per hold at most), so a kill loses at most about this
             much computed work plus the queued batches. The hold stretches to
-            ``HOLD_COST_RATIO`` times the last round of such writes, so that rewriting partial
-            chunks never takes most of the writer's time. Default ``DEFAULT_MAX_HOLD_SECONDS``
-            (10 s); ``None`` takes the module default at construction.
+            ``HOLD_COST_RATIO`` times what writing every held chunk costs (at the last round's
+            cost per chunk), so that rewriting partial chunks never takes most of the writer's
+            time. Default ``DEFAULT_MAX_HOLD_SECONDS`` (10 s); ``None`` takes the module default
+            at construction.
     """
 
     def __init__(

@@ -247,17 +247,32 @@ class _Spawned(Child):
 
 
 class ScriptServers:
-    """Three servers taking requests in turn (see the module docstring)."""
+    """Three servers taking requests in turn (see the module docstring).
+
+    Their environment is the tests' process's at the first request, not at this module's
+    import: importing a test module can set variables (sentence-transformers imports
+    scikit-learn and joblib, which set ``KMP_*`` defaults), and a server configured before
+    that would have to turn every later request away to a new interpreter.
+    """
 
     def __init__(self, count: int = 3) -> None:
-        self.base_env = _script_env()
-        self.servers = [_Server(self.base_env) for _ in range(count)]
+        self.count = count
+        self.base_env: dict[str, str] | None = None
+        self.servers: list[_Server] = []
         self.turn = 0
         atexit.register(self.close)
 
+    def _configured(self) -> dict[str, str]:
+        """The servers' environment, fixed at the first request."""
+        if self.base_env is None:
+            self.base_env = _script_env()
+            self.servers = [_Server(self.base_env) for _ in range(self.count)]
+        return self.base_env
+
     def usable(self, env: dict[str, str]) -> bool:
         """Whether a server's imports are what a new interpreter with ``env`` would have made."""
-        return "PYTHONHASHSEED" not in env and _import_time(env) == _import_time(self.base_env)
+        base = self._configured()
+        return "PYTHONHASHSEED" not in env and _import_time(env) == _import_time(base)
 
     def run(
         self, script: str, *args: str, cwd: Path = ROOT, timeout: float = 300
@@ -276,9 +291,10 @@ class ScriptServers:
         """Start ``script`` as ``python -c SCRIPT ARGS`` in a child of the next server (in a new
         interpreter where the servers cannot take it: :meth:`usable`)."""
         env = _script_env()
+        usable = self.usable(env)  # fixes the servers' environment at the first request
         server = self.servers[self.turn % len(self.servers)]
         self.turn += 1
-        if not self.usable(env):
+        if not usable:
             command = [sys.executable, "-c", textwrap.dedent(script), *args]
             return _Spawned(command, cwd, env, *server.output_files())
         return server.start(textwrap.dedent(script), list(args), env, cwd)

@@ -385,7 +385,11 @@ def test_process_memory_stays_within_budget(store_path: Path) -> None:
 
 
 @pytest.mark.parametrize("checksum", [True, False], ids=["crc32c", "no-checksum"])
-def test_raw_local_chunks_are_mapped_within_the_map_limit(store_path: Path, checksum: bool) -> None:
+def test_raw_local_chunks_are_mapped_within_the_map_limit(
+    store_path: Path, checksum: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # This entry's chunks are small, which the cache reads into memory: held open here.
+    monkeypatch.setattr(chunk_reader, "MIN_MAPPED_CHUNK_BYTES", 0)
     entry = make_entry(store_path, compressor=None, checksum=checksum)
     fill(entry, np.arange(100))
     reader = ChunkReader(entry, max_maps=4, cache_bytes=2000)  # two arrays a chunk: two chunks
@@ -496,9 +500,12 @@ def test_sharded_arrays_fall_back_to_zarr_reads(store_path: Path) -> None:
     np.testing.assert_array_equal(read.arrays["features"], columns(np.array([99, 0, 63, 64]))["features"])
 
 
-def test_a_private_copy_never_pushes_out_a_chunk_this_batch_just_read(store_path: Path) -> None:
+def test_a_private_copy_never_pushes_out_a_chunk_this_batch_just_read(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A raw chunk found again is copied into private memory only where that drops nothing a
     recent batch read: chunks put by this very batch count (they were dropped, and read again)."""
+    monkeypatch.setattr(chunk_reader, "MIN_MAPPED_CHUNK_BYTES", 0)  # small chunks held open, too
     entry = make_entry(store_path)
     fill(entry, np.arange(100))
     # 400 bytes: the open chunks' valid masks plus not quite one private copy (384 bytes).
@@ -637,3 +644,29 @@ def test_forked_workers_make_their_own_load_threads(store_path: Path) -> None:
             seen[index] = row
     assert sorted(seen) == list(range(64))
     np.testing.assert_array_equal(np.stack([seen[i] for i in range(64)]), columns(np.arange(64))["features"])
+
+
+def test_small_raw_chunks_are_read_into_the_cache_and_large_ones_held_open(store_path: Path) -> None:
+    """A shuffled read past the cache reads a held-open chunk row by row: worth it for rows of
+    features, not for a label chunk of a few kB (a ``pread`` per row of 8 bytes)."""
+    n, width = 2048, 128  # chunks of 256 rows: 128 kB of features, 2 kB of labels
+    store = FeatureStore.open(store_path, mode="a")
+    specs = [
+        ArraySpec("features", "tensor", "<f4", (width,), "float32"),
+        ArraySpec("label", "int", "<i8", (), "int64"),
+    ]
+    entry = store.create_entry("mixed", {}, specs, num_rows=n, chunk_rows=256, compressor=None)
+    rows = np.arange(n)
+    features = np.random.default_rng(0).standard_normal((n, width), dtype=np.float32)
+    entry.write(rows, {"features": features, "label": rows * 3})
+    reader = ChunkReader(entry, cache_bytes=n * width * 4 // 10)  # a tenth: never held whole
+    order = np.random.default_rng(1).permutation(n)
+    for start in range(0, n, 256):
+        batch = order[start : start + 256]
+        read = reader.read(batch)
+        assert read.hit.all()
+        np.testing.assert_array_equal(read.arrays["features"], features[batch])
+        np.testing.assert_array_equal(read.arrays["label"], batch * 3)
+    info = reader.cache_info()
+    assert info.maps == 8  # each chunk's features held open
+    assert info.nbytes >= 8 * 256 * 8  # and its labels in memory

@@ -18,7 +18,8 @@ the reader's buffers). Decoded chunks stay in memory within a byte budget, in on
   with policy ``"lru"``: a batch's neighbours are read again soon) of decoded chunks (raw
   local chunks are held there as open files, read row by row with ``pread``: they cost page
   cache, not this process's memory; never memory-mapped, so a chunk file changed or truncated
-  in place is a miss, never wrong bytes or a ``SIGBUS``).
+  in place is a miss, never wrong bytes or a ``SIGBUS``. Small raw chunks, such as a chunk
+  of labels, are read into memory instead: a ``pread`` per row costs more than their bytes).
 
 Two routes read a chunk:
 
@@ -479,11 +480,13 @@ class _ChunkFile:
 
     def open_rows(self, chunk: int, check: RowCheck | None = None) -> _RawRows | np.ndarray:
         """The chunk for the chunk cache: a raw chunk file held open (rows read on demand, see
-        :class:`_RawRows`), else the decoded chunk.
+        :class:`_RawRows`), else the decoded chunk. A raw chunk of at most
+        ``MIN_MAPPED_CHUNK_BYTES`` (labels, ids) is read into memory instead: a ``pread`` per
+        row would cost more than the bytes it keeps out of the cache.
 
         A raw chunk's checksum is verified once per version of its file (inode, size, mtime).
         """
-        if self.decoder is not None:
+        if self.decoder is not None or self.nbytes <= MIN_MAPPED_CHUNK_BYTES:
             return self.read(chunk, check)
         path = self.path(chunk)
         try:

@@ -263,9 +263,10 @@ class ScriptServers:
         atexit.register(self.close)
 
     def _configured(self) -> dict[str, str]:
-        """The servers' environment, fixed at the first request."""
+        """The servers' environment, fixed at the first request (without a hash seed: each
+        server has its own)."""
         if self.base_env is None:
-            self.base_env = _script_env()
+            self.base_env = {k: v for k, v in _script_env().items() if k != "PYTHONHASHSEED"}
             self.servers = [_Server(self.base_env) for _ in range(self.count)]
         return self.base_env
 

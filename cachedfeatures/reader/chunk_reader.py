@@ -255,8 +255,9 @@ def _chunk_nbytes(chunk: _Chunk) -> int:
 # Raises unless the rows given (all of one chunk of one array, decoded) were written for it.
 RowCheck = Callable[[np.ndarray], None]
 
-# Raw chunks of at least this many bytes are mapped rather than copied where the entry is held
-# whole (smaller ones cost little to copy, and each mapped chunk costs a stat per batch).
+# Raw chunks of at least this many bytes are used from their files: mapped where the entry is
+# held whole, held open in the chunk cache otherwise. Smaller ones are copied into memory: they
+# cost little to copy, and each file in use costs a stat per batch (and, held open, a pread per row).
 MIN_MAPPED_CHUNK_BYTES = 1 << 16
 # Mapped chunks copied into private memory per batch, once read often (see _copy_in_read_often).
 COPY_IN_PER_BATCH = 4
@@ -480,13 +481,13 @@ class _ChunkFile:
 
     def open_rows(self, chunk: int, check: RowCheck | None = None) -> _RawRows | np.ndarray:
         """The chunk for the chunk cache: a raw chunk file held open (rows read on demand, see
-        :class:`_RawRows`), else the decoded chunk. A raw chunk of at most
+        :class:`_RawRows`), else the decoded chunk. A raw chunk smaller than
         ``MIN_MAPPED_CHUNK_BYTES`` (labels, ids) is read into memory instead: a ``pread`` per
         row would cost more than the bytes it keeps out of the cache.
 
         A raw chunk's checksum is verified once per version of its file (inode, size, mtime).
         """
-        if self.decoder is not None or self.nbytes <= MIN_MAPPED_CHUNK_BYTES:
+        if self.decoder is not None or self.nbytes < MIN_MAPPED_CHUNK_BYTES:
             return self.read(chunk, check)
         path = self.path(chunk)
         try:

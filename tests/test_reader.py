@@ -3,8 +3,10 @@ and never serving a row whose ``valid`` bit is not set now."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import shutil
 import threading
 import time
 import tracemalloc
@@ -15,11 +17,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from cachedfeatures import CachedFeatureDataset, FeatureStore
 from cachedfeatures.format.specs import ArraySpec
 from cachedfeatures.reader import chunk_reader
+from cachedfeatures.reader import scratch as scratch_module
 from cachedfeatures.reader import signatures as signature_module
 from cachedfeatures.reader.chunk_reader import ChunkReader, default_chunk_cache_bytes
 from cachedfeatures.reader.signatures import QUIET_NS, ValidSignatures
@@ -34,11 +37,19 @@ def route(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture(params=[None, 600], ids=["whole-entry", "two-chunks"])
-def budget(request: pytest.FixtureRequest) -> int | None:
+@pytest.fixture(
+    params=[(None, False), (600, False), (600, True)], ids=["whole-entry", "two-chunks", "two-chunks-spilled"]
+)
+def budget(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> int | None:
     """Cache budgets: the default holds the whole entry (one dense copy); 600 bytes hold
-    one chunk of ``make_entry``'s (16 rows of 4 float32, an int64 label and valid: 400 bytes)."""
-    return request.param  # type: ignore[no-any-return]
+    one chunk of ``make_entry``'s (16 rows of 4 float32, an int64 label and valid: 400 bytes),
+    in the chunk cache, or (spilled) with the entry held decoded in a scratch file where its
+    chunks are compressed or read through zarr."""
+    cache_bytes, spilled = request.param
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    monkeypatch.setenv("CACHEDFEATURES_SPILL_DIR", str(spill) if spilled else "off")
+    return cache_bytes  # type: ignore[no-any-return]
 
 
 @pytest.fixture(params=COMPRESSORS, ids=["raw", "blosc"])
@@ -322,7 +333,8 @@ def test_decoded_chunk_cache_respects_budget(store_path: Path, route: str) -> No
     fill(entry, np.arange(400))
     chunk_bytes = 16 * 4 * 4 + 16 * 8 + 16  # features + labels + valid mask
     budget = int(3.5 * chunk_bytes)
-    reader = ChunkReader(entry, cache_bytes=budget, route=route)  # type: ignore[arg-type]
+    # No scratch file: the chunk cache's own budget (a scratch file holds the entry decoded instead).
+    reader = ChunkReader(entry, cache_bytes=budget, route=route, spill_dir=None)  # type: ignore[arg-type]
     rng = np.random.default_rng(0)
     for _ in range(30):
         assert reader.read(rng.integers(0, 400, size=50)).hit.all()
@@ -339,7 +351,7 @@ def test_cache_info_counts_chunks_pushed_out(store_path: Path, route: str) -> No
     entry = make_entry(store_path, n=400, chunk_rows=16, compressor="default")
     fill(entry, np.arange(400))
     chunk_bytes = 16 * 4 * 4 + 16 * 8 + 16  # features + labels + valid mask
-    reader = ChunkReader(entry, cache_bytes=int(2.5 * chunk_bytes), route=route)  # type: ignore[arg-type]
+    reader = ChunkReader(entry, cache_bytes=int(2.5 * chunk_bytes), route=route, spill_dir=None)  # type: ignore[arg-type]
     for chunk in range(5):  # five chunks in turn through room for two: three pushed out (LRU)
         assert reader.read(np.arange(chunk * 16, chunk * 16 + 4)).hit.all()
     info = reader.cache_info()
@@ -451,6 +463,118 @@ def test_forked_workers_start_with_their_own_cache_and_budget(store_path: Path) 
         assert max_bytes == default_chunk_cache_bytes() // 2
         assert chunks == 1 and misses == 1  # read afresh, not inherited
     assert cached.entry.reader.cache_info() == parent
+
+
+# -- scratch files: a compressed entry past the budget, held decoded on local disk ----------------
+
+
+def _scratch_maps(directory: Path) -> list[str]:
+    """This process's mappings of files in ``directory`` (a scratch file has no name left there)."""
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        return [line for line in maps if f" {directory}/" in line]
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="scratch files are Linux only")
+def test_a_compressed_entry_past_the_budget_is_decoded_once_into_a_scratch_file(
+    store_path: Path, tmp_path: Path
+) -> None:
+    """Shuffled epochs past a cache of two chunks decode each chunk once, into an unlinked file of
+    the spill directory, and serve every row right; the file goes with the reader."""
+    n, chunk_rows = 400, 16
+    entry = make_entry(store_path, n=n, chunk_rows=chunk_rows, compressor="default")
+    fill(entry, np.arange(n))
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    reader = ChunkReader(entry, cache_bytes=600, spill_dir=spill)
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        order = rng.permutation(n)
+        for start in range(0, n, 50):
+            rows = order[start : start + 50]
+            read = reader.read(rows)
+            assert read.hit.all()
+            for name, column in columns(rows).items():
+                np.testing.assert_array_equal(read.arrays[name], column)
+    info = reader.cache_info()
+    assert info.misses == n // chunk_rows  # each chunk decoded once in two epochs
+    assert (info.nbytes, info.spilled) == (0, n * (4 * 4 + 8 + 1))  # page cache, not memory
+    assert os.listdir(spill) == []  # no name: nothing outlives the process, a SIGKILL included
+    assert any("(deleted)" in line for line in _scratch_maps(spill))
+    del reader, read
+    gc.collect()
+    assert _scratch_maps(spill) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs a tmpfs at /dev/shm")
+def test_no_scratch_file_on_a_file_system_in_memory_or_without_room(
+    store_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A scratch file in memory (tmpfs) saves no memory, and one taking more than half the free
+    space could starve the disk: both fall back to the chunk cache, within its budget, and say why."""
+    entry = make_entry(store_path, n=400, chunk_rows=16, compressor="default")
+    fill(entry, np.arange(400))
+    free = tmp_path / "free"
+    free.mkdir()
+    monkeypatch.setattr(
+        scratch_module.shutil,
+        "disk_usage",
+        lambda path: shutil._ntuple_diskusage(10**6, 10**6 - 10**4, 10**4),
+    )
+    for directory, why in [("/dev/shm", "tmpfs file system"), (str(free), "more than half")]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="cachedfeatures.reader.scratch"):
+            reader = ChunkReader(entry, cache_bytes=600, spill_dir=directory)
+            rows = np.random.default_rng(0).permutation(400)[:100]
+            read = reader.read(rows)
+        assert read.hit.all()
+        np.testing.assert_array_equal(read.arrays["features"], columns(rows)["features"])
+        info = reader.cache_info()
+        assert info.spilled == 0 and info.nbytes <= 600
+        assert why in caplog.text
+
+
+def test_workers_hold_a_compressed_entry_in_scratch_files_of_their_own(
+    store_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each DataLoader worker makes its own scratch file (``CACHEDFEATURES_SPILL_DIR``) and
+    serves the cached features, never loading a raw sample."""
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    monkeypatch.setenv("CACHEDFEATURES_SPILL_DIR", str(spill))
+    data, module = Samples(256), Backbone()
+    options: dict[str, Any] = {"chunk_rows": 16, "compressor": "default", "spot_check": 0}
+    CachedFeatureDataset(data, module, store_path, **options).__getitems__(list(range(256)))
+    cached = CachedFeatureDataset(data, module, store_path, chunk_cache_bytes=2000, **options)
+    loads = data.loads  # what each worker starts from
+    loader = DataLoader(_SpillInfo(cached), batch_size=None, num_workers=2, multiprocessing_context="fork")
+    seen, spilled = [], []
+    for rows, (features, labels), info, worker_loads in loader:
+        assert worker_loads == loads
+        spilled.append(info.spilled)
+        for index, row, label in zip(rows.tolist(), features, labels.tolist(), strict=True):
+            assert torch.equal(row, reference(module, data, index)) and label == index % 7
+            seen.append(index)
+    assert sorted(seen) == list(range(256))
+    assert min(spilled) > 0 and os.listdir(spill) == []
+
+
+class _SpillInfo(Dataset[Any]):
+    """Batches of 32 shuffled rows of ``cached``: the rows, the batch, the worker's reader's
+    cache info and the raw samples the worker has loaded."""
+
+    def __init__(self, cached: CachedFeatureDataset) -> None:
+        self.cached = cached
+        self.order = np.random.default_rng(0).permutation(len(cached)).reshape(-1, 32)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, batch: int) -> Any:
+        rows = self.order[batch].tolist()
+        got = default_collate(self.cached.__getitems__(rows))
+        assert self.cached.entry is not None
+        info = self.cached.entry.reader.cache_info()
+        return torch.tensor(rows), got, info, self.cached.dataset.loads
 
 
 # -- workers --------------------------------------------------------------------------------------

@@ -94,9 +94,12 @@ def test_arguments_are_validated() -> None:
         ChunkShuffleSampler(object())  # type: ignore[arg-type]
 
 
-def test_each_chunk_is_decoded_about_once_per_epoch(store_path: Path) -> None:
+def test_each_chunk_is_decoded_about_once_per_epoch(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With a cache of window + 1 chunks, an epoch decodes each chunk about once; shuffle=True
-    with the same cache decodes chunks over and over."""
+    with the same cache decodes chunks over and over where no scratch file holds the decoded
+    entry (``CACHEDFEATURES_SPILL_DIR=off``), and once each where one does (the default)."""
     n, chunk_rows, window = 512, 16, 2
     data = Samples(n, "tuple")
     cached = CachedFeatureDataset(data, Backbone(), store_path, chunk_rows=chunk_rows, compressor="default")
@@ -115,10 +118,13 @@ def test_each_chunk_is_decoded_about_once_per_epoch(store_path: Path) -> None:
         assert reloaded.entry.reader.cache_info().nbytes <= budget
         return reloaded.entry.reader.cache_info().misses
 
+    spilled = misses(shuffle=True, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setenv("CACHEDFEATURES_SPILL_DIR", "off")
     chunked = misses(sampler=ChunkShuffleSampler(n, chunk_rows, window=window, seed=0))
     shuffled = misses(shuffle=True, generator=torch.Generator().manual_seed(0))
     assert num_chunks <= chunked <= num_chunks * 1.1
     assert shuffled >= 3 * num_chunks
+    assert spilled == num_chunks
 
 
 def distinct_labels_per_batch(labels: np.ndarray, order: np.ndarray, batch: int) -> float:

@@ -14,6 +14,10 @@ the reader's buffers). Decoded chunks stay in memory within a byte budget, in on
   machine (:mod:`cachedfeatures.reader.verified`). Compressed chunks a batch needs are decoded
   side by side in a few threads (a new process's first shuffled batch needs every chunk),
   each accepted only as a single read would be (see :meth:`ChunkReader._load_all`);
+- where it does not fit and rows past the cache would cost more than a gather to read again
+  (some array is compressed, or read through zarr), the same way in a scratch file on local disk
+  (:mod:`cachedfeatures.reader.scratch`: page cache, not this process's memory), each chunk
+  decoded into it once;
 - otherwise in a :class:`ChunkCache` (a :class:`~cachedfeatures.reader.bounded_cache.BoundedCache`
   with policy ``"lru"``: a batch's neighbours are read again soon) of decoded chunks (raw
   local chunks are held there as open files, read row by row with ``pread``: they cost page
@@ -73,6 +77,7 @@ from cachedfeatures.format.ragged import RaggedChunk, pack_padded
 from cachedfeatures.parse import parse_choice, parse_int
 from cachedfeatures.reader.bounded_cache import BoundedCache
 from cachedfeatures.reader.mapped import MappedColumn
+from cachedfeatures.reader.scratch import Scratch, spill_directory
 from cachedfeatures.reader.signatures import ValidSignatures
 from cachedfeatures.reader.verified import VERIFIED_SUFFIX, FileVersion, VerifiedLog, file_version
 from cachedfeatures.units import physical_memory_bytes
@@ -111,6 +116,7 @@ class CacheInfo:
     max_bytes: int
     maps: int
     evictions: int = 0  # chunks pushed out to make room
+    spilled: int = 0  # bytes of decoded chunks held in a scratch file (page cache), not in memory
 
 
 def default_chunk_cache_bytes() -> int:
@@ -720,10 +726,15 @@ class _Dense:
     """
 
     def __init__(
-        self, entry: Entry, files: Mapping[str, _ChunkFile | None] | None = None, max_files: int = 0
+        self,
+        entry: Entry,
+        files: Mapping[str, _ChunkFile | None] | None = None,
+        max_files: int = 0,
+        scratch: Scratch | None = None,
     ) -> None:
         self.mapped: dict[str, MappedColumn] = {}
-        for spec in entry.specs:
+        self.scratch = scratch  # where the columns are, if not in this process's memory
+        for spec in entry.specs if scratch is None else ():
             source = (files or {}).get(spec.name)
             # Each mapped chunk file is held open: at most max_files of them.
             room = (len(self.mapped) + 1) * entry.num_chunks <= max_files
@@ -737,6 +748,8 @@ class _Dense:
             s.name: self.mapped[s.name].array
             if s.name in self.mapped
             else np.empty((entry.num_rows, *s.shape), dtype=s.numpy_dtype)
+            if scratch is None
+            else scratch.array((entry.num_rows, *s.shape), s.numpy_dtype)
             for s in entry.specs
         }
         self.maps: list[list[_MappedFile] | None] = [None] * entry.num_chunks
@@ -753,9 +766,20 @@ class _Dense:
 
     @staticmethod
     def fits(entry: Entry, budget: int) -> bool:
-        # Ragged arrays' sizes are not known up front: such entries use the chunk cache.
-        numeric = all(spec.dtype != "str" and not spec.ragged for spec in entry.specs)
-        return numeric and (sum(spec.row_nbytes for spec in entry.specs) + 1) * entry.num_rows <= budget
+        return (
+            _Dense.can_hold(entry) and (sum(s.row_nbytes for s in entry.specs) + 1) * entry.num_rows <= budget
+        )
+
+    @staticmethod
+    def can_hold(entry: Entry) -> bool:
+        """Whether every column has a known row size (ragged and string arrays have none:
+        such entries use the chunk cache)."""
+        return all(spec.dtype != "str" and not spec.ragged for spec in entry.specs)
+
+    @staticmethod
+    def scratch_nbytes(entry: Entry) -> int:
+        """The size of a scratch file holding every column of ``entry``."""
+        return Scratch.nbytes([((entry.num_rows, *s.shape), s.numpy_dtype) for s in entry.specs])
 
     def release(self, chunk: int, start: int, stop: int, signature: Hashable = _UNREAD) -> None:
         """Stop serving chunk ``chunk`` (before its bytes are overwritten)."""
@@ -798,6 +822,10 @@ class ChunkReader:
         route: ``"auto"`` reads plain local chunk files directly (raw ones row by row) and
             everything else through zarr; ``"zarr"`` reads everything through zarr.
         max_maps: the most raw chunk files kept open (each holds a descriptor).
+        spill_dir: where an entry that passes the budget, but whose rows cost more than a gather
+            to read again, is held decoded (a scratch file, see
+            :mod:`cachedfeatures.reader.scratch`): ``"auto"`` (``$CACHEDFEATURES_SPILL_DIR`` or
+            the temporary directory), a directory, or ``None`` (never: the chunk cache).
     """
 
     def __init__(
@@ -807,11 +835,13 @@ class ChunkReader:
         cache_bytes: int | None = None,
         route: ReadRoute = "auto",
         max_maps: int | None = None,
+        spill_dir: str | os.PathLike[str] | None = "auto",
     ) -> None:
         self.entry = entry
         self.cache_bytes = parse_cache_bytes(cache_bytes)
         self.route = parse_read_route(route)
         self.max_maps = max_maps if max_maps is not None else _default_max_maps()
+        self.spill_dir = spill_dir
         self._setup()
 
     def _setup(self) -> None:
@@ -834,6 +864,7 @@ class ChunkReader:
             "cache_bytes": self.cache_bytes,
             "route": self.route,
             "max_maps": self.max_maps,
+            "spill_dir": self.spill_dir,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -857,9 +888,10 @@ class ChunkReader:
         dense = self._dense
         if isinstance(dense, _Dense):
             chunks = sum(s is not _UNREAD and s is not None for s in dense.signatures)
-            return CacheInfo(
-                cache.hits, cache.misses, chunks, dense.held * dense.row_nbytes, cache.max_bytes, 0
-            )
+            held = dense.held * dense.row_nbytes
+            if dense.scratch is not None:
+                return CacheInfo(cache.hits, cache.misses, chunks, 0, cache.max_bytes, 0, spilled=held)
+            return CacheInfo(cache.hits, cache.misses, chunks, held, cache.max_bytes, 0)
         return CacheInfo(
             cache.hits, cache.misses, len(cache), cache.nbytes, cache.max_bytes, cache.maps, cache.evictions
         )
@@ -886,8 +918,7 @@ class ChunkReader:
         if self._owner != os.getpid():  # forked: the parent's copies are not ours to extend
             self._setup()
         if self._dense is False:
-            fits = _Dense.fits(entry, self.cache.max_bytes)
-            self._dense = _Dense(entry, self._sources(), self.max_maps) if fits else None
+            self._dense = self._dense_copy()
         self.cache.batch += 1
         generation = self._signatures.look()
         if isinstance(self._dense, _Dense):
@@ -941,6 +972,23 @@ class ChunkReader:
         if hits < n:
             gathered = {name: column[hit] for name, column in gathered.items()}
         return RowsRead(hit, gathered, distinct)
+
+    def _dense_copy(self) -> _Dense | None:
+        """The whole entry as one array per column: in memory where it fits the budget, else in
+        a scratch file on local disk (see :mod:`cachedfeatures.reader.scratch`) where rows past
+        the cache would cost more than a gather to read again (some array is compressed, or not
+        read from a local file); ``None``: the chunk cache."""
+        entry = self.entry
+        budget = self.cache.max_bytes
+        if _Dense.fits(entry, budget):
+            return _Dense(entry, self._sources(), self.max_maps)
+        if budget == 0 or self.spill_dir is None or not _Dense.can_hold(entry):
+            return None
+        if all(source is not None and source.decoder is None for source in self._sources().values()):
+            return None  # raw local chunk files: read row by row from the page cache as they are
+        directory = spill_directory() if self.spill_dir == "auto" else os.fspath(self.spill_dir)
+        scratch = Scratch.create(_Dense.scratch_nbytes(entry), directory)
+        return None if scratch is None else _Dense(entry, scratch=scratch)
 
     def _read_dense(self, dense: _Dense, indices: np.ndarray, generation: int) -> RowsRead:
         entry, cache = self.entry, self.cache

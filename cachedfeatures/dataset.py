@@ -120,7 +120,7 @@ class CachedFeatureDataset(Dataset[Any]):
         device: where the module runs (``"cpu"``, ``"cuda"``, ``torch.device``). Default CPU.
         dtype: storage dtype for floating-point outputs (e.g. ``torch.float16``); default the
             module's output dtype.
-        compressor: a Zarr bytes-to-bytes codec, ``"default"`` (Blosc zstd with byte shuffle)
+        compressor: a Zarr bytes-to-bytes codec, ``"default"`` (Blosc lz4 with bit shuffle)
             or ``None`` for raw chunks. Used when the entry is created.
         chunk_rows: rows per chunk; default gives chunks of about 2 MiB.
         collate_fn: turns a list of inputs into the module's argument; default stacks them.

@@ -195,7 +195,7 @@ def cached_module(
             in place, an attribute set, a submodule swapped).
         chunk_rows: rows per chunk of the persistent entry; default gives about 256 KiB,
             smaller than a dataset entry's, since rows are found by content in any order.
-        compressor: a Zarr bytes-to-bytes codec, ``"default"`` (Blosc zstd) or ``None``.
+        compressor: a Zarr bytes-to-bytes codec, ``"default"`` (Blosc lz4) or ``None``.
         persistent: ``True`` keeps the outputs across processes and runs even without a
             ``store``: they go to :func:`default_store_path` (``modules.zarr`` in the user cache
             directory, or in ``$CACHEDFEATURES_CACHE_DIR`` when set), as torchcache's

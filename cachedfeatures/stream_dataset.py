@@ -228,7 +228,7 @@ class CachedIterableDataset(IterableDataset[Any]):
             ``CachedFeatureDataset``; over it whole chunks are dropped: of other entries first,
             then this entry's, most recently used first (a stable subset stays cached).
         chunk_rows: rows per chunk; default about 2 MiB, as for a dataset entry.
-        compressor: a Zarr bytes-to-bytes codec, ``"default"`` (Blosc zstd) or ``None``.
+        compressor: a Zarr bytes-to-bytes codec, ``"default"`` (Blosc lz4) or ``None``.
         cache_only: ``"auto"`` (default): serve the cache alone once a pass ended with every key
             cached and the source's cheap state (file sizes and mtimes) is unchanged; ``True``:
             always the cache alone (``RowsNotCachedError`` if no pass was recorded); ``False``:

@@ -422,7 +422,7 @@ print(json.dumps({"out": out.tolist(), "rows": model.module_cache.miss_rows}))
 def test_persistent_rows_serve_another_process(store_path: Path, compressor: str) -> None:
     """torchcache (persistent caching, compression): one file per row written by the first
     run; a new run loads them instead of computing. Ours: rows of one entry, read by a new
-    process, with Blosc zstd by default or a plain zstd codec."""
+    process, with Blosc (lz4) by default or a plain zstd codec."""
     first = run_script(PERSISTENT, str(store_path), compressor)
     second = run_script(PERSISTENT, str(store_path), compressor)
     assert first["rows"] == 2 and second["rows"] == 0

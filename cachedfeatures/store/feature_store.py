@@ -135,12 +135,16 @@ def check_chunk_bytes(chunk_rows: int, row_nbytes: int) -> None:
 
 
 def default_compressor() -> BytesBytesCodec:
-    """Blosc with zstd at level 1, byte shuffle, 128 KiB blocks: fast to decode, good on float
-    features. Measured on 1.5 MiB chunks of float32 features against level 3 (c-blosc's 128 KiB
-    blocks there): 1.7x to 3.5x faster to encode (every chunk write), as fast to decode, as
-    small within 2% (smaller on sparse, ReLU-like rows); level 1 alone would take 32 KiB blocks,
-    a quarter slower to decode."""
-    return zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", blocksize=128 * 1024)
+    """Blosc with lz4 at level 5, bit shuffle, 128 KiB blocks: cheap to decode, which every
+    chunk a new process reads pays. Measured on chunks of 1,024 float32 rows of 384 (one
+    thread): on all-MiniLM-L6-v2 sentence and token embeddings and on dense, tanh-like rows,
+    smaller than Blosc zstd level 1 with byte shuffle (the default before: 0.87 to 0.89 of
+    the raw size against 0.91 to 0.92), 3.5x faster to decode (3.2 to 3.8 GB/s against about
+    1 GB/s: a new process's first epoch of a Blosc entry went from 0.37x-0.44x to 0.43x-0.79x
+    the memmap) and 2x to 4x faster to encode. Where rows are sparse (ReLU outputs, half zeros)
+    zstd with byte shuffle stores them in two thirds the space (0.58 against 0.88): pass
+    ``compressor=zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")`` there."""
+    return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", blocksize=128 * 1024)
 
 
 def default_chunk_rows(row_nbytes: int, num_rows: int) -> int:

@@ -594,17 +594,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if compressor:  # without a scratch file: ~50 chunks decoded a batch; a few batches tell
                 spill_dir = os.environ.get("CACHEDFEATURES_SPILL_DIR")
                 os.environ["CACHEDFEATURES_SPILL_DIR"] = "off"
-                unspilled = cached_dataset(data, store, chunk_cache_bytes=entry_bytes // 10, **options)
-                record_paired(
-                    f"cachedfeatures {label}: hit, cache = entry/10, no scratch",
-                    "shuffle",
-                    shuffled(unspilled, 16),
-                    shuffled(memmap, 16),
-                    note="CACHEDFEATURES_SPILL_DIR=off; first 16 batches",
-                )
-                os.environ.pop("CACHEDFEATURES_SPILL_DIR")
-                if spill_dir is not None:
-                    os.environ["CACHEDFEATURES_SPILL_DIR"] = spill_dir
+                try:
+                    unspilled = cached_dataset(data, store, chunk_cache_bytes=entry_bytes // 10, **options)
+                    record_paired(
+                        f"cachedfeatures {label}: hit, cache = entry/10, no scratch",
+                        "shuffle",
+                        shuffled(unspilled, 16),
+                        shuffled(memmap, 16),
+                        note="CACHEDFEATURES_SPILL_DIR=off; first 16 batches",
+                    )
+                finally:
+                    os.environ.pop("CACHEDFEATURES_SPILL_DIR")
+                    if spill_dir is not None:
+                        os.environ["CACHEDFEATURES_SPILL_DIR"] = spill_dir
             small_sampler = cached_dataset(data, store, chunk_cache_bytes=entry_bytes // 10, **options)
             record_paired(
                 f"cachedfeatures {label}: hit, cache = entry/10, sampler",

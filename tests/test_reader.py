@@ -46,10 +46,26 @@ def budget(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_
     in the chunk cache, or (spilled) with the entry held decoded in a scratch file where its
     chunks are compressed or read through zarr."""
     cache_bytes, spilled = request.param
-    spill = tmp_path / "spill"
-    spill.mkdir()
-    monkeypatch.setenv("CACHEDFEATURES_SPILL_DIR", str(spill) if spilled else "off")
+    monkeypatch.setenv("CACHEDFEATURES_SPILL_DIR", str(spill_dir(tmp_path)) if spilled else "off")
     return cache_bytes  # type: ignore[no-any-return]
+
+
+def spill_dir(tmp_path: Path) -> Path:
+    """A directory for scratch files under ``tmp_path``; skips where none can be made there (a
+    ``/tmp`` in memory, say: scratch files go only where they save memory)."""
+    if not hasattr(os, "posix_fallocate") or scratch_module.file_system_type(str(tmp_path)) not in (
+        scratch_module.SCRATCH_FILE_SYSTEMS
+    ):
+        pytest.skip("scratch files need a local disk file system (Linux)")
+    spill = tmp_path / "spill"
+    spill.mkdir(exist_ok=True)
+    return spill
+
+
+def spills(route: str, compressor: Any) -> bool:
+    """Whether a reader of ``make_entry`` past its budget holds it in a scratch file now."""
+    spilling = os.environ.get("CACHEDFEATURES_SPILL_DIR", "off") != "off"
+    return spilling and (compressor is not None or route == "zarr")
 
 
 @pytest.fixture(params=COMPRESSORS, ids=["raw", "blosc"])
@@ -109,6 +125,7 @@ def test_read_agrees_with_plain_zarr(
         np.testing.assert_array_equal(read.hit, valid)
         np.testing.assert_array_equal(read.arrays["features"], group["features"][:][indices[valid]])
         np.testing.assert_array_equal(read.arrays["label"], group["label"][:][indices[valid]])
+    assert (reader.cache_info().spilled > 0) == (budget is not None and spills(route, compressor))
 
 
 def test_a_flipped_bit_is_a_miss_with_a_checksum(store_path: Path, route: str, caplog: Any) -> None:
@@ -474,7 +491,6 @@ def _scratch_maps(directory: Path) -> list[str]:
         return [line for line in maps if f" {directory}/" in line]
 
 
-@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="scratch files are Linux only")
 def test_a_compressed_entry_past_the_budget_is_decoded_once_into_a_scratch_file(
     store_path: Path, tmp_path: Path
 ) -> None:
@@ -483,8 +499,7 @@ def test_a_compressed_entry_past_the_budget_is_decoded_once_into_a_scratch_file(
     n, chunk_rows = 400, 16
     entry = make_entry(store_path, n=n, chunk_rows=chunk_rows, compressor="default")
     fill(entry, np.arange(n))
-    spill = tmp_path / "spill"
-    spill.mkdir()
+    spill = spill_dir(tmp_path)
     reader = ChunkReader(entry, cache_bytes=600, spill_dir=spill)
     rng = np.random.default_rng(0)
     for _ in range(2):
@@ -497,7 +512,7 @@ def test_a_compressed_entry_past_the_budget_is_decoded_once_into_a_scratch_file(
                 np.testing.assert_array_equal(read.arrays[name], column)
     info = reader.cache_info()
     assert info.misses == n // chunk_rows  # each chunk decoded once in two epochs
-    assert (info.nbytes, info.spilled) == (0, n * (4 * 4 + 8 + 1))  # page cache, not memory
+    assert (info.nbytes, info.spilled) == (n, n * (4 * 4 + 8))  # in memory only the valid mask
     assert os.listdir(spill) == []  # no name: nothing outlives the process, a SIGKILL included
     assert any("(deleted)" in line for line in _scratch_maps(spill))
     del reader, read
@@ -513,8 +528,7 @@ def test_no_scratch_file_on_a_file_system_in_memory_or_without_room(
     space could starve the disk: both fall back to the chunk cache, within its budget, and say why."""
     entry = make_entry(store_path, n=400, chunk_rows=16, compressor="default")
     fill(entry, np.arange(400))
-    free = tmp_path / "free"
-    free.mkdir()
+    free = spill_dir(tmp_path)
     monkeypatch.setattr(
         scratch_module.shutil,
         "disk_usage",
@@ -538,29 +552,36 @@ def test_workers_hold_a_compressed_entry_in_scratch_files_of_their_own(
 ) -> None:
     """Each DataLoader worker makes its own scratch file (``CACHEDFEATURES_SPILL_DIR``) and
     serves the cached features, never loading a raw sample."""
-    spill = tmp_path / "spill"
-    spill.mkdir()
+    spill = spill_dir(tmp_path)
     monkeypatch.setenv("CACHEDFEATURES_SPILL_DIR", str(spill))
     data, module = Samples(256), Backbone()
     options: dict[str, Any] = {"chunk_rows": 16, "compressor": "default", "spot_check": 0}
     CachedFeatureDataset(data, module, store_path, **options).__getitems__(list(range(256)))
     cached = CachedFeatureDataset(data, module, store_path, chunk_cache_bytes=2000, **options)
+    parent = _SpillInfo(cached)
+    _, _, before, _, parent_files = parent[0]  # the parent holds a scratch file when workers fork
+    assert before.spilled > 0 and len(parent_files) == 1
     loads = data.loads  # what each worker starts from
-    loader = DataLoader(_SpillInfo(cached), batch_size=None, num_workers=2, multiprocessing_context="fork")
-    seen, spilled = [], []
-    for rows, (features, labels), info, worker_loads in loader:
-        assert worker_loads == loads
-        spilled.append(info.spilled)
+    loader = DataLoader(parent, batch_size=None, num_workers=2, multiprocessing_context="fork")
+    seen, files = [], set()
+    for rows, (features, labels), info, worker_loads, worker_files in loader:
+        assert worker_loads == loads and info.spilled > 0
+        assert len(worker_files) == 1 and worker_files != parent_files  # its own, not the parent's
+        files |= worker_files
         for index, row, label in zip(rows.tolist(), features, labels.tolist(), strict=True):
             assert torch.equal(row, reference(module, data, index)) and label == index % 7
             seen.append(index)
-    assert sorted(seen) == list(range(256))
-    assert min(spilled) > 0 and os.listdir(spill) == []
+    assert sorted(seen) == list(range(256)) and len(files) == 2
+    rows, (features, _), _, _, after = parent[1]  # the parent's own copy is untouched by them
+    assert after == parent_files
+    for index, row in zip(rows.tolist(), features, strict=True):
+        assert torch.equal(row, reference(module, data, index))
+    assert os.listdir(spill) == []
 
 
 class _SpillInfo(Dataset[Any]):
-    """Batches of 32 shuffled rows of ``cached``: the rows, the batch, the worker's reader's
-    cache info and the raw samples the worker has loaded."""
+    """Batches of 32 shuffled rows of ``cached``: the rows, the batch, and of the process reading
+    it the reader's cache info, the raw samples loaded and the scratch files mapped (by inode)."""
 
     def __init__(self, cached: CachedFeatureDataset) -> None:
         self.cached = cached
@@ -574,7 +595,9 @@ class _SpillInfo(Dataset[Any]):
         got = default_collate(self.cached.__getitems__(rows))
         assert self.cached.entry is not None
         info = self.cached.entry.reader.cache_info()
-        return torch.tensor(rows), got, info, self.cached.dataset.loads
+        spill = os.environ["CACHEDFEATURES_SPILL_DIR"]
+        inodes = {line.split()[4] for line in _scratch_maps(Path(spill))}
+        return torch.tensor(rows), got, info, self.cached.dataset.loads, inodes
 
 
 # -- workers --------------------------------------------------------------------------------------

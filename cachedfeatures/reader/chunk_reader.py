@@ -889,8 +889,11 @@ class ChunkReader:
         if isinstance(dense, _Dense):
             chunks = sum(s is not _UNREAD and s is not None for s in dense.signatures)
             held = dense.held * dense.row_nbytes
-            if dense.scratch is not None:
-                return CacheInfo(cache.hits, cache.misses, chunks, 0, cache.max_bytes, 0, spilled=held)
+            if dense.scratch is not None:  # all but the valid mask (a byte a row, in memory)
+                spilled = dense.held * (dense.row_nbytes - 1)
+                return CacheInfo(
+                    cache.hits, cache.misses, chunks, dense.held, cache.max_bytes, 0, spilled=spilled
+                )
             return CacheInfo(cache.hits, cache.misses, chunks, held, cache.max_bytes, 0)
         return CacheInfo(
             cache.hits, cache.misses, len(cache), cache.nbytes, cache.max_bytes, cache.maps, cache.evictions
@@ -987,7 +990,9 @@ class ChunkReader:
         if all(source is not None and source.decoder is None for source in self._sources().values()):
             return None  # raw local chunk files: read row by row from the page cache as they are
         directory = spill_directory() if self.spill_dir == "auto" else os.fspath(self.spill_dir)
-        scratch = Scratch.create(_Dense.scratch_nbytes(entry), directory)
+        info = get_worker_info()  # each worker makes its own: they share the room
+        share = info.num_workers if info is not None else 1
+        scratch = Scratch.create(_Dense.scratch_nbytes(entry), directory, share)
         return None if scratch is None else _Dense(entry, scratch=scratch)
 
     def _read_dense(self, dense: _Dense, indices: np.ndarray, generation: int) -> RowsRead:

@@ -11,9 +11,12 @@ page cache, as raw chunk files do, rather than the budget given for this process
 The file is made unlinked (``O_TMPFILE``, or removed at once where that is missing): nothing
 outlives the process, a ``SIGKILL`` included, and no other process can open it. Its blocks are
 allocated up front (``posix_fallocate``), so a full disk refuses the scratch file at its start,
-never a write into the mapping later (which would be a ``SIGBUS``). It is made only where it
-takes at most half the free space, and never on a file system held in memory (``tmpfs``,
-``ramfs``), where it would cost the memory the budget was meant to keep free. The directory is
+never a write into the mapping later (which would be a ``SIGBUS``); so only on local file
+systems whose ``fallocate`` reserves the blocks (ext4, xfs, btrfs, and overlays of them), never
+on one held in memory (``tmpfs``), where it would cost the memory the budget was meant to keep
+free, nor on network or FUSE file systems, where ``posix_fallocate`` may only pretend. It is made
+only where it takes at most half the free space, shared out between DataLoader workers (each
+makes its own, so each may take ``1 / (2 * num_workers)`` of it). The directory is
 ``$CACHEDFEATURES_SPILL_DIR``, else the temporary directory; ``CACHEDFEATURES_SPILL_DIR=off``
 turns scratch files off (compressed chunks past the cache are then decoded on every read).
 Linux only (``posix_fallocate``, ``/proc/self/mounts``): elsewhere there is no scratch file.
@@ -25,6 +28,7 @@ import contextlib
 import logging
 import mmap
 import os
+import re
 import shutil
 import tempfile
 from typing import Any
@@ -37,8 +41,10 @@ logger = logging.getLogger(__name__)
 
 SPILL_DIR_ENV = "CACHEDFEATURES_SPILL_DIR"
 _OFF = "off"
-# File systems whose files are memory (or swap): a scratch file there saves no memory.
-MEMORY_FILE_SYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"})
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # how /proc/self/mounts writes space, tab, newline, backslash
+# Local file systems whose fallocate allocates real blocks (not memory, not emulated by
+# writing every block, not a promise a copy-on-write pool may break): only there a scratch file.
+SCRATCH_FILE_SYSTEMS = frozenset({"ext4", "ext3", "xfs", "btrfs", "overlay", "f2fs", "bcachefs"})
 
 
 def spill_directory() -> str | None:
@@ -60,7 +66,7 @@ def file_system_type(path: str) -> str | None:
                 fields = line.split()
                 if len(fields) < 3:
                     continue
-                point = fields[1].replace("\\040", " ")
+                point = _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[1])
                 inside = real == point or real.startswith(point.rstrip("/") + "/")
                 if inside and len(point) >= len(best):
                     best, kind = point, fields[2]
@@ -80,25 +86,40 @@ class Scratch:
         self._used = 0
 
     @classmethod
-    def create(cls, size: int, directory: str | None) -> Scratch | None:
+    def create(cls, size: int, directory: str | None, share: int = 1) -> Scratch | None:
         """A scratch file of ``size`` bytes in ``directory``, or ``None`` (logged) where there
-        is none to be had there (see the module: no room, memory-backed, not Linux)."""
+        is none to be had there (see the module: another file system, no room, not Linux).
+        ``share``: the processes that may each make one (DataLoader workers)."""
         if directory is None or size <= 0 or not hasattr(os, "posix_fallocate"):
-            return None
-        kind = file_system_type(directory)
-        if kind is None or kind in MEMORY_FILE_SYSTEMS:
-            logger.info("no scratch file for decoded chunks in %s: a %s file system", directory, kind)
             return None
         try:
             free = shutil.disk_usage(directory).free
-        except OSError:
+        except OSError as error:  # a typo in the variable, most likely: say so
+            logger.warning(
+                "no scratch file for decoded chunks in %s (%s): set %s to an existing directory",
+                directory,
+                error,
+                SPILL_DIR_ENV,
+            )
             return None
-        if size > free // 2:
+        kind = file_system_type(directory)
+        if kind not in SCRATCH_FILE_SYSTEMS:
             logger.info(
-                "no scratch file for decoded chunks in %s: %d bytes would take more than half of its "
+                "no scratch file for decoded chunks in %s: a %s file system (set %s to a directory "
+                "on a local disk: %s)",
+                directory,
+                kind,
+                SPILL_DIR_ENV,
+                ", ".join(sorted(SCRATCH_FILE_SYSTEMS)),
+            )
+            return None
+        if size > free // (2 * max(1, share)):
+            logger.info(
+                "no scratch file for decoded chunks in %s: %d bytes would take more than %s of its "
                 "%d free bytes (set %s to a directory with more room)",
                 directory,
                 size,
+                "half" if share <= 1 else f"a share of half between {share} workers",
                 free,
                 SPILL_DIR_ENV,
             )

@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
+from unittest import mock
 
 import numpy as np
 import torch
@@ -592,9 +593,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"cachedfeatures {label}: hit, cache = entry/10", "shuffle", shuffled(small), shuffled(memmap)
             )
             if compressor:  # without a scratch file: ~50 chunks decoded a batch; a few batches tell
-                spill_dir = os.environ.get("CACHEDFEATURES_SPILL_DIR")
-                os.environ["CACHEDFEATURES_SPILL_DIR"] = "off"
-                try:
+                with mock.patch.dict(os.environ, {"CACHEDFEATURES_SPILL_DIR": "off"}):
                     unspilled = cached_dataset(data, store, chunk_cache_bytes=entry_bytes // 10, **options)
                     record_paired(
                         f"cachedfeatures {label}: hit, cache = entry/10, no scratch",
@@ -603,10 +602,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         shuffled(memmap, 16),
                         note="CACHEDFEATURES_SPILL_DIR=off; first 16 batches",
                     )
-                finally:
-                    os.environ.pop("CACHEDFEATURES_SPILL_DIR")
-                    if spill_dir is not None:
-                        os.environ["CACHEDFEATURES_SPILL_DIR"] = spill_dir
             small_sampler = cached_dataset(data, store, chunk_cache_bytes=entry_bytes // 10, **options)
             record_paired(
                 f"cachedfeatures {label}: hit, cache = entry/10, sampler",

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from cachedfeatures.reader import scratch
+
 SHAPES = ("tensor", "tuple", "dict")
 
 
@@ -127,6 +129,13 @@ class Backbone(nn.Module):
         if self.outputs == "dict":
             return {"cls": features, "pooled": pooled}
         return features
+
+
+def scratch_files_work(path: Path) -> bool:
+    """Whether the reader may make scratch files under ``path`` (a local disk file system, on
+    Linux; see :mod:`cachedfeatures.reader.scratch`)."""
+    kind = scratch.file_system_type(str(path))
+    return hasattr(os, "posix_fallocate") and kind in scratch.SCRATCH_FILE_SYSTEMS
 
 
 def reference(module: Backbone, dataset: Samples, index: int) -> Any:

@@ -26,7 +26,7 @@ from cachedfeatures.reader import scratch as scratch_module
 from cachedfeatures.reader import signatures as signature_module
 from cachedfeatures.reader.chunk_reader import ChunkReader, default_chunk_cache_bytes
 from cachedfeatures.reader.signatures import QUIET_NS, ValidSignatures
-from tests.helpers import Backbone, Samples, features_of, reference
+from tests.helpers import Backbone, Samples, features_of, reference, scratch_files_work
 
 ROUTES = ("auto", "zarr")
 COMPRESSORS = (None, "default")
@@ -53,9 +53,7 @@ def budget(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_
 def spill_dir(tmp_path: Path) -> Path:
     """A directory for scratch files under ``tmp_path``; skips where none can be made there (a
     ``/tmp`` in memory, say: scratch files go only where they save memory)."""
-    if not hasattr(os, "posix_fallocate") or scratch_module.file_system_type(str(tmp_path)) not in (
-        scratch_module.SCRATCH_FILE_SYSTEMS
-    ):
+    if not scratch_files_work(tmp_path):
         pytest.skip("scratch files need a local disk file system (Linux)")
     spill = tmp_path / "spill"
     spill.mkdir(exist_ok=True)

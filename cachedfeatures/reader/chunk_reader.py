@@ -888,13 +888,11 @@ class ChunkReader:
         dense = self._dense
         if isinstance(dense, _Dense):
             chunks = sum(s is not _UNREAD and s is not None for s in dense.signatures)
-            held = dense.held * dense.row_nbytes
-            if dense.scratch is not None:  # all but the valid mask (a byte a row, in memory)
-                spilled = dense.held * (dense.row_nbytes - 1)
-                return CacheInfo(
-                    cache.hits, cache.misses, chunks, dense.held, cache.max_bytes, 0, spilled=spilled
-                )
-            return CacheInfo(cache.hits, cache.misses, chunks, held, cache.max_bytes, 0)
+            if dense.scratch is None:
+                nbytes, spilled = dense.held * dense.row_nbytes, 0
+            else:  # all but the valid mask (a byte a row, in memory)
+                nbytes, spilled = dense.held, dense.held * (dense.row_nbytes - 1)
+            return CacheInfo(cache.hits, cache.misses, chunks, nbytes, cache.max_bytes, 0, spilled=spilled)
         return CacheInfo(
             cache.hits, cache.misses, len(cache), cache.nbytes, cache.max_bytes, cache.maps, cache.evictions
         )
